@@ -1,0 +1,11 @@
+//! meshpilot: an Envoy xDS control plane for cross-cluster routing.
+//!
+//! Data flows one way: sources → mesh state → snapshot → translate → xds → Envoy.
+//! See `docs/architecture.md`.
+
+pub mod admin;
+pub mod bootstrap;
+pub mod cli;
+pub mod metrics;
+pub mod static_resources;
+pub mod xds;

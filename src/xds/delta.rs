@@ -1,0 +1,376 @@
+//! The incremental (delta) xDS stream state machine (sans-IO).
+//!
+//! Per type it tracks the client's subscriptions (wildcard and explicit names)
+//! and the version of every resource the client holds, and answers with what
+//! differs: changed resources, and `removed_resources` for deleted ones or
+//! subscribed names that do not exist.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as DeltaResource,
+};
+
+use super::resources::{Resource, ResourceSet, ResourceType, aggregate_version};
+use super::sotw::{ProtocolError, Step, StreamEvent};
+use super::status::{Reply, TypeLedger, TypeStatus};
+
+#[derive(Debug, Clone, Default)]
+struct DeltaWatch {
+    wildcard: bool,
+    explicit: BTreeSet<String>,
+    /// Name → version the client holds, as far as we know.
+    known: BTreeMap<String, String>,
+    /// Explicitly subscribed names we already reported as absent.
+    told_absent: BTreeSet<String>,
+    /// The resources the client should hold now (for config dumps).
+    holding: BTreeMap<String, Arc<Resource>>,
+    ledger: TypeLedger,
+}
+
+impl DeltaWatch {
+    fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.explicit.contains(name)
+    }
+
+    fn forget(&mut self, name: &str) {
+        self.known.remove(name);
+        self.holding.remove(name);
+        self.told_absent.remove(name);
+    }
+}
+
+/// One delta stream (ADS or single-type).
+#[derive(Debug)]
+pub struct DeltaStream {
+    watches: BTreeMap<ResourceType, DeltaWatch>,
+    only_type: Option<ResourceType>,
+    nonce_counter: u64,
+}
+
+impl DeltaStream {
+    pub fn new_ads() -> Self {
+        DeltaStream { watches: BTreeMap::new(), only_type: None, nonce_counter: 0 }
+    }
+
+    pub fn new_single(ty: ResourceType) -> Self {
+        DeltaStream { watches: BTreeMap::new(), only_type: Some(ty), nonce_counter: 0 }
+    }
+
+    pub fn on_request(
+        &mut self,
+        req: &DeltaDiscoveryRequest,
+        resources: &ResourceSet,
+        now: Instant,
+    ) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
+        let ty = ResourceType::from_type_url(&req.type_url)
+            .ok_or_else(|| ProtocolError::UnknownType(req.type_url.clone()))?;
+        if let Some(only) = self.only_type
+            && only != ty
+        {
+            return Err(ProtocolError::WrongType { got: ty, only });
+        }
+        let mut step = Step::default();
+        let first = !self.watches.contains_key(&ty);
+        let watch = self.watches.entry(ty).or_default();
+        let error = req.error_detail.as_ref().map(|e| e.message.as_str());
+        match watch.ledger.on_reply(&req.response_nonce, error, now) {
+            Reply::Stale => step.events.push(StreamEvent::StaleNonce { ty, nonce: req.response_nonce.clone() }),
+            Reply::Nack { message } => step.events.push(StreamEvent::Nacked { ty, message }),
+            Reply::Ack { latency } => step.events.push(StreamEvent::Acked { ty, latency }),
+            Reply::Initial => {}
+        }
+        // Subscription changes are honoured even with a stale nonce.
+        let mut changed_subscription = false;
+        if first {
+            for (name, version) in &req.initial_resource_versions {
+                watch.known.insert(name.clone(), version.clone());
+            }
+            // Legacy wildcard: the first request names nothing.
+            if req.resource_names_subscribe.is_empty() {
+                watch.wildcard = true;
+            }
+        }
+        for name in &req.resource_names_subscribe {
+            changed_subscription = true;
+            if name == "*" {
+                watch.wildcard = true;
+            } else {
+                watch.explicit.insert(name.clone());
+                // A re-subscription must be answered with the resource again.
+                if !first {
+                    watch.forget(name);
+                }
+            }
+        }
+        for name in &req.resource_names_unsubscribe {
+            changed_subscription = true;
+            if name == "*" {
+                watch.wildcard = false;
+                let explicit = watch.explicit.clone();
+                watch.known.retain(|n, _| explicit.contains(n));
+                watch.holding.retain(|n, _| explicit.contains(n));
+            } else {
+                watch.explicit.remove(name);
+                // Still covered by the wildcard: must be answered (resent); otherwise dropped.
+                watch.forget(name);
+            }
+        }
+        if first || changed_subscription {
+            if let Some(resp) = self.respond(ty, resources, now, None, first) {
+                let cds = ty == ResourceType::Cluster && !resp.resources.is_empty();
+                step.responses.push(resp);
+                if cds {
+                    self.rewarm_endpoints();
+                    if let Some(eds) = self.respond(ResourceType::Endpoint, resources, now, None, false) {
+                        step.responses.push(eds);
+                    }
+                }
+            }
+        }
+        Ok(step)
+    }
+
+    /// A config change: the differences for every watched type, in push order.
+    pub fn on_push(&mut self, resources: &ResourceSet, change_at: Instant, now: Instant) -> Step<DeltaDiscoveryResponse> {
+        let mut step = Step::default();
+        for ty in ResourceType::PUSH_ORDER {
+            if let Some(resp) = self.respond(ty, resources, now, Some(change_at), false) {
+                if ty == ResourceType::Cluster && !resp.resources.is_empty() {
+                    self.rewarm_endpoints();
+                }
+                step.responses.push(resp);
+            }
+        }
+        step
+    }
+
+    /// After clusters change, Envoy re-creates them and waits for their endpoints
+    /// (cluster warming), so every subscribed endpoint set is sent again.
+    fn rewarm_endpoints(&mut self) {
+        if let Some(eds) = self.watches.get_mut(&ResourceType::Endpoint) {
+            eds.known.clear();
+        }
+    }
+
+    fn respond(
+        &mut self,
+        ty: ResourceType,
+        resources: &ResourceSet,
+        now: Instant,
+        change_at: Option<Instant>,
+        force: bool,
+    ) -> Option<DeltaDiscoveryResponse> {
+        let watch = self.watches.get_mut(&ty)?;
+        let current = resources.of_type(ty);
+        let mut updated = Vec::new();
+        for (name, res) in current {
+            if watch.wants(name) && watch.known.get(name) != Some(&res.version) {
+                updated.push(res.clone());
+            }
+        }
+        let mut removed: Vec<String> = watch
+            .known
+            .keys()
+            .filter(|n| !current.contains_key(*n) || !watch.wants(n))
+            .cloned()
+            .collect();
+        for name in &watch.explicit {
+            if !current.contains_key(name) && !watch.known.contains_key(name) && !watch.told_absent.contains(name) {
+                removed.push(name.clone());
+            }
+        }
+        removed.sort();
+        removed.dedup();
+        if updated.is_empty() && removed.is_empty() && !force {
+            return None;
+        }
+        for r in &updated {
+            watch.known.insert(r.name.clone(), r.version.clone());
+            watch.holding.insert(r.name.clone(), r.clone());
+            watch.told_absent.remove(&r.name);
+        }
+        for name in &removed {
+            watch.known.remove(name);
+            watch.holding.remove(name);
+            if watch.explicit.contains(name) {
+                watch.told_absent.insert(name.clone());
+            }
+        }
+        self.nonce_counter += 1;
+        let nonce = self.nonce_counter.to_string();
+        let system_version = aggregate_version(watch.holding.values());
+        watch.ledger.record_sent(nonce.clone(), system_version.clone(), now, change_at);
+        Some(DeltaDiscoveryResponse {
+            system_version_info: system_version,
+            resources: updated
+                .iter()
+                .map(|r| DeltaResource {
+                    name: r.name.clone(),
+                    version: r.version.clone(),
+                    resource: Some(r.body.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: ty.type_url().to_string(),
+            removed_resources: removed,
+            nonce,
+            ..Default::default()
+        })
+    }
+
+    pub fn status(&self, now: Instant) -> Vec<TypeStatus> {
+        self.watches
+            .iter()
+            .map(|(ty, w)| w.ledger.view(*ty, w.holding.len(), now))
+            .collect()
+    }
+
+    /// What the client should hold now, per type.
+    pub fn sent(&self) -> BTreeMap<ResourceType, (String, Vec<Arc<Resource>>)> {
+        self.watches
+            .iter()
+            .filter_map(|(ty, w)| {
+                let version = w.ledger.sent.as_ref()?.version.clone();
+                Some((*ty, (version, w.holding.values().cloned().collect())))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::status::SyncState;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::google::rpc::Status;
+
+    fn set(clusters: &[(&str, i32)], endpoints: &[(&str, u32)]) -> ResourceSet {
+        let mut s = ResourceSet::new();
+        for (c, v) in clusters {
+            let cl = Cluster { name: c.to_string(), per_connection_buffer_limit_bytes: Some(envoy_types::pb::google::protobuf::UInt32Value { value: *v as u32 }), ..Default::default() };
+            s.insert(ResourceType::Cluster, Resource::from_message(*c, &cl));
+        }
+        for (e, v) in endpoints {
+            let cla = ClusterLoadAssignment { cluster_name: format!("{e}-{v}"), ..Default::default() };
+            s.insert(ResourceType::Endpoint, Resource::from_message(*e, &cla));
+        }
+        s
+    }
+
+    fn req(ty: ResourceType, sub: &[&str], unsub: &[&str], nonce: &str) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: ty.type_url().into(),
+            resource_names_subscribe: sub.iter().map(|s| s.to_string()).collect(),
+            resource_names_unsubscribe: unsub.iter().map(|s| s.to_string()).collect(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        }
+    }
+
+    fn names(r: &DeltaDiscoveryResponse) -> Vec<&str> {
+        r.resources.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    #[test]
+    fn wildcard_initial_ack_and_change_sends_only_the_difference() {
+        let now = Instant::now();
+        let mut s = DeltaStream::new_ads();
+        let r = s.on_request(&req(ResourceType::Cluster, &[], &[], ""), &set(&[("a", 1), ("b", 1)], &[]), now).unwrap().responses.remove(0);
+        assert_eq!(names(&r), ["a", "b"]);
+        let ack = s.on_request(&req(ResourceType::Cluster, &[], &[], &r.nonce), &set(&[("a", 1), ("b", 1)], &[]), now).unwrap();
+        assert!(ack.responses.is_empty());
+        assert_eq!(s.status(now)[0].state, SyncState::Synced);
+        // b changes, a is deleted, c is added.
+        let push = s.on_push(&set(&[("b", 2), ("c", 1)], &[]), now, now).responses;
+        assert_eq!(push.len(), 1);
+        assert_eq!(names(&push[0]), ["b", "c"]);
+        assert_eq!(push[0].removed_resources, ["a"]);
+        // Nothing changed: nothing sent.
+        assert!(s.on_push(&set(&[("b", 2), ("c", 1)], &[]), now, now).responses.is_empty());
+    }
+
+    #[test]
+    fn reconnect_with_initial_versions_sends_only_what_differs() {
+        let now = Instant::now();
+        let res = set(&[("a", 1), ("b", 1)], &[]);
+        let mut s = DeltaStream::new_ads();
+        let first = s.on_request(&req(ResourceType::Cluster, &[], &[], ""), &res, now).unwrap().responses.remove(0);
+        let version_a = first.resources[0].version.clone();
+        let mut s2 = DeltaStream::new_ads();
+        let mut r = req(ResourceType::Cluster, &[], &[], "");
+        r.initial_resource_versions.insert("a".into(), version_a);
+        r.initial_resource_versions.insert("gone".into(), "x".into());
+        let resp = s2.on_request(&r, &res, now).unwrap().responses.remove(0);
+        assert_eq!(names(&resp), ["b"], "a is already current");
+        assert_eq!(resp.removed_resources, ["gone"]);
+    }
+
+    #[test]
+    fn explicit_subscription_missing_then_present_and_resubscribe() {
+        let now = Instant::now();
+        let mut s = DeltaStream::new_ads();
+        let res = set(&[], &[("a", 1)]);
+        let r = s.on_request(&req(ResourceType::Endpoint, &["a", "b"], &[], ""), &res, now).unwrap().responses.remove(0);
+        assert_eq!(names(&r), ["a"]);
+        assert_eq!(r.removed_resources, ["b"], "a subscribed name that does not exist is reported removed");
+        s.on_request(&req(ResourceType::Endpoint, &[], &[], &r.nonce), &res, now).unwrap();
+        // b appears.
+        let res2 = set(&[], &[("a", 1), ("b", 1)]);
+        let push = s.on_push(&res2, now, now).responses;
+        assert_eq!(names(&push[0]), ["b"]);
+        assert!(push[0].removed_resources.is_empty());
+        // Re-subscribing to a held name resends it, even with a stale nonce.
+        let step = s.on_request(&req(ResourceType::Endpoint, &["a"], &[], "stale"), &res2, now).unwrap();
+        assert!(matches!(step.events[0], StreamEvent::StaleNonce { .. }));
+        assert_eq!(names(&step.responses[0]), ["a"]);
+        // Unsubscribing stops updates for it.
+        let step = s.on_request(&req(ResourceType::Endpoint, &[], &["a"], ""), &res2, now).unwrap();
+        assert!(step.responses.is_empty());
+        assert!(s.on_push(&set(&[], &[("a", 9), ("b", 1)]), now, now).responses.is_empty());
+    }
+
+    #[test]
+    fn wildcard_plus_explicit_unsubscribe_resends() {
+        let now = Instant::now();
+        let mut s = DeltaStream::new_ads();
+        let res = set(&[("a", 1)], &[]);
+        s.on_request(&req(ResourceType::Cluster, &["*", "a"], &[], ""), &res, now).unwrap();
+        let step = s.on_request(&req(ResourceType::Cluster, &[], &["a"], ""), &res, now).unwrap();
+        assert_eq!(names(&step.responses[0]), ["a"], "still covered by the wildcard: answered");
+        // Leaving the wildcard removes what is no longer subscribed.
+        let step = s.on_request(&req(ResourceType::Cluster, &[], &["*"], ""), &res, now).unwrap();
+        assert!(step.responses.is_empty());
+        assert!(s.on_push(&set(&[("a", 2)], &[]), now, now).responses.is_empty());
+    }
+
+    #[test]
+    fn nack_is_recorded() {
+        let now = Instant::now();
+        let mut s = DeltaStream::new_ads();
+        let res = set(&[("a", 1)], &[]);
+        let r = s.on_request(&req(ResourceType::Cluster, &[], &[], ""), &res, now).unwrap().responses.remove(0);
+        let mut n = req(ResourceType::Cluster, &[], &[], &r.nonce);
+        n.error_detail = Some(Status { code: 3, message: "bad".into(), details: vec![] });
+        let step = s.on_request(&n, &res, now).unwrap();
+        assert!(step.responses.is_empty());
+        assert_eq!(s.status(now)[0].state, SyncState::Error);
+        assert_eq!(s.status(now)[0].last_error.as_deref(), Some("bad"));
+    }
+
+    #[test]
+    fn cluster_change_resends_endpoints_after_it() {
+        let now = Instant::now();
+        let mut s = DeltaStream::new_ads();
+        let res = set(&[("a", 1)], &[("a", 1)]);
+        s.on_request(&req(ResourceType::Cluster, &[], &[], ""), &res, now).unwrap();
+        s.on_request(&req(ResourceType::Endpoint, &["a"], &[], ""), &res, now).unwrap();
+        let push = s.on_push(&set(&[("a", 2)], &[("a", 1)]), now, now).responses;
+        let types: Vec<_> = push.iter().map(|r| ResourceType::from_type_url(&r.type_url).unwrap()).collect();
+        assert_eq!(types, [ResourceType::Cluster, ResourceType::Endpoint]);
+        assert_eq!(names(&push[1]), ["a"]);
+    }
+}

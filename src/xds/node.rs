@@ -1,0 +1,174 @@
+//! What meshpilot reads from an Envoy `Node`: identity and scope.
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use serde::Serialize;
+
+/// The proxy role: an application sidecar or an east-west gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyRole {
+    Sidecar,
+    Gateway,
+}
+
+/// A connected proxy's identity and the scope its configuration depends on.
+///
+/// Metadata keys follow Istio's injected sidecars (`CLUSTER_ID`, `NAMESPACE`,
+/// `LABELS`, `NETWORK`), so an Istio sidecar can be pointed at meshpilot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct ProxyNode {
+    pub id: String,
+    /// The Kubernetes cluster the proxy runs in (`CLUSTER_ID`, else `node.cluster`).
+    pub cluster: String,
+    pub namespace: String,
+    pub network: String,
+    pub role: ProxyRole,
+    pub labels: BTreeMap<String, String>,
+    /// Envoy's build version as it reports it (`user_agent_build_version`), for display.
+    pub envoy_version: String,
+}
+
+/// Why a node was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum NodeError {
+    #[error("the first request on a stream must carry a node")]
+    Missing,
+    #[error("node.id is empty")]
+    EmptyId,
+    #[error("node {id:?}: metadata field {field} must be {expected}")]
+    BadMetadata { id: String, field: &'static str, expected: &'static str },
+}
+
+fn string_field(meta: &Struct, key: &str) -> Option<String> {
+    match meta.fields.get(key)?.kind.as_ref()? {
+        Kind::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn has_non_string(meta: &Struct, key: &str) -> bool {
+    matches!(meta.fields.get(key), Some(Value { kind: Some(k) }) if !matches!(k, Kind::StringValue(_)))
+}
+
+impl ProxyNode {
+    pub fn from_node(node: Option<&Node>) -> Result<Self, NodeError> {
+        let node = node.ok_or(NodeError::Missing)?;
+        if node.id.trim().is_empty() {
+            return Err(NodeError::EmptyId);
+        }
+        let empty = Struct::default();
+        let meta = node.metadata.as_ref().unwrap_or(&empty);
+        let bad = |field, expected| NodeError::BadMetadata { id: node.id.clone(), field, expected };
+        for key in ["CLUSTER_ID", "NAMESPACE", "NETWORK", "ROLE"] {
+            if has_non_string(meta, key) {
+                return Err(bad(
+                    match key {
+                        "CLUSTER_ID" => "CLUSTER_ID",
+                        "NAMESPACE" => "NAMESPACE",
+                        "NETWORK" => "NETWORK",
+                        _ => "ROLE",
+                    },
+                    "a string",
+                ));
+            }
+        }
+        let mut labels = BTreeMap::new();
+        match meta.fields.get("LABELS").and_then(|v| v.kind.as_ref()) {
+            None => {}
+            Some(Kind::StructValue(s)) => {
+                for (k, v) in &s.fields {
+                    match &v.kind {
+                        Some(Kind::StringValue(sv)) => {
+                            labels.insert(k.clone(), sv.clone());
+                        }
+                        _ => return Err(bad("LABELS", "a map of strings")),
+                    }
+                }
+            }
+            Some(_) => return Err(bad("LABELS", "a map of strings")),
+        }
+        // Istio's node ids look like `router~ip~pod.ns~ns.svc.cluster.local` for gateways.
+        let role = match string_field(meta, "ROLE").as_deref() {
+            Some("gateway") | Some("router") => ProxyRole::Gateway,
+            Some("sidecar") => ProxyRole::Sidecar,
+            Some(_) => return Err(bad("ROLE", "\"sidecar\" or \"gateway\"")),
+            None if node.id.starts_with("router~") => ProxyRole::Gateway,
+            None => ProxyRole::Sidecar,
+        };
+        let namespace = string_field(meta, "NAMESPACE")
+            .or_else(|| {
+                // Istio's `type~ip~pod.ns~domain` form carries the namespace too.
+                let mut parts = node.id.split('~');
+                let pod_ns = parts.nth(2)?;
+                pod_ns.split_once('.').map(|(_, ns)| ns.to_string())
+            })
+            .unwrap_or_else(|| "default".to_string());
+        let envoy_version = match &node.user_agent_version_type {
+            Some(envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentBuildVersion(b)) => b
+                .version
+                .as_ref()
+                .map(|v| format!("{}.{}.{}", v.major_number, v.minor_number, v.patch))
+                .unwrap_or_default(),
+            Some(envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentVersion(v)) => v.clone(),
+            None => String::new(),
+        };
+        Ok(ProxyNode {
+            id: node.id.clone(),
+            cluster: string_field(meta, "CLUSTER_ID").unwrap_or_else(|| node.cluster.clone()),
+            namespace,
+            network: string_field(meta, "NETWORK").unwrap_or_default(),
+            role,
+            labels,
+            envoy_version,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &str) -> Value {
+        Value { kind: Some(Kind::StringValue(v.into())) }
+    }
+
+    #[test]
+    fn reads_istio_metadata() {
+        let mut labels = Struct::default();
+        labels.fields.insert("app".into(), s("productpage"));
+        let mut meta = Struct::default();
+        meta.fields.insert("CLUSTER_ID".into(), s("management-plane"));
+        meta.fields.insert("NAMESPACE".into(), s("default"));
+        meta.fields.insert("NETWORK".into(), s("net1"));
+        meta.fields.insert("LABELS".into(), Value { kind: Some(Kind::StructValue(labels)) });
+        let node = Node { id: "productpage-1".into(), metadata: Some(meta), ..Default::default() };
+        let p = ProxyNode::from_node(Some(&node)).unwrap();
+        assert_eq!(p.cluster, "management-plane");
+        assert_eq!(p.network, "net1");
+        assert_eq!(p.labels["app"], "productpage");
+        assert_eq!(p.role, ProxyRole::Sidecar);
+    }
+
+    #[test]
+    fn istio_style_ids_give_role_and_namespace() {
+        let node = Node { id: "router~10.0.0.1~gw-1.istio-system~istio-system.svc.cluster.local".into(), ..Default::default() };
+        let p = ProxyNode::from_node(Some(&node)).unwrap();
+        assert_eq!(p.role, ProxyRole::Gateway);
+        assert_eq!(p.namespace, "istio-system");
+    }
+
+    #[test]
+    fn malformed_nodes_are_refused_with_the_field() {
+        assert_eq!(ProxyNode::from_node(None), Err(NodeError::Missing));
+        let empty = Node::default();
+        assert_eq!(ProxyNode::from_node(Some(&empty)), Err(NodeError::EmptyId));
+        let mut meta = Struct::default();
+        meta.fields.insert("LABELS".into(), s("app=x"));
+        let node = Node { id: "a".into(), metadata: Some(meta), ..Default::default() };
+        let err = ProxyNode::from_node(Some(&node)).unwrap_err().to_string();
+        assert!(err.contains("LABELS") && err.contains("\"a\""), "{err}");
+    }
+}

@@ -1,0 +1,82 @@
+//! Where the xDS server gets each proxy's resources, and how it hears of changes.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::node::ProxyNode;
+use super::resources::ResourceSet;
+
+/// The source of every proxy's resources. The xDS server asks it on every
+/// request and push, so implementations cache per proxy scope.
+pub trait ResourceProvider: Send + Sync + 'static {
+    /// The full resource set this proxy should have now.
+    fn resources_for(&self, proxy: &ProxyNode) -> Arc<ResourceSet>;
+
+    /// True once every source behind the provider has loaded once.
+    fn is_ready(&self) -> bool;
+}
+
+/// A handle sources use to say "config changed"; the debouncer turns bursts
+/// of these into pushes.
+#[derive(Clone, Debug)]
+pub struct ChangeNotifier {
+    tx: mpsc::UnboundedSender<Instant>,
+}
+
+impl ChangeNotifier {
+    pub fn channel() -> (ChangeNotifier, mpsc::UnboundedReceiver<Instant>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (ChangeNotifier { tx }, rx)
+    }
+
+    /// Reports a change that happened now.
+    pub fn changed(&self) {
+        let _ = self.tx.send(Instant::now());
+    }
+}
+
+/// A provider that gives every proxy the same set, replaceable at run time.
+#[derive(Debug)]
+pub struct SharedResources {
+    current: std::sync::RwLock<Arc<ResourceSet>>,
+    ready: std::sync::atomic::AtomicBool,
+    notifier: ChangeNotifier,
+}
+
+impl SharedResources {
+    pub fn new(notifier: ChangeNotifier) -> Self {
+        SharedResources {
+            current: std::sync::RwLock::new(Arc::new(ResourceSet::new())),
+            ready: false.into(),
+            notifier,
+        }
+    }
+
+    /// Replaces the set; proxies are pushed only if it differs.
+    pub fn set(&self, resources: ResourceSet) {
+        let mut cur = self.current.write().expect("resource lock poisoned");
+        let changed = **cur != resources;
+        *cur = Arc::new(resources);
+        drop(cur);
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+        if changed {
+            self.notifier.changed();
+        }
+    }
+
+    pub fn current(&self) -> Arc<ResourceSet> {
+        self.current.read().expect("resource lock poisoned").clone()
+    }
+}
+
+impl ResourceProvider for SharedResources {
+    fn resources_for(&self, _proxy: &ProxyNode) -> Arc<ResourceSet> {
+        self.current()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+    }
+}

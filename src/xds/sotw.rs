@@ -1,0 +1,466 @@
+//! The state-of-the-world stream state machine (sans-IO).
+//!
+//! It takes discovery requests and config pushes, and says which responses to
+//! send. It never touches a socket or a clock: the caller passes `now`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+
+use super::resources::{Resource, ResourceSet, ResourceType, aggregate_version};
+use super::status::{Reply, TypeLedger, TypeStatus};
+
+/// What a client asked for, for one type (SotW semantics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subscription {
+    /// First request had no names: everything (legacy wildcard).
+    LegacyWildcard,
+    /// `"*"` was named (plus possibly other names): everything.
+    Wildcard,
+    /// Exactly these names (possibly none: unsubscribed).
+    Explicit(BTreeSet<String>),
+}
+
+impl Subscription {
+    fn covers(&self, name: &str) -> bool {
+        match self {
+            Subscription::LegacyWildcard | Subscription::Wildcard => true,
+            Subscription::Explicit(names) => names.contains(name),
+        }
+    }
+
+    /// The next subscription after a request naming `names`.
+    fn next(current: Option<&Subscription>, names: &[String]) -> Subscription {
+        if names.iter().any(|n| n == "*") {
+            return Subscription::Wildcard;
+        }
+        match (current, names.is_empty()) {
+            (None, true) | (Some(Subscription::LegacyWildcard), true) => Subscription::LegacyWildcard,
+            (_, _) => Subscription::Explicit(names.iter().cloned().collect()),
+        }
+    }
+
+    /// True when `next` covers a name this one did not.
+    fn added_by(&self, next: &Subscription) -> bool {
+        match (self, next) {
+            (Subscription::Explicit(_), Subscription::LegacyWildcard | Subscription::Wildcard) => true,
+            (Subscription::Explicit(old), Subscription::Explicit(new)) => !new.is_subset(old),
+            _ => false,
+        }
+    }
+}
+
+/// Something the IO layer should know about (for logs and metrics).
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    Acked { ty: ResourceType, latency: Option<std::time::Duration> },
+    Nacked { ty: ResourceType, message: String },
+    StaleNonce { ty: ResourceType, nonce: String },
+}
+
+/// The result of one input: responses to send, in order, and events.
+#[derive(Debug, Default)]
+pub struct Step<R> {
+    pub responses: Vec<R>,
+    pub events: Vec<StreamEvent>,
+}
+
+/// Errors that end the request (the stream itself may continue).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ProtocolError {
+    #[error("unknown type URL {0:?}")]
+    UnknownType(String),
+    #[error("type {got} requested on a stream that serves only {only}")]
+    WrongType { got: ResourceType, only: ResourceType },
+}
+
+#[derive(Debug, Clone)]
+struct SotwWatch {
+    subscription: Subscription,
+    ledger: TypeLedger,
+    /// What the last response carried (for config dumps and change detection).
+    sent: BTreeMap<String, Arc<Resource>>,
+    sent_view: Option<String>,
+    /// Respond to the next request even if it is a plain ACK (Envoy's cluster warming).
+    always_respond: bool,
+}
+
+/// One SotW stream (ADS or a single-type stream).
+#[derive(Debug)]
+pub struct SotwStream {
+    watches: BTreeMap<ResourceType, SotwWatch>,
+    only_type: Option<ResourceType>,
+    nonce_counter: u64,
+}
+
+impl SotwStream {
+    /// An ADS stream (every type).
+    pub fn new_ads() -> Self {
+        SotwStream { watches: BTreeMap::new(), only_type: None, nonce_counter: 0 }
+    }
+
+    /// A single-type stream (`StreamClusters`, `StreamEndpoints`, ...).
+    pub fn new_single(ty: ResourceType) -> Self {
+        SotwStream { watches: BTreeMap::new(), only_type: Some(ty), nonce_counter: 0 }
+    }
+
+    fn check_type(&self, type_url: &str) -> Result<ResourceType, ProtocolError> {
+        let ty = ResourceType::from_type_url(type_url)
+            .ok_or_else(|| ProtocolError::UnknownType(type_url.to_string()))?;
+        match self.only_type {
+            Some(only) if only != ty => Err(ProtocolError::WrongType { got: ty, only }),
+            _ => Ok(ty),
+        }
+    }
+
+    /// Handles one request from the client against the current resources.
+    pub fn on_request(
+        &mut self,
+        req: &DiscoveryRequest,
+        resources: &ResourceSet,
+        now: Instant,
+    ) -> Result<Step<DiscoveryResponse>, ProtocolError> {
+        let ty = self.check_type(&req.type_url)?;
+        let mut step = Step::default();
+        let error = req.error_detail.as_ref().map(|e| e.message.as_str());
+        let watch = self.watches.get_mut(&ty);
+        let reply = match watch {
+            Some(w) => w.ledger.on_reply(&req.response_nonce, error, now),
+            None if req.response_nonce.is_empty() => Reply::Initial,
+            None => Reply::Stale,
+        };
+        match reply {
+            Reply::Stale => {
+                step.events.push(StreamEvent::StaleNonce { ty, nonce: req.response_nonce.clone() });
+                return Ok(step);
+            }
+            Reply::Nack { message } => {
+                // Envoy keeps its last good config; we answer nothing until config changes.
+                step.events.push(StreamEvent::Nacked { ty, message });
+                return Ok(step);
+            }
+            Reply::Ack { latency } => step.events.push(StreamEvent::Acked { ty, latency }),
+            Reply::Initial => {}
+        }
+        let previous = self.watches.get(&ty).map(|w| w.subscription.clone());
+        let next = Subscription::next(previous.as_ref(), &req.resource_names);
+        let added = previous.as_ref().is_some_and(|p| p.added_by(&next));
+        let watch = self.watches.entry(ty).or_insert_with(|| SotwWatch {
+            subscription: next.clone(),
+            ledger: TypeLedger::default(),
+            sent: BTreeMap::new(),
+            sent_view: None,
+            always_respond: false,
+        });
+        watch.subscription = next;
+        let respond = matches!(reply, Reply::Initial) || added || watch.always_respond;
+        if respond {
+            let mut types = vec![ty];
+            if ty == ResourceType::Cluster && self.watches.contains_key(&ResourceType::Endpoint) {
+                types.push(ResourceType::Endpoint);
+            }
+            for t in types {
+                step.responses.push(self.respond(t, resources, now, None));
+            }
+        } else if let Some(w) = self.watches.get_mut(&ty)
+            && let Subscription::Explicit(names) = &w.subscription
+        {
+            // Names dropped from an explicit subscription: forget them so a later
+            // re-subscription is answered.
+            w.sent.retain(|n, _| names.contains(n));
+            w.sent_view = Some(aggregate_version(w.sent.values()));
+        }
+        Ok(step)
+    }
+
+    /// Handles a config change: responds for every watched type whose view changed.
+    /// `change_at` is when the change behind this push first happened.
+    pub fn on_push(&mut self, resources: &ResourceSet, change_at: Instant, now: Instant) -> Step<DiscoveryResponse> {
+        let mut step = Step::default();
+        let mut clusters_sent = false;
+        for ty in ResourceType::PUSH_ORDER {
+            let Some(watch) = self.watches.get(&ty) else { continue };
+            let view = view_of(resources, ty, &watch.subscription);
+            let changed = watch.sent_view.as_deref() != Some(view.version.as_str());
+            let warm = ty == ResourceType::Endpoint && clusters_sent;
+            if changed || warm {
+                step.responses.push(self.respond(ty, resources, now, Some(change_at)));
+                clusters_sent |= ty == ResourceType::Cluster;
+            }
+        }
+        step
+    }
+
+    fn respond(
+        &mut self,
+        ty: ResourceType,
+        resources: &ResourceSet,
+        now: Instant,
+        change_at: Option<Instant>,
+    ) -> DiscoveryResponse {
+        self.nonce_counter += 1;
+        let nonce = self.nonce_counter.to_string();
+        let watch = self.watches.get_mut(&ty).expect("respond only for watched types");
+        let view = view_of(resources, ty, &watch.subscription);
+        let response = DiscoveryResponse {
+            version_info: view.version.clone(),
+            resources: view.resources.values().map(|r| r.body.clone()).collect(),
+            type_url: ty.type_url().to_string(),
+            nonce: nonce.clone(),
+            ..Default::default()
+        };
+        watch.ledger.record_sent(nonce, view.version.clone(), now, change_at);
+        watch.sent_view = Some(view.version);
+        watch.sent = view.resources;
+        watch.always_respond = false;
+        if ty == ResourceType::Cluster
+            && let Some(eds) = self.watches.get_mut(&ResourceType::Endpoint)
+        {
+            eds.always_respond = true;
+        }
+        response
+    }
+
+    /// The sync status of every type this stream has requested.
+    pub fn status(&self, now: Instant) -> Vec<TypeStatus> {
+        self.watches
+            .iter()
+            .map(|(ty, w)| w.ledger.view(*ty, w.sent.len(), now))
+            .collect()
+    }
+
+    /// What was last sent, per type.
+    pub fn sent(&self) -> BTreeMap<ResourceType, (String, Vec<Arc<Resource>>)> {
+        self.watches
+            .iter()
+            .filter_map(|(ty, w)| {
+                let version = w.ledger.sent.as_ref()?.version.clone();
+                Some((*ty, (version, w.sent.values().cloned().collect())))
+            })
+            .collect()
+    }
+
+    pub fn subscription(&self, ty: ResourceType) -> Option<&Subscription> {
+        self.watches.get(&ty).map(|w| &w.subscription)
+    }
+}
+
+struct View {
+    version: String,
+    resources: BTreeMap<String, Arc<Resource>>,
+}
+
+fn view_of(resources: &ResourceSet, ty: ResourceType, sub: &Subscription) -> View {
+    let selected: BTreeMap<String, Arc<Resource>> = resources
+        .of_type(ty)
+        .iter()
+        .filter(|(name, _)| sub.covers(name))
+        .map(|(n, r)| (n.clone(), r.clone()))
+        .collect();
+    View { version: aggregate_version(selected.values()), resources: selected }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::google::rpc::Status;
+
+    fn set(clusters: &[&str], endpoints: &[(&str, u32)]) -> ResourceSet {
+        let mut s = ResourceSet::new();
+        for c in clusters {
+            s.insert(ResourceType::Cluster, Resource::from_message(*c, &Cluster { name: c.to_string(), ..Default::default() }));
+        }
+        for (e, port) in endpoints {
+            let cla = ClusterLoadAssignment { cluster_name: format!("{e}:{port}"), ..Default::default() };
+            s.insert(ResourceType::Endpoint, Resource::from_message(*e, &cla));
+        }
+        s
+    }
+
+    fn req(ty: ResourceType, names: &[&str], nonce: &str, version: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            type_url: ty.type_url().into(),
+            resource_names: names.iter().map(|s| s.to_string()).collect(),
+            response_nonce: nonce.into(),
+            version_info: version.into(),
+            ..Default::default()
+        }
+    }
+
+    fn nack(ty: ResourceType, nonce: &str, msg: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            error_detail: Some(Status { code: 3, message: msg.into(), details: vec![] }),
+            ..req(ty, &[], nonce, "")
+        }
+    }
+
+    fn names(r: &DiscoveryResponse) -> usize {
+        r.resources.len()
+    }
+
+    #[test]
+    fn initial_wildcard_then_ack_then_no_response() {
+        let now = Instant::now();
+        let res = set(&["a", "b"], &[]);
+        let mut s = SotwStream::new_ads();
+        let step = s.on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now).unwrap();
+        assert_eq!(step.responses.len(), 1);
+        let r = &step.responses[0];
+        assert_eq!(names(r), 2);
+        assert_eq!(s.subscription(ResourceType::Cluster), Some(&Subscription::LegacyWildcard));
+        let ack = s.on_request(&req(ResourceType::Cluster, &[], &r.nonce, &r.version_info), &res, now).unwrap();
+        assert!(ack.responses.is_empty(), "an ACK is not answered");
+        assert!(matches!(ack.events[0], StreamEvent::Acked { ty: ResourceType::Cluster, .. }));
+        assert_eq!(s.status(now)[0].state, super::super::status::SyncState::Synced);
+    }
+
+    #[test]
+    fn nack_is_recorded_and_not_answered() {
+        let now = Instant::now();
+        let res = set(&["a"], &[]);
+        let mut s = SotwStream::new_ads();
+        let r = s.on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now).unwrap().responses.remove(0);
+        let step = s.on_request(&nack(ResourceType::Cluster, &r.nonce, "invalid cluster a"), &res, now).unwrap();
+        assert!(step.responses.is_empty());
+        assert_eq!(step.events, vec![StreamEvent::Nacked { ty: ResourceType::Cluster, message: "invalid cluster a".into() }]);
+        let st = &s.status(now)[0];
+        assert_eq!(st.state, super::super::status::SyncState::Error);
+        assert_eq!(st.last_error.as_deref(), Some("invalid cluster a"));
+        // A fixed config is pushed and its ACK clears the error.
+        let fixed = set(&["a", "b"], &[]);
+        let r2 = s.on_push(&fixed, now, now).responses.remove(0);
+        s.on_request(&req(ResourceType::Cluster, &[], &r2.nonce, &r2.version_info), &fixed, now).unwrap();
+        assert_eq!(s.status(now)[0].state, super::super::status::SyncState::Synced);
+    }
+
+    #[test]
+    fn stale_nonce_is_ignored() {
+        let now = Instant::now();
+        let res = set(&["a"], &[]);
+        let mut s = SotwStream::new_ads();
+        let r1 = s.on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now).unwrap().responses.remove(0);
+        let r2 = s.on_push(&set(&["a", "b"], &[]), now, now).responses.remove(0);
+        assert_ne!(r1.nonce, r2.nonce);
+        // The ACK of the first response arrives after the second was sent: stale.
+        let step = s.on_request(&req(ResourceType::Cluster, &[], &r1.nonce, &r1.version_info), &res, now).unwrap();
+        assert!(step.responses.is_empty());
+        assert!(matches!(step.events[0], StreamEvent::StaleNonce { .. }));
+        assert_eq!(s.status(now)[0].state, super::super::status::SyncState::Stale);
+        // A NACK with a stale nonce is not recorded either.
+        s.on_request(&nack(ResourceType::Cluster, &r1.nonce, "old"), &res, now).unwrap();
+        assert_eq!(s.status(now)[0].last_error, None);
+    }
+
+    #[test]
+    fn explicit_names_missing_then_present() {
+        let now = Instant::now();
+        let mut s = SotwStream::new_ads();
+        let res = set(&[], &[("a", 1)]);
+        let r = s.on_request(&req(ResourceType::Endpoint, &["a", "b"], "", ""), &res, now).unwrap().responses.remove(0);
+        assert_eq!(names(&r), 1, "only what exists is sent");
+        s.on_request(&req(ResourceType::Endpoint, &["a", "b"], &r.nonce, &r.version_info), &res, now).unwrap();
+        // "b" appears later: it is pushed without being asked again.
+        let res2 = set(&[], &[("a", 1), ("b", 1)]);
+        let push = s.on_push(&res2, now, now);
+        assert_eq!(push.responses.len(), 1);
+        assert_eq!(names(&push.responses[0]), 2);
+        // An unrelated resource appearing does not cause a push.
+        let r = &push.responses[0];
+        s.on_request(&req(ResourceType::Endpoint, &["a", "b"], &r.nonce, &r.version_info), &res2, now).unwrap();
+        let res3 = set(&[], &[("a", 1), ("b", 1), ("c", 1)]);
+        assert!(s.on_push(&res3, now, now).responses.is_empty());
+    }
+
+    #[test]
+    fn wildcard_to_explicit_and_unsubscribe() {
+        let now = Instant::now();
+        let mut s = SotwStream::new_ads();
+        let res = set(&[], &[("a", 1), ("b", 1)]);
+        let r = s.on_request(&req(ResourceType::Endpoint, &["*"], "", ""), &res, now).unwrap().responses.remove(0);
+        assert_eq!(names(&r), 2);
+        assert_eq!(s.subscription(ResourceType::Endpoint), Some(&Subscription::Wildcard));
+        // Narrowing to explicit names adds nothing: no response needed.
+        let step = s.on_request(&req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info), &res, now).unwrap();
+        assert!(step.responses.is_empty());
+        // After an explicit subscription, an empty list means unsubscribe everything.
+        s.on_request(&req(ResourceType::Endpoint, &[], &r.nonce, &r.version_info), &res, now).unwrap();
+        assert_eq!(s.subscription(ResourceType::Endpoint), Some(&Subscription::Explicit(BTreeSet::new())));
+        assert!(s.on_push(&set(&[], &[("a", 2)]), now, now).responses.is_empty());
+        // Subscribing again to "a" is answered.
+        let step = s.on_request(&req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info), &res, now).unwrap();
+        assert_eq!(step.responses.len(), 1);
+    }
+
+    #[test]
+    fn pushes_are_ordered_and_cds_change_resends_eds() {
+        let now = Instant::now();
+        let mut s = SotwStream::new_ads();
+        let res = set(&["a"], &[("a", 1)]);
+        for ty in [ResourceType::Listener, ResourceType::Cluster] {
+            let r = s.on_request(&req(ty, &[], "", ""), &res, now).unwrap().responses.remove(0);
+            s.on_request(&req(ty, &[], &r.nonce, &r.version_info), &res, now).unwrap();
+        }
+        let r = s.on_request(&req(ResourceType::Endpoint, &["a"], "", ""), &res, now).unwrap().responses.remove(0);
+        s.on_request(&req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info), &res, now).unwrap();
+        // Only the cluster changes: CDS, then EDS for warming, and not LDS.
+        let changed = set(&["a", "b"], &[("a", 1)]);
+        let push = s.on_push(&changed, now, now);
+        let types: Vec<_> = push.responses.iter().map(|r| ResourceType::from_type_url(&r.type_url).unwrap()).collect();
+        assert_eq!(types, [ResourceType::Cluster, ResourceType::Endpoint]);
+        // The EDS request that follows a CDS update is answered even though its names did not change.
+        let eds = &push.responses[1];
+        let step = s.on_request(&req(ResourceType::Endpoint, &["a"], &eds.nonce, &eds.version_info), &changed, now).unwrap();
+        assert!(step.responses.is_empty(), "the warming EDS was already sent in the push");
+        let cds = s.on_push(&set(&["a", "b", "c"], &[("a", 1)]), now, now).responses;
+        assert_eq!(cds.len(), 2);
+        // Envoy's EDS re-request after the CDS update, carrying the CDS-era nonce, is stale;
+        // after it ACKs, nothing further is owed.
+        let last = &cds[1];
+        let step = s.on_request(&req(ResourceType::Endpoint, &["a"], &last.nonce, &last.version_info), &changed, now).unwrap();
+        assert!(step.responses.is_empty());
+        // No change at all: nothing is sent.
+        assert!(s.on_push(&set(&["a", "b", "c"], &[("a", 1)]), now, now).responses.is_empty());
+    }
+
+    #[test]
+    fn eds_after_cds_response_is_always_answered() {
+        let now = Instant::now();
+        let mut s = SotwStream::new_ads();
+        let res = set(&["a"], &[("a", 1)]);
+        let r = s.on_request(&req(ResourceType::Endpoint, &["a"], "", ""), &res, now).unwrap().responses.remove(0);
+        s.on_request(&req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info), &res, now).unwrap();
+        // A CDS (re)subscription: CDS answered, and EDS too.
+        let step = s.on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now).unwrap();
+        assert_eq!(step.responses.len(), 2);
+    }
+
+    #[test]
+    fn reconnect_gets_everything_again() {
+        let now = Instant::now();
+        let res = set(&["a"], &[]);
+        let mut s = SotwStream::new_ads();
+        let r = s.on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now).unwrap().responses.remove(0);
+        // A new stream: the client sends its last version and no nonce.
+        let mut s2 = SotwStream::new_ads();
+        let r2 = s2.on_request(&req(ResourceType::Cluster, &[], "", &r.version_info), &res, now).unwrap().responses.remove(0);
+        assert_eq!(r2.version_info, r.version_info, "same config, same version on every stream");
+    }
+
+    #[test]
+    fn unknown_and_wrong_types_are_errors() {
+        let now = Instant::now();
+        let res = ResourceSet::new();
+        let mut s = SotwStream::new_single(ResourceType::Cluster);
+        let mut bad = req(ResourceType::Cluster, &[], "", "");
+        bad.type_url = "type.googleapis.com/nope".into();
+        assert!(matches!(s.on_request(&bad, &res, now), Err(ProtocolError::UnknownType(_))));
+        assert!(matches!(
+            s.on_request(&req(ResourceType::Listener, &[], "", ""), &res, now),
+            Err(ProtocolError::WrongType { .. })
+        ));
+    }
+}
