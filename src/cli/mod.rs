@@ -1,1 +1,168 @@
-pub fn run() -> anyhow::Result<()> {Ok(())}
+//! The `meshpilot` command line: one binary, one subcommand per job.
+
+pub mod echo;
+pub mod http;
+pub mod serve;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::bootstrap::{BootstrapOptions, bootstrap};
+use crate::xds::node::ProxyRole;
+
+#[derive(Debug, Parser)]
+#[command(name = "meshpilot", version, about = "An Envoy xDS control plane for cross-cluster routing")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the control plane: ADS (SotW and delta), per-type xDS and CSDS on --xds-addr; health,
+    /// metrics and debug endpoints on --admin-addr.
+    Serve(serve::ServeArgs),
+    /// Write an Envoy v3 bootstrap that connects a proxy to meshpilot over ADS.
+    Bootstrap(BootstrapArgs),
+    /// Show every connected proxy and whether each xDS type is SYNCED (like `istioctl proxy-status`).
+    ProxyStatus(status::AdminArgs),
+    /// Print what meshpilot last sent one proxy, as JSON.
+    ConfigDump(status::ConfigDumpArgs),
+    /// A tiny HTTP backend that answers every request with its own name (for demos and tests).
+    Echo(echo::EchoArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RoleArg {
+    Sidecar,
+    Gateway,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BootstrapArgs {
+    /// The proxy's node id (unique per proxy).
+    #[arg(long)]
+    pub node_id: String,
+    /// The Kubernetes cluster the proxy runs in.
+    #[arg(long)]
+    pub cluster: String,
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    #[arg(long, value_enum, default_value = "sidecar")]
+    pub role: RoleArg,
+    /// Workload labels, as k=v,k2=v2.
+    #[arg(long, default_value = "")]
+    pub labels: String,
+    /// The network the proxy is on (Istio's topology.istio.io/network).
+    #[arg(long)]
+    pub network: Option<String>,
+    /// meshpilot's xDS address, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    pub xds_addr: String,
+    /// Port of Envoy's own admin page (bound on 127.0.0.1).
+    #[arg(long, default_value_t = 15000)]
+    pub admin_port: u16,
+    /// Use incremental (delta) xDS.
+    #[arg(long)]
+    pub delta: bool,
+    /// Write here instead of stdout.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+}
+
+/// Parses `k=v,k2=v2` labels.
+pub fn parse_labels(s: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').with_context(|| format!("label {kv:?} is not key=value"))?;
+            anyhow::ensure!(!k.is_empty(), "label {kv:?} has an empty key");
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+fn split_host_port(addr: &str) -> anyhow::Result<(String, u16)> {
+    let (host, port) = addr.rsplit_once(':').with_context(|| format!("--xds-addr {addr:?} is not HOST:PORT"))?;
+    let port = port.parse().with_context(|| format!("--xds-addr {addr:?}: bad port"))?;
+    Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
+}
+
+fn run_bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
+    let (xds_host, xds_port) = split_host_port(&args.xds_addr)?;
+    let opts = BootstrapOptions {
+        node_id: args.node_id,
+        cluster: args.cluster,
+        namespace: args.namespace,
+        role: match args.role {
+            RoleArg::Sidecar => ProxyRole::Sidecar,
+            RoleArg::Gateway => ProxyRole::Gateway,
+        },
+        labels: parse_labels(&args.labels)?,
+        network: args.network,
+        xds_host,
+        xds_port,
+        admin_port: args.admin_port,
+        delta: args.delta,
+    };
+    let text = serde_json::to_string_pretty(&bootstrap(&opts))? + "\n";
+    match args.output {
+        Some(path) => std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?,
+        None => print!("{text}"),
+    }
+    Ok(())
+}
+
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MESHPILOT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Bootstrap(args) => run_bootstrap(args),
+        command => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(async move {
+                match command {
+                    Command::Serve(args) => {
+                        init_tracing();
+                        serve::run(args).await
+                    }
+                    Command::ProxyStatus(args) => status::proxy_status(args).await,
+                    Command::ConfigDump(args) => status::config_dump(args).await,
+                    Command::Echo(args) => {
+                        init_tracing();
+                        echo::run(args).await
+                    }
+                    Command::Bootstrap(_) => unreachable!("handled above"),
+                }
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_parse_and_errors_name_the_label() {
+        let l = parse_labels("app=reviews, version=v1").unwrap();
+        assert_eq!(l["version"], "v1");
+        assert!(parse_labels("").unwrap().is_empty());
+        assert!(parse_labels("app").unwrap_err().to_string().contains("\"app\""));
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

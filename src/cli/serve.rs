@@ -1,0 +1,117 @@
+//! `meshpilot serve`: wires sources, the debouncer, the xDS server and the admin API.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use crate::admin::{AdminState, serve_admin};
+use crate::metrics::Metrics;
+use crate::static_resources::{load_resource_file, watch_resource_file};
+use crate::xds::csds::Csds;
+use crate::xds::debounce::{DebounceConfig, run_debouncer};
+use crate::xds::provider::{ChangeNotifier, SharedResources};
+use crate::xds::registry::ConnectionRegistry;
+use crate::xds::resources::ResourceSet;
+use crate::xds::server::{XdsServer, XdsServerConfig};
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// gRPC address for ADS, the per-type xDS services and CSDS.
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    pub xds_addr: String,
+    /// HTTP address for /healthz, /readyz, /metrics and /debug/*.
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    pub admin_addr: String,
+    /// A YAML/JSON file of Envoy resources (`resources: [{"@type": ...}]`) served to every proxy; watched.
+    #[arg(long)]
+    pub resources: Option<PathBuf>,
+    /// Push after config has been quiet this long (istiod's PILOT_DEBOUNCE_AFTER).
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub debounce_after: Duration,
+    /// ...but no later than this after the first change (PILOT_DEBOUNCE_MAX).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub debounce_max: Duration,
+    /// Proxies computing a push at once (PILOT_PUSH_THROTTLE).
+    #[arg(long, default_value_t = 100)]
+    pub push_concurrency: usize,
+    /// Disconnect a proxy that does not read its responses for this long.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub send_timeout: Duration,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let (notifier, changes) = ChangeNotifier::channel();
+    let shared = Arc::new(SharedResources::new(notifier));
+    let _watcher = match &args.resources {
+        Some(path) => {
+            let set = load_resource_file(path)?;
+            tracing::info!(path = %path.display(), resources = set.len(), "loaded resource file");
+            shared.set(set);
+            Some(watch_resource_file(path.clone(), shared.clone()).with_context(|| format!("watching {}", path.display()))?)
+        }
+        None => {
+            shared.set(ResourceSet::new());
+            None
+        }
+    };
+
+    let (push_tx, push_rx) = watch::channel(None);
+    let debounce = DebounceConfig { quiet: args.debounce_after, max: args.debounce_max };
+    let debouncer = tokio::spawn(run_debouncer(debounce, changes, push_tx, metrics.clone()));
+
+    let registry = Arc::new(ConnectionRegistry::new());
+    let server = XdsServer::new(
+        shared.clone(),
+        registry.clone(),
+        metrics.clone(),
+        push_rx,
+        XdsServerConfig { push_concurrency: args.push_concurrency, send_timeout: args.send_timeout, ..Default::default() },
+    );
+    let xds_listener = tokio::net::TcpListener::bind(&args.xds_addr)
+        .await
+        .with_context(|| format!("binding --xds-addr {}", args.xds_addr))?;
+    let admin_listener = tokio::net::TcpListener::bind(&args.admin_addr)
+        .await
+        .with_context(|| format!("binding --admin-addr {}", args.admin_addr))?;
+    tracing::info!(xds = ?xds_listener.local_addr().ok(), admin = ?admin_listener.local_addr().ok(), "meshpilot serving");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let grpc = tokio::spawn(crate::xds::serve_grpc(xds_listener, server, Csds::new(registry.clone()), stopped(stop_rx.clone())));
+    let admin = tokio::spawn(serve_admin(
+        admin_listener,
+        AdminState { registry, metrics, provider: shared },
+        stopped(stop_rx),
+    ));
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: closing xDS streams");
+    // Dropping the push channel ends every stream; Envoy keeps its config and reconnects elsewhere.
+    debouncer.abort();
+    let _ = stop_tx.send(true);
+    let drain = async {
+        let _ = grpc.await;
+        let _ = admin.await;
+    };
+    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+        tracing::warn!("shutdown timed out after 5s");
+    }
+    Ok(())
+}
