@@ -165,6 +165,14 @@ impl DeltaStream {
     ) -> Option<DeltaDiscoveryResponse> {
         let watch = self.watches.get_mut(&ty)?;
         let current = resources.of_type(ty);
+        // Versions the client reported on reconnect that are still current: it holds those.
+        for (name, version) in &watch.known {
+            if !watch.holding.contains_key(name)
+                && let Some(res) = current.get(name).filter(|r| &r.version == version)
+            {
+                watch.holding.insert(name.clone(), res.clone());
+            }
+        }
         let mut updated = Vec::new();
         for (name, res) in current {
             if watch.wants(name) && watch.known.get(name) != Some(&res.version) {
@@ -307,6 +315,8 @@ mod tests {
         let resp = s2.on_request(&r, &res, now).unwrap().responses.remove(0);
         assert_eq!(names(&resp), ["b"], "a is already current");
         assert_eq!(resp.removed_resources, ["gone"]);
+        assert_eq!(resp.system_version_info, first.system_version_info, "the client holds the same set as before");
+        assert_eq!(s2.status(now)[0].resource_count, 2);
     }
 
     #[test]

