@@ -7,5 +7,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod cli;
 pub mod metrics;
+pub mod model;
+pub mod sources;
 pub mod static_resources;
 pub mod xds;

@@ -1,0 +1,300 @@
+//! The seed's API (Service Mesh Hub v0.5, `networking.zephyr.solo.io/v1alpha1`):
+//! TrafficPolicy, VirtualMesh, AccessControlPolicy, with every field of that
+//! era's spec. Field names follow the proto3 JSON of the original protos.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub const NETWORKING_GROUP_VERSION: &str = "networking.zephyr.solo.io/v1alpha1";
+pub const DISCOVERY_GROUP_VERSION: &str = "discovery.zephyr.solo.io/v1alpha1";
+
+/// `{name, namespace, cluster}` — a service in a registered cluster.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResourceRef {
+    pub name: String,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub cluster: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSelector {
+    pub matcher: Option<ServiceMatcher>,
+    pub service_refs: Option<ServiceRefs>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceMatcher {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub clusters: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceRefs {
+    #[serde(default)]
+    pub services: Vec<ResourceRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpMatcher {
+    pub prefix: Option<String>,
+    pub exact: Option<String>,
+    pub regex: Option<String>,
+    #[serde(default)]
+    pub headers: Vec<HeaderMatcher>,
+    #[serde(default)]
+    pub query_parameters: Vec<QueryParameterMatcher>,
+    pub method: Option<HttpMethod>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderMatcher {
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
+    #[serde(default)]
+    pub regex: bool,
+    #[serde(default)]
+    pub invert_match: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QueryParameterMatcher {
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
+    #[serde(default)]
+    pub regex: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpMethod {
+    pub method: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MultiDestination {
+    #[serde(default)]
+    pub destinations: Vec<WeightedDestination>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WeightedDestination {
+    pub destination: ResourceRef,
+    #[serde(default)]
+    pub weight: u32,
+    #[serde(default)]
+    pub subset: BTreeMap<String, String>,
+    pub port: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultInjection {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+    #[serde(default)]
+    pub percentage: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelay {
+    pub fixed_delay: Option<String>,
+    pub exponential_delay: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultAbort {
+    pub http_status: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryPolicy {
+    #[serde(default)]
+    pub attempts: i32,
+    pub per_try_timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StringMatch {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub regex: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CorsPolicy {
+    #[serde(default)]
+    pub allow_origins: Vec<StringMatch>,
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    pub max_age: Option<String>,
+    pub allow_credentials: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mirror {
+    pub destination: ResourceRef,
+    pub percentage: Option<f64>,
+    pub port: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderManipulation {
+    #[serde(default)]
+    pub remove_response_headers: Vec<String>,
+    #[serde(default)]
+    pub append_response_headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove_request_headers: Vec<String>,
+    #[serde(default)]
+    pub append_request_headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    pub consecutive_errors: Option<u32>,
+    pub interval: Option<String>,
+    pub base_ejection_time: Option<String>,
+}
+
+/// `TrafficPolicy.spec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficPolicySpec {
+    pub source_selector: Option<WorkloadSelector>,
+    pub destination_selector: Option<ServiceSelector>,
+    #[serde(default)]
+    pub http_request_matchers: Vec<HttpMatcher>,
+    pub traffic_shift: Option<MultiDestination>,
+    pub fault_injection: Option<FaultInjection>,
+    pub request_timeout: Option<String>,
+    pub retries: Option<RetryPolicy>,
+    pub cors_policy: Option<CorsPolicy>,
+    pub mirror: Option<Mirror>,
+    pub header_manipulation: Option<HeaderManipulation>,
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BuiltinCa {
+    pub ttl_days: Option<u32>,
+    pub rsa_key_size_bytes: Option<u32>,
+    pub org_name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProvidedCa {
+    pub certificate: Option<ResourceRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CertificateAuthority {
+    pub builtin: Option<BuiltinCa>,
+    pub provided: Option<ProvidedCa>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Federation {
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrustMode {}
+
+/// `VirtualMesh.spec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualMeshSpec {
+    pub display_name: Option<String>,
+    #[serde(default)]
+    pub meshes: Vec<ResourceRef>,
+    pub certificate_authority: Option<CertificateAuthority>,
+    pub federation: Option<Federation>,
+    pub shared: Option<TrustMode>,
+    pub limited: Option<TrustMode>,
+    /// `MESH_DEFAULT`, `ENABLED` or `DISABLED` (a bool in v0.4).
+    pub enforce_access_control: Option<serde_json::Value>,
+}
+
+/// `AccessControlPolicy.spec` (accepted; enforcement comes later).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessControlPolicySpec {
+    pub source_selector: Option<serde_json::Value>,
+    pub destination_selector: Option<ServiceSelector>,
+    #[serde(default)]
+    pub allowed_paths: Vec<String>,
+    #[serde(default)]
+    pub allowed_methods: Vec<String>,
+    #[serde(default)]
+    pub allowed_ports: Vec<u32>,
+}
+
+/// Parses a proto3 JSON duration (`"1.5s"`) or a human one (`"100ms"`, `"2m"`).
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let t = s.trim();
+    if let Some(secs) = t.strip_suffix('s')
+        && let Ok(v) = secs.parse::<f64>()
+        && v.is_finite()
+        && v >= 0.0
+    {
+        return Some(std::time::Duration::from_secs_f64(v));
+    }
+    humantime::parse_duration(t).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1s"), Some(std::time::Duration::from_secs(1)));
+        assert_eq!(parse_duration("0.25s"), Some(std::time::Duration::from_millis(250)));
+        assert_eq!(parse_duration("100ms"), Some(std::time::Duration::from_millis(100)));
+        assert_eq!(parse_duration("soon"), None);
+    }
+}

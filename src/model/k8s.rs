@@ -1,0 +1,305 @@
+//! Kubernetes objects (the real shapes, parsed with k8s-openapi) into one
+//! cluster's [`ClusterState`]: Services, EndpointSlices and the Pods behind
+//! them (subset labels, service accounts), and Namespaces (the cluster's
+//! network, Istio's `topology.istio.io/network` label).
+//!
+//! A Service with no EndpointSlice gets its endpoints from the Pods its
+//! selector matches, the way the endpointslice controller would write them,
+//! so hand-written local-mode folders can stay short.
+
+use std::collections::{BTreeMap, HashMap};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{ClusterState, Endpoint, Locality, Service as MeshService, ServiceKey, ServicePort};
+
+/// Istio's label for the network of a namespace, pod or gateway Service.
+pub const NETWORK_LABEL: &str = "topology.istio.io/network";
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// One cluster's objects as read from a source.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterObjects {
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    pub pods: Vec<Pod>,
+    pub namespaces: Vec<Namespace>,
+}
+
+fn ns_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    meta.namespace.clone().unwrap_or_else(|| "default".to_string())
+}
+
+/// Builds a cluster's services and endpoints; problems (a slice for an unknown
+/// service, a Service without ports) are returned as messages naming the object.
+pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec<String>) {
+    let mut errors = Vec::new();
+    let mut state = ClusterState { name: name.to_string(), ..Default::default() };
+
+    // The cluster's network: the istio-system namespace's label (Istio's rule), else any namespace's.
+    let ns_network = |ns: &Namespace| ns.metadata.labels.as_ref().and_then(|l| l.get(NETWORK_LABEL)).cloned();
+    state.network = objects
+        .namespaces
+        .iter()
+        .find(|ns| ns.metadata.name.as_deref() == Some("istio-system"))
+        .and_then(ns_network)
+        .or_else(|| objects.namespaces.iter().find_map(ns_network))
+        .unwrap_or_default();
+
+    // Target ports per service, for endpoints derived from Pods.
+    let mut target_ports: HashMap<(String, String), Vec<(ServicePort, Option<IntOrString>)>> = HashMap::new();
+    let mut selectors: HashMap<(String, String), BTreeMap<String, String>> = HashMap::new();
+    for svc in &objects.services {
+        let Some(svc_name) = svc.metadata.name.clone() else {
+            errors.push(format!("cluster {name}: a Service without metadata.name"));
+            continue;
+        };
+        let namespace = ns_of(&svc.metadata);
+        let spec = svc.spec.clone().unwrap_or_default();
+        let mut ports = Vec::new();
+        let mut targets = Vec::new();
+        for (i, p) in spec.ports.unwrap_or_default().iter().enumerate() {
+            let Ok(port) = u16::try_from(p.port) else {
+                errors.push(format!("Service {namespace}/{svc_name} in cluster {name}: spec.ports[{i}].port {} is out of range", p.port));
+                continue;
+            };
+            let sp = ServicePort {
+                name: p.name.clone().unwrap_or_default(),
+                port,
+                protocol: p.app_protocol.clone().unwrap_or_else(|| p.protocol.clone().unwrap_or_else(|| "TCP".into())),
+            };
+            targets.push((sp.clone(), p.target_port.clone()));
+            ports.push(sp);
+        }
+        if ports.is_empty() {
+            errors.push(format!("Service {namespace}/{svc_name} in cluster {name}: spec.ports is empty; it is not routable"));
+        }
+        let key = (namespace.clone(), svc_name.clone());
+        target_ports.insert(key.clone(), targets);
+        if let Some(sel) = spec.selector.filter(|s| !s.is_empty()) {
+            selectors.insert(key.clone(), sel);
+        }
+        state.services.insert(
+            key,
+            MeshService {
+                key: ServiceKey::new(name, &namespace, &svc_name),
+                ports,
+                labels: svc.metadata.labels.clone().unwrap_or_default(),
+                cluster_ip: spec.cluster_ip.filter(|ip| !ip.is_empty() && ip != "None"),
+            },
+        );
+    }
+
+    let pods: HashMap<(String, String), &Pod> = objects
+        .pods
+        .iter()
+        .filter_map(|p| Some(((ns_of(&p.metadata), p.metadata.name.clone()?), p)))
+        .collect();
+    let pod_facts = |pod: Option<&Pod>| -> (BTreeMap<String, String>, String, Option<String>) {
+        match pod {
+            Some(p) => (
+                p.metadata.labels.clone().unwrap_or_default(),
+                p.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()),
+                p.metadata.name.clone(),
+            ),
+            None => (BTreeMap::new(), "default".into(), None),
+        }
+    };
+
+    let mut has_slices: std::collections::HashSet<(String, String)> = Default::default();
+    for (si, slice) in objects.endpoint_slices.iter().enumerate() {
+        let namespace = ns_of(&slice.metadata);
+        let slice_name = slice.metadata.name.clone().unwrap_or_else(|| format!("#{si}"));
+        let Some(svc_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).cloned() else {
+            errors.push(format!(
+                "EndpointSlice {namespace}/{slice_name} in cluster {name}: metadata.labels has no {SERVICE_NAME_LABEL}; ignored"
+            ));
+            continue;
+        };
+        let key = (namespace.clone(), svc_name.clone());
+        if !state.services.contains_key(&key) {
+            errors.push(format!(
+                "EndpointSlice {namespace}/{slice_name} in cluster {name}: Service {namespace}/{svc_name} does not exist; ignored"
+            ));
+            continue;
+        }
+        has_slices.insert(key.clone());
+        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            continue; // FQDN slices are not routable by address
+        }
+        let ports: BTreeMap<String, u16> = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| Some((p.name.clone().unwrap_or_default(), u16::try_from(p.port?).ok()?)))
+            .collect();
+        for ep in &slice.endpoints {
+            let Some(address) = ep.addresses.first().cloned() else { continue };
+            let pod = ep
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref().unwrap_or("Pod") == "Pod")
+                .and_then(|r| pods.get(&(r.namespace.clone().unwrap_or_else(|| namespace.clone()), r.name.clone()?)).copied());
+            let (labels, service_account, pod_name) = pod_facts(pod);
+            let network = labels.get(NETWORK_LABEL).cloned().unwrap_or_else(|| state.network.clone());
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            state.endpoints.entry(key.clone()).or_default().push(Endpoint {
+                address,
+                ports: ports.clone(),
+                labels,
+                ready,
+                locality: Locality { region: String::new(), zone: ep.zone.clone().unwrap_or_default() },
+                network,
+                service_account,
+                pod: pod_name,
+            });
+        }
+    }
+
+    // Services without slices: endpoints from the Pods their selector matches.
+    for (key, selector) in &selectors {
+        if has_slices.contains(key) {
+            continue;
+        }
+        let targets = &target_ports[key];
+        let mut eps = Vec::new();
+        for pod in objects.pods.iter().filter(|p| ns_of(&p.metadata) == key.0) {
+            let labels = pod.metadata.labels.clone().unwrap_or_default();
+            if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+                continue;
+            }
+            let status = pod.status.clone().unwrap_or_default();
+            let Some(address) = status.pod_ip.clone().filter(|ip| !ip.is_empty()) else { continue };
+            let ready = status
+                .conditions
+                .as_ref()
+                .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+                .map(|c| c.status == "True")
+                .unwrap_or(true);
+            let container_ports: Vec<(Option<String>, i32)> = pod
+                .spec
+                .iter()
+                .flat_map(|s| s.containers.iter())
+                .flat_map(|c| c.ports.iter().flatten())
+                .map(|p| (p.name.clone(), p.container_port))
+                .collect();
+            let mut ports = BTreeMap::new();
+            for (sp, target) in targets {
+                let port = match target {
+                    None => Some(sp.port),
+                    Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+                    Some(IntOrString::String(n)) => container_ports
+                        .iter()
+                        .find(|(cn, _)| cn.as_deref() == Some(n.as_str()))
+                        .and_then(|(_, p)| u16::try_from(*p).ok()),
+                };
+                if let Some(port) = port {
+                    ports.insert(sp.name.clone(), port);
+                }
+            }
+            let (labels, service_account, pod_name) = pod_facts(Some(pod));
+            let network = labels.get(NETWORK_LABEL).cloned().unwrap_or_else(|| state.network.clone());
+            eps.push(Endpoint {
+                address,
+                ports,
+                labels,
+                ready,
+                locality: Locality::default(),
+                network,
+                service_account,
+                pod: pod_name,
+            });
+        }
+        if !eps.is_empty() {
+            state.endpoints.insert(key.clone(), eps);
+        }
+    }
+    for eps in state.endpoints.values_mut() {
+        eps.sort_by(|a, b| (&a.address, &a.pod).cmp(&(&b.address, &b.pod)));
+    }
+    (state, errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn slices_and_pods_become_endpoints_with_pod_labels() {
+        let objects = ClusterObjects {
+            services: vec![parse(
+                "metadata: {name: reviews, namespace: default}\nspec: {selector: {app: reviews}, ports: [{name: http, port: 9080}]}",
+            )],
+            endpoint_slices: vec![parse(
+                r#"
+metadata: {name: reviews-abc, namespace: default, labels: {kubernetes.io/service-name: reviews}}
+addressType: IPv4
+ports: [{name: http, port: 9080}]
+endpoints:
+- addresses: [10.0.0.1]
+  conditions: {ready: true}
+  targetRef: {kind: Pod, name: reviews-v1-1, namespace: default}
+- addresses: [10.0.0.2]
+  conditions: {ready: false}
+  zone: z1
+  targetRef: {kind: Pod, name: reviews-v2-1}
+"#,
+            )],
+            pods: vec![
+                parse("metadata: {name: reviews-v1-1, namespace: default, labels: {app: reviews, version: v1}}\nspec: {serviceAccountName: bookinfo-reviews, containers: [{name: c}]}"),
+                parse("metadata: {name: reviews-v2-1, namespace: default, labels: {app: reviews, version: v2}}\nspec: {containers: [{name: c}]}"),
+            ],
+            namespaces: vec![parse("metadata: {name: istio-system, labels: {topology.istio.io/network: net1}}")],
+        };
+        let (state, errors) = cluster_state("c1", &objects);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(state.network, "net1");
+        let eps = &state.endpoints[&("default".to_string(), "reviews".to_string())];
+        assert_eq!(eps.len(), 2);
+        assert_eq!(eps[0].labels["version"], "v1");
+        assert_eq!(eps[0].service_account, "bookinfo-reviews");
+        assert_eq!(eps[0].ports["http"], 9080);
+        assert!(eps[0].ready && !eps[1].ready);
+        assert_eq!(eps[1].locality.zone, "z1");
+        assert_eq!(eps[1].network, "net1");
+    }
+
+    #[test]
+    fn pods_stand_in_for_missing_slices() {
+        let objects = ClusterObjects {
+            services: vec![parse(
+                "metadata: {name: ratings}\nspec: {selector: {app: ratings}, ports: [{name: http, port: 9080, targetPort: web}]}",
+            )],
+            pods: vec![
+                parse("metadata: {name: ratings-1, labels: {app: ratings, version: v1}}\nspec: {containers: [{name: c, ports: [{name: web, containerPort: 8080}]}]}\nstatus: {podIP: 127.0.0.5}"),
+                parse("metadata: {name: other, labels: {app: other}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 127.0.0.6}"),
+            ],
+            ..Default::default()
+        };
+        let (state, errors) = cluster_state("c1", &objects);
+        assert!(errors.is_empty(), "{errors:?}");
+        let eps = &state.endpoints[&("default".to_string(), "ratings".to_string())];
+        assert_eq!(eps.len(), 1);
+        assert_eq!((eps[0].address.as_str(), eps[0].ports["http"]), ("127.0.0.5", 8080));
+    }
+
+    #[test]
+    fn orphans_are_reported_by_name() {
+        let objects = ClusterObjects {
+            endpoint_slices: vec![parse(
+                "metadata: {name: s1, namespace: default, labels: {kubernetes.io/service-name: ghost}}\naddressType: IPv4\nendpoints: []",
+            )],
+            ..Default::default()
+        };
+        let (_, errors) = cluster_state("c1", &objects);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].contains("EndpointSlice default/s1") && errors[0].contains("default/ghost"), "{errors:?}");
+    }
+}

@@ -1,0 +1,198 @@
+//! The mesh in meshpilot's own types: services, endpoints and policies per
+//! cluster, grouped into virtual meshes. Sources fill [`MeshInputs`];
+//! [`MeshSnapshot::build`] validates policies and produces the immutable
+//! snapshot translation reads.
+
+pub mod api;
+pub mod k8s;
+pub mod policy;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+pub use policy::{AppliedPolicy, PolicyId, PolicyState, PolicyStatus};
+
+/// A service in one cluster.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServiceKey {
+    pub cluster: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceKey {
+    pub fn new(cluster: &str, namespace: &str, name: &str) -> Self {
+        ServiceKey { cluster: cluster.into(), namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    /// `name.namespace.cluster`, as `meshctl describe service` takes it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.name, self.namespace, self.cluster)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    /// The port's name ("" when the Service has a single unnamed port).
+    pub name: String,
+    pub port: u16,
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub key: ServiceKey,
+    pub ports: Vec<ServicePort>,
+    pub labels: BTreeMap<String, String>,
+    pub cluster_ip: Option<String>,
+}
+
+impl Service {
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+}
+
+/// One workload instance behind a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub address: String,
+    /// Service port name → the port on this endpoint.
+    pub ports: BTreeMap<String, u16>,
+    /// The labels of the Pod behind it (subsets select on these).
+    pub labels: BTreeMap<String, String>,
+    pub ready: bool,
+    pub locality: Locality,
+    pub network: String,
+    pub service_account: String,
+    pub pod: Option<String>,
+}
+
+impl Endpoint {
+    pub fn has_labels(&self, subset: &BTreeMap<String, String>) -> bool {
+        subset.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+}
+
+/// One cluster's services and their endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ClusterState {
+    pub name: String,
+    /// The cluster's default network (istio-system's `topology.istio.io/network`), "" if unset.
+    pub network: String,
+    pub services: BTreeMap<(String, String), Service>,
+    pub endpoints: BTreeMap<(String, String), Vec<Endpoint>>,
+}
+
+/// A policy object as sources give it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PolicyObject<S> {
+    pub namespace: String,
+    pub name: String,
+    pub generation: Option<i64>,
+    /// Age for conflict resolution: creationTimestamp in ms, else what the
+    /// source knows (a file's modification time).
+    pub created_ms: i64,
+    /// Where it came from, for messages (a file path, or a cluster).
+    pub origin: String,
+    pub spec: S,
+    /// Why the object's spec could not be read (it is then INVALID and its last
+    /// accepted version, if any, keeps serving).
+    pub parse_errors: Vec<String>,
+}
+
+/// Everything sources read, not yet validated.
+#[derive(Debug, Clone, Default)]
+pub struct MeshInputs {
+    pub clusters: BTreeMap<String, ClusterState>,
+    pub traffic_policies: Vec<PolicyObject<api::TrafficPolicySpec>>,
+    pub virtual_meshes: Vec<PolicyObject<api::VirtualMeshSpec>>,
+    pub access_policies: Vec<PolicyObject<api::AccessControlPolicySpec>>,
+    /// Objects that could not be read (file, document, field, reason).
+    pub errors: Vec<String>,
+}
+
+/// The immutable, validated mesh that translation reads.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MeshSnapshot {
+    pub clusters: BTreeMap<String, ClusterState>,
+    /// Cluster → the clusters it shares a virtual mesh with (itself included).
+    pub mesh_peers: BTreeMap<String, BTreeSet<String>>,
+    /// Policies that apply, oldest first.
+    pub applied: Vec<Arc<AppliedPolicy>>,
+    pub policy_status: BTreeMap<PolicyId, PolicyStatus>,
+    pub input_errors: Vec<String>,
+}
+
+impl MeshSnapshot {
+    /// Validates the inputs' policies (keeping each policy's last accepted spec
+    /// in `last_good` across calls) and builds the snapshot.
+    pub fn build(inputs: MeshInputs, last_good: &mut policy::LastGood) -> MeshSnapshot {
+        let mesh_peers = mesh_peers(&inputs);
+        let mut snapshot = MeshSnapshot {
+            clusters: inputs.clusters,
+            mesh_peers,
+            applied: Vec::new(),
+            policy_status: BTreeMap::new(),
+            input_errors: inputs.errors,
+        };
+        let (applied, status) = policy::resolve(&snapshot, &inputs.traffic_policies, last_good);
+        snapshot.applied = applied;
+        snapshot.policy_status = status;
+        snapshot
+    }
+
+    pub fn service(&self, key: &ServiceKey) -> Option<&Service> {
+        self.clusters.get(&key.cluster)?.services.get(&(key.namespace.clone(), key.name.clone()))
+    }
+
+    pub fn endpoints(&self, key: &ServiceKey) -> &[Endpoint] {
+        self.clusters
+            .get(&key.cluster)
+            .and_then(|c| c.endpoints.get(&(key.namespace.clone(), key.name.clone())))
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// The clusters a proxy in `cluster` can reach (its virtual mesh).
+    pub fn peers_of(&self, cluster: &str) -> BTreeSet<String> {
+        self.mesh_peers.get(cluster).cloned().unwrap_or_else(|| [cluster.to_string()].into())
+    }
+
+    pub fn all_services(&self) -> impl Iterator<Item = &Service> {
+        self.clusters.values().flat_map(|c| c.services.values())
+    }
+}
+
+/// A VirtualMesh's `meshes[]` name clusters directly, or by Service Mesh Hub's
+/// discovered-mesh names (`istio-istio-system-<cluster>`).
+fn mesh_ref_to_cluster(name: &str, clusters: &BTreeMap<String, ClusterState>) -> Option<String> {
+    if clusters.contains_key(name) {
+        return Some(name.to_string());
+    }
+    clusters.keys().find(|c| name.ends_with(&format!("-{c}"))).cloned()
+}
+
+fn mesh_peers(inputs: &MeshInputs) -> BTreeMap<String, BTreeSet<String>> {
+    let mut peers: BTreeMap<String, BTreeSet<String>> =
+        inputs.clusters.keys().map(|c| (c.clone(), [c.clone()].into())).collect();
+    for vm in &inputs.virtual_meshes {
+        let members: BTreeSet<String> =
+            vm.spec.meshes.iter().filter_map(|m| mesh_ref_to_cluster(&m.name, &inputs.clusters)).collect();
+        for m in &members {
+            peers.entry(m.clone()).or_default().extend(members.iter().cloned());
+        }
+    }
+    peers
+}

@@ -1,0 +1,678 @@
+//! TrafficPolicy validation, conflict resolution and status, following the
+//! seed (Service Mesh Hub v0.5 `preprocess/validator.go` and `merger.go`):
+//!
+//! - every reference must resolve (services, subsets, ports), weights must
+//!   add up to more than 0, durations and percentages must be in range;
+//! - policies are taken oldest first; a policy that sets an action field on a
+//!   service, for the same sources and request matchers, to a value other than
+//!   an older policy's is CONFLICT and none of it applies (the older one wins);
+//! - an INVALID policy that was accepted before keeps serving its last accepted
+//!   version ([`LastGood`]), so a bad edit never costs the running config.
+//!
+//! Messages name the field (`spec.trafficShift.destinations[1].subset`) and
+//! the reason; status and `meshpilot validate` prefix them with the policy.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::api::{self, HttpMatcher, TrafficPolicySpec, WorkloadSelector};
+use super::{MeshSnapshot, PolicyObject, ServiceKey};
+
+/// A TrafficPolicy's identity: `namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct PolicyId {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for PolicyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PolicyState {
+    Accepted,
+    Invalid,
+    Conflict,
+}
+
+impl fmt::Display for PolicyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PolicyState::Accepted => "ACCEPTED",
+            PolicyState::Invalid => "INVALID",
+            PolicyState::Conflict => "CONFLICT",
+        })
+    }
+}
+
+/// What `/debug/policyz`, `meshpilot validate` and (with Kubernetes) the
+/// object's `status` say about one policy.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    pub state: PolicyState,
+    pub observed_generation: Option<i64>,
+    /// The generation whose config is in effect (the last accepted one when
+    /// the current one is INVALID); `None` when nothing of it applies.
+    pub serving_generation: Option<i64>,
+    /// Field-level reasons for INVALID or CONFLICT.
+    pub messages: Vec<String>,
+    /// The services the policy applies to.
+    pub services: Vec<String>,
+    pub origin: String,
+}
+
+/// The sources a rule applies to (`sourceSelector`); empty means every workload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct SourceMatch {
+    pub labels: BTreeMap<String, String>,
+    pub namespaces: Vec<String>,
+}
+
+impl SourceMatch {
+    fn from_selector(sel: Option<&WorkloadSelector>) -> Self {
+        let Some(sel) = sel else { return SourceMatch::default() };
+        let mut namespaces = sel.namespaces.clone();
+        namespaces.sort();
+        namespaces.dedup();
+        SourceMatch { labels: sel.labels.clone(), namespaces }
+    }
+
+    pub fn is_everyone(&self) -> bool {
+        self.labels.is_empty() && self.namespaces.is_empty()
+    }
+
+    pub fn matches(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
+        (self.namespaces.is_empty() || self.namespaces.iter().any(|n| n == namespace))
+            && self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
+/// A destination with its references resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ResolvedDestination {
+    pub service: ServiceKey,
+    pub subset: BTreeMap<String, String>,
+    /// The destination port if the policy names one; otherwise the listener's
+    /// port when the destination has it, else its only port.
+    pub port: Option<u16>,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum Fault {
+    Delay(Duration),
+    Abort(u32),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FaultInjection {
+    pub fault: Fault,
+    /// 0–100.
+    pub percentage: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Retries {
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MirrorTo {
+    pub service: ServiceKey,
+    pub port: Option<u16>,
+    /// 0–100.
+    pub percentage: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Outlier {
+    pub consecutive_errors: u32,
+    pub interval: Duration,
+    pub base_ejection_time: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cors {
+    pub policy: api::CorsPolicy,
+    pub max_age: Option<Duration>,
+}
+
+/// The actions of one policy on one service, validated and resolved.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Actions {
+    pub traffic_shift: Option<Vec<ResolvedDestination>>,
+    pub fault_injection: Option<FaultInjection>,
+    pub request_timeout: Option<Duration>,
+    pub retries: Option<Retries>,
+    pub cors_policy: Option<Cors>,
+    pub mirror: Option<MirrorTo>,
+    pub header_manipulation: Option<api::HeaderManipulation>,
+    pub outlier_detection: Option<Outlier>,
+}
+
+impl Actions {
+    /// The fields set in both `self` and `other` whose values differ, by spec name.
+    fn conflicting_fields(&self, other: &Actions) -> Vec<&'static str> {
+        macro_rules! check {
+            ($out:ident, $($field:ident => $name:literal),*) => {
+                $( if let (Some(a), Some(b)) = (&self.$field, &other.$field) { if a != b { $out.push($name); } } )*
+            };
+        }
+        let mut out = Vec::new();
+        check!(out,
+            traffic_shift => "trafficShift", fault_injection => "faultInjection",
+            request_timeout => "requestTimeout", retries => "retries", cors_policy => "corsPolicy",
+            mirror => "mirror", header_manipulation => "headerManipulation",
+            outlier_detection => "outlierDetection");
+        out
+    }
+
+    /// Fills every field `self` lacks from `other` (fields both set are equal after conflict checks).
+    pub fn merge_from(&mut self, other: &Actions) {
+        macro_rules! fill {
+            ($($field:ident),*) => { $( if self.$field.is_none() { self.$field = other.$field.clone(); } )* };
+        }
+        fill!(traffic_shift, fault_injection, request_timeout, retries, cors_policy, mirror, header_manipulation, outlier_detection);
+    }
+}
+
+/// One policy's effect on one service for some sources and requests.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServiceRule {
+    pub service: ServiceKey,
+    pub source: SourceMatch,
+    /// ORed; empty means every request.
+    pub matchers: Vec<HttpMatcher>,
+    pub actions: Actions,
+}
+
+impl ServiceRule {
+    fn same_target(&self, other: &ServiceRule) -> bool {
+        self.service == other.service && self.source == other.source && self.matchers == other.matchers
+    }
+}
+
+/// A policy that is in effect.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AppliedPolicy {
+    pub id: PolicyId,
+    pub generation: Option<i64>,
+    pub created_ms: i64,
+    pub rules: Vec<ServiceRule>,
+}
+
+/// The last accepted version of each policy, kept across snapshots.
+#[derive(Debug, Default, Clone)]
+pub struct LastGood {
+    accepted: HashMap<PolicyId, Arc<AppliedPolicy>>,
+}
+
+/// Where a destination's traffic goes on a listener port (see [`ResolvedDestination::port`]).
+pub fn destination_port(snapshot: &MeshSnapshot, service: &ServiceKey, explicit: Option<u16>, listener_port: u16) -> Option<u16> {
+    if explicit.is_some() {
+        return explicit;
+    }
+    match snapshot.service(service) {
+        None => Some(listener_port),
+        Some(svc) if svc.port(listener_port).is_some() => Some(listener_port),
+        Some(svc) if svc.ports.len() == 1 => Some(svc.ports[0].port),
+        Some(_) => None,
+    }
+}
+
+fn parse_min_duration(s: &str, field: &str, errors: &mut Vec<String>) -> Option<Duration> {
+    match api::parse_duration(s) {
+        Some(d) if d >= Duration::from_millis(1) => Some(d),
+        Some(_) => {
+            errors.push(format!("{field}: {s:?} is shorter than 1ms"));
+            None
+        }
+        None => {
+            errors.push(format!("{field}: {s:?} is not a duration (e.g. \"1.5s\", \"100ms\")"));
+            None
+        }
+    }
+}
+
+fn check_percentage(p: f64, field: &str, errors: &mut Vec<String>) {
+    if !(0.0..=100.0).contains(&p) || !p.is_finite() {
+        errors.push(format!("{field}: {p} is not between 0 and 100"));
+    }
+}
+
+fn check_regex(re: &str, field: &str, errors: &mut Vec<String>) {
+    if let Err(e) = regex::Regex::new(re) {
+        let first = e.to_string().lines().last().unwrap_or_default().trim().to_string();
+        errors.push(format!("{field}: {re:?} is not a valid regular expression ({first})"));
+    }
+}
+
+const METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+
+fn check_matcher(m: &HttpMatcher, field: &str, errors: &mut Vec<String>) {
+    let paths = [m.prefix.is_some(), m.exact.is_some(), m.regex.is_some()].iter().filter(|b| **b).count();
+    if paths > 1 {
+        errors.push(format!("{field}: set one of prefix, exact or regex, not {paths}"));
+    }
+    if let Some(re) = &m.regex {
+        check_regex(re, &format!("{field}.regex"), errors);
+    }
+    for (i, h) in m.headers.iter().enumerate() {
+        if h.name.is_empty() {
+            errors.push(format!("{field}.headers[{i}].name: must not be empty"));
+        }
+        if h.regex {
+            check_regex(&h.value, &format!("{field}.headers[{i}].value"), errors);
+        }
+    }
+    for (i, q) in m.query_parameters.iter().enumerate() {
+        if q.name.is_empty() {
+            errors.push(format!("{field}.queryParameters[{i}].name: must not be empty"));
+        }
+        if q.regex {
+            check_regex(&q.value, &format!("{field}.queryParameters[{i}].value"), errors);
+        }
+    }
+    if let Some(method) = &m.method
+        && !METHODS.contains(&method.method.as_str())
+    {
+        errors.push(format!("{field}.method.method: {:?} is not one of {}", method.method, METHODS.join(", ")));
+    }
+}
+
+/// Resolves a `{name, namespace, cluster}` reference to a service the selected
+/// services' clients can reach.
+fn resolve_ref(
+    snapshot: &MeshSnapshot,
+    r: &api::ResourceRef,
+    selected: &[ServiceKey],
+    field: &str,
+    errors: &mut Vec<String>,
+) -> Option<ServiceKey> {
+    let mut missing = Vec::new();
+    for (what, v) in [("name", &r.name), ("namespace", &r.namespace), ("cluster", &r.cluster)] {
+        if v.is_empty() {
+            missing.push(what);
+        }
+    }
+    if !missing.is_empty() {
+        errors.push(format!("{field}: {} required", missing.join(", ") + if missing.len() == 1 { " is" } else { " are" }));
+        return None;
+    }
+    let key = ServiceKey::new(&r.cluster, &r.namespace, &r.name);
+    if !snapshot.clusters.contains_key(&key.cluster) {
+        errors.push(format!("{field}: cluster {:?} is not registered (known: {})", key.cluster, known_clusters(snapshot)));
+        return None;
+    }
+    if snapshot.service(&key).is_none() {
+        errors.push(format!("{field}: service {key} does not exist"));
+        return None;
+    }
+    for s in selected {
+        if !snapshot.peers_of(&s.cluster).contains(&key.cluster) {
+            errors.push(format!(
+                "{field}: service {key} is in cluster {}, which is not in a virtual mesh with {} (the cluster of {s})",
+                key.cluster, s.cluster
+            ));
+            return None;
+        }
+    }
+    Some(key)
+}
+
+fn known_clusters(snapshot: &MeshSnapshot) -> String {
+    snapshot.clusters.keys().cloned().collect::<Vec<_>>().join(", ")
+}
+
+fn check_port(
+    snapshot: &MeshSnapshot,
+    dest: &ServiceKey,
+    port: Option<u32>,
+    selected: &[ServiceKey],
+    field: &str,
+    errors: &mut Vec<String>,
+) -> Option<Option<u16>> {
+    let svc = snapshot.service(dest)?;
+    if let Some(p) = port {
+        return match u16::try_from(p).ok().filter(|p| svc.port(*p).is_some()) {
+            Some(p) => Some(Some(p)),
+            None => {
+                let known: Vec<String> = svc.ports.iter().map(|p| p.port.to_string()).collect();
+                errors.push(format!("{field}.port: {dest} has no port {p} (ports: {})", known.join(", ")));
+                None
+            }
+        };
+    }
+    for s in selected {
+        for sp in snapshot.service(s).map(|s| s.ports.as_slice()).unwrap_or_default() {
+            if destination_port(snapshot, dest, None, sp.port).is_none() {
+                let known: Vec<String> = svc.ports.iter().map(|p| p.port.to_string()).collect();
+                errors.push(format!(
+                    "{field}.port: required, {dest} has several ports ({}) and none is {} (the port of {s})",
+                    known.join(", "),
+                    sp.port
+                ));
+                return None;
+            }
+        }
+    }
+    Some(None)
+}
+
+/// The services a destination selector picks.
+fn select_services(snapshot: &MeshSnapshot, spec: &TrafficPolicySpec, errors: &mut Vec<String>) -> Vec<ServiceKey> {
+    let sel = spec.destination_selector.clone().unwrap_or_default();
+    match (&sel.matcher, &sel.service_refs) {
+        (Some(_), Some(_)) => {
+            errors.push("spec.destinationSelector: set either matcher or serviceRefs, not both".into());
+            Vec::new()
+        }
+        (None, Some(refs)) => {
+            if refs.services.is_empty() {
+                errors.push("spec.destinationSelector.serviceRefs.services: must name at least one service".into());
+            }
+            let mut out = Vec::new();
+            for (i, r) in refs.services.iter().enumerate() {
+                let field = format!("spec.destinationSelector.serviceRefs.services[{i}]");
+                if let Some(k) = resolve_ref(snapshot, r, &[], &field, errors) {
+                    out.push(k);
+                }
+            }
+            out
+        }
+        (m, None) => {
+            let m = m.clone().unwrap_or_default();
+            for (i, c) in m.clusters.iter().enumerate() {
+                if !snapshot.clusters.contains_key(c) {
+                    errors.push(format!(
+                        "spec.destinationSelector.matcher.clusters[{i}]: cluster {c:?} is not registered (known: {})",
+                        known_clusters(snapshot)
+                    ));
+                }
+            }
+            let out: Vec<ServiceKey> = snapshot
+                .all_services()
+                .filter(|s| m.clusters.is_empty() || m.clusters.contains(&s.key.cluster))
+                .filter(|s| m.namespaces.is_empty() || m.namespaces.contains(&s.key.namespace))
+                .filter(|s| m.labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+                .map(|s| s.key.clone())
+                .collect();
+            if out.is_empty() && errors.is_empty() {
+                errors.push("spec.destinationSelector.matcher: selects no service".into());
+            }
+            out
+        }
+    }
+}
+
+/// Validates one policy against the mesh and resolves it into rules.
+/// Errors are `field: reason` messages.
+pub fn validate(snapshot: &MeshSnapshot, policy: &PolicyObject<TrafficPolicySpec>) -> Result<AppliedPolicy, Vec<String>> {
+    if !policy.parse_errors.is_empty() {
+        return Err(policy.parse_errors.clone());
+    }
+    let spec = &policy.spec;
+    let mut errors = Vec::new();
+    let mut selected = select_services(snapshot, spec, &mut errors);
+    selected.sort();
+    selected.dedup();
+    for (i, m) in spec.http_request_matchers.iter().enumerate() {
+        check_matcher(m, &format!("spec.httpRequestMatchers[{i}]"), &mut errors);
+    }
+    let mut actions = Actions::default();
+
+    if let Some(shift) = &spec.traffic_shift {
+        let mut dests = Vec::new();
+        if shift.destinations.is_empty() {
+            errors.push("spec.trafficShift.destinations: must list at least one destination".into());
+        }
+        for (i, d) in shift.destinations.iter().enumerate() {
+            let field = format!("spec.trafficShift.destinations[{i}]");
+            let Some(key) = resolve_ref(snapshot, &d.destination, &selected, &format!("{field}.destination"), &mut errors) else {
+                continue;
+            };
+            let Some(port) = check_port(snapshot, &key, d.port, &selected, &field, &mut errors) else { continue };
+            if !d.subset.is_empty() && !snapshot.endpoints(&key).iter().any(|e| e.has_labels(&d.subset)) {
+                let labels: Vec<String> = d.subset.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                errors.push(format!("{field}.subset: {{{}}} matches no pod of {key}", labels.join(", ")));
+                continue;
+            }
+            dests.push(ResolvedDestination { service: key, subset: d.subset.clone(), port, weight: d.weight });
+        }
+        if !shift.destinations.is_empty() && shift.destinations.iter().map(|d| u64::from(d.weight)).sum::<u64>() == 0 {
+            errors.push("spec.trafficShift.destinations: the weights add up to 0; at least one must be positive".into());
+        }
+        actions.traffic_shift = Some(dests);
+    }
+
+    if let Some(f) = &spec.fault_injection {
+        check_percentage(f.percentage, "spec.faultInjection.percentage", &mut errors);
+        let fault = match (&f.delay, &f.abort) {
+            (Some(_), Some(_)) | (None, None) => {
+                errors.push("spec.faultInjection: set exactly one of delay or abort".into());
+                None
+            }
+            (Some(d), None) => match (&d.fixed_delay, &d.exponential_delay) {
+                (Some(fd), None) => parse_min_duration(fd, "spec.faultInjection.delay.fixedDelay", &mut errors).map(Fault::Delay),
+                (_, Some(_)) => {
+                    errors.push("spec.faultInjection.delay.exponentialDelay: not supported (Envoy has fixed delays only); use fixedDelay".into());
+                    None
+                }
+                (None, None) => {
+                    errors.push("spec.faultInjection.delay.fixedDelay: required".into());
+                    None
+                }
+            },
+            (None, Some(a)) => {
+                if (200..=599).contains(&a.http_status) {
+                    Some(Fault::Abort(a.http_status as u32))
+                } else {
+                    errors.push(format!("spec.faultInjection.abort.httpStatus: {} is not an HTTP status (200–599)", a.http_status));
+                    None
+                }
+            }
+        };
+        actions.fault_injection = fault.map(|fault| FaultInjection { fault, percentage: f.percentage });
+    }
+
+    if let Some(t) = &spec.request_timeout {
+        actions.request_timeout = parse_min_duration(t, "spec.requestTimeout", &mut errors);
+    }
+
+    if let Some(r) = &spec.retries {
+        if r.attempts < 0 {
+            errors.push(format!("spec.retries.attempts: {} is negative", r.attempts));
+        }
+        let per_try_timeout = r.per_try_timeout.as_ref().and_then(|t| parse_min_duration(t, "spec.retries.perTryTimeout", &mut errors));
+        actions.retries = Some(Retries { attempts: r.attempts.max(0) as u32, per_try_timeout });
+    }
+
+    if let Some(c) = &spec.cors_policy {
+        for (i, o) in c.allow_origins.iter().enumerate() {
+            let n = [o.exact.is_some(), o.prefix.is_some(), o.regex.is_some()].iter().filter(|b| **b).count();
+            if n != 1 {
+                errors.push(format!("spec.corsPolicy.allowOrigins[{i}]: set exactly one of exact, prefix or regex"));
+            }
+            if let Some(re) = &o.regex {
+                check_regex(re, &format!("spec.corsPolicy.allowOrigins[{i}].regex"), &mut errors);
+            }
+        }
+        let max_age = c.max_age.as_ref().and_then(|m| match api::parse_duration(m) {
+            Some(d) => Some(d),
+            None => {
+                errors.push(format!("spec.corsPolicy.maxAge: {m:?} is not a duration"));
+                None
+            }
+        });
+        actions.cors_policy = Some(Cors { policy: c.clone(), max_age });
+    }
+
+    if let Some(m) = &spec.mirror {
+        let pct = m.percentage.unwrap_or(100.0);
+        check_percentage(pct, "spec.mirror.percentage", &mut errors);
+        if let Some(key) = resolve_ref(snapshot, &m.destination, &selected, "spec.mirror.destination", &mut errors)
+            && let Some(port) = check_port(snapshot, &key, m.port, &selected, "spec.mirror", &mut errors)
+        {
+            actions.mirror = Some(MirrorTo { service: key, port, percentage: pct });
+        }
+    }
+
+    if let Some(h) = &spec.header_manipulation {
+        let names = h.remove_request_headers.iter().chain(&h.remove_response_headers).chain(h.append_request_headers.keys()).chain(h.append_response_headers.keys());
+        for n in names {
+            if n.is_empty() || n.starts_with(':') || n.eq_ignore_ascii_case("host") {
+                errors.push(format!("spec.headerManipulation: header {n:?} cannot be changed"));
+            }
+        }
+        actions.header_manipulation = Some(h.clone());
+    }
+
+    if let Some(o) = &spec.outlier_detection {
+        if spec.source_selector.as_ref().is_some_and(|s| !SourceMatch::from_selector(Some(s)).is_everyone()) {
+            errors.push("spec.outlierDetection: requires an empty sourceSelector (it applies to every client)".into());
+        }
+        let interval = o.interval.as_ref().map_or(Some(Duration::from_secs(10)), |s| parse_min_duration(s, "spec.outlierDetection.interval", &mut errors));
+        let base = o
+            .base_ejection_time
+            .as_ref()
+            .map_or(Some(Duration::from_secs(30)), |s| parse_min_duration(s, "spec.outlierDetection.baseEjectionTime", &mut errors));
+        if o.consecutive_errors == Some(0) {
+            errors.push("spec.outlierDetection.consecutiveErrors: must be at least 1".into());
+        }
+        if let (Some(interval), Some(base_ejection_time)) = (interval, base) {
+            actions.outlier_detection =
+                Some(Outlier { consecutive_errors: o.consecutive_errors.unwrap_or(5), interval, base_ejection_time });
+        }
+    }
+
+    if actions == Actions::default() && errors.is_empty() {
+        errors.push("spec: sets no action (trafficShift, faultInjection, requestTimeout, retries, corsPolicy, mirror, headerManipulation or outlierDetection)".into());
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let source = SourceMatch::from_selector(spec.source_selector.as_ref());
+    let rules = selected
+        .into_iter()
+        .map(|service| ServiceRule {
+            service,
+            source: source.clone(),
+            matchers: spec.http_request_matchers.clone(),
+            actions: actions.clone(),
+        })
+        .collect();
+    Ok(AppliedPolicy { id: policy.id(), generation: policy.generation, created_ms: policy.created_ms, rules })
+}
+
+impl<S> PolicyObject<S> {
+    pub fn id(&self) -> PolicyId {
+        PolicyId { namespace: self.namespace.clone(), name: self.name.clone() }
+    }
+}
+
+fn conflicts(candidate: &AppliedPolicy, applied: &[Arc<AppliedPolicy>]) -> Vec<String> {
+    let mut out = Vec::new();
+    for rule in &candidate.rules {
+        for older in applied {
+            for other in older.rules.iter().filter(|o| o.same_target(rule)) {
+                for field in rule.actions.conflicting_fields(&other.actions) {
+                    out.push(format!(
+                        "spec.{field}: conflicts with TrafficPolicy {} on service {} (the older policy wins)",
+                        older.id, rule.service
+                    ));
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Validates every policy, oldest first, and decides what applies.
+pub fn resolve(
+    snapshot: &MeshSnapshot,
+    policies: &[PolicyObject<TrafficPolicySpec>],
+    last_good: &mut LastGood,
+) -> (Vec<Arc<AppliedPolicy>>, BTreeMap<PolicyId, PolicyStatus>) {
+    let mut order: Vec<&PolicyObject<TrafficPolicySpec>> = policies.iter().collect();
+    order.sort_by(|a, b| (a.created_ms, a.id()).cmp(&(b.created_ms, b.id())));
+    let mut applied: Vec<Arc<AppliedPolicy>> = Vec::new();
+    let mut status = BTreeMap::new();
+    for p in order {
+        let id = p.id();
+        let (candidate, mut messages, mut state) = match validate(snapshot, p) {
+            Ok(a) => {
+                let a = Arc::new(a);
+                (Some(a), Vec::new(), PolicyState::Accepted)
+            }
+            Err(errors) => (last_good.accepted.get(&id).cloned(), errors, PolicyState::Invalid),
+        };
+        let mut serving = None;
+        let mut services: Vec<String> = candidate
+            .iter()
+            .flat_map(|c| c.rules.iter().map(|r| r.service.to_string()))
+            .collect();
+        services.dedup();
+        if let Some(c) = candidate {
+            let clashes = conflicts(&c, &applied);
+            if clashes.is_empty() {
+                serving = Some(c.generation);
+                if state == PolicyState::Accepted {
+                    last_good.accepted.insert(id.clone(), c.clone());
+                } else {
+                    messages.push(format!(
+                        "the last accepted version{} keeps serving",
+                        c.generation.map(|g| format!(" (generation {g})")).unwrap_or_default()
+                    ));
+                }
+                applied.push(c);
+            } else if state == PolicyState::Accepted {
+                state = PolicyState::Conflict;
+                messages = clashes;
+            }
+        }
+        status.insert(
+            id,
+            PolicyStatus {
+                state,
+                observed_generation: p.generation,
+                serving_generation: serving.flatten(),
+                messages,
+                services,
+                origin: p.origin.clone(),
+            },
+        );
+    }
+    // Forget deleted policies.
+    last_good.accepted.retain(|id, _| status.contains_key(id));
+    (applied, status)
+}
+
+/// The effective rules for one service: every applied policy's rules on it,
+/// merged per (sources, matchers), in the order policies were applied.
+pub fn rules_for<'a>(applied: &'a [Arc<AppliedPolicy>], service: &ServiceKey) -> Vec<(Vec<&'a PolicyId>, ServiceRule)> {
+    let mut out: Vec<(Vec<&PolicyId>, ServiceRule)> = Vec::new();
+    for p in applied {
+        for r in p.rules.iter().filter(|r| &r.service == service) {
+            match out.iter_mut().find(|(_, o)| o.same_target(r)) {
+                Some((ids, o)) => {
+                    o.actions.merge_from(&r.actions);
+                    ids.push(&p.id);
+                }
+                None => out.push((vec![&p.id], r.clone())),
+            }
+        }
+    }
+    out
+}

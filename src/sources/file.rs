@@ -1,0 +1,343 @@
+//! The file source (local mode): `DIR/<cluster>/` holds that cluster's
+//! Kubernetes manifests (Service, EndpointSlice, Pod, Namespace; anything else
+//! is skipped), `DIR/mesh/` the mesh objects (VirtualMesh, TrafficPolicy,
+//! AccessControlPolicy). Files are YAML (several documents allowed, `kind:
+//! List` too) or JSON. The folder is watched; every change reloads it.
+//!
+//! Bad input never costs the last good configuration: a file that does not
+//! parse keeps its last good contents (and the error is reported), and a
+//! TrafficPolicy whose spec does not parse is still passed on, marked with
+//! its errors, so it shows INVALID while its last accepted version serves.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use notify::{RecursiveMode, Watcher};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::model::api::{AccessControlPolicySpec, NETWORKING_GROUP_VERSION, TrafficPolicySpec, VirtualMeshSpec};
+use crate::model::k8s::{ClusterObjects, cluster_state};
+use crate::model::{MeshInputs, PolicyObject};
+
+/// The folder of mesh objects inside a config dir.
+pub const MESH_DIR: &str = "mesh";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigDirError {
+    #[error("{path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{0}: not a directory (expected DIR/<cluster>/*.yaml and DIR/mesh/*.yaml)")]
+    NotADirectory(String),
+}
+
+/// One parsed file's objects.
+#[derive(Debug, Clone, Default)]
+struct FileObjects {
+    cluster: ClusterObjects,
+    traffic_policies: Vec<PolicyObject<TrafficPolicySpec>>,
+    virtual_meshes: Vec<PolicyObject<VirtualMeshSpec>>,
+    access_policies: Vec<PolicyObject<AccessControlPolicySpec>>,
+}
+
+/// What the source remembers between loads: each file's last good parse,
+/// when each policy was first seen (its age, when it has no
+/// creationTimestamp) and its spec generations (when it has no generation).
+#[derive(Debug, Default)]
+pub struct SourceMemory {
+    files: HashMap<PathBuf, FileObjects>,
+    first_seen_ms: HashMap<(String, String, String), i64>,
+    generations: HashMap<(String, String, String), (String, i64)>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn is_manifest(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    !name.starts_with('.') && matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+}
+
+fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, ConfigDirError> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| ConfigDirError::Read { path: dir.display().to_string(), source })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Deserializes with the path of the offending field in the message.
+fn typed<T: DeserializeOwned>(doc: &Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(doc).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if path == "." { inner } else { format!("{path}: {inner}") }
+    })
+}
+
+fn documents(text: &str) -> Result<Vec<Value>, String> {
+    let mut docs = Vec::new();
+    for de in serde_yaml_ng::Deserializer::from_str(text) {
+        let v = <Value as serde::Deserialize>::deserialize(de).map_err(|e| e.to_string())?;
+        match v {
+            Value::Null => {}
+            Value::Object(ref m) if m.get("kind").and_then(Value::as_str) == Some("List") => {
+                docs.extend(m.get("items").and_then(Value::as_array).cloned().unwrap_or_default());
+            }
+            other => docs.push(other),
+        }
+    }
+    Ok(docs)
+}
+
+struct Meta {
+    name: String,
+    namespace: String,
+    generation: Option<i64>,
+    created_ms: Option<i64>,
+}
+
+fn meta_of(doc: &Value) -> Result<Meta, String> {
+    let m = doc.get("metadata").ok_or("metadata: missing")?;
+    let name = m.get("name").and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or("metadata.name: missing")?;
+    let created_ms = match m.get("creationTimestamp").and_then(Value::as_str) {
+        Some(t) => Some(
+            t.parse::<k8s_openapi::jiff::Timestamp>()
+                .map_err(|e| format!("metadata.creationTimestamp: {t:?} is not an RFC 3339 time ({e})"))?
+                .as_millisecond(),
+        ),
+        None => None,
+    };
+    Ok(Meta {
+        name: name.to_string(),
+        namespace: m.get("namespace").and_then(Value::as_str).unwrap_or("default").to_string(),
+        generation: m.get("generation").and_then(Value::as_i64),
+        created_ms,
+    })
+}
+
+/// Parses one file. `Err` means the file as a whole is unusable (its last good
+/// contents are kept); per-policy spec errors travel inside the objects.
+fn parse_file(path: &Path, in_mesh_dir: bool) -> Result<FileObjects, String> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))?;
+    let docs = documents(&text).map_err(|e| format!("{shown}: not valid YAML/JSON: {e}"))?;
+    let mut out = FileObjects::default();
+    for (i, doc) in docs.iter().enumerate() {
+        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("");
+        let api_version = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        let what = |m: &str| format!("{shown}: document {} ({kind} {m})", i + 1);
+        if kind.is_empty() || api_version.is_empty() {
+            return Err(format!("{shown}: document {}: apiVersion and kind are required", i + 1));
+        }
+        let meta = meta_of(doc).map_err(|e| format!("{shown}: document {} ({kind}): {e}", i + 1))?;
+        let id = format!("{}/{}", meta.namespace, meta.name);
+        if in_mesh_dir {
+            if !matches!(kind, "TrafficPolicy" | "VirtualMesh" | "AccessControlPolicy") {
+                tracing::debug!(file = %shown, kind, "skipping an object meshpilot does not read in mesh/");
+                continue;
+            }
+            let mut parse_errors = Vec::new();
+            if api_version != NETWORKING_GROUP_VERSION {
+                parse_errors.push(format!("apiVersion: {api_version:?} is not {NETWORKING_GROUP_VERSION}"));
+            }
+            let spec_doc = doc.get("spec").cloned().unwrap_or(Value::Object(Default::default()));
+            macro_rules! policy {
+                ($list:ident, $ty:ty) => {{
+                    let spec: $ty = match typed::<$ty>(&spec_doc) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            parse_errors.push(format!("spec.{}", e.trim_start_matches('.')));
+                            Default::default()
+                        }
+                    };
+                    out.$list.push(PolicyObject {
+                        namespace: meta.namespace.clone(),
+                        name: meta.name.clone(),
+                        generation: meta.generation,
+                        created_ms: meta.created_ms.unwrap_or(i64::MIN),
+                        origin: shown.clone(),
+                        spec,
+                        parse_errors: parse_errors.clone(),
+                    });
+                }};
+            }
+            match kind {
+                "TrafficPolicy" => policy!(traffic_policies, TrafficPolicySpec),
+                "VirtualMesh" => policy!(virtual_meshes, VirtualMeshSpec),
+                _ => policy!(access_policies, AccessControlPolicySpec),
+            }
+        } else {
+            match (kind, api_version) {
+                ("Service", "v1") => out.cluster.services.push(typed::<Service>(doc).map_err(|e| what(&format!("{id}): {e}")))?),
+                ("Pod", "v1") => out.cluster.pods.push(typed::<Pod>(doc).map_err(|e| what(&format!("{id}): {e}")))?),
+                ("Namespace", "v1") => out.cluster.namespaces.push(typed::<Namespace>(doc).map_err(|e| what(&format!("{id}): {e}")))?),
+                ("EndpointSlice", "discovery.k8s.io/v1") => {
+                    out.cluster.endpoint_slices.push(typed::<EndpointSlice>(doc).map_err(|e| what(&format!("{id}): {e}")))?)
+                }
+                ("TrafficPolicy" | "VirtualMesh" | "AccessControlPolicy", _) => {
+                    return Err(format!("{shown}: document {}: {kind} {id} belongs in {MESH_DIR}/, not in a cluster's folder", i + 1));
+                }
+                _ => tracing::debug!(file = %shown, kind, "skipping an object meshpilot does not read"),
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn spec_hash(v: &impl serde::Serialize) -> String {
+    let bytes = serde_json::to_vec(v).unwrap_or_default();
+    Sha256::digest(&bytes)[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads the whole folder into [`MeshInputs`].
+pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInputs, ConfigDirError> {
+    if !root.is_dir() {
+        return Err(ConfigDirError::NotADirectory(root.display().to_string()));
+    }
+    let mut inputs = MeshInputs::default();
+    let mut cluster_objects: BTreeMap<String, ClusterObjects> = BTreeMap::new();
+    let mut mesh_objects = FileObjects::default();
+    let mut seen_files = Vec::new();
+    for entry in read_dir_sorted(root)? {
+        let name = entry.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+        if name.starts_with('.') {
+            continue;
+        }
+        if !entry.is_dir() {
+            if is_manifest(&entry) {
+                inputs.errors.push(format!(
+                    "{}: files belong in DIR/<cluster>/ or DIR/{MESH_DIR}/; ignored",
+                    entry.display()
+                ));
+            }
+            continue;
+        }
+        let in_mesh = name == MESH_DIR;
+        if !in_mesh {
+            cluster_objects.entry(name.clone()).or_default();
+        }
+        for file in read_dir_sorted(&entry)?.into_iter().filter(|p| p.is_file() && is_manifest(p)) {
+            seen_files.push(file.clone());
+            let objects = match parse_file(&file, in_mesh) {
+                Ok(objects) => {
+                    memory.files.insert(file.clone(), objects.clone());
+                    objects
+                }
+                Err(e) => {
+                    let kept = memory.files.get(&file).cloned();
+                    inputs.errors.push(if kept.is_some() {
+                        format!("{e} (the file's last good contents keep serving)")
+                    } else {
+                        e
+                    });
+                    kept.unwrap_or_default()
+                }
+            };
+            if in_mesh {
+                mesh_objects.traffic_policies.extend(objects.traffic_policies);
+                mesh_objects.virtual_meshes.extend(objects.virtual_meshes);
+                mesh_objects.access_policies.extend(objects.access_policies);
+            } else {
+                let c = cluster_objects.get_mut(&name).expect("inserted above");
+                c.services.extend(objects.cluster.services);
+                c.endpoint_slices.extend(objects.cluster.endpoint_slices);
+                c.pods.extend(objects.cluster.pods);
+                c.namespaces.extend(objects.cluster.namespaces);
+            }
+        }
+    }
+    memory.files.retain(|p, _| seen_files.contains(p));
+
+    for (name, objects) in &cluster_objects {
+        let (state, errors) = cluster_state(name, objects);
+        inputs.errors.extend(errors);
+        inputs.clusters.insert(name.clone(), state);
+    }
+
+    // Age and generation for objects that do not carry them (files rarely do).
+    let now = now_ms();
+    let mut live = Vec::new();
+    let mut fill = |kind: &str, namespace: &str, name: &str, created: &mut i64, generation: &mut Option<i64>, hash: String| {
+        let key = (kind.to_string(), namespace.to_string(), name.to_string());
+        let first = *memory.first_seen_ms.entry(key.clone()).or_insert(now);
+        if *created == i64::MIN {
+            *created = first;
+        }
+        if generation.is_none() {
+            let entry = memory.generations.entry(key.clone()).or_insert((hash.clone(), 1));
+            if entry.0 != hash {
+                *entry = (hash, entry.1 + 1);
+            }
+            *generation = Some(entry.1);
+        }
+        live.push(key);
+    };
+    let mut dupes = Vec::new();
+    let mut ids = std::collections::HashSet::new();
+    for p in &mut mesh_objects.traffic_policies {
+        if !ids.insert((p.namespace.clone(), p.name.clone())) {
+            dupes.push(format!("{}: TrafficPolicy {}/{} is defined twice; the first definition is used", p.origin, p.namespace, p.name));
+        }
+        fill("TrafficPolicy", &p.namespace, &p.name, &mut p.created_ms, &mut p.generation, spec_hash(&p.spec));
+    }
+    for p in &mut mesh_objects.virtual_meshes {
+        fill("VirtualMesh", &p.namespace, &p.name, &mut p.created_ms, &mut p.generation, spec_hash(&p.spec));
+    }
+    for p in &mut mesh_objects.access_policies {
+        fill("AccessControlPolicy", &p.namespace, &p.name, &mut p.created_ms, &mut p.generation, spec_hash(&p.spec));
+    }
+    memory.first_seen_ms.retain(|k, _| live.contains(k));
+    memory.generations.retain(|k, _| live.contains(k));
+    let mut seen = std::collections::HashSet::new();
+    mesh_objects.traffic_policies.retain(|p| seen.insert((p.namespace.clone(), p.name.clone())));
+    inputs.errors.extend(dupes);
+
+    inputs.traffic_policies = mesh_objects.traffic_policies;
+    inputs.virtual_meshes = mesh_objects.virtual_meshes;
+    inputs.access_policies = mesh_objects.access_policies;
+    Ok(inputs)
+}
+
+/// Loads `root` now and on every change below it, handing each load to `apply`.
+/// Returns the watcher, which must be kept alive.
+pub fn watch_config_dir(
+    root: PathBuf,
+    memory: Arc<std::sync::Mutex<SourceMemory>>,
+    apply: impl Fn(MeshInputs) + Send + 'static,
+) -> notify::Result<notify::RecommendedWatcher> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && !matches!(event.kind, notify::EventKind::Access(_))
+        {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher.watch(&root, RecursiveMode::Recursive)?;
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            while rx.try_recv().is_ok() {}
+            let loaded = {
+                let mut memory = memory.lock().expect("source memory lock");
+                load_config_dir(&root, &mut memory)
+            };
+            match loaded {
+                Ok(inputs) => {
+                    for e in &inputs.errors {
+                        tracing::error!(error = %e, "config dir: bad input");
+                    }
+                    apply(inputs);
+                }
+                Err(err) => tracing::error!(error = %err, "config dir unreadable; the last good config keeps serving"),
+            }
+        }
+    });
+    Ok(watcher)
+}
