@@ -24,6 +24,8 @@ pub struct BootstrapOptions {
     pub admin_port: u16,
     /// Incremental (delta) xDS instead of state of the world.
     pub delta: bool,
+    /// Where outbound listeners bind (`OUTBOUND_BIND` metadata).
+    pub outbound_bind: Option<String>,
 }
 
 /// The bootstrap Envoy starts from: ADS to meshpilot, with the node metadata
@@ -37,6 +39,9 @@ pub fn bootstrap(opts: &BootstrapOptions) -> Value {
     });
     if let Some(network) = &opts.network {
         metadata["NETWORK"] = json!(network);
+    }
+    if let Some(bind) = &opts.outbound_bind {
+        metadata["OUTBOUND_BIND"] = json!(bind);
     }
     let discovery_type = if opts.xds_host.parse::<IpAddr>().is_ok() { "STATIC" } else { "STRICT_DNS" };
     let config_source = json!({"ads": {}, "resource_api_version": "V3"});
@@ -100,6 +105,7 @@ mod tests {
             xds_port: 15010,
             admin_port: 15000,
             delta: false,
+            outbound_bind: Some("127.0.0.2".into()),
         }
     }
 
@@ -120,6 +126,7 @@ mod tests {
         let meta = &json["node"]["metadata"];
         assert_eq!(meta["CLUSTER_ID"], "management-plane");
         assert_eq!(meta["NETWORK"], "net1");
+        assert_eq!(meta["OUTBOUND_BIND"], "127.0.0.2");
         assert_eq!(meta["LABELS"]["app"], "productpage");
         assert_eq!(json["dynamic_resources"]["ads_config"]["api_type"], "GRPC");
         assert_eq!(json["static_resources"]["clusters"][0]["type"], "STATIC");

@@ -6,8 +6,10 @@
 pub mod admin;
 pub mod bootstrap;
 pub mod cli;
+pub mod mesh_provider;
 pub mod metrics;
 pub mod model;
 pub mod sources;
 pub mod static_resources;
+pub mod translate;
 pub mod xds;

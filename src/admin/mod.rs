@@ -11,7 +11,9 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 
+use crate::mesh_provider::MeshResources;
 use crate::metrics::Metrics;
+use crate::model::describe::{describe_service, parse_service_arg, policy_report};
 use crate::xds::codec;
 use crate::xds::node::ProxyNode;
 use crate::xds::provider::ResourceProvider;
@@ -25,6 +27,8 @@ pub struct AdminState {
     pub registry: Arc<ConnectionRegistry>,
     pub metrics: Arc<Metrics>,
     pub provider: Arc<dyn ResourceProvider>,
+    /// The mesh, when serving from mesh sources (policy status, describe).
+    pub mesh: Option<Arc<MeshResources>>,
 }
 
 pub fn router(state: AdminState) -> axum::Router {
@@ -34,6 +38,8 @@ pub fn router(state: AdminState) -> axum::Router {
         .route("/metrics", get(metrics))
         .route("/debug/syncz", get(syncz))
         .route("/debug/config_dump", get(config_dump))
+        .route("/debug/policyz", get(policyz))
+        .route("/debug/describe", get(describe))
         .with_state(state)
 }
 
@@ -44,6 +50,30 @@ pub async fn serve_admin(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+const NO_MESH: &str = "not serving a mesh (start meshpilot with --config-dir)\n";
+
+/// Every TrafficPolicy's state (ACCEPTED / INVALID / CONFLICT), messages and
+/// generations, and the inputs that could not be read.
+async fn policyz(State(state): State<AdminState>) -> Response {
+    match &state.mesh {
+        Some(mesh) => Json(policy_report(&mesh.snapshot())).into_response(),
+        None => (StatusCode::NOT_FOUND, NO_MESH).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct DescribeQuery {
+    service: String,
+}
+
+async fn describe(State(state): State<AdminState>, Query(q): Query<DescribeQuery>) -> Response {
+    let Some(mesh) = &state.mesh else { return (StatusCode::NOT_FOUND, NO_MESH).into_response() };
+    match parse_service_arg(&q.service) {
+        Some(key) => Json(describe_service(&mesh.snapshot(), &key)).into_response(),
+        None => (StatusCode::BAD_REQUEST, format!("service={:?} is not NAME.NAMESPACE.CLUSTER\n", q.service)).into_response(),
+    }
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {

@@ -2,6 +2,7 @@
 
 pub mod echo;
 pub mod http;
+pub mod mesh;
 pub mod serve;
 pub mod status;
 
@@ -32,6 +33,11 @@ pub enum Command {
     ProxyStatus(status::AdminArgs),
     /// Print what meshpilot last sent one proxy, as JSON.
     ConfigDump(status::ConfigDumpArgs),
+    /// Check a config dir offline: every TrafficPolicy's state and messages; exits non-zero on problems.
+    Validate(mesh::ValidateArgs),
+    /// Show how meshpilot routes to something (`describe service reviews.default.management-plane`).
+    #[command(subcommand)]
+    Describe(mesh::DescribeWhat),
     /// A tiny HTTP backend that answers every request with its own name (for demos and tests).
     Echo(echo::EchoArgs),
 }
@@ -66,6 +72,10 @@ pub struct BootstrapArgs {
     /// Port of Envoy's own admin page (bound on 127.0.0.1).
     #[arg(long, default_value_t = 15000)]
     pub admin_port: u16,
+    /// Address the proxy's outbound listeners bind to (explicit mode; default 127.0.0.1).
+    /// Give each proxy on one machine its own loopback address.
+    #[arg(long)]
+    pub outbound_bind: Option<String>,
     /// Use incremental (delta) xDS.
     #[arg(long)]
     pub delta: bool,
@@ -109,6 +119,7 @@ fn run_bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
         xds_port,
         admin_port: args.admin_port,
         delta: args.delta,
+        outbound_bind: args.outbound_bind,
     };
     let text = serde_json::to_string_pretty(&bootstrap(&opts))? + "\n";
     match args.output {
@@ -127,6 +138,13 @@ pub fn init_tracing() {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bootstrap(args) => run_bootstrap(args),
+        Command::Validate(args) => {
+            if mesh::validate(args)? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
         command => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(async move {
@@ -137,11 +155,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     Command::ProxyStatus(args) => status::proxy_status(args).await,
                     Command::ConfigDump(args) => status::config_dump(args).await,
+                    Command::Describe(what) => mesh::describe(what).await,
                     Command::Echo(args) => {
                         init_tracing();
                         echo::run(args).await
                     }
-                    Command::Bootstrap(_) => unreachable!("handled above"),
+                    Command::Bootstrap(_) | Command::Validate(_) => unreachable!("handled above"),
                 }
             })
         }

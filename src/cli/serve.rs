@@ -12,7 +12,9 @@ use crate::metrics::Metrics;
 use crate::static_resources::{load_resource_file, watch_resource_file};
 use crate::xds::csds::Csds;
 use crate::xds::debounce::{DebounceConfig, run_debouncer};
-use crate::xds::provider::{ChangeNotifier, SharedResources};
+use crate::mesh_provider::MeshResources;
+use crate::sources::file::{SourceMemory, load_config_dir, watch_config_dir};
+use crate::xds::provider::{ChangeNotifier, ResourceProvider, SharedResources};
 use crate::xds::registry::ConnectionRegistry;
 use crate::xds::resources::ResourceSet;
 use crate::xds::server::{XdsServer, XdsServerConfig};
@@ -26,8 +28,12 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:15014")]
     pub admin_addr: String,
     /// A YAML/JSON file of Envoy resources (`resources: [{"@type": ...}]`) served to every proxy; watched.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "config_dir")]
     pub resources: Option<PathBuf>,
+    /// Local mode: DIR/<cluster>/*.yaml hold each cluster's Services, EndpointSlices, Pods and
+    /// Namespaces; DIR/mesh/*.yaml the VirtualMeshes and TrafficPolicies. Watched.
+    #[arg(long)]
+    pub config_dir: Option<PathBuf>,
     /// Push after config has been quiet this long (istiod's PILOT_DEBOUNCE_AFTER).
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     pub debounce_after: Duration,
@@ -56,17 +62,40 @@ async fn shutdown_signal() {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let (notifier, changes) = ChangeNotifier::channel();
-    let shared = Arc::new(SharedResources::new(notifier));
-    let _watcher = match &args.resources {
-        Some(path) => {
+    let mut mesh: Option<Arc<MeshResources>> = None;
+    let mut _file_watcher = None;
+    let mut _dir_watcher = None;
+    let provider: Arc<dyn ResourceProvider> = match (&args.resources, &args.config_dir) {
+        (_, Some(dir)) => {
+            let resources = Arc::new(MeshResources::new(notifier));
+            let memory = Arc::new(std::sync::Mutex::new(SourceMemory::default()));
+            let inputs = load_config_dir(dir, &mut memory.lock().expect("source memory lock"))
+                .with_context(|| format!("reading --config-dir {}", dir.display()))?;
+            for e in &inputs.errors {
+                tracing::error!(error = %e, "config dir: bad input");
+            }
+            tracing::info!(dir = %dir.display(), clusters = inputs.clusters.len(), policies = inputs.traffic_policies.len(), "loaded config dir");
+            resources.update(inputs);
+            let sink = resources.clone();
+            _dir_watcher = Some(
+                watch_config_dir(dir.clone(), memory, move |inputs| sink.update(inputs))
+                    .with_context(|| format!("watching {}", dir.display()))?,
+            );
+            mesh = Some(resources.clone());
+            resources
+        }
+        (Some(path), None) => {
+            let shared = Arc::new(SharedResources::new(notifier));
             let set = load_resource_file(path)?;
             tracing::info!(path = %path.display(), resources = set.len(), "loaded resource file");
             shared.set(set);
-            Some(watch_resource_file(path.clone(), shared.clone()).with_context(|| format!("watching {}", path.display()))?)
+            _file_watcher = Some(watch_resource_file(path.clone(), shared.clone()).with_context(|| format!("watching {}", path.display()))?);
+            shared
         }
-        None => {
+        (None, None) => {
+            let shared = Arc::new(SharedResources::new(notifier));
             shared.set(ResourceSet::new());
-            None
+            shared
         }
     };
 
@@ -76,7 +105,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let registry = Arc::new(ConnectionRegistry::new());
     let server = XdsServer::new(
-        shared.clone(),
+        provider.clone(),
         registry.clone(),
         metrics.clone(),
         push_rx,
@@ -97,7 +126,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let grpc = tokio::spawn(crate::xds::serve_grpc(xds_listener, server, Csds::new(registry.clone()), stopped(stop_rx.clone())));
     let admin = tokio::spawn(serve_admin(
         admin_listener,
-        AdminState { registry, metrics, provider: shared },
+        AdminState { registry, metrics, provider, mesh },
         stopped(stop_rx),
     ));
 

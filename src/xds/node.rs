@@ -27,6 +27,8 @@ pub struct ProxyNode {
     pub network: String,
     pub role: ProxyRole,
     pub labels: BTreeMap<String, String>,
+    /// Where outbound listeners bind (`OUTBOUND_BIND` metadata; loopback by default).
+    pub outbound_bind: Option<String>,
     /// Envoy's build version as it reports it (`user_agent_build_version`), for display.
     pub envoy_version: String,
 }
@@ -62,13 +64,14 @@ impl ProxyNode {
         let empty = Struct::default();
         let meta = node.metadata.as_ref().unwrap_or(&empty);
         let bad = |field, expected| NodeError::BadMetadata { id: node.id.clone(), field, expected };
-        for key in ["CLUSTER_ID", "NAMESPACE", "NETWORK", "ROLE"] {
+        for key in ["CLUSTER_ID", "NAMESPACE", "NETWORK", "ROLE", "OUTBOUND_BIND"] {
             if has_non_string(meta, key) {
                 return Err(bad(
                     match key {
                         "CLUSTER_ID" => "CLUSTER_ID",
                         "NAMESPACE" => "NAMESPACE",
                         "NETWORK" => "NETWORK",
+                        "OUTBOUND_BIND" => "OUTBOUND_BIND",
                         _ => "ROLE",
                     },
                     "a string",
@@ -122,6 +125,7 @@ impl ProxyNode {
             network: string_field(meta, "NETWORK").unwrap_or_default(),
             role,
             labels,
+            outbound_bind: string_field(meta, "OUTBOUND_BIND").filter(|s| !s.is_empty()),
             envoy_version,
         })
     }

@@ -1,0 +1,166 @@
+//! The mesh as a [`ResourceProvider`]: holds the current [`MeshSnapshot`],
+//! translates it once per proxy scope on demand (proxies with the same scope
+//! share one `Arc<ResourceSet>`), and on an endpoint-only change patches just
+//! the affected EDS resources of every cached scope instead of translating again.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use dashmap::DashMap;
+
+use crate::model::policy::{LastGood, PolicyState};
+use crate::model::{MeshInputs, MeshSnapshot, ServiceKey};
+use crate::translate::{self, ProxyScope};
+use crate::xds::node::ProxyNode;
+use crate::xds::provider::{ChangeNotifier, ResourceProvider};
+use crate::xds::resources::{ResourceSet, ResourceType};
+
+pub struct MeshResources {
+    current: RwLock<(u64, Arc<MeshSnapshot>)>,
+    cache: DashMap<ProxyScope, (u64, Arc<ResourceSet>)>,
+    last_good: Mutex<LastGood>,
+    ready: AtomicBool,
+    notifier: ChangeNotifier,
+}
+
+/// How two snapshots differ.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SnapshotChange {
+    None,
+    /// Only these services' endpoints changed.
+    Endpoints(BTreeSet<ServiceKey>),
+    Full,
+}
+
+/// Compares what translation reads.
+pub fn classify_change(old: &MeshSnapshot, new: &MeshSnapshot) -> SnapshotChange {
+    if old.mesh_peers != new.mesh_peers
+        || old.applied != new.applied
+        || old.clusters.len() != new.clusters.len()
+        || old.policy_status != new.policy_status
+    {
+        return SnapshotChange::Full;
+    }
+    let mut changed = BTreeSet::new();
+    for (name, o) in &old.clusters {
+        let Some(n) = new.clusters.get(name) else { return SnapshotChange::Full };
+        if o.services != n.services || o.network != n.network {
+            return SnapshotChange::Full;
+        }
+        let keys: BTreeSet<&(String, String)> = o.endpoints.keys().chain(n.endpoints.keys()).collect();
+        for k in keys {
+            if o.endpoints.get(k) != n.endpoints.get(k) {
+                changed.insert(ServiceKey::new(name, &k.0, &k.1));
+            }
+        }
+    }
+    if changed.is_empty() { SnapshotChange::None } else { SnapshotChange::Endpoints(changed) }
+}
+
+/// Replaces the EDS resources of `changed` services in `set`.
+pub fn patch_endpoints(snapshot: &MeshSnapshot, scope: &ProxyScope, set: &ResourceSet, changed: &BTreeSet<ServiceKey>) -> ResourceSet {
+    let targets: Vec<translate::ClusterTarget> = set
+        .of_type(ResourceType::Endpoint)
+        .keys()
+        .filter_map(|name| translate::parse_cluster_name(snapshot, &scope.cluster, name))
+        .filter(|t| changed.contains(&t.service))
+        .collect();
+    let mut next = set.clone();
+    for r in translate::translate_endpoints(snapshot, &targets) {
+        next.insert(ResourceType::Endpoint, r);
+    }
+    next
+}
+
+impl MeshResources {
+    pub fn new(notifier: ChangeNotifier) -> Self {
+        MeshResources {
+            current: RwLock::new((0, Arc::new(MeshSnapshot::default()))),
+            cache: DashMap::new(),
+            last_good: Mutex::new(LastGood::default()),
+            ready: AtomicBool::new(false),
+            notifier,
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<MeshSnapshot> {
+        self.current.read().expect("snapshot lock").1.clone()
+    }
+
+    /// Takes a new load from the sources: validates, swaps the snapshot, and
+    /// tells the xDS server if anything a proxy sees may have changed.
+    pub fn update(&self, inputs: MeshInputs) {
+        let snapshot = {
+            let mut last_good = self.last_good.lock().expect("last-good lock");
+            Arc::new(MeshSnapshot::build(inputs, &mut last_good))
+        };
+        let old = self.snapshot();
+        log_policy_changes(&old, &snapshot);
+        let change = classify_change(&old, &snapshot);
+        let generation = {
+            let mut cur = self.current.write().expect("snapshot lock");
+            cur.0 += 1;
+            cur.1 = snapshot.clone();
+            cur.0
+        };
+        match &change {
+            SnapshotChange::None => {
+                for mut e in self.cache.iter_mut() {
+                    e.value_mut().0 = generation;
+                }
+            }
+            SnapshotChange::Endpoints(changed) => {
+                for mut e in self.cache.iter_mut() {
+                    let patched = patch_endpoints(&snapshot, e.key(), &e.value().1, changed);
+                    *e.value_mut() = (generation, Arc::new(patched));
+                }
+            }
+            SnapshotChange::Full => self.cache.clear(),
+        }
+        let was_ready = self.ready.swap(true, Ordering::AcqRel);
+        if change != SnapshotChange::None || !was_ready {
+            tracing::debug!(?change, generation, "mesh snapshot updated");
+            self.notifier.changed();
+        }
+    }
+}
+
+fn log_policy_changes(old: &MeshSnapshot, new: &MeshSnapshot) {
+    for (id, st) in &new.policy_status {
+        if old.policy_status.get(id) == Some(st) {
+            continue;
+        }
+        match st.state {
+            PolicyState::Accepted => tracing::info!(policy = %id, generation = ?st.observed_generation, "TrafficPolicy accepted"),
+            _ => tracing::warn!(policy = %id, state = %st.state, messages = ?st.messages, "TrafficPolicy not applied as written"),
+        }
+    }
+    let old_errors: BTreeSet<&String> = old.input_errors.iter().collect();
+    for e in new.input_errors.iter().filter(|e| !old_errors.contains(e)) {
+        tracing::error!(error = %e, "bad input");
+    }
+}
+
+impl ResourceProvider for MeshResources {
+    fn resources_for(&self, proxy: &ProxyNode) -> Arc<ResourceSet> {
+        let scope = ProxyScope::of(proxy);
+        let (generation, snapshot) = self.current.read().expect("snapshot lock").clone();
+        if let Some(e) = self.cache.get(&scope)
+            && e.0 == generation
+        {
+            return e.1.clone();
+        }
+        let set = Arc::new(translate::translate(&snapshot, &scope));
+        // A newer snapshot may have landed meanwhile; never overwrite a newer entry.
+        let mut entry = self.cache.entry(scope).or_insert((generation, set.clone()));
+        if entry.0 <= generation {
+            *entry = (generation, set.clone());
+        }
+        set
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,201 @@
+//! Pure translation: an immutable [`MeshSnapshot`] and a proxy's scope in,
+//! Envoy resources out. No IO, no clocks, no locks; golden-file tests live in
+//! `tests/translate_golden.rs`.
+//!
+//! For a sidecar in cluster C, every service of every cluster in C's virtual
+//! mesh is reachable:
+//! - C's own services under their Kubernetes names (short, `name.ns`,
+//!   `name.ns.svc`, `name.ns.svc.cluster.local`, the ClusterIP);
+//! - another cluster's services as `name.ns.svc.<cluster>.global`, and under
+//!   the Kubernetes names too when C has no service of that name (the first
+//!   such cluster by name);
+//! - one loopback listener per port (explicit mode), RDS named by port, a
+//!   virtual host per service and port, an EDS cluster per service port and
+//!   per subset a policy names. TrafficPolicies on a service shape its routes
+//!   for every client in every cluster that reaches it.
+
+pub mod clusters;
+pub mod endpoints;
+pub mod listeners;
+pub mod names;
+pub mod routes;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::model::policy::Outlier;
+use crate::model::{MeshSnapshot, Service, ServiceKey};
+use crate::xds::node::{ProxyNode, ProxyRole};
+use crate::xds::resources::{Resource, ResourceSet, ResourceType};
+
+/// The loopback address outbound listeners bind to unless the proxy says otherwise.
+pub const DEFAULT_OUTBOUND_BIND: &str = "127.0.0.1";
+
+/// Everything about a proxy that its configuration depends on. Proxies with
+/// equal scopes get identical resources (and share one translation).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ProxyScope {
+    pub role: ProxyRole,
+    pub cluster: String,
+    pub namespace: String,
+    pub network: String,
+    pub labels: BTreeMap<String, String>,
+    /// Address the outbound listeners bind to (`OUTBOUND_BIND` metadata).
+    pub outbound_bind: String,
+}
+
+impl ProxyScope {
+    pub fn of(node: &ProxyNode) -> ProxyScope {
+        ProxyScope {
+            role: node.role,
+            cluster: node.cluster.clone(),
+            namespace: node.namespace.clone(),
+            network: node.network.clone(),
+            labels: node.labels.clone(),
+            outbound_bind: node.outbound_bind.clone().unwrap_or_else(|| DEFAULT_OUTBOUND_BIND.to_string()),
+        }
+    }
+
+    pub fn sidecar(cluster: &str, namespace: &str, labels: &[(&str, &str)]) -> ProxyScope {
+        ProxyScope {
+            role: ProxyRole::Sidecar,
+            cluster: cluster.into(),
+            namespace: namespace.into(),
+            network: String::new(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            outbound_bind: DEFAULT_OUTBOUND_BIND.into(),
+        }
+    }
+}
+
+/// A service as one proxy sees it.
+#[derive(Debug, Clone)]
+pub struct ServiceView<'a> {
+    pub service: &'a Service,
+    /// `name.ns.svc.cluster.local` or `name.ns.svc.<cluster>.global`.
+    pub host: String,
+    /// Whether the Kubernetes names (short, `name.ns`, …) lead here.
+    pub aliases: bool,
+}
+
+/// The services a proxy in `scope.cluster` can reach, its own cluster first.
+pub fn reachable_services<'a>(snapshot: &'a MeshSnapshot, scope: &ProxyScope) -> Vec<ServiceView<'a>> {
+    let peers = snapshot.peers_of(&scope.cluster);
+    let mut views = Vec::new();
+    let mut aliased: BTreeSet<(String, String)> = BTreeSet::new();
+    if let Some(own) = snapshot.clusters.get(&scope.cluster) {
+        for svc in own.services.values() {
+            aliased.insert((svc.key.namespace.clone(), svc.key.name.clone()));
+            views.push(ServiceView { service: svc, host: names::host(&scope.cluster, &svc.key), aliases: true });
+        }
+    }
+    for peer in peers.iter().filter(|p| **p != scope.cluster) {
+        let Some(state) = snapshot.clusters.get(peer) else { continue };
+        for svc in state.services.values() {
+            let aliases = aliased.insert((svc.key.namespace.clone(), svc.key.name.clone()));
+            views.push(ServiceView { service: svc, host: names::host(&scope.cluster, &svc.key), aliases });
+        }
+    }
+    views
+}
+
+/// One Envoy cluster a proxy needs: a service port, optionally narrowed to a subset.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ClusterTarget {
+    pub name: String,
+    pub service: ServiceKey,
+    pub port: u16,
+    pub subset: BTreeMap<String, String>,
+}
+
+impl ClusterTarget {
+    pub fn new(client_cluster: &str, service: &ServiceKey, port: u16, subset: &BTreeMap<String, String>) -> ClusterTarget {
+        let name = names::outbound_cluster(port, &names::subset_name(subset), &names::host(client_cluster, service));
+        ClusterTarget { name, service: service.clone(), port, subset: subset.clone() }
+    }
+}
+
+/// Outlier detection per service, from policies that apply to every client.
+fn outlier_by_service(snapshot: &MeshSnapshot) -> BTreeMap<ServiceKey, Outlier> {
+    let mut out = BTreeMap::new();
+    for p in &snapshot.applied {
+        for r in &p.rules {
+            if let Some(o) = &r.actions.outlier_detection {
+                out.entry(r.service.clone()).or_insert_with(|| o.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Translates everything a sidecar needs. Gateways get their configuration
+/// from the multi-network translation (not yet built), so an empty set here.
+pub fn translate(snapshot: &MeshSnapshot, scope: &ProxyScope) -> ResourceSet {
+    let mut set = ResourceSet::new();
+    if scope.role == ProxyRole::Gateway {
+        return set;
+    }
+    let views = reachable_services(snapshot, scope);
+    let (route_configs, mut targets) = routes::route_configurations(snapshot, scope, &views);
+    for v in &views {
+        for p in &v.service.ports {
+            let t = ClusterTarget::new(&scope.cluster, &v.service.key, p.port, &BTreeMap::new());
+            targets.insert(t.name.clone(), t);
+        }
+    }
+    let outliers = outlier_by_service(snapshot);
+    for t in targets.values() {
+        let cluster = clusters::eds_cluster(&t.name, outliers.get(&t.service));
+        set.insert(ResourceType::Cluster, Resource::from_message(t.name.clone(), &cluster));
+        let cla = endpoints::load_assignment(snapshot, t);
+        set.insert(ResourceType::Endpoint, Resource::from_message(t.name.clone(), &cla));
+    }
+    let ports: BTreeSet<u16> = views.iter().flat_map(|v| v.service.ports.iter().map(|p| p.port)).collect();
+    for port in ports {
+        let l = listeners::outbound_http_listener(&scope.outbound_bind, port);
+        set.insert(ResourceType::Listener, Resource::from_message(l.name.clone(), &l));
+    }
+    for rc in route_configs {
+        set.insert(ResourceType::Route, Resource::from_message(rc.name.clone(), &rc));
+    }
+    set
+}
+
+/// Just the endpoints of the named clusters (the incremental path for endpoint-only changes).
+pub fn translate_endpoints(snapshot: &MeshSnapshot, targets: &[ClusterTarget]) -> Vec<Resource> {
+    targets.iter().map(|t| Resource::from_message(t.name.clone(), &endpoints::load_assignment(snapshot, t))).collect()
+}
+
+/// Parses a cluster name this module produced back into its target, for a proxy in `client_cluster`.
+pub fn parse_cluster_name(snapshot: &MeshSnapshot, client_cluster: &str, name: &str) -> Option<ClusterTarget> {
+    let mut parts = name.splitn(4, '|');
+    let (dir, port, subset, host) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if dir != "outbound" {
+        return None;
+    }
+    let port: u16 = port.parse().ok()?;
+    let (name_ns, cluster) = if let Some(rest) = host.strip_suffix(".svc.cluster.local") {
+        (rest, client_cluster.to_string())
+    } else {
+        let rest = host.strip_suffix(".global")?;
+        let (name_ns, cluster) = rest.split_once(".svc.")?;
+        (name_ns, cluster.to_string())
+    };
+    let (svc, ns) = name_ns.split_once('.')?;
+    let service = ServiceKey::new(&cluster, ns, svc);
+    // The subset's labels: find them among the policies (names are derived, not reversible in general).
+    let subset_labels = if subset.is_empty() {
+        BTreeMap::new()
+    } else {
+        snapshot
+            .applied
+            .iter()
+            .flat_map(|p| p.rules.iter())
+            .filter_map(|r| r.actions.traffic_shift.as_ref())
+            .flatten()
+            .find(|d| d.service == service && names::subset_name(&d.subset) == subset)
+            .map(|d| d.subset.clone())?
+    };
+    Some(ClusterTarget { name: name.to_string(), service, port, subset: subset_labels })
+}
