@@ -676,3 +676,169 @@ pub fn rules_for<'a>(applied: &'a [Arc<AppliedPolicy>], service: &ServiceKey) ->
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::MeshInputs;
+    use crate::sources::file::{SourceMemory, load_config_dir};
+
+    fn bookinfo() -> MeshInputs {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bookinfo");
+        let mut inputs = load_config_dir(&dir, &mut SourceMemory::default()).unwrap();
+        inputs.traffic_policies.clear();
+        inputs
+    }
+
+    fn policy(name: &str, created_ms: i64, spec_yaml: &str) -> PolicyObject<TrafficPolicySpec> {
+        PolicyObject {
+            namespace: "service-mesh-hub".into(),
+            name: name.into(),
+            generation: Some(1),
+            created_ms,
+            origin: format!("{name}.yaml"),
+            spec: serde_yaml_ng::from_str(spec_yaml).unwrap(),
+            parse_errors: vec![],
+        }
+    }
+
+    fn build(policies: Vec<PolicyObject<TrafficPolicySpec>>, last_good: &mut LastGood) -> MeshSnapshot {
+        let mut inputs = bookinfo();
+        inputs.traffic_policies = policies;
+        MeshSnapshot::build(inputs, last_good)
+    }
+
+    fn status<'a>(s: &'a MeshSnapshot, name: &str) -> &'a PolicyStatus {
+        &s.policy_status[&PolicyId { namespace: "service-mesh-hub".into(), name: name.into() }]
+    }
+
+    const SEL: &str = "destinationSelector: {serviceRefs: {services: [{cluster: management-plane, name: reviews, namespace: default}]}}\n";
+
+    fn shift(dests: &str) -> String {
+        format!("{SEL}trafficShift: {{destinations: [{dests}]}}")
+    }
+
+    #[test]
+    fn the_seed_policy_is_accepted_and_resolved() {
+        let spec = shift(
+            "{destination: {cluster: remote-cluster, name: reviews, namespace: default}, weight: 75},
+             {destination: {cluster: management-plane, name: reviews, namespace: default}, weight: 15, subset: {version: v1}},
+             {destination: {cluster: management-plane, name: reviews, namespace: default}, weight: 10, subset: {version: v2}}",
+        );
+        let s = build(vec![policy("simple", 1, &spec)], &mut LastGood::default());
+        let st = status(&s, "simple");
+        assert_eq!(st.state, PolicyState::Accepted, "{:?}", st.messages);
+        assert_eq!(st.services, ["reviews.default.management-plane"]);
+        let dests = s.applied[0].rules[0].actions.traffic_shift.clone().unwrap();
+        assert_eq!(dests.iter().map(|d| d.weight).collect::<Vec<_>>(), [75, 15, 10]);
+        assert_eq!(dests[0].service, ServiceKey::new("remote-cluster", "default", "reviews"));
+    }
+
+    #[test]
+    fn invalid_policies_name_the_field_and_the_reason() {
+        let cases = [
+            (shift("{destination: {cluster: remote-cluster, name: reviewz, namespace: default}, weight: 1}"),
+             "spec.trafficShift.destinations[0].destination: service reviewz.default.remote-cluster does not exist"),
+            (shift("{destination: {cluster: nowhere, name: reviews, namespace: default}, weight: 1}"),
+             "spec.trafficShift.destinations[0].destination: cluster \"nowhere\" is not registered"),
+            (shift("{destination: {cluster: management-plane, name: reviews, namespace: default}, weight: 1, subset: {version: v9}}"),
+             "spec.trafficShift.destinations[0].subset: {version=v9} matches no pod of reviews.default.management-plane"),
+            (shift("{destination: {cluster: management-plane, name: reviews, namespace: default}, weight: 0}"),
+             "spec.trafficShift.destinations: the weights add up to 0"),
+            (shift("{destination: {cluster: management-plane, name: reviews, namespace: default}, weight: 1, port: 9999}"),
+             "spec.trafficShift.destinations[0].port: reviews.default.management-plane has no port 9999"),
+            (shift("{destination: {name: reviews, namespace: default}, weight: 1}"),
+             "spec.trafficShift.destinations[0].destination: cluster is required"),
+            ("destinationSelector: {serviceRefs: {services: [{cluster: management-plane, name: nope, namespace: default}]}}\nrequestTimeout: 1s".into(),
+             "spec.destinationSelector.serviceRefs.services[0]: service nope.default.management-plane does not exist"),
+            ("destinationSelector: {matcher: {labels: {app: nope}}}\nrequestTimeout: 1s".into(),
+             "spec.destinationSelector.matcher: selects no service"),
+            ("destinationSelector: {matcher: {}, serviceRefs: {services: []}}\nrequestTimeout: 1s".into(),
+             "spec.destinationSelector: set either matcher or serviceRefs, not both"),
+            (format!("{SEL}requestTimeout: soon"), "spec.requestTimeout: \"soon\" is not a duration"),
+            (format!("{SEL}retries: {{attempts: -1}}"), "spec.retries.attempts: -1 is negative"),
+            (format!("{SEL}faultInjection: {{abort: {{httpStatus: 99}}, percentage: 50}}"), "spec.faultInjection.abort.httpStatus: 99 is not an HTTP status"),
+            (format!("{SEL}faultInjection: {{delay: {{fixedDelay: 1s}}, percentage: 150}}"), "spec.faultInjection.percentage: 150 is not between 0 and 100"),
+            (format!("{SEL}httpRequestMatchers: [{{regex: '(unclosed'}}]\nrequestTimeout: 1s"), "spec.httpRequestMatchers[0].regex: \"(unclosed\" is not a valid regular expression"),
+            (format!("{SEL}httpRequestMatchers: [{{method: {{method: FETCH}}}}]\nrequestTimeout: 1s"), "spec.httpRequestMatchers[0].method.method: \"FETCH\" is not one of"),
+            (format!("{SEL}sourceSelector: {{namespaces: [a]}}\noutlierDetection: {{}}"), "spec.outlierDetection: requires an empty sourceSelector"),
+            (SEL.to_string(), "spec: sets no action"),
+        ];
+        for (spec, want) in cases {
+            let s = build(vec![policy("bad", 1, &spec)], &mut LastGood::default());
+            let st = status(&s, "bad");
+            assert_eq!(st.state, PolicyState::Invalid, "{spec}");
+            assert!(st.messages.iter().any(|m| m.starts_with(want)), "want {want:?} in {:?}", st.messages);
+            assert!(s.applied.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_destination_outside_the_virtual_mesh_is_rejected() {
+        let mut inputs = bookinfo();
+        inputs.virtual_meshes.clear();
+        inputs.traffic_policies = vec![policy("p", 1, &shift("{destination: {cluster: remote-cluster, name: reviews, namespace: default}, weight: 1}"))];
+        let s = MeshSnapshot::build(inputs, &mut LastGood::default());
+        let st = status(&s, "p");
+        assert_eq!(st.state, PolicyState::Invalid);
+        assert!(st.messages[0].contains("not in a virtual mesh with management-plane"), "{:?}", st.messages);
+    }
+
+    #[test]
+    fn the_older_policy_wins_a_conflict_and_equal_values_merge() {
+        let a = policy("older", 1, &format!("{SEL}retries: {{attempts: 3}}"));
+        let b = policy("newer", 2, &format!("{SEL}retries: {{attempts: 5}}\nrequestTimeout: 2s"));
+        let c = policy("same", 3, &format!("{SEL}retries: {{attempts: 3}}"));
+        // Given in the wrong order: age decides, not position.
+        let s = build(vec![b, c, a], &mut LastGood::default());
+        assert_eq!(status(&s, "older").state, PolicyState::Accepted);
+        let newer = status(&s, "newer");
+        assert_eq!(newer.state, PolicyState::Conflict);
+        assert_eq!(
+            newer.messages,
+            ["spec.retries: conflicts with TrafficPolicy service-mesh-hub/older on service reviews.default.management-plane (the older policy wins)"]
+        );
+        assert_eq!(newer.serving_generation, None, "none of a conflicting policy applies");
+        assert_eq!(status(&s, "same").state, PolicyState::Accepted);
+        let key = ServiceKey::new("management-plane", "default", "reviews");
+        let rules = rules_for(&s.applied, &key);
+        assert_eq!(rules.len(), 1);
+        assert_eq!(rules[0].1.actions.request_timeout, None, "the conflicting policy's timeout is not applied either");
+        assert_eq!(rules[0].0.len(), 2);
+    }
+
+    #[test]
+    fn a_bad_edit_keeps_the_last_accepted_version_serving() {
+        let mut last_good = LastGood::default();
+        let good = shift("{destination: {cluster: management-plane, name: reviews, namespace: default}, weight: 1, subset: {version: v1}}");
+        let s1 = build(vec![policy("p", 1, &good)], &mut last_good);
+        assert_eq!(status(&s1, "p").state, PolicyState::Accepted);
+        let mut bad = policy("p", 1, &shift("{destination: {cluster: management-plane, name: reviews, namespace: default}, weight: 0}"));
+        bad.generation = Some(2);
+        let s2 = build(vec![bad.clone()], &mut last_good);
+        let st = status(&s2, "p");
+        assert_eq!((st.state, st.observed_generation, st.serving_generation), (PolicyState::Invalid, Some(2), Some(1)));
+        assert!(st.messages.last().unwrap().contains("last accepted version (generation 1) keeps serving"));
+        assert_eq!(s2.applied, s1.applied);
+        // A spec that did not even parse behaves the same.
+        let mut unparsed = bad.clone();
+        unparsed.parse_errors = vec!["spec.trafficShift.destinations[0].wieght: unknown field `wieght`".into()];
+        let s3 = build(vec![unparsed], &mut last_good);
+        assert_eq!(status(&s3, "p").state, PolicyState::Invalid);
+        assert_eq!(s3.applied, s1.applied);
+        // Deleting the policy forgets it: re-adding a bad version serves nothing.
+        let _ = build(vec![], &mut last_good);
+        let s4 = build(vec![bad], &mut last_good);
+        assert!(s4.applied.is_empty());
+    }
+
+    #[test]
+    fn source_selectors_match_namespace_and_labels() {
+        let m = SourceMatch { labels: [("app".to_string(), "productpage".to_string())].into(), namespaces: vec!["default".into()] };
+        let labels: BTreeMap<String, String> = [("app".to_string(), "productpage".to_string()), ("version".to_string(), "v1".to_string())].into();
+        assert!(m.matches("default", &labels));
+        assert!(!m.matches("other", &labels));
+        assert!(!m.matches("default", &BTreeMap::new()));
+        assert!(SourceMatch::default().matches("any", &BTreeMap::new()));
+    }
+}
