@@ -164,3 +164,95 @@ impl ResourceProvider for MeshResources {
         self.ready.load(Ordering::Acquire)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::file::{SourceMemory, load_config_dir};
+
+    /// The bookinfo example, loaded once (policy ages are first-seen times, so a reload would age them).
+    fn inputs() -> MeshInputs {
+        static LOADED: std::sync::OnceLock<MeshInputs> = std::sync::OnceLock::new();
+        LOADED
+            .get_or_init(|| {
+                let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bookinfo");
+                load_config_dir(&dir, &mut SourceMemory::default()).unwrap()
+            })
+            .clone()
+    }
+
+    fn node(cluster: &str, app: &str) -> ProxyNode {
+        ProxyNode {
+            id: format!("{app}-1"),
+            cluster: cluster.into(),
+            namespace: "default".into(),
+            network: String::new(),
+            role: crate::xds::node::ProxyRole::Sidecar,
+            labels: [("app".to_string(), app.to_string())].into(),
+            outbound_bind: None,
+            envoy_version: String::new(),
+        }
+    }
+
+    #[test]
+    fn an_endpoint_change_patches_eds_exactly_as_a_full_translation_would() {
+        let (notifier, mut changes) = ChangeNotifier::channel();
+        let mesh = MeshResources::new(notifier);
+        mesh.update(inputs());
+        assert!(mesh.is_ready() && changes.try_recv().is_ok());
+        let nodes = [node("management-plane", "productpage"), node("remote-cluster", "ratings")];
+        let before: Vec<_> = nodes.iter().map(|n| mesh.resources_for(n)).collect();
+        assert!(Arc::ptr_eq(&before[0], &mesh.resources_for(&nodes[0])), "one translation per scope");
+
+        // reviews-v3 gets a second endpoint in remote-cluster; v1 becomes unready.
+        let mut next = inputs();
+        let remote = next.clusters.get_mut("remote-cluster").unwrap();
+        let eps = remote.endpoints.get_mut(&("default".to_string(), "reviews".to_string())).unwrap();
+        let mut extra = eps[0].clone();
+        extra.address = "127.0.20.24".into();
+        eps.push(extra);
+        let local = next.clusters.get_mut("management-plane").unwrap();
+        local.endpoints.get_mut(&("default".to_string(), "reviews".to_string())).unwrap()[0].ready = false;
+        let snapshot_before = mesh.snapshot();
+        let expected = MeshSnapshot::build(next.clone(), &mut LastGood::default());
+        assert_eq!(
+            classify_change(&snapshot_before, &expected),
+            SnapshotChange::Endpoints(
+                [ServiceKey::new("management-plane", "default", "reviews"), ServiceKey::new("remote-cluster", "default", "reviews")].into()
+            )
+        );
+        mesh.update(next);
+        assert!(changes.try_recv().is_ok(), "an endpoint change is pushed");
+        for (i, n) in nodes.iter().enumerate() {
+            let patched = mesh.resources_for(n);
+            let full = translate::translate(&mesh.snapshot(), &ProxyScope::of(n));
+            assert_eq!(*patched, full, "patched EDS equals a full translation for {}", n.id);
+            assert_ne!(*patched, *before[i]);
+            for ty in [ResourceType::Cluster, ResourceType::Listener, ResourceType::Route] {
+                for (name, r) in patched.of_type(ty) {
+                    assert!(Arc::ptr_eq(r, &before[i].of_type(ty)[name]), "{ty} {name} is shared, not rebuilt");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unchanged_inputs_do_not_push_and_policy_changes_retranslate() {
+        let (notifier, mut changes) = ChangeNotifier::channel();
+        let mesh = MeshResources::new(notifier);
+        mesh.update(inputs());
+        let _ = changes.try_recv();
+        let n = node("management-plane", "productpage");
+        let first = mesh.resources_for(&n);
+        mesh.update(inputs());
+        assert!(changes.try_recv().is_err(), "nothing changed, nothing pushed");
+        assert!(Arc::ptr_eq(&first, &mesh.resources_for(&n)));
+        let mut no_policy = inputs();
+        no_policy.traffic_policies.clear();
+        mesh.update(no_policy);
+        assert!(changes.try_recv().is_ok());
+        let after = mesh.resources_for(&n);
+        assert!(after.get(ResourceType::Cluster, "outbound|9080|version-v1|reviews.default.svc.cluster.local").is_none());
+        assert!(first.get(ResourceType::Cluster, "outbound|9080|version-v1|reviews.default.svc.cluster.local").is_some());
+    }
+}

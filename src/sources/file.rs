@@ -341,3 +341,73 @@ pub fn watch_config_dir(
     });
     Ok(watcher)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews}\nspec: {selector: {app: reviews}, ports: [{name: http, port: 9080}]}\n";
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: r1, labels: {app: reviews, version: v1}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 127.0.0.9}\n";
+    const POLICY: &str = "apiVersion: networking.zephyr.solo.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p, namespace: service-mesh-hub}\nspec:\n  destinationSelector: {serviceRefs: {services: [{cluster: c1, name: reviews, namespace: default}]}}\n  trafficShift: {destinations: [{destination: {cluster: c1, name: reviews, namespace: default}, weight: 1}]}\n";
+
+    fn setup() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("c1")).unwrap();
+        std::fs::create_dir_all(dir.path().join("mesh")).unwrap();
+        std::fs::write(dir.path().join("c1/app.yaml"), format!("{SVC}---\n{POD}")).unwrap();
+        std::fs::write(dir.path().join("mesh/p.yaml"), POLICY).unwrap();
+        dir
+    }
+
+    #[test]
+    fn reads_clusters_and_mesh_objects() {
+        let dir = setup();
+        let inputs = load_config_dir(dir.path(), &mut SourceMemory::default()).unwrap();
+        assert!(inputs.errors.is_empty(), "{:?}", inputs.errors);
+        assert_eq!(inputs.clusters["c1"].endpoints.values().map(Vec::len).sum::<usize>(), 1);
+        assert_eq!(inputs.traffic_policies.len(), 1);
+        assert_eq!(inputs.traffic_policies[0].generation, Some(1));
+    }
+
+    #[test]
+    fn a_broken_file_keeps_its_last_good_contents() {
+        let dir = setup();
+        let mut memory = SourceMemory::default();
+        load_config_dir(dir.path(), &mut memory).unwrap();
+        std::fs::write(dir.path().join("c1/app.yaml"), format!("{SVC}---\nkind: [unclosed")).unwrap();
+        let inputs = load_config_dir(dir.path(), &mut memory).unwrap();
+        assert_eq!(inputs.errors.len(), 1);
+        assert!(inputs.errors[0].contains("c1/app.yaml") && inputs.errors[0].contains("last good contents keep serving"), "{:?}", inputs.errors);
+        assert_eq!(inputs.clusters["c1"].services.len(), 1);
+        assert_eq!(inputs.clusters["c1"].endpoints.values().map(Vec::len).sum::<usize>(), 1);
+        // A typed error names the object and field.
+        std::fs::write(dir.path().join("c1/app.yaml"), SVC.replace("port: 9080", "port: nine")).unwrap();
+        let inputs = load_config_dir(dir.path(), &mut memory).unwrap();
+        assert!(inputs.errors[0].contains("Service default/reviews") && inputs.errors[0].contains("spec.ports[0].port"), "{:?}", inputs.errors);
+    }
+
+    #[test]
+    fn a_policy_spec_that_does_not_parse_is_passed_on_with_its_errors() {
+        let dir = setup();
+        let mut memory = SourceMemory::default();
+        let first = load_config_dir(dir.path(), &mut memory).unwrap();
+        std::fs::write(dir.path().join("mesh/p.yaml"), POLICY.replace("weight: 1", "wieght: 1")).unwrap();
+        let inputs = load_config_dir(dir.path(), &mut memory).unwrap();
+        let p = &inputs.traffic_policies[0];
+        assert_eq!(p.parse_errors.len(), 1);
+        assert!(p.parse_errors[0].starts_with("spec.trafficShift.destinations[0].wieght: unknown field `wieght`, expected one of"), "{:?}", p.parse_errors);
+        assert_eq!(p.generation, Some(2), "a changed spec is a new generation");
+        assert_eq!(p.created_ms, first.traffic_policies[0].created_ms, "age is kept across edits");
+    }
+
+    #[test]
+    fn misplaced_objects_are_reported() {
+        let dir = setup();
+        std::fs::write(dir.path().join("c1/policy.yaml"), POLICY).unwrap();
+        std::fs::write(dir.path().join("stray.yaml"), SVC).unwrap();
+        let inputs = load_config_dir(dir.path(), &mut SourceMemory::default()).unwrap();
+        assert!(inputs.errors.iter().any(|e| e.contains("belongs in mesh/")), "{:?}", inputs.errors);
+        assert!(inputs.errors.iter().any(|e| e.contains("stray.yaml") && e.contains("DIR/<cluster>/")), "{:?}", inputs.errors);
+        assert!(matches!(load_config_dir(&dir.path().join("nope"), &mut SourceMemory::default()), Err(ConfigDirError::NotADirectory(_))));
+    }
+}
