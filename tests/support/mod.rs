@@ -105,12 +105,21 @@ pub struct Meshpilot {
 
 impl Meshpilot {
     pub async fn start(dir: &Path, resources: &Path, xds_port: u16, admin_port: u16) -> Meshpilot {
+        Self::start_with(dir, "--resources", resources, xds_port, admin_port).await
+    }
+
+    /// `serve --config-dir` (local mode).
+    pub async fn start_config_dir(dir: &Path, config_dir: &Path) -> Meshpilot {
+        Self::start_with(dir, "--config-dir", config_dir, free_port(), free_port()).await
+    }
+
+    pub async fn start_with(dir: &Path, flag: &str, source: &Path, xds_port: u16, admin_port: u16) -> Meshpilot {
         let mut cmd = Command::new(meshpilot_bin());
         cmd.args(["serve", "--xds-addr", &format!("127.0.0.1:{xds_port}")])
             .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
             .args(["--debounce-after", "20ms"])
-            .arg("--resources")
-            .arg(resources)
+            .arg(flag)
+            .arg(source)
             .env("MESHPILOT_LOG", "info,meshpilot=debug");
         let mp = Meshpilot { proc: Proc::spawn("meshpilot", cmd, dir), xds_port, admin_port };
         let addr = mp.admin_addr();
@@ -159,10 +168,15 @@ pub struct Envoy {
 
 impl Envoy {
     pub fn start(envoy: &Path, dir: &Path, node_id: &str, xds_port: u16, extra_bootstrap_args: &[&str]) -> Envoy {
+        Self::start_in(envoy, dir, node_id, "cluster-1", xds_port, extra_bootstrap_args)
+    }
+
+    /// A proxy of a workload in `cluster` (namespace default unless `extra_bootstrap_args` says otherwise).
+    pub fn start_in(envoy: &Path, dir: &Path, node_id: &str, cluster: &str, xds_port: u16, extra_bootstrap_args: &[&str]) -> Envoy {
         let admin_port = free_port();
         let bootstrap = dir.join(format!("{node_id}.bootstrap.json"));
         let status = Command::new(meshpilot_bin())
-            .args(["bootstrap", "--node-id", node_id, "--cluster", "cluster-1", "--namespace", "default"])
+            .args(["bootstrap", "--node-id", node_id, "--cluster", cluster])
             .args(["--xds-addr", &format!("127.0.0.1:{xds_port}"), "--admin-port", &admin_port.to_string()])
             .args(extra_bootstrap_args)
             .arg("-o")
@@ -193,4 +207,90 @@ pub async fn start_echo(name: &str) -> String {
     let router = meshpilot::cli::echo::router(name.to_string());
     tokio::spawn(async move { axum::serve(listener, router).await });
     addr
+}
+
+/// A `meshpilot echo` process answering with `name` on `addr`, once it answers.
+pub async fn spawn_echo(dir: &Path, name: &str, addr: &str) -> Proc {
+    let mut cmd = Command::new(meshpilot_bin());
+    cmd.args(["echo", "--listen", addr, "--name", name]);
+    let proc = Proc::spawn(&format!("echo-{name}"), cmd, dir);
+    let a = addr.to_string();
+    wait_for(&format!("echo {name} on {addr}"), Duration::from_secs(20), || {
+        let a = a.clone();
+        async move { matches!(http::get(&a, "/").await, Ok((200, _))).then_some(()) }
+    })
+    .await;
+    proc
+}
+
+/// Sends `n` GETs to `addr` with Host `host` (8 at a time, kept-alive
+/// connections) and counts the answers by body; a non-200 counts as "HTTP <status>".
+pub async fn sample(addr: &str, host: &str, n: usize) -> std::collections::BTreeMap<String, usize> {
+    use futures::StreamExt;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    let client: Client<_, Empty<hyper::body::Bytes>> = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let uri: hyper::Uri = format!("http://{addr}/reviews/0").parse().unwrap();
+    let answers = futures::stream::iter(0..n)
+        .map(|_| {
+            let client = client.clone();
+            let uri = uri.clone();
+            async move {
+                let req = hyper::Request::get(uri).header(hyper::header::HOST, host).body(Empty::new()).unwrap();
+                match client.request(req).await {
+                    Ok(resp) if resp.status() == 200 => {
+                        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        String::from_utf8_lossy(&body).trim().to_string()
+                    }
+                    Ok(resp) => format!("HTTP {}", resp.status().as_u16()),
+                    Err(e) => format!("error: {e}"),
+                }
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<String>>()
+        .await;
+    let mut counts = std::collections::BTreeMap::new();
+    for a in answers {
+        *counts.entry(a).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Pearson's chi-square statistic of `counts` against expected shares; every
+/// observed answer must be one of the expected ones.
+pub fn chi_square(counts: &std::collections::BTreeMap<String, usize>, expected: &[(&str, f64)]) -> f64 {
+    for k in counts.keys() {
+        assert!(expected.iter().any(|(name, _)| name == k), "unexpected answer {k:?} in {counts:?}");
+    }
+    let n: usize = counts.values().sum();
+    let total_share: f64 = expected.iter().map(|(_, s)| s).sum();
+    expected
+        .iter()
+        .map(|(name, share)| {
+            let e = n as f64 * share / total_share;
+            let o = *counts.get(*name).unwrap_or(&0) as f64;
+            (o - e).powi(2) / e
+        })
+        .sum()
+}
+
+/// The chi-square critical value at p = 0.001 for `categories - 1` degrees of freedom.
+pub fn chi_square_critical_p001(categories: usize) -> f64 {
+    [10.828, 13.816, 16.266, 18.467, 20.515][categories - 2]
+}
+
+/// Asserts the split matches `expected` (p > 0.001) and returns the statistic.
+pub fn assert_split(counts: &std::collections::BTreeMap<String, usize>, expected: &[(&str, f64)]) -> f64 {
+    let stat = chi_square(counts, expected);
+    let critical = chi_square_critical_p001(expected.len());
+    assert!(stat < critical, "split {counts:?} does not match {expected:?}: chi-square {stat:.2} >= {critical} (p < 0.001)");
+    stat
+}
+
+/// A random 127.x.y.0 prefix, so tests running at once never share loopback addresses.
+pub fn random_loopback_prefix() -> (u8, u8) {
+    use std::hash::{BuildHasher, Hasher};
+    let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    (100 + (r % 150) as u8, ((r >> 8) % 250) as u8)
 }
