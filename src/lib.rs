@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod bootstrap;
 pub mod cli;
+pub mod fixtures;
 pub mod mesh_provider;
 pub mod metrics;
 pub mod model;

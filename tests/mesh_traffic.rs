@@ -154,3 +154,34 @@ async fn validate_exits_non_zero_with_the_policy_field_and_reason() {
     assert!(out.contains("service-mesh-hub/simple") && out.contains("INVALID"), "{out}");
     assert!(out.contains("spec.trafficShift.destinations[2].subset: {version=v7} matches no pod of reviews.default.management-plane"), "{out}");
 }
+
+/// The README's main job: `meshpilot demo` brings up the seed scenario and prints the live split.
+#[tokio::test]
+async fn demo_runs_the_seed_scenario_and_prints_the_split() {
+    let Some(envoy) = envoy_or_skip("demo_runs_the_seed_scenario_and_prints_the_split") else { return };
+    let ports = [support::free_port(), support::free_port(), support::free_port()];
+    let out = tokio::process::Command::new(support::meshpilot_bin())
+        .args(["demo", "--duration", "1s", "--rate", "500"])
+        .arg("--envoy")
+        .arg(&envoy)
+        .arg("--example")
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/bookinfo"))
+        .args(["--xds-addr", &format!("127.0.0.1:{}", ports[0]), "--admin-addr", &format!("127.0.0.1:{}", ports[1])])
+        .args(["--envoy-admin-port", &ports[2].to_string()])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let total = stdout.lines().find(|l| l.starts_with("total ")).unwrap_or_else(|| panic!("no total line:\n{stdout}"));
+    let share = |pod: &str| -> f64 {
+        let rest = &total[total.find(pod).unwrap_or_else(|| panic!("{pod} missing: {total}")) + pod.len()..];
+        rest.trim_start().split('%').next().unwrap().trim().parse().unwrap()
+    };
+    // 1,000 requests (one 2 s window at 500/s): each share within 5 points of the policy's.
+    for (pod, want) in [(V3, 75.0), (V1, 15.0), (V2, 10.0)] {
+        let got = share(pod);
+        assert!((got - want).abs() < 5.0, "{pod}: {got}% vs {want}%\n{stdout}");
+    }
+    assert!(stdout.contains("SYNCED") && stdout.contains("75.00%  reviews.default.remote-cluster"), "{stdout}");
+}

@@ -27,3 +27,40 @@ pub async fn get_with_host(addr: &str, path: &str, host: Option<&str>) -> anyhow
     let body = resp.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
+
+/// Sends `n` GETs of `path` to `addr` with Host `host`, `concurrency` at a time
+/// over kept-alive connections, and counts the answers by body (trimmed); a
+/// non-200 counts as `HTTP <status>`, a failed request as `error: …`.
+pub async fn count_answers(addr: &str, host: &str, path: &str, n: usize, concurrency: usize) -> std::collections::BTreeMap<String, usize> {
+    use futures::StreamExt;
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let uri: Option<hyper::Uri> = format!("http://{addr}{path}").parse().ok();
+    let answers = futures::stream::iter(0..n)
+        .map(|_| {
+            let client = client.clone();
+            let uri = uri.clone();
+            async move {
+                let Some(uri) = uri else { return format!("error: bad address {addr:?}") };
+                let req = match hyper::Request::get(uri).header(hyper::header::HOST, host).body(Empty::new()) {
+                    Ok(r) => r,
+                    Err(e) => return format!("error: {e}"),
+                };
+                match client.request(req).await {
+                    Ok(resp) if resp.status() == 200 => {
+                        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        String::from_utf8_lossy(&body).trim().to_string()
+                    }
+                    Ok(resp) => format!("HTTP {}", resp.status().as_u16()),
+                    Err(e) => format!("error: {e}"),
+                }
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect::<Vec<String>>()
+        .await;
+    let mut counts = std::collections::BTreeMap::new();
+    for a in answers {
+        *counts.entry(a).or_insert(0) += 1;
+    }
+    counts
+}

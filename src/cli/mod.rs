@@ -1,5 +1,6 @@
 //! The `meshpilot` command line: one binary, one subcommand per job.
 
+pub mod demo;
 pub mod echo;
 pub mod http;
 pub mod mesh;
@@ -38,6 +39,8 @@ pub enum Command {
     /// Show how meshpilot routes to something (`describe service reviews.default.management-plane`).
     #[command(subcommand)]
     Describe(mesh::DescribeWhat),
+    /// Run the seed scenario locally: control plane, workloads, a real Envoy sidecar, live traffic split.
+    Demo(demo::DemoArgs),
     /// A tiny HTTP backend that answers every request with its own name (for demos and tests).
     Echo(echo::EchoArgs),
 }
@@ -156,6 +159,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     Command::ProxyStatus(args) => status::proxy_status(args).await,
                     Command::ConfigDump(args) => status::config_dump(args).await,
                     Command::Describe(what) => mesh::describe(what).await,
+                    Command::Demo(args) => demo::run(args).await,
                     Command::Echo(args) => {
                         init_tracing();
                         echo::run(args).await

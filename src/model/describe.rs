@@ -160,7 +160,8 @@ pub fn render(d: &ServiceDescription) -> String {
     let _ = writeln!(out, "\nroutes (first match wins):");
     for r in &d.routes {
         let from = if r.from_policies.is_empty() { "default".to_string() } else { r.from_policies.join(", ") };
-        let _ = writeln!(out, "  from {}, for {}, {}  [{}]", r.sources, r.requests, if r.actions.is_empty() { String::new() } else { r.actions.join("; ") }, from);
+        let actions = if r.actions.is_empty() { String::new() } else { format!(", {}", r.actions.join("; ")) };
+        let _ = writeln!(out, "  from {}, for {}{actions}  [{from}]", r.sources, r.requests);
         for dl in &r.destinations {
             let subset = if dl.subset.is_empty() { String::new() } else { format!(" subset {}", dl.subset) };
             let _ = writeln!(out, "    {:>6.2}%  {}{}  (weight {})", dl.percent, dl.destination, subset, dl.weight);

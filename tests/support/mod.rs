@@ -223,38 +223,9 @@ pub async fn spawn_echo(dir: &Path, name: &str, addr: &str) -> Proc {
     proc
 }
 
-/// Sends `n` GETs to `addr` with Host `host` (8 at a time, kept-alive
-/// connections) and counts the answers by body; a non-200 counts as "HTTP <status>".
+/// Sends `n` GETs to `addr` with Host `host` (8 at a time) and counts the answers by body.
 pub async fn sample(addr: &str, host: &str, n: usize) -> std::collections::BTreeMap<String, usize> {
-    use futures::StreamExt;
-    use http_body_util::{BodyExt, Empty};
-    use hyper_util::client::legacy::Client;
-    let client: Client<_, Empty<hyper::body::Bytes>> = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    let uri: hyper::Uri = format!("http://{addr}/reviews/0").parse().unwrap();
-    let answers = futures::stream::iter(0..n)
-        .map(|_| {
-            let client = client.clone();
-            let uri = uri.clone();
-            async move {
-                let req = hyper::Request::get(uri).header(hyper::header::HOST, host).body(Empty::new()).unwrap();
-                match client.request(req).await {
-                    Ok(resp) if resp.status() == 200 => {
-                        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                        String::from_utf8_lossy(&body).trim().to_string()
-                    }
-                    Ok(resp) => format!("HTTP {}", resp.status().as_u16()),
-                    Err(e) => format!("error: {e}"),
-                }
-            }
-        })
-        .buffer_unordered(8)
-        .collect::<Vec<String>>()
-        .await;
-    let mut counts = std::collections::BTreeMap::new();
-    for a in answers {
-        *counts.entry(a).or_insert(0) += 1;
-    }
-    counts
+    http::count_answers(addr, host, "/reviews/0", n, 8).await
 }
 
 /// Pearson's chi-square statistic of `counts` against expected shares; every

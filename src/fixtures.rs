@@ -1,0 +1,107 @@
+//! Synthetic meshes of any size (services × clusters × endpoints, with
+//! TrafficPolicies), for benchmarks and load tests.
+
+use std::collections::BTreeMap;
+
+use crate::model::api::{MultiDestination, ResourceRef, ServiceRefs, ServiceSelector, TrafficPolicySpec, VirtualMeshSpec, WeightedDestination};
+use crate::model::{ClusterState, Endpoint, Locality, MeshInputs, PolicyObject, Service, ServiceKey, ServicePort};
+
+#[derive(Debug, Clone, Copy)]
+pub struct ScaleSpec {
+    pub services: usize,
+    pub clusters: usize,
+    pub endpoints: usize,
+    /// TrafficPolicies, each shifting one service of cluster 0 half to its v1 subset, half to the next cluster.
+    pub policies: usize,
+}
+
+pub fn cluster_name(i: usize) -> String {
+    format!("cluster-{i}")
+}
+
+pub fn service_name(i: usize) -> String {
+    format!("svc-{i:05}")
+}
+
+fn endpoint(cluster: usize, service: usize, i: usize) -> Endpoint {
+    Endpoint {
+        address: format!("10.{}.{}.{}", cluster, (service * 10 + i) / 250 % 250, (service * 10 + i) % 250 + 1),
+        ports: [("http".to_string(), 8080)].into(),
+        labels: [("app".to_string(), service_name(service)), ("version".to_string(), format!("v{}", i % 3 + 1))].into(),
+        ready: true,
+        locality: Locality { region: format!("region-{cluster}"), zone: format!("zone-{}", i % 2) },
+        network: String::new(),
+        service_account: service_name(service),
+        pod: Some(format!("{}-{i}", service_name(service))),
+    }
+}
+
+/// Services `svc-00000…` in namespace `ns-<i % 10>`, every cluster having all of
+/// them, all clusters in one virtual mesh.
+pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
+    let mut inputs = MeshInputs::default();
+    for c in 0..spec.clusters {
+        let name = cluster_name(c);
+        let mut state = ClusterState { name: name.clone(), ..Default::default() };
+        for s in 0..spec.services {
+            let ns = format!("ns-{}", s % 10);
+            let svc = service_name(s);
+            state.services.insert(
+                (ns.clone(), svc.clone()),
+                Service {
+                    key: ServiceKey::new(&name, &ns, &svc),
+                    ports: vec![ServicePort { name: "http".into(), port: 9080, protocol: "TCP".into() }],
+                    labels: [("app".to_string(), svc.clone())].into(),
+                    cluster_ip: None,
+                },
+            );
+            state.endpoints.insert((ns, svc), (0..spec.endpoints).map(|i| endpoint(c, s, i)).collect());
+        }
+        inputs.clusters.insert(name, state);
+    }
+    inputs.virtual_meshes.push(PolicyObject {
+        namespace: "service-mesh-hub".into(),
+        name: "all".into(),
+        generation: Some(1),
+        created_ms: 0,
+        origin: "fixtures".into(),
+        spec: VirtualMeshSpec {
+            meshes: (0..spec.clusters).map(|c| ResourceRef { name: cluster_name(c), ..Default::default() }).collect(),
+            ..Default::default()
+        },
+        parse_errors: vec![],
+    });
+    for p in 0..spec.policies.min(spec.services) {
+        let ns = format!("ns-{}", p % 10);
+        let r = |c: usize| ResourceRef { name: service_name(p), namespace: ns.clone(), cluster: cluster_name(c) };
+        let mut dests = vec![WeightedDestination { destination: r(0), weight: 50, subset: [("version".to_string(), "v1".to_string())].into(), port: None }];
+        if spec.clusters > 1 {
+            dests.push(WeightedDestination { destination: r(1), weight: 50, subset: BTreeMap::new(), port: None });
+        }
+        inputs.traffic_policies.push(PolicyObject {
+            namespace: "service-mesh-hub".into(),
+            name: format!("shift-{p}"),
+            generation: Some(1),
+            created_ms: p as i64,
+            origin: "fixtures".into(),
+            spec: TrafficPolicySpec {
+                destination_selector: Some(ServiceSelector { service_refs: Some(ServiceRefs { services: vec![r(0)] }), matcher: None }),
+                traffic_shift: Some(MultiDestination { destinations: dests }),
+                ..Default::default()
+            },
+            parse_errors: vec![],
+        });
+    }
+    inputs
+}
+
+/// Moves one endpoint of `service` in `cluster` (an address change, as a rollout would).
+pub fn churn_endpoint(inputs: &mut MeshInputs, cluster: usize, service: usize, step: usize) {
+    let ns = format!("ns-{}", service % 10);
+    let state = inputs.clusters.get_mut(&cluster_name(cluster)).expect("cluster");
+    if let Some(eps) = state.endpoints.get_mut(&(ns, service_name(service)))
+        && let Some(ep) = eps.first_mut()
+    {
+        ep.address = format!("10.200.{}.{}", step / 250 % 250, step % 250 + 1);
+    }
+}
