@@ -29,6 +29,8 @@ pub struct AdminState {
     pub provider: Arc<dyn ResourceProvider>,
     /// The mesh, when serving from mesh sources (policy status, describe).
     pub mesh: Option<Arc<MeshResources>>,
+    /// The Kubernetes source's per-cluster watch health, when serving from Kubernetes.
+    pub clusters: Option<crate::sources::kubernetes::SourceHealth>,
 }
 
 pub fn router(state: AdminState) -> axum::Router {
@@ -40,6 +42,7 @@ pub fn router(state: AdminState) -> axum::Router {
         .route("/debug/config_dump", get(config_dump))
         .route("/debug/policyz", get(policyz))
         .route("/debug/describe", get(describe))
+        .route("/debug/clusterz", get(clusterz))
         .with_state(state)
 }
 
@@ -60,6 +63,15 @@ async fn policyz(State(state): State<AdminState>) -> Response {
     match &state.mesh {
         Some(mesh) => Json(policy_report(&mesh.snapshot())).into_response(),
         None => (StatusCode::NOT_FOUND, NO_MESH).into_response(),
+    }
+}
+
+/// Every registered cluster's watches: synced, stale (serving last known
+/// objects while its API server is unreachable), errors, object counts.
+async fn clusterz(State(state): State<AdminState>) -> Response {
+    match &state.clusters {
+        Some(h) => Json(h.clusters()).into_response(),
+        None => (StatusCode::NOT_FOUND, "not serving from Kubernetes (start meshpilot with --kubernetes)\n").into_response(),
     }
 }
 

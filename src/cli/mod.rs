@@ -1,5 +1,6 @@
 //! The `meshpilot` command line: one binary, one subcommand per job.
 
+pub mod cluster;
 pub mod demo;
 pub mod echo;
 pub mod http;
@@ -43,6 +44,33 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// A tiny HTTP backend that answers every request with its own name (for demos and tests).
     Echo(echo::EchoArgs),
+    /// Register a cluster with the management cluster (least-privilege reader identity + KubernetesCluster).
+    Cluster(cluster::ClusterArgs),
+    /// Print meshpilot's CustomResourceDefinitions (or write them, one file each, with --out-dir).
+    Crds(CrdsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CrdsArgs {
+    /// Write one YAML file per CRD into this folder (deploy/crds).
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+}
+
+fn run_crds(args: CrdsArgs) -> anyhow::Result<()> {
+    for (file, crd) in crate::model::crd::all_crds() {
+        let text = crate::model::crd::render(&crd);
+        match &args.out_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                let path = dir.join(file);
+                std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+                println!("wrote {}", path.display());
+            }
+            None => print!("---\n{text}"),
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -141,6 +169,7 @@ pub fn init_tracing() {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bootstrap(args) => run_bootstrap(args),
+        Command::Crds(args) => run_crds(args),
         Command::Validate(args) => {
             if mesh::validate(args)? {
                 Ok(())
@@ -164,7 +193,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         init_tracing();
                         echo::run(args).await
                     }
-                    Command::Bootstrap(_) | Command::Validate(_) => unreachable!("handled above"),
+                    Command::Cluster(args) => match args.command {
+                        cluster::ClusterCommand::Register(a) => cluster::register(a).await,
+                        cluster::ClusterCommand::Deregister(a) => cluster::deregister(a).await,
+                    },
+                    Command::Bootstrap(_) | Command::Validate(_) | Command::Crds(_) => unreachable!("handled above"),
                 }
             })
         }

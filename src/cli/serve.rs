@@ -14,6 +14,8 @@ use crate::xds::csds::Csds;
 use crate::xds::debounce::{DebounceConfig, run_debouncer};
 use crate::mesh_provider::MeshResources;
 use crate::sources::file::{SourceMemory, load_config_dir, watch_config_dir};
+use crate::sources::kubernetes::{self, KubeSourceOptions, SourceHealth};
+use crate::sources::kubernetes_status::{LeaseConfig, run_status_writer};
 use crate::xds::provider::{ChangeNotifier, ResourceProvider, SharedResources};
 use crate::xds::registry::ConnectionRegistry;
 use crate::xds::resources::ResourceSet;
@@ -28,12 +30,34 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:15014")]
     pub admin_addr: String,
     /// A YAML/JSON file of Envoy resources (`resources: [{"@type": ...}]`) served to every proxy; watched.
-    #[arg(long, conflicts_with = "config_dir")]
+    #[arg(long, conflicts_with_all = ["config_dir", "kubernetes"])]
     pub resources: Option<PathBuf>,
     /// Local mode: DIR/<cluster>/*.yaml hold each cluster's Services, EndpointSlices, Pods and
     /// Namespaces; DIR/mesh/*.yaml the VirtualMeshes and TrafficPolicies. Watched.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kubernetes")]
     pub config_dir: Option<PathBuf>,
+    /// Kubernetes mode: read TrafficPolicies, VirtualMeshes and KubernetesClusters from the
+    /// management cluster, and Services, EndpointSlices and Pods from every registered cluster.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// The management cluster's kubeconfig (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long, requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The management cluster's kubeconfig context.
+    #[arg(long, requires = "kubernetes")]
+    pub context: Option<String>,
+    /// The management cluster's name in messages.
+    #[arg(long, default_value = "management-plane")]
+    pub management_cluster_name: String,
+    /// Namespace of KubernetesClusters, their kubeconfig Secrets and the status-writer Lease.
+    #[arg(long, default_value = "service-mesh-hub")]
+    pub registration_namespace: String,
+    /// This replica's identity for the status-writer Lease (default: $POD_NAME, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    pub id: Option<String>,
+    /// How long a status-writer Lease lasts without renewal.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
     /// Push after config has been quiet this long (istiod's PILOT_DEBOUNCE_AFTER).
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     pub debounce_after: Duration,
@@ -59,13 +83,68 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// A client for the management cluster: the given kubeconfig and context, or
+/// kube's usual inference ($KUBECONFIG, ~/.kube/config, in-cluster).
+async fn kube_client(path: Option<&std::path::Path>, context: Option<String>) -> anyhow::Result<kube::Client> {
+    let options = kube::config::KubeConfigOptions { context, ..Default::default() };
+    let mut config = match path {
+        Some(p) => {
+            let kc = kube::config::Kubeconfig::read_from(p).with_context(|| format!("reading --kubeconfig {}", p.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &options).await?
+        }
+        None if options.context.is_some() => kube::Config::from_kubeconfig(&options).await?,
+        None => kube::Config::infer().await.context("finding the management cluster (no --kubeconfig, $KUBECONFIG, ~/.kube/config or in-cluster config)")?,
+    };
+    config.read_timeout = None;
+    Ok(kube::Client::try_from(config)?)
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "meshpilot".into());
+    format!("{host}-{}", std::process::id())
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let (notifier, changes) = ChangeNotifier::channel();
     let mut mesh: Option<Arc<MeshResources>> = None;
     let mut _file_watcher = None;
     let mut _dir_watcher = None;
+    let mut cluster_health = None;
+    let mut kube_tasks = Vec::new();
     let provider: Arc<dyn ResourceProvider> = match (&args.resources, &args.config_dir) {
+        _ if args.kubernetes => {
+            let resources = Arc::new(MeshResources::new(notifier));
+            let client = kube_client(args.kubeconfig.as_deref(), args.context.clone()).await?;
+            let health = SourceHealth::default();
+            let (snapshots_tx, snapshots_rx) = watch::channel(0u64);
+            let sink = resources.clone();
+            let options = KubeSourceOptions {
+                management_name: args.management_cluster_name.clone(),
+                registration_namespace: args.registration_namespace.clone(),
+            };
+            let source_health = health.clone();
+            let source_client = client.clone();
+            kube_tasks.push(tokio::spawn(async move {
+                let apply = move |inputs| {
+                    sink.update(inputs);
+                    snapshots_tx.send_modify(|v| *v += 1);
+                };
+                if let Err(e) = kubernetes::run(source_client, options, source_health, apply).await {
+                    tracing::error!(error = %e, "the Kubernetes source stopped");
+                }
+            }));
+            let lease = LeaseConfig {
+                namespace: args.registration_namespace.clone(),
+                name: "meshpilot-status-writer".into(),
+                identity: args.id.clone().unwrap_or_else(default_identity),
+                duration: args.lease_duration,
+            };
+            kube_tasks.push(tokio::spawn(run_status_writer(client, lease, resources.clone(), snapshots_rx)));
+            cluster_health = Some(health);
+            mesh = Some(resources.clone());
+            resources
+        }
         (_, Some(dir)) => {
             let resources = Arc::new(MeshResources::new(notifier));
             let memory = Arc::new(std::sync::Mutex::new(SourceMemory::default()));
@@ -126,7 +205,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let grpc = tokio::spawn(crate::xds::serve_grpc(xds_listener, server, Csds::new(registry.clone()), stopped(stop_rx.clone())));
     let admin = tokio::spawn(serve_admin(
         admin_listener,
-        AdminState { registry, metrics, provider, mesh },
+        AdminState { registry, metrics, provider, mesh, clusters: cluster_health },
         stopped(stop_rx),
     ));
 
@@ -134,6 +213,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down: closing xDS streams");
     // Dropping the push channel ends every stream; Envoy keeps its config and reconnects elsewhere.
     debouncer.abort();
+    for t in &kube_tasks {
+        t.abort();
+    }
     let _ = stop_tx.send(true);
     let drain = async {
         let _ = grpc.await;

@@ -4,13 +4,15 @@
 
 use std::collections::BTreeMap;
 
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub const NETWORKING_GROUP_VERSION: &str = "networking.zephyr.solo.io/v1alpha1";
 pub const DISCOVERY_GROUP_VERSION: &str = "discovery.zephyr.solo.io/v1alpha1";
 
 /// `{name, namespace, cluster}` — a service in a registered cluster.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ResourceRef {
     pub name: String,
@@ -20,7 +22,7 @@ pub struct ResourceRef {
     pub cluster: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSelector {
     #[serde(default)]
@@ -29,14 +31,14 @@ pub struct WorkloadSelector {
     pub namespaces: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceSelector {
     pub matcher: Option<ServiceMatcher>,
     pub service_refs: Option<ServiceRefs>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceMatcher {
     #[serde(default)]
@@ -47,14 +49,14 @@ pub struct ServiceMatcher {
     pub clusters: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceRefs {
     #[serde(default)]
     pub services: Vec<ResourceRef>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpMatcher {
     pub prefix: Option<String>,
@@ -67,7 +69,7 @@ pub struct HttpMatcher {
     pub method: Option<HttpMethod>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderMatcher {
     pub name: String,
@@ -79,7 +81,7 @@ pub struct HeaderMatcher {
     pub invert_match: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct QueryParameterMatcher {
     pub name: String,
@@ -89,20 +91,20 @@ pub struct QueryParameterMatcher {
     pub regex: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpMethod {
     pub method: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MultiDestination {
     #[serde(default)]
     pub destinations: Vec<WeightedDestination>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WeightedDestination {
     pub destination: ResourceRef,
@@ -113,7 +115,7 @@ pub struct WeightedDestination {
     pub port: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultInjection {
     pub delay: Option<FaultDelay>,
@@ -122,20 +124,20 @@ pub struct FaultInjection {
     pub percentage: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultDelay {
     pub fixed_delay: Option<String>,
     pub exponential_delay: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultAbort {
     pub http_status: i32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryPolicy {
     #[serde(default)]
@@ -143,7 +145,7 @@ pub struct RetryPolicy {
     pub per_try_timeout: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StringMatch {
     pub exact: Option<String>,
@@ -151,7 +153,7 @@ pub struct StringMatch {
     pub regex: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CorsPolicy {
     #[serde(default)]
@@ -166,7 +168,7 @@ pub struct CorsPolicy {
     pub allow_credentials: Option<bool>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Mirror {
     pub destination: ResourceRef,
@@ -174,7 +176,7 @@ pub struct Mirror {
     pub port: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderManipulation {
     #[serde(default)]
@@ -187,7 +189,7 @@ pub struct HeaderManipulation {
     pub append_request_headers: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutlierDetection {
     pub consecutive_errors: Option<u32>,
@@ -196,7 +198,18 @@ pub struct OutlierDetection {
 }
 
 /// `TrafficPolicy.spec`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default, CustomResource)]
+#[kube(
+    group = "networking.zephyr.solo.io",
+    version = "v1alpha1",
+    kind = "TrafficPolicy",
+    namespaced,
+    status = "PolicyObjectStatus",
+    shortname = "tp",
+    printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.translationStatus.state"}"#,
+    printcolumn = r#"{"name":"Generation","type":"integer","jsonPath":".status.observedGeneration"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicySpec {
     pub source_selector: Option<WorkloadSelector>,
@@ -213,7 +226,7 @@ pub struct TrafficPolicySpec {
     pub outlier_detection: Option<OutlierDetection>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BuiltinCa {
     pub ttl_days: Option<u32>,
@@ -221,31 +234,32 @@ pub struct BuiltinCa {
     pub org_name: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProvidedCa {
     pub certificate: Option<ResourceRef>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CertificateAuthority {
     pub builtin: Option<BuiltinCa>,
     pub provided: Option<ProvidedCa>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Federation {
     pub mode: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrustMode {}
 
 /// `VirtualMesh.spec`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default, CustomResource)]
+#[kube(group = "networking.zephyr.solo.io", version = "v1alpha1", kind = "VirtualMesh", namespaced, status = "PolicyObjectStatus", shortname = "vm")]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VirtualMeshSpec {
     pub display_name: Option<String>,
@@ -256,14 +270,17 @@ pub struct VirtualMeshSpec {
     pub shared: Option<TrustMode>,
     pub limited: Option<TrustMode>,
     /// `MESH_DEFAULT`, `ENABLED` or `DISABLED` (a bool in v0.4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "bool_or_string")]
     pub enforce_access_control: Option<serde_json::Value>,
 }
 
 /// `AccessControlPolicy.spec` (accepted; enforcement comes later).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default, CustomResource)]
+#[kube(group = "networking.zephyr.solo.io", version = "v1alpha1", kind = "AccessControlPolicy", namespaced, status = "PolicyObjectStatus", shortname = "acp")]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AccessControlPolicySpec {
-    pub source_selector: Option<serde_json::Value>,
+    pub source_selector: Option<IdentitySelector>,
     pub destination_selector: Option<ServiceSelector>,
     #[serde(default)]
     pub allowed_paths: Vec<String>,
@@ -271,6 +288,111 @@ pub struct AccessControlPolicySpec {
     pub allowed_methods: Vec<String>,
     #[serde(default)]
     pub allowed_ports: Vec<u32>,
+}
+
+/// `AccessControlPolicy.spec.sourceSelector`: one of `matcher` or `serviceAccountRefs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentitySelector {
+    pub matcher: Option<IdentityMatcher>,
+    pub service_account_refs: Option<ServiceAccountRefs>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentityMatcher {
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub clusters: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceAccountRefs {
+    #[serde(default)]
+    pub service_accounts: Vec<ResourceRef>,
+}
+
+/// `KubernetesCluster.spec` (`discovery.zephyr.solo.io/v1alpha1`): a
+/// registered cluster and where its kubeconfig is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default, CustomResource)]
+#[kube(
+    group = "discovery.zephyr.solo.io",
+    version = "v1alpha1",
+    kind = "KubernetesCluster",
+    namespaced,
+    shortname = "kc",
+    printcolumn = r#"{"name":"Context","type":"string","jsonPath":".spec.context"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct KubernetesClusterSpec {
+    /// The Secret holding the cluster's kubeconfig (key `kubeconfig`).
+    pub secret_ref: SecretRef,
+    /// The kubeconfig context to use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<String>,
+    /// Where meshpilot keeps its objects in that cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// `status` of the networking objects, in the seed's shape (v0.4
+/// translationStatus, v0.5 validationStatus and conflictErrors, v0.6
+/// observedGeneration) plus what meshpilot adds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyObjectStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub translation_status: Option<ApprovalStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_status: Option<ApprovalStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflict_errors: Vec<ConflictError>,
+    /// The generation whose configuration is in effect (the last accepted one
+    /// while the current one is INVALID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_generation: Option<i64>,
+    /// The services the policy applies to (`name.namespace.cluster`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalStatus {
+    /// UNKNOWN, ACCEPTED, INVALID, PROCESSING_ERROR or CONFLICT.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ConflictError {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configuration_target: Option<ResourceRef>,
+    pub error_message: String,
+}
+
+/// A bool (v0.4) or an enum string (v0.5): a structural schema that keeps either.
+fn bool_or_string(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "nullable": true, "x-kubernetes-preserve-unknown-fields": true })
 }
 
 /// Parses a proto3 JSON duration (`"1.5s"`) or a human one (`"100ms"`, `"2m"`).

@@ -4,6 +4,7 @@
 //! snapshot translation reads.
 
 pub mod api;
+pub mod crd;
 pub mod describe;
 pub mod k8s;
 pub mod policy;

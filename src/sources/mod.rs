@@ -1,5 +1,7 @@
 //! Where the mesh comes from. A source fills [`crate::model::MeshInputs`] and
-//! never knows about xDS. Today: the file source (local mode); the Kubernetes
-//! source (one set of watchers per registered cluster) feeds the same inputs.
+//! never knows about xDS: the file source (local mode) and the Kubernetes
+//! source (one set of watchers per registered cluster) feed the same inputs.
 
 pub mod file;
+pub mod kubernetes;
+pub mod kubernetes_status;

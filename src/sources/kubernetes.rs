@@ -1,0 +1,419 @@
+//! The Kubernetes source: the management cluster's mesh objects (TrafficPolicy,
+//! VirtualMesh, AccessControlPolicy, KubernetesCluster) and, for every
+//! registered cluster, a watcher + reflector per kind (Service,
+//! EndpointSlice, Pod, Namespace), assembled into the same [`MeshInputs`] the
+//! file source produces. Nothing below the sources knows where inputs came from.
+//!
+//! Faults: a cluster whose API server stops answering keeps its last known
+//! objects (reflector stores are only replaced by a complete re-list) and is
+//! marked stale in `/debug/clusterz`; kube-rs' watcher re-lists after a 410
+//! Gone or a reconnect, and a re-list that changes nothing changes no snapshot,
+//! so it pushes nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::model::api::{AccessControlPolicy, KubernetesCluster, TrafficPolicy, VirtualMesh};
+use crate::model::k8s::{ClusterObjects, cluster_state};
+use crate::model::{ClusterState, MeshInputs, PolicyObject};
+
+/// What is known about one registered cluster's watches.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterHealth {
+    pub name: String,
+    /// The API server the cluster's kubeconfig points at.
+    pub server: String,
+    /// Every kind has completed an initial list.
+    pub synced: bool,
+    /// A watch has failed since its last complete list: the objects served
+    /// for this cluster are its last known ones.
+    pub stale: bool,
+    pub last_error: Option<String>,
+    /// Seconds since the epoch of the last watch event or completed list.
+    pub last_event_unix: Option<u64>,
+    /// How many complete lists (initial and re-lists) the watches did.
+    pub lists: u64,
+    pub watch_errors: u64,
+    /// Kinds whose watch is currently failing.
+    pub failing: Vec<String>,
+    pub objects: BTreeMap<String, usize>,
+}
+
+/// Shared view of the source's health for the admin API.
+#[derive(Debug, Clone, Default)]
+pub struct SourceHealth {
+    inner: Arc<Mutex<BTreeMap<String, ClusterHealth>>>,
+    mesh_synced: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SourceHealth {
+    pub fn clusters(&self) -> Vec<ClusterHealth> {
+        self.inner.lock().expect("health lock").values().cloned().collect()
+    }
+    pub fn mesh_synced(&self) -> bool {
+        self.mesh_synced.load(std::sync::atomic::Ordering::Acquire)
+    }
+    fn update(&self, cluster: &str, f: impl FnOnce(&mut ClusterHealth)) {
+        let mut map = self.inner.lock().expect("health lock");
+        let h = map.entry(cluster.to_string()).or_insert_with(|| ClusterHealth { name: cluster.to_string(), ..Default::default() });
+        f(h);
+    }
+    fn remove(&self, cluster: &str) {
+        self.inner.lock().expect("health lock").remove(cluster);
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The health entry of the management cluster's mesh-object watches.
+pub const MESH_OBJECTS: &str = "mesh-objects";
+
+#[derive(Debug)]
+enum Dirty {
+    /// A cluster's objects changed ([`MESH_OBJECTS`]: the mesh objects).
+    Cluster(String),
+    /// A KubernetesCluster was added, changed or removed.
+    Registrations,
+}
+
+/// The kinds watched in every registered cluster.
+const CLUSTER_KINDS: [&str; 4] = ["Service", "EndpointSlice", "Pod", "Namespace"];
+
+struct ClusterWatch {
+    /// The KubernetesCluster spec and secret version it was started from.
+    fingerprint: String,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    pods: Store<Pod>,
+    namespaces: Store<Namespace>,
+    /// Aborted when dropped: dropping the watch stops its reflectors.
+    _tasks: JoinSet<()>,
+}
+
+impl ClusterWatch {
+    fn objects(&self) -> ClusterObjects {
+        fn own<K: Clone>(v: Vec<Arc<K>>) -> Vec<K> {
+            v.into_iter().map(|o| (*o).clone()).collect()
+        }
+        ClusterObjects {
+            services: own(self.services.state()),
+            endpoint_slices: own(self.slices.state()),
+            pods: own(self.pods.state()),
+            namespaces: own(self.namespaces.state()),
+        }
+    }
+}
+
+/// Watches one kind, keeps `writer` current, reports progress and failures.
+fn spawn_reflector<K>(
+    tasks: &mut JoinSet<()>,
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    cluster: String,
+    kind: &'static str,
+    health: SourceHealth,
+    dirty: mpsc::UnboundedSender<Dirty>,
+) where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let stream = watcher(api, watcher::Config::default()).default_backoff().modify(|o: &mut K| {
+        o.meta_mut().managed_fields = None;
+    });
+    let stream = reflector::reflector(writer, stream);
+    tasks.spawn(drive(stream, cluster, kind, health, dirty));
+}
+
+async fn drive<K: Resource>(
+    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    cluster: String,
+    kind: &'static str,
+    health: SourceHealth,
+    dirty: mpsc::UnboundedSender<Dirty>,
+) {
+    let mut stream = std::pin::pin!(stream);
+    let mut listing = false;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(watcher::Event::Init) => listing = true,
+            Ok(watcher::Event::InitApply(_)) => {}
+            Ok(watcher::Event::InitDone) => {
+                listing = false;
+                health.update(&cluster, |h| {
+                    h.lists += 1;
+                    h.failing.retain(|k| k != kind);
+                    h.stale = !h.failing.is_empty();
+                    h.last_event_unix = Some(now_unix());
+                });
+                let _ = dirty.send(Dirty::Cluster(cluster.clone()));
+            }
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                if !listing {
+                    health.update(&cluster, |h| h.last_event_unix = Some(now_unix()));
+                    let _ = dirty.send(Dirty::Cluster(cluster.clone()));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(cluster = %cluster, kind, error = %e, "watch failed; serving the last known objects");
+                health.update(&cluster, |h| {
+                    h.watch_errors += 1;
+                    h.last_error = Some(format!("{kind}: {e}"));
+                    if !h.failing.iter().any(|k| k == kind) {
+                        h.failing.push(kind.to_string());
+                    }
+                    h.stale = true;
+                });
+            }
+        }
+    }
+}
+
+/// A client for a registered cluster, from the kubeconfig in its Secret.
+pub async fn client_from_kubeconfig_yaml(yaml: &str, context: Option<String>) -> anyhow::Result<(Client, String)> {
+    let kubeconfig = Kubeconfig::from_yaml(yaml)?;
+    let options = KubeConfigOptions { context, ..Default::default() };
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &options).await?;
+    // Watches are long-lived; the read timeout would cut them (kube's watcher sets its own).
+    config.read_timeout = None;
+    let server = config.cluster_url.to_string();
+    Ok((Client::try_from(config)?, server))
+}
+
+/// The kubeconfig a KubernetesCluster's secret holds (key `kubeconfig`, or its only key).
+fn kubeconfig_from_secret(secret: &Secret) -> Option<String> {
+    let data = secret.data.as_ref()?;
+    let bytes = data.get("kubeconfig").or_else(|| if data.len() == 1 { data.values().next() } else { None })?;
+    String::from_utf8(bytes.0.clone()).ok()
+}
+
+/// Reads a policy object leniently: a spec that does not parse is passed on
+/// with its errors (it shows INVALID while its last accepted version serves).
+fn policy_object<S: serde::de::DeserializeOwned + Default>(obj: &DynamicObject, cluster: &str) -> PolicyObject<S> {
+    let spec_doc = obj.data.get("spec").cloned().unwrap_or(Value::Object(Default::default()));
+    let mut parse_errors = Vec::new();
+    let spec = match serde_path_to_error::deserialize::<_, S>(&spec_doc) {
+        Ok(s) => s,
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            parse_errors.push(if path == "." { format!("spec: {inner}") } else { format!("spec.{path}: {inner}") });
+            S::default()
+        }
+    };
+    PolicyObject {
+        namespace: obj.namespace().unwrap_or_default(),
+        name: obj.name_any(),
+        generation: obj.metadata.generation,
+        created_ms: obj.metadata.creation_timestamp.as_ref().map(|t| t.0.as_millisecond()).unwrap_or(0),
+        origin: format!("cluster {cluster}"),
+        spec,
+        parse_errors,
+    }
+}
+
+/// Options for [`run`].
+#[derive(Debug, Clone)]
+pub struct KubeSourceOptions {
+    /// The name the management cluster goes by in messages.
+    pub management_name: String,
+    /// Where KubernetesCluster objects and their Secrets live.
+    pub registration_namespace: String,
+}
+
+/// Runs the source until the process ends: calls `apply` with fresh inputs
+/// after every change (coalesced), and once all registered clusters have
+/// listed (or failed to) and the mesh objects are listed.
+pub async fn run(
+    management: Client,
+    options: KubeSourceOptions,
+    health: SourceHealth,
+    apply: impl Fn(MeshInputs) + Send + 'static,
+) -> anyhow::Result<()> {
+    let (dirty_tx, mut dirty_rx) = mpsc::unbounded_channel::<Dirty>();
+    let mgmt = options.management_name.clone();
+
+    // Mesh objects, read as dynamic objects so that one object that does not
+    // parse cannot fail the whole list.
+    let mut mesh_tasks = JoinSet::new();
+    let mesh_store = |ar: ApiResource, kind: &'static str, mesh_tasks: &mut JoinSet<()>| {
+        let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+        let store = writer.as_reader();
+        let api = Api::<DynamicObject>::all_with(management.clone(), &ar);
+        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        let stream = reflector::reflector(writer, stream);
+        mesh_tasks.spawn(drive(stream, MESH_OBJECTS.to_string(), kind, health.clone(), dirty_tx.clone()));
+        store
+    };
+    let traffic_policies = mesh_store(ApiResource::erase::<TrafficPolicy>(&()), "TrafficPolicy", &mut mesh_tasks);
+    let virtual_meshes = mesh_store(ApiResource::erase::<VirtualMesh>(&()), "VirtualMesh", &mut mesh_tasks);
+    let access_policies = mesh_store(ApiResource::erase::<AccessControlPolicy>(&()), "AccessControlPolicy", &mut mesh_tasks);
+
+    let (registrations, reg_writer) = reflector::store::<KubernetesCluster>();
+    let reg_api = Api::<KubernetesCluster>::namespaced(management.clone(), &options.registration_namespace);
+    {
+        let tx = dirty_tx.clone();
+        let stream = reflector::reflector(reg_writer, watcher(reg_api, watcher::Config::default()).default_backoff());
+        mesh_tasks.spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                        let _ = tx.send(Dirty::Registrations);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "KubernetesCluster watch failed"),
+                }
+            }
+        });
+    }
+
+    let mut watches: HashMap<String, ClusterWatch> = HashMap::new();
+    let mut states: BTreeMap<String, ClusterState> = BTreeMap::new();
+    let mut errors: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut published_once = false;
+    // The KubernetesCluster watch reports only after its initial list.
+    let mut registrations_listed = false;
+
+    while let Some(first) = dirty_rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = dirty_rx.try_recv() {
+            batch.push(more);
+        }
+        if batch.iter().any(|d| matches!(d, Dirty::Registrations)) {
+            registrations_listed = true;
+            // Start, restart or stop cluster watches to match the registrations.
+            let wanted: Vec<Arc<KubernetesCluster>> = registrations.state();
+            let mut live = Vec::new();
+            for kc in wanted {
+                let name = kc.name_any();
+                live.push(name.clone());
+                let secret_ns = kc.spec.secret_ref.namespace.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| options.registration_namespace.clone());
+                let secret_name = kc.spec.secret_ref.name.clone();
+                let secret = match Api::<Secret>::namespaced(management.clone(), &secret_ns).get_opt(&secret_name).await {
+                    Ok(Some(s)) => s,
+                    Ok(None) => {
+                        let msg = format!("KubernetesCluster {name}: spec.secretRef: Secret {secret_ns}/{secret_name} not found");
+                        health.update(&name, |h| h.last_error = Some(msg.clone()));
+                        tracing::error!("{msg}");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(cluster = %name, error = %e, "reading the cluster's kubeconfig secret failed; keeping the current watch");
+                        continue;
+                    }
+                };
+                let fingerprint = format!("{:?}/{:?}", kc.spec, secret.metadata.resource_version);
+                if watches.get(&name).is_some_and(|w| w.fingerprint == fingerprint) {
+                    continue;
+                }
+                let Some(yaml) = kubeconfig_from_secret(&secret) else {
+                    let msg = format!("KubernetesCluster {name}: Secret {secret_ns}/{secret_name} has no `kubeconfig` key");
+                    health.update(&name, |h| h.last_error = Some(msg.clone()));
+                    tracing::error!("{msg}");
+                    continue;
+                };
+                let context = kc.spec.context.clone().filter(|c| !c.is_empty());
+                let (client, server) = match client_from_kubeconfig_yaml(&yaml, context).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let msg = format!("KubernetesCluster {name}: the kubeconfig in Secret {secret_ns}/{secret_name} is unusable: {e}");
+                        health.update(&name, |h| h.last_error = Some(msg.clone()));
+                        tracing::error!("{msg}");
+                        continue;
+                    }
+                };
+                tracing::info!(cluster = %name, server = %server, "starting watches");
+                health.update(&name, |h| {
+                    h.server = server.clone();
+                    h.synced = false;
+                });
+                let watch = start_cluster(client, &name, fingerprint, &health, &dirty_tx);
+                // Replacing a watch aborts the old one (JoinSet aborts on drop);
+                // its objects keep serving until the new one has listed.
+                watches.insert(name.clone(), watch);
+            }
+            let gone: Vec<String> = watches.keys().filter(|k| !live.contains(k)).cloned().collect();
+            for name in gone {
+                tracing::info!(cluster = %name, "cluster deregistered: stopping its watches");
+                watches.remove(&name);
+                states.remove(&name);
+                errors.remove(&name);
+                health.remove(&name);
+            }
+        }
+        for d in &batch {
+            if let Dirty::Cluster(name) = d
+                && let Some(w) = watches.get(name)
+            {
+                let objects = w.objects();
+                let counts = BTreeMap::from([
+                    ("Service".to_string(), objects.services.len()),
+                    ("EndpointSlice".to_string(), objects.endpoint_slices.len()),
+                    ("Pod".to_string(), objects.pods.len()),
+                    ("Namespace".to_string(), objects.namespaces.len()),
+                ]);
+                let (state, errs) = cluster_state(name, &objects);
+                states.insert(name.clone(), state);
+                errors.insert(name.clone(), errs);
+                health.update(name, |h| {
+                    h.objects = counts;
+                    h.synced = h.lists >= CLUSTER_KINDS.len() as u64 || h.synced;
+                });
+            }
+        }
+        // Publish the first snapshot only when every registered cluster has
+        // listed (or is known unreachable) and the mesh objects have listed,
+        // so that sidecars never see a half-read mesh.
+        let health_now = health.clusters();
+        let clusters_settled = watches.keys().all(|name| health_now.iter().any(|h| &h.name == name && (h.synced || h.stale)));
+        let mesh_synced = health.mesh_synced() || health_now.iter().any(|h| h.name == MESH_OBJECTS && h.lists >= 3);
+        if mesh_synced && !health.mesh_synced() {
+            health.update(MESH_OBJECTS, |h| h.synced = true);
+            health.mesh_synced.store(true, std::sync::atomic::Ordering::Release);
+        }
+        if !published_once && !(registrations_listed && clusters_settled && mesh_synced) {
+            continue;
+        }
+        published_once = true;
+        let mut inputs = MeshInputs { clusters: states.clone(), ..Default::default() };
+        inputs.errors = errors.values().flatten().cloned().collect();
+        inputs.traffic_policies = traffic_policies.state().iter().map(|o| policy_object(o, &mgmt)).collect();
+        inputs.virtual_meshes = virtual_meshes.state().iter().map(|o| policy_object(o, &mgmt)).collect();
+        inputs.access_policies = access_policies.state().iter().map(|o| policy_object(o, &mgmt)).collect();
+        apply(inputs);
+    }
+    Ok(())
+}
+
+fn start_cluster(client: Client, name: &str, fingerprint: String, health: &SourceHealth, dirty: &mpsc::UnboundedSender<Dirty>) -> ClusterWatch {
+    let mut tasks = JoinSet::new();
+    let (services, w1) = reflector::store();
+    let (slices, w2) = reflector::store();
+    let (pods, w3) = reflector::store();
+    let (namespaces, w4) = reflector::store();
+    health.update(name, |h| {
+        h.lists = 0;
+        h.failing.clear();
+    });
+    spawn_reflector(&mut tasks, Api::<Service>::all(client.clone()), w1, name.into(), "Service", health.clone(), dirty.clone());
+    spawn_reflector(&mut tasks, Api::<EndpointSlice>::all(client.clone()), w2, name.into(), "EndpointSlice", health.clone(), dirty.clone());
+    spawn_reflector(&mut tasks, Api::<Pod>::all(client.clone()), w3, name.into(), "Pod", health.clone(), dirty.clone());
+    spawn_reflector(&mut tasks, Api::<Namespace>::all(client), w4, name.into(), "Namespace", health.clone(), dirty.clone());
+    ClusterWatch { fingerprint, services, slices, pods, namespaces, _tasks: tasks }
+}

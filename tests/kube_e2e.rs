@@ -1,0 +1,403 @@
+//! meshpilot against two real Kubernetes clusters (kube-apiserver + etcd +
+//! the endpointslice controller, built from the Kubernetes Go modules by
+//! e2e/build.sh), driven with kubectl like a user would:
+//!
+//! install with `kubectl apply -k deploy/`, register both clusters with
+//! `meshpilot cluster register`, create bookinfo, apply the seed guide's
+//! TrafficPolicy verbatim, and check status, what a real Envoy sidecar
+//! receives, endpoint changes, invalid policies, and a remote API server that
+//! dies and comes back.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::{Envoy, Proc, envoy_or_skip, free_port, meshpilot_bin, random_loopback_prefix, wait_for};
+
+fn require_e2e() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true") || std::env::var("MESHPILOT_REQUIRE_E2E").is_ok_and(|v| v == "1")
+}
+
+/// The kubeenv binary, built (or reused) by e2e/build.sh.
+fn kubeenv_or_skip(test: &str) -> Option<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let have_tools = Command::new("go").arg("version").output().is_ok_and(|o| o.status.success())
+        && Command::new("kubectl").arg("version").arg("--client").output().is_ok_and(|o| o.status.success());
+    if !have_tools {
+        assert!(!require_e2e(), "{test}: go and kubectl are required here (CI or MESHPILOT_REQUIRE_E2E=1)");
+        eprintln!("{test}: skipped (go or kubectl missing)");
+        return None;
+    }
+    let out = Command::new(root.join("e2e/build.sh")).output().expect("running e2e/build.sh");
+    assert!(out.status.success(), "e2e/build.sh failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let path = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_string();
+    Some(PathBuf::from(path))
+}
+
+/// Three consecutive free ports (kube-apiserver, etcd client, etcd peer).
+fn free_port_triple() -> u16 {
+    loop {
+        let p = free_port();
+        if p < 65000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+            return p;
+        }
+    }
+}
+
+struct KubeCluster {
+    name: String,
+    dir: PathBuf,
+    port: u16,
+    bin: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl KubeCluster {
+    async fn start(bin: &Path, name: &str, root: &Path) -> KubeCluster {
+        let dir = root.join(name);
+        let mut c = KubeCluster { name: name.into(), dir, port: free_port_triple(), bin: bin.into(), proc: None };
+        c.run().await;
+        c
+    }
+
+    /// Starts (or restarts, keeping etcd's data) and waits for the ready file.
+    async fn run(&mut self) {
+        let _ = std::fs::remove_file(self.dir.join("ready"));
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["cluster", "--name", &self.name, "--port", &self.port.to_string(), "--dir"]).arg(&self.dir);
+        let proc = Proc::spawn(&format!("kubeenv-{}", self.name), cmd, &self.dir);
+        let ready = self.dir.join("ready");
+        let started = Instant::now();
+        wait_for(&format!("cluster {} ready", self.name), Duration::from_secs(180), || {
+            let ready = ready.clone();
+            async move { ready.exists().then_some(()) }
+        })
+        .await;
+        eprintln!("cluster {} ready in {:.1}s", self.name, started.elapsed().as_secs_f64());
+        self.proc = Some(proc);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("admin.kubeconfig")
+    }
+
+    fn context(&self) -> String {
+        format!("{}-context", self.name)
+    }
+
+    /// Runs kubectl against this cluster; panics with its output on failure.
+    fn kubectl(&self, args: &[&str]) -> String {
+        self.kubectl_stdin(args, None).expect("kubectl")
+    }
+
+    fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+        use std::io::Write;
+        let mut cmd = Command::new("kubectl");
+        cmd.arg("--kubeconfig").arg(self.kubeconfig()).args(["--context", &self.context()]).args(args);
+        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("kubectl");
+        if let Some(s) = stdin {
+            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            Err(format!("kubectl {args:?} failed: {}{}", stdout, String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+}
+
+impl Drop for KubeCluster {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The TrafficPolicy of the seed guide, cut out of the guide itself when it is
+/// beside the repository (and checked equal to examples/bookinfo's copy).
+fn seed_policy() -> String {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let example = std::fs::read_to_string(root.join("examples/bookinfo/mesh/traffic-policy.yaml")).unwrap();
+    if let Ok(guide) = std::fs::read_to_string(root.join("../shared/seed/multicluster-communication.md")) {
+        let start = guide.find("kubectl apply -f - <<EOF\n").expect("the guide's heredoc") + "kubectl apply -f - <<EOF\n".len();
+        let end = start + guide[start..].find("\nEOF").unwrap();
+        let from_guide = &guide[start..=end];
+        assert_eq!(from_guide.trim(), example.trim(), "examples/bookinfo/mesh/traffic-policy.yaml must be the guide's manifest verbatim");
+        return from_guide.to_string();
+    }
+    example
+}
+
+struct KubeMeshpilot {
+    proc: Proc,
+    admin: String,
+    xds_port: u16,
+}
+
+impl KubeMeshpilot {
+    async fn start(dir: &Path, mgmt: &KubeCluster, id: &str) -> KubeMeshpilot {
+        let xds_port = free_port();
+        let admin = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(meshpilot_bin());
+        cmd.args(["serve", "--kubernetes", "--xds-addr", &format!("127.0.0.1:{xds_port}"), "--admin-addr", &admin])
+            .arg("--kubeconfig")
+            .arg(mgmt.kubeconfig())
+            .args(["--context", &mgmt.context(), "--management-cluster-name", &mgmt.name])
+            .args(["--debounce-after", "20ms", "--lease-duration", "3s", "--id", id])
+            .env("MESHPILOT_LOG", "info,meshpilot=debug");
+        let mp = KubeMeshpilot { proc: Proc::spawn(&format!("meshpilot-{id}"), cmd, dir), admin, xds_port };
+        let addr = mp.admin.clone();
+        wait_for("meshpilot /readyz", Duration::from_secs(60), || {
+            let addr = addr.clone();
+            async move { matches!(meshpilot::cli::http::get(&addr, "/readyz").await, Ok((200, _))).then_some(()) }
+        })
+        .await;
+        mp
+    }
+
+    async fn get_json(&self, path: &str) -> serde_json::Value {
+        let (_, body) = meshpilot::cli::http::get(&self.admin, path).await.unwrap();
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
+    }
+
+    async fn cluster_health(&self, name: &str) -> serde_json::Value {
+        let all = self.get_json("/debug/clusterz").await;
+        all.as_array().and_then(|a| a.iter().find(|c| c["name"] == name).cloned()).unwrap_or_default()
+    }
+
+    async fn counter(&self, name: &str) -> f64 {
+        let (_, body) = meshpilot::cli::http::get(&self.admin, "/metrics").await.unwrap();
+        body.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+fn register(mgmt: &KubeCluster, cluster: &KubeCluster) {
+    let out = Command::new(meshpilot_bin())
+        .args(["cluster", "register", "--kubeconfig"])
+        .arg(mgmt.kubeconfig())
+        .args(["--context", &mgmt.context(), "--remote-kubeconfig"])
+        .arg(cluster.kubeconfig())
+        .args(["--remote-context", &cluster.context(), "--remote-cluster-name", &cluster.name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cluster register {} failed:\n{}{}",
+        cluster.name,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn policy_state(mgmt: &KubeCluster, name: &str) -> (String, String, String) {
+    let out = mgmt
+        .kubectl_stdin(
+            &[
+                "get",
+                "trafficpolicy",
+                name,
+                "-n",
+                "service-mesh-hub",
+                "-o",
+                "jsonpath={.status.translationStatus.state}|{.status.observedGeneration}|{.status.translationStatus.message}",
+            ],
+            None,
+        )
+        .unwrap_or_default();
+    let mut parts = out.splitn(3, '|');
+    (
+        parts.next().unwrap_or("").to_string(),
+        parts.next().unwrap_or("").to_string(),
+        parts.next().unwrap_or("").to_string(),
+    )
+}
+
+/// The weighted clusters on the reviews route in Envoy's own config dump.
+async fn envoy_reviews_weights(envoy: &Envoy) -> Vec<(String, u64)> {
+    let dump: serde_json::Value = serde_json::from_str(&envoy.admin_get("/config_dump?resource=dynamic_route_configs").await).unwrap_or_default();
+    let mut out = Vec::new();
+    for cfg in dump["configs"].as_array().into_iter().flatten() {
+        for vh in cfg["route_config"]["virtual_hosts"].as_array().into_iter().flatten() {
+            if !vh["name"].as_str().unwrap_or("").starts_with("reviews.default.svc.cluster.local") {
+                continue;
+            }
+            for route in vh["routes"].as_array().into_iter().flatten() {
+                for c in route["route"]["weighted_clusters"]["clusters"].as_array().into_iter().flatten() {
+                    out.push((c["name"].as_str().unwrap_or("").to_string(), c["weight"].as_u64().unwrap_or(0)));
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Envoy's healthy endpoint addresses of one cluster, from its /clusters page.
+async fn envoy_endpoints(envoy: &Envoy, cluster: &str) -> Vec<String> {
+    let page = envoy.admin_get("/clusters").await;
+    let prefix = format!("{cluster}::");
+    let mut out: Vec<String> = page
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| rest.split_once("::cx_active").map(|(addr, _)| addr.to_string()))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_scenario_against_two_real_clusters() {
+    let Some(kubeenv) = kubeenv_or_skip("seed_scenario_against_two_real_clusters") else { return };
+    let Some(envoy_bin) = envoy_or_skip("seed_scenario_against_two_real_clusters") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    // Pod IPs: EndpointSlice validation refuses loopback addresses, so the pods
+    // get addresses from the documentation ranges (RFC 5737). This test checks
+    // what meshpilot serves and sends no request to them; traffic through real
+    // workloads is tested in network namespaces (e2e/netns) and in tests/mesh_traffic.rs.
+    let mp_prefix = "192.0.2".to_string();
+    let rc_prefix = "198.51.100".to_string();
+    let (a, b) = random_loopback_prefix();
+    let outbound_bind = format!("127.{a}.{b}.10");
+
+    let (mgmt, remote) = tokio::join!(
+        KubeCluster::start(&kubeenv, "management-plane", root),
+        KubeCluster::start(&kubeenv, "remote-cluster", root)
+    );
+    let mut remote = remote;
+
+    // Install meshpilot's manifests (CRDs, RBAC, Deployment, Service): proves they are valid.
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    mgmt.kubectl(&["apply", "-k", repo.join("deploy").to_str().unwrap()]);
+    mgmt.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd/trafficpolicies.networking.zephyr.solo.io", "crd/kubernetesclusters.discovery.zephyr.solo.io", "crd/virtualmeshes.networking.zephyr.solo.io"]);
+    let deployment = mgmt.kubectl(&["get", "deployment", "meshpilot", "-n", "service-mesh-hub", "-o", "jsonpath={.spec.template.spec.containers[0].readinessProbe.httpGet.path}"]);
+    assert_eq!(deployment, "/readyz");
+
+    // Register both clusters, least privilege.
+    register(&mgmt, &mgmt);
+    register(&mgmt, &remote);
+    let reader = "system:serviceaccount:service-mesh-hub:meshpilot-reader";
+    assert_eq!(remote.kubectl(&["auth", "can-i", "watch", "endpointslices.discovery.k8s.io", "--as", reader]).trim(), "yes");
+    let secrets = remote.kubectl_stdin(&["auth", "can-i", "list", "secrets", "--as", reader], None);
+    assert!(matches!(&secrets, Err(e) if e.contains("no")), "the reader must not read Secrets: {secrets:?}");
+
+    // bookinfo in both clusters.
+    let manifest = |f: &str, prefix: &str| std::fs::read_to_string(repo.join("e2e/manifests").join(f)).unwrap().replace("POD_PREFIX", prefix);
+    mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("management-plane.yaml", &mp_prefix))).unwrap();
+    remote.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("remote-cluster.yaml", &rc_prefix))).unwrap();
+    remote.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("reviews-v3.yaml", &rc_prefix))).unwrap();
+    mgmt.kubectl(&["apply", "-f", repo.join("examples/bookinfo/mesh/virtual-mesh.yaml").to_str().unwrap()]);
+
+    let meshpilot = KubeMeshpilot::start(root, &mgmt, "replica-a").await;
+    let envoy = Envoy::start_in(&envoy_bin, root, "productpage-v1.default", "management-plane", meshpilot.xds_port, &["--labels", "app=productpage,version=v1", "--outbound-bind", &outbound_bind]);
+
+    // The seed's TrafficPolicy, verbatim, with kubectl.
+    mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&seed_policy())).unwrap();
+    let (state, generation, message) = wait_for("TrafficPolicy simple ACCEPTED", Duration::from_secs(30), || async {
+        let s = policy_state(&mgmt, "simple");
+        (s.0 == "ACCEPTED").then_some(s)
+    })
+    .await;
+    assert_eq!((state.as_str(), generation.as_str()), ("ACCEPTED", "1"), "{message}");
+
+    let weights = wait_for("Envoy to receive 75/15/10", Duration::from_secs(30), || async {
+        let w = envoy_reviews_weights(&envoy).await;
+        (w.len() == 3).then_some(w)
+    })
+    .await;
+    let mut by_weight: Vec<u64> = weights.iter().map(|(_, w)| *w).collect();
+    by_weight.sort();
+    assert_eq!(by_weight, vec![10, 15, 75], "{weights:?}");
+    let v3_cluster = weights.iter().find(|(_, w)| *w == 75).unwrap().0.clone();
+    assert!(v3_cluster.contains("remote-cluster"), "{v3_cluster}");
+    let v3_addr = format!("{rc_prefix}.23:9080");
+    wait_for("v3's endpoint in Envoy", Duration::from_secs(20), || async {
+        envoy_endpoints(&envoy, &v3_cluster).await.contains(&v3_addr).then_some(())
+    })
+    .await;
+
+    // Scale reviews-v3 to zero and back: each change reaches Envoy within a second.
+    let t = Instant::now();
+    remote.kubectl(&["delete", "pod", "reviews-v3", "-n", "default", "--wait=false"]);
+    wait_for("v3's endpoint gone from Envoy", Duration::from_secs(10), || async {
+        envoy_endpoints(&envoy, &v3_cluster).await.is_empty().then_some(())
+    })
+    .await;
+    let removal = t.elapsed();
+    let t = Instant::now();
+    remote.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("reviews-v3.yaml", &rc_prefix))).unwrap();
+    wait_for("v3's endpoint back in Envoy", Duration::from_secs(10), || async {
+        envoy_endpoints(&envoy, &v3_cluster).await.contains(&v3_addr).then_some(())
+    })
+    .await;
+    let addition = t.elapsed();
+    eprintln!("endpoint change to Envoy: removal {removal:?}, addition {addition:?}");
+    assert!(removal < Duration::from_secs(1) && addition < Duration::from_secs(1), "removal {removal:?}, addition {addition:?}");
+
+    // Bad input: CRD validation rejects a misspelt field outright...
+    let typo = seed_policy().replace("weight: 75", "wieght: 75");
+    let err = mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&typo)).unwrap_err();
+    assert!(err.contains("wieght"), "{err}");
+    // ...and a policy that parses but points nowhere is INVALID, naming the field, while the last good config serves.
+    let bad = seed_policy().replace("cluster: remote-cluster", "cluster: no-such-cluster");
+    mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&bad)).unwrap();
+    let (_, generation, message) = wait_for("TrafficPolicy simple INVALID", Duration::from_secs(30), || async {
+        let s = policy_state(&mgmt, "simple");
+        (s.0 == "INVALID").then_some(s)
+    })
+    .await;
+    assert_eq!(generation, "2");
+    assert!(message.contains("spec.trafficShift.destinations[0]"), "{message}");
+    let serving = mgmt.kubectl(&["get", "trafficpolicy", "simple", "-n", "service-mesh-hub", "-o", "jsonpath={.status.servingGeneration}"]);
+    assert_eq!(serving, "1");
+    assert_eq!(envoy_reviews_weights(&envoy).await, weights, "the last good config keeps serving");
+    mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&seed_policy())).unwrap();
+    wait_for("TrafficPolicy simple ACCEPTED again", Duration::from_secs(30), || async {
+        let s = policy_state(&mgmt, "simple");
+        (s.0 == "ACCEPTED" && s.1 == "3").then_some(())
+    })
+    .await;
+
+    // The status writer holds the Lease.
+    let holder = mgmt.kubectl(&["get", "lease", "meshpilot-status-writer", "-n", "service-mesh-hub", "-o", "jsonpath={.spec.holderIdentity}"]);
+    assert_eq!(holder, "replica-a");
+
+    // Faults: the remote API server dies; its endpoints keep serving, marked stale.
+    let pushes_before = meshpilot.counter("meshpilot_xds_pushes_total").await;
+    remote.kill();
+    wait_for("remote-cluster marked stale", Duration::from_secs(30), || async {
+        (meshpilot.cluster_health("remote-cluster").await["stale"] == true).then_some(())
+    })
+    .await;
+    assert!(envoy_endpoints(&envoy, &v3_cluster).await.contains(&v3_addr), "nothing is wiped while the cluster is away");
+    assert_eq!(envoy_reviews_weights(&envoy).await, weights);
+    // It comes back: meshpilot re-lists (its watches' resourceVersions are too old: 410 Gone) and converges.
+    let lists_before = meshpilot.cluster_health("remote-cluster").await["lists"].as_u64().unwrap_or(0);
+    remote.run().await;
+    wait_for("remote-cluster re-listed and fresh", Duration::from_secs(60), || async {
+        let h = meshpilot.cluster_health("remote-cluster").await;
+        (h["stale"] == false && h["lists"].as_u64().unwrap_or(0) >= lists_before + 4).then_some(())
+    })
+    .await;
+    assert!(envoy_endpoints(&envoy, &v3_cluster).await.contains(&v3_addr));
+    let pushes_after = meshpilot.counter("meshpilot_xds_pushes_total").await;
+    assert!(pushes_after - pushes_before <= 2.0, "re-listing unchanged objects caused {} pushes", pushes_after - pushes_before);
+    drop(meshpilot);
+    drop(mgmt);
+}
