@@ -141,7 +141,7 @@ fn seed_policy() -> String {
 }
 
 struct KubeMeshpilot {
-    proc: Proc,
+    _proc: Proc,
     admin: String,
     xds_port: u16,
 }
@@ -157,7 +157,7 @@ impl KubeMeshpilot {
             .args(["--context", &mgmt.context(), "--management-cluster-name", &mgmt.name])
             .args(["--debounce-after", "20ms", "--lease-duration", "3s", "--id", id])
             .env("MESHPILOT_LOG", "info,meshpilot=debug");
-        let mp = KubeMeshpilot { proc: Proc::spawn(&format!("meshpilot-{id}"), cmd, dir), admin, xds_port };
+        let mp = KubeMeshpilot { _proc: Proc::spawn(&format!("meshpilot-{id}"), cmd, dir), admin, xds_port };
         let addr = mp.admin.clone();
         wait_for("meshpilot /readyz", Duration::from_secs(60), || {
             let addr = addr.clone();
@@ -374,12 +374,17 @@ async fn seed_scenario_against_two_real_clusters() {
     })
     .await;
 
+    // Fields read but not yet in effect are reported, never silently ignored.
+    let vm = mgmt.kubectl(&["get", "virtualmesh", "virtual-mesh", "-n", "service-mesh-hub", "-o", "jsonpath={.status.translationStatus.state} {.status.notYetSupported}"]);
+    assert!(vm.starts_with("ACCEPTED ") && vm.contains("spec.federation: not yet supported"), "{vm}");
+
     // The status writer holds the Lease.
     let holder = mgmt.kubectl(&["get", "lease", "meshpilot-status-writer", "-n", "service-mesh-hub", "-o", "jsonpath={.spec.holderIdentity}"]);
     assert_eq!(holder, "replica-a");
 
     // Faults: the remote API server dies; its endpoints keep serving, marked stale.
     let pushes_before = meshpilot.counter("meshpilot_xds_pushes_total").await;
+    assert!(pushes_before > 0.0, "the push counter counts (the sidecar got its config)");
     remote.kill();
     wait_for("remote-cluster marked stale", Duration::from_secs(30), || async {
         (meshpilot.cluster_health("remote-cluster").await["stale"] == true).then_some(())
@@ -398,6 +403,19 @@ async fn seed_scenario_against_two_real_clusters() {
     assert!(envoy_endpoints(&envoy, &v3_cluster).await.contains(&v3_addr));
     let pushes_after = meshpilot.counter("meshpilot_xds_pushes_total").await;
     assert!(pushes_after - pushes_before <= 2.0, "re-listing unchanged objects caused {} pushes", pushes_after - pushes_before);
+
+    // A second replica serves xDS without the Lease; when the holder dies it takes over status writing.
+    let replica_b = KubeMeshpilot::start(root, &mgmt, "replica-b").await;
+    assert_eq!(replica_b.cluster_health("remote-cluster").await["synced"], true);
     drop(meshpilot);
+    let edited = seed_policy().replace("weight: 75", "weight: 70");
+    mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&edited)).unwrap();
+    wait_for("replica-b to write generation 4's status", Duration::from_secs(30), || async {
+        let s = policy_state(&mgmt, "simple");
+        (s.0 == "ACCEPTED" && s.1 == "4").then_some(())
+    })
+    .await;
+    let holder = mgmt.kubectl(&["get", "lease", "meshpilot-status-writer", "-n", "service-mesh-hub", "-o", "jsonpath={.spec.holderIdentity}"]);
+    assert_eq!(holder, "replica-b");
     drop(mgmt);
 }

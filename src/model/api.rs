@@ -371,6 +371,9 @@ pub struct PolicyObjectStatus {
     /// The services the policy applies to (`name.namespace.cluster`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<String>,
+    /// Fields that are accepted but not yet in effect.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_yet_supported: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]

@@ -49,6 +49,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn checked_in_crds_match_the_types() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let kustomization = std::fs::read_to_string(root.join("deploy/kustomization.yaml")).unwrap();
+        for (file, crd) in all_crds() {
+            let on_disk = std::fs::read_to_string(root.join("deploy/crds").join(file)).unwrap_or_default();
+            assert!(
+                on_disk == render(&crd),
+                "deploy/crds/{file} has drifted from src/model/api.rs: run `cargo run -- crds --out-dir deploy/crds` and commit it"
+            );
+            assert!(kustomization.contains(&format!("crds/{file}")), "deploy/kustomization.yaml does not install {file}");
+        }
+    }
+
+    #[test]
     fn every_crd_has_a_structural_spec_schema() {
         for (file, crd) in all_crds() {
             let text = render(&crd);

@@ -175,12 +175,15 @@ pub fn render(d: &ServiceDescription) -> String {
 #[serde(rename_all = "camelCase")]
 pub struct PolicyReport<'a> {
     pub policies: BTreeMap<String, &'a PolicyStatus>,
+    /// VirtualMeshes and AccessControlPolicies.
+    pub mesh_objects: BTreeMap<String, &'a super::MeshObjectStatus>,
     pub input_errors: &'a [String],
 }
 
 pub fn policy_report(snapshot: &MeshSnapshot) -> PolicyReport<'_> {
     PolicyReport {
         policies: snapshot.policy_status.iter().map(|(id, st): (&PolicyId, _)| (id.to_string(), st)).collect(),
+        mesh_objects: snapshot.mesh_object_status.iter().map(|(id, st)| (id.to_string(), st)).collect(),
         input_errors: &snapshot.input_errors,
     }
 }

@@ -134,7 +134,64 @@ pub struct MeshSnapshot {
     /// Policies that apply, oldest first.
     pub applied: Vec<Arc<AppliedPolicy>>,
     pub policy_status: BTreeMap<PolicyId, PolicyStatus>,
+    /// VirtualMeshes and AccessControlPolicies: read, and what of them is not yet in effect.
+    pub mesh_object_status: BTreeMap<MeshObjectId, MeshObjectStatus>,
     pub input_errors: Vec<String>,
+}
+
+/// A VirtualMesh or AccessControlPolicy: `kind namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct MeshObjectId {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for MeshObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshObjectStatus {
+    pub state: PolicyState,
+    pub observed_generation: Option<i64>,
+    /// Why it is INVALID.
+    pub messages: Vec<String>,
+    /// Fields accepted but not yet in effect, never silently ignored.
+    pub not_yet_supported: Vec<String>,
+}
+
+/// The fields of a VirtualMesh that meshpilot reads but does not act on yet.
+fn virtual_mesh_unsupported(spec: &api::VirtualMeshSpec) -> Vec<String> {
+    let mut out = Vec::new();
+    if spec.certificate_authority.is_some() {
+        out.push("spec.certificateAuthority: not yet supported (mTLS between meshes is not issued yet)".to_string());
+    }
+    if spec.federation.is_some() {
+        out.push("spec.federation: not yet supported (every service of the virtual mesh is reachable from all its clusters)".to_string());
+    }
+    if spec.limited.is_some() {
+        out.push("spec.limited: not yet supported (trust is shared)".to_string());
+    }
+    if spec.enforce_access_control.is_some() {
+        out.push("spec.enforceAccessControl: not yet supported (access is not enforced)".to_string());
+    }
+    out
+}
+
+fn object_status<S>(kind: &str, p: &PolicyObject<S>, unsupported: Vec<String>) -> (MeshObjectId, MeshObjectStatus) {
+    let id = MeshObjectId { kind: kind.into(), namespace: p.namespace.clone(), name: p.name.clone() };
+    let invalid = !p.parse_errors.is_empty();
+    let status = MeshObjectStatus {
+        state: if invalid { PolicyState::Invalid } else { PolicyState::Accepted },
+        observed_generation: p.generation,
+        messages: p.parse_errors.clone(),
+        not_yet_supported: if invalid { Vec::new() } else { unsupported },
+    };
+    (id, status)
 }
 
 impl MeshSnapshot {
@@ -142,11 +199,21 @@ impl MeshSnapshot {
     /// in `last_good` across calls) and builds the snapshot.
     pub fn build(inputs: MeshInputs, last_good: &mut policy::LastGood) -> MeshSnapshot {
         let mesh_peers = mesh_peers(&inputs);
+        let mut mesh_object_status: BTreeMap<MeshObjectId, MeshObjectStatus> = inputs
+            .virtual_meshes
+            .iter()
+            .map(|vm| object_status("VirtualMesh", vm, virtual_mesh_unsupported(&vm.spec)))
+            .collect();
+        mesh_object_status.extend(inputs.access_policies.iter().map(|acp| {
+            let note = "AccessControlPolicy: not yet supported (policies are read and validated; access is not enforced yet)".to_string();
+            object_status("AccessControlPolicy", acp, vec![note])
+        }));
         let mut snapshot = MeshSnapshot {
             clusters: inputs.clusters,
             mesh_peers,
             applied: Vec::new(),
             policy_status: BTreeMap::new(),
+            mesh_object_status,
             input_errors: inputs.errors,
         };
         let (applied, status) = policy::resolve(&snapshot, &inputs.traffic_policies, last_good);

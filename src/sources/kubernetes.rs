@@ -12,9 +12,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject};
@@ -131,56 +131,79 @@ fn spawn_reflector<K>(
     health: SourceHealth,
     dirty: mpsc::UnboundedSender<Dirty>,
 ) where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    let stream = watcher(api, watcher::Config::default()).default_backoff().modify(|o: &mut K| {
-        o.meta_mut().managed_fields = None;
-    });
-    let stream = reflector::reflector(writer, stream);
-    tasks.spawn(drive(stream, cluster, kind, health, dirty));
+    tasks.spawn(reflect(api, writer, cluster, kind, health, dirty));
 }
 
-async fn drive<K: Resource>(
-    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(3);
+
+/// The watch loop of one kind in one cluster. Any watch error ends the
+/// watch; after a short backoff a fresh one starts with a complete list, so
+/// "fresh again" always means "re-listed" (which is also what a 410 Gone
+/// requires). The store is only replaced when a list completes, so while the
+/// API server is away the last known objects keep serving.
+async fn reflect<K>(
+    api: Api<K>,
+    mut writer: reflector::store::Writer<K>,
     cluster: String,
     kind: &'static str,
     health: SourceHealth,
     dirty: mpsc::UnboundedSender<Dirty>,
-) {
-    let mut stream = std::pin::pin!(stream);
-    let mut listing = false;
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(watcher::Event::Init) => listing = true,
-            Ok(watcher::Event::InitApply(_)) => {}
-            Ok(watcher::Event::InitDone) => {
-                listing = false;
-                health.update(&cluster, |h| {
-                    h.lists += 1;
-                    h.failing.retain(|k| k != kind);
-                    h.stale = !h.failing.is_empty();
-                    h.last_event_unix = Some(now_unix());
-                });
-                let _ = dirty.send(Dirty::Cluster(cluster.clone()));
+) where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let mut retry = RETRY_FIRST;
+    loop {
+        let mut stream = std::pin::pin!(watcher(api.clone(), watcher::Config::default()));
+        let mut listing = false;
+        while let Some(item) = stream.next().await {
+            let mut event = match item {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(cluster = %cluster, kind, error = %e, "watch failed; serving the last known objects until a re-list completes");
+                    health.update(&cluster, |h| {
+                        h.watch_errors += 1;
+                        h.last_error = Some(format!("{kind}: {e}"));
+                        if !h.failing.iter().any(|k| k == kind) {
+                            h.failing.push(kind.to_string());
+                        }
+                        h.stale = true;
+                    });
+                    break;
+                }
+            };
+            if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o) = &mut event {
+                o.meta_mut().managed_fields = None;
             }
-            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
-                if !listing {
-                    health.update(&cluster, |h| h.last_event_unix = Some(now_unix()));
+            writer.apply_watcher_event(&event);
+            match event {
+                watcher::Event::Init => listing = true,
+                watcher::Event::InitApply(_) => {}
+                watcher::Event::InitDone => {
+                    listing = false;
+                    retry = RETRY_FIRST;
+                    health.update(&cluster, |h| {
+                        h.lists += 1;
+                        h.failing.retain(|k| k != kind);
+                        h.stale = !h.failing.is_empty();
+                        h.last_event_unix = Some(now_unix());
+                    });
                     let _ = dirty.send(Dirty::Cluster(cluster.clone()));
                 }
-            }
-            Err(e) => {
-                tracing::warn!(cluster = %cluster, kind, error = %e, "watch failed; serving the last known objects");
-                health.update(&cluster, |h| {
-                    h.watch_errors += 1;
-                    h.last_error = Some(format!("{kind}: {e}"));
-                    if !h.failing.iter().any(|k| k == kind) {
-                        h.failing.push(kind.to_string());
+                watcher::Event::Apply(_) | watcher::Event::Delete(_) => {
+                    if !listing {
+                        health.update(&cluster, |h| h.last_event_unix = Some(now_unix()));
+                        let _ = dirty.send(Dirty::Cluster(cluster.clone()));
                     }
-                    h.stale = true;
-                });
+                }
             }
         }
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(RETRY_MAX);
     }
 }
 
@@ -255,9 +278,7 @@ pub async fn run(
         let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
         let store = writer.as_reader();
         let api = Api::<DynamicObject>::all_with(management.clone(), &ar);
-        let stream = watcher(api, watcher::Config::default()).default_backoff();
-        let stream = reflector::reflector(writer, stream);
-        mesh_tasks.spawn(drive(stream, MESH_OBJECTS.to_string(), kind, health.clone(), dirty_tx.clone()));
+        spawn_reflector(mesh_tasks, api, writer, MESH_OBJECTS.to_string(), kind, health.clone(), dirty_tx.clone());
         store
     };
     let traffic_policies = mesh_store(ApiResource::erase::<TrafficPolicy>(&()), "TrafficPolicy", &mut mesh_tasks);

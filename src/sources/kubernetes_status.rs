@@ -13,15 +13,15 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::Client;
 use serde_json::{Value, json};
 
 use tokio::sync::watch;
 
 use crate::mesh_provider::MeshResources;
-use crate::model::api::{ApprovalStatus, ConflictError, NETWORKING_GROUP_VERSION, PolicyObjectStatus, TrafficPolicy};
-use crate::model::{PolicyId, PolicyState, PolicyStatus};
+use crate::model::api::{AccessControlPolicy, ApprovalStatus, ConflictError, NETWORKING_GROUP_VERSION, PolicyObjectStatus, TrafficPolicy, VirtualMesh};
+use crate::model::{MeshObjectId, MeshObjectStatus, PolicyId, PolicyState, PolicyStatus};
 
 pub const FIELD_MANAGER: &str = "meshpilot";
 
@@ -53,6 +53,18 @@ pub fn status_json(status: &PolicyStatus) -> Value {
         },
         serving_generation: status.serving_generation,
         services: status.services.clone(),
+        not_yet_supported: Vec::new(),
+    };
+    serde_json::to_value(typed).expect("status serializes")
+}
+
+/// The `status` of a VirtualMesh or AccessControlPolicy.
+pub fn mesh_object_status_json(status: &MeshObjectStatus) -> Value {
+    let typed = PolicyObjectStatus {
+        observed_generation: status.observed_generation,
+        translation_status: Some(ApprovalStatus { state: status.state.to_string(), message: status.messages.join("; ") }),
+        not_yet_supported: status.not_yet_supported.clone(),
+        ..Default::default()
     };
     serde_json::to_value(typed).expect("status serializes")
 }
@@ -112,6 +124,7 @@ pub async fn run_status_writer(client: Client, cfg: LeaseConfig, resources: Arc<
     let renew_every = cfg.duration / 3;
     let mut leader = false;
     let mut written: HashMap<PolicyId, Value> = HashMap::new();
+    let mut written_objects: HashMap<MeshObjectId, Value> = HashMap::new();
     let mut renew = tokio::time::interval(renew_every);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -128,6 +141,7 @@ pub async fn run_status_writer(client: Client, cfg: LeaseConfig, resources: Arc<
                 if leader != was {
                     tracing::info!(identity = %cfg.identity, leader, "status-writer lease changed hands");
                     written.clear();
+                    written_objects.clear();
                 }
             }
             changed = snapshots.changed() => {
@@ -153,9 +167,76 @@ pub async fn run_status_writer(client: Client, cfg: LeaseConfig, resources: Arc<
                     written.insert(id.clone(), body);
                 }
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => tracing::warn!(policy = %id, error = %e, "writing TrafficPolicy status failed; retrying on the next change"),
+                Err(e) => tracing::warn!(policy = %id, error = %e, "writing TrafficPolicy status failed; retrying on the next round"),
             }
         }
         written.retain(|id, _| snapshot.policy_status.contains_key(id));
+        for (id, status) in &snapshot.mesh_object_status {
+            let body = mesh_object_status_json(status);
+            if written_objects.get(id) == Some(&body) {
+                continue;
+            }
+            let ar = match id.kind.as_str() {
+                "VirtualMesh" => ApiResource::erase::<VirtualMesh>(&()),
+                _ => ApiResource::erase::<AccessControlPolicy>(&()),
+            };
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &id.namespace, &ar);
+            let patch = json!({ "apiVersion": NETWORKING_GROUP_VERSION, "kind": id.kind, "status": body });
+            match api.patch_status(&id.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await {
+                Ok(_) => {
+                    written_objects.insert(id.clone(), body);
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => tracing::warn!(object = %id, error = %e, "writing status failed; retrying on the next round"),
+            }
+        }
+        written_objects.retain(|id, _| snapshot.mesh_object_status.contains_key(id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(state: PolicyState, messages: &[&str]) -> PolicyStatus {
+        PolicyStatus {
+            state,
+            observed_generation: Some(3),
+            serving_generation: Some(2),
+            messages: messages.iter().map(|m| m.to_string()).collect(),
+            services: vec!["reviews.default.management-plane".into()],
+            origin: "cluster management-plane".into(),
+        }
+    }
+
+    #[test]
+    fn invalid_status_names_the_field_and_the_serving_generation() {
+        let v = status_json(&status(PolicyState::Invalid, &["spec.trafficShift.destinations[0].destination: unknown"]));
+        assert_eq!(v["translationStatus"]["state"], "INVALID");
+        assert_eq!(v["validationStatus"]["state"], "INVALID");
+        assert_eq!(v["validationStatus"]["message"], "spec.trafficShift.destinations[0].destination: unknown");
+        assert_eq!(v["observedGeneration"], 3);
+        assert_eq!(v["servingGeneration"], 2);
+        assert!(v.get("conflictErrors").is_none());
+    }
+
+    #[test]
+    fn conflict_status_lists_conflict_errors() {
+        let v = status_json(&status(PolicyState::Conflict, &["a", "b"]));
+        assert_eq!(v["translationStatus"]["state"], "CONFLICT");
+        assert_eq!(v["validationStatus"]["state"], "ACCEPTED");
+        assert_eq!(v["conflictErrors"][1]["errorMessage"], "b");
+    }
+
+    #[test]
+    fn mesh_objects_report_what_is_not_yet_supported() {
+        let v = mesh_object_status_json(&MeshObjectStatus {
+            state: PolicyState::Accepted,
+            observed_generation: Some(1),
+            messages: vec![],
+            not_yet_supported: vec!["spec.federation: not yet supported".into()],
+        });
+        assert_eq!(v["translationStatus"]["state"], "ACCEPTED");
+        assert_eq!(v["notYetSupported"][0], "spec.federation: not yet supported");
     }
 }
