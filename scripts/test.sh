@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Sets up and runs every test. Tests that need a real Envoy fail (never skip)
-# here: MESHPILOT_REQUIRE_ENVOY=1.
+# Sets up and runs every test. Tests that need a real part fail (never skip)
+# here: a real Envoy (MESHPILOT_REQUIRE_ENVOY=1) and real Kubernetes clusters
+# built from the Go modules by e2e/build.sh (MESHPILOT_REQUIRE_E2E=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENVOY_BIN="$(scripts/setup.sh | tail -n 1)"
-export ENVOY_BIN MESHPILOT_REQUIRE_ENVOY=1
+KUBEENV_BIN="$(e2e/build.sh | tail -n 1)"
+export ENVOY_BIN KUBEENV_BIN MESHPILOT_REQUIRE_ENVOY=1 MESHPILOT_REQUIRE_E2E=1
+command -v kubectl >/dev/null || { echo "scripts/test.sh: kubectl is required for the Kubernetes e2e" >&2; exit 1; }
 cargo build --all-targets --locked
 cargo test --locked --all-targets
