@@ -26,6 +26,16 @@ pub struct BootstrapOptions {
     pub delta: bool,
     /// Where outbound listeners bind (`OUTBOUND_BIND` metadata).
     pub outbound_bind: Option<String>,
+    /// The workload's identity (`SERVICE_ACCOUNT`), addresses (`INSTANCE_IPS`)
+    /// and where the application listens (`APP_ADDRESS`).
+    pub service_account: Option<String>,
+    pub instance_ips: Vec<String>,
+    pub app_address: Option<String>,
+    /// Reach meshpilot over this Unix socket instead of xds_host:xds_port
+    /// (crosses network namespaces).
+    pub xds_pipe: Option<String>,
+    /// Serve Envoy's admin page on this Unix socket instead of 127.0.0.1:admin_port.
+    pub admin_pipe: Option<String>,
 }
 
 /// The bootstrap Envoy starts from: ADS to meshpilot, with the node metadata
@@ -43,7 +53,24 @@ pub fn bootstrap(opts: &BootstrapOptions) -> Value {
     if let Some(bind) = &opts.outbound_bind {
         metadata["OUTBOUND_BIND"] = json!(bind);
     }
-    let discovery_type = if opts.xds_host.parse::<IpAddr>().is_ok() { "STATIC" } else { "STRICT_DNS" };
+    if let Some(sa) = &opts.service_account {
+        metadata["SERVICE_ACCOUNT"] = json!(sa);
+    }
+    if !opts.instance_ips.is_empty() {
+        metadata["INSTANCE_IPS"] = json!(opts.instance_ips.join(","));
+    }
+    if let Some(app) = &opts.app_address {
+        metadata["APP_ADDRESS"] = json!(app);
+    }
+    let xds_address = match &opts.xds_pipe {
+        Some(path) => json!({"pipe": {"path": path}}),
+        None => json!({"socket_address": {"address": opts.xds_host, "port_value": opts.xds_port}}),
+    };
+    let admin_address = match &opts.admin_pipe {
+        Some(path) => json!({"pipe": {"path": path}}),
+        None => json!({"socket_address": {"address": "127.0.0.1", "port_value": opts.admin_port}}),
+    };
+    let discovery_type = if opts.xds_pipe.is_some() || opts.xds_host.parse::<IpAddr>().is_ok() { "STATIC" } else { "STRICT_DNS" };
     let config_source = json!({"ads": {}, "resource_api_version": "V3"});
     json!({
         "node": {
@@ -52,7 +79,7 @@ pub fn bootstrap(opts: &BootstrapOptions) -> Value {
             "metadata": metadata,
         },
         "admin": {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": opts.admin_port}},
+            "address": admin_address,
         },
         "dynamic_resources": {
             "ads_config": {
@@ -71,9 +98,7 @@ pub fn bootstrap(opts: &BootstrapOptions) -> Value {
                 "connect_timeout": "1s",
                 "load_assignment": {
                     "cluster_name": XDS_CLUSTER,
-                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                        "address": opts.xds_host, "port_value": opts.xds_port,
-                    }}}}]}],
+                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": xds_address}}]}],
                 },
                 "typed_extension_protocol_options": {
                     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -106,6 +131,11 @@ mod tests {
             admin_port: 15000,
             delta: false,
             outbound_bind: Some("127.0.0.2".into()),
+            service_account: Some("bookinfo-productpage".into()),
+            instance_ips: vec!["10.10.0.10".into()],
+            app_address: None,
+            xds_pipe: None,
+            admin_pipe: None,
         }
     }
 
@@ -118,6 +148,12 @@ mod tests {
             let json = bootstrap(&o);
             codec::json_to_bytes("envoy.config.bootstrap.v3.Bootstrap", &json).expect("parses as a Bootstrap");
         }
+        let mut o = opts();
+        o.xds_pipe = Some("/tmp/meshpilot-xds.sock".into());
+        o.admin_pipe = Some("/tmp/envoy-admin.sock".into());
+        let json = bootstrap(&o);
+        codec::json_to_bytes("envoy.config.bootstrap.v3.Bootstrap", &json).expect("parses as a Bootstrap");
+        assert_eq!(json["admin"]["address"]["pipe"]["path"], "/tmp/envoy-admin.sock");
     }
 
     #[test]
@@ -127,6 +163,8 @@ mod tests {
         assert_eq!(meta["CLUSTER_ID"], "management-plane");
         assert_eq!(meta["NETWORK"], "net1");
         assert_eq!(meta["OUTBOUND_BIND"], "127.0.0.2");
+        assert_eq!(meta["SERVICE_ACCOUNT"], "bookinfo-productpage");
+        assert_eq!(meta["INSTANCE_IPS"], "10.10.0.10");
         assert_eq!(meta["LABELS"]["app"], "productpage");
         assert_eq!(json["dynamic_resources"]["ads_config"]["api_type"], "GRPC");
         assert_eq!(json["static_resources"]["clusters"][0]["type"], "STATIC");

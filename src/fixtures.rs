@@ -33,6 +33,7 @@ fn endpoint(cluster: usize, service: usize, i: usize) -> Endpoint {
         network: String::new(),
         service_account: service_name(service),
         pod: Some(format!("{}-{i}", service_name(service))),
+        mesh_tls: false,
     }
 }
 
@@ -53,6 +54,7 @@ pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
                     ports: vec![ServicePort { name: "http".into(), port: 9080, protocol: "TCP".into() }],
                     labels: [("app".to_string(), svc.clone())].into(),
                     cluster_ip: None,
+                    external_addresses: Vec::new(),
                 },
             );
             state.endpoints.insert((ns, svc), (0..spec.endpoints).map(|i| endpoint(c, s, i)).collect());

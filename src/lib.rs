@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod bootstrap;
+pub mod ca;
 pub mod cli;
 pub mod fixtures;
 pub mod mesh_provider;

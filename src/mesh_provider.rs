@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use dashmap::DashMap;
 
+use crate::ca::WorkloadCertificates;
 use crate::model::policy::{LastGood, PolicyState};
 use crate::model::{MeshInputs, MeshSnapshot, ServiceKey};
 use crate::translate::{self, ProxyScope};
@@ -22,6 +23,7 @@ pub struct MeshResources {
     last_good: Mutex<LastGood>,
     ready: AtomicBool,
     notifier: ChangeNotifier,
+    certs: Arc<WorkloadCertificates>,
 }
 
 /// How two snapshots differ.
@@ -60,6 +62,10 @@ pub fn classify_change(old: &MeshSnapshot, new: &MeshSnapshot) -> SnapshotChange
 
 /// Replaces the EDS resources of `changed` services in `set`.
 pub fn patch_endpoints(snapshot: &MeshSnapshot, scope: &ProxyScope, set: &ResourceSet, changed: &BTreeSet<ServiceKey>) -> ResourceSet {
+    if scope.role == crate::xds::node::ProxyRole::Gateway {
+        // Gateways are few and their clusters are SNI-named: translate them again.
+        return translate::translate(snapshot, scope);
+    }
     let targets: Vec<translate::ClusterTarget> = set
         .of_type(ResourceType::Endpoint)
         .keys()
@@ -67,7 +73,7 @@ pub fn patch_endpoints(snapshot: &MeshSnapshot, scope: &ProxyScope, set: &Resour
         .filter(|t| changed.contains(&t.service))
         .collect();
     let mut next = set.clone();
-    for r in translate::translate_endpoints(snapshot, &targets) {
+    for r in translate::translate_endpoints(snapshot, scope, &targets) {
         next.insert(ResourceType::Endpoint, r);
     }
     next
@@ -75,12 +81,45 @@ pub fn patch_endpoints(snapshot: &MeshSnapshot, scope: &ProxyScope, set: &Resour
 
 impl MeshResources {
     pub fn new(notifier: ChangeNotifier) -> Self {
+        Self::with_certificates(notifier, Arc::new(WorkloadCertificates::new(std::time::Duration::from_secs(86400), None)))
+    }
+
+    pub fn with_certificates(notifier: ChangeNotifier, certs: Arc<WorkloadCertificates>) -> Self {
         MeshResources {
+            certs,
             current: RwLock::new((0, Arc::new(MeshSnapshot::default()))),
             cache: DashMap::new(),
             last_good: Mutex::new(LastGood::default()),
             ready: AtomicBool::new(false),
             notifier,
+        }
+    }
+
+    /// Drops every cached translation and pushes (certificates were rotated).
+    pub fn rotate_certificates(&self) {
+        self.cache.clear();
+        self.notifier.changed();
+    }
+
+    pub fn certificates(&self) -> &Arc<WorkloadCertificates> {
+        &self.certs
+    }
+
+    /// A sidecar's SDS secrets (`default`, `ROOTCA`) when its cluster has mTLS.
+    fn add_secrets(&self, snapshot: &MeshSnapshot, scope: &ProxyScope, set: &mut ResourceSet) {
+        if scope.role != crate::xds::node::ProxyRole::Sidecar {
+            return;
+        }
+        let Some(trust) = snapshot.trust.get(&scope.cluster) else { return };
+        let id = translate::tls::spiffe_id(&trust.trust_domain, &scope.namespace, &scope.service_account);
+        match self.certs.certificate(&trust.virtual_mesh, &id, std::time::SystemTime::now()) {
+            Ok((cert, root)) => {
+                let w = translate::tls::workload_secret(&cert.cert_pem, &cert.key_pem);
+                set.insert(ResourceType::Secret, crate::xds::resources::Resource::from_message(w.name.clone(), &w));
+                let r = translate::tls::root_secret(&root);
+                set.insert(ResourceType::Secret, crate::xds::resources::Resource::from_message(r.name.clone(), &r));
+            }
+            Err(e) => tracing::error!(spiffe_id = %id, error = %e, "cannot issue a workload certificate"),
         }
     }
 
@@ -151,7 +190,9 @@ impl ResourceProvider for MeshResources {
         {
             return e.1.clone();
         }
-        let set = Arc::new(translate::translate(&snapshot, &scope));
+        let mut set = translate::translate(&snapshot, &scope);
+        self.add_secrets(&snapshot, &scope, &mut set);
+        let set = Arc::new(set);
         // A newer snapshot may have landed meanwhile; never overwrite a newer entry.
         let mut entry = self.cache.entry(scope).or_insert((generation, set.clone()));
         if entry.0 <= generation {
@@ -190,6 +231,9 @@ mod tests {
             role: crate::xds::node::ProxyRole::Sidecar,
             labels: [("app".to_string(), app.to_string())].into(),
             outbound_bind: None,
+            service_account: "default".into(),
+            instance_ips: Vec::new(),
+            app_address: None,
             envoy_version: String::new(),
         }
     }

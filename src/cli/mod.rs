@@ -97,12 +97,25 @@ pub struct BootstrapArgs {
     /// The network the proxy is on (Istio's topology.istio.io/network).
     #[arg(long)]
     pub network: Option<String>,
-    /// meshpilot's xDS address, HOST:PORT.
+    /// meshpilot's xDS address, HOST:PORT, or unix:PATH (a Unix socket: reaches meshpilot
+    /// from another network namespace).
     #[arg(long, default_value = "127.0.0.1:15010")]
     pub xds_addr: String,
     /// Port of Envoy's own admin page (bound on 127.0.0.1).
     #[arg(long, default_value_t = 15000)]
     pub admin_port: u16,
+    /// Serve Envoy's admin page on this Unix socket instead.
+    #[arg(long)]
+    pub admin_socket: Option<PathBuf>,
+    /// The workload's service account (its mTLS identity: spiffe://<trust domain>/ns/<ns>/sa/<sa>).
+    #[arg(long)]
+    pub service_account: Option<String>,
+    /// The workload's (pod's) IP; repeat for several. Inbound mTLS listeners bind here.
+    #[arg(long = "instance-ip")]
+    pub instance_ips: Vec<String>,
+    /// Where the application listens for traffic the sidecar accepted (default 127.0.0.1).
+    #[arg(long)]
+    pub app_address: Option<String>,
     /// Address the proxy's outbound listeners bind to (explicit mode; default 127.0.0.1).
     /// Give each proxy on one machine its own loopback address.
     #[arg(long)]
@@ -135,7 +148,10 @@ fn split_host_port(addr: &str) -> anyhow::Result<(String, u16)> {
 }
 
 fn run_bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
-    let (xds_host, xds_port) = split_host_port(&args.xds_addr)?;
+    let (xds_pipe, (xds_host, xds_port)) = match args.xds_addr.strip_prefix("unix:") {
+        Some(path) => (Some(path.to_string()), (String::new(), 0)),
+        None => (None, split_host_port(&args.xds_addr)?),
+    };
     let opts = BootstrapOptions {
         node_id: args.node_id,
         cluster: args.cluster,
@@ -151,6 +167,11 @@ fn run_bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
         admin_port: args.admin_port,
         delta: args.delta,
         outbound_bind: args.outbound_bind,
+        service_account: args.service_account,
+        instance_ips: args.instance_ips,
+        app_address: args.app_address,
+        xds_pipe,
+        admin_pipe: args.admin_socket.map(|p| p.display().to_string()),
     };
     let text = serde_json::to_string_pretty(&bootstrap(&opts))? + "\n";
     match args.output {

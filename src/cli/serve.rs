@@ -26,6 +26,9 @@ pub struct ServeArgs {
     /// gRPC address for ADS, the per-type xDS services and CSDS.
     #[arg(long, default_value = "127.0.0.1:15010")]
     pub xds_addr: String,
+    /// Also serve xDS on this Unix socket (proxies in other network namespaces reach it by path).
+    #[arg(long)]
+    pub xds_socket: Option<PathBuf>,
     /// HTTP address for /healthz, /readyz, /metrics and /debug/*.
     #[arg(long, default_value = "127.0.0.1:15014")]
     pub admin_addr: String,
@@ -58,6 +61,13 @@ pub struct ServeArgs {
     /// How long a status-writer Lease lasts without renewal.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease_duration: Duration,
+    /// Lifetime of workload certificates (re-issued after two thirds of it).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub cert_ttl: Duration,
+    /// Where VirtualMesh CAs are kept (DIR/<namespace>.<name>/ca.crt, ca.key): a CA found there
+    /// is used (a provided CA), one generated is written there. Without it CAs live in memory.
+    #[arg(long)]
+    pub ca_dir: Option<PathBuf>,
     /// Push after config has been quiet this long (istiod's PILOT_DEBOUNCE_AFTER).
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     pub debounce_after: Duration,
@@ -112,9 +122,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut _dir_watcher = None;
     let mut cluster_health = None;
     let mut kube_tasks = Vec::new();
+    let certs = Arc::new(crate::ca::WorkloadCertificates::new(args.cert_ttl, args.ca_dir.clone()));
     let provider: Arc<dyn ResourceProvider> = match (&args.resources, &args.config_dir) {
         _ if args.kubernetes => {
-            let resources = Arc::new(MeshResources::new(notifier));
+            let resources = Arc::new(MeshResources::with_certificates(notifier, certs.clone()));
             let client = kube_client(args.kubeconfig.as_deref(), args.context.clone()).await?;
             let health = SourceHealth::default();
             let (snapshots_tx, snapshots_rx) = watch::channel(0u64);
@@ -146,7 +157,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             resources
         }
         (_, Some(dir)) => {
-            let resources = Arc::new(MeshResources::new(notifier));
+            let resources = Arc::new(MeshResources::with_certificates(notifier, certs.clone()));
             let memory = Arc::new(std::sync::Mutex::new(SourceMemory::default()));
             let inputs = load_config_dir(dir, &mut memory.lock().expect("source memory lock"))
                 .with_context(|| format!("reading --config-dir {}", dir.display()))?;
@@ -178,6 +189,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
 
+    if let Some(resources) = &mesh {
+        // Rotation: re-issue certificates that passed two thirds of their life, and push them.
+        let resources = resources.clone();
+        let every = (args.cert_ttl / 20).clamp(Duration::from_millis(500), Duration::from_secs(60));
+        kube_tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if resources.certificates().rotation_due(std::time::SystemTime::now()) {
+                    tracing::info!("rotating workload certificates");
+                    resources.rotate_certificates();
+                }
+            }
+        }));
+    }
     let (push_tx, push_rx) = watch::channel(None);
     let debounce = DebounceConfig { quiet: args.debounce_after, max: args.debounce_max };
     let debouncer = tokio::spawn(run_debouncer(debounce, changes, push_tx, metrics.clone()));
@@ -202,6 +228,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let grpc_unix = match &args.xds_socket {
+        Some(path) => {
+            let _ = std::fs::remove_file(path);
+            let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("binding --xds-socket {}", path.display()))?;
+            tracing::info!(socket = %path.display(), "serving xDS on a Unix socket too");
+            Some(tokio::spawn(crate::xds::serve_grpc_unix(listener, server.clone(), Csds::new(registry.clone()), stopped(stop_rx.clone()))))
+        }
+        None => None,
+    };
     let grpc = tokio::spawn(crate::xds::serve_grpc(xds_listener, server, Csds::new(registry.clone()), stopped(stop_rx.clone())));
     let admin = tokio::spawn(serve_admin(
         admin_listener,
@@ -219,6 +254,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let drain = async {
         let _ = grpc.await;
+        if let Some(g) = grpc_unix {
+            let _ = g.await;
+        }
         let _ = admin.await;
     };
     if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {

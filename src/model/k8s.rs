@@ -17,6 +17,8 @@ use super::{ClusterState, Endpoint, Locality, Service as MeshService, ServiceKey
 
 /// Istio's label for the network of a namespace, pod or gateway Service.
 pub const NETWORK_LABEL: &str = "topology.istio.io/network";
+/// Istio's pod label saying its sidecar accepts mTLS.
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -89,6 +91,18 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
                 ports,
                 labels: svc.metadata.labels.clone().unwrap_or_default(),
                 cluster_ip: spec.cluster_ip.filter(|ip| !ip.is_empty() && ip != "None"),
+                external_addresses: spec
+                    .external_ips
+                    .unwrap_or_default()
+                    .into_iter()
+                    .chain(
+                        svc.status
+                            .iter()
+                            .filter_map(|s| s.load_balancer.as_ref())
+                            .flat_map(|lb| lb.ingress.iter().flatten())
+                            .filter_map(|i| i.ip.clone()),
+                    )
+                    .collect(),
             },
         );
     }
@@ -145,6 +159,7 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
                 .and_then(|r| pods.get(&(r.namespace.clone().unwrap_or_else(|| namespace.clone()), r.name.clone()?)).copied());
             let (labels, service_account, pod_name) = pod_facts(pod);
             let network = labels.get(NETWORK_LABEL).cloned().unwrap_or_else(|| state.network.clone());
+            let mesh_tls = labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio");
             let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
             state.endpoints.entry(key.clone()).or_default().push(Endpoint {
                 address,
@@ -153,6 +168,7 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
                 ready,
                 locality: Locality { region: String::new(), zone: ep.zone.clone().unwrap_or_default() },
                 network,
+                mesh_tls,
                 service_account,
                 pod: pod_name,
             });
@@ -202,6 +218,7 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
             }
             let (labels, service_account, pod_name) = pod_facts(Some(pod));
             let network = labels.get(NETWORK_LABEL).cloned().unwrap_or_else(|| state.network.clone());
+            let mesh_tls = labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio");
             eps.push(Endpoint {
                 address,
                 ports,
@@ -209,6 +226,7 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
                 ready,
                 locality: Locality::default(),
                 network,
+                mesh_tls,
                 service_account,
                 pod: pod_name,
             });

@@ -52,6 +52,31 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     pub labels: BTreeMap<String, String>,
     pub cluster_ip: Option<String>,
+    /// Addresses reachable from outside the cluster (`spec.externalIPs`,
+    /// `status.loadBalancer.ingress[].ip`): an east-west gateway's addresses.
+    pub external_addresses: Vec<String>,
+}
+
+/// Istio's default port of the east-west gateway's mTLS passthrough listener.
+pub const DEFAULT_GATEWAY_PORT: u16 = 15443;
+/// Istio's label (on the gateway Service) overriding that port.
+pub const GATEWAY_PORT_LABEL: &str = "networking.istio.io/gatewayPort";
+
+/// An east-west gateway of a network: an address other networks can reach.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct GatewayAddress {
+    pub address: String,
+    pub port: u16,
+    /// The gateway Service it came from.
+    pub service: ServiceKey,
+}
+
+/// Where a cluster's workload identities come from (its VirtualMesh's CA).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct MeshTrust {
+    /// The VirtualMesh (`namespace/name`) whose CA signs the identities.
+    pub virtual_mesh: String,
+    pub trust_domain: String,
 }
 
 impl Service {
@@ -79,6 +104,8 @@ pub struct Endpoint {
     pub network: String,
     pub service_account: String,
     pub pod: Option<String>,
+    /// The pod runs a sidecar that accepts mTLS (Istio's `security.istio.io/tlsMode: istio` label).
+    pub mesh_tls: bool,
 }
 
 impl Endpoint {
@@ -133,6 +160,12 @@ pub struct MeshSnapshot {
     pub mesh_peers: BTreeMap<String, BTreeSet<String>>,
     /// Policies that apply, oldest first.
     pub applied: Vec<Arc<AppliedPolicy>>,
+    /// Network → its east-west gateways' addresses (Services labelled
+    /// `topology.istio.io/network` with an external address).
+    pub gateways: BTreeMap<String, Vec<GatewayAddress>>,
+    /// Cluster → the trust its workloads get (clusters of a VirtualMesh with a
+    /// certificateAuthority); clusters not listed have no mTLS.
+    pub trust: BTreeMap<String, MeshTrust>,
     pub policy_status: BTreeMap<PolicyId, PolicyStatus>,
     /// VirtualMeshes and AccessControlPolicies: read, and what of them is not yet in effect.
     pub mesh_object_status: BTreeMap<MeshObjectId, MeshObjectStatus>,
@@ -167,8 +200,8 @@ pub struct MeshObjectStatus {
 /// The fields of a VirtualMesh that meshpilot reads but does not act on yet.
 fn virtual_mesh_unsupported(spec: &api::VirtualMeshSpec) -> Vec<String> {
     let mut out = Vec::new();
-    if spec.certificate_authority.is_some() {
-        out.push("spec.certificateAuthority: not yet supported (mTLS between meshes is not issued yet)".to_string());
+    if spec.certificate_authority.as_ref().is_some_and(|ca| ca.builtin.is_none() && ca.provided.is_some()) {
+        out.push("spec.certificateAuthority.provided: not yet supported from a Secret; give meshpilot the CA with serve --ca-dir (DIR/<namespace>.<name>/ca.crt, ca.key)".to_string());
     }
     if spec.federation.is_some() {
         out.push("spec.federation: not yet supported (every service of the virtual mesh is reachable from all its clusters)".to_string());
@@ -208,9 +241,13 @@ impl MeshSnapshot {
             let note = "AccessControlPolicy: not yet supported (policies are read and validated; access is not enforced yet)".to_string();
             object_status("AccessControlPolicy", acp, vec![note])
         }));
+        let trust = mesh_trust(&inputs);
+        let gateways = network_gateways(&inputs.clusters);
         let mut snapshot = MeshSnapshot {
             clusters: inputs.clusters,
             mesh_peers,
+            gateways,
+            trust,
             applied: Vec::new(),
             policy_status: BTreeMap::new(),
             mesh_object_status,
@@ -251,6 +288,43 @@ fn mesh_ref_to_cluster(name: &str, clusters: &BTreeMap<String, ClusterState>) ->
         return Some(name.to_string());
     }
     clusters.keys().find(|c| name.ends_with(&format!("-{c}"))).cloned()
+}
+
+/// Istio's default trust domain.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+fn mesh_trust(inputs: &MeshInputs) -> BTreeMap<String, MeshTrust> {
+    let mut out = BTreeMap::new();
+    for vm in &inputs.virtual_meshes {
+        if vm.spec.certificate_authority.is_none() || !vm.parse_errors.is_empty() {
+            continue;
+        }
+        for m in &vm.spec.meshes {
+            if let Some(cluster) = mesh_ref_to_cluster(&m.name, &inputs.clusters) {
+                out.entry(cluster).or_insert_with(|| MeshTrust {
+                    virtual_mesh: format!("{}/{}", vm.namespace, vm.name),
+                    trust_domain: TRUST_DOMAIN.to_string(),
+                });
+            }
+        }
+    }
+    out
+}
+
+fn network_gateways(clusters: &BTreeMap<String, ClusterState>) -> BTreeMap<String, Vec<GatewayAddress>> {
+    let mut out: BTreeMap<String, Vec<GatewayAddress>> = BTreeMap::new();
+    for svc in clusters.values().flat_map(|c| c.services.values()) {
+        let Some(network) = svc.labels.get(k8s::NETWORK_LABEL).filter(|n| !n.is_empty()) else { continue };
+        let port = svc.labels.get(GATEWAY_PORT_LABEL).and_then(|p| p.parse().ok()).unwrap_or(DEFAULT_GATEWAY_PORT);
+        for address in &svc.external_addresses {
+            out.entry(network.clone()).or_default().push(GatewayAddress { address: address.clone(), port, service: svc.key.clone() });
+        }
+    }
+    for v in out.values_mut() {
+        v.sort();
+        v.dedup();
+    }
+    out
 }
 
 fn mesh_peers(inputs: &MeshInputs) -> BTreeMap<String, BTreeSet<String>> {

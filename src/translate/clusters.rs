@@ -22,11 +22,13 @@ pub fn ads_config_source() -> ConfigSource {
     }
 }
 
-/// An EDS cluster named `name` (its EDS service name is the same), with
+/// An EDS cluster named `name` (its EDS service name is the same); with
+/// `mtls = (sni, trust domain)`, mTLS to endpoints marked `tlsMode: istio`; with
 /// Istio's 10 s connect timeout, least-request balancing and, if a policy asks,
 /// outlier detection (`consecutiveErrors` → consecutive 5xx).
-pub fn eds_cluster(name: &str, outlier: Option<&Outlier>) -> Cluster {
+pub fn eds_cluster(name: &str, outlier: Option<&Outlier>, mtls: Option<(&str, &str)>) -> Cluster {
     Cluster {
+        transport_socket_matches: mtls.map(|(sni, trust_domain)| super::tls::outbound_socket_matches(sni, trust_domain)).unwrap_or_default(),
         name: name.to_string(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
         eds_cluster_config: Some(EdsClusterConfig { eds_config: Some(ads_config_source()), service_name: name.to_string() }),

@@ -16,16 +16,19 @@
 
 pub mod clusters;
 pub mod endpoints;
+pub mod gateway;
+pub mod inbound;
 pub mod listeners;
 pub mod names;
 pub mod routes;
+pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
 use crate::model::policy::Outlier;
-use crate::model::{MeshSnapshot, Service, ServiceKey};
+use crate::model::{MeshSnapshot, MeshTrust, Service, ServiceKey};
 use crate::xds::node::{ProxyNode, ProxyRole};
 use crate::xds::resources::{Resource, ResourceSet, ResourceType};
 
@@ -43,6 +46,10 @@ pub struct ProxyScope {
     pub labels: BTreeMap<String, String>,
     /// Address the outbound listeners bind to (`OUTBOUND_BIND` metadata).
     pub outbound_bind: String,
+    /// The workload's identity and addresses, and where its application listens (inbound, mTLS).
+    pub service_account: String,
+    pub instance_ips: Vec<String>,
+    pub app_address: String,
 }
 
 impl ProxyScope {
@@ -54,6 +61,9 @@ impl ProxyScope {
             network: node.network.clone(),
             labels: node.labels.clone(),
             outbound_bind: node.outbound_bind.clone().unwrap_or_else(|| DEFAULT_OUTBOUND_BIND.to_string()),
+            service_account: node.service_account.clone(),
+            instance_ips: node.instance_ips.clone(),
+            app_address: node.app_address.clone().unwrap_or_else(|| DEFAULT_APP_ADDRESS.to_string()),
         }
     }
 
@@ -65,8 +75,30 @@ impl ProxyScope {
             network: String::new(),
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             outbound_bind: DEFAULT_OUTBOUND_BIND.into(),
+            service_account: "default".into(),
+            instance_ips: Vec::new(),
+            app_address: DEFAULT_APP_ADDRESS.into(),
         }
     }
+}
+
+/// Where the application listens for traffic its sidecar accepted, unless the proxy says otherwise.
+pub const DEFAULT_APP_ADDRESS: &str = "127.0.0.1";
+
+/// The proxy's network: its own (`NETWORK` metadata), else its cluster's.
+pub fn client_network<'a>(snapshot: &'a MeshSnapshot, scope: &'a ProxyScope) -> &'a str {
+    if !scope.network.is_empty() {
+        return &scope.network;
+    }
+    snapshot.clusters.get(&scope.cluster).map(|c| c.network.as_str()).unwrap_or("")
+}
+
+/// The trust shared by a client's cluster and a service's cluster: mTLS
+/// between them is on when both belong to one VirtualMesh with a CA.
+pub fn mtls_between<'a>(snapshot: &'a MeshSnapshot, client_cluster: &str, service_cluster: &str) -> Option<&'a MeshTrust> {
+    let a = snapshot.trust.get(client_cluster)?;
+    let b = snapshot.trust.get(service_cluster)?;
+    (a == b).then_some(a)
 }
 
 /// A service as one proxy sees it.
@@ -129,13 +161,14 @@ fn outlier_by_service(snapshot: &MeshSnapshot) -> BTreeMap<ServiceKey, Outlier> 
     out
 }
 
-/// Translates everything a sidecar needs. Gateways get their configuration
-/// from the multi-network translation (not yet built), so an empty set here.
+/// Translates everything a proxy needs except its certificates (SDS, added
+/// by the provider): a sidecar's outbound side and, with mTLS, its inbound
+/// side; a gateway's SNI passthrough.
 pub fn translate(snapshot: &MeshSnapshot, scope: &ProxyScope) -> ResourceSet {
-    let mut set = ResourceSet::new();
     if scope.role == ProxyRole::Gateway {
-        return set;
+        return gateway::translate_gateway(snapshot, scope);
     }
+    let mut set = ResourceSet::new();
     let views = reachable_services(snapshot, scope);
     let (route_configs, mut targets) = routes::route_configurations(snapshot, scope, &views);
     for v in &views {
@@ -146,10 +179,21 @@ pub fn translate(snapshot: &MeshSnapshot, scope: &ProxyScope) -> ResourceSet {
     }
     let outliers = outlier_by_service(snapshot);
     for t in targets.values() {
-        let cluster = clusters::eds_cluster(&t.name, outliers.get(&t.service));
+        let trust = mtls_between(snapshot, &scope.cluster, &t.service.cluster);
+        let sni = trust.map(|_| names::outbound_sni(t.port, &names::subset_name(&t.subset), &names::host(&t.service.cluster, &t.service)));
+        let mtls = trust.zip(sni.as_deref()).map(|(tr, sni)| (sni, tr.trust_domain.as_str()));
+        let cluster = clusters::eds_cluster(&t.name, outliers.get(&t.service), mtls);
         set.insert(ResourceType::Cluster, Resource::from_message(t.name.clone(), &cluster));
-        let cla = endpoints::load_assignment(snapshot, t);
+        let cla = endpoints::load_assignment(snapshot, t, scope);
         set.insert(ResourceType::Endpoint, Resource::from_message(t.name.clone(), &cla));
+    }
+    if snapshot.trust.contains_key(&scope.cluster) {
+        for (address, port) in inbound::served_ports(snapshot, scope) {
+            let l = inbound::inbound_listener(&address, port);
+            set.insert(ResourceType::Listener, Resource::from_message(l.name.clone(), &l));
+            let c = inbound::inbound_cluster(&scope.app_address, port);
+            set.insert(ResourceType::Cluster, Resource::from_message(c.name.clone(), &c));
+        }
     }
     let ports: BTreeSet<u16> = views.iter().flat_map(|v| v.service.ports.iter().map(|p| p.port)).collect();
     for port in ports {
@@ -163,8 +207,8 @@ pub fn translate(snapshot: &MeshSnapshot, scope: &ProxyScope) -> ResourceSet {
 }
 
 /// Just the endpoints of the named clusters (the incremental path for endpoint-only changes).
-pub fn translate_endpoints(snapshot: &MeshSnapshot, targets: &[ClusterTarget]) -> Vec<Resource> {
-    targets.iter().map(|t| Resource::from_message(t.name.clone(), &endpoints::load_assignment(snapshot, t))).collect()
+pub fn translate_endpoints(snapshot: &MeshSnapshot, scope: &ProxyScope, targets: &[ClusterTarget]) -> Vec<Resource> {
+    targets.iter().map(|t| Resource::from_message(t.name.clone(), &endpoints::load_assignment(snapshot, t, scope))).collect()
 }
 
 /// Parses a cluster name this module produced back into its target, for a proxy in `client_cluster`.

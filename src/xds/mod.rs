@@ -36,7 +36,29 @@ pub async fn serve_grpc(
     csds: csds::Csds,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    serve_grpc_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener), server, csds, shutdown).await
+}
+
+/// The same on a Unix socket (reachable from other network namespaces).
+pub async fn serve_grpc_unix(
+    listener: tokio::net::UnixListener,
+    server: server::XdsServer,
+    csds: csds::Csds,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    serve_grpc_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener), server, csds, shutdown).await
+}
+
+async fn serve_grpc_incoming<S, IO>(
+    incoming: S,
+    server: server::XdsServer,
+    csds: csds::Csds,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error>
+where
+    S: futures::Stream<Item = std::io::Result<IO>> + Send + 'static,
+    IO: tonic::transport::server::Connected + tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))

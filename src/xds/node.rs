@@ -29,6 +29,12 @@ pub struct ProxyNode {
     pub labels: BTreeMap<String, String>,
     /// Where outbound listeners bind (`OUTBOUND_BIND` metadata; loopback by default).
     pub outbound_bind: Option<String>,
+    /// The workload's service account (`SERVICE_ACCOUNT`; "default").
+    pub service_account: String,
+    /// The workload's addresses (`INSTANCE_IPS`, comma-separated): inbound listeners bind here.
+    pub instance_ips: Vec<String>,
+    /// Where the application itself listens, for inbound traffic (`APP_ADDRESS`; 127.0.0.1).
+    pub app_address: Option<String>,
     /// Envoy's build version as it reports it (`user_agent_build_version`), for display.
     pub envoy_version: String,
 }
@@ -64,7 +70,7 @@ impl ProxyNode {
         let empty = Struct::default();
         let meta = node.metadata.as_ref().unwrap_or(&empty);
         let bad = |field, expected| NodeError::BadMetadata { id: node.id.clone(), field, expected };
-        for key in ["CLUSTER_ID", "NAMESPACE", "NETWORK", "ROLE", "OUTBOUND_BIND"] {
+        for key in ["CLUSTER_ID", "NAMESPACE", "NETWORK", "ROLE", "OUTBOUND_BIND", "SERVICE_ACCOUNT", "INSTANCE_IPS", "APP_ADDRESS"] {
             if has_non_string(meta, key) {
                 return Err(bad(
                     match key {
@@ -72,6 +78,9 @@ impl ProxyNode {
                         "NAMESPACE" => "NAMESPACE",
                         "NETWORK" => "NETWORK",
                         "OUTBOUND_BIND" => "OUTBOUND_BIND",
+                        "SERVICE_ACCOUNT" => "SERVICE_ACCOUNT",
+                        "INSTANCE_IPS" => "INSTANCE_IPS",
+                        "APP_ADDRESS" => "APP_ADDRESS",
                         _ => "ROLE",
                     },
                     "a string",
@@ -126,6 +135,11 @@ impl ProxyNode {
             role,
             labels,
             outbound_bind: string_field(meta, "OUTBOUND_BIND").filter(|s| !s.is_empty()),
+            service_account: string_field(meta, "SERVICE_ACCOUNT").filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into()),
+            instance_ips: string_field(meta, "INSTANCE_IPS")
+                .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+                .unwrap_or_default(),
+            app_address: string_field(meta, "APP_ADDRESS").filter(|s| !s.is_empty()),
             envoy_version,
         })
     }

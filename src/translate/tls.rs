@@ -1,0 +1,137 @@
+//! mTLS the Istio way: workload certificates and the root arrive over SDS as
+//! `default` and `ROOTCA`; outbound mesh clusters originate mTLS (with the
+//! gateway SNI `outbound_.<port>_.<subset>_.<host>`) to endpoints marked
+//! `tlsMode: istio`; inbound listeners require a client certificate.
+
+use envoy_types::pb::envoy::config::cluster::v3::cluster::TransportSocketMatch;
+use envoy_types::pb::envoy::config::core::v3::{DataSource, Metadata, TransportSocket, data_source, transport_socket};
+use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret, SubjectAltNameMatcher, TlsCertificate,
+    UpstreamTlsContext, common_tls_context::CombinedCertificateValidationContext, common_tls_context::ValidationContextType, secret,
+    subject_alt_name_matcher::SanType,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Struct, Value, value::Kind};
+use prost::{Message, Name};
+
+use super::clusters::ads_config_source;
+
+/// Istio's SDS name of the workload certificate.
+pub const WORKLOAD_SECRET: &str = "default";
+/// Istio's SDS name of the root certificate.
+pub const ROOT_SECRET: &str = "ROOTCA";
+pub const TLS_SOCKET: &str = "envoy.transport_sockets.tls";
+/// The endpoint metadata namespace transport socket matches read.
+pub const TRANSPORT_SOCKET_MATCH: &str = "envoy.transport_socket_match";
+
+fn any<M: Message + Name>(m: &M) -> Any {
+    Any { type_url: M::type_url(), value: m.encode_to_vec() }
+}
+
+fn sds(name: &str) -> SdsSecretConfig {
+    SdsSecretConfig { name: name.to_string(), sds_config: Some(ads_config_source()) }
+}
+
+/// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+}
+
+fn common(peer_san_prefix: Option<&str>) -> CommonTlsContext {
+    let default_validation_context = CertificateValidationContext {
+        match_typed_subject_alt_names: peer_san_prefix
+            .map(|p| SubjectAltNameMatcher {
+                san_type: SanType::Uri as i32,
+                matcher: Some(StringMatcher { match_pattern: Some(MatchPattern::Prefix(p.to_string())), ..Default::default() }),
+                ..Default::default()
+            })
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    };
+    CommonTlsContext {
+        tls_certificate_sds_secret_configs: vec![sds(WORKLOAD_SECRET)],
+        validation_context_type: Some(ValidationContextType::CombinedValidationContext(CombinedCertificateValidationContext {
+            default_validation_context: Some(default_validation_context),
+            validation_context_sds_secret_config: Some(sds(ROOT_SECRET)),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// The transport socket matches of an outbound mesh cluster: mTLS with `sni`
+/// to endpoints marked `tlsMode: istio`, plain TCP to the rest.
+pub fn outbound_socket_matches(sni: &str, trust_domain: &str) -> Vec<TransportSocketMatch> {
+    let tls = UpstreamTlsContext {
+        common_tls_context: Some(common(Some(&format!("spiffe://{trust_domain}/")))),
+        sni: sni.to_string(),
+        ..Default::default()
+    };
+    vec![
+        TransportSocketMatch {
+            name: "tlsMode-istio".into(),
+            r#match: Some(string_struct(&[("tlsMode", "istio")])),
+            transport_socket: Some(TransportSocket { name: TLS_SOCKET.into(), config_type: Some(transport_socket::ConfigType::TypedConfig(any(&tls))) }),
+        },
+        TransportSocketMatch {
+            name: "tlsMode-disabled".into(),
+            r#match: Some(Struct::default()),
+            transport_socket: Some(TransportSocket {
+                name: "envoy.transport_sockets.raw_buffer".into(),
+                config_type: Some(transport_socket::ConfigType::TypedConfig(any(&RawBuffer::default()))),
+            }),
+        },
+    ]
+}
+
+/// The inbound side: present the workload certificate, require and verify the peer's.
+pub fn inbound_transport_socket() -> TransportSocket {
+    let tls = DownstreamTlsContext {
+        common_tls_context: Some(common(None)),
+        require_client_certificate: Some(BoolValue { value: true }),
+        ..Default::default()
+    };
+    TransportSocket { name: TLS_SOCKET.into(), config_type: Some(transport_socket::ConfigType::TypedConfig(any(&tls))) }
+}
+
+pub fn string_struct(pairs: &[(&str, &str)]) -> Struct {
+    Struct {
+        fields: pairs.iter().map(|(k, v)| (k.to_string(), Value { kind: Some(Kind::StringValue(v.to_string())) })).collect(),
+    }
+}
+
+/// Endpoint metadata that selects the mTLS transport socket.
+pub fn mtls_endpoint_metadata(network: &str) -> Metadata {
+    let mut m = Metadata::default();
+    m.filter_metadata.insert(TRANSPORT_SOCKET_MATCH.into(), string_struct(&[("tlsMode", "istio")]));
+    if !network.is_empty() {
+        m.filter_metadata.insert("istio".into(), string_struct(&[("network", network)]));
+    }
+    m
+}
+
+/// SDS `default`: the workload's certificate chain and key (PEM).
+pub fn workload_secret(cert_chain_pem: &str, key_pem: &str) -> Secret {
+    let inline = |s: &str| DataSource { specifier: Some(data_source::Specifier::InlineBytes(s.as_bytes().to_vec())), ..Default::default() };
+    Secret {
+        name: WORKLOAD_SECRET.into(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: Some(inline(cert_chain_pem)),
+            private_key: Some(inline(key_pem)),
+            ..Default::default()
+        })),
+    }
+}
+
+/// SDS `ROOTCA`: the mesh's root certificate (PEM).
+pub fn root_secret(root_pem: &str) -> Secret {
+    Secret {
+        name: ROOT_SECRET.into(),
+        r#type: Some(secret::Type::ValidationContext(CertificateValidationContext {
+            trusted_ca: Some(DataSource { specifier: Some(data_source::Specifier::InlineBytes(root_pem.as_bytes().to_vec())), ..Default::default() }),
+            ..Default::default()
+        })),
+    }
+}
