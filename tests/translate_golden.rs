@@ -208,3 +208,72 @@ fn static_bootstrap(set: &Value) -> Value {
     json!({"staticResources": {"clusters": clusters, "listeners": listeners}})
 }
 
+
+fn multinet_productpage() -> ProxyScope {
+    let mut s = productpage();
+    s.service_account = "bookinfo-productpage".into();
+    s.instance_ips = vec!["10.10.0.10".into()];
+    s
+}
+
+fn multinet_gateway() -> ProxyScope {
+    let mut s = ProxyScope::sidecar("remote-cluster", "istio-system", &[("app", "istio-eastwestgateway")]);
+    s.role = meshpilot::xds::node::ProxyRole::Gateway;
+    s.instance_ips = vec!["10.99.0.2".into()];
+    s
+}
+
+#[test]
+fn golden_two_networks_sidecar_and_gateway() {
+    let s = snapshot("examples/bookinfo-multinet");
+    check_golden("multinet-productpage", &to_json(&translate(&s, &multinet_productpage())));
+    check_golden("multinet-gateway", &to_json(&translate(&s, &multinet_gateway())));
+}
+
+#[test]
+fn another_networks_endpoints_are_its_gateway_with_mtls_and_the_sni() {
+    let s = snapshot("examples/bookinfo-multinet");
+    let set = to_json(&translate(&s, &multinet_productpage()));
+    let eds = set["EDS"].as_array().unwrap();
+    let cla = |name: &str| eds.iter().find(|c| c["clusterName"] == name).unwrap_or_else(|| panic!("no EDS {name}")).clone();
+    // v3 lives on network-rc: productpage (network-mp) gets the gateway, weighted by the one endpoint behind it.
+    let v3 = cla("outbound|9080||reviews.default.svc.remote-cluster.global");
+    let lb = &v3["endpoints"][0]["lbEndpoints"];
+    assert_eq!(lb.as_array().unwrap().len(), 1);
+    assert_eq!(lb[0]["endpoint"]["address"]["socketAddress"], json!({"address": "10.99.0.2", "portValue": 15443}));
+    assert_eq!(lb[0]["loadBalancingWeight"], 1);
+    assert_eq!(lb[0]["metadata"]["filterMetadata"]["envoy.transport_socket_match"], json!({"tlsMode": "istio"}));
+    // Local ones stay direct, still mTLS.
+    let v1 = cla("outbound|9080|version-v1|reviews.default.svc.cluster.local");
+    assert_eq!(v1["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"]["address"], "10.10.0.21");
+    assert_eq!(v1["endpoints"][0]["lbEndpoints"][0]["metadata"]["filterMetadata"]["envoy.transport_socket_match"]["tlsMode"], "istio");
+    // The cluster originates mTLS with the SNI the remote gateway routes on.
+    let cds = set["CDS"].as_array().unwrap();
+    let c = cds.iter().find(|c| c["name"] == "outbound|9080||reviews.default.svc.remote-cluster.global").unwrap();
+    let tls = &c["transportSocketMatches"][0]["transportSocket"]["typedConfig"];
+    assert_eq!(tls["sni"], "outbound_.9080_._.reviews.default.svc.cluster.local");
+    assert_eq!(tls["commonTlsContext"]["tlsCertificateSdsSecretConfigs"][0]["name"], "default");
+    // The inbound side terminates mTLS for the workload's own port.
+    let listeners: Vec<&str> = set["LDS"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(listeners, ["10.10.0.10_9080", "127.0.0.1_9080"]);
+
+    // The gateway exports reviews (no subset) by SNI, passthrough to v3's address.
+    let gw = to_json(&translate(&s, &multinet_gateway()));
+    let chains = gw["LDS"][0]["filterChains"].as_array().unwrap();
+    let sni: Vec<&str> = chains.iter().map(|c| c["filterChainMatch"]["serverNames"][0].as_str().unwrap()).collect();
+    assert!(sni.contains(&"outbound_.9080_._.reviews.default.svc.cluster.local"), "{sni:?}");
+    let gw_eds = gw["EDS"].as_array().unwrap();
+    let reviews = gw_eds.iter().find(|c| c["clusterName"] == "outbound_.9080_._.reviews.default.svc.cluster.local").unwrap();
+    assert_eq!(reviews["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"]["address"], "10.20.0.23");
+    assert!(reviews["endpoints"][0]["lbEndpoints"][0].get("metadata").is_none(), "passthrough: no TLS from the gateway");
+}
+
+#[test]
+fn without_a_ca_another_networks_endpoints_are_left_out() {
+    let mut s = snapshot("examples/bookinfo-multinet");
+    s.trust.clear();
+    let set = to_json(&translate(&s, &multinet_productpage()));
+    let eds = set["EDS"].as_array().unwrap();
+    let v3 = eds.iter().find(|c| c["clusterName"] == "outbound|9080||reviews.default.svc.remote-cluster.global").unwrap();
+    assert!(v3.get("endpoints").is_none_or(|e| e.as_array().unwrap().is_empty()), "{v3}");
+}

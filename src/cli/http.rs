@@ -32,35 +32,42 @@ pub async fn get_with_host(addr: &str, path: &str, host: Option<&str>) -> anyhow
 /// over kept-alive connections, and counts the answers by body (trimmed); a
 /// non-200 counts as `HTTP <status>`, a failed request as `error: …`.
 pub async fn count_answers(addr: &str, host: &str, path: &str, n: usize, concurrency: usize) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for (answer, _) in answers_with_peers(addr, host, path, n, concurrency).await {
+        *counts.entry(answer).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// `n` GETs (at most `concurrency` at once); per request the answer (the
+/// body's first line, `HTTP <status>` or `error: …`) and the `x-peer-cert`
+/// header (what `meshpilot echo` saw in `x-forwarded-client-cert`).
+pub async fn answers_with_peers(addr: &str, host: &str, path: &str, n: usize, concurrency: usize) -> Vec<(String, String)> {
     use futures::StreamExt;
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let uri: Option<hyper::Uri> = format!("http://{addr}{path}").parse().ok();
-    let answers = futures::stream::iter(0..n)
+    futures::stream::iter(0..n)
         .map(|_| {
             let client = client.clone();
             let uri = uri.clone();
             async move {
-                let Some(uri) = uri else { return format!("error: bad address {addr:?}") };
+                let Some(uri) = uri else { return (format!("error: bad address {addr:?}"), String::new()) };
                 let req = match hyper::Request::get(uri).header(hyper::header::HOST, host).body(Empty::new()) {
                     Ok(r) => r,
-                    Err(e) => return format!("error: {e}"),
+                    Err(e) => return (format!("error: {e}"), String::new()),
                 };
                 match client.request(req).await {
                     Ok(resp) if resp.status() == 200 => {
+                        let peer = resp.headers().get("x-peer-cert").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
                         let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                        String::from_utf8_lossy(&body).trim().to_string()
+                        (String::from_utf8_lossy(&body).trim().to_string(), peer)
                     }
-                    Ok(resp) => format!("HTTP {}", resp.status().as_u16()),
-                    Err(e) => format!("error: {e}"),
+                    Ok(resp) => (format!("HTTP {}", resp.status().as_u16()), String::new()),
+                    Err(e) => (format!("error: {e}"), String::new()),
                 }
             }
         })
         .buffer_unordered(concurrency.max(1))
-        .collect::<Vec<String>>()
-        .await;
-    let mut counts = std::collections::BTreeMap::new();
-    for a in answers {
-        *counts.entry(a).or_insert(0) += 1;
-    }
-    counts
+        .collect::<Vec<_>>()
+        .await
 }

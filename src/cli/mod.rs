@@ -46,8 +46,51 @@ pub enum Command {
     Echo(echo::EchoArgs),
     /// Register a cluster with the management cluster (least-privilege reader identity + KubernetesCluster).
     Cluster(cluster::ClusterArgs),
+    /// Send requests through a proxy and count who answered (and, from `meshpilot echo`, the caller identity each saw).
+    Sample(SampleArgs),
     /// Print meshpilot's CustomResourceDefinitions (or write them, one file each, with --out-dir).
     Crds(CrdsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SampleArgs {
+    /// Where to send the requests (the application's side of a sidecar), HOST:PORT.
+    #[arg(long)]
+    pub to: String,
+    /// The Host header (the service called).
+    #[arg(long)]
+    pub host: String,
+    #[arg(long, default_value = "/")]
+    pub path: String,
+    #[arg(long, default_value_t = 100)]
+    pub count: usize,
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Print JSON: {"answers": {answer: count}, "peers": {answer: [caller identities]}}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+async fn run_sample(args: SampleArgs) -> anyhow::Result<()> {
+    let answers = http::answers_with_peers(&args.to, &args.host, &args.path, args.count, args.concurrency).await;
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut peers: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for (answer, peer) in answers {
+        *counts.entry(answer.clone()).or_default() += 1;
+        // x-forwarded-client-cert: `By=…;Hash=…;URI=spiffe://…` — keep the caller's URI.
+        let uri = peer.split(';').find_map(|kv| kv.strip_prefix("URI=")).unwrap_or("").to_string();
+        peers.entry(answer).or_default().insert(uri);
+    }
+    if args.json {
+        println!("{}", serde_json::json!({ "answers": counts, "peers": peers }));
+    } else {
+        let total: usize = counts.values().sum();
+        for (answer, n) in &counts {
+            let who: Vec<&String> = peers[answer].iter().filter(|p| !p.is_empty()).collect();
+            println!("{answer:<24} {n:>6}  {:>5.1}%  {}", 100.0 * *n as f64 / total.max(1) as f64, if who.is_empty() { "(no client certificate seen)".to_string() } else { format!("caller {}", who.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")) });
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -214,6 +257,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         init_tracing();
                         echo::run(args).await
                     }
+                    Command::Sample(args) => run_sample(args).await,
                     Command::Cluster(args) => match args.command {
                         cluster::ClusterCommand::Register(a) => cluster::register(a).await,
                         cluster::ClusterCommand::Deregister(a) => cluster::deregister(a).await,

@@ -203,6 +203,11 @@ fn virtual_mesh_unsupported(spec: &api::VirtualMeshSpec) -> Vec<String> {
     if spec.certificate_authority.as_ref().is_some_and(|ca| ca.builtin.is_none() && ca.provided.is_some()) {
         out.push("spec.certificateAuthority.provided: not yet supported from a Secret; give meshpilot the CA with serve --ca-dir (DIR/<namespace>.<name>/ca.crt, ca.key)".to_string());
     }
+    if let Some(b) = spec.certificate_authority.as_ref().and_then(|ca| ca.builtin.as_ref())
+        && (b.ttl_days.is_some() || b.rsa_key_size_bytes.is_some() || b.org_name.is_some())
+    {
+        out.push("spec.certificateAuthority.builtin.{ttlDays,rsaKeySizeBytes,orgName}: not yet supported (the builtin root is ECDSA P-256, valid 10 years; workload certificates follow serve --cert-ttl)".to_string());
+    }
     if spec.federation.is_some() {
         out.push("spec.federation: not yet supported (every service of the virtual mesh is reachable from all its clusters)".to_string());
     }

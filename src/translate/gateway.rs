@@ -33,7 +33,7 @@ pub fn exported(snapshot: &MeshSnapshot, cluster: &str) -> BTreeMap<String, Clus
             subsets.entry(d.service.clone()).or_default().insert(d.subset.clone());
         }
     }
-    for svc in state.services.values() {
+    for svc in state.services.values().filter(|s| !super::is_network_gateway(s)) {
         let host = names::host(cluster, &svc.key);
         let mut wanted: BTreeSet<BTreeMap<String, String>> = [BTreeMap::new()].into();
         wanted.extend(subsets.get(&svc.key).cloned().unwrap_or_default());

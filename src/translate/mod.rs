@@ -111,20 +111,26 @@ pub struct ServiceView<'a> {
     pub aliases: bool,
 }
 
+/// An east-west gateway's own Service (labelled with its network): reached
+/// by other networks' sidecars as EDS endpoints, not as a service to call.
+pub fn is_network_gateway(svc: &Service) -> bool {
+    svc.labels.get(crate::model::k8s::NETWORK_LABEL).is_some_and(|n| !n.is_empty())
+}
+
 /// The services a proxy in `scope.cluster` can reach, its own cluster first.
 pub fn reachable_services<'a>(snapshot: &'a MeshSnapshot, scope: &ProxyScope) -> Vec<ServiceView<'a>> {
     let peers = snapshot.peers_of(&scope.cluster);
     let mut views = Vec::new();
     let mut aliased: BTreeSet<(String, String)> = BTreeSet::new();
     if let Some(own) = snapshot.clusters.get(&scope.cluster) {
-        for svc in own.services.values() {
+        for svc in own.services.values().filter(|s| !is_network_gateway(s)) {
             aliased.insert((svc.key.namespace.clone(), svc.key.name.clone()));
             views.push(ServiceView { service: svc, host: names::host(&scope.cluster, &svc.key), aliases: true });
         }
     }
     for peer in peers.iter().filter(|p| **p != scope.cluster) {
         let Some(state) = snapshot.clusters.get(peer) else { continue };
-        for svc in state.services.values() {
+        for svc in state.services.values().filter(|s| !is_network_gateway(s)) {
             let aliases = aliased.insert((svc.key.namespace.clone(), svc.key.name.clone()));
             views.push(ServiceView { service: svc, host: names::host(&scope.cluster, &svc.key), aliases });
         }
