@@ -11,6 +11,7 @@ pub mod fixtures;
 pub mod mesh_provider;
 pub mod metrics;
 pub mod model;
+pub mod netns;
 pub mod sources;
 pub mod static_resources;
 pub mod translate;
