@@ -305,10 +305,11 @@ async fn seed_scenario_against_two_real_clusters() {
     mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("management-plane.yaml", &mp_prefix))).unwrap();
     remote.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("remote-cluster.yaml", &rc_prefix))).unwrap();
     remote.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("reviews-v3.yaml", &rc_prefix))).unwrap();
-    mgmt.kubectl(&["apply", "-f", repo.join("examples/bookinfo/mesh/virtual-mesh.yaml").to_str().unwrap()]);
+    // The two clusters are on separate networks, in one virtual mesh with a builtin CA.
+    mgmt.kubectl(&["apply", "-f", repo.join("examples/bookinfo-multinet/mesh/virtual-mesh.yaml").to_str().unwrap()]);
 
     let meshpilot = KubeMeshpilot::start(root, &mgmt, "replica-a").await;
-    let envoy = Envoy::start_in(&envoy_bin, root, "productpage-v1.default", "management-plane", meshpilot.xds_port, &["--labels", "app=productpage,version=v1", "--outbound-bind", &outbound_bind]);
+    let envoy = Envoy::start_in(&envoy_bin, root, "productpage-v1.default", "management-plane", meshpilot.xds_port, &["--labels", "app=productpage,version=v1", "--outbound-bind", &outbound_bind, "--service-account", "bookinfo-productpage"]);
 
     // The seed's TrafficPolicy, verbatim, with kubectl.
     mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&seed_policy())).unwrap();
@@ -329,8 +330,9 @@ async fn seed_scenario_against_two_real_clusters() {
     assert_eq!(by_weight, vec![10, 15, 75], "{weights:?}");
     let v3_cluster = weights.iter().find(|(_, w)| *w == 75).unwrap().0.clone();
     assert!(v3_cluster.contains("remote-cluster"), "{v3_cluster}");
-    let v3_addr = format!("{rc_prefix}.23:9080");
-    wait_for("v3's endpoint in Envoy", Duration::from_secs(20), || async {
+    // v3 is on the other network: the sidecar reaches it at the remote cluster's east-west gateway.
+    let v3_addr = format!("{rc_prefix}.99:15443");
+    wait_for("v3 behind the remote gateway in Envoy", Duration::from_secs(20), || async {
         envoy_endpoints(&envoy, &v3_cluster).await.contains(&v3_addr).then_some(())
     })
     .await;
@@ -379,7 +381,10 @@ async fn seed_scenario_against_two_real_clusters() {
 
     // Fields read but not yet in effect are reported, never silently ignored.
     let vm = mgmt.kubectl(&["get", "virtualmesh", "virtual-mesh", "-n", "service-mesh-hub", "-o", "jsonpath={.status.translationStatus.state} {.status.notYetSupported}"]);
-    assert!(vm.starts_with("ACCEPTED ") && vm.contains("spec.federation: not yet supported"), "{vm}");
+    assert!(vm.starts_with("ACCEPTED ") && vm.contains("spec.certificateAuthority.builtin.{ttlDays,rsaKeySizeBytes,orgName}: not yet supported"), "{vm}");
+    // mTLS: the sidecar got its SPIFFE certificate and the mesh root over SDS.
+    let secrets = envoy.admin_get("/config_dump?resource=dynamic_active_secrets").await;
+    assert!(secrets.contains("\"name\": \"default\"") && secrets.contains("\"name\": \"ROOTCA\""), "{secrets}");
 
     // The status writer holds the Lease.
     let holder = mgmt.kubectl(&["get", "lease", "meshpilot-status-writer", "-n", "service-mesh-hub", "-o", "jsonpath={.spec.holderIdentity}"]);
