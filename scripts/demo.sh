@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# Sets up and runs the local demo of the seed scenario: meshpilot serving the
-# bookinfo example (two clusters, the seed's TrafficPolicy verbatim), a real
-# process per pod, a real Envoy sidecar for productpage, and the live split of
-# productpage's calls to reviews (75% remote v3, 15% local v1, 10% local v2).
-# Extra arguments go to `meshpilot demo` (e.g. --duration 0s to run until Ctrl-C).
+# Sets up and runs the local demo of the seed scenario: two clusters on two
+# networks (examples/bookinfo-multinet; the seed's TrafficPolicy verbatim),
+# meshpilot serving them, a real Envoy sidecar per pod with an mTLS identity
+# from the VirtualMesh's CA, a real east-west gateway, a real process per
+# application, and the live split of productpage's calls to reviews (75%
+# remote v3 through the gateway, 15% local v1, 10% local v2). As root the
+# networks are Linux network namespaces; otherwise loopback addresses.
+# Extra arguments go to `meshpilot demo` (e.g. --duration 0s to run until
+# Ctrl-C); `--single-network` runs the one-network demo of examples/bookinfo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENVOY_BIN="$(scripts/setup.sh | tail -n 1)"
 cargo build --release --locked --bin meshpilot
-exec target/release/meshpilot demo --envoy "$ENVOY_BIN" --example examples/bookinfo "$@"
+if [[ "${1:-}" == "--single-network" ]]; then
+  shift
+  exec target/release/meshpilot demo --envoy "$ENVOY_BIN" --example examples/bookinfo "$@"
+fi
+exec target/release/meshpilot demo --multi-network --envoy "$ENVOY_BIN" --example examples/bookinfo-multinet "$@"

@@ -28,13 +28,7 @@ fn require() -> bool {
 
 /// GET over a Unix socket (Envoy's admin page there), body only.
 async fn uds_get(path: &Path, url: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::UnixStream::connect(path).await else { return String::new() };
-    let _ = s.write_all(format!("GET {url} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes()).await;
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf).await;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+    meshpilot::cli::http::get_unix(path, url).await.unwrap_or_default()
 }
 
 struct Sidecar {
@@ -222,4 +216,25 @@ fn copy_dir(src: &Path, dst: &Path) {
             std::fs::copy(&p, &to).unwrap();
         }
     }
+}
+
+/// The README's main job: `meshpilot demo --multi-network` brings the two-network scenario up and prints the split.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_the_two_network_scenario() {
+    let Some(envoy) = envoy_or_skip("demo_runs_the_two_network_scenario") else { return };
+    let out = Command::new(meshpilot_bin())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["demo", "--multi-network", "--duration", "1s", "--rate", "300"])
+        .args(["--xds-addr", &format!("127.0.0.1:{}", free_port()), "--admin-addr", &format!("127.0.0.1:{}", free_port())])
+        .arg("--envoy")
+        .arg(&envoy)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let mode = if netns::available() { "as Linux network namespaces" } else { "logical only" };
+    assert!(text.contains(mode), "{text}");
+    let total = text.lines().find(|l| l.starts_with("total ")).unwrap_or_else(|| panic!("no total line:\n{text}"));
+    assert!(total.contains("reviews-v3") && total.contains("reviews-v1") && total.contains("reviews-v2") && !total.contains("error"), "{total}");
+    assert!(text.contains("backends saw caller spiffe://cluster.local/ns/default/sa/bookinfo-productpage"), "{text}");
 }

@@ -48,13 +48,18 @@ pub struct DemoArgs {
     /// Port of the sidecar's Envoy admin page (on 127.0.0.1).
     #[arg(long, default_value_t = 15000)]
     pub envoy_admin_port: u16,
+    /// Each cluster on its own network (examples/bookinfo-multinet): mTLS from the VirtualMesh's
+    /// CA, remote calls through the east-west gateway; network namespaces when run as root,
+    /// loopback addresses otherwise.
+    #[arg(long)]
+    pub multi_network: bool,
 }
 
 /// Child processes, killed when dropped (also on errors and Ctrl-C).
-struct Children(Vec<(String, Child)>);
+pub(crate) struct Children(pub(crate) Vec<(String, Child)>);
 
 impl Children {
-    fn spawn(&mut self, name: &str, cmd: &mut Command, logs: &Path) -> anyhow::Result<()> {
+    pub(crate) fn spawn(&mut self, name: &str, cmd: &mut Command, logs: &Path) -> anyhow::Result<()> {
         let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
         let child = cmd
             .stdin(Stdio::null())
@@ -66,7 +71,7 @@ impl Children {
         Ok(())
     }
 
-    fn check_alive(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
         for (name, child) in &mut self.0 {
             if let Some(status) = child.try_wait()? {
                 anyhow::bail!("{name} exited ({status}); see its log");
@@ -85,7 +90,7 @@ impl Drop for Children {
     }
 }
 
-fn copy_dir(src: &Path, dst: &Path) -> anyhow::Result<()> {
+pub(crate) fn copy_dir(src: &Path, dst: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dst)?;
     for entry in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
         let entry = entry?;
@@ -100,7 +105,7 @@ fn copy_dir(src: &Path, dst: &Path) -> anyhow::Result<()> {
 }
 
 /// Polls `check` every 100 ms until it is true (a readiness signal), or fails after `timeout`.
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, children: &mut Children, mut check: F) -> anyhow::Result<()>
+pub(crate) async fn wait_until<F, Fut>(what: &str, timeout: Duration, children: &mut Children, mut check: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -116,7 +121,7 @@ where
     }
 }
 
-fn share_line(counts: &BTreeMap<String, usize>) -> String {
+pub(crate) fn share_line(counts: &BTreeMap<String, usize>) -> String {
     let total: usize = counts.values().sum();
     counts
         .iter()
@@ -126,6 +131,9 @@ fn share_line(counts: &BTreeMap<String, usize>) -> String {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if args.multi_network {
+        return super::demo_multinet::run(args).await;
+    }
     let me = std::env::current_exe().context("finding the meshpilot binary")?;
     let work = tempfile_dir()?;
     let config = work.join("config");
@@ -260,7 +268,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn tempfile_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("meshpilot-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
