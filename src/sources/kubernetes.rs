@@ -121,26 +121,10 @@ impl ClusterWatch {
     }
 }
 
-/// Watches one kind, keeps `writer` current, reports progress and failures.
-fn spawn_reflector<K>(
-    tasks: &mut JoinSet<()>,
-    api: Api<K>,
-    writer: reflector::store::Writer<K>,
-    cluster: String,
-    kind: &'static str,
-    health: SourceHealth,
-    dirty: mpsc::UnboundedSender<Dirty>,
-) where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
-{
-    tasks.spawn(reflect(api, writer, cluster, kind, health, dirty));
-}
-
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(3);
 
-/// The watch loop of one kind in one cluster. Any watch error ends the
+/// The watch loop of one kind in one cluster: keeps `writer` current and reports progress and failures. Any watch error ends the
 /// watch; after a short backoff a fresh one starts with a complete list, so
 /// "fresh again" always means "re-listed" (which is also what a 410 Gone
 /// requires). The store is only replaced when a list completes, so while the
@@ -278,7 +262,7 @@ pub async fn run(
         let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
         let store = writer.as_reader();
         let api = Api::<DynamicObject>::all_with(management.clone(), &ar);
-        spawn_reflector(mesh_tasks, api, writer, MESH_OBJECTS.to_string(), kind, health.clone(), dirty_tx.clone());
+        mesh_tasks.spawn(reflect(api, writer, MESH_OBJECTS.to_string(), kind, health.clone(), dirty_tx.clone()));
         store
     };
     let traffic_policies = mesh_store(ApiResource::erase::<TrafficPolicy>(&()), "TrafficPolicy", &mut mesh_tasks);
@@ -432,9 +416,9 @@ fn start_cluster(client: Client, name: &str, fingerprint: String, health: &Sourc
         h.lists = 0;
         h.failing.clear();
     });
-    spawn_reflector(&mut tasks, Api::<Service>::all(client.clone()), w1, name.into(), "Service", health.clone(), dirty.clone());
-    spawn_reflector(&mut tasks, Api::<EndpointSlice>::all(client.clone()), w2, name.into(), "EndpointSlice", health.clone(), dirty.clone());
-    spawn_reflector(&mut tasks, Api::<Pod>::all(client.clone()), w3, name.into(), "Pod", health.clone(), dirty.clone());
-    spawn_reflector(&mut tasks, Api::<Namespace>::all(client), w4, name.into(), "Namespace", health.clone(), dirty.clone());
+    tasks.spawn(reflect(Api::<Service>::all(client.clone()), w1, name.into(), "Service", health.clone(), dirty.clone()));
+    tasks.spawn(reflect(Api::<EndpointSlice>::all(client.clone()), w2, name.into(), "EndpointSlice", health.clone(), dirty.clone()));
+    tasks.spawn(reflect(Api::<Pod>::all(client.clone()), w3, name.into(), "Pod", health.clone(), dirty.clone()));
+    tasks.spawn(reflect(Api::<Namespace>::all(client), w4, name.into(), "Namespace", health.clone(), dirty.clone()));
     ClusterWatch { fingerprint, services, slices, pods, namespaces, _tasks: tasks }
 }
