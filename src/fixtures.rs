@@ -107,3 +107,68 @@ pub fn churn_endpoint(inputs: &mut MeshInputs, cluster: usize, service: usize, s
         ep.address = format!("10.200.{}.{}", step / 250 % 250, step % 250 + 1);
     }
 }
+
+/// Writes a config dir of the same shape as [`scale_inputs`]: one file per
+/// (cluster, service) with the Service, its EndpointSlice and its Pods in
+/// `DIR/cluster-<c>/`, and the VirtualMesh and TrafficPolicies in `DIR/mesh/`.
+/// Endpoint churn then edits one small file.
+pub fn write_config_dir(dir: &std::path::Path, spec: ScaleSpec) -> std::io::Result<()> {
+    use std::fmt::Write as _;
+    std::fs::create_dir_all(dir.join("mesh"))?;
+    for c in 0..spec.clusters {
+        let cdir = dir.join(cluster_name(c));
+        std::fs::create_dir_all(&cdir)?;
+        for s in 0..spec.services {
+            std::fs::write(cdir.join(format!("{}.yaml", service_name(s))), service_yaml(c, s, spec.endpoints, 0))?;
+        }
+    }
+    let mut vm = String::from("apiVersion: networking.zephyr.solo.io/v1alpha1\nkind: VirtualMesh\nmetadata: {name: all, namespace: service-mesh-hub}\nspec:\n  meshes:\n");
+    for c in 0..spec.clusters {
+        let _ = writeln!(vm, "  - name: {}", cluster_name(c));
+    }
+    std::fs::write(dir.join("mesh/virtual-mesh.yaml"), vm)?;
+    let mut policies = String::new();
+    for p in 0..spec.policies.min(spec.services) {
+        let ns = format!("ns-{}", p % 10);
+        let svc = service_name(p);
+        let _ = write!(
+            policies,
+            "---\napiVersion: networking.zephyr.solo.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: shift-{p}, namespace: service-mesh-hub}}\nspec:\n  destinationSelector: {{serviceRefs: {{services: [{{cluster: {c0}, name: {svc}, namespace: {ns}}}]}}}}\n  trafficShift:\n    destinations:\n    - {{destination: {{cluster: {c0}, name: {svc}, namespace: {ns}}}, weight: 50, subset: {{version: v1}}}}\n",
+            c0 = cluster_name(0)
+        );
+        if spec.clusters > 1 {
+            let _ = writeln!(policies, "    - {{destination: {{cluster: {}, name: {svc}, namespace: {ns}}}, weight: 50}}", cluster_name(1));
+        }
+    }
+    std::fs::write(dir.join("mesh/traffic-policies.yaml"), policies)
+}
+
+/// One service's manifests in one cluster; `step` > 0 moves its first endpoint (churn).
+pub fn service_yaml(cluster: usize, service: usize, endpoints: usize, step: usize) -> String {
+    use std::fmt::Write as _;
+    let ns = format!("ns-{}", service % 10);
+    let svc = service_name(service);
+    let mut out = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: {ns}, labels: {{app: {svc}}}}}\nspec: {{selector: {{app: {svc}}}, ports: [{{name: http, port: 9080, targetPort: 8080}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {svc}-abc, namespace: {ns}, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n"
+    );
+    for i in 0..endpoints {
+        let mut ep = endpoint(cluster, service, i);
+        if i == 0 && step > 0 {
+            ep.address = format!("10.200.{}.{}", step / 250 % 250, step % 250 + 1);
+        }
+        let _ = writeln!(
+            out,
+            "- {{addresses: [{}], conditions: {{ready: true}}, zone: {}, targetRef: {{kind: Pod, name: {}-{i}, namespace: {ns}}}}}",
+            ep.address, ep.locality.zone, svc
+        );
+    }
+    for i in 0..endpoints {
+        let ep = endpoint(cluster, service, i);
+        let _ = write!(
+            out,
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {svc}-{i}, namespace: {ns}, labels: {{app: {svc}, version: {}}}}}\nspec: {{serviceAccountName: {svc}, containers: [{{name: app, image: app}}]}}\n",
+            ep.labels["version"]
+        );
+    }
+    out
+}

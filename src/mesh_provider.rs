@@ -183,8 +183,11 @@ fn log_policy_changes(old: &MeshSnapshot, new: &MeshSnapshot) {
 
 impl ResourceProvider for MeshResources {
     fn resources_for(&self, proxy: &ProxyNode) -> Arc<ResourceSet> {
-        let scope = ProxyScope::of(proxy);
         let (generation, snapshot) = self.current.read().expect("snapshot lock").clone();
+        let mut scope = ProxyScope::of(proxy);
+        // Translation reads a proxy's labels only through policies' source
+        // selectors: proxies that differ only in other labels share one translation.
+        scope.labels.retain(|k, _| snapshot.source_label_keys.contains(k));
         if let Some(e) = self.cache.get(&scope)
             && e.0 == generation
         {

@@ -160,6 +160,8 @@ pub struct MeshSnapshot {
     pub mesh_peers: BTreeMap<String, BTreeSet<String>>,
     /// Policies that apply, oldest first.
     pub applied: Vec<Arc<AppliedPolicy>>,
+    /// The workload label keys any applied policy's source selector reads.
+    pub source_label_keys: BTreeSet<String>,
     /// Network → its east-west gateways' addresses (Services labelled
     /// `topology.istio.io/network` with an external address).
     pub gateways: BTreeMap<String, Vec<GatewayAddress>>,
@@ -254,11 +256,13 @@ impl MeshSnapshot {
             gateways,
             trust,
             applied: Vec::new(),
+            source_label_keys: BTreeSet::new(),
             policy_status: BTreeMap::new(),
             mesh_object_status,
             input_errors: inputs.errors,
         };
         let (applied, status) = policy::resolve(&snapshot, &inputs.traffic_policies, last_good);
+        snapshot.source_label_keys = applied.iter().flat_map(|p| p.rules.iter()).flat_map(|r| r.source.labels.keys().cloned()).collect();
         snapshot.applied = applied;
         snapshot.policy_status = status;
         snapshot

@@ -50,6 +50,9 @@ struct FileObjects {
 #[derive(Debug, Default)]
 pub struct SourceMemory {
     files: HashMap<PathBuf, FileObjects>,
+    /// (inode, length, modification time) of each file when it last parsed:
+    /// an unchanged file is not parsed again.
+    stamps: HashMap<PathBuf, (u64, u64, std::time::SystemTime)>,
     first_seen_ms: HashMap<(String, String, String), i64>,
     generations: HashMap<(String, String, String), (String, i64)>,
 }
@@ -204,7 +207,7 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
     let mut inputs = MeshInputs::default();
     let mut cluster_objects: BTreeMap<String, ClusterObjects> = BTreeMap::new();
     let mut mesh_objects = FileObjects::default();
-    let mut seen_files = Vec::new();
+    let mut seen_files = std::collections::HashSet::new();
     for entry in read_dir_sorted(root)? {
         let name = entry.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
         if name.starts_with('.') {
@@ -224,10 +227,23 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
             cluster_objects.entry(name.clone()).or_default();
         }
         for file in read_dir_sorted(&entry)?.into_iter().filter(|p| p.is_file() && is_manifest(p)) {
-            seen_files.push(file.clone());
-            let objects = match parse_file(&file, in_mesh) {
+            seen_files.insert(file.clone());
+            let stamp = std::fs::metadata(&file).ok().and_then(|m| {
+                use std::os::unix::fs::MetadataExt;
+                Some((m.ino(), m.len(), m.modified().ok()?))
+            });
+            let unchanged = stamp.is_some() && memory.stamps.get(&file) == stamp.as_ref();
+            let cached = if unchanged { memory.files.get(&file).cloned() } else { None };
+            let parsed = match cached {
+                Some(objects) => Ok(objects),
+                None => parse_file(&file, in_mesh),
+            };
+            let objects = match parsed {
                 Ok(objects) => {
                     memory.files.insert(file.clone(), objects.clone());
+                    if let Some(stamp) = stamp {
+                        memory.stamps.insert(file.clone(), stamp);
+                    }
                     objects
                 }
                 Err(e) => {
@@ -254,6 +270,7 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
         }
     }
     memory.files.retain(|p, _| seen_files.contains(p));
+    memory.stamps.retain(|p, _| seen_files.contains(p));
 
     for (name, objects) in &cluster_objects {
         let (state, errors) = cluster_state(name, objects);
