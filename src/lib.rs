@@ -8,6 +8,7 @@ pub mod bootstrap;
 pub mod ca;
 pub mod cli;
 pub mod fixtures;
+pub mod loadgen;
 pub mod mesh_provider;
 pub mod metrics;
 pub mod model;

@@ -5,6 +5,7 @@ pub mod demo;
 pub mod demo_multinet;
 pub mod echo;
 pub mod http;
+pub mod load;
 pub mod mesh;
 pub mod serve;
 pub mod status;
@@ -49,6 +50,11 @@ pub enum Command {
     Cluster(cluster::ClusterArgs),
     /// Send requests through a proxy and count who answered (and, from `meshpilot echo`, the caller identity each saw).
     Sample(SampleArgs),
+    /// Simulate N Envoys against an xDS server and report sync time, change-to-delivery latency,
+    /// bytes sent, and the control plane's RSS and CPU.
+    Load(load::LoadArgs),
+    /// Write a synthetic config dir: S services x C clusters x E endpoints, T TrafficPolicies.
+    Fixtures(FixturesArgs),
     /// Print meshpilot's CustomResourceDefinitions (or write them, one file each, with --out-dir).
     Crds(CrdsArgs),
 }
@@ -92,6 +98,21 @@ async fn run_sample(args: SampleArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FixturesArgs {
+    /// The folder to write (DIR/cluster-<i>/svc-<n>.yaml, DIR/mesh/).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    pub services: usize,
+    #[arg(long, default_value_t = 3)]
+    pub clusters: usize,
+    #[arg(long, default_value_t = 10)]
+    pub endpoints: usize,
+    #[arg(long, default_value_t = 100)]
+    pub policies: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -235,6 +256,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bootstrap(args) => run_bootstrap(args),
         Command::Crds(args) => run_crds(args),
+        Command::Fixtures(a) => {
+            let spec = crate::fixtures::ScaleSpec { services: a.services, clusters: a.clusters, endpoints: a.endpoints, policies: a.policies };
+            crate::fixtures::write_config_dir(&a.out, spec).with_context(|| format!("writing {}", a.out.display()))?;
+            println!("wrote {}: {} services x {} clusters x {} endpoints, {} TrafficPolicies", a.out.display(), a.services, a.clusters, a.endpoints, a.policies.min(a.services));
+            Ok(())
+        }
         Command::Validate(args) => {
             if mesh::validate(args)? {
                 Ok(())
@@ -259,11 +286,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         echo::run(args).await
                     }
                     Command::Sample(args) => run_sample(args).await,
+                    Command::Load(args) => load::run(args).await,
                     Command::Cluster(args) => match args.command {
                         cluster::ClusterCommand::Register(a) => cluster::register(a).await,
                         cluster::ClusterCommand::Deregister(a) => cluster::deregister(a).await,
                     },
-                    Command::Bootstrap(_) | Command::Validate(_) | Command::Crds(_) => unreachable!("handled above"),
+                    Command::Bootstrap(_) | Command::Validate(_) | Command::Crds(_) | Command::Fixtures(_) => unreachable!("handled above"),
                 }
             })
         }

@@ -1,0 +1,311 @@
+//! `meshpilot load`: N simulated Envoys against any xDS server, then the
+//! numbers that matter at fleet scale: time until all are SYNCED, bytes the
+//! control plane sent, its RSS and CPU seconds (from /proc), and the
+//! change-to-delivery latency across the fleet for endpoint churn (edits of
+//! a fixture folder's files) and a TrafficPolicy change.
+//!
+//! Latency of a change = from the moment the file was written to the first
+//! response of the affected type (EDS for endpoints, RDS for a policy) each
+//! proxy receives after it; the simulated proxy ACKs at once. It includes the
+//! file watch, the debounce window and the push.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::fixtures::{cluster_name, service_name, service_yaml};
+use crate::loadgen::{SimulatedProxy, percentiles};
+use crate::xds::resources::ResourceType;
+
+#[derive(Debug, clap::Args)]
+pub struct LoadArgs {
+    /// The xDS server, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    pub xds_addr: String,
+    /// Simulated proxies.
+    #[arg(long, default_value_t = 1000)]
+    pub proxies: usize,
+    /// Incremental (delta) xDS instead of state of the world.
+    #[arg(long)]
+    pub delta: bool,
+    /// Proxies are spread over this many clusters (cluster-<i>)...
+    #[arg(long, default_value_t = 3)]
+    pub clusters: usize,
+    /// ...and namespaces (ns-<i>)...
+    #[arg(long, default_value_t = 10)]
+    pub namespaces: usize,
+    /// ...and applications (label app=svc-<i>).
+    #[arg(long, default_value_t = 1000)]
+    pub apps: usize,
+    /// Fraction of proxies that NACK their first listener response.
+    #[arg(long, default_value_t = 0.0)]
+    pub nack_fraction: f64,
+    /// Connections being opened at once.
+    #[arg(long, default_value_t = 256)]
+    pub connect_concurrency: usize,
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    pub sync_timeout: Duration,
+    /// The control plane's pid, for RSS and CPU seconds.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// The fixture folder the server reads (`meshpilot fixtures`), for churn and policy changes.
+    #[arg(long)]
+    pub config_dir: Option<PathBuf>,
+    /// Its shape (to rewrite service files): services and endpoints per service.
+    #[arg(long, default_value_t = 1000)]
+    pub services: usize,
+    #[arg(long, default_value_t = 10)]
+    pub endpoints: usize,
+    /// Endpoint changes per second (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    pub churn_rate: f64,
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub churn_duration: Duration,
+    /// Change one TrafficPolicy once (after churn).
+    #[arg(long)]
+    pub policy_change: bool,
+    /// Wait this long after the last change before computing latencies.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub settle: Duration,
+    /// Print one markdown table row per measurement too.
+    #[arg(long)]
+    pub markdown: bool,
+}
+
+#[derive(Default)]
+struct Record {
+    synced_at: Option<Instant>,
+    eds_at: Vec<Instant>,
+    rds_at: Vec<Instant>,
+    bytes: u64,
+    rejects: u64,
+    error: Option<String>,
+}
+
+fn string_value(s: &str) -> Value {
+    Value { kind: Some(Kind::StringValue(s.to_string())) }
+}
+
+fn node_for(i: usize, args: &LoadArgs) -> Node {
+    let mut labels = Struct::default();
+    labels.fields.insert("app".into(), string_value(&service_name(i % args.apps.max(1))));
+    let mut meta = Struct::default();
+    meta.fields.insert("CLUSTER_ID".into(), string_value(&cluster_name(i % args.clusters.max(1))));
+    meta.fields.insert("NAMESPACE".into(), string_value(&format!("ns-{}", i % args.namespaces.max(1))));
+    meta.fields.insert("LABELS".into(), Value { kind: Some(Kind::StructValue(labels)) });
+    // Outbound listeners of simulated proxies are never bound; keep one scope per (cluster, ns, app).
+    Node { id: format!("load-{i}"), cluster: cluster_name(i % args.clusters.max(1)), metadata: Some(meta), ..Default::default() }
+}
+
+async fn run_proxy(uri: String, mut proxy: SimulatedProxy, delta: bool, record: Arc<Mutex<Record>>, connect: Arc<Semaphore>) -> anyhow::Result<()> {
+    let channel = {
+        let _permit = connect.acquire().await?;
+        tonic::transport::Endpoint::from_shared(uri)?.connect().await?
+    };
+    let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    let note = |proxy: &SimulatedProxy, ty: Option<ResourceType>, now: Instant| {
+        let mut r = record.lock().expect("record lock");
+        match ty {
+            Some(ResourceType::Endpoint) => r.eds_at.push(now),
+            Some(ResourceType::Route) => r.rds_at.push(now),
+            _ => {}
+        }
+        r.synced_at = proxy.synced_at;
+        r.bytes = proxy.bytes;
+        r.rejects = proxy.rejects;
+    };
+    if delta {
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(proxy.delta_start()).await?;
+        let mut stream = client.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+        while let Some(resp) = stream.message().await? {
+            let now = Instant::now();
+            let requests = proxy.delta_on_response(&resp, now);
+            note(&proxy, ResourceType::from_type_url(&resp.type_url), now);
+            for r in requests {
+                tx.send(r).await?;
+            }
+        }
+    } else {
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(proxy.sotw_start()).await?;
+        let mut stream = client.stream_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+        while let Some(resp) = stream.message().await? {
+            let now = Instant::now();
+            let requests = proxy.sotw_on_response(&resp, now);
+            note(&proxy, ResourceType::from_type_url(&resp.type_url), now);
+            for r in requests {
+                tx.send(r).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// (RSS in MiB, CPU seconds) of a process, from /proc.
+pub fn process_usage(pid: u32) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime), counted from after the command name: indexes 11 and 12.
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some((rss_kb / 1024.0, ticks / 100.0))
+}
+
+/// For each change time, each proxy's first delivery at or after it.
+fn latencies(changes: &[Instant], deliveries: &[Vec<Instant>]) -> (Vec<f64>, usize) {
+    let mut out = Vec::new();
+    let mut missing = 0;
+    for times in deliveries {
+        let mut i = 0;
+        for c in changes {
+            while i < times.len() && times[i] < *c {
+                i += 1;
+            }
+            match times.get(i) {
+                Some(t) => out.push(t.duration_since(*c).as_secs_f64() * 1000.0),
+                None => missing += 1,
+            }
+        }
+    }
+    (out, missing)
+}
+
+fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
+    let uri = format!("http://{}", args.xds_addr);
+    let mode = if args.delta { "delta" } else { "sotw" };
+    let connect = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+    let nack_every = if args.nack_fraction > 0.0 { (1.0 / args.nack_fraction).round().max(1.0) as usize } else { usize::MAX };
+    let records: Vec<Arc<Mutex<Record>>> = (0..args.proxies).map(|_| Arc::default()).collect();
+    let usage_before = args.pid.and_then(process_usage);
+    let start = Instant::now();
+    for (i, record) in records.iter().enumerate() {
+        let proxy = SimulatedProxy::new(node_for(i, &args), i % nack_every == nack_every - 1);
+        let (uri, record, connect) = (uri.clone(), record.clone(), connect.clone());
+        tokio::spawn(async move {
+            if let Err(e) = run_proxy(uri, proxy, args.delta, record.clone(), connect).await {
+                record.lock().expect("record lock").error = Some(e.to_string());
+            }
+        });
+    }
+    // Until every proxy that does not NACK is SYNCED (ACKed CDS, EDS, LDS and RDS).
+    let expected = (0..args.proxies).filter(|i| i % nack_every != nack_every - 1).count();
+    let synced_all = loop {
+        let synced = records.iter().filter(|r| r.lock().expect("record lock").synced_at.is_some()).count();
+        let failed = records.iter().filter(|r| r.lock().expect("record lock").error.is_some()).count();
+        if synced >= expected {
+            break true;
+        }
+        if start.elapsed() > args.sync_timeout {
+            eprintln!("timed out: {synced}/{expected} SYNCED, {failed} streams failed");
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let sync_secs = records
+        .iter()
+        .filter_map(|r| r.lock().expect("record lock").synced_at)
+        .max()
+        .map(|t| t.duration_since(start).as_secs_f64())
+        .unwrap_or(f64::NAN);
+    let bytes = |records: &[Arc<Mutex<Record>>]| records.iter().map(|r| r.lock().expect("record lock").bytes).sum::<u64>();
+    let sync_bytes = bytes(&records);
+    let usage = args.pid.and_then(process_usage);
+    let cpu = |u: Option<(f64, f64)>| u.zip(usage_before).map(|(a, b)| a.1 - b.1).unwrap_or(f64::NAN);
+    let rejects: u64 = records.iter().map(|r| r.lock().expect("record lock").rejects).sum();
+    println!(
+        "{mode}: {} proxies, {} SYNCED in {sync_secs:.1}s{}; {:.1} MiB sent; {rejects} NACKs; control plane RSS {:.0} MiB, CPU {:.1}s",
+        args.proxies,
+        if synced_all { "all" } else { "NOT all" },
+        "",
+        sync_bytes as f64 / 1048576.0,
+        usage.map_or(f64::NAN, |u| u.0),
+        cpu(usage)
+    );
+    if args.markdown {
+        println!(
+            "| {mode} | {} | initial sync | {sync_secs:.1} s | {:.0} | {:.1} | | | | | {:.0} |",
+            args.proxies,
+            usage.map_or(f64::NAN, |u| u.0),
+            cpu(usage),
+            sync_bytes as f64 / 1048576.0
+        );
+    }
+    if !synced_all {
+        anyhow::bail!("not every proxy became SYNCED within {:?}", args.sync_timeout);
+    }
+
+    if let Some(dir) = &args.config_dir
+        && args.churn_rate > 0.0
+    {
+        let before = args.pid.and_then(process_usage);
+        let bytes_before = bytes(&records);
+        let every = Duration::from_secs_f64(1.0 / args.churn_rate);
+        let mut changes = Vec::new();
+        let t0 = Instant::now();
+        let mut tick = tokio::time::interval(every);
+        let mut step = 0usize;
+        while t0.elapsed() < args.churn_duration {
+            tick.tick().await;
+            step += 1;
+            let (c, s) = (step % args.clusters.max(1), (step * 7919) % args.services.max(1));
+            let path = dir.join(cluster_name(c)).join(format!("{}.yaml", service_name(s)));
+            write_atomically(&path, &service_yaml(c, s, args.endpoints, step)).with_context(|| format!("writing {}", path.display()))?;
+            changes.push(Instant::now());
+        }
+        tokio::time::sleep(args.settle).await;
+        let deliveries: Vec<Vec<Instant>> = records.iter().map(|r| r.lock().expect("record lock").eds_at.clone()).collect();
+        let (mut lat, missing) = latencies(&changes, &deliveries);
+        report(&args, mode, &format!("endpoint churn {:.0}/s for {:?} ({} changes)", args.churn_rate, args.churn_duration, changes.len()), &mut lat, missing, before, bytes(&records) - bytes_before);
+    }
+    if let Some(dir) = &args.config_dir
+        && args.policy_change
+    {
+        let before = args.pid.and_then(process_usage);
+        let bytes_before = bytes(&records);
+        let path = dir.join("mesh/traffic-policies.yaml");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let edited = if text.contains("weight: 50, subset") { text.replacen("weight: 50, subset", "weight: 70, subset", 1) } else { text.replacen("weight: 70, subset", "weight: 50, subset", 1) };
+        write_atomically(&path, &edited)?;
+        let changes = vec![Instant::now()];
+        tokio::time::sleep(args.settle).await;
+        let deliveries: Vec<Vec<Instant>> = records.iter().map(|r| r.lock().expect("record lock").rds_at.clone()).collect();
+        let (mut lat, missing) = latencies(&changes, &deliveries);
+        report(&args, mode, "one TrafficPolicy change", &mut lat, missing, before, bytes(&records) - bytes_before);
+    }
+    Ok(())
+}
+
+fn report(args: &LoadArgs, mode: &str, what: &str, lat: &mut [f64], missing: usize, before: Option<(f64, f64)>, bytes: u64) {
+    let usage = args.pid.and_then(process_usage);
+    let cpu = usage.zip(before).map(|(a, b)| a.1 - b.1).unwrap_or(f64::NAN);
+    let rss = usage.map_or(f64::NAN, |u| u.0);
+    match percentiles(lat) {
+        Some((p50, p90, p99, max)) => {
+            println!(
+                "{mode}: {what}: change→delivery over {} (proxy, change) pairs: p50 {p50:.0} ms, p90 {p90:.0} ms, p99 {p99:.0} ms, max {max:.0} ms; {missing} not delivered; {:.1} MiB sent; RSS {rss:.0} MiB; CPU {cpu:.1}s",
+                lat.len(),
+                bytes as f64 / 1048576.0
+            );
+            if args.markdown {
+                println!("| {mode} | {} | {what} | | {rss:.0} | {cpu:.1} | {p50:.0} | {p90:.0} | {p99:.0} | {max:.0} | {:.0} |", args.proxies, bytes as f64 / 1048576.0);
+            }
+        }
+        None => println!("{mode}: {what}: nothing delivered ({missing} missing)"),
+    }
+}

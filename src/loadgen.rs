@@ -1,0 +1,287 @@
+//! A simulated Envoy for load tests (sans-IO): the ADS client side of the
+//! protocol, SotW or delta. It subscribes like Envoy does — CDS (wildcard),
+//! then EDS for the EDS clusters it got, then LDS (wildcard), then RDS for
+//! the route configurations its listeners name — ACKs every response, or
+//! NACKs its first listener response when told to.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster::ClusterDiscoveryType, cluster::DiscoveryType};
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::listener::v3::{Listener, filter::ConfigType};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{HttpConnectionManager, http_connection_manager::RouteSpecifier};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::rpc::Status;
+use prost::Message;
+
+use crate::xds::resources::ResourceType;
+
+const TYPES: [ResourceType; 4] = [ResourceType::Cluster, ResourceType::Endpoint, ResourceType::Listener, ResourceType::Route];
+
+fn index(ty: ResourceType) -> Option<usize> {
+    TYPES.iter().position(|t| *t == ty)
+}
+
+/// EDS cluster names in a CDS response.
+pub fn eds_cluster_names(resources: &[Any]) -> BTreeSet<String> {
+    resources
+        .iter()
+        .filter_map(|a| Cluster::decode(a.value.as_slice()).ok())
+        .filter(|c| matches!(c.cluster_discovery_type, Some(ClusterDiscoveryType::Type(t)) if t == DiscoveryType::Eds as i32))
+        .map(|c| c.eds_cluster_config.as_ref().map(|e| e.service_name.clone()).filter(|n| !n.is_empty()).unwrap_or(c.name))
+        .collect()
+}
+
+/// Route configuration names the listeners' HTTP connection managers ask for over RDS.
+pub fn rds_names(resources: &[Any]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for l in resources.iter().filter_map(|a| Listener::decode(a.value.as_slice()).ok()) {
+        for f in l.filter_chains.iter().flat_map(|c| c.filters.iter()) {
+            if let Some(ConfigType::TypedConfig(any)) = &f.config_type
+                && let Ok(hcm) = HttpConnectionManager::decode(any.value.as_slice())
+                && let Some(RouteSpecifier::Rds(rds)) = hcm.route_specifier
+            {
+                out.insert(rds.route_config_name);
+            }
+        }
+    }
+    out
+}
+
+/// What one simulated proxy knows.
+#[derive(Debug)]
+pub struct SimulatedProxy {
+    pub node: Node,
+    /// NACK the first listener response (then ACK later ones).
+    pub nack_listeners: bool,
+    acked: [bool; 4],
+    nacked_once: bool,
+    requested: [bool; 4],
+    eds_names: BTreeSet<String>,
+    rds_names: BTreeSet<String>,
+    pub synced_at: Option<Instant>,
+    pub responses: u64,
+    pub bytes: u64,
+    pub rejects: u64,
+}
+
+impl SimulatedProxy {
+    pub fn new(node: Node, nack_listeners: bool) -> Self {
+        SimulatedProxy {
+            node,
+            nack_listeners,
+            acked: [false; 4],
+            nacked_once: false,
+            requested: [false; 4],
+            eds_names: BTreeSet::new(),
+            rds_names: BTreeSet::new(),
+            synced_at: None,
+            responses: 0,
+            bytes: 0,
+            rejects: 0,
+        }
+    }
+
+    pub fn synced(&self) -> bool {
+        self.acked.iter().all(|a| *a)
+    }
+
+    fn note(&mut self, ty: ResourceType, acked: bool, now: Instant) {
+        if let Some(i) = index(ty) {
+            self.acked[i] |= acked;
+        }
+        if self.synced_at.is_none() && self.synced() {
+            self.synced_at = Some(now);
+        }
+    }
+
+    // ---- state of the world ----
+
+    /// The first request on the stream.
+    pub fn sotw_start(&mut self) -> DiscoveryRequest {
+        self.requested[0] = true;
+        DiscoveryRequest { node: Some(self.node.clone()), type_url: ResourceType::Cluster.type_url().into(), ..Default::default() }
+    }
+
+    /// The requests a response causes: its ACK (or NACK), then new subscriptions.
+    pub fn sotw_on_response(&mut self, r: &DiscoveryResponse, now: Instant) -> Vec<DiscoveryRequest> {
+        self.responses += 1;
+        self.bytes += r.encoded_len() as u64;
+        let Some(ty) = ResourceType::from_type_url(&r.type_url) else { return Vec::new() };
+        let subscribed = |names: &BTreeSet<String>| names.iter().cloned().collect::<Vec<_>>();
+        let mut out = Vec::new();
+        let nack = ty == ResourceType::Listener && self.nack_listeners && !self.nacked_once;
+        let names = match ty {
+            ResourceType::Endpoint => subscribed(&self.eds_names),
+            ResourceType::Route => subscribed(&self.rds_names),
+            _ => Vec::new(),
+        };
+        out.push(DiscoveryRequest {
+            version_info: if nack { String::new() } else { r.version_info.clone() },
+            resource_names: names,
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            error_detail: nack.then(|| Status { code: 3, message: "simulated rejection".into(), ..Default::default() }),
+            ..Default::default()
+        });
+        if nack {
+            self.nacked_once = true;
+            self.rejects += 1;
+        }
+        self.note(ty, !nack, now);
+        match ty {
+            ResourceType::Cluster => {
+                let eds = eds_cluster_names(&r.resources);
+                if eds != self.eds_names || !self.requested[1] {
+                    self.eds_names = eds;
+                    self.requested[1] = true;
+                    out.push(DiscoveryRequest {
+                        resource_names: subscribed(&self.eds_names),
+                        type_url: ResourceType::Endpoint.type_url().into(),
+                        ..Default::default()
+                    });
+                }
+            }
+            ResourceType::Endpoint if !self.requested[2] => {
+                self.requested[2] = true;
+                out.push(DiscoveryRequest { type_url: ResourceType::Listener.type_url().into(), ..Default::default() });
+            }
+            ResourceType::Listener => {
+                let rds = rds_names(&r.resources);
+                if rds != self.rds_names || !self.requested[3] {
+                    self.rds_names = rds;
+                    self.requested[3] = true;
+                    out.push(DiscoveryRequest { resource_names: subscribed(&self.rds_names), type_url: ResourceType::Route.type_url().into(), ..Default::default() });
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+
+    // ---- delta ----
+
+    pub fn delta_start(&mut self) -> DeltaDiscoveryRequest {
+        self.requested[0] = true;
+        DeltaDiscoveryRequest { node: Some(self.node.clone()), type_url: ResourceType::Cluster.type_url().into(), ..Default::default() }
+    }
+
+    pub fn delta_on_response(&mut self, r: &DeltaDiscoveryResponse, now: Instant) -> Vec<DeltaDiscoveryRequest> {
+        self.responses += 1;
+        self.bytes += r.encoded_len() as u64;
+        let Some(ty) = ResourceType::from_type_url(&r.type_url) else { return Vec::new() };
+        let nack = ty == ResourceType::Listener && self.nack_listeners && !self.nacked_once;
+        let mut out = vec![DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            error_detail: nack.then(|| Status { code: 3, message: "simulated rejection".into(), ..Default::default() }),
+            ..Default::default()
+        }];
+        if nack {
+            self.nacked_once = true;
+            self.rejects += 1;
+        }
+        self.note(ty, !nack, now);
+        let bodies: Vec<Any> = r.resources.iter().filter_map(|x| x.resource.clone()).collect();
+        match ty {
+            ResourceType::Cluster => {
+                let new: Vec<String> = eds_cluster_names(&bodies).into_iter().filter(|n| !self.eds_names.contains(n)).collect();
+                let gone: Vec<String> = r.removed_resources.iter().filter(|n| self.eds_names.contains(*n)).cloned().collect();
+                for n in &gone {
+                    self.eds_names.remove(n);
+                }
+                self.eds_names.extend(new.iter().cloned());
+                if !new.is_empty() || !gone.is_empty() || !self.requested[1] {
+                    self.requested[1] = true;
+                    out.push(DeltaDiscoveryRequest {
+                        type_url: ResourceType::Endpoint.type_url().into(),
+                        resource_names_subscribe: new,
+                        resource_names_unsubscribe: gone,
+                        ..Default::default()
+                    });
+                }
+            }
+            ResourceType::Endpoint if !self.requested[2] => {
+                self.requested[2] = true;
+                out.push(DeltaDiscoveryRequest { type_url: ResourceType::Listener.type_url().into(), ..Default::default() });
+            }
+            ResourceType::Listener => {
+                let new: Vec<String> = rds_names(&bodies).into_iter().filter(|n| !self.rds_names.contains(n)).collect();
+                self.rds_names.extend(new.iter().cloned());
+                if !new.is_empty() || !self.requested[3] {
+                    self.requested[3] = true;
+                    out.push(DeltaDiscoveryRequest { type_url: ResourceType::Route.type_url().into(), resource_names_subscribe: new, ..Default::default() });
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+}
+
+/// Percentiles (p50, p90, p99, max) of `values` in place.
+pub fn percentiles(values: &mut [f64]) -> Option<(f64, f64, f64, f64)> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| values[((values.len() as f64 - 1.0) * q).round() as usize];
+    Some((at(0.50), at(0.90), at(0.99), values[values.len() - 1]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::translate::{ProxyScope, translate};
+
+    fn response(ty: ResourceType, set: &crate::xds::resources::ResourceSet, nonce: &str) -> DiscoveryResponse {
+        DiscoveryResponse {
+            version_info: format!("v-{nonce}"),
+            resources: set.of_type(ty).values().map(|r| r.body.clone()).collect(),
+            type_url: ty.type_url().into(),
+            nonce: nonce.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn subscribes_like_envoy_and_acks_everything() {
+        let snapshot = crate::cli::mesh::offline_snapshot(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/bookinfo"))).unwrap();
+        let set = translate(&snapshot, &ProxyScope::sidecar("management-plane", "default", &[("app", "productpage")]));
+        let now = Instant::now();
+        let mut p = SimulatedProxy::new(Node { id: "p".into(), ..Default::default() }, false);
+        assert_eq!(p.sotw_start().type_url, ResourceType::Cluster.type_url());
+        let reqs = p.sotw_on_response(&response(ResourceType::Cluster, &set, "1"), now);
+        assert_eq!(reqs.len(), 2, "ACK + EDS subscription");
+        assert_eq!(reqs[0].response_nonce, "1");
+        assert_eq!(reqs[1].resource_names.len(), set.of_type(ResourceType::Endpoint).len());
+        let reqs = p.sotw_on_response(&response(ResourceType::Endpoint, &set, "2"), now);
+        assert_eq!(reqs[1].type_url, ResourceType::Listener.type_url(), "LDS after the clusters warmed");
+        let reqs = p.sotw_on_response(&response(ResourceType::Listener, &set, "3"), now);
+        assert_eq!(reqs[1].resource_names, ["9080"], "RDS for the listener's route config");
+        assert!(!p.synced());
+        p.sotw_on_response(&response(ResourceType::Route, &set, "4"), now);
+        assert!(p.synced() && p.synced_at == Some(now));
+    }
+
+    #[test]
+    fn a_nacking_proxy_rejects_its_first_listeners() {
+        let now = Instant::now();
+        let mut p = SimulatedProxy::new(Node { id: "p".into(), ..Default::default() }, true);
+        let r = DiscoveryResponse { type_url: ResourceType::Listener.type_url().into(), nonce: "1".into(), version_info: "v1".into(), ..Default::default() };
+        let reqs = p.sotw_on_response(&r, now);
+        assert!(reqs[0].error_detail.is_some() && reqs[0].version_info.is_empty());
+        let reqs = p.sotw_on_response(&DiscoveryResponse { nonce: "2".into(), ..r }, now);
+        assert!(reqs[0].error_detail.is_none());
+        assert_eq!(p.rejects, 1);
+    }
+
+    #[test]
+    fn percentiles_of_latencies() {
+        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentiles(&mut v), Some((51.0, 90.0, 99.0, 100.0)));
+        assert_eq!(percentiles(&mut []), None);
+    }
+}
