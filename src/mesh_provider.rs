@@ -66,9 +66,12 @@ pub fn patch_endpoints(snapshot: &MeshSnapshot, scope: &ProxyScope, set: &Resour
         // Gateways are few and their clusters are SNI-named: translate them again.
         return translate::translate(snapshot, scope);
     }
+    // Only names whose host is a changed service's are parsed (names end in `|<host>`).
+    let hosts: std::collections::HashSet<String> = changed.iter().map(|k| translate::names::host(&scope.cluster, k)).collect();
     let targets: Vec<translate::ClusterTarget> = set
         .of_type(ResourceType::Endpoint)
         .keys()
+        .filter(|name| name.rsplit('|').next().is_some_and(|h| hosts.contains(h)))
         .filter_map(|name| translate::parse_cluster_name(snapshot, &scope.cluster, name))
         .filter(|t| changed.contains(&t.service))
         .collect();
@@ -130,13 +133,16 @@ impl MeshResources {
     /// Takes a new load from the sources: validates, swaps the snapshot, and
     /// tells the xDS server if anything a proxy sees may have changed.
     pub fn update(&self, inputs: MeshInputs) {
+        let started = std::time::Instant::now();
         let snapshot = {
             let mut last_good = self.last_good.lock().expect("last-good lock");
             Arc::new(MeshSnapshot::build(inputs, &mut last_good))
         };
+        let built = started.elapsed();
         let old = self.snapshot();
         log_policy_changes(&old, &snapshot);
         let change = classify_change(&old, &snapshot);
+        let classified = started.elapsed();
         let generation = {
             let mut cur = self.current.write().expect("snapshot lock");
             cur.0 += 1;
@@ -157,6 +163,7 @@ impl MeshResources {
             }
             SnapshotChange::Full => self.cache.clear(),
         }
+        tracing::debug!(build = ?built, classify = ?(classified - built), cache = ?(started.elapsed() - classified), "snapshot updated");
         let was_ready = self.ready.swap(true, Ordering::AcqRel);
         if change != SnapshotChange::None || !was_ready {
             tracing::debug!(?change, generation, "mesh snapshot updated");

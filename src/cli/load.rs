@@ -212,7 +212,8 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
             break true;
         }
         if start.elapsed() > args.sync_timeout {
-            eprintln!("timed out: {synced}/{expected} SYNCED, {failed} streams failed");
+            let first_error = records.iter().find_map(|r| r.lock().expect("record lock").error.clone()).unwrap_or_default();
+            eprintln!("timed out: {synced}/{expected} SYNCED, {failed} streams failed (first error: {first_error})");
             break false;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

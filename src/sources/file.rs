@@ -35,6 +35,14 @@ pub enum ConfigDirError {
     NotADirectory(String),
 }
 
+type FileStamp = (u64, u64, std::time::SystemTime);
+
+fn file_stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ino(), m.len(), m.modified().ok()?))
+}
+
 /// One parsed file's objects.
 #[derive(Debug, Clone, Default)]
 struct FileObjects {
@@ -53,6 +61,9 @@ pub struct SourceMemory {
     /// (inode, length, modification time) of each file when it last parsed:
     /// an unchanged file is not parsed again.
     stamps: HashMap<PathBuf, (u64, u64, std::time::SystemTime)>,
+    /// Each cluster folder's state, its read errors and the stamps it was
+    /// built from: a folder whose files did not change is not rebuilt.
+    clusters: HashMap<String, (Vec<(PathBuf, Option<FileStamp>)>, crate::model::ClusterState, Vec<String>)>,
     first_seen_ms: HashMap<(String, String, String), i64>,
     generations: HashMap<(String, String, String), (String, i64)>,
 }
@@ -208,6 +219,7 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
     let mut cluster_objects: BTreeMap<String, ClusterObjects> = BTreeMap::new();
     let mut mesh_objects = FileObjects::default();
     let mut seen_files = std::collections::HashSet::new();
+    let mut cluster_stamps: HashMap<String, Vec<(PathBuf, Option<FileStamp>)>> = HashMap::new();
     for entry in read_dir_sorted(root)? {
         let name = entry.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
         if name.starts_with('.') {
@@ -223,15 +235,25 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
             continue;
         }
         let in_mesh = name == MESH_DIR;
+        let files: Vec<PathBuf> = read_dir_sorted(&entry)?.into_iter().filter(|p| p.is_file() && is_manifest(p)).collect();
         if !in_mesh {
+            let stamps: Vec<(PathBuf, Option<FileStamp>)> = files.iter().map(|f| (f.clone(), file_stamp(f))).collect();
+            if let Some((built_from, state, errors)) = memory.clusters.get(&name)
+                && *built_from == stamps
+                && stamps.iter().all(|(_, s)| s.is_some())
+            {
+                // Nothing in this cluster's folder changed: its last state stands.
+                seen_files.extend(files.iter().cloned());
+                inputs.errors.extend(errors.iter().cloned());
+                inputs.clusters.insert(name.clone(), state.clone());
+                continue;
+            }
+            cluster_stamps.insert(name.clone(), stamps);
             cluster_objects.entry(name.clone()).or_default();
         }
-        for file in read_dir_sorted(&entry)?.into_iter().filter(|p| p.is_file() && is_manifest(p)) {
+        for file in files {
             seen_files.insert(file.clone());
-            let stamp = std::fs::metadata(&file).ok().and_then(|m| {
-                use std::os::unix::fs::MetadataExt;
-                Some((m.ino(), m.len(), m.modified().ok()?))
-            });
+            let stamp = file_stamp(&file);
             let unchanged = stamp.is_some() && memory.stamps.get(&file) == stamp.as_ref();
             let cached = if unchanged { memory.files.get(&file).cloned() } else { None };
             let parsed = match cached {
@@ -274,9 +296,12 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
 
     for (name, objects) in &cluster_objects {
         let (state, errors) = cluster_state(name, objects);
-        inputs.errors.extend(errors);
+        inputs.errors.extend(errors.iter().cloned());
+        let stamps = cluster_stamps.remove(name).unwrap_or_default();
+        memory.clusters.insert(name.clone(), (stamps, state.clone(), errors));
         inputs.clusters.insert(name.clone(), state);
     }
+    memory.clusters.retain(|name, _| inputs.clusters.contains_key(name));
 
     // Age and generation for objects that do not carry them (files rarely do).
     let now = now_ms();
@@ -341,10 +366,12 @@ pub fn watch_config_dir(
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
             while rx.try_recv().is_ok() {}
+            let started = std::time::Instant::now();
             let loaded = {
                 let mut memory = memory.lock().expect("source memory lock");
                 load_config_dir(&root, &mut memory)
             };
+            tracing::debug!(elapsed = ?started.elapsed(), "config dir reloaded");
             match loaded {
                 Ok(inputs) => {
                     for e in &inputs.errors {

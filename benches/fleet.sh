@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The fleet benchmark: a synthetic mesh (default 1,000 services x 3 clusters x
+# 10 endpoints, 100 TrafficPolicies), `meshpilot serve --config-dir` on it
+# (release build), then `meshpilot load` at each fleet size, SotW and delta:
+# initial sync, endpoint churn, one TrafficPolicy change. Prints a markdown
+# table (paste it into docs/performance.md with the machine it ran on).
+#
+#   benches/fleet.sh [PROXIES...]          default: 1000 5000 10000
+#   CHURN_RATE=100 CHURN_SECONDS=30 MODES="sotw delta" benches/fleet.sh 100 500
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZES=("${@:-1000 5000 10000}")
+read -r -a SIZES <<< "${SIZES[*]}"
+SERVICES="${SERVICES:-1000}" CLUSTERS="${CLUSTERS:-3}" ENDPOINTS="${ENDPOINTS:-10}" POLICIES="${POLICIES:-100}"
+CHURN_RATE="${CHURN_RATE:-100}" CHURN_SECONDS="${CHURN_SECONDS:-30}" MODES="${MODES:-sotw delta}"
+SYNC_TIMEOUT="${SYNC_TIMEOUT:-300s}"
+cargo build --release --locked --bin meshpilot >&2
+bin="$PWD/target/release/meshpilot"
+work="$(mktemp -d)"
+trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u +%F)"
+echo "mesh: ${SERVICES} services x ${CLUSTERS} clusters x ${ENDPOINTS} endpoints, ${POLICIES} TrafficPolicies"
+echo
+echo "| mode | proxies | measurement | initial sync | control-plane RSS MiB | CPU s | p50 ms | p90 ms | p99 ms | max ms | MiB sent |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
+for mode in $MODES; do
+  for n in "${SIZES[@]}"; do
+    rm -rf "$work/mesh"
+    "$bin" fixtures --out "$work/mesh" --services "$SERVICES" --clusters "$CLUSTERS" --endpoints "$ENDPOINTS" --policies "$POLICIES" >&2
+    port=$((20000 + RANDOM % 20000))
+    "$bin" serve --config-dir "$work/mesh" --xds-addr "127.0.0.1:$port" --admin-addr "127.0.0.1:$((port + 1))" > "$work/serve.log" 2>&1 &
+    server=$!
+    for _ in $(seq 1 240); do curl -sf "127.0.0.1:$((port + 1))/readyz" > /dev/null && break; sleep 0.5; done
+    delta=(); [[ "$mode" == delta ]] && delta=(--delta)
+    "$bin" load --xds-addr "127.0.0.1:$port" --proxies "$n" "${delta[@]}" --pid "$server" --sync-timeout "$SYNC_TIMEOUT" \
+      --config-dir "$work/mesh" --services "$SERVICES" --endpoints "$ENDPOINTS" \
+      --churn-rate "$CHURN_RATE" --churn-duration "${CHURN_SECONDS}s" --policy-change --markdown 2> "$work/load.err" \
+      | grep '^|' || echo "| $mode | $n | failed: $(tail -n 1 "$work/load.err") | | | | | | | | |"
+    kill "$server" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+  done
+done
