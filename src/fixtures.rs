@@ -172,3 +172,38 @@ pub fn service_yaml(cluster: usize, service: usize, endpoints: usize, step: usiz
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_written_config_dir_loads_as_the_same_mesh() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ScaleSpec { services: 12, clusters: 3, endpoints: 4, policies: 5 };
+        write_config_dir(dir.path(), spec).unwrap();
+        let mut memory = crate::sources::file::SourceMemory::default();
+        let inputs = crate::sources::file::load_config_dir(dir.path(), &mut memory).unwrap();
+        assert!(inputs.errors.is_empty(), "{:?}", inputs.errors);
+        let expected = scale_inputs(spec);
+        assert_eq!(inputs.clusters.len(), 3);
+        for (name, state) in &expected.clusters {
+            let got = &inputs.clusters[name];
+            assert_eq!(got.services.len(), state.services.len());
+            for (key, eps) in &state.endpoints {
+                let addrs = |v: &[Endpoint]| v.iter().map(|e| (e.address.clone(), e.labels.get("version").cloned())).collect::<Vec<_>>();
+                let mut want = addrs(eps);
+                want.sort();
+                assert_eq!(addrs(&got.endpoints[key]), want, "{name} {key:?}");
+            }
+        }
+        assert_eq!(inputs.traffic_policies.len(), 5);
+        let snapshot = crate::model::MeshSnapshot::build(inputs, &mut Default::default());
+        assert!(snapshot.policy_status.values().all(|s| s.state == crate::model::PolicyState::Accepted), "{:?}", snapshot.policy_status);
+        // Churn: one rewritten file changes one endpoint, and only its cluster is rebuilt.
+        std::fs::write(dir.path().join("cluster-1/svc-00003.yaml"), service_yaml(1, 3, 4, 7)).unwrap();
+        let again = crate::sources::file::load_config_dir(dir.path(), &mut memory).unwrap();
+        let moved = &again.clusters["cluster-1"].endpoints[&("ns-3".to_string(), service_name(3))];
+        assert!(moved.iter().any(|e| e.address == "10.200.0.8"), "{moved:?}");
+    }
+}

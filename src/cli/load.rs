@@ -238,9 +238,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         usage.map_or(f64::NAN, |u| u.0),
         cpu(usage)
     );
+    let synced_count = records.iter().filter(|r| r.lock().expect("record lock").synced_at.is_some()).count();
     if args.markdown {
+        let what = if synced_all { "initial sync".to_string() } else { format!("initial sync: only {synced_count} of {expected} SYNCED") };
         println!(
-            "| {mode} | {} | initial sync | {sync_secs:.1} s | {:.0} | {:.1} | | | | | {:.0} |",
+            "| {mode} | {} | {what} | {sync_secs:.1} s | {:.0} | {:.1} | | | | | {:.0} |",
             args.proxies,
             usage.map_or(f64::NAN, |u| u.0),
             cpu(usage),
@@ -304,9 +306,37 @@ fn report(args: &LoadArgs, mode: &str, what: &str, lat: &mut [f64], missing: usi
                 bytes as f64 / 1048576.0
             );
             if args.markdown {
+                let what = if missing > 0 { format!("{what}; {missing} (proxy, change) pairs not delivered within --settle") } else { what.to_string() };
                 println!("| {mode} | {} | {what} | | {rss:.0} | {cpu:.1} | {p50:.0} | {p90:.0} | {p99:.0} | {max:.0} | {:.0} |", args.proxies, bytes as f64 / 1048576.0);
             }
         }
-        None => println!("{mode}: {what}: nothing delivered ({missing} missing)"),
+        None => {
+            println!("{mode}: {what}: nothing delivered ({missing} missing)");
+            if args.markdown {
+                println!("| {mode} | {} | {what}: nothing delivered within --settle | | {rss:.0} | {cpu:.1} | | | | | {:.0} |", args.proxies, bytes as f64 / 1048576.0);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_change_is_matched_to_each_proxys_next_delivery() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let changes = [ms(0), ms(100)];
+        let deliveries = vec![vec![ms(50), ms(300)], vec![ms(120)], vec![]];
+        let (lat, missing) = latencies(&changes, &deliveries);
+        assert_eq!(lat, vec![50.0, 200.0, 120.0, 20.0]);
+        assert_eq!(missing, 2, "the third proxy got nothing");
+    }
+
+    #[test]
+    fn reads_its_own_usage_from_proc() {
+        let (rss, cpu) = process_usage(std::process::id()).unwrap();
+        assert!(rss > 1.0 && cpu >= 0.0);
     }
 }
