@@ -81,7 +81,8 @@ struct SotwWatch {
     subscription: Subscription,
     ledger: TypeLedger,
     /// What the last response carried (for config dumps and change detection).
-    sent: BTreeMap<String, Arc<Resource>>,
+    /// In name order; the names live in the shared resources (no per-stream copies).
+    sent: Vec<Arc<Resource>>,
     sent_view: Option<String>,
     /// Respond to the next request even if it is a plain ACK (Envoy's cluster warming).
     always_respond: bool,
@@ -150,7 +151,7 @@ impl SotwStream {
         let watch = self.watches.entry(ty).or_insert_with(|| SotwWatch {
             subscription: next.clone(),
             ledger: TypeLedger::default(),
-            sent: BTreeMap::new(),
+            sent: Vec::new(),
             sent_view: None,
             always_respond: false,
         });
@@ -169,8 +170,8 @@ impl SotwStream {
         {
             // Names dropped from an explicit subscription: forget them so a later
             // re-subscription is answered.
-            w.sent.retain(|n, _| names.contains(n));
-            w.sent_view = Some(aggregate_version(w.sent.values()));
+            w.sent.retain(|r| names.contains(&r.name));
+            w.sent_view = Some(aggregate_version(w.sent.iter()));
         }
         Ok(step)
     }
@@ -206,7 +207,7 @@ impl SotwStream {
         let view = view_of(resources, ty, &watch.subscription);
         let response = DiscoveryResponse {
             version_info: view.version.clone(),
-            resources: view.resources.values().map(|r| r.body.clone()).collect(),
+            resources: view.resources.iter().map(|r| r.body.clone()).collect(),
             type_url: ty.type_url().to_string(),
             nonce: nonce.clone(),
             ..Default::default()
@@ -237,7 +238,7 @@ impl SotwStream {
             .iter()
             .filter_map(|(ty, w)| {
                 let version = w.ledger.sent.as_ref()?.version.clone();
-                Some((*ty, (version, w.sent.values().cloned().collect())))
+                Some((*ty, (version, w.sent.clone())))
             })
             .collect()
     }
@@ -249,17 +250,12 @@ impl SotwStream {
 
 struct View {
     version: String,
-    resources: BTreeMap<String, Arc<Resource>>,
+    resources: Vec<Arc<Resource>>,
 }
 
 fn view_of(resources: &ResourceSet, ty: ResourceType, sub: &Subscription) -> View {
-    let selected: BTreeMap<String, Arc<Resource>> = resources
-        .of_type(ty)
-        .iter()
-        .filter(|(name, _)| sub.covers(name))
-        .map(|(n, r)| (n.clone(), r.clone()))
-        .collect();
-    View { version: aggregate_version(selected.values()), resources: selected }
+    let selected: Vec<Arc<Resource>> = resources.of_type(ty).iter().filter(|(name, _)| sub.covers(name)).map(|(_, r)| r.clone()).collect();
+    View { version: aggregate_version(selected.iter()), resources: selected }
 }
 
 #[cfg(test)]
