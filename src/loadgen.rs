@@ -97,6 +97,20 @@ impl SimulatedProxy {
         }
     }
 
+    /// Counts a response and decides its ACK or NACK; `None` for a type it does not know.
+    fn receive(&mut self, type_url: &str, len: usize, now: Instant) -> Option<(ResourceType, bool)> {
+        self.responses += 1;
+        self.bytes += len as u64;
+        let ty = ResourceType::from_type_url(type_url)?;
+        let nack = ty == ResourceType::Listener && self.nack_listeners && !self.nacked_once;
+        if nack {
+            self.nacked_once = true;
+            self.rejects += 1;
+        }
+        self.note(ty, !nack, now);
+        Some((ty, nack))
+    }
+
     // ---- state of the world ----
 
     /// The first request on the stream.
@@ -107,12 +121,9 @@ impl SimulatedProxy {
 
     /// The requests a response causes: its ACK (or NACK), then new subscriptions.
     pub fn sotw_on_response(&mut self, r: &DiscoveryResponse, now: Instant) -> Vec<DiscoveryRequest> {
-        self.responses += 1;
-        self.bytes += r.encoded_len() as u64;
-        let Some(ty) = ResourceType::from_type_url(&r.type_url) else { return Vec::new() };
+        let Some((ty, nack)) = self.receive(&r.type_url, r.encoded_len(), now) else { return Vec::new() };
         let subscribed = |names: &BTreeSet<String>| names.iter().cloned().collect::<Vec<_>>();
         let mut out = Vec::new();
-        let nack = ty == ResourceType::Listener && self.nack_listeners && !self.nacked_once;
         let names = match ty {
             ResourceType::Endpoint => subscribed(&self.eds_names),
             ResourceType::Route => subscribed(&self.rds_names),
@@ -126,11 +137,6 @@ impl SimulatedProxy {
             error_detail: nack.then(|| Status { code: 3, message: "simulated rejection".into(), ..Default::default() }),
             ..Default::default()
         });
-        if nack {
-            self.nacked_once = true;
-            self.rejects += 1;
-        }
-        self.note(ty, !nack, now);
         match ty {
             ResourceType::Cluster => {
                 let eds = eds_cluster_names(&r.resources);
@@ -169,21 +175,13 @@ impl SimulatedProxy {
     }
 
     pub fn delta_on_response(&mut self, r: &DeltaDiscoveryResponse, now: Instant) -> Vec<DeltaDiscoveryRequest> {
-        self.responses += 1;
-        self.bytes += r.encoded_len() as u64;
-        let Some(ty) = ResourceType::from_type_url(&r.type_url) else { return Vec::new() };
-        let nack = ty == ResourceType::Listener && self.nack_listeners && !self.nacked_once;
+        let Some((ty, nack)) = self.receive(&r.type_url, r.encoded_len(), now) else { return Vec::new() };
         let mut out = vec![DeltaDiscoveryRequest {
             type_url: r.type_url.clone(),
             response_nonce: r.nonce.clone(),
             error_detail: nack.then(|| Status { code: 3, message: "simulated rejection".into(), ..Default::default() }),
             ..Default::default()
         }];
-        if nack {
-            self.nacked_once = true;
-            self.rejects += 1;
-        }
-        self.note(ty, !nack, now);
         let bodies: Vec<Any> = r.resources.iter().filter_map(|x| x.resource.clone()).collect();
         match ty {
             ResourceType::Cluster => {
