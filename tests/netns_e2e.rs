@@ -119,6 +119,8 @@ async fn seed_scenario_across_isolated_networks() {
     let mut cmd = Command::new(meshpilot_bin());
     cmd.args(["serve", "--config-dir"]).arg(&config).args(["--xds-addr", &format!("127.0.0.1:{}", free_port())]);
     cmd.arg("--xds-socket").arg(&xds_socket).args(["--admin-addr", &admin, "--debounce-after", "20ms"]);
+    // Short-lived workload certificates: the run outlives several, so it only passes if rotation works.
+    cmd.args(["--cert-ttl", "6s"]);
     cmd.env("MESHPILOT_LOG", "info,meshpilot=debug");
     let _meshpilot = Proc::spawn("meshpilot", cmd, &dir);
     wait_for("meshpilot ready", Duration::from_secs(20), || {
@@ -203,6 +205,31 @@ async fn seed_scenario_across_isolated_networks() {
     .await;
     let (after, _) = sample(&a, "127.0.0.10:9080", "reviews", 500);
     assert_eq!(after, BTreeMap::from([("reviews-v3".to_string(), 500)]), "after the push every request is served by v3");
+
+    // Rotation: productpage's certificate is replaced over SDS before it expires, and mTLS keeps working.
+    let first = workload_cert_version(&productpage.admin).await;
+    let rotated = wait_for("productpage's certificate to be rotated", Duration::from_secs(20), || async {
+        workload_cert_version(&productpage.admin).await.filter(|v| Some(v) != first.as_ref())
+    })
+    .await;
+    eprintln!("workload certificate rotated: {first:?} -> {rotated}");
+    wait_for("a second rotation, past the first certificate's expiry", Duration::from_secs(20), || async {
+        workload_cert_version(&productpage.admin).await.filter(|v| *v != rotated)
+    })
+    .await;
+    let (later, peers) = sample(&a, "127.0.0.10:9080", "reviews", 200);
+    assert_eq!(later, BTreeMap::from([("reviews-v3".to_string(), 200)]), "mTLS still works with rotated certificates");
+    assert_eq!(peers["reviews-v3"], vec![productpage_id.to_string()]);
+}
+
+/// The version of the SDS secret `default` Envoy is using.
+async fn workload_cert_version(admin: &Path) -> Option<String> {
+    let dump: serde_json::Value = serde_json::from_str(&uds_get(admin, "/config_dump?resource=dynamic_active_secrets").await).ok()?;
+    dump["configs"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == "default")
+        .and_then(|s| s["version_info"].as_str().map(String::from))
 }
 
 fn copy_dir(src: &Path, dst: &Path) {
