@@ -5,22 +5,17 @@
 //! (`tcp_proxy`, no termination) to a cluster of the same name holding that
 //! subset's local endpoints. It holds no certificate and sees no plaintext.
 
+use super::any;
 use std::collections::{BTreeMap, BTreeSet};
 
 use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter::ConfigType, listener_filter};
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy::ClusterSpecifier};
-use envoy_types::pb::google::protobuf::Any;
-use prost::{Message, Name};
 
 use super::endpoints::{gateway_load_assignment, socket_address};
 use super::{ClusterTarget, ProxyScope, clusters, names};
 use crate::model::{DEFAULT_GATEWAY_PORT, MeshSnapshot, ServiceKey};
 use crate::xds::resources::{Resource, ResourceSet, ResourceType};
-
-fn any<M: Message + Name>(m: &M) -> Any {
-    Any { type_url: M::type_url(), value: m.encode_to_vec() }
-}
 
 /// What the gateway of `cluster` exports: every service port with no subset,
 /// and every (service port, subset) a policy shifts traffic to.

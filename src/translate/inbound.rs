@@ -5,6 +5,7 @@
 //! with the caller's SPIFFE URI) and forwards to the application at
 //! `APP_ADDRESS` (explicit mode: the application listens there).
 
+use super::any;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -16,18 +17,13 @@ use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, http_connection_manager::{ForwardClientCertDetails, RouteSpecifier, SetCurrentClientCertDetails}, http_filter,
 };
-use envoy_types::pb::google::protobuf::{Any, BoolValue};
-use prost::{Message, Name};
+use envoy_types::pb::google::protobuf::BoolValue;
 
 use super::endpoints::socket_address;
 use super::listeners::{HCM_FILTER, ROUTER_FILTER};
 use super::routes::pb_duration;
 use super::{ProxyScope, tls};
 use crate::model::MeshSnapshot;
-
-fn any<M: Message + Name>(m: &M) -> Any {
-    Any { type_url: M::type_url(), value: m.encode_to_vec() }
-}
 
 /// Istio's inbound cluster name.
 pub fn inbound_cluster_name(port: u16) -> String {

@@ -2,6 +2,8 @@
 //! address (explicit mode: the application sends to it; iptables capture and
 //! the 15001 original-destination listener come later).
 
+use super::any;
+use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter::ConfigType};
 use envoy_types::pb::envoy::extensions::filters::http::cors::v3::Cors;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
@@ -9,8 +11,6 @@ use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager::RouteSpecifier, http_filter,
 };
-use envoy_types::pb::google::protobuf::Any;
-use prost::{Message, Name};
 
 use super::clusters::ads_config_source;
 use super::endpoints::socket_address;
@@ -19,10 +19,6 @@ use super::routes::{CORS_FILTER, FAULT_FILTER};
 
 pub const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
 pub const ROUTER_FILTER: &str = "envoy.filters.http.router";
-
-fn any<M: Message + Name>(m: &M) -> Any {
-    Any { type_url: M::type_url(), value: m.encode_to_vec() }
-}
 
 fn http_filter(name: &str, config: Any) -> HttpFilter {
     HttpFilter { name: name.to_string(), config_type: Some(http_filter::ConfigType::TypedConfig(config)), ..Default::default() }

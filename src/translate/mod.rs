@@ -32,6 +32,11 @@ use crate::model::{MeshSnapshot, MeshTrust, Service, ServiceKey};
 use crate::xds::node::{ProxyNode, ProxyRole};
 use crate::xds::resources::{Resource, ResourceSet, ResourceType};
 
+/// A message as a protobuf `Any` (typed configs inside resources).
+pub(crate) fn any<M: prost::Message + prost::Name>(m: &M) -> envoy_types::pb::google::protobuf::Any {
+    envoy_types::pb::google::protobuf::Any { type_url: M::type_url(), value: m.encode_to_vec() }
+}
+
 /// The loopback address outbound listeners bind to unless the proxy says otherwise.
 pub const DEFAULT_OUTBOUND_BIND: &str = "127.0.0.1";
 

@@ -1,6 +1,7 @@
 //! RDS: one RouteConfiguration per port, a virtual host per service on it,
 //! routes from the TrafficPolicies that apply to this client.
 
+use super::any;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
@@ -15,8 +16,7 @@ use envoy_types::pb::envoy::extensions::filters::http::cors::v3::CorsPolicy;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{FaultAbort, HttpFault, fault_abort::ErrorType};
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent::DenominatorType};
-use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
-use prost::{Message, Name};
+use envoy_types::pb::google::protobuf::{BoolValue, Duration as PbDuration, UInt32Value};
 
 use super::{ClusterTarget, ProxyScope, ServiceView, names};
 use crate::model::api::HttpMatcher;
@@ -30,10 +30,6 @@ const RETRY_ON: &str = "connect-failure,refused-stream,unavailable,cancelled,ret
 
 pub fn pb_duration(d: Duration) -> PbDuration {
     PbDuration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
-}
-
-fn any<M: Message + Name>(m: &M) -> Any {
-    Any { type_url: M::type_url(), value: m.encode_to_vec() }
 }
 
 fn exact(s: &str) -> StringMatcher {

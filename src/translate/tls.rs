@@ -3,6 +3,7 @@
 //! gateway SNI `outbound_.<port>_.<subset>_.<host>`) to endpoints marked
 //! `tlsMode: istio`; inbound listeners require a client certificate.
 
+use super::any;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::TransportSocketMatch;
 use envoy_types::pb::envoy::config::core::v3::{DataSource, Metadata, TransportSocket, data_source, transport_socket};
 use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
@@ -12,8 +13,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     subject_alt_name_matcher::SanType,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
-use envoy_types::pb::google::protobuf::{Any, BoolValue, Struct, Value, value::Kind};
-use prost::{Message, Name};
+use envoy_types::pb::google::protobuf::{BoolValue, Struct, Value, value::Kind};
 
 use super::clusters::ads_config_source;
 
@@ -24,10 +24,6 @@ pub const ROOT_SECRET: &str = "ROOTCA";
 pub const TLS_SOCKET: &str = "envoy.transport_sockets.tls";
 /// The endpoint metadata namespace transport socket matches read.
 pub const TRANSPORT_SOCKET_MATCH: &str = "envoy.transport_socket_match";
-
-fn any<M: Message + Name>(m: &M) -> Any {
-    Any { type_url: M::type_url(), value: m.encode_to_vec() }
-}
 
 fn sds(name: &str) -> SdsSecretConfig {
     SdsSecretConfig { name: name.to_string(), sds_config: Some(ads_config_source()) }
