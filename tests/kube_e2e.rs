@@ -14,11 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{Envoy, Proc, envoy_or_skip, free_port, meshpilot_bin, random_loopback_prefix, wait_for};
-
-fn require_e2e() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true") || std::env::var("MESHPILOT_REQUIRE_E2E").is_ok_and(|v| v == "1")
-}
+use support::{Envoy, Proc, envoy_or_skip, free_port, meshpilot_bin, random_loopback_prefix, require_e2e, wait_for};
 
 /// The kubeenv binary, built (or reused) by e2e/build.sh.
 fn kubeenv_or_skip(test: &str) -> Option<PathBuf> {

@@ -20,11 +20,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use meshpilot::netns::{self, Topology};
-use support::{Proc, assert_split, envoy_or_skip, free_port, meshpilot_bin, wait_for};
-
-fn require() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true") || std::env::var("MESHPILOT_REQUIRE_E2E").is_ok_and(|v| v == "1")
-}
+use support::{Proc, assert_split, envoy_or_skip, free_port, meshpilot_bin, require_e2e, wait_for};
 
 /// GET over a Unix socket (Envoy's admin page there), body only.
 async fn uds_get(path: &Path, url: &str) -> String {
@@ -100,7 +96,7 @@ async fn rds_version(admin: &str, proxy: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_scenario_across_isolated_networks() {
     if !netns::available() {
-        assert!(!require(), "this test needs root and `ip` (network namespaces) here");
+        assert!(!require_e2e(), "this test needs root and `ip` (network namespaces) here");
         eprintln!("seed_scenario_across_isolated_networks: skipped (needs root for network namespaces)");
         return;
     }
@@ -113,7 +109,7 @@ async fn seed_scenario_across_isolated_networks() {
 
     // The control plane, in the root namespace, on a copy of the example.
     let config = dir.join("config");
-    copy_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/bookinfo-multinet"), &config);
+    meshpilot::cli::demo::copy_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/bookinfo-multinet"), &config).unwrap();
     let xds_socket = dir.join("xds.sock");
     let admin = format!("127.0.0.1:{}", free_port());
     let mut cmd = Command::new(meshpilot_bin());
@@ -230,19 +226,6 @@ async fn workload_cert_version(admin: &Path) -> Option<String> {
         .iter()
         .find(|s| s["name"] == "default")
         .and_then(|s| s["version_info"].as_str().map(String::from))
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        let to = dst.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_dir(&p, &to);
-        } else {
-            std::fs::copy(&p, &to).unwrap();
-        }
-    }
 }
 
 /// The README's main job: `meshpilot demo --multi-network` brings the two-network scenario up and prints the split.

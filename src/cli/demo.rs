@@ -90,7 +90,7 @@ impl Drop for Children {
     }
 }
 
-pub(crate) fn copy_dir(src: &Path, dst: &Path) -> anyhow::Result<()> {
+pub fn copy_dir(src: &Path, dst: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dst)?;
     for entry in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
         let entry = entry?;

@@ -121,7 +121,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut _file_watcher = None;
     let mut _dir_watcher = None;
     let mut cluster_health = None;
-    let mut kube_tasks = Vec::new();
+    let mut background_tasks = Vec::new();
     let certs = Arc::new(crate::ca::WorkloadCertificates::new(args.cert_ttl, args.ca_dir.clone()));
     let provider: Arc<dyn ResourceProvider> = match (&args.resources, &args.config_dir) {
         _ if args.kubernetes => {
@@ -136,7 +136,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             };
             let source_health = health.clone();
             let source_client = client.clone();
-            kube_tasks.push(tokio::spawn(async move {
+            background_tasks.push(tokio::spawn(async move {
                 let apply = move |inputs| {
                     sink.update(inputs);
                     snapshots_tx.send_modify(|v| *v += 1);
@@ -151,7 +151,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 identity: args.id.clone().unwrap_or_else(default_identity),
                 duration: args.lease_duration,
             };
-            kube_tasks.push(tokio::spawn(run_status_writer(client, lease, resources.clone(), snapshots_rx)));
+            background_tasks.push(tokio::spawn(run_status_writer(client, lease, resources.clone(), snapshots_rx)));
             cluster_health = Some(health);
             mesh = Some(resources.clone());
             resources
@@ -193,7 +193,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         // Rotation: re-issue certificates that passed two thirds of their life, and push them.
         let resources = resources.clone();
         let every = (args.cert_ttl / 20).clamp(Duration::from_millis(500), Duration::from_secs(60));
-        kube_tasks.push(tokio::spawn(async move {
+        background_tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
@@ -248,7 +248,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down: closing xDS streams");
     // Dropping the push channel ends every stream; Envoy keeps its config and reconnects elsewhere.
     debouncer.abort();
-    for t in &kube_tasks {
+    for t in &background_tasks {
         t.abort();
     }
     let _ = stop_tx.send(true);

@@ -265,3 +265,9 @@ pub fn random_loopback_prefix() -> (u8, u8) {
     let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
     (100 + (r % 150) as u8, ((r >> 8) % 250) as u8)
 }
+
+/// Whether tests that need real parts beyond Envoy (Go, kubectl, root for
+/// network namespaces) must run rather than skip: in CI or with MESHPILOT_REQUIRE_E2E=1.
+pub fn require_e2e() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true") || std::env::var("MESHPILOT_REQUIRE_E2E").is_ok_and(|v| v == "1")
+}
