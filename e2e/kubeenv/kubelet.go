@@ -53,10 +53,21 @@ func runKubelet(args []string) error {
 		case <-ctx.Done():
 			return nil
 		case p := <-queue:
-			if err := reconcilePod(ctx, cs, *node, p); err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
-				fmt.Printf("pod %s/%s: %v\n", p.Namespace, p.Name, err)
-				go func(p *corev1.Pod) { time.Sleep(time.Second); queue <- p }(p)
+			err := reconcilePod(ctx, cs, *node, p)
+			if err == nil || apierrors.IsNotFound(err) {
+				continue
 			}
+			if !apierrors.IsConflict(err) {
+				fmt.Printf("pod %s/%s: %v\n", p.Namespace, p.Name, err)
+			}
+			// Retry soon with the pod as it is now (a conflict means our copy was stale),
+			// so a pod is Ready within milliseconds, as with a real kubelet's status sync.
+			go func(ns, name string) {
+				time.Sleep(50 * time.Millisecond)
+				if fresh, err := cs.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{}); err == nil {
+					queue <- fresh
+				}
+			}(p.Namespace, p.Name)
 		}
 	}
 }
