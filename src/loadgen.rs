@@ -7,18 +7,29 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
-use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster::ClusterDiscoveryType, cluster::DiscoveryType};
+use envoy_types::pb::envoy::config::cluster::v3::{
+    Cluster, cluster::ClusterDiscoveryType, cluster::DiscoveryType,
+};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::listener::v3::{Listener, filter::ConfigType};
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{HttpConnectionManager, http_connection_manager::RouteSpecifier};
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, http_connection_manager::RouteSpecifier,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status;
 use prost::Message;
 
 use crate::xds::resources::ResourceType;
 
-const TYPES: [ResourceType; 4] = [ResourceType::Cluster, ResourceType::Endpoint, ResourceType::Listener, ResourceType::Route];
+const TYPES: [ResourceType; 4] = [
+    ResourceType::Cluster,
+    ResourceType::Endpoint,
+    ResourceType::Listener,
+    ResourceType::Route,
+];
 
 fn index(ty: ResourceType) -> Option<usize> {
     TYPES.iter().position(|t| *t == ty)
@@ -37,7 +48,10 @@ pub fn eds_cluster_names(resources: &[Any]) -> BTreeSet<String> {
 /// Route configuration names the listeners' HTTP connection managers ask for over RDS.
 pub fn rds_names(resources: &[Any]) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    for l in resources.iter().filter_map(|a| Listener::decode(a.value.as_slice()).ok()) {
+    for l in resources
+        .iter()
+        .filter_map(|a| Listener::decode(a.value.as_slice()).ok())
+    {
         for f in l.filter_chains.iter().flat_map(|c| c.filters.iter()) {
             if let Some(ConfigType::TypedConfig(any)) = &f.config_type
                 && let Ok(hcm) = HttpConnectionManager::decode(any.value.as_slice())
@@ -98,7 +112,12 @@ impl SimulatedProxy {
     }
 
     /// Counts a response and decides its ACK or NACK; `None` for a type it does not know.
-    fn receive(&mut self, type_url: &str, len: usize, now: Instant) -> Option<(ResourceType, bool)> {
+    fn receive(
+        &mut self,
+        type_url: &str,
+        len: usize,
+        now: Instant,
+    ) -> Option<(ResourceType, bool)> {
         self.responses += 1;
         self.bytes += len as u64;
         let ty = ResourceType::from_type_url(type_url)?;
@@ -116,12 +135,22 @@ impl SimulatedProxy {
     /// The first request on the stream.
     pub fn sotw_start(&mut self) -> DiscoveryRequest {
         self.requested[0] = true;
-        DiscoveryRequest { node: Some(self.node.clone()), type_url: ResourceType::Cluster.type_url().into(), ..Default::default() }
+        DiscoveryRequest {
+            node: Some(self.node.clone()),
+            type_url: ResourceType::Cluster.type_url().into(),
+            ..Default::default()
+        }
     }
 
     /// The requests a response causes: its ACK (or NACK), then new subscriptions.
-    pub fn sotw_on_response(&mut self, r: &DiscoveryResponse, now: Instant) -> Vec<DiscoveryRequest> {
-        let Some((ty, nack)) = self.receive(&r.type_url, r.encoded_len(), now) else { return Vec::new() };
+    pub fn sotw_on_response(
+        &mut self,
+        r: &DiscoveryResponse,
+        now: Instant,
+    ) -> Vec<DiscoveryRequest> {
+        let Some((ty, nack)) = self.receive(&r.type_url, r.encoded_len(), now) else {
+            return Vec::new();
+        };
         let subscribed = |names: &BTreeSet<String>| names.iter().cloned().collect::<Vec<_>>();
         let mut out = Vec::new();
         let names = match ty {
@@ -130,11 +159,19 @@ impl SimulatedProxy {
             _ => Vec::new(),
         };
         out.push(DiscoveryRequest {
-            version_info: if nack { String::new() } else { r.version_info.clone() },
+            version_info: if nack {
+                String::new()
+            } else {
+                r.version_info.clone()
+            },
             resource_names: names,
             type_url: r.type_url.clone(),
             response_nonce: r.nonce.clone(),
-            error_detail: nack.then(|| Status { code: 3, message: "simulated rejection".into(), ..Default::default() }),
+            error_detail: nack.then(|| Status {
+                code: 3,
+                message: "simulated rejection".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         });
         match ty {
@@ -152,14 +189,21 @@ impl SimulatedProxy {
             }
             ResourceType::Endpoint if !self.requested[2] => {
                 self.requested[2] = true;
-                out.push(DiscoveryRequest { type_url: ResourceType::Listener.type_url().into(), ..Default::default() });
+                out.push(DiscoveryRequest {
+                    type_url: ResourceType::Listener.type_url().into(),
+                    ..Default::default()
+                });
             }
             ResourceType::Listener => {
                 let rds = rds_names(&r.resources);
                 if rds != self.rds_names || !self.requested[3] {
                     self.rds_names = rds;
                     self.requested[3] = true;
-                    out.push(DiscoveryRequest { resource_names: subscribed(&self.rds_names), type_url: ResourceType::Route.type_url().into(), ..Default::default() });
+                    out.push(DiscoveryRequest {
+                        resource_names: subscribed(&self.rds_names),
+                        type_url: ResourceType::Route.type_url().into(),
+                        ..Default::default()
+                    });
                 }
             }
             _ => {}
@@ -171,22 +215,48 @@ impl SimulatedProxy {
 
     pub fn delta_start(&mut self) -> DeltaDiscoveryRequest {
         self.requested[0] = true;
-        DeltaDiscoveryRequest { node: Some(self.node.clone()), type_url: ResourceType::Cluster.type_url().into(), ..Default::default() }
+        DeltaDiscoveryRequest {
+            node: Some(self.node.clone()),
+            type_url: ResourceType::Cluster.type_url().into(),
+            ..Default::default()
+        }
     }
 
-    pub fn delta_on_response(&mut self, r: &DeltaDiscoveryResponse, now: Instant) -> Vec<DeltaDiscoveryRequest> {
-        let Some((ty, nack)) = self.receive(&r.type_url, r.encoded_len(), now) else { return Vec::new() };
+    pub fn delta_on_response(
+        &mut self,
+        r: &DeltaDiscoveryResponse,
+        now: Instant,
+    ) -> Vec<DeltaDiscoveryRequest> {
+        let Some((ty, nack)) = self.receive(&r.type_url, r.encoded_len(), now) else {
+            return Vec::new();
+        };
         let mut out = vec![DeltaDiscoveryRequest {
             type_url: r.type_url.clone(),
             response_nonce: r.nonce.clone(),
-            error_detail: nack.then(|| Status { code: 3, message: "simulated rejection".into(), ..Default::default() }),
+            error_detail: nack.then(|| Status {
+                code: 3,
+                message: "simulated rejection".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         }];
-        let bodies: Vec<Any> = r.resources.iter().filter_map(|x| x.resource.clone()).collect();
+        let bodies: Vec<Any> = r
+            .resources
+            .iter()
+            .filter_map(|x| x.resource.clone())
+            .collect();
         match ty {
             ResourceType::Cluster => {
-                let new: Vec<String> = eds_cluster_names(&bodies).into_iter().filter(|n| !self.eds_names.contains(n)).collect();
-                let gone: Vec<String> = r.removed_resources.iter().filter(|n| self.eds_names.contains(*n)).cloned().collect();
+                let new: Vec<String> = eds_cluster_names(&bodies)
+                    .into_iter()
+                    .filter(|n| !self.eds_names.contains(n))
+                    .collect();
+                let gone: Vec<String> = r
+                    .removed_resources
+                    .iter()
+                    .filter(|n| self.eds_names.contains(*n))
+                    .cloned()
+                    .collect();
                 for n in &gone {
                     self.eds_names.remove(n);
                 }
@@ -203,14 +273,24 @@ impl SimulatedProxy {
             }
             ResourceType::Endpoint if !self.requested[2] => {
                 self.requested[2] = true;
-                out.push(DeltaDiscoveryRequest { type_url: ResourceType::Listener.type_url().into(), ..Default::default() });
+                out.push(DeltaDiscoveryRequest {
+                    type_url: ResourceType::Listener.type_url().into(),
+                    ..Default::default()
+                });
             }
             ResourceType::Listener => {
-                let new: Vec<String> = rds_names(&bodies).into_iter().filter(|n| !self.rds_names.contains(n)).collect();
+                let new: Vec<String> = rds_names(&bodies)
+                    .into_iter()
+                    .filter(|n| !self.rds_names.contains(n))
+                    .collect();
                 self.rds_names.extend(new.iter().cloned());
                 if !new.is_empty() || !self.requested[3] {
                     self.requested[3] = true;
-                    out.push(DeltaDiscoveryRequest { type_url: ResourceType::Route.type_url().into(), resource_names_subscribe: new, ..Default::default() });
+                    out.push(DeltaDiscoveryRequest {
+                        type_url: ResourceType::Route.type_url().into(),
+                        resource_names_subscribe: new,
+                        ..Default::default()
+                    });
                 }
             }
             _ => {}
@@ -234,10 +314,14 @@ mod tests {
     use super::*;
     use crate::translate::{ProxyScope, translate};
 
-    fn response(ty: ResourceType, set: &crate::xds::resources::ResourceSet, nonce: &str) -> DiscoveryResponse {
+    fn response(
+        ty: ResourceType,
+        set: &crate::xds::resources::ResourceSet,
+        nonce: &str,
+    ) -> DiscoveryResponse {
         DiscoveryResponse {
             version_info: format!("v-{nonce}"),
-            resources: set.of_type(ty).values().map(|r| r.body.clone()).collect(),
+            resources: set.of_type(ty).values().map(|r| r.body()).collect(),
             type_url: ty.type_url().into(),
             nonce: nonce.into(),
             ..Default::default()
@@ -246,19 +330,43 @@ mod tests {
 
     #[test]
     fn subscribes_like_envoy_and_acks_everything() {
-        let snapshot = crate::cli::mesh::offline_snapshot(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/bookinfo"))).unwrap();
-        let set = translate(&snapshot, &ProxyScope::sidecar("management-plane", "default", &[("app", "productpage")]));
+        let snapshot = crate::cli::mesh::offline_snapshot(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/bookinfo"
+        )))
+        .unwrap();
+        let set = translate(
+            &snapshot,
+            &ProxyScope::sidecar("management-plane", "default", &[("app", "productpage")]),
+        );
         let now = Instant::now();
-        let mut p = SimulatedProxy::new(Node { id: "p".into(), ..Default::default() }, false);
+        let mut p = SimulatedProxy::new(
+            Node {
+                id: "p".into(),
+                ..Default::default()
+            },
+            false,
+        );
         assert_eq!(p.sotw_start().type_url, ResourceType::Cluster.type_url());
         let reqs = p.sotw_on_response(&response(ResourceType::Cluster, &set, "1"), now);
         assert_eq!(reqs.len(), 2, "ACK + EDS subscription");
         assert_eq!(reqs[0].response_nonce, "1");
-        assert_eq!(reqs[1].resource_names.len(), set.of_type(ResourceType::Endpoint).len());
+        assert_eq!(
+            reqs[1].resource_names.len(),
+            set.of_type(ResourceType::Endpoint).len()
+        );
         let reqs = p.sotw_on_response(&response(ResourceType::Endpoint, &set, "2"), now);
-        assert_eq!(reqs[1].type_url, ResourceType::Listener.type_url(), "LDS after the clusters warmed");
+        assert_eq!(
+            reqs[1].type_url,
+            ResourceType::Listener.type_url(),
+            "LDS after the clusters warmed"
+        );
         let reqs = p.sotw_on_response(&response(ResourceType::Listener, &set, "3"), now);
-        assert_eq!(reqs[1].resource_names, ["9080"], "RDS for the listener's route config");
+        assert_eq!(
+            reqs[1].resource_names,
+            ["9080"],
+            "RDS for the listener's route config"
+        );
         assert!(!p.synced());
         p.sotw_on_response(&response(ResourceType::Route, &set, "4"), now);
         assert!(p.synced() && p.synced_at == Some(now));
@@ -267,11 +375,28 @@ mod tests {
     #[test]
     fn a_nacking_proxy_rejects_its_first_listeners() {
         let now = Instant::now();
-        let mut p = SimulatedProxy::new(Node { id: "p".into(), ..Default::default() }, true);
-        let r = DiscoveryResponse { type_url: ResourceType::Listener.type_url().into(), nonce: "1".into(), version_info: "v1".into(), ..Default::default() };
+        let mut p = SimulatedProxy::new(
+            Node {
+                id: "p".into(),
+                ..Default::default()
+            },
+            true,
+        );
+        let r = DiscoveryResponse {
+            type_url: ResourceType::Listener.type_url().into(),
+            nonce: "1".into(),
+            version_info: "v1".into(),
+            ..Default::default()
+        };
         let reqs = p.sotw_on_response(&r, now);
         assert!(reqs[0].error_detail.is_some() && reqs[0].version_info.is_empty());
-        let reqs = p.sotw_on_response(&DiscoveryResponse { nonce: "2".into(), ..r }, now);
+        let reqs = p.sotw_on_response(
+            &DiscoveryResponse {
+                nonce: "2".into(),
+                ..r
+            },
+            now,
+        );
         assert!(reqs[0].error_detail.is_none());
         assert_eq!(p.rejects, 1);
     }

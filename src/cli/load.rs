@@ -90,26 +90,56 @@ struct Record {
 }
 
 fn string_value(s: &str) -> Value {
-    Value { kind: Some(Kind::StringValue(s.to_string())) }
+    Value {
+        kind: Some(Kind::StringValue(s.to_string())),
+    }
 }
 
 fn node_for(i: usize, args: &LoadArgs) -> Node {
     let mut labels = Struct::default();
-    labels.fields.insert("app".into(), string_value(&service_name(i % args.apps.max(1))));
+    labels.fields.insert(
+        "app".into(),
+        string_value(&service_name(i % args.apps.max(1))),
+    );
     let mut meta = Struct::default();
-    meta.fields.insert("CLUSTER_ID".into(), string_value(&cluster_name(i % args.clusters.max(1))));
-    meta.fields.insert("NAMESPACE".into(), string_value(&format!("ns-{}", i % args.namespaces.max(1))));
-    meta.fields.insert("LABELS".into(), Value { kind: Some(Kind::StructValue(labels)) });
+    meta.fields.insert(
+        "CLUSTER_ID".into(),
+        string_value(&cluster_name(i % args.clusters.max(1))),
+    );
+    meta.fields.insert(
+        "NAMESPACE".into(),
+        string_value(&format!("ns-{}", i % args.namespaces.max(1))),
+    );
+    meta.fields.insert(
+        "LABELS".into(),
+        Value {
+            kind: Some(Kind::StructValue(labels)),
+        },
+    );
     // Outbound listeners of simulated proxies are never bound; keep one scope per (cluster, ns, app).
-    Node { id: format!("load-{i}"), cluster: cluster_name(i % args.clusters.max(1)), metadata: Some(meta), ..Default::default() }
+    Node {
+        id: format!("load-{i}"),
+        cluster: cluster_name(i % args.clusters.max(1)),
+        metadata: Some(meta),
+        ..Default::default()
+    }
 }
 
-async fn run_proxy(uri: String, mut proxy: SimulatedProxy, delta: bool, record: Arc<Mutex<Record>>, connect: Arc<Semaphore>) -> anyhow::Result<()> {
+async fn run_proxy(
+    uri: String,
+    mut proxy: SimulatedProxy,
+    delta: bool,
+    record: Arc<Mutex<Record>>,
+    connect: Arc<Semaphore>,
+) -> anyhow::Result<()> {
     let channel = {
         let _permit = connect.acquire().await?;
-        tonic::transport::Endpoint::from_shared(uri)?.connect().await?
+        tonic::transport::Endpoint::from_shared(uri)?
+            .connect()
+            .await?
     };
-    let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
     let note = |proxy: &SimulatedProxy, ty: Option<ResourceType>, now: Instant| {
         let mut r = record.lock().expect("record lock");
         match ty {
@@ -124,7 +154,10 @@ async fn run_proxy(uri: String, mut proxy: SimulatedProxy, delta: bool, record: 
     if delta {
         let (tx, rx) = mpsc::channel(16);
         tx.send(proxy.delta_start()).await?;
-        let mut stream = client.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+        let mut stream = client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
         while let Some(resp) = stream.message().await? {
             let now = Instant::now();
             let requests = proxy.delta_on_response(&resp, now);
@@ -136,7 +169,10 @@ async fn run_proxy(uri: String, mut proxy: SimulatedProxy, delta: bool, record: 
     } else {
         let (tx, rx) = mpsc::channel(16);
         tx.send(proxy.sotw_start()).await?;
-        let mut stream = client.stream_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+        let mut stream = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
         while let Some(resp) = stream.message().await? {
             let now = Instant::now();
             let requests = proxy.sotw_on_response(&resp, now);
@@ -152,7 +188,13 @@ async fn run_proxy(uri: String, mut proxy: SimulatedProxy, delta: bool, record: 
 /// (RSS in MiB, CPU seconds) of a process, from /proc.
 pub fn process_usage(pid: u32) -> Option<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let rss_kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = after.split_whitespace().collect();
@@ -190,7 +232,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let uri = format!("http://{}", args.xds_addr);
     let mode = if args.delta { "delta" } else { "sotw" };
     let connect = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
-    let nack_every = if args.nack_fraction > 0.0 { (1.0 / args.nack_fraction).round().max(1.0) as usize } else { usize::MAX };
+    let nack_every = if args.nack_fraction > 0.0 {
+        (1.0 / args.nack_fraction).round().max(1.0) as usize
+    } else {
+        usize::MAX
+    };
     let records: Vec<Arc<Mutex<Record>>> = (0..args.proxies).map(|_| Arc::default()).collect();
     let usage_before = args.pid.and_then(process_usage);
     let start = Instant::now();
@@ -204,16 +250,29 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         });
     }
     // Until every proxy that does not NACK is SYNCED (ACKed CDS, EDS, LDS and RDS).
-    let expected = (0..args.proxies).filter(|i| i % nack_every != nack_every - 1).count();
+    let expected = (0..args.proxies)
+        .filter(|i| i % nack_every != nack_every - 1)
+        .count();
     let synced_all = loop {
-        let synced = records.iter().filter(|r| r.lock().expect("record lock").synced_at.is_some()).count();
-        let failed = records.iter().filter(|r| r.lock().expect("record lock").error.is_some()).count();
+        let synced = records
+            .iter()
+            .filter(|r| r.lock().expect("record lock").synced_at.is_some())
+            .count();
+        let failed = records
+            .iter()
+            .filter(|r| r.lock().expect("record lock").error.is_some())
+            .count();
         if synced >= expected {
             break true;
         }
         if start.elapsed() > args.sync_timeout {
-            let first_error = records.iter().find_map(|r| r.lock().expect("record lock").error.clone()).unwrap_or_default();
-            eprintln!("timed out: {synced}/{expected} SYNCED, {failed} streams failed (first error: {first_error})");
+            let first_error = records
+                .iter()
+                .find_map(|r| r.lock().expect("record lock").error.clone())
+                .unwrap_or_default();
+            eprintln!(
+                "timed out: {synced}/{expected} SYNCED, {failed} streams failed (first error: {first_error})"
+            );
             break false;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -224,11 +283,23 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         .max()
         .map(|t| t.duration_since(start).as_secs_f64())
         .unwrap_or(f64::NAN);
-    let bytes = |records: &[Arc<Mutex<Record>>]| records.iter().map(|r| r.lock().expect("record lock").bytes).sum::<u64>();
+    let bytes = |records: &[Arc<Mutex<Record>>]| {
+        records
+            .iter()
+            .map(|r| r.lock().expect("record lock").bytes)
+            .sum::<u64>()
+    };
     let sync_bytes = bytes(&records);
     let usage = args.pid.and_then(process_usage);
-    let cpu = |u: Option<(f64, f64)>| u.zip(usage_before).map(|(a, b)| a.1 - b.1).unwrap_or(f64::NAN);
-    let rejects: u64 = records.iter().map(|r| r.lock().expect("record lock").rejects).sum();
+    let cpu = |u: Option<(f64, f64)>| {
+        u.zip(usage_before)
+            .map(|(a, b)| a.1 - b.1)
+            .unwrap_or(f64::NAN)
+    };
+    let rejects: u64 = records
+        .iter()
+        .map(|r| r.lock().expect("record lock").rejects)
+        .sum();
     println!(
         "{mode}: {} proxies, {} SYNCED in {sync_secs:.1}s{}; {:.1} MiB sent; {rejects} NACKs; control plane RSS {:.0} MiB, CPU {:.1}s",
         args.proxies,
@@ -238,9 +309,16 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         usage.map_or(f64::NAN, |u| u.0),
         cpu(usage)
     );
-    let synced_count = records.iter().filter(|r| r.lock().expect("record lock").synced_at.is_some()).count();
+    let synced_count = records
+        .iter()
+        .filter(|r| r.lock().expect("record lock").synced_at.is_some())
+        .count();
     if args.markdown {
-        let what = if synced_all { "initial sync".to_string() } else { format!("initial sync: only {synced_count} of {expected} SYNCED") };
+        let what = if synced_all {
+            "initial sync".to_string()
+        } else {
+            format!("initial sync: only {synced_count} of {expected} SYNCED")
+        };
         println!(
             "| {mode} | {} | {what} | {sync_secs:.1} s | {:.0} | {:.1} | | | | | {:.0} |",
             args.proxies,
@@ -250,7 +328,10 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         );
     }
     if !synced_all {
-        anyhow::bail!("not every proxy became SYNCED within {:?}", args.sync_timeout);
+        anyhow::bail!(
+            "not every proxy became SYNCED within {:?}",
+            args.sync_timeout
+        );
     }
 
     if let Some(dir) = &args.config_dir
@@ -266,15 +347,37 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         while t0.elapsed() < args.churn_duration {
             tick.tick().await;
             step += 1;
-            let (c, s) = (step % args.clusters.max(1), (step * 7919) % args.services.max(1));
-            let path = dir.join(cluster_name(c)).join(format!("{}.yaml", service_name(s)));
-            write_atomically(&path, &service_yaml(c, s, args.endpoints, step)).with_context(|| format!("writing {}", path.display()))?;
+            let (c, s) = (
+                step % args.clusters.max(1),
+                (step * 7919) % args.services.max(1),
+            );
+            let path = dir
+                .join(cluster_name(c))
+                .join(format!("{}.yaml", service_name(s)));
+            write_atomically(&path, &service_yaml(c, s, args.endpoints, step))
+                .with_context(|| format!("writing {}", path.display()))?;
             changes.push(Instant::now());
         }
         tokio::time::sleep(args.settle).await;
-        let deliveries: Vec<Vec<Instant>> = records.iter().map(|r| r.lock().expect("record lock").eds_at.clone()).collect();
+        let deliveries: Vec<Vec<Instant>> = records
+            .iter()
+            .map(|r| r.lock().expect("record lock").eds_at.clone())
+            .collect();
         let (mut lat, missing) = latencies(&changes, &deliveries);
-        report(&args, mode, &format!("endpoint churn {:.0}/s for {:?} ({} changes)", args.churn_rate, args.churn_duration, changes.len()), &mut lat, missing, before, bytes(&records) - bytes_before);
+        report(
+            &args,
+            mode,
+            &format!(
+                "endpoint churn {:.0}/s for {:?} ({} changes)",
+                args.churn_rate,
+                args.churn_duration,
+                changes.len()
+            ),
+            &mut lat,
+            missing,
+            before,
+            bytes(&records) - bytes_before,
+        );
     }
     if let Some(dir) = &args.config_dir
         && args.policy_change
@@ -282,21 +385,48 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         let before = args.pid.and_then(process_usage);
         let bytes_before = bytes(&records);
         let path = dir.join("mesh/traffic-policies.yaml");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let edited = if text.contains("weight: 50, subset") { text.replacen("weight: 50, subset", "weight: 70, subset", 1) } else { text.replacen("weight: 70, subset", "weight: 50, subset", 1) };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let edited = if text.contains("weight: 50, subset") {
+            text.replacen("weight: 50, subset", "weight: 70, subset", 1)
+        } else {
+            text.replacen("weight: 70, subset", "weight: 50, subset", 1)
+        };
         write_atomically(&path, &edited)?;
         let changes = vec![Instant::now()];
         tokio::time::sleep(args.settle).await;
-        let deliveries: Vec<Vec<Instant>> = records.iter().map(|r| r.lock().expect("record lock").rds_at.clone()).collect();
+        let deliveries: Vec<Vec<Instant>> = records
+            .iter()
+            .map(|r| r.lock().expect("record lock").rds_at.clone())
+            .collect();
         let (mut lat, missing) = latencies(&changes, &deliveries);
-        report(&args, mode, "one TrafficPolicy change", &mut lat, missing, before, bytes(&records) - bytes_before);
+        report(
+            &args,
+            mode,
+            "one TrafficPolicy change",
+            &mut lat,
+            missing,
+            before,
+            bytes(&records) - bytes_before,
+        );
     }
     Ok(())
 }
 
-fn report(args: &LoadArgs, mode: &str, what: &str, lat: &mut [f64], missing: usize, before: Option<(f64, f64)>, bytes: u64) {
+fn report(
+    args: &LoadArgs,
+    mode: &str,
+    what: &str,
+    lat: &mut [f64],
+    missing: usize,
+    before: Option<(f64, f64)>,
+    bytes: u64,
+) {
     let usage = args.pid.and_then(process_usage);
-    let cpu = usage.zip(before).map(|(a, b)| a.1 - b.1).unwrap_or(f64::NAN);
+    let cpu = usage
+        .zip(before)
+        .map(|(a, b)| a.1 - b.1)
+        .unwrap_or(f64::NAN);
     let rss = usage.map_or(f64::NAN, |u| u.0);
     match percentiles(lat) {
         Some((p50, p90, p99, max)) => {
@@ -306,14 +436,26 @@ fn report(args: &LoadArgs, mode: &str, what: &str, lat: &mut [f64], missing: usi
                 bytes as f64 / 1048576.0
             );
             if args.markdown {
-                let what = if missing > 0 { format!("{what}; {missing} (proxy, change) pairs not delivered within --settle") } else { what.to_string() };
-                println!("| {mode} | {} | {what} | | {rss:.0} | {cpu:.1} | {p50:.0} | {p90:.0} | {p99:.0} | {max:.0} | {:.0} |", args.proxies, bytes as f64 / 1048576.0);
+                let what = if missing > 0 {
+                    format!("{what}; {missing} (proxy, change) pairs not delivered within --settle")
+                } else {
+                    what.to_string()
+                };
+                println!(
+                    "| {mode} | {} | {what} | | {rss:.0} | {cpu:.1} | {p50:.0} | {p90:.0} | {p99:.0} | {max:.0} | {:.0} |",
+                    args.proxies,
+                    bytes as f64 / 1048576.0
+                );
             }
         }
         None => {
             println!("{mode}: {what}: nothing delivered ({missing} missing)");
             if args.markdown {
-                println!("| {mode} | {} | {what}: nothing delivered within --settle | | {rss:.0} | {cpu:.1} | | | | | {:.0} |", args.proxies, bytes as f64 / 1048576.0);
+                println!(
+                    "| {mode} | {} | {what}: nothing delivered within --settle | | {rss:.0} | {cpu:.1} | | | | | {:.0} |",
+                    args.proxies,
+                    bytes as f64 / 1048576.0
+                );
             }
         }
     }

@@ -9,36 +9,62 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as DeltaResource,
-};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
-use super::resources::{Resource, ResourceSet, ResourceType, aggregate_version};
+use super::resources::{Resource, ResourceSet, ResourceType};
 use super::sotw::{ProtocolError, Step, StreamEvent};
 use super::status::{Reply, TypeLedger, TypeStatus};
+use super::view::{NameSet, ResourceView, delta_entries, intern_names};
+use super::wire::DeltaResponse;
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct DeltaWatch {
     wildcard: bool,
-    explicit: BTreeSet<String>,
-    /// Name → version the client holds, as far as we know.
-    known: BTreeMap<String, String>,
+    /// Explicitly subscribed names, interned (shared by streams naming the same set).
+    explicit: NameSet,
+    /// What the client holds after our last response (a view shared by every
+    /// stream of the same scope and subscription).
+    held: Arc<ResourceView>,
+    /// Versions the client said it holds when it (re)connected, until the first response.
+    reported: Option<BTreeMap<String, String>>,
     /// Explicitly subscribed names we already reported as absent.
     told_absent: BTreeSet<String>,
-    /// The resources the client should hold now (for config dumps).
-    holding: BTreeMap<String, Arc<Resource>>,
     ledger: TypeLedger,
 }
 
-impl DeltaWatch {
-    fn wants(&self, name: &str) -> bool {
-        self.wildcard || self.explicit.contains(name)
+impl Default for DeltaWatch {
+    fn default() -> Self {
+        DeltaWatch {
+            wildcard: false,
+            explicit: intern_names(BTreeSet::new()),
+            held: ResourceView::empty(),
+            reported: None,
+            told_absent: BTreeSet::new(),
+            ledger: TypeLedger::default(),
+        }
     }
+}
 
-    fn forget(&mut self, name: &str) {
-        self.known.remove(name);
-        self.holding.remove(name);
-        self.told_absent.remove(name);
+impl DeltaWatch {
+    /// Forgets that the client holds `names` (they will be sent again if wanted).
+    fn forget(&mut self, names: &BTreeSet<String>) {
+        if names.is_empty() {
+            return;
+        }
+        if names.iter().any(|n| self.held.get(n).is_some()) {
+            let kept = self
+                .held
+                .resources
+                .iter()
+                .filter(|r| !names.contains(&r.name))
+                .cloned()
+                .collect();
+            self.held = Arc::new(ResourceView::new(kept));
+        }
+        if let Some(reported) = &mut self.reported {
+            reported.retain(|n, _| !names.contains(n));
+        }
+        self.told_absent.retain(|n| !names.contains(n));
     }
 }
 
@@ -52,11 +78,19 @@ pub struct DeltaStream {
 
 impl DeltaStream {
     pub fn new_ads() -> Self {
-        DeltaStream { watches: BTreeMap::new(), only_type: None, nonce_counter: 0 }
+        DeltaStream {
+            watches: BTreeMap::new(),
+            only_type: None,
+            nonce_counter: 0,
+        }
     }
 
     pub fn new_single(ty: ResourceType) -> Self {
-        DeltaStream { watches: BTreeMap::new(), only_type: Some(ty), nonce_counter: 0 }
+        DeltaStream {
+            watches: BTreeMap::new(),
+            only_type: Some(ty),
+            nonce_counter: 0,
+        }
     }
 
     pub fn on_request(
@@ -64,7 +98,7 @@ impl DeltaStream {
         req: &DeltaDiscoveryRequest,
         resources: &ResourceSet,
         now: Instant,
-    ) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
+    ) -> Result<Step<DeltaResponse>, ProtocolError> {
         let ty = ResourceType::from_type_url(&req.type_url)
             .ok_or_else(|| ProtocolError::UnknownType(req.type_url.clone()))?;
         if let Some(only) = self.only_type
@@ -77,56 +111,78 @@ impl DeltaStream {
         let watch = self.watches.entry(ty).or_default();
         let error = req.error_detail.as_ref().map(|e| e.message.as_str());
         match watch.ledger.on_reply(&req.response_nonce, error, now) {
-            Reply::Stale => step.events.push(StreamEvent::StaleNonce { ty, nonce: req.response_nonce.clone() }),
+            Reply::Stale => step.events.push(StreamEvent::StaleNonce {
+                ty,
+                nonce: req.response_nonce.clone(),
+            }),
             Reply::Nack { message } => step.events.push(StreamEvent::Nacked { ty, message }),
             Reply::Ack { latency } => step.events.push(StreamEvent::Acked { ty, latency }),
             Reply::Initial => {}
         }
         // Subscription changes are honoured even with a stale nonce.
-        let mut changed_subscription = false;
+        let changed_subscription =
+            !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty();
         if first {
-            for (name, version) in &req.initial_resource_versions {
-                watch.known.insert(name.clone(), version.clone());
+            if !req.initial_resource_versions.is_empty() {
+                watch.reported = Some(
+                    req.initial_resource_versions
+                        .iter()
+                        .map(|(n, v)| (n.clone(), v.clone()))
+                        .collect(),
+                );
             }
             // Legacy wildcard: the first request names nothing.
             if req.resource_names_subscribe.is_empty() {
                 watch.wildcard = true;
             }
         }
-        for name in &req.resource_names_subscribe {
-            changed_subscription = true;
-            if name == "*" {
-                watch.wildcard = true;
-            } else {
-                watch.explicit.insert(name.clone());
-                // A re-subscription must be answered with the resource again.
-                if !first {
-                    watch.forget(name);
+        if changed_subscription {
+            let mut explicit = (*watch.explicit).clone();
+            let mut forget = BTreeSet::new();
+            for name in &req.resource_names_subscribe {
+                if name == "*" {
+                    watch.wildcard = true;
+                } else {
+                    explicit.insert(name.clone());
+                    // A re-subscription must be answered with the resource again.
+                    if !first {
+                        forget.insert(name.clone());
+                    }
                 }
             }
-        }
-        for name in &req.resource_names_unsubscribe {
-            changed_subscription = true;
-            if name == "*" {
-                watch.wildcard = false;
-                let explicit = watch.explicit.clone();
-                watch.known.retain(|n, _| explicit.contains(n));
-                watch.holding.retain(|n, _| explicit.contains(n));
-            } else {
-                watch.explicit.remove(name);
-                // Still covered by the wildcard: must be answered (resent); otherwise dropped.
-                watch.forget(name);
+            for name in &req.resource_names_unsubscribe {
+                if name == "*" {
+                    watch.wildcard = false;
+                } else {
+                    explicit.remove(name);
+                    // Still covered by the wildcard: must be answered (resent); otherwise dropped.
+                    forget.insert(name.clone());
+                }
             }
+            if !watch.wildcard {
+                // What is no longer subscribed is no longer held (and not reported removed).
+                forget.extend(
+                    watch
+                        .held
+                        .resources
+                        .iter()
+                        .filter(|r| !explicit.contains(&r.name))
+                        .map(|r| r.name.clone()),
+                );
+            }
+            watch.explicit = intern_names(explicit);
+            watch.forget(&forget);
         }
-        if first || changed_subscription {
-            if let Some(resp) = self.respond(ty, resources, now, None, first) {
-                let cds = ty == ResourceType::Cluster && !resp.resources.is_empty();
-                step.responses.push(resp);
-                if cds {
-                    self.rewarm_endpoints();
-                    if let Some(eds) = self.respond(ResourceType::Endpoint, resources, now, None, false) {
-                        step.responses.push(eds);
-                    }
+        if (first || changed_subscription)
+            && let Some(resp) = self.respond(ty, resources, now, None, first)
+        {
+            let cds = ty == ResourceType::Cluster && resp.resource_count > 0;
+            step.responses.push(resp);
+            if cds {
+                self.rewarm_endpoints();
+                if let Some(eds) = self.respond(ResourceType::Endpoint, resources, now, None, false)
+                {
+                    step.responses.push(eds);
                 }
             }
         }
@@ -134,11 +190,16 @@ impl DeltaStream {
     }
 
     /// A config change: the differences for every watched type, in push order.
-    pub fn on_push(&mut self, resources: &ResourceSet, change_at: Instant, now: Instant) -> Step<DeltaDiscoveryResponse> {
+    pub fn on_push(
+        &mut self,
+        resources: &ResourceSet,
+        change_at: Instant,
+        now: Instant,
+    ) -> Step<DeltaResponse> {
         let mut step = Step::default();
         for ty in ResourceType::PUSH_ORDER {
             if let Some(resp) = self.respond(ty, resources, now, Some(change_at), false) {
-                if ty == ResourceType::Cluster && !resp.resources.is_empty() {
+                if ty == ResourceType::Cluster && resp.resource_count > 0 {
                     self.rewarm_endpoints();
                 }
                 step.responses.push(resp);
@@ -151,7 +212,8 @@ impl DeltaStream {
     /// (cluster warming), so every subscribed endpoint set is sent again.
     fn rewarm_endpoints(&mut self) {
         if let Some(eds) = self.watches.get_mut(&ResourceType::Endpoint) {
-            eds.known.clear();
+            eds.held = ResourceView::empty();
+            eds.reported = None;
         }
     }
 
@@ -162,77 +224,89 @@ impl DeltaStream {
         now: Instant,
         change_at: Option<Instant>,
         force: bool,
-    ) -> Option<DeltaDiscoveryResponse> {
+    ) -> Option<DeltaResponse> {
         let watch = self.watches.get_mut(&ty)?;
-        let current = resources.of_type(ty);
-        // Versions the client reported on reconnect that are still current: it holds those.
-        for (name, version) in &watch.known {
-            if !watch.holding.contains_key(name)
-                && let Some(res) = current.get(name).filter(|r| &r.version == version)
-            {
-                watch.holding.insert(name.clone(), res.clone());
+        let current = resources.view(ty, (!watch.wildcard).then_some(&watch.explicit));
+        let (updated, mut removed): (Vec<&Arc<Resource>>, Vec<String>) = match watch.reported.take()
+        {
+            // Reconnected: the client holds what it reported.
+            Some(reported) => (
+                current
+                    .resources
+                    .iter()
+                    .filter(|r| reported.get(&r.name) != Some(&r.version))
+                    .collect(),
+                reported
+                    .keys()
+                    .filter(|n| current.get(n).is_none())
+                    .cloned()
+                    .collect(),
+            ),
+            None => {
+                let (updated, removed) = current.diff(&watch.held);
+                (updated, removed.into_iter().map(str::to_string).collect())
             }
-        }
-        let mut updated = Vec::new();
-        for (name, res) in current {
-            if watch.wants(name) && watch.known.get(name) != Some(&res.version) {
-                updated.push(res.clone());
-            }
-        }
-        let mut removed: Vec<String> = watch
-            .known
-            .keys()
-            .filter(|n| !current.contains_key(*n) || !watch.wants(n))
-            .cloned()
-            .collect();
-        for name in &watch.explicit {
-            if !current.contains_key(name) && !watch.known.contains_key(name) && !watch.told_absent.contains(name) {
-                removed.push(name.clone());
+        };
+        // Explicit names that do not exist are reported removed (once). Without
+        // the wildcard the view has one resource per existing explicit name.
+        let some_absent = if watch.wildcard {
+            !watch.explicit.is_empty()
+        } else {
+            current.len() < watch.explicit.len()
+        };
+        if some_absent {
+            for name in watch.explicit.iter() {
+                if current.get(name).is_none()
+                    && watch.held.get(name).is_none()
+                    && !watch.told_absent.contains(name)
+                {
+                    removed.push(name.clone());
+                }
             }
         }
         removed.sort();
         removed.dedup();
         if updated.is_empty() && removed.is_empty() && !force {
+            watch.held = current;
             return None;
         }
-        for r in &updated {
-            watch.known.insert(r.name.clone(), r.version.clone());
-            watch.holding.insert(r.name.clone(), r.clone());
-            watch.told_absent.remove(&r.name);
+        if !watch.told_absent.is_empty() {
+            for r in &updated {
+                watch.told_absent.remove(&r.name);
+            }
         }
         for name in &removed {
-            watch.known.remove(name);
-            watch.holding.remove(name);
             if watch.explicit.contains(name) {
                 watch.told_absent.insert(name.clone());
             }
         }
+        let entries = if updated.len() == current.len() {
+            current.delta_entries()
+        } else {
+            delta_entries(updated.iter().copied())
+        };
+        let count = updated.len();
         self.nonce_counter += 1;
         let nonce = self.nonce_counter.to_string();
-        let system_version = aggregate_version(watch.holding.values());
-        watch.ledger.record_sent(nonce.clone(), system_version.clone(), now, change_at);
-        Some(DeltaDiscoveryResponse {
+        let system_version = current.version.clone();
+        watch
+            .ledger
+            .record_sent(nonce.clone(), system_version.clone(), now, change_at);
+        watch.held = current;
+        Some(DeltaResponse {
             system_version_info: system_version,
-            resources: updated
-                .iter()
-                .map(|r| DeltaResource {
-                    name: r.name.clone(),
-                    version: r.version.clone(),
-                    resource: Some(r.body.clone()),
-                    ..Default::default()
-                })
-                .collect(),
-            type_url: ty.type_url().to_string(),
+            resources: entries,
+            resource_count: count,
+            type_url: ty.type_url(),
             removed_resources: removed,
             nonce,
-            ..Default::default()
         })
     }
 
     pub fn status(&self, now: Instant) -> Vec<TypeStatus> {
         self.watches
             .iter()
-            .map(|(ty, w)| w.ledger.view(*ty, w.holding.len(), now))
+            .map(|(ty, w)| w.ledger.view(*ty, w.held.len(), now))
             .collect()
     }
 
@@ -242,7 +316,7 @@ impl DeltaStream {
             .iter()
             .filter_map(|(ty, w)| {
                 let version = w.ledger.sent.as_ref()?.version.clone();
-                Some((*ty, (version, w.holding.values().cloned().collect())))
+                Some((*ty, (version, w.held.resources.clone())))
             })
             .collect()
     }
@@ -259,11 +333,20 @@ mod tests {
     fn set(clusters: &[(&str, i32)], endpoints: &[(&str, u32)]) -> ResourceSet {
         let mut s = ResourceSet::new();
         for (c, v) in clusters {
-            let cl = Cluster { name: c.to_string(), per_connection_buffer_limit_bytes: Some(envoy_types::pb::google::protobuf::UInt32Value { value: *v as u32 }), ..Default::default() };
+            let cl = Cluster {
+                name: c.to_string(),
+                per_connection_buffer_limit_bytes: Some(
+                    envoy_types::pb::google::protobuf::UInt32Value { value: *v as u32 },
+                ),
+                ..Default::default()
+            };
             s.insert(ResourceType::Cluster, Resource::from_message(*c, &cl));
         }
         for (e, v) in endpoints {
-            let cla = ClusterLoadAssignment { cluster_name: format!("{e}-{v}"), ..Default::default() };
+            let cla = ClusterLoadAssignment {
+                cluster_name: format!("{e}-{v}"),
+                ..Default::default()
+            };
             s.insert(ResourceType::Endpoint, Resource::from_message(*e, &cla));
         }
         s
@@ -279,26 +362,50 @@ mod tests {
         }
     }
 
-    fn names(r: &DeltaDiscoveryResponse) -> Vec<&str> {
-        r.resources.iter().map(|r| r.name.as_str()).collect()
+    fn names(r: &DeltaResponse) -> Vec<String> {
+        r.to_message()
+            .resources
+            .iter()
+            .map(|r| r.name.clone())
+            .collect()
     }
 
     #[test]
     fn wildcard_initial_ack_and_change_sends_only_the_difference() {
         let now = Instant::now();
         let mut s = DeltaStream::new_ads();
-        let r = s.on_request(&req(ResourceType::Cluster, &[], &[], ""), &set(&[("a", 1), ("b", 1)], &[]), now).unwrap().responses.remove(0);
+        let r = s
+            .on_request(
+                &req(ResourceType::Cluster, &[], &[], ""),
+                &set(&[("a", 1), ("b", 1)], &[]),
+                now,
+            )
+            .unwrap()
+            .responses
+            .remove(0);
         assert_eq!(names(&r), ["a", "b"]);
-        let ack = s.on_request(&req(ResourceType::Cluster, &[], &[], &r.nonce), &set(&[("a", 1), ("b", 1)], &[]), now).unwrap();
+        let ack = s
+            .on_request(
+                &req(ResourceType::Cluster, &[], &[], &r.nonce),
+                &set(&[("a", 1), ("b", 1)], &[]),
+                now,
+            )
+            .unwrap();
         assert!(ack.responses.is_empty());
         assert_eq!(s.status(now)[0].state, SyncState::Synced);
         // b changes, a is deleted, c is added.
-        let push = s.on_push(&set(&[("b", 2), ("c", 1)], &[]), now, now).responses;
+        let push = s
+            .on_push(&set(&[("b", 2), ("c", 1)], &[]), now, now)
+            .responses;
         assert_eq!(push.len(), 1);
         assert_eq!(names(&push[0]), ["b", "c"]);
         assert_eq!(push[0].removed_resources, ["a"]);
         // Nothing changed: nothing sent.
-        assert!(s.on_push(&set(&[("b", 2), ("c", 1)], &[]), now, now).responses.is_empty());
+        assert!(
+            s.on_push(&set(&[("b", 2), ("c", 1)], &[]), now, now)
+                .responses
+                .is_empty()
+        );
     }
 
     #[test]
@@ -306,16 +413,24 @@ mod tests {
         let now = Instant::now();
         let res = set(&[("a", 1), ("b", 1)], &[]);
         let mut s = DeltaStream::new_ads();
-        let first = s.on_request(&req(ResourceType::Cluster, &[], &[], ""), &res, now).unwrap().responses.remove(0);
-        let version_a = first.resources[0].version.clone();
+        let first = s
+            .on_request(&req(ResourceType::Cluster, &[], &[], ""), &res, now)
+            .unwrap()
+            .responses
+            .remove(0);
+        let version_a = first.to_message().resources[0].version.clone();
         let mut s2 = DeltaStream::new_ads();
         let mut r = req(ResourceType::Cluster, &[], &[], "");
         r.initial_resource_versions.insert("a".into(), version_a);
-        r.initial_resource_versions.insert("gone".into(), "x".into());
+        r.initial_resource_versions
+            .insert("gone".into(), "x".into());
         let resp = s2.on_request(&r, &res, now).unwrap().responses.remove(0);
         assert_eq!(names(&resp), ["b"], "a is already current");
         assert_eq!(resp.removed_resources, ["gone"]);
-        assert_eq!(resp.system_version_info, first.system_version_info, "the client holds the same set as before");
+        assert_eq!(
+            resp.system_version_info, first.system_version_info,
+            "the client holds the same set as before"
+        );
         assert_eq!(s2.status(now)[0].resource_count, 2);
     }
 
@@ -324,23 +439,48 @@ mod tests {
         let now = Instant::now();
         let mut s = DeltaStream::new_ads();
         let res = set(&[], &[("a", 1)]);
-        let r = s.on_request(&req(ResourceType::Endpoint, &["a", "b"], &[], ""), &res, now).unwrap().responses.remove(0);
+        let r = s
+            .on_request(
+                &req(ResourceType::Endpoint, &["a", "b"], &[], ""),
+                &res,
+                now,
+            )
+            .unwrap()
+            .responses
+            .remove(0);
         assert_eq!(names(&r), ["a"]);
-        assert_eq!(r.removed_resources, ["b"], "a subscribed name that does not exist is reported removed");
-        s.on_request(&req(ResourceType::Endpoint, &[], &[], &r.nonce), &res, now).unwrap();
+        assert_eq!(
+            r.removed_resources,
+            ["b"],
+            "a subscribed name that does not exist is reported removed"
+        );
+        s.on_request(&req(ResourceType::Endpoint, &[], &[], &r.nonce), &res, now)
+            .unwrap();
         // b appears.
         let res2 = set(&[], &[("a", 1), ("b", 1)]);
         let push = s.on_push(&res2, now, now).responses;
         assert_eq!(names(&push[0]), ["b"]);
         assert!(push[0].removed_resources.is_empty());
         // Re-subscribing to a held name resends it, even with a stale nonce.
-        let step = s.on_request(&req(ResourceType::Endpoint, &["a"], &[], "stale"), &res2, now).unwrap();
+        let step = s
+            .on_request(
+                &req(ResourceType::Endpoint, &["a"], &[], "stale"),
+                &res2,
+                now,
+            )
+            .unwrap();
         assert!(matches!(step.events[0], StreamEvent::StaleNonce { .. }));
         assert_eq!(names(&step.responses[0]), ["a"]);
         // Unsubscribing stops updates for it.
-        let step = s.on_request(&req(ResourceType::Endpoint, &[], &["a"], ""), &res2, now).unwrap();
+        let step = s
+            .on_request(&req(ResourceType::Endpoint, &[], &["a"], ""), &res2, now)
+            .unwrap();
         assert!(step.responses.is_empty());
-        assert!(s.on_push(&set(&[], &[("a", 9), ("b", 1)]), now, now).responses.is_empty());
+        assert!(
+            s.on_push(&set(&[], &[("a", 9), ("b", 1)]), now, now)
+                .responses
+                .is_empty()
+        );
     }
 
     #[test]
@@ -348,13 +488,26 @@ mod tests {
         let now = Instant::now();
         let mut s = DeltaStream::new_ads();
         let res = set(&[("a", 1)], &[]);
-        s.on_request(&req(ResourceType::Cluster, &["*", "a"], &[], ""), &res, now).unwrap();
-        let step = s.on_request(&req(ResourceType::Cluster, &[], &["a"], ""), &res, now).unwrap();
-        assert_eq!(names(&step.responses[0]), ["a"], "still covered by the wildcard: answered");
+        s.on_request(&req(ResourceType::Cluster, &["*", "a"], &[], ""), &res, now)
+            .unwrap();
+        let step = s
+            .on_request(&req(ResourceType::Cluster, &[], &["a"], ""), &res, now)
+            .unwrap();
+        assert_eq!(
+            names(&step.responses[0]),
+            ["a"],
+            "still covered by the wildcard: answered"
+        );
         // Leaving the wildcard removes what is no longer subscribed.
-        let step = s.on_request(&req(ResourceType::Cluster, &[], &["*"], ""), &res, now).unwrap();
+        let step = s
+            .on_request(&req(ResourceType::Cluster, &[], &["*"], ""), &res, now)
+            .unwrap();
         assert!(step.responses.is_empty());
-        assert!(s.on_push(&set(&[("a", 2)], &[]), now, now).responses.is_empty());
+        assert!(
+            s.on_push(&set(&[("a", 2)], &[]), now, now)
+                .responses
+                .is_empty()
+        );
     }
 
     #[test]
@@ -362,9 +515,17 @@ mod tests {
         let now = Instant::now();
         let mut s = DeltaStream::new_ads();
         let res = set(&[("a", 1)], &[]);
-        let r = s.on_request(&req(ResourceType::Cluster, &[], &[], ""), &res, now).unwrap().responses.remove(0);
+        let r = s
+            .on_request(&req(ResourceType::Cluster, &[], &[], ""), &res, now)
+            .unwrap()
+            .responses
+            .remove(0);
         let mut n = req(ResourceType::Cluster, &[], &[], &r.nonce);
-        n.error_detail = Some(Status { code: 3, message: "bad".into(), details: vec![] });
+        n.error_detail = Some(Status {
+            code: 3,
+            message: "bad".into(),
+            details: vec![],
+        });
         let step = s.on_request(&n, &res, now).unwrap();
         assert!(step.responses.is_empty());
         assert_eq!(s.status(now)[0].state, SyncState::Error);
@@ -376,10 +537,17 @@ mod tests {
         let now = Instant::now();
         let mut s = DeltaStream::new_ads();
         let res = set(&[("a", 1)], &[("a", 1)]);
-        s.on_request(&req(ResourceType::Cluster, &[], &[], ""), &res, now).unwrap();
-        s.on_request(&req(ResourceType::Endpoint, &["a"], &[], ""), &res, now).unwrap();
-        let push = s.on_push(&set(&[("a", 2)], &[("a", 1)]), now, now).responses;
-        let types: Vec<_> = push.iter().map(|r| ResourceType::from_type_url(&r.type_url).unwrap()).collect();
+        s.on_request(&req(ResourceType::Cluster, &[], &[], ""), &res, now)
+            .unwrap();
+        s.on_request(&req(ResourceType::Endpoint, &["a"], &[], ""), &res, now)
+            .unwrap();
+        let push = s
+            .on_push(&set(&[("a", 2)], &[("a", 1)]), now, now)
+            .responses;
+        let types: Vec<_> = push
+            .iter()
+            .map(|r| ResourceType::from_type_url(&r.type_url).unwrap())
+            .collect();
         assert_eq!(types, [ResourceType::Cluster, ResourceType::Endpoint]);
         assert_eq!(names(&push[1]), ["a"]);
     }

@@ -13,21 +13,16 @@ pub mod resources;
 pub mod server;
 pub mod sotw;
 pub mod status;
+pub mod view;
+pub mod wire;
 
 use std::net::SocketAddr;
 
-use envoy_types::pb::envoy::service::{
-    cluster::v3::cluster_discovery_service_server::ClusterDiscoveryServiceServer,
-    discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer,
-    endpoint::v3::endpoint_discovery_service_server::EndpointDiscoveryServiceServer,
-    listener::v3::listener_discovery_service_server::ListenerDiscoveryServiceServer,
-    route::v3::route_discovery_service_server::RouteDiscoveryServiceServer,
-    secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer,
-    status::v3::client_status_discovery_service_server::ClientStatusDiscoveryServiceServer,
-};
+use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_server::ClientStatusDiscoveryServiceServer;
 
-/// Largest message accepted or sent (gRPC's 4 MB default is too small for big meshes).
-const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+use wire::{
+    AdsService, CdsService, EdsService, LdsService, MAX_MESSAGE_BYTES, RdsService, SdsService,
+};
 
 /// Serves ADS, the per-type services and CSDS on `listener` until `shutdown` resolves.
 pub async fn serve_grpc(
@@ -36,7 +31,13 @@ pub async fn serve_grpc(
     csds: csds::Csds,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    serve_grpc_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener), server, csds, shutdown).await
+    serve_grpc_incoming(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        server,
+        csds,
+        shutdown,
+    )
+    .await
 }
 
 /// The same on a Unix socket (reachable from other network namespaces).
@@ -46,7 +47,13 @@ pub async fn serve_grpc_unix(
     csds: csds::Csds,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    serve_grpc_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener), server, csds, shutdown).await
+    serve_grpc_incoming(
+        tokio_stream::wrappers::UnixListenerStream::new(listener),
+        server,
+        csds,
+        shutdown,
+    )
+    .await
 }
 
 async fn serve_grpc_incoming<S, IO>(
@@ -57,22 +64,26 @@ async fn serve_grpc_incoming<S, IO>(
 ) -> Result<(), tonic::transport::Error>
 where
     S: futures::Stream<Item = std::io::Result<IO>> + Send + 'static,
-    IO: tonic::transport::server::Connected + tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    IO: tonic::transport::server::Connected
+        + tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + Send
+        + Unpin
+        + 'static,
 {
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .add_service(AdsService(server.clone()))
+        .add_service(CdsService(server.clone()))
+        .add_service(EdsService(server.clone()))
+        .add_service(LdsService(server.clone()))
+        .add_service(RdsService(server.clone()))
+        .add_service(SdsService(server))
         .add_service(
-            AggregatedDiscoveryServiceServer::new(server.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            ClientStatusDiscoveryServiceServer::new(csds)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(ClusterDiscoveryServiceServer::new(server.clone()).max_encoding_message_size(MAX_MESSAGE_BYTES))
-        .add_service(EndpointDiscoveryServiceServer::new(server.clone()).max_encoding_message_size(MAX_MESSAGE_BYTES))
-        .add_service(ListenerDiscoveryServiceServer::new(server.clone()).max_encoding_message_size(MAX_MESSAGE_BYTES))
-        .add_service(RouteDiscoveryServiceServer::new(server.clone()).max_encoding_message_size(MAX_MESSAGE_BYTES))
-        .add_service(SecretDiscoveryServiceServer::new(server).max_encoding_message_size(MAX_MESSAGE_BYTES))
-        .add_service(ClientStatusDiscoveryServiceServer::new(csds).max_encoding_message_size(MAX_MESSAGE_BYTES))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

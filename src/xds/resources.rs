@@ -9,7 +9,10 @@ use prost::{Message, Name};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use bytes::Bytes;
+
 use super::codec;
+use super::view::{NameSet, ResourceView, ViewCache, ViewKey};
 
 /// The xDS resource types meshpilot serves, in make-before-break push order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -77,29 +80,71 @@ impl std::fmt::Display for ResourceType {
 }
 
 /// One named resource, encoded once and shared (`Arc`) by every proxy that gets it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Resource {
     pub name: String,
     /// Content hash, stable across restarts (see [`codec::canonical_hash`]).
     pub version: String,
-    pub body: Any,
+    /// The `google.protobuf.Any` holding the resource, encoded (what goes on the wire).
+    encoded: Bytes,
+}
+
+impl std::fmt::Debug for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resource")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("bytes", &self.encoded.len())
+            .finish()
+    }
 }
 
 impl Resource {
     pub fn from_any(name: impl Into<String>, body: Any) -> Self {
         let version = codec::canonical_hash(&body);
-        Resource { name: name.into(), version, body }
+        Resource {
+            name: name.into(),
+            version,
+            encoded: Bytes::from(body.encode_to_vec()),
+        }
     }
 
     pub fn from_message<M: Message + Name>(name: impl Into<String>, msg: &M) -> Self {
-        Self::from_any(name, Any { type_url: M::type_url(), value: msg.encode_to_vec() })
+        Self::from_any(
+            name,
+            Any {
+                type_url: M::type_url(),
+                value: msg.encode_to_vec(),
+            },
+        )
+    }
+
+    /// The resource as an `Any` (decoded from its encoding: for dumps and tests, not the hot path).
+    pub fn body(&self) -> Any {
+        Any::decode(self.encoded.clone()).expect("a resource's encoding is an Any we encoded")
+    }
+
+    /// The encoded `Any`, shared.
+    pub fn encoded_any(&self) -> &Bytes {
+        &self.encoded
     }
 }
 
-/// Everything one proxy should have, per type, by name.
-#[derive(Debug, Default, Clone, PartialEq)]
+type ByName = BTreeMap<String, Arc<Resource>>;
+
+/// Everything one proxy should have, per type, by name. Each type's map is
+/// shared between copies until one of them changes it, and the views streams
+/// take of it ([`ResourceSet::view`]) are computed once per set.
+#[derive(Debug, Default, Clone)]
 pub struct ResourceSet {
-    by_type: [BTreeMap<String, Arc<Resource>>; 5],
+    by_type: [Arc<ByName>; 5],
+    views: ViewCache,
+}
+
+impl PartialEq for ResourceSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.by_type == other.by_type
+    }
 }
 
 impl ResourceSet {
@@ -107,16 +152,21 @@ impl ResourceSet {
         Self::default()
     }
 
+    fn of_type_mut(&mut self, ty: ResourceType) -> &mut ByName {
+        self.views = ViewCache::default();
+        Arc::make_mut(&mut self.by_type[ty.index()])
+    }
+
     pub fn insert(&mut self, ty: ResourceType, resource: Resource) {
-        self.by_type[ty.index()].insert(resource.name.clone(), Arc::new(resource));
+        self.insert_shared(ty, Arc::new(resource));
     }
 
     pub fn insert_shared(&mut self, ty: ResourceType, resource: Arc<Resource>) {
-        self.by_type[ty.index()].insert(resource.name.clone(), resource);
+        self.of_type_mut(ty).insert(resource.name.clone(), resource);
     }
 
     pub fn remove(&mut self, ty: ResourceType, name: &str) -> Option<Arc<Resource>> {
-        self.by_type[ty.index()].remove(name)
+        self.of_type_mut(ty).remove(name)
     }
 
     pub fn of_type(&self, ty: ResourceType) -> &BTreeMap<String, Arc<Resource>> {
@@ -128,11 +178,35 @@ impl ResourceSet {
     }
 
     pub fn len(&self) -> usize {
-        self.by_type.iter().map(BTreeMap::len).sum()
+        self.by_type.iter().map(|m| m.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Every resource of `ty` (`names: None`) or those of `names` that exist,
+    /// computed once per set and subscription and shared by every stream that asks.
+    pub fn view(&self, ty: ResourceType, names: Option<&NameSet>) -> Arc<ResourceView> {
+        let all = self.of_type(ty);
+        match names {
+            None => self.views.get_or_compute(ViewKey::All(ty), || {
+                ResourceView::new(all.values().cloned().collect())
+            }),
+            Some(names) => self
+                .views
+                .get_or_compute(ViewKey::Names(ty, names.clone()), || {
+                    let picked = if names.len() * 4 < all.len() {
+                        names.iter().filter_map(|n| all.get(n)).cloned().collect()
+                    } else {
+                        all.iter()
+                            .filter(|(n, _)| names.contains(*n))
+                            .map(|(_, r)| r.clone())
+                            .collect()
+                    };
+                    ResourceView::new(picked)
+                }),
+        }
     }
 }
 
@@ -163,8 +237,14 @@ mod tests {
         for ty in ResourceType::PUSH_ORDER {
             assert_eq!(ResourceType::from_type_url(ty.type_url()), Some(ty));
         }
-        assert_eq!(ResourceType::from_type_url("type.googleapis.com/nope"), None);
-        let names: Vec<_> = ResourceType::PUSH_ORDER.iter().map(|t| t.short_name()).collect();
+        assert_eq!(
+            ResourceType::from_type_url("type.googleapis.com/nope"),
+            None
+        );
+        let names: Vec<_> = ResourceType::PUSH_ORDER
+            .iter()
+            .map(|t| t.short_name())
+            .collect();
         assert_eq!(names, ["CDS", "EDS", "LDS", "RDS", "SDS"]);
         assert_eq!(
             ResourceType::Cluster.type_url(),
@@ -175,11 +255,17 @@ mod tests {
 
     #[test]
     fn same_content_same_version() {
-        let c = Cluster { name: "a".into(), ..Default::default() };
+        let c = Cluster {
+            name: "a".into(),
+            ..Default::default()
+        };
         let a = Resource::from_message("a", &c);
         let b = Resource::from_message("a", &c.clone());
         assert_eq!(a.version, b.version);
-        let c2 = Cluster { name: "b".into(), ..Default::default() };
+        let c2 = Cluster {
+            name: "b".into(),
+            ..Default::default()
+        };
         assert_ne!(a.version, Resource::from_message("a", &c2).version);
         let set1 = [Arc::new(a.clone())];
         let set2 = [Arc::new(b)];

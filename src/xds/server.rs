@@ -7,15 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-    aggregated_discovery_service_server::AggregatedDiscoveryService,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use futures::Stream;
 use prost::Message;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Status, Streaming};
 
 use super::debounce::PushTrigger;
 use super::delta::DeltaStream;
@@ -25,7 +22,8 @@ use super::registry::{ConnectionRegistry, ProxyConnection, StreamView};
 use super::resources::{ResourceSet, ResourceType};
 use super::sotw::{ProtocolError, SotwStream, Step, StreamEvent};
 use super::status::TypeStatus;
-use crate::metrics::{ModeLabel, Metrics, TypeLabel};
+use super::wire::{DeltaResponse, SotwResponse, WireMessage};
+use crate::metrics::{Metrics, ModeLabel, TypeLabel};
 
 /// Tuning of the xDS server.
 #[derive(Debug, Clone)]
@@ -40,7 +38,11 @@ pub struct XdsServerConfig {
 
 impl Default for XdsServerConfig {
     fn default() -> Self {
-        XdsServerConfig { push_concurrency: 100, send_timeout: Duration::from_secs(30), stream_buffer: 8 }
+        XdsServerConfig {
+            push_concurrency: 100,
+            send_timeout: Duration::from_secs(30),
+            stream_buffer: 8,
+        }
     }
 }
 
@@ -68,17 +70,34 @@ impl XdsServer {
         config: XdsServerConfig,
     ) -> Self {
         let permits = Semaphore::new(config.push_concurrency.max(1));
-        XdsServer { inner: Arc::new(Inner { provider, registry, metrics, pushes, permits, config }) }
+        XdsServer {
+            inner: Arc::new(Inner {
+                provider,
+                registry,
+                metrics,
+                pushes,
+                permits,
+                config,
+            }),
+        }
     }
 
-    fn start<M: Machine>(&self, machine: M, requests: Streaming<M::Req>) -> ResponseStream<M::Resp> {
+    fn start<M: Machine>(
+        &self,
+        machine: M,
+        requests: Streaming<M::Req>,
+    ) -> ResponseStream<M::Resp> {
         let (tx, rx) = mpsc::channel(self.inner.config.stream_buffer.max(1));
         let inner = self.inner.clone();
         tokio::spawn(async move { run_stream(inner, machine, requests, tx).await });
         Box::pin(ReceiverStream::new(rx))
     }
 
-    pub fn stream_sotw(&self, only: Option<ResourceType>, requests: Streaming<DiscoveryRequest>) -> ResponseStream<DiscoveryResponse> {
+    pub fn stream_sotw(
+        &self,
+        only: Option<ResourceType>,
+        requests: Streaming<DiscoveryRequest>,
+    ) -> ResponseStream<SotwResponse> {
         let machine = match only {
             Some(ty) => SotwStream::new_single(ty),
             None => SotwStream::new_ads(),
@@ -90,7 +109,7 @@ impl XdsServer {
         &self,
         only: Option<ResourceType>,
         requests: Streaming<DeltaDiscoveryRequest>,
-    ) -> ResponseStream<DeltaDiscoveryResponse> {
+    ) -> ResponseStream<DeltaResponse> {
         let machine = match only {
             Some(ty) => DeltaStream::new_single(ty),
             None => DeltaStream::new_ads(),
@@ -104,52 +123,59 @@ pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send
 /// What the stream loop needs from a protocol state machine.
 trait Machine: StreamView + Clone + Sized + Send + Sync + 'static {
     type Req: Message + Send + 'static;
-    type Resp: Message + Send + 'static;
+    type Resp: WireMessage;
     const MODE: &'static str;
     fn node(req: &Self::Req) -> Option<&Node>;
-    fn resp_type_url(resp: &Self::Resp) -> &str;
-    fn on_request(&self, req: &Self::Req, res: &ResourceSet, now: Instant) -> Result<Step<Self::Resp>, ProtocolError>;
+    fn on_request(
+        &self,
+        req: &Self::Req,
+        res: &ResourceSet,
+        now: Instant,
+    ) -> Result<Step<Self::Resp>, ProtocolError>;
     fn on_push(&self, res: &ResourceSet, change_at: Instant, now: Instant) -> Step<Self::Resp>;
 }
 
 impl Machine for Arc<Mutex<SotwStream>> {
     type Req = DiscoveryRequest;
-    type Resp = DiscoveryResponse;
+    type Resp = SotwResponse;
     const MODE: &'static str = "sotw";
     fn node(req: &DiscoveryRequest) -> Option<&Node> {
         req.node.as_ref()
     }
-    fn resp_type_url(resp: &DiscoveryResponse) -> &str {
-        &resp.type_url
-    }
-    fn on_request(&self, req: &DiscoveryRequest, res: &ResourceSet, now: Instant) -> Result<Step<DiscoveryResponse>, ProtocolError> {
+    fn on_request(
+        &self,
+        req: &DiscoveryRequest,
+        res: &ResourceSet,
+        now: Instant,
+    ) -> Result<Step<SotwResponse>, ProtocolError> {
         self.lock().expect("stream lock").on_request(req, res, now)
     }
-    fn on_push(&self, res: &ResourceSet, change_at: Instant, now: Instant) -> Step<DiscoveryResponse> {
-        self.lock().expect("stream lock").on_push(res, change_at, now)
+    fn on_push(&self, res: &ResourceSet, change_at: Instant, now: Instant) -> Step<SotwResponse> {
+        self.lock()
+            .expect("stream lock")
+            .on_push(res, change_at, now)
     }
 }
 
 impl Machine for Arc<Mutex<DeltaStream>> {
     type Req = DeltaDiscoveryRequest;
-    type Resp = DeltaDiscoveryResponse;
+    type Resp = DeltaResponse;
     const MODE: &'static str = "delta";
     fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
         req.node.as_ref()
-    }
-    fn resp_type_url(resp: &DeltaDiscoveryResponse) -> &str {
-        &resp.type_url
     }
     fn on_request(
         &self,
         req: &DeltaDiscoveryRequest,
         res: &ResourceSet,
         now: Instant,
-    ) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
+    ) -> Result<Step<DeltaResponse>, ProtocolError> {
         self.lock().expect("stream lock").on_request(req, res, now)
     }
-    fn on_push(&self, res: &ResourceSet, change_at: Instant, now: Instant) -> Step<DeltaDiscoveryResponse> {
-        self.lock().expect("stream lock").on_push(res, change_at, now)
+    fn on_push(&self, res: &ResourceSet, change_at: Instant, now: Instant) -> Step<DeltaResponse> {
+        self.lock()
+            .expect("stream lock")
+            .on_push(res, change_at, now)
     }
 }
 
@@ -172,7 +198,13 @@ struct ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.inner.registry.remove(self.conn_id);
-        self.inner.metrics.connected_proxies.get_or_create(&ModeLabel { mode: self.mode.into() }).dec();
+        self.inner
+            .metrics
+            .connected_proxies
+            .get_or_create(&ModeLabel {
+                mode: self.mode.into(),
+            })
+            .dec();
     }
 }
 
@@ -187,10 +219,14 @@ async fn send_all<M: Machine>(
     responses: Vec<M::Resp>,
 ) -> Result<(), SendError> {
     for resp in responses {
-        let short = ResourceType::from_type_url(M::resp_type_url(&resp)).map_or("?", |t| t.short_name());
+        let short = ResourceType::from_type_url(resp.type_url()).map_or("?", |t| t.short_name());
         let label = TypeLabel::new(short);
         inner.metrics.pushes.get_or_create(&label).inc();
-        inner.metrics.push_bytes.get_or_create(&label).inc_by(resp.encoded_len() as u64);
+        inner
+            .metrics
+            .push_bytes
+            .get_or_create(&label)
+            .inc_by(resp.encoded_len() as u64);
         match tokio::time::timeout(inner.config.send_timeout, tx.send(Ok(resp))).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(SendError::Closed),
@@ -205,15 +241,27 @@ fn record_events(inner: &Inner, node: &ProxyNode, events: &[StreamEvent]) {
         match event {
             StreamEvent::Acked { ty, latency } => {
                 if let Some(latency) = latency {
-                    inner.metrics.convergence.get_or_create(&TypeLabel::new(ty.short_name())).observe(latency.as_secs_f64());
+                    inner
+                        .metrics
+                        .convergence
+                        .get_or_create(&TypeLabel::new(ty.short_name()))
+                        .observe(latency.as_secs_f64());
                 }
             }
             StreamEvent::Nacked { ty, message } => {
-                inner.metrics.rejects.get_or_create(&TypeLabel::new(ty.short_name())).inc();
+                inner
+                    .metrics
+                    .rejects
+                    .get_or_create(&TypeLabel::new(ty.short_name()))
+                    .inc();
                 tracing::warn!(proxy = %node.id, r#type = %ty, error = %message, "proxy rejected config (NACK)");
             }
             StreamEvent::StaleNonce { ty, nonce } => {
-                inner.metrics.expired_nonces.get_or_create(&TypeLabel::new(ty.short_name())).inc();
+                inner
+                    .metrics
+                    .expired_nonces
+                    .get_or_create(&TypeLabel::new(ty.short_name()))
+                    .inc();
                 tracing::debug!(proxy = %node.id, r#type = %ty, nonce, "ignoring request with stale nonce");
             }
         }
@@ -240,13 +288,25 @@ async fn run_stream<M: Machine>(
         Err(err) => {
             inner.metrics.stream_error("bad_node");
             tracing::warn!(error = %err, "refusing xDS stream");
-            let _ = tx.send(Err(Status::invalid_argument(err.to_string()))).await;
+            let _ = tx
+                .send(Err(Status::invalid_argument(err.to_string())))
+                .await;
             return;
         }
     };
     let conn_id = inner.registry.next_id();
-    inner.metrics.connected_proxies.get_or_create(&ModeLabel { mode: M::MODE.into() }).inc();
-    let _guard = ConnectionGuard { inner: inner.clone(), conn_id, mode: M::MODE };
+    inner
+        .metrics
+        .connected_proxies
+        .get_or_create(&ModeLabel {
+            mode: M::MODE.into(),
+        })
+        .inc();
+    let _guard = ConnectionGuard {
+        inner: inner.clone(),
+        conn_id,
+        mode: M::MODE,
+    };
     inner.registry.insert(Arc::new(ProxyConnection {
         conn_id,
         node: node.clone(),
@@ -262,7 +322,11 @@ async fn run_stream<M: Machine>(
     let mut next = Some(first);
     let end = loop {
         let (responses, events) = if let Some(req) = next.take() {
-            let permit = inner.permits.acquire().await.expect("semaphore never closed");
+            let permit = inner
+                .permits
+                .acquire()
+                .await
+                .expect("semaphore never closed");
             let resources = inner.provider.resources_for(&node);
             let result = machine.on_request(&req, &resources, Instant::now());
             drop(permit);
@@ -308,81 +372,12 @@ async fn run_stream<M: Machine>(
             Err(SendError::TimedOut) => {
                 inner.metrics.stream_error("send_timeout");
                 tracing::warn!(proxy = %node.id, timeout = ?inner.config.send_timeout, "proxy is not reading its responses; closing its stream");
-                let _ = tx.try_send(Err(Status::deadline_exceeded("responses were not read in time")));
+                let _ = tx.try_send(Err(Status::deadline_exceeded(
+                    "responses were not read in time",
+                )));
                 break "send timeout";
             }
         }
     };
     tracing::info!(proxy = %node.id, conn_id, reason = end, "proxy disconnected");
 }
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for XdsServer {
-    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.stream_sotw(None, request.into_inner())))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.stream_delta(None, request.into_inner())))
-    }
-}
-
-/// Implements one per-type discovery service (CDS, EDS, LDS, RDS, SDS) on top of
-/// the same stream loop, restricted to that type.
-macro_rules! single_type_service {
-    ($trait:path, $ty:expr, $stream:ident, $stream_ty:ident, $delta:ident, $delta_ty:ident, $fetch:ident) => {
-        #[tonic::async_trait]
-        impl $trait for XdsServer {
-            type $stream_ty = ResponseStream<DiscoveryResponse>;
-            type $delta_ty = ResponseStream<DeltaDiscoveryResponse>;
-
-            async fn $stream(
-                &self,
-                request: Request<Streaming<DiscoveryRequest>>,
-            ) -> Result<Response<Self::$stream_ty>, Status> {
-                Ok(Response::new(self.stream_sotw(Some($ty), request.into_inner())))
-            }
-
-            async fn $delta(
-                &self,
-                request: Request<Streaming<DeltaDiscoveryRequest>>,
-            ) -> Result<Response<Self::$delta_ty>, Status> {
-                Ok(Response::new(self.stream_delta(Some($ty), request.into_inner())))
-            }
-
-            async fn $fetch(&self, _request: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
-                Err(Status::unimplemented("REST-style fetch is not served; use a gRPC stream (ADS recommended)"))
-            }
-        }
-    };
-}
-
-single_type_service!(
-    envoy_types::pb::envoy::service::cluster::v3::cluster_discovery_service_server::ClusterDiscoveryService, ResourceType::Cluster,
-    stream_clusters, StreamClustersStream, delta_clusters, DeltaClustersStream, fetch_clusters
-);
-single_type_service!(
-    envoy_types::pb::envoy::service::endpoint::v3::endpoint_discovery_service_server::EndpointDiscoveryService, ResourceType::Endpoint,
-    stream_endpoints, StreamEndpointsStream, delta_endpoints, DeltaEndpointsStream, fetch_endpoints
-);
-single_type_service!(
-    envoy_types::pb::envoy::service::listener::v3::listener_discovery_service_server::ListenerDiscoveryService, ResourceType::Listener,
-    stream_listeners, StreamListenersStream, delta_listeners, DeltaListenersStream, fetch_listeners
-);
-single_type_service!(
-    envoy_types::pb::envoy::service::route::v3::route_discovery_service_server::RouteDiscoveryService, ResourceType::Route,
-    stream_routes, StreamRoutesStream, delta_routes, DeltaRoutesStream, fetch_routes
-);
-single_type_service!(
-    envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService, ResourceType::Secret,
-    stream_secrets, StreamSecretsStream, delta_secrets, DeltaSecretsStream, fetch_secrets
-);

@@ -3,14 +3,16 @@
 //! It takes discovery requests and config pushes, and says which responses to
 //! send. It never touches a socket or a clock: the caller passes `now`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
-use super::resources::{Resource, ResourceSet, ResourceType, aggregate_version};
+use super::resources::{Resource, ResourceSet, ResourceType};
 use super::status::{Reply, TypeLedger, TypeStatus};
+use super::view::{NameSet, ResourceView, intern_names, same_names, sotw_entries};
+use super::wire::SotwResponse;
 
 /// What a client asked for, for one type (SotW semantics).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,34 +21,45 @@ pub enum Subscription {
     LegacyWildcard,
     /// `"*"` was named (plus possibly other names): everything.
     Wildcard,
-    /// Exactly these names (possibly none: unsubscribed).
-    Explicit(BTreeSet<String>),
+    /// Exactly these names (possibly none: unsubscribed), interned: streams
+    /// that name the same resources share one set.
+    Explicit(NameSet),
 }
 
 impl Subscription {
-    fn covers(&self, name: &str) -> bool {
+    fn names(&self) -> Option<&NameSet> {
         match self {
-            Subscription::LegacyWildcard | Subscription::Wildcard => true,
-            Subscription::Explicit(names) => names.contains(name),
+            Subscription::Explicit(names) => Some(names),
+            _ => None,
         }
     }
 
-    /// The next subscription after a request naming `names`.
+    /// The next subscription after a request naming `names`. Every SotW request
+    /// repeats the whole list: an unchanged list keeps the same set.
     fn next(current: Option<&Subscription>, names: &[String]) -> Subscription {
         if names.iter().any(|n| n == "*") {
             return Subscription::Wildcard;
         }
         match (current, names.is_empty()) {
-            (None, true) | (Some(Subscription::LegacyWildcard), true) => Subscription::LegacyWildcard,
-            (_, _) => Subscription::Explicit(names.iter().cloned().collect()),
+            (None, true) | (Some(Subscription::LegacyWildcard), true) => {
+                Subscription::LegacyWildcard
+            }
+            (Some(Subscription::Explicit(cur)), _) if same_names(cur, names) => {
+                Subscription::Explicit(cur.clone())
+            }
+            (_, _) => Subscription::Explicit(intern_names(names.iter().cloned().collect())),
         }
     }
 
     /// True when `next` covers a name this one did not.
     fn added_by(&self, next: &Subscription) -> bool {
         match (self, next) {
-            (Subscription::Explicit(_), Subscription::LegacyWildcard | Subscription::Wildcard) => true,
-            (Subscription::Explicit(old), Subscription::Explicit(new)) => !new.is_subset(old),
+            (Subscription::Explicit(_), Subscription::LegacyWildcard | Subscription::Wildcard) => {
+                true
+            }
+            (Subscription::Explicit(old), Subscription::Explicit(new)) => {
+                !Arc::ptr_eq(old, new) && !new.is_subset(old)
+            }
             _ => false,
         }
     }
@@ -55,16 +68,34 @@ impl Subscription {
 /// Something the IO layer should know about (for logs and metrics).
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
-    Acked { ty: ResourceType, latency: Option<std::time::Duration> },
-    Nacked { ty: ResourceType, message: String },
-    StaleNonce { ty: ResourceType, nonce: String },
+    Acked {
+        ty: ResourceType,
+        latency: Option<std::time::Duration>,
+    },
+    Nacked {
+        ty: ResourceType,
+        message: String,
+    },
+    StaleNonce {
+        ty: ResourceType,
+        nonce: String,
+    },
 }
 
 /// The result of one input: responses to send, in order, and events.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Step<R> {
     pub responses: Vec<R>,
     pub events: Vec<StreamEvent>,
+}
+
+impl<R> Default for Step<R> {
+    fn default() -> Self {
+        Step {
+            responses: Vec::new(),
+            events: Vec::new(),
+        }
+    }
 }
 
 /// Errors that end the request (the stream itself may continue).
@@ -73,17 +104,19 @@ pub enum ProtocolError {
     #[error("unknown type URL {0:?}")]
     UnknownType(String),
     #[error("type {got} requested on a stream that serves only {only}")]
-    WrongType { got: ResourceType, only: ResourceType },
+    WrongType {
+        got: ResourceType,
+        only: ResourceType,
+    },
 }
 
 #[derive(Debug, Clone)]
 struct SotwWatch {
     subscription: Subscription,
     ledger: TypeLedger,
-    /// What the last response carried (for config dumps and change detection).
-    /// In name order; the names live in the shared resources (no per-stream copies).
-    sent: Vec<Arc<Resource>>,
-    sent_view: Option<String>,
+    /// What the client holds after our last response (shared with every
+    /// stream of the same scope and subscription).
+    sent: Arc<ResourceView>,
     /// Respond to the next request even if it is a plain ACK (Envoy's cluster warming).
     always_respond: bool,
 }
@@ -96,15 +129,30 @@ pub struct SotwStream {
     nonce_counter: u64,
 }
 
+/// Types whose SotW responses may carry only the resources that changed
+/// (the others carry the full state: an absent listener or cluster is deleted).
+/// Envoy applies an EDS response to the clusters it names and leaves the rest.
+fn incremental_in_sotw(ty: ResourceType) -> bool {
+    ty == ResourceType::Endpoint
+}
+
 impl SotwStream {
     /// An ADS stream (every type).
     pub fn new_ads() -> Self {
-        SotwStream { watches: BTreeMap::new(), only_type: None, nonce_counter: 0 }
+        SotwStream {
+            watches: BTreeMap::new(),
+            only_type: None,
+            nonce_counter: 0,
+        }
     }
 
     /// A single-type stream (`StreamClusters`, `StreamEndpoints`, ...).
     pub fn new_single(ty: ResourceType) -> Self {
-        SotwStream { watches: BTreeMap::new(), only_type: Some(ty), nonce_counter: 0 }
+        SotwStream {
+            watches: BTreeMap::new(),
+            only_type: Some(ty),
+            nonce_counter: 0,
+        }
     }
 
     fn check_type(&self, type_url: &str) -> Result<ResourceType, ProtocolError> {
@@ -122,7 +170,7 @@ impl SotwStream {
         req: &DiscoveryRequest,
         resources: &ResourceSet,
         now: Instant,
-    ) -> Result<Step<DiscoveryResponse>, ProtocolError> {
+    ) -> Result<Step<SotwResponse>, ProtocolError> {
         let ty = self.check_type(&req.type_url)?;
         let mut step = Step::default();
         let error = req.error_detail.as_ref().map(|e| e.message.as_str());
@@ -134,7 +182,10 @@ impl SotwStream {
         };
         match reply {
             Reply::Stale => {
-                step.events.push(StreamEvent::StaleNonce { ty, nonce: req.response_nonce.clone() });
+                step.events.push(StreamEvent::StaleNonce {
+                    ty,
+                    nonce: req.response_nonce.clone(),
+                });
                 return Ok(step);
             }
             Reply::Nack { message } => {
@@ -148,11 +199,11 @@ impl SotwStream {
         let previous = self.watches.get(&ty).map(|w| w.subscription.clone());
         let next = Subscription::next(previous.as_ref(), &req.resource_names);
         let added = previous.as_ref().is_some_and(|p| p.added_by(&next));
+        let narrowed = previous.as_ref() != Some(&next);
         let watch = self.watches.entry(ty).or_insert_with(|| SotwWatch {
             subscription: next.clone(),
             ledger: TypeLedger::default(),
-            sent: Vec::new(),
-            sent_view: None,
+            sent: ResourceView::empty(),
             always_respond: false,
         });
         watch.subscription = next;
@@ -163,58 +214,94 @@ impl SotwStream {
                 types.push(ResourceType::Endpoint);
             }
             for t in types {
-                step.responses.push(self.respond(t, resources, now, None));
+                step.responses
+                    .push(self.respond(t, resources, now, None, false));
             }
-        } else if let Some(w) = self.watches.get_mut(&ty)
+        } else if narrowed
+            && let Some(w) = self.watches.get_mut(&ty)
             && let Subscription::Explicit(names) = &w.subscription
         {
             // Names dropped from an explicit subscription: forget them so a later
             // re-subscription is answered.
-            w.sent.retain(|r| names.contains(&r.name));
-            w.sent_view = Some(aggregate_version(w.sent.iter()));
+            let kept = w
+                .sent
+                .resources
+                .iter()
+                .filter(|r| names.contains(&r.name))
+                .cloned()
+                .collect();
+            w.sent = Arc::new(ResourceView::new(kept));
         }
         Ok(step)
     }
 
     /// Handles a config change: responds for every watched type whose view changed.
     /// `change_at` is when the change behind this push first happened.
-    pub fn on_push(&mut self, resources: &ResourceSet, change_at: Instant, now: Instant) -> Step<DiscoveryResponse> {
+    pub fn on_push(
+        &mut self,
+        resources: &ResourceSet,
+        change_at: Instant,
+        now: Instant,
+    ) -> Step<SotwResponse> {
         let mut step = Step::default();
         let mut clusters_sent = false;
         for ty in ResourceType::PUSH_ORDER {
-            let Some(watch) = self.watches.get(&ty) else { continue };
-            let view = view_of(resources, ty, &watch.subscription);
-            let changed = watch.sent_view.as_deref() != Some(view.version.as_str());
+            let Some(watch) = self.watches.get(&ty) else {
+                continue;
+            };
+            let view = resources.view(ty, watch.subscription.names());
+            let changed = watch.sent.version != view.version || watch.ledger.sent.is_none();
             let warm = ty == ResourceType::Endpoint && clusters_sent;
             if changed || warm {
-                step.responses.push(self.respond(ty, resources, now, Some(change_at)));
+                step.responses
+                    .push(self.respond(ty, resources, now, Some(change_at), !warm));
                 clusters_sent |= ty == ResourceType::Cluster;
             }
         }
         step
     }
 
+    /// Sends the view of `ty`; with `only_changes`, a type that allows it gets
+    /// only the resources that differ from what the client holds.
     fn respond(
         &mut self,
         ty: ResourceType,
         resources: &ResourceSet,
         now: Instant,
         change_at: Option<Instant>,
-    ) -> DiscoveryResponse {
+        only_changes: bool,
+    ) -> SotwResponse {
         self.nonce_counter += 1;
         let nonce = self.nonce_counter.to_string();
-        let watch = self.watches.get_mut(&ty).expect("respond only for watched types");
-        let view = view_of(resources, ty, &watch.subscription);
-        let response = DiscoveryResponse {
+        let watch = self
+            .watches
+            .get_mut(&ty)
+            .expect("respond only for watched types");
+        let view = resources.view(ty, watch.subscription.names());
+        let mut body = None;
+        if only_changes
+            && incremental_in_sotw(ty)
+            && watch.ledger.sent.is_some()
+            && watch.ledger.error.is_none()
+        {
+            let (updated, removed) = view.diff(&watch.sent);
+            // Nothing can say "removed" in SotW EDS: removals send everything.
+            if removed.is_empty() {
+                body = Some((sotw_entries(updated.iter().copied()), updated.len()));
+            }
+        }
+        let (entries, count) = body.unwrap_or_else(|| (view.sotw_entries(), view.len()));
+        let response = SotwResponse {
             version_info: view.version.clone(),
-            resources: view.resources.iter().map(|r| r.body.clone()).collect(),
-            type_url: ty.type_url().to_string(),
+            resources: entries,
+            resource_count: count,
+            type_url: ty.type_url(),
             nonce: nonce.clone(),
-            ..Default::default()
         };
-        watch.ledger.record_sent(nonce, view.version.clone(), now, change_at);
-        watch.sent_view = Some(view.version);
-        watch.sent = view.resources;
+        watch
+            .ledger
+            .record_sent(nonce, view.version.clone(), now, change_at);
+        watch.sent = view;
         watch.always_respond = false;
         if ty == ResourceType::Cluster
             && let Some(eds) = self.watches.get_mut(&ResourceType::Endpoint)
@@ -238,7 +325,7 @@ impl SotwStream {
             .iter()
             .filter_map(|(ty, w)| {
                 let version = w.ledger.sent.as_ref()?.version.clone();
-                Some((*ty, (version, w.sent.clone())))
+                Some((*ty, (version, w.sent.resources.clone())))
             })
             .collect()
     }
@@ -246,16 +333,6 @@ impl SotwStream {
     pub fn subscription(&self, ty: ResourceType) -> Option<&Subscription> {
         self.watches.get(&ty).map(|w| &w.subscription)
     }
-}
-
-struct View {
-    version: String,
-    resources: Vec<Arc<Resource>>,
-}
-
-fn view_of(resources: &ResourceSet, ty: ResourceType, sub: &Subscription) -> View {
-    let selected: Vec<Arc<Resource>> = resources.of_type(ty).iter().filter(|(name, _)| sub.covers(name)).map(|(_, r)| r.clone()).collect();
-    View { version: aggregate_version(selected.iter()), resources: selected }
 }
 
 #[cfg(test)]
@@ -268,10 +345,22 @@ mod tests {
     fn set(clusters: &[&str], endpoints: &[(&str, u32)]) -> ResourceSet {
         let mut s = ResourceSet::new();
         for c in clusters {
-            s.insert(ResourceType::Cluster, Resource::from_message(*c, &Cluster { name: c.to_string(), ..Default::default() }));
+            s.insert(
+                ResourceType::Cluster,
+                Resource::from_message(
+                    *c,
+                    &Cluster {
+                        name: c.to_string(),
+                        ..Default::default()
+                    },
+                ),
+            );
         }
         for (e, port) in endpoints {
-            let cla = ClusterLoadAssignment { cluster_name: format!("{e}:{port}"), ..Default::default() };
+            let cla = ClusterLoadAssignment {
+                cluster_name: format!("{e}:{port}"),
+                ..Default::default()
+            };
             s.insert(ResourceType::Endpoint, Resource::from_message(*e, &cla));
         }
         s
@@ -289,13 +378,17 @@ mod tests {
 
     fn nack(ty: ResourceType, nonce: &str, msg: &str) -> DiscoveryRequest {
         DiscoveryRequest {
-            error_detail: Some(Status { code: 3, message: msg.into(), details: vec![] }),
+            error_detail: Some(Status {
+                code: 3,
+                message: msg.into(),
+                details: vec![],
+            }),
             ..req(ty, &[], nonce, "")
         }
     }
 
-    fn names(r: &DiscoveryResponse) -> usize {
-        r.resources.len()
+    fn names(r: &SotwResponse) -> usize {
+        r.resource_count
     }
 
     #[test]
@@ -303,15 +396,35 @@ mod tests {
         let now = Instant::now();
         let res = set(&["a", "b"], &[]);
         let mut s = SotwStream::new_ads();
-        let step = s.on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now).unwrap();
+        let step = s
+            .on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now)
+            .unwrap();
         assert_eq!(step.responses.len(), 1);
         let r = &step.responses[0];
         assert_eq!(names(r), 2);
-        assert_eq!(s.subscription(ResourceType::Cluster), Some(&Subscription::LegacyWildcard));
-        let ack = s.on_request(&req(ResourceType::Cluster, &[], &r.nonce, &r.version_info), &res, now).unwrap();
+        assert_eq!(
+            s.subscription(ResourceType::Cluster),
+            Some(&Subscription::LegacyWildcard)
+        );
+        let ack = s
+            .on_request(
+                &req(ResourceType::Cluster, &[], &r.nonce, &r.version_info),
+                &res,
+                now,
+            )
+            .unwrap();
         assert!(ack.responses.is_empty(), "an ACK is not answered");
-        assert!(matches!(ack.events[0], StreamEvent::Acked { ty: ResourceType::Cluster, .. }));
-        assert_eq!(s.status(now)[0].state, super::super::status::SyncState::Synced);
+        assert!(matches!(
+            ack.events[0],
+            StreamEvent::Acked {
+                ty: ResourceType::Cluster,
+                ..
+            }
+        ));
+        assert_eq!(
+            s.status(now)[0].state,
+            super::super::status::SyncState::Synced
+        );
     }
 
     #[test]
@@ -319,18 +432,42 @@ mod tests {
         let now = Instant::now();
         let res = set(&["a"], &[]);
         let mut s = SotwStream::new_ads();
-        let r = s.on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now).unwrap().responses.remove(0);
-        let step = s.on_request(&nack(ResourceType::Cluster, &r.nonce, "invalid cluster a"), &res, now).unwrap();
+        let r = s
+            .on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now)
+            .unwrap()
+            .responses
+            .remove(0);
+        let step = s
+            .on_request(
+                &nack(ResourceType::Cluster, &r.nonce, "invalid cluster a"),
+                &res,
+                now,
+            )
+            .unwrap();
         assert!(step.responses.is_empty());
-        assert_eq!(step.events, vec![StreamEvent::Nacked { ty: ResourceType::Cluster, message: "invalid cluster a".into() }]);
+        assert_eq!(
+            step.events,
+            vec![StreamEvent::Nacked {
+                ty: ResourceType::Cluster,
+                message: "invalid cluster a".into()
+            }]
+        );
         let st = &s.status(now)[0];
         assert_eq!(st.state, super::super::status::SyncState::Error);
         assert_eq!(st.last_error.as_deref(), Some("invalid cluster a"));
         // A fixed config is pushed and its ACK clears the error.
         let fixed = set(&["a", "b"], &[]);
         let r2 = s.on_push(&fixed, now, now).responses.remove(0);
-        s.on_request(&req(ResourceType::Cluster, &[], &r2.nonce, &r2.version_info), &fixed, now).unwrap();
-        assert_eq!(s.status(now)[0].state, super::super::status::SyncState::Synced);
+        s.on_request(
+            &req(ResourceType::Cluster, &[], &r2.nonce, &r2.version_info),
+            &fixed,
+            now,
+        )
+        .unwrap();
+        assert_eq!(
+            s.status(now)[0].state,
+            super::super::status::SyncState::Synced
+        );
     }
 
     #[test]
@@ -338,16 +475,33 @@ mod tests {
         let now = Instant::now();
         let res = set(&["a"], &[]);
         let mut s = SotwStream::new_ads();
-        let r1 = s.on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now).unwrap().responses.remove(0);
-        let r2 = s.on_push(&set(&["a", "b"], &[]), now, now).responses.remove(0);
+        let r1 = s
+            .on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now)
+            .unwrap()
+            .responses
+            .remove(0);
+        let r2 = s
+            .on_push(&set(&["a", "b"], &[]), now, now)
+            .responses
+            .remove(0);
         assert_ne!(r1.nonce, r2.nonce);
         // The ACK of the first response arrives after the second was sent: stale.
-        let step = s.on_request(&req(ResourceType::Cluster, &[], &r1.nonce, &r1.version_info), &res, now).unwrap();
+        let step = s
+            .on_request(
+                &req(ResourceType::Cluster, &[], &r1.nonce, &r1.version_info),
+                &res,
+                now,
+            )
+            .unwrap();
         assert!(step.responses.is_empty());
         assert!(matches!(step.events[0], StreamEvent::StaleNonce { .. }));
-        assert_eq!(s.status(now)[0].state, super::super::status::SyncState::Stale);
+        assert_eq!(
+            s.status(now)[0].state,
+            super::super::status::SyncState::Stale
+        );
         // A NACK with a stale nonce is not recorded either.
-        s.on_request(&nack(ResourceType::Cluster, &r1.nonce, "old"), &res, now).unwrap();
+        s.on_request(&nack(ResourceType::Cluster, &r1.nonce, "old"), &res, now)
+            .unwrap();
         assert_eq!(s.status(now)[0].last_error, None);
     }
 
@@ -356,17 +510,49 @@ mod tests {
         let now = Instant::now();
         let mut s = SotwStream::new_ads();
         let res = set(&[], &[("a", 1)]);
-        let r = s.on_request(&req(ResourceType::Endpoint, &["a", "b"], "", ""), &res, now).unwrap().responses.remove(0);
+        let r = s
+            .on_request(&req(ResourceType::Endpoint, &["a", "b"], "", ""), &res, now)
+            .unwrap()
+            .responses
+            .remove(0);
         assert_eq!(names(&r), 1, "only what exists is sent");
-        s.on_request(&req(ResourceType::Endpoint, &["a", "b"], &r.nonce, &r.version_info), &res, now).unwrap();
+        s.on_request(
+            &req(
+                ResourceType::Endpoint,
+                &["a", "b"],
+                &r.nonce,
+                &r.version_info,
+            ),
+            &res,
+            now,
+        )
+        .unwrap();
         // "b" appears later: it is pushed without being asked again.
         let res2 = set(&[], &[("a", 1), ("b", 1)]);
         let push = s.on_push(&res2, now, now);
         assert_eq!(push.responses.len(), 1);
-        assert_eq!(names(&push.responses[0]), 2);
+        assert_eq!(
+            names(&push.responses[0]),
+            1,
+            "an EDS push carries only what changed"
+        );
+        assert_eq!(
+            push.responses[0].to_message().resources,
+            vec![res2.get(ResourceType::Endpoint, "b").unwrap().body()]
+        );
         // An unrelated resource appearing does not cause a push.
         let r = &push.responses[0];
-        s.on_request(&req(ResourceType::Endpoint, &["a", "b"], &r.nonce, &r.version_info), &res2, now).unwrap();
+        s.on_request(
+            &req(
+                ResourceType::Endpoint,
+                &["a", "b"],
+                &r.nonce,
+                &r.version_info,
+            ),
+            &res2,
+            now,
+        )
+        .unwrap();
         let res3 = set(&[], &[("a", 1), ("b", 1), ("c", 1)]);
         assert!(s.on_push(&res3, now, now).responses.is_empty());
     }
@@ -376,18 +562,51 @@ mod tests {
         let now = Instant::now();
         let mut s = SotwStream::new_ads();
         let res = set(&[], &[("a", 1), ("b", 1)]);
-        let r = s.on_request(&req(ResourceType::Endpoint, &["*"], "", ""), &res, now).unwrap().responses.remove(0);
+        let r = s
+            .on_request(&req(ResourceType::Endpoint, &["*"], "", ""), &res, now)
+            .unwrap()
+            .responses
+            .remove(0);
         assert_eq!(names(&r), 2);
-        assert_eq!(s.subscription(ResourceType::Endpoint), Some(&Subscription::Wildcard));
+        assert_eq!(
+            s.subscription(ResourceType::Endpoint),
+            Some(&Subscription::Wildcard)
+        );
         // Narrowing to explicit names adds nothing: no response needed.
-        let step = s.on_request(&req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info), &res, now).unwrap();
+        let step = s
+            .on_request(
+                &req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info),
+                &res,
+                now,
+            )
+            .unwrap();
         assert!(step.responses.is_empty());
         // After an explicit subscription, an empty list means unsubscribe everything.
-        s.on_request(&req(ResourceType::Endpoint, &[], &r.nonce, &r.version_info), &res, now).unwrap();
-        assert_eq!(s.subscription(ResourceType::Endpoint), Some(&Subscription::Explicit(BTreeSet::new())));
-        assert!(s.on_push(&set(&[], &[("a", 2)]), now, now).responses.is_empty());
+        s.on_request(
+            &req(ResourceType::Endpoint, &[], &r.nonce, &r.version_info),
+            &res,
+            now,
+        )
+        .unwrap();
+        assert_eq!(
+            s.subscription(ResourceType::Endpoint),
+            Some(&Subscription::Explicit(Arc::new(
+                std::collections::BTreeSet::new()
+            )))
+        );
+        assert!(
+            s.on_push(&set(&[], &[("a", 2)]), now, now)
+                .responses
+                .is_empty()
+        );
         // Subscribing again to "a" is answered.
-        let step = s.on_request(&req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info), &res, now).unwrap();
+        let step = s
+            .on_request(
+                &req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info),
+                &res,
+                now,
+            )
+            .unwrap();
         assert_eq!(step.responses.len(), 1);
     }
 
@@ -397,29 +616,78 @@ mod tests {
         let mut s = SotwStream::new_ads();
         let res = set(&["a"], &[("a", 1)]);
         for ty in [ResourceType::Listener, ResourceType::Cluster] {
-            let r = s.on_request(&req(ty, &[], "", ""), &res, now).unwrap().responses.remove(0);
-            s.on_request(&req(ty, &[], &r.nonce, &r.version_info), &res, now).unwrap();
+            let r = s
+                .on_request(&req(ty, &[], "", ""), &res, now)
+                .unwrap()
+                .responses
+                .remove(0);
+            s.on_request(&req(ty, &[], &r.nonce, &r.version_info), &res, now)
+                .unwrap();
         }
-        let r = s.on_request(&req(ResourceType::Endpoint, &["a"], "", ""), &res, now).unwrap().responses.remove(0);
-        s.on_request(&req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info), &res, now).unwrap();
+        let r = s
+            .on_request(&req(ResourceType::Endpoint, &["a"], "", ""), &res, now)
+            .unwrap()
+            .responses
+            .remove(0);
+        s.on_request(
+            &req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info),
+            &res,
+            now,
+        )
+        .unwrap();
         // Only the cluster changes: CDS, then EDS for warming, and not LDS.
         let changed = set(&["a", "b"], &[("a", 1)]);
         let push = s.on_push(&changed, now, now);
-        let types: Vec<_> = push.responses.iter().map(|r| ResourceType::from_type_url(&r.type_url).unwrap()).collect();
+        let types: Vec<_> = push
+            .responses
+            .iter()
+            .map(|r| ResourceType::from_type_url(&r.type_url).unwrap())
+            .collect();
         assert_eq!(types, [ResourceType::Cluster, ResourceType::Endpoint]);
         // The EDS request that follows a CDS update is answered even though its names did not change.
         let eds = &push.responses[1];
-        let step = s.on_request(&req(ResourceType::Endpoint, &["a"], &eds.nonce, &eds.version_info), &changed, now).unwrap();
-        assert!(step.responses.is_empty(), "the warming EDS was already sent in the push");
-        let cds = s.on_push(&set(&["a", "b", "c"], &[("a", 1)]), now, now).responses;
+        let step = s
+            .on_request(
+                &req(
+                    ResourceType::Endpoint,
+                    &["a"],
+                    &eds.nonce,
+                    &eds.version_info,
+                ),
+                &changed,
+                now,
+            )
+            .unwrap();
+        assert!(
+            step.responses.is_empty(),
+            "the warming EDS was already sent in the push"
+        );
+        let cds = s
+            .on_push(&set(&["a", "b", "c"], &[("a", 1)]), now, now)
+            .responses;
         assert_eq!(cds.len(), 2);
         // Envoy's EDS re-request after the CDS update, carrying the CDS-era nonce, is stale;
         // after it ACKs, nothing further is owed.
         let last = &cds[1];
-        let step = s.on_request(&req(ResourceType::Endpoint, &["a"], &last.nonce, &last.version_info), &changed, now).unwrap();
+        let step = s
+            .on_request(
+                &req(
+                    ResourceType::Endpoint,
+                    &["a"],
+                    &last.nonce,
+                    &last.version_info,
+                ),
+                &changed,
+                now,
+            )
+            .unwrap();
         assert!(step.responses.is_empty());
         // No change at all: nothing is sent.
-        assert!(s.on_push(&set(&["a", "b", "c"], &[("a", 1)]), now, now).responses.is_empty());
+        assert!(
+            s.on_push(&set(&["a", "b", "c"], &[("a", 1)]), now, now)
+                .responses
+                .is_empty()
+        );
     }
 
     #[test]
@@ -427,10 +695,21 @@ mod tests {
         let now = Instant::now();
         let mut s = SotwStream::new_ads();
         let res = set(&["a"], &[("a", 1)]);
-        let r = s.on_request(&req(ResourceType::Endpoint, &["a"], "", ""), &res, now).unwrap().responses.remove(0);
-        s.on_request(&req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info), &res, now).unwrap();
+        let r = s
+            .on_request(&req(ResourceType::Endpoint, &["a"], "", ""), &res, now)
+            .unwrap()
+            .responses
+            .remove(0);
+        s.on_request(
+            &req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info),
+            &res,
+            now,
+        )
+        .unwrap();
         // A CDS (re)subscription: CDS answered, and EDS too.
-        let step = s.on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now).unwrap();
+        let step = s
+            .on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now)
+            .unwrap();
         assert_eq!(step.responses.len(), 2);
     }
 
@@ -439,11 +718,26 @@ mod tests {
         let now = Instant::now();
         let res = set(&["a"], &[]);
         let mut s = SotwStream::new_ads();
-        let r = s.on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now).unwrap().responses.remove(0);
+        let r = s
+            .on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now)
+            .unwrap()
+            .responses
+            .remove(0);
         // A new stream: the client sends its last version and no nonce.
         let mut s2 = SotwStream::new_ads();
-        let r2 = s2.on_request(&req(ResourceType::Cluster, &[], "", &r.version_info), &res, now).unwrap().responses.remove(0);
-        assert_eq!(r2.version_info, r.version_info, "same config, same version on every stream");
+        let r2 = s2
+            .on_request(
+                &req(ResourceType::Cluster, &[], "", &r.version_info),
+                &res,
+                now,
+            )
+            .unwrap()
+            .responses
+            .remove(0);
+        assert_eq!(
+            r2.version_info, r.version_info,
+            "same config, same version on every stream"
+        );
     }
 
     #[test]
@@ -453,7 +747,10 @@ mod tests {
         let mut s = SotwStream::new_single(ResourceType::Cluster);
         let mut bad = req(ResourceType::Cluster, &[], "", "");
         bad.type_url = "type.googleapis.com/nope".into();
-        assert!(matches!(s.on_request(&bad, &res, now), Err(ProtocolError::UnknownType(_))));
+        assert!(matches!(
+            s.on_request(&bad, &res, now),
+            Err(ProtocolError::UnknownType(_))
+        ));
         assert!(matches!(
             s.on_request(&req(ResourceType::Listener, &[], "", ""), &res, now),
             Err(ProtocolError::WrongType { .. })
