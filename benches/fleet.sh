@@ -7,6 +7,7 @@
 #
 #   benches/fleet.sh [PROXIES...]          default: 1000 5000 10000
 #   CHURN_RATE=100 CHURN_SECONDS=30 MODES="sotw delta" benches/fleet.sh 100 500
+#   SERVE_ARGS="--debounce-max 500ms" benches/fleet.sh 1000     (extra flags for serve)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=("${@:-1000 5000 10000}")
@@ -28,13 +29,14 @@ for mode in $MODES; do
     rm -rf "$work/mesh"
     "$bin" fixtures --out "$work/mesh" --services "$SERVICES" --clusters "$CLUSTERS" --endpoints "$ENDPOINTS" --policies "$POLICIES" >&2
     port=$((20000 + RANDOM % 20000))
-    "$bin" serve --config-dir "$work/mesh" --xds-addr "127.0.0.1:$port" --admin-addr "127.0.0.1:$((port + 1))" > "$work/serve.log" 2>&1 &
+    # shellcheck disable=SC2086
+    "$bin" serve --config-dir "$work/mesh" --xds-addr "127.0.0.1:$port" --admin-addr "127.0.0.1:$((port + 1))" ${SERVE_ARGS:-} > "$work/serve.log" 2>&1 &
     server=$!
     for _ in $(seq 1 240); do curl -sf "127.0.0.1:$((port + 1))/readyz" > /dev/null && break; sleep 0.5; done
     delta=(); [[ "$mode" == delta ]] && delta=(--delta)
     "$bin" load --xds-addr "127.0.0.1:$port" --proxies "$n" "${delta[@]}" --pid "$server" --sync-timeout "$SYNC_TIMEOUT" \
       --config-dir "$work/mesh" --services "$SERVICES" --endpoints "$ENDPOINTS" \
-      --churn-rate "$CHURN_RATE" --churn-duration "${CHURN_SECONDS}s" --policy-change --markdown 2> "$work/load.err" \
+      --endpoint-change --churn-rate "$CHURN_RATE" --churn-duration "${CHURN_SECONDS}s" --policy-change --markdown 2> "$work/load.err" \
       | grep '^|' || echo "| $mode | $n | failed: $(tail -n 1 "$work/load.err") | | | | | | | | |"
     kill "$server" 2>/dev/null || true
     wait "$server" 2>/dev/null || true

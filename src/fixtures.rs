@@ -209,6 +209,11 @@ pub fn write_config_dir(dir: &std::path::Path, spec: ScaleSpec) -> std::io::Resu
 }
 
 /// One service's manifests in one cluster; `step` > 0 moves its first endpoint (churn).
+/// The address `service_yaml` gives a service's first endpoint at change `step` (unique per step).
+pub fn changed_address(step: usize) -> String {
+    format!("10.200.{}.{}", step / 250 % 250, step % 250 + 1)
+}
+
 pub fn service_yaml(cluster: usize, service: usize, endpoints: usize, step: usize) -> String {
     use std::fmt::Write as _;
     let ns = format!("ns-{}", service % 10);
@@ -219,7 +224,7 @@ pub fn service_yaml(cluster: usize, service: usize, endpoints: usize, step: usiz
     for i in 0..endpoints {
         let mut ep = endpoint(cluster, service, i);
         if i == 0 && step > 0 {
-            ep.address = format!("10.200.{}.{}", step / 250 % 250, step % 250 + 1);
+            ep.address = changed_address(step);
         }
         let _ = writeln!(
             out,

@@ -71,6 +71,9 @@ pub struct LoadArgs {
     /// Change one TrafficPolicy once (after churn).
     #[arg(long)]
     pub policy_change: bool,
+    /// After sync, make one endpoint change (with --config-dir) and measure its delivery.
+    #[arg(long)]
+    pub endpoint_change: bool,
     /// Wait this long after the last change before computing latencies.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub settle: Duration,
@@ -82,7 +85,10 @@ pub struct LoadArgs {
 #[derive(Default)]
 struct Record {
     synced_at: Option<Instant>,
-    eds_at: Vec<Instant>,
+    /// Endpoint changes (by index) and when this proxy first received them.
+    delivered: std::collections::BTreeMap<usize, Instant>,
+    /// Every change before this index was delivered.
+    next_change: usize,
     rds_at: Vec<Instant>,
     bytes: u64,
     rejects: u64,
@@ -131,6 +137,7 @@ async fn run_proxy(
     delta: bool,
     record: Arc<Mutex<Record>>,
     connect: Arc<Semaphore>,
+    markers: Markers,
 ) -> anyhow::Result<()> {
     let channel = {
         let _permit = connect.acquire().await?;
@@ -140,17 +147,32 @@ async fn run_proxy(
     };
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
-    let note = |proxy: &SimulatedProxy, ty: Option<ResourceType>, now: Instant| {
-        let mut r = record.lock().expect("record lock");
-        match ty {
-            Some(ResourceType::Endpoint) => r.eds_at.push(now),
-            Some(ResourceType::Route) => r.rds_at.push(now),
-            _ => {}
-        }
-        r.synced_at = proxy.synced_at;
-        r.bytes = proxy.bytes;
-        r.rejects = proxy.rejects;
-    };
+    let note =
+        |proxy: &SimulatedProxy, ty: Option<ResourceType>, payloads: &[&[u8]], now: Instant| {
+            let mut r = record.lock().expect("record lock");
+            match ty {
+                Some(ResourceType::Endpoint) => {
+                    let markers = markers.read().expect("markers lock");
+                    for (idx, marker) in markers.iter().enumerate().skip(r.next_change) {
+                        if !r.delivered.contains_key(&idx)
+                            && payloads
+                                .iter()
+                                .any(|p| memchr::memmem::find(p, marker).is_some())
+                        {
+                            r.delivered.insert(idx, now);
+                        }
+                    }
+                    while r.delivered.contains_key(&r.next_change) {
+                        r.next_change += 1;
+                    }
+                }
+                Some(ResourceType::Route) => r.rds_at.push(now),
+                _ => {}
+            }
+            r.synced_at = proxy.synced_at;
+            r.bytes = proxy.bytes;
+            r.rejects = proxy.rejects;
+        };
     if delta {
         let (tx, rx) = mpsc::channel(16);
         tx.send(proxy.delta_start()).await?;
@@ -161,7 +183,18 @@ async fn run_proxy(
         while let Some(resp) = stream.message().await? {
             let now = Instant::now();
             let requests = proxy.delta_on_response(&resp, now);
-            note(&proxy, ResourceType::from_type_url(&resp.type_url), now);
+            let payloads: Vec<&[u8]> = resp
+                .resources
+                .iter()
+                .filter_map(|r| r.resource.as_ref())
+                .map(|a| a.value.as_slice())
+                .collect();
+            note(
+                &proxy,
+                ResourceType::from_type_url(&resp.type_url),
+                &payloads,
+                now,
+            );
             for r in requests {
                 tx.send(r).await?;
             }
@@ -176,7 +209,13 @@ async fn run_proxy(
         while let Some(resp) = stream.message().await? {
             let now = Instant::now();
             let requests = proxy.sotw_on_response(&resp, now);
-            note(&proxy, ResourceType::from_type_url(&resp.type_url), now);
+            let payloads: Vec<&[u8]> = resp.resources.iter().map(|a| a.value.as_slice()).collect();
+            note(
+                &proxy,
+                ResourceType::from_type_url(&resp.type_url),
+                &payloads,
+                now,
+            );
             for r in requests {
                 tx.send(r).await?;
             }
@@ -203,20 +242,42 @@ pub fn process_usage(pid: u32) -> Option<(f64, f64)> {
     Some((rss_kb / 1024.0, ticks / 100.0))
 }
 
-/// For each change time, each proxy's first delivery at or after it.
-fn latencies(changes: &[Instant], deliveries: &[Vec<Instant>]) -> (Vec<f64>, usize) {
+/// The encoded endpoint address each endpoint change introduces (field 2 of
+/// `SocketAddress`, with its length, so `10.200.0.5` does not match `10.200.0.50`).
+type Markers = Arc<std::sync::RwLock<Vec<Vec<u8>>>>;
+
+fn address_marker(address: &str) -> Vec<u8> {
+    let mut m = vec![0x12, address.len() as u8];
+    m.extend_from_slice(address.as_bytes());
+    m
+}
+
+/// For each change (from `first` on), each proxy's first delivery that carried it.
+fn latencies(
+    changes: &[(usize, Instant)],
+    deliveries: &[std::collections::BTreeMap<usize, Instant>],
+) -> (Vec<f64>, usize) {
+    let mut out = Vec::new();
+    let mut missing = 0;
+    for delivered in deliveries {
+        for (idx, at) in changes {
+            match delivered.get(idx) {
+                Some(t) => out.push(t.saturating_duration_since(*at).as_secs_f64() * 1000.0),
+                None => missing += 1,
+            }
+        }
+    }
+    (out, missing)
+}
+
+/// RDS deliveries at or after `at`, the first per proxy.
+fn first_after(at: Instant, deliveries: &[Vec<Instant>]) -> (Vec<f64>, usize) {
     let mut out = Vec::new();
     let mut missing = 0;
     for times in deliveries {
-        let mut i = 0;
-        for c in changes {
-            while i < times.len() && times[i] < *c {
-                i += 1;
-            }
-            match times.get(i) {
-                Some(t) => out.push(t.duration_since(*c).as_secs_f64() * 1000.0),
-                None => missing += 1,
-            }
+        match times.iter().find(|t| **t >= at) {
+            Some(t) => out.push(t.duration_since(at).as_secs_f64() * 1000.0),
+            None => missing += 1,
         }
     }
     (out, missing)
@@ -238,13 +299,21 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         usize::MAX
     };
     let records: Vec<Arc<Mutex<Record>>> = (0..args.proxies).map(|_| Arc::default()).collect();
+    let markers: Markers = Arc::default();
     let usage_before = args.pid.and_then(process_usage);
     let start = Instant::now();
     for (i, record) in records.iter().enumerate() {
         let proxy = SimulatedProxy::new(node_for(i, &args), i % nack_every == nack_every - 1);
-        let (uri, record, connect) = (uri.clone(), record.clone(), connect.clone());
+        let (uri, record, connect, markers) = (
+            uri.clone(),
+            record.clone(),
+            connect.clone(),
+            markers.clone(),
+        );
         tokio::spawn(async move {
-            if let Err(e) = run_proxy(uri, proxy, args.delta, record.clone(), connect).await {
+            if let Err(e) =
+                run_proxy(uri, proxy, args.delta, record.clone(), connect, markers).await
+            {
                 record.lock().expect("record lock").error = Some(e.to_string());
             }
         });
@@ -334,50 +403,36 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         );
     }
 
-    if let Some(dir) = &args.config_dir
-        && args.churn_rate > 0.0
-    {
-        let before = args.pid.and_then(process_usage);
-        let bytes_before = bytes(&records);
-        let every = Duration::from_secs_f64(1.0 / args.churn_rate);
-        let mut changes = Vec::new();
-        let t0 = Instant::now();
-        let mut tick = tokio::time::interval(every);
-        let mut step = 0usize;
-        while t0.elapsed() < args.churn_duration {
-            tick.tick().await;
-            step += 1;
-            let (c, s) = (
-                step % args.clusters.max(1),
-                (step * 7919) % args.services.max(1),
-            );
-            let path = dir
-                .join(cluster_name(c))
-                .join(format!("{}.yaml", service_name(s)));
-            write_atomically(&path, &service_yaml(c, s, args.endpoints, step))
-                .with_context(|| format!("writing {}", path.display()))?;
-            changes.push(Instant::now());
+    let mut step = 0usize;
+    if let Some(dir) = &args.config_dir {
+        if args.endpoint_change {
+            measure_endpoint_changes(
+                &args,
+                mode,
+                dir,
+                &records,
+                &markers,
+                &mut step,
+                1,
+                Duration::ZERO,
+                "one endpoint change",
+            )
+            .await?;
         }
-        tokio::time::sleep(args.settle).await;
-        let deliveries: Vec<Vec<Instant>> = records
-            .iter()
-            .map(|r| r.lock().expect("record lock").eds_at.clone())
-            .collect();
-        let (mut lat, missing) = latencies(&changes, &deliveries);
-        report(
-            &args,
-            mode,
-            &format!(
-                "endpoint churn {:.0}/s for {:?} ({} changes)",
-                args.churn_rate,
-                args.churn_duration,
-                changes.len()
-            ),
-            &mut lat,
-            missing,
-            before,
-            bytes(&records) - bytes_before,
-        );
+        if args.churn_rate > 0.0 {
+            let what = format!(
+                "endpoint churn {:.0}/s for {:?}",
+                args.churn_rate, args.churn_duration
+            );
+            let count = (args.churn_rate * args.churn_duration.as_secs_f64())
+                .round()
+                .max(1.0) as usize;
+            let every = Duration::from_secs_f64(1.0 / args.churn_rate);
+            measure_endpoint_changes(
+                &args, mode, dir, &records, &markers, &mut step, count, every, &what,
+            )
+            .await?;
+        }
     }
     if let Some(dir) = &args.config_dir
         && args.policy_change
@@ -393,13 +448,23 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
             text.replacen("weight: 70, subset", "weight: 50, subset", 1)
         };
         write_atomically(&path, &edited)?;
-        let changes = vec![Instant::now()];
-        tokio::time::sleep(args.settle).await;
-        let deliveries: Vec<Vec<Instant>> = records
-            .iter()
-            .map(|r| r.lock().expect("record lock").rds_at.clone())
-            .collect();
-        let (mut lat, missing) = latencies(&changes, &deliveries);
+        let changed_at = Instant::now();
+        let deadline = changed_at + args.settle;
+        let deliveries = loop {
+            let deliveries: Vec<Vec<Instant>> = records
+                .iter()
+                .map(|r| r.lock().expect("record lock").rds_at.clone())
+                .collect();
+            if Instant::now() > deadline
+                || deliveries
+                    .iter()
+                    .all(|d| d.last().is_some_and(|t| *t >= changed_at))
+            {
+                break deliveries;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let (mut lat, missing) = first_after(changed_at, &deliveries);
         report(
             &args,
             mode,
@@ -410,6 +475,77 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
             bytes(&records) - bytes_before,
         );
     }
+    Ok(())
+}
+
+/// Writes `count` endpoint changes `every` apart (each gives one service's
+/// first endpoint a new address), waits until every proxy received every one
+/// (or `--settle` after the last), and reports change→delivery latencies.
+#[allow(clippy::too_many_arguments)]
+async fn measure_endpoint_changes(
+    args: &LoadArgs,
+    mode: &str,
+    dir: &std::path::Path,
+    records: &[Arc<Mutex<Record>>],
+    markers: &Markers,
+    step: &mut usize,
+    count: usize,
+    every: Duration,
+    what: &str,
+) -> anyhow::Result<()> {
+    let before = args.pid.and_then(process_usage);
+    let bytes_before: u64 = records
+        .iter()
+        .map(|r| r.lock().expect("record lock").bytes)
+        .sum();
+    let mut changes = Vec::new();
+    let mut tick = tokio::time::interval(every.max(Duration::from_micros(1)));
+    for _ in 0..count {
+        tick.tick().await;
+        *step += 1;
+        let (c, s) = (
+            *step % args.clusters.max(1),
+            (*step * 7919) % args.services.max(1),
+        );
+        let idx = {
+            let mut m = markers.write().expect("markers lock");
+            m.push(address_marker(&crate::fixtures::changed_address(*step)));
+            m.len() - 1
+        };
+        let path = dir
+            .join(cluster_name(c))
+            .join(format!("{}.yaml", service_name(s)));
+        write_atomically(&path, &service_yaml(c, s, args.endpoints, *step))
+            .with_context(|| format!("writing {}", path.display()))?;
+        changes.push((idx, Instant::now()));
+    }
+    let last = changes.last().map(|c| c.0).unwrap_or_default();
+    let deadline = Instant::now() + args.settle;
+    while Instant::now() < deadline
+        && !records
+            .iter()
+            .all(|r| r.lock().expect("record lock").next_change > last)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deliveries: Vec<_> = records
+        .iter()
+        .map(|r| r.lock().expect("record lock").delivered.clone())
+        .collect();
+    let (mut lat, missing) = latencies(&changes, &deliveries);
+    let bytes_after: u64 = records
+        .iter()
+        .map(|r| r.lock().expect("record lock").bytes)
+        .sum();
+    report(
+        args,
+        mode,
+        &format!("{what} ({} changes)", changes.len()),
+        &mut lat,
+        missing,
+        before,
+        bytes_after - bytes_before,
+    );
     Ok(())
 }
 
@@ -466,14 +602,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_change_is_matched_to_each_proxys_next_delivery() {
+    fn each_change_is_matched_to_the_delivery_that_carried_it() {
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
-        let changes = [ms(0), ms(100)];
-        let deliveries = vec![vec![ms(50), ms(300)], vec![ms(120)], vec![]];
+        let changes = [(0, ms(0)), (1, ms(100))];
+        let deliveries = vec![
+            [(0, ms(50)), (1, ms(300))].into(),
+            [(1, ms(120))].into(),
+            Default::default(),
+        ];
         let (lat, missing) = latencies(&changes, &deliveries);
-        assert_eq!(lat, vec![50.0, 200.0, 120.0, 20.0]);
-        assert_eq!(missing, 2, "the third proxy got nothing");
+        assert_eq!(lat, vec![50.0, 200.0, 20.0]);
+        assert_eq!(
+            missing, 3,
+            "the second proxy never got change 0, the third got nothing"
+        );
+        let (lat, missing) = first_after(ms(100), &[vec![ms(50), ms(130)], vec![ms(20)]]);
+        assert_eq!((lat, missing), (vec![30.0], 1));
+    }
+
+    #[test]
+    fn markers_match_whole_addresses_only() {
+        use prost::Message;
+        let m = address_marker("10.200.0.5");
+        let encoded = |a: &str| {
+            envoy_types::pb::envoy::config::core::v3::SocketAddress {
+                address: a.into(),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        assert!(memchr::memmem::find(&encoded("10.200.0.5"), &m).is_some());
+        assert!(memchr::memmem::find(&encoded("10.200.0.50"), &m).is_none());
     }
 
     #[test]

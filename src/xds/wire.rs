@@ -1,33 +1,74 @@
 //! The gRPC wire edge: discovery responses that carry already-encoded
-//! resources (shared `Bytes` from a [`ResourceView`](super::view::ResourceView),
-//! so a push costs one copy into the socket buffer per proxy, not an encode),
-//! the codec that writes them, and the tonic services for ADS and the
-//! per-type discovery services (SotW and delta on each).
+//! resources (shared `Bytes` from a [`ResourceView`](super::view::ResourceView)),
+//! the HTTP/2 body that streams them without copying them per stream, and the
+//! tonic services for ADS and the per-type discovery services (SotW and delta
+//! on each).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, Bytes};
+use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use http_body::Frame;
 use prost::Message;
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+use prost::encoding::{WireType, encode_key, encode_varint};
 use tonic::Status;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{DecodeBuf, Decoder, Streaming};
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
-use tonic::server::{Grpc, NamedService, StreamingService};
+use tonic::server::NamedService;
 
 use super::resources::ResourceType;
 use super::server::{ResponseStream, XdsServer};
-use super::view::{put_string_field, string_field_len};
+use super::view::put_string_field;
 
-/// A message the server writes itself.
+/// A response the server writes itself: the per-stream fields before and
+/// after the shared, already-encoded resource entries.
 pub trait WireMessage: Send + 'static {
-    fn encoded_len(&self) -> usize;
-    fn encode_to(&self, buf: &mut impl BufMut);
+    /// Fields before the entries (version).
+    fn head(&self, buf: &mut impl BufMut);
+    /// The encoded resource entries, shared with every stream that sends them.
+    fn entries(&self) -> &Bytes;
+    /// Fields after the entries (type URL, nonce, removed names).
+    fn tail(&self, buf: &mut impl BufMut);
     fn type_url(&self) -> &str;
+
+    fn encoded_len(&self) -> usize {
+        let mut head = Vec::new();
+        self.head(&mut head);
+        let mut tail = Vec::new();
+        self.tail(&mut tail);
+        head.len() + self.entries().len() + tail.len()
+    }
+
+    fn encode_to(&self, buf: &mut impl BufMut) {
+        self.head(buf);
+        buf.put_slice(self.entries());
+        self.tail(buf);
+    }
+
+    /// The gRPC message (5-byte prefix, then the protobuf encoding) as chunks:
+    /// the entries go out as the shared `Bytes` itself, never copied per stream.
+    fn grpc_chunks(&self, out: &mut VecDeque<Bytes>) {
+        let mut head = BytesMut::with_capacity(64);
+        head.put_slice(&[0, 0, 0, 0, 0]);
+        self.head(&mut head);
+        let mut tail = BytesMut::with_capacity(64);
+        self.tail(&mut tail);
+        let len = head.len() - 5 + self.entries().len() + tail.len();
+        head[1..5].copy_from_slice(&(len as u32).to_be_bytes());
+        out.push_back(head.freeze());
+        if !self.entries().is_empty() {
+            out.push_back(self.entries().clone());
+        }
+        if !tail.is_empty() {
+            out.push_back(tail.freeze());
+        }
+    }
 }
 
 /// A SotW `DiscoveryResponse` whose resources are already encoded.
@@ -51,16 +92,15 @@ impl SotwResponse {
 }
 
 impl WireMessage for SotwResponse {
-    fn encoded_len(&self) -> usize {
-        string_field_len(1, &self.version_info)
-            + self.resources.len()
-            + string_field_len(4, self.type_url)
-            + string_field_len(5, &self.nonce)
+    fn head(&self, buf: &mut impl BufMut) {
+        put_string_field(1, &self.version_info, buf);
     }
 
-    fn encode_to(&self, buf: &mut impl BufMut) {
-        put_string_field(1, &self.version_info, buf);
-        buf.put_slice(&self.resources);
+    fn entries(&self) -> &Bytes {
+        &self.resources
+    }
+
+    fn tail(&self, buf: &mut impl BufMut) {
         put_string_field(4, self.type_url, buf);
         put_string_field(5, &self.nonce, buf);
     }
@@ -91,21 +131,15 @@ impl DeltaResponse {
 }
 
 impl WireMessage for DeltaResponse {
-    fn encoded_len(&self) -> usize {
-        string_field_len(1, &self.system_version_info)
-            + self.resources.len()
-            + string_field_len(4, self.type_url)
-            + string_field_len(5, &self.nonce)
-            + self
-                .removed_resources
-                .iter()
-                .map(|n| 1 + encoded_len_varint(n.len() as u64) + n.len())
-                .sum::<usize>()
+    fn head(&self, buf: &mut impl BufMut) {
+        put_string_field(1, &self.system_version_info, buf);
     }
 
-    fn encode_to(&self, buf: &mut impl BufMut) {
-        put_string_field(1, &self.system_version_info, buf);
-        buf.put_slice(&self.resources);
+    fn entries(&self) -> &Bytes {
+        &self.resources
+    }
+
+    fn tail(&self, buf: &mut impl BufMut) {
         put_string_field(4, self.type_url, buf);
         put_string_field(5, &self.nonce, buf);
         for name in &self.removed_resources {
@@ -121,26 +155,12 @@ impl WireMessage for DeltaResponse {
     }
 }
 
-/// Writes [`WireMessage`]s, reads prost requests.
-pub struct XdsCodec<Resp, Req>(PhantomData<fn() -> (Resp, Req)>);
-
-impl<Resp, Req> Default for XdsCodec<Resp, Req> {
-    fn default() -> Self {
-        XdsCodec(PhantomData)
-    }
-}
-
-pub struct WireEncoder<Resp>(PhantomData<fn() -> Resp>);
+/// Reads prost requests from gRPC frames (tonic's `Streaming` does the framing).
 pub struct ProstDecoder<Req>(PhantomData<fn() -> Req>);
 
-impl<Resp: WireMessage> Encoder for WireEncoder<Resp> {
-    type Item = Resp;
-    type Error = Status;
-
-    fn encode(&mut self, item: Resp, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.reserve(item.encoded_len());
-        item.encode_to(dst);
-        Ok(())
+impl<Req> Default for ProstDecoder<Req> {
+    fn default() -> Self {
+        ProstDecoder(PhantomData)
     }
 }
 
@@ -155,63 +175,77 @@ impl<Req: Message + Default + Send + 'static> Decoder for ProstDecoder<Req> {
     }
 }
 
-impl<Resp: WireMessage, Req: Message + Default + Send + 'static> Codec for XdsCodec<Resp, Req> {
-    type Encode = Resp;
-    type Decode = Req;
-    type Encoder = WireEncoder<Resp>;
-    type Decoder = ProstDecoder<Req>;
+/// The body of a streaming gRPC response: each response's chunks as they
+/// come (shared `Bytes`, handed to HTTP/2 as they are, which sends them as the
+/// client's flow-control window allows — nothing is copied or buffered per
+/// stream), then the trailers with the stream's final status.
+pub struct GrpcResponseBody<R> {
+    responses: ResponseStream<R>,
+    pending: VecDeque<Bytes>,
+    done: bool,
+}
 
-    fn encoder(&mut self) -> Self::Encoder {
-        WireEncoder(PhantomData)
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder(PhantomData)
+impl<R> GrpcResponseBody<R> {
+    pub fn new(responses: ResponseStream<R>) -> Self {
+        GrpcResponseBody {
+            responses,
+            pending: VecDeque::new(),
+            done: false,
+        }
     }
 }
 
-/// Largest message accepted or sent (gRPC's 4 MB default is too small for big meshes).
+fn trailers(status: &Status) -> Frame<Bytes> {
+    let mut headers = http::HeaderMap::new();
+    if status.add_header(&mut headers).is_err() {
+        headers.insert("grpc-status", http::HeaderValue::from_static("13"));
+    }
+    Frame::trailers(headers)
+}
+
+impl<R: WireMessage> http_body::Body for GrpcResponseBody<R> {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        if let Some(chunk) = this.pending.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match this.responses.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Ok(response))) => {
+                response.grpc_chunks(&mut this.pending);
+                let chunk = this
+                    .pending
+                    .pop_front()
+                    .expect("a message has at least its prefix");
+                Poll::Ready(Some(Ok(Frame::data(chunk))))
+            }
+            Poll::Ready(Some(Err(status))) => {
+                this.done = true;
+                Poll::Ready(Some(Ok(trailers(&status))))
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                Poll::Ready(Some(Ok(trailers(&Status::new(tonic::Code::Ok, "")))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.pending.is_empty()
+    }
+}
+
+/// Largest request accepted (gRPC's 4 MB default is too small for big meshes).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
-
-struct SotwMethod(XdsServer, Option<ResourceType>);
-
-impl StreamingService<DiscoveryRequest> for SotwMethod {
-    type Response = SotwResponse;
-    type ResponseStream = ResponseStream<SotwResponse>;
-    type Future = BoxFuture<tonic::Response<Self::ResponseStream>, Status>;
-
-    fn call(
-        &mut self,
-        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
-    ) -> Self::Future {
-        let (server, only) = (self.0.clone(), self.1);
-        Box::pin(async move {
-            Ok(tonic::Response::new(
-                server.stream_sotw(only, request.into_inner()),
-            ))
-        })
-    }
-}
-
-struct DeltaMethod(XdsServer, Option<ResourceType>);
-
-impl StreamingService<DeltaDiscoveryRequest> for DeltaMethod {
-    type Response = DeltaResponse;
-    type ResponseStream = ResponseStream<DeltaResponse>;
-    type Future = BoxFuture<tonic::Response<Self::ResponseStream>, Status>;
-
-    fn call(
-        &mut self,
-        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
-    ) -> Self::Future {
-        let (server, only) = (self.0.clone(), self.1);
-        Box::pin(async move {
-            Ok(tonic::Response::new(
-                server.stream_delta(only, request.into_inner()),
-            ))
-        })
-    }
-}
 
 /// Routes one discovery service's methods: `Stream*` is SotW, `Delta*` is
 /// delta, anything else (the REST-style `Fetch*`) is unimplemented.
@@ -232,20 +266,35 @@ where
         .unwrap_or_default()
         .to_string();
     Box::pin(async move {
-        if method.starts_with("Stream") {
-            let mut grpc = Grpc::new(XdsCodec::<SotwResponse, DiscoveryRequest>::default())
-                .apply_max_message_size_config(Some(MAX_MESSAGE_BYTES), Some(MAX_MESSAGE_BYTES));
-            Ok(grpc.streaming(SotwMethod(server, only), req).await)
+        let body = req.into_body();
+        let response_body = if method.starts_with("Stream") {
+            let requests = Streaming::new_request(
+                ProstDecoder::<DiscoveryRequest>::default(),
+                body,
+                None,
+                Some(MAX_MESSAGE_BYTES),
+            );
+            tonic::body::Body::new(GrpcResponseBody::new(server.stream_sotw(only, requests)))
         } else if method.starts_with("Delta") {
-            let mut grpc = Grpc::new(XdsCodec::<DeltaResponse, DeltaDiscoveryRequest>::default())
-                .apply_max_message_size_config(Some(MAX_MESSAGE_BYTES), Some(MAX_MESSAGE_BYTES));
-            Ok(grpc.streaming(DeltaMethod(server, only), req).await)
+            let requests = Streaming::new_request(
+                ProstDecoder::<DeltaDiscoveryRequest>::default(),
+                body,
+                None,
+                Some(MAX_MESSAGE_BYTES),
+            );
+            tonic::body::Body::new(GrpcResponseBody::new(server.stream_delta(only, requests)))
         } else {
             let status = Status::unimplemented(format!(
                 "{method} is not served; use a gRPC stream (ADS recommended)"
             ));
-            Ok(status.into_http())
-        }
+            return Ok(status.into_http());
+        };
+        let mut response = http::Response::new(response_body);
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        Ok(response)
     })
 }
 
