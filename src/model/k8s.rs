@@ -8,6 +8,7 @@
 //! so hand-written local-mode folders can stay short.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -22,13 +23,14 @@ pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// One cluster's objects as read from a source.
+/// One cluster's objects as read from a source, shared (`Arc`) with the
+/// source's cache so that gathering them copies no object.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterObjects {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
-    pub pods: Vec<Pod>,
-    pub namespaces: Vec<Namespace>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub namespaces: Vec<Arc<Namespace>>,
 }
 
 fn ns_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
@@ -47,7 +49,7 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
     };
 
     // The cluster's network: the istio-system namespace's label (Istio's rule), else any namespace's.
-    let ns_network = |ns: &Namespace| {
+    let ns_network = |ns: &Arc<Namespace>| {
         ns.metadata
             .labels
             .as_ref()
@@ -125,7 +127,7 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
     let pods: HashMap<(String, String), &Pod> = objects
         .pods
         .iter()
-        .filter_map(|p| Some(((ns_of(&p.metadata), p.metadata.name.clone()?), p)))
+        .filter_map(|p| Some(((ns_of(&p.metadata), p.metadata.name.clone()?), &**p)))
         .collect();
     let pod_facts = |pod: Option<&Pod>| -> (BTreeMap<String, String>, String, Option<String>) {
         match pod {

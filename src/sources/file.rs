@@ -242,22 +242,26 @@ fn parse_file(path: &Path, in_mesh_dir: bool) -> Result<FileObjects, String> {
             }
         } else {
             match (kind, api_version) {
-                ("Service", "v1") => out
-                    .cluster
-                    .services
-                    .push(typed::<Service>(doc).map_err(|e| what(&format!("{id}): {e}")))?),
-                ("Pod", "v1") => out
-                    .cluster
-                    .pods
-                    .push(typed::<Pod>(doc).map_err(|e| what(&format!("{id}): {e}")))?),
-                ("Namespace", "v1") => out
-                    .cluster
-                    .namespaces
-                    .push(typed::<Namespace>(doc).map_err(|e| what(&format!("{id}): {e}")))?),
-                ("EndpointSlice", "discovery.k8s.io/v1") => out
-                    .cluster
-                    .endpoint_slices
-                    .push(typed::<EndpointSlice>(doc).map_err(|e| what(&format!("{id}): {e}")))?),
+                ("Service", "v1") => out.cluster.services.push(
+                    typed::<Service>(doc)
+                        .map_err(|e| what(&format!("{id}): {e}")))?
+                        .into(),
+                ),
+                ("Pod", "v1") => out.cluster.pods.push(
+                    typed::<Pod>(doc)
+                        .map_err(|e| what(&format!("{id}): {e}")))?
+                        .into(),
+                ),
+                ("Namespace", "v1") => out.cluster.namespaces.push(
+                    typed::<Namespace>(doc)
+                        .map_err(|e| what(&format!("{id}): {e}")))?
+                        .into(),
+                ),
+                ("EndpointSlice", "discovery.k8s.io/v1") => out.cluster.endpoint_slices.push(
+                    typed::<EndpointSlice>(doc)
+                        .map_err(|e| what(&format!("{id}): {e}")))?
+                        .into(),
+                ),
                 ("TrafficPolicy" | "VirtualMesh" | "AccessControlPolicy", _) => {
                     return Err(format!(
                         "{shown}: document {}: {kind} {id} belongs in {MESH_DIR}/, not in a cluster's folder",

@@ -122,14 +122,11 @@ struct ClusterWatch {
 
 impl ClusterWatch {
     fn objects(&self) -> ClusterObjects {
-        fn own<K: Clone>(v: Vec<Arc<K>>) -> Vec<K> {
-            v.into_iter().map(|o| (*o).clone()).collect()
-        }
         ClusterObjects {
-            services: own(self.services.state()),
-            endpoint_slices: own(self.slices.state()),
-            pods: own(self.pods.state()),
-            namespaces: own(self.namespaces.state()),
+            services: self.services.state(),
+            endpoint_slices: self.slices.state(),
+            pods: self.pods.state(),
+            namespaces: self.namespaces.state(),
         }
     }
 }

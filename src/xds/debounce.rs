@@ -19,7 +19,7 @@ impl Default for DebounceConfig {
     fn default() -> Self {
         DebounceConfig {
             quiet: Duration::from_millis(100),
-            max: Duration::from_secs(10),
+            max: Duration::from_millis(500),
         }
     }
 }

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant, SystemTime};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use futures::Stream;
+use futures::StreamExt;
 use prost::Message;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use super::debounce::PushTrigger;
 use super::delta::DeltaStream;
@@ -85,7 +86,7 @@ impl XdsServer {
     fn start<M: Machine>(
         &self,
         machine: M,
-        requests: Streaming<M::Req>,
+        requests: RequestStream<M::Req>,
     ) -> ResponseStream<M::Resp> {
         let (tx, rx) = mpsc::channel(self.inner.config.stream_buffer.max(1));
         let inner = self.inner.clone();
@@ -96,7 +97,7 @@ impl XdsServer {
     pub fn stream_sotw(
         &self,
         only: Option<ResourceType>,
-        requests: Streaming<DiscoveryRequest>,
+        requests: RequestStream<DiscoveryRequest>,
     ) -> ResponseStream<SotwResponse> {
         let machine = match only {
             Some(ty) => SotwStream::new_single(ty),
@@ -108,7 +109,7 @@ impl XdsServer {
     pub fn stream_delta(
         &self,
         only: Option<ResourceType>,
-        requests: Streaming<DeltaDiscoveryRequest>,
+        requests: RequestStream<DeltaDiscoveryRequest>,
     ) -> ResponseStream<DeltaResponse> {
         let machine = match only {
             Some(ty) => DeltaStream::new_single(ty),
@@ -119,6 +120,8 @@ impl XdsServer {
 }
 
 pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+/// The requests of one stream, decoded.
+pub type RequestStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// What the stream loop needs from a protocol state machine.
 trait Machine: StreamView + Clone + Sized + Send + Sync + 'static {
@@ -271,14 +274,14 @@ fn record_events(inner: &Inner, node: &ProxyNode, events: &[StreamEvent]) {
 async fn run_stream<M: Machine>(
     inner: Arc<Inner>,
     machine: M,
-    mut requests: Streaming<M::Req>,
+    mut requests: RequestStream<M::Req>,
     tx: mpsc::Sender<Result<M::Resp, Status>>,
 ) {
     // The first request names the proxy.
-    let first = match requests.message().await {
-        Ok(Some(req)) => req,
-        Ok(None) => return,
-        Err(status) => {
+    let first = match requests.next().await {
+        Some(Ok(req)) => req,
+        None => return,
+        Some(Err(status)) => {
             tracing::debug!(%status, "stream closed before its first request");
             return;
         }
@@ -346,10 +349,10 @@ async fn run_stream<M: Machine>(
             }
         } else {
             tokio::select! {
-                req = requests.message() => match req {
-                    Ok(Some(req)) => { next = Some(req); continue; }
-                    Ok(None) => break "closed by proxy",
-                    Err(status) => {
+                req = requests.next() => match req {
+                    Some(Ok(req)) => { next = Some(req); continue; }
+                    None => break "closed by proxy",
+                    Some(Err(status)) => {
                         tracing::debug!(proxy = %node.id, %status, "stream error");
                         break "stream error";
                     }

@@ -139,6 +139,11 @@ impl ResourceView {
         );
         loop {
             match (a.peek(), b.peek()) {
+                // The same shared resource: nothing to compare (the common case).
+                (Some(new), Some(old)) if Arc::ptr_eq(new, old) => {
+                    a.next();
+                    b.next();
+                }
                 (Some(new), Some(old)) => match new.name.cmp(&old.name) {
                     std::cmp::Ordering::Less => updated.push(a.next().expect("peeked")),
                     std::cmp::Ordering::Greater => {
@@ -146,7 +151,7 @@ impl ResourceView {
                     }
                     std::cmp::Ordering::Equal => {
                         let (new, old) = (a.next().expect("peeked"), b.next().expect("peeked"));
-                        if !Arc::ptr_eq(new, old) && new.version != old.version {
+                        if new.version != old.version {
                             updated.push(new);
                         }
                     }

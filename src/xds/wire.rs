@@ -18,7 +18,6 @@ use http_body::Frame;
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint};
 use tonic::Status;
-use tonic::codec::{DecodeBuf, Decoder, Streaming};
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::server::NamedService;
 
@@ -155,23 +154,89 @@ impl WireMessage for DeltaResponse {
     }
 }
 
-/// Reads prost requests from gRPC frames (tonic's `Streaming` does the framing).
-pub struct ProstDecoder<Req>(PhantomData<fn() -> Req>);
+/// The requests of a streaming gRPC call, read from the HTTP/2 request body:
+/// each 5-byte-prefixed message decoded with prost. The buffer holds one
+/// message at a time and is let go after a large one (a SotW EDS request names
+/// every cluster), so an idle stream keeps no request-sized buffer.
+pub struct GrpcRequests<B, Req> {
+    body: Pin<Box<B>>,
+    buf: BytesMut,
+    _req: PhantomData<fn() -> Req>,
+}
 
-impl<Req> Default for ProstDecoder<Req> {
-    fn default() -> Self {
-        ProstDecoder(PhantomData)
+/// Buffer capacity an idle stream may keep.
+const IDLE_REQUEST_BUFFER: usize = 16 * 1024;
+
+impl<B, Req> GrpcRequests<B, Req> {
+    pub fn new(body: B) -> Self {
+        GrpcRequests {
+            body: Box::pin(body),
+            buf: BytesMut::new(),
+            _req: PhantomData,
+        }
     }
 }
 
-impl<Req: Message + Default + Send + 'static> Decoder for ProstDecoder<Req> {
-    type Item = Req;
-    type Error = Status;
+impl<B, Req> futures::Stream for GrpcRequests<B, Req>
+where
+    B: Body,
+    B::Error: Into<StdError>,
+    Req: Message + Default,
+{
+    type Item = Result<Req, Status>;
 
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Req>, Status> {
-        Req::decode(src)
-            .map(Some)
-            .map_err(|e| Status::internal(format!("cannot decode the request: {e}")))
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        use bytes::Buf;
+        let this = self.get_mut();
+        loop {
+            if this.buf.len() >= 5 {
+                if this.buf[0] != 0 {
+                    return Poll::Ready(Some(Err(Status::unimplemented(
+                        "compressed requests are not supported",
+                    ))));
+                }
+                let len = u32::from_be_bytes([this.buf[1], this.buf[2], this.buf[3], this.buf[4]])
+                    as usize;
+                if len > MAX_MESSAGE_BYTES {
+                    return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
+                        "request of {len} bytes is larger than the {MAX_MESSAGE_BYTES} allowed"
+                    )))));
+                }
+                if this.buf.len() >= 5 + len {
+                    this.buf.advance(5);
+                    let message = this.buf.split_to(len);
+                    if this.buf.is_empty() && this.buf.capacity() > IDLE_REQUEST_BUFFER {
+                        this.buf = BytesMut::new();
+                    }
+                    let decoded = Req::decode(message.freeze())
+                        .map_err(|e| Status::internal(format!("cannot decode the request: {e}")));
+                    return Poll::Ready(Some(decoded));
+                }
+                this.buf.reserve(5 + len - this.buf.len());
+            }
+            match this.body.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(mut data) = frame.into_data() {
+                        while data.has_remaining() {
+                            let chunk = data.chunk();
+                            let n = chunk.len();
+                            this.buf.extend_from_slice(chunk);
+                            data.advance(n);
+                        }
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(Some(Err(Status::from_error(e.into()))));
+                }
+                Poll::Ready(None) if this.buf.is_empty() => return Poll::Ready(None),
+                Poll::Ready(None) => {
+                    return Poll::Ready(Some(Err(Status::internal(
+                        "the request stream ended inside a message",
+                    ))));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
@@ -268,20 +333,10 @@ where
     Box::pin(async move {
         let body = req.into_body();
         let response_body = if method.starts_with("Stream") {
-            let requests = Streaming::new_request(
-                ProstDecoder::<DiscoveryRequest>::default(),
-                body,
-                None,
-                Some(MAX_MESSAGE_BYTES),
-            );
+            let requests = Box::pin(GrpcRequests::<B, DiscoveryRequest>::new(body));
             tonic::body::Body::new(GrpcResponseBody::new(server.stream_sotw(only, requests)))
         } else if method.starts_with("Delta") {
-            let requests = Streaming::new_request(
-                ProstDecoder::<DeltaDiscoveryRequest>::default(),
-                body,
-                None,
-                Some(MAX_MESSAGE_BYTES),
-            );
+            let requests = Box::pin(GrpcRequests::<B, DeltaDiscoveryRequest>::new(body));
             tonic::body::Body::new(GrpcResponseBody::new(server.stream_delta(only, requests)))
         } else {
             let status = Status::unimplemented(format!(
@@ -402,5 +457,44 @@ mod tests {
         assert_eq!(m.resources[0].name, "a");
         assert_eq!(m.resources[0].resource.as_ref(), Some(&any));
         assert_eq!(m.encoded_len(), delta.encoded_len());
+    }
+
+    #[tokio::test]
+    async fn requests_split_across_frames_decode_and_a_large_one_leaves_no_buffer() {
+        use futures::StreamExt;
+        let req = DiscoveryRequest {
+            resource_names: (0..5000)
+                .map(|i| format!("outbound|9080||svc-{i}"))
+                .collect(),
+            ..Default::default()
+        };
+        let mut framed = vec![0u8];
+        framed.extend((req.encoded_len() as u32).to_be_bytes());
+        req.encode(&mut framed).unwrap();
+        let twice = [framed.clone(), framed].concat();
+        let chunks: Vec<Result<Frame<Bytes>, Infallible>> = twice
+            .chunks(1000)
+            .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
+        let mut requests = GrpcRequests::<_, DiscoveryRequest>::new(
+            http_body_util::StreamBody::new(futures::stream::iter(chunks)),
+        );
+        assert_eq!(requests.next().await.unwrap().unwrap(), req);
+        assert_eq!(requests.next().await.unwrap().unwrap(), req);
+        assert!(requests.next().await.is_none());
+        assert!(
+            requests.buf.capacity() <= IDLE_REQUEST_BUFFER,
+            "an idle stream keeps no request-sized buffer"
+        );
+        // A compressed message is refused with a clear status.
+        let chunk: Vec<Result<Frame<Bytes>, Infallible>> =
+            vec![Ok(Frame::data(Bytes::from_static(&[1, 0, 0, 0, 0])))];
+        let mut compressed = GrpcRequests::<_, DiscoveryRequest>::new(
+            http_body_util::StreamBody::new(futures::stream::iter(chunk)),
+        );
+        assert_eq!(
+            compressed.next().await.unwrap().unwrap_err().code(),
+            tonic::Code::Unimplemented
+        );
     }
 }
