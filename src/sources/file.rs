@@ -493,8 +493,11 @@ pub fn watch_config_dir(
         }
     })?;
     watcher.watch(&root, RecursiveMode::Recursive)?;
-    tokio::spawn(async move {
-        while rx.recv().await.is_some() {
+    // Reloads are CPU work (parse, convert, translate-patch): they run on their
+    // own thread, not on a runtime worker, so they never hold up the debouncer
+    // or the streams (a task woken from a busy worker's task waits for it).
+    std::thread::Builder::new().name("config-dir-reload".into()).spawn(move || {
+        while rx.blocking_recv().is_some() {
             while rx.try_recv().is_ok() {}
             let started = std::time::Instant::now();
             let loaded = {
@@ -514,7 +517,7 @@ pub fn watch_config_dir(
                 }
             }
         }
-    });
+    })?;
     Ok(watcher)
 }
 
