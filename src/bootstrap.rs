@@ -70,11 +70,7 @@ pub fn bootstrap(opts: &BootstrapOptions) -> Value {
         Some(path) => json!({"pipe": {"path": path}}),
         None => json!({"socket_address": {"address": "127.0.0.1", "port_value": opts.admin_port}}),
     };
-    let discovery_type = if opts.xds_pipe.is_some() || opts.xds_host.parse::<IpAddr>().is_ok() {
-        "STATIC"
-    } else {
-        "STRICT_DNS"
-    };
+    let discovery_type = if opts.xds_pipe.is_some() || opts.xds_host.parse::<IpAddr>().is_ok() { "STATIC" } else { "STRICT_DNS" };
     let config_source = json!({"ads": {}, "resource_api_version": "V3"});
     json!({
         "node": {
@@ -145,27 +141,19 @@ mod tests {
 
     #[test]
     fn is_a_valid_bootstrap_message() {
-        for (host, delta) in [
-            ("127.0.0.1", false),
-            ("meshpilot.service-mesh-hub.svc", true),
-        ] {
+        for (host, delta) in [("127.0.0.1", false), ("meshpilot.service-mesh-hub.svc", true)] {
             let mut o = opts();
             o.xds_host = host.into();
             o.delta = delta;
             let json = bootstrap(&o);
-            codec::json_to_bytes("envoy.config.bootstrap.v3.Bootstrap", &json)
-                .expect("parses as a Bootstrap");
+            codec::json_to_bytes("envoy.config.bootstrap.v3.Bootstrap", &json).expect("parses as a Bootstrap");
         }
         let mut o = opts();
         o.xds_pipe = Some("/tmp/meshpilot-xds.sock".into());
         o.admin_pipe = Some("/tmp/envoy-admin.sock".into());
         let json = bootstrap(&o);
-        codec::json_to_bytes("envoy.config.bootstrap.v3.Bootstrap", &json)
-            .expect("parses as a Bootstrap");
-        assert_eq!(
-            json["admin"]["address"]["pipe"]["path"],
-            "/tmp/envoy-admin.sock"
-        );
+        codec::json_to_bytes("envoy.config.bootstrap.v3.Bootstrap", &json).expect("parses as a Bootstrap");
+        assert_eq!(json["admin"]["address"]["pipe"]["path"], "/tmp/envoy-admin.sock");
     }
 
     #[test]

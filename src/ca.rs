@@ -10,20 +10,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error("certificate: {0}")]
     Rcgen(#[from] rcgen::Error),
     #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
 }
 
 /// One mesh's root of trust.
@@ -34,8 +28,7 @@ pub struct CertificateAuthority {
 
 impl std::fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertificateAuthority")
-            .finish_non_exhaustive()
+        f.debug_struct("CertificateAuthority").finish_non_exhaustive()
     }
 }
 
@@ -53,29 +46,19 @@ impl CertificateAuthority {
         dn.push(DnType::CommonName, format!("{org} root CA"));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = SystemTime::now();
         params.not_before = to_offset(now - Duration::from_secs(3600));
         params.not_after = to_offset(now + Duration::from_secs(10 * 365 * 86400));
         let cert = params.self_signed(&key)?;
-        Ok(CertificateAuthority {
-            root_pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        })
+        Ok(CertificateAuthority { root_pem: cert.pem(), issuer: Issuer::new(params, key) })
     }
 
     /// A root from PEM (certificate and its private key).
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<CertificateAuthority, CaError> {
         let key = KeyPair::from_pem(key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
-        Ok(CertificateAuthority {
-            root_pem: cert_pem.to_string(),
-            issuer,
-        })
+        Ok(CertificateAuthority { root_pem: cert_pem.to_string(), issuer })
     }
 
     pub fn key_pem(&self) -> String {
@@ -83,33 +66,17 @@ impl CertificateAuthority {
     }
 
     /// A workload certificate for `spiffe_id`, valid from now for `ttl`.
-    pub fn issue(
-        &self,
-        spiffe_id: &str,
-        ttl: Duration,
-        now: SystemTime,
-    ) -> Result<IssuedCertificate, CaError> {
+    pub fn issue(&self, spiffe_id: &str, ttl: Duration, now: SystemTime) -> Result<IssuedCertificate, CaError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into()?)];
         params.distinguished_name = DistinguishedName::new();
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         params.not_before = to_offset(now - Duration::from_secs(60));
         params.not_after = to_offset(now + ttl);
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedCertificate {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            issued_at: now,
-            expires_at: now + ttl,
-        })
+        Ok(IssuedCertificate { cert_pem: cert.pem(), key_pem: key.serialize_pem(), issued_at: now, expires_at: now + ttl })
     }
 }
 
@@ -124,10 +91,7 @@ pub struct IssuedCertificate {
 impl IssuedCertificate {
     /// Re-issue once two thirds of the lifetime have passed (Istio rotates at ~80%; earlier is safer).
     pub fn due(&self, now: SystemTime) -> bool {
-        let life = self
-            .expires_at
-            .duration_since(self.issued_at)
-            .unwrap_or_default();
+        let life = self.expires_at.duration_since(self.issued_at).unwrap_or_default();
         now >= self.issued_at + life * 2 / 3
     }
 }
@@ -142,12 +106,7 @@ pub struct WorkloadCertificates {
 
 impl WorkloadCertificates {
     pub fn new(ttl: Duration, ca_dir: Option<PathBuf>) -> Self {
-        WorkloadCertificates {
-            ttl,
-            ca_dir,
-            cas: Mutex::default(),
-            issued: Mutex::default(),
-        }
+        WorkloadCertificates { ttl, ca_dir, cas: Mutex::default(), issued: Mutex::default() }
     }
 
     pub fn ttl(&self) -> Duration {
@@ -161,14 +120,8 @@ impl WorkloadCertificates {
         if let Some(ca) = cas.get(virtual_mesh) {
             return Ok(ca.clone());
         }
-        let dir = self
-            .ca_dir
-            .as_ref()
-            .map(|d| d.join(virtual_mesh.replace('/', ".")));
-        let io = |path: &PathBuf, source| CaError::Io {
-            path: path.display().to_string(),
-            source,
-        };
+        let dir = self.ca_dir.as_ref().map(|d| d.join(virtual_mesh.replace('/', ".")));
+        let io = |path: &PathBuf, source| CaError::Io { path: path.display().to_string(), source };
         let ca = match &dir {
             Some(d) if d.join("ca.crt").exists() => {
                 let (c, k) = (d.join("ca.crt"), d.join("ca.key"));
@@ -195,12 +148,7 @@ impl WorkloadCertificates {
     }
 
     /// The current certificate for `spiffe_id` in `virtual_mesh`'s trust, and the root.
-    pub fn certificate(
-        &self,
-        virtual_mesh: &str,
-        spiffe_id: &str,
-        now: SystemTime,
-    ) -> Result<(IssuedCertificate, String), CaError> {
+    pub fn certificate(&self, virtual_mesh: &str, spiffe_id: &str, now: SystemTime) -> Result<(IssuedCertificate, String), CaError> {
         let ca = self.authority(virtual_mesh)?;
         let mut issued = self.issued.lock().expect("issued lock");
         let key = (virtual_mesh.to_string(), spiffe_id.to_string());
@@ -215,11 +163,7 @@ impl WorkloadCertificates {
 
     /// Whether any issued certificate is due for rotation.
     pub fn rotation_due(&self, now: SystemTime) -> bool {
-        self.issued
-            .lock()
-            .expect("issued lock")
-            .values()
-            .any(|c| c.due(now))
+        self.issued.lock().expect("issued lock").values().any(|c| c.due(now))
     }
 }
 
@@ -233,55 +177,30 @@ mod tests {
         let t0 = SystemTime::now();
         let id = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage";
         let (a, root) = certs.certificate("service-mesh-hub/vm", id, t0).unwrap();
-        assert!(
-            a.cert_pem.starts_with("-----BEGIN CERTIFICATE-----")
-                && root.starts_with("-----BEGIN CERTIFICATE-----")
-        );
+        assert!(a.cert_pem.starts_with("-----BEGIN CERTIFICATE-----") && root.starts_with("-----BEGIN CERTIFICATE-----"));
         let (der, _) = (pem_der(&a.cert_pem), ());
-        assert!(
-            der.windows(id.len()).any(|w| w == id.as_bytes()),
-            "the SPIFFE id is in the certificate"
-        );
-        let (same, _) = certs
-            .certificate("service-mesh-hub/vm", id, t0 + Duration::from_secs(60))
-            .unwrap();
+        assert!(der.windows(id.len()).any(|w| w == id.as_bytes()), "the SPIFFE id is in the certificate");
+        let (same, _) = certs.certificate("service-mesh-hub/vm", id, t0 + Duration::from_secs(60)).unwrap();
         assert_eq!(same, a, "not due yet: the same certificate");
         assert!(!certs.rotation_due(t0 + Duration::from_secs(2000)));
         assert!(certs.rotation_due(t0 + Duration::from_secs(2401)));
-        let (next, root2) = certs
-            .certificate("service-mesh-hub/vm", id, t0 + Duration::from_secs(2401))
-            .unwrap();
-        assert_ne!(
-            next.cert_pem, a.cert_pem,
-            "re-issued after two thirds of its life"
-        );
+        let (next, root2) = certs.certificate("service-mesh-hub/vm", id, t0 + Duration::from_secs(2401)).unwrap();
+        assert_ne!(next.cert_pem, a.cert_pem, "re-issued after two thirds of its life");
         assert_eq!(root, root2, "same root");
     }
 
     #[test]
     fn a_kept_ca_is_reused() {
         let dir = tempfile::tempdir().unwrap();
-        let first = WorkloadCertificates::new(Duration::from_secs(60), Some(dir.path().into()))
-            .authority("ns/vm")
-            .unwrap();
-        let again = WorkloadCertificates::new(Duration::from_secs(60), Some(dir.path().into()))
-            .authority("ns/vm")
-            .unwrap();
+        let first = WorkloadCertificates::new(Duration::from_secs(60), Some(dir.path().into())).authority("ns/vm").unwrap();
+        let again = WorkloadCertificates::new(Duration::from_secs(60), Some(dir.path().into())).authority("ns/vm").unwrap();
         assert_eq!(first.root_pem, again.root_pem);
-        again
-            .issue(
-                "spiffe://cluster.local/ns/a/sa/b",
-                Duration::from_secs(60),
-                SystemTime::now(),
-            )
-            .unwrap();
+        again.issue("spiffe://cluster.local/ns/a/sa/b", Duration::from_secs(60), SystemTime::now()).unwrap();
     }
 
     fn pem_der(pem: &str) -> Vec<u8> {
         use base64::Engine;
         let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-        base64::engine::general_purpose::STANDARD
-            .decode(body)
-            .unwrap()
+        base64::engine::general_purpose::STANDARD.decode(body).unwrap()
     }
 }

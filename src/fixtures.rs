@@ -3,13 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::api::{
-    MultiDestination, ResourceRef, ServiceRefs, ServiceSelector, TrafficPolicySpec,
-    VirtualMeshSpec, WeightedDestination,
-};
-use crate::model::{
-    ClusterState, Endpoint, Locality, MeshInputs, PolicyObject, Service, ServiceKey, ServicePort,
-};
+use crate::model::api::{MultiDestination, ResourceRef, ServiceRefs, ServiceSelector, TrafficPolicySpec, VirtualMeshSpec, WeightedDestination};
+use crate::model::{ClusterState, Endpoint, Locality, MeshInputs, PolicyObject, Service, ServiceKey, ServicePort};
 
 #[derive(Debug, Clone, Copy)]
 pub struct ScaleSpec {
@@ -30,23 +25,11 @@ pub fn service_name(i: usize) -> String {
 
 fn endpoint(cluster: usize, service: usize, i: usize) -> Endpoint {
     Endpoint {
-        address: format!(
-            "10.{}.{}.{}",
-            cluster,
-            (service * 10 + i) / 250 % 250,
-            (service * 10 + i) % 250 + 1
-        ),
+        address: format!("10.{}.{}.{}", cluster, (service * 10 + i) / 250 % 250, (service * 10 + i) % 250 + 1),
         ports: [("http".to_string(), 8080)].into(),
-        labels: [
-            ("app".to_string(), service_name(service)),
-            ("version".to_string(), format!("v{}", i % 3 + 1)),
-        ]
-        .into(),
+        labels: [("app".to_string(), service_name(service)), ("version".to_string(), format!("v{}", i % 3 + 1))].into(),
         ready: true,
-        locality: Locality {
-            region: format!("region-{cluster}"),
-            zone: format!("zone-{}", i % 2),
-        },
+        locality: Locality { region: format!("region-{cluster}"), zone: format!("zone-{}", i % 2) },
         network: String::new(),
         service_account: service_name(service),
         pod: Some(format!("{}-{i}", service_name(service))),
@@ -60,10 +43,7 @@ pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
     let mut inputs = MeshInputs::default();
     for c in 0..spec.clusters {
         let name = cluster_name(c);
-        let mut state = ClusterState {
-            name: name.clone(),
-            ..Default::default()
-        };
+        let mut state = ClusterState { name: name.clone(), ..Default::default() };
         for s in 0..spec.services {
             let ns = format!("ns-{}", s % 10);
             let svc = service_name(s);
@@ -71,20 +51,13 @@ pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
                 (ns.clone(), svc.clone()),
                 Service {
                     key: ServiceKey::new(&name, &ns, &svc),
-                    ports: vec![ServicePort {
-                        name: "http".into(),
-                        port: 9080,
-                        protocol: "TCP".into(),
-                    }],
+                    ports: vec![ServicePort { name: "http".into(), port: 9080, protocol: "TCP".into() }],
                     labels: [("app".to_string(), svc.clone())].into(),
                     cluster_ip: None,
                     external_addresses: Vec::new(),
                 },
             );
-            state.endpoints.insert(
-                (ns, svc),
-                (0..spec.endpoints).map(|i| endpoint(c, s, i)).collect(),
-            );
+            state.endpoints.insert((ns, svc), (0..spec.endpoints).map(|i| endpoint(c, s, i)).collect());
         }
         inputs.clusters.insert(name, state);
     }
@@ -95,36 +68,17 @@ pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
         created_ms: 0,
         origin: "fixtures".into(),
         spec: VirtualMeshSpec {
-            meshes: (0..spec.clusters)
-                .map(|c| ResourceRef {
-                    name: cluster_name(c),
-                    ..Default::default()
-                })
-                .collect(),
+            meshes: (0..spec.clusters).map(|c| ResourceRef { name: cluster_name(c), ..Default::default() }).collect(),
             ..Default::default()
         },
         parse_errors: vec![],
     });
     for p in 0..spec.policies.min(spec.services) {
         let ns = format!("ns-{}", p % 10);
-        let r = |c: usize| ResourceRef {
-            name: service_name(p),
-            namespace: ns.clone(),
-            cluster: cluster_name(c),
-        };
-        let mut dests = vec![WeightedDestination {
-            destination: r(0),
-            weight: 50,
-            subset: [("version".to_string(), "v1".to_string())].into(),
-            port: None,
-        }];
+        let r = |c: usize| ResourceRef { name: service_name(p), namespace: ns.clone(), cluster: cluster_name(c) };
+        let mut dests = vec![WeightedDestination { destination: r(0), weight: 50, subset: [("version".to_string(), "v1".to_string())].into(), port: None }];
         if spec.clusters > 1 {
-            dests.push(WeightedDestination {
-                destination: r(1),
-                weight: 50,
-                subset: BTreeMap::new(),
-                port: None,
-            });
+            dests.push(WeightedDestination { destination: r(1), weight: 50, subset: BTreeMap::new(), port: None });
         }
         inputs.traffic_policies.push(PolicyObject {
             namespace: "service-mesh-hub".into(),
@@ -133,15 +87,8 @@ pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
             created_ms: p as i64,
             origin: "fixtures".into(),
             spec: TrafficPolicySpec {
-                destination_selector: Some(ServiceSelector {
-                    service_refs: Some(ServiceRefs {
-                        services: vec![r(0)],
-                    }),
-                    matcher: None,
-                }),
-                traffic_shift: Some(MultiDestination {
-                    destinations: dests,
-                }),
+                destination_selector: Some(ServiceSelector { service_refs: Some(ServiceRefs { services: vec![r(0)] }), matcher: None }),
+                traffic_shift: Some(MultiDestination { destinations: dests }),
                 ..Default::default()
             },
             parse_errors: vec![],
@@ -153,15 +100,17 @@ pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
 /// Moves one endpoint of `service` in `cluster` (an address change, as a rollout would).
 pub fn churn_endpoint(inputs: &mut MeshInputs, cluster: usize, service: usize, step: usize) {
     let ns = format!("ns-{}", service % 10);
-    let state = inputs
-        .clusters
-        .get_mut(&cluster_name(cluster))
-        .expect("cluster");
+    let state = inputs.clusters.get_mut(&cluster_name(cluster)).expect("cluster");
     if let Some(eps) = state.endpoints.get_mut(&(ns, service_name(service)))
         && let Some(ep) = eps.first_mut()
     {
-        ep.address = format!("10.200.{}.{}", step / 250 % 250, step % 250 + 1);
+        ep.address = changed_address(step);
     }
+}
+
+/// The address a change at `step` gives a service's first endpoint (unique per step).
+pub fn changed_address(step: usize) -> String {
+    format!("10.200.{}.{}", step / 250 % 250, step % 250 + 1)
 }
 
 /// Writes a config dir of the same shape as [`scale_inputs`]: one file per
@@ -175,15 +124,10 @@ pub fn write_config_dir(dir: &std::path::Path, spec: ScaleSpec) -> std::io::Resu
         let cdir = dir.join(cluster_name(c));
         std::fs::create_dir_all(&cdir)?;
         for s in 0..spec.services {
-            std::fs::write(
-                cdir.join(format!("{}.yaml", service_name(s))),
-                service_yaml(c, s, spec.endpoints, 0),
-            )?;
+            std::fs::write(cdir.join(format!("{}.yaml", service_name(s))), service_yaml(c, s, spec.endpoints, 0))?;
         }
     }
-    let mut vm = String::from(
-        "apiVersion: networking.zephyr.solo.io/v1alpha1\nkind: VirtualMesh\nmetadata: {name: all, namespace: service-mesh-hub}\nspec:\n  meshes:\n",
-    );
+    let mut vm = String::from("apiVersion: networking.zephyr.solo.io/v1alpha1\nkind: VirtualMesh\nmetadata: {name: all, namespace: service-mesh-hub}\nspec:\n  meshes:\n");
     for c in 0..spec.clusters {
         let _ = writeln!(vm, "  - name: {}", cluster_name(c));
     }
@@ -198,22 +142,13 @@ pub fn write_config_dir(dir: &std::path::Path, spec: ScaleSpec) -> std::io::Resu
             c0 = cluster_name(0)
         );
         if spec.clusters > 1 {
-            let _ = writeln!(
-                policies,
-                "    - {{destination: {{cluster: {}, name: {svc}, namespace: {ns}}}, weight: 50}}",
-                cluster_name(1)
-            );
+            let _ = writeln!(policies, "    - {{destination: {{cluster: {}, name: {svc}, namespace: {ns}}}, weight: 50}}", cluster_name(1));
         }
     }
     std::fs::write(dir.join("mesh/traffic-policies.yaml"), policies)
 }
 
 /// One service's manifests in one cluster; `step` > 0 moves its first endpoint (churn).
-/// The address `service_yaml` gives a service's first endpoint at change `step` (unique per step).
-pub fn changed_address(step: usize) -> String {
-    format!("10.200.{}.{}", step / 250 % 250, step % 250 + 1)
-}
-
 pub fn service_yaml(cluster: usize, service: usize, endpoints: usize, step: usize) -> String {
     use std::fmt::Write as _;
     let ns = format!("ns-{}", service % 10);
@@ -250,12 +185,7 @@ mod tests {
     #[test]
     fn a_written_config_dir_loads_as_the_same_mesh() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = ScaleSpec {
-            services: 12,
-            clusters: 3,
-            endpoints: 4,
-            policies: 5,
-        };
+        let spec = ScaleSpec { services: 12, clusters: 3, endpoints: 4, policies: 5 };
         write_config_dir(dir.path(), spec).unwrap();
         let mut memory = crate::sources::file::SourceMemory::default();
         let inputs = crate::sources::file::load_config_dir(dir.path(), &mut memory).unwrap();
@@ -266,11 +196,7 @@ mod tests {
             let got = &inputs.clusters[name];
             assert_eq!(got.services.len(), state.services.len());
             for (key, eps) in &state.endpoints {
-                let addrs = |v: &[Endpoint]| {
-                    v.iter()
-                        .map(|e| (e.address.clone(), e.labels.get("version").cloned()))
-                        .collect::<Vec<_>>()
-                };
+                let addrs = |v: &[Endpoint]| v.iter().map(|e| (e.address.clone(), e.labels.get("version").cloned())).collect::<Vec<_>>();
                 let mut want = addrs(eps);
                 want.sort();
                 assert_eq!(addrs(&got.endpoints[key]), want, "{name} {key:?}");
@@ -278,20 +204,9 @@ mod tests {
         }
         assert_eq!(inputs.traffic_policies.len(), 5);
         let snapshot = crate::model::MeshSnapshot::build(inputs, &mut Default::default());
-        assert!(
-            snapshot
-                .policy_status
-                .values()
-                .all(|s| s.state == crate::model::PolicyState::Accepted),
-            "{:?}",
-            snapshot.policy_status
-        );
+        assert!(snapshot.policy_status.values().all(|s| s.state == crate::model::PolicyState::Accepted), "{:?}", snapshot.policy_status);
         // Churn: one rewritten file changes one endpoint, and only its cluster is rebuilt.
-        std::fs::write(
-            dir.path().join("cluster-1/svc-00003.yaml"),
-            service_yaml(1, 3, 4, 7),
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("cluster-1/svc-00003.yaml"), service_yaml(1, 3, 4, 7)).unwrap();
         let again = crate::sources::file::load_config_dir(dir.path(), &mut memory).unwrap();
         let moved = &again.clusters["cluster-1"].endpoints[&("ns-3".to_string(), service_name(3))];
         assert!(moved.iter().any(|e| e.address == "10.200.0.8"), "{moved:?}");

@@ -46,43 +46,44 @@ pub fn classify_change(old: &MeshSnapshot, new: &MeshSnapshot) -> SnapshotChange
     }
     let mut changed = BTreeSet::new();
     for (name, o) in &old.clusters {
-        let Some(n) = new.clusters.get(name) else {
-            return SnapshotChange::Full;
-        };
+        let Some(n) = new.clusters.get(name) else { return SnapshotChange::Full };
         if o.services != n.services || o.network != n.network {
             return SnapshotChange::Full;
         }
-        let keys: BTreeSet<&(String, String)> =
-            o.endpoints.keys().chain(n.endpoints.keys()).collect();
+        let keys: BTreeSet<&(String, String)> = o.endpoints.keys().chain(n.endpoints.keys()).collect();
         for k in keys {
             if o.endpoints.get(k) != n.endpoints.get(k) {
                 changed.insert(ServiceKey::new(name, &k.0, &k.1));
             }
         }
     }
-    if changed.is_empty() {
-        SnapshotChange::None
-    } else {
-        SnapshotChange::Endpoints(changed)
-    }
+    if changed.is_empty() { SnapshotChange::None } else { SnapshotChange::Endpoints(changed) }
 }
 
+/// Endpoint resources already built during one update, shared by every scope
+/// that needs the same one: a `ClusterLoadAssignment` depends on the proxy only
+/// through its cluster and network, so (cluster, network, name) names it.
+pub type EndpointMemo = std::collections::HashMap<(String, String, String), Arc<crate::xds::resources::Resource>>;
+
 /// Replaces the EDS resources of `changed` services in `set`.
-pub fn patch_endpoints(
+pub fn patch_endpoints(snapshot: &MeshSnapshot, scope: &ProxyScope, set: &ResourceSet, changed: &BTreeSet<ServiceKey>) -> ResourceSet {
+    patch_endpoints_shared(snapshot, scope, set, changed, &mut EndpointMemo::new())
+}
+
+/// [`patch_endpoints`], reusing (and adding to) `memo`'s resources.
+pub fn patch_endpoints_shared(
     snapshot: &MeshSnapshot,
     scope: &ProxyScope,
     set: &ResourceSet,
     changed: &BTreeSet<ServiceKey>,
+    memo: &mut EndpointMemo,
 ) -> ResourceSet {
     if scope.role == crate::xds::node::ProxyRole::Gateway {
         // Gateways are few and their clusters are SNI-named: translate them again.
         return translate::translate(snapshot, scope);
     }
     // Only names whose host is a changed service's are parsed (names end in `|<host>`).
-    let hosts: std::collections::HashSet<String> = changed
-        .iter()
-        .map(|k| translate::names::host(&scope.cluster, k))
-        .collect();
+    let hosts: std::collections::HashSet<String> = changed.iter().map(|k| translate::names::host(&scope.cluster, k)).collect();
     let targets: Vec<translate::ClusterTarget> = set
         .of_type(ResourceType::Endpoint)
         .keys()
@@ -91,21 +92,21 @@ pub fn patch_endpoints(
         .filter(|t| changed.contains(&t.service))
         .collect();
     let mut next = set.clone();
-    for r in translate::translate_endpoints(snapshot, scope, &targets) {
-        next.insert(ResourceType::Endpoint, r);
+    let network = translate::client_network(snapshot, scope).to_string();
+    for t in &targets {
+        let key = (scope.cluster.clone(), network.clone(), t.name.clone());
+        let resource = memo
+            .entry(key)
+            .or_insert_with(|| Arc::new(crate::xds::resources::Resource::from_message(t.name.clone(), &translate::endpoints::load_assignment(snapshot, t, scope))))
+            .clone();
+        next.insert_shared(ResourceType::Endpoint, resource);
     }
     next
 }
 
 impl MeshResources {
     pub fn new(notifier: ChangeNotifier) -> Self {
-        Self::with_certificates(
-            notifier,
-            Arc::new(WorkloadCertificates::new(
-                std::time::Duration::from_secs(86400),
-                None,
-            )),
-        )
+        Self::with_certificates(notifier, Arc::new(WorkloadCertificates::new(std::time::Duration::from_secs(86400), None)))
     }
 
     pub fn with_certificates(notifier: ChangeNotifier, certs: Arc<WorkloadCertificates>) -> Self {
@@ -134,33 +135,16 @@ impl MeshResources {
         if scope.role != crate::xds::node::ProxyRole::Sidecar {
             return;
         }
-        let Some(trust) = snapshot.trust.get(&scope.cluster) else {
-            return;
-        };
-        let id = translate::tls::spiffe_id(
-            &trust.trust_domain,
-            &scope.namespace,
-            &scope.service_account,
-        );
-        match self
-            .certs
-            .certificate(&trust.virtual_mesh, &id, std::time::SystemTime::now())
-        {
+        let Some(trust) = snapshot.trust.get(&scope.cluster) else { return };
+        let id = translate::tls::spiffe_id(&trust.trust_domain, &scope.namespace, &scope.service_account);
+        match self.certs.certificate(&trust.virtual_mesh, &id, std::time::SystemTime::now()) {
             Ok((cert, root)) => {
                 let w = translate::tls::workload_secret(&cert.cert_pem, &cert.key_pem);
-                set.insert(
-                    ResourceType::Secret,
-                    crate::xds::resources::Resource::from_message(w.name.clone(), &w),
-                );
+                set.insert(ResourceType::Secret, crate::xds::resources::Resource::from_message(w.name.clone(), &w));
                 let r = translate::tls::root_secret(&root);
-                set.insert(
-                    ResourceType::Secret,
-                    crate::xds::resources::Resource::from_message(r.name.clone(), &r),
-                );
+                set.insert(ResourceType::Secret, crate::xds::resources::Resource::from_message(r.name.clone(), &r));
             }
-            Err(e) => {
-                tracing::error!(spiffe_id = %id, error = %e, "cannot issue a workload certificate")
-            }
+            Err(e) => tracing::error!(spiffe_id = %id, error = %e, "cannot issue a workload certificate"),
         }
     }
 
@@ -194,8 +178,9 @@ impl MeshResources {
                 }
             }
             SnapshotChange::Endpoints(changed) => {
+                let mut memo = EndpointMemo::new();
                 for mut e in self.cache.iter_mut() {
-                    let patched = patch_endpoints(&snapshot, e.key(), &e.value().1, changed);
+                    let patched = patch_endpoints_shared(&snapshot, e.key(), &e.value().1, changed, &mut memo);
                     *e.value_mut() = (generation, Arc::new(patched));
                 }
             }
@@ -216,12 +201,8 @@ fn log_policy_changes(old: &MeshSnapshot, new: &MeshSnapshot) {
             continue;
         }
         match st.state {
-            PolicyState::Accepted => {
-                tracing::info!(policy = %id, generation = ?st.observed_generation, "TrafficPolicy accepted")
-            }
-            _ => {
-                tracing::warn!(policy = %id, state = %st.state, messages = ?st.messages, "TrafficPolicy not applied as written")
-            }
+            PolicyState::Accepted => tracing::info!(policy = %id, generation = ?st.observed_generation, "TrafficPolicy accepted"),
+            _ => tracing::warn!(policy = %id, state = %st.state, messages = ?st.messages, "TrafficPolicy not applied as written"),
         }
     }
     let old_errors: BTreeSet<&String> = old.input_errors.iter().collect();
@@ -236,9 +217,7 @@ impl ResourceProvider for MeshResources {
         let mut scope = ProxyScope::of(proxy);
         // Translation reads a proxy's labels only through policies' source
         // selectors: proxies that differ only in other labels share one translation.
-        scope
-            .labels
-            .retain(|k, _| snapshot.source_label_keys.contains(k));
+        scope.labels.retain(|k, _| snapshot.source_label_keys.contains(k));
         if let Some(e) = self.cache.get(&scope)
             && e.0 == generation
         {
@@ -270,8 +249,7 @@ mod tests {
         static LOADED: std::sync::OnceLock<MeshInputs> = std::sync::OnceLock::new();
         LOADED
             .get_or_init(|| {
-                let dir =
-                    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bookinfo");
+                let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bookinfo");
                 load_config_dir(&dir, &mut SourceMemory::default()).unwrap()
             })
             .clone()
@@ -299,42 +277,25 @@ mod tests {
         let mesh = MeshResources::new(notifier);
         mesh.update(inputs());
         assert!(mesh.is_ready() && changes.try_recv().is_ok());
-        let nodes = [
-            node("management-plane", "productpage"),
-            node("remote-cluster", "ratings"),
-        ];
+        let nodes = [node("management-plane", "productpage"), node("remote-cluster", "ratings")];
         let before: Vec<_> = nodes.iter().map(|n| mesh.resources_for(n)).collect();
-        assert!(
-            Arc::ptr_eq(&before[0], &mesh.resources_for(&nodes[0])),
-            "one translation per scope"
-        );
+        assert!(Arc::ptr_eq(&before[0], &mesh.resources_for(&nodes[0])), "one translation per scope");
 
         // reviews-v3 gets a second endpoint in remote-cluster; v1 becomes unready.
         let mut next = inputs();
         let remote = next.clusters.get_mut("remote-cluster").unwrap();
-        let eps = remote
-            .endpoints
-            .get_mut(&("default".to_string(), "reviews".to_string()))
-            .unwrap();
+        let eps = remote.endpoints.get_mut(&("default".to_string(), "reviews".to_string())).unwrap();
         let mut extra = eps[0].clone();
         extra.address = "127.0.20.24".into();
         eps.push(extra);
         let local = next.clusters.get_mut("management-plane").unwrap();
-        local
-            .endpoints
-            .get_mut(&("default".to_string(), "reviews".to_string()))
-            .unwrap()[0]
-            .ready = false;
+        local.endpoints.get_mut(&("default".to_string(), "reviews".to_string())).unwrap()[0].ready = false;
         let snapshot_before = mesh.snapshot();
         let expected = MeshSnapshot::build(next.clone(), &mut LastGood::default());
         assert_eq!(
             classify_change(&snapshot_before, &expected),
             SnapshotChange::Endpoints(
-                [
-                    ServiceKey::new("management-plane", "default", "reviews"),
-                    ServiceKey::new("remote-cluster", "default", "reviews")
-                ]
-                .into()
+                [ServiceKey::new("management-plane", "default", "reviews"), ServiceKey::new("remote-cluster", "default", "reviews")].into()
             )
         );
         mesh.update(next);
@@ -342,22 +303,11 @@ mod tests {
         for (i, n) in nodes.iter().enumerate() {
             let patched = mesh.resources_for(n);
             let full = translate::translate(&mesh.snapshot(), &ProxyScope::of(n));
-            assert_eq!(
-                *patched, full,
-                "patched EDS equals a full translation for {}",
-                n.id
-            );
+            assert_eq!(*patched, full, "patched EDS equals a full translation for {}", n.id);
             assert_ne!(*patched, *before[i]);
-            for ty in [
-                ResourceType::Cluster,
-                ResourceType::Listener,
-                ResourceType::Route,
-            ] {
+            for ty in [ResourceType::Cluster, ResourceType::Listener, ResourceType::Route] {
                 for (name, r) in patched.of_type(ty) {
-                    assert!(
-                        Arc::ptr_eq(r, &before[i].of_type(ty)[name]),
-                        "{ty} {name} is shared, not rebuilt"
-                    );
+                    assert!(Arc::ptr_eq(r, &before[i].of_type(ty)[name]), "{ty} {name} is shared, not rebuilt");
                 }
             }
         }
@@ -372,31 +322,14 @@ mod tests {
         let n = node("management-plane", "productpage");
         let first = mesh.resources_for(&n);
         mesh.update(inputs());
-        assert!(
-            changes.try_recv().is_err(),
-            "nothing changed, nothing pushed"
-        );
+        assert!(changes.try_recv().is_err(), "nothing changed, nothing pushed");
         assert!(Arc::ptr_eq(&first, &mesh.resources_for(&n)));
         let mut no_policy = inputs();
         no_policy.traffic_policies.clear();
         mesh.update(no_policy);
         assert!(changes.try_recv().is_ok());
         let after = mesh.resources_for(&n);
-        assert!(
-            after
-                .get(
-                    ResourceType::Cluster,
-                    "outbound|9080|version-v1|reviews.default.svc.cluster.local"
-                )
-                .is_none()
-        );
-        assert!(
-            first
-                .get(
-                    ResourceType::Cluster,
-                    "outbound|9080|version-v1|reviews.default.svc.cluster.local"
-                )
-                .is_some()
-        );
+        assert!(after.get(ResourceType::Cluster, "outbound|9080|version-v1|reviews.default.svc.cluster.local").is_none());
+        assert!(first.get(ResourceType::Cluster, "outbound|9080|version-v1|reviews.default.svc.cluster.local").is_some());
     }
 }

@@ -14,9 +14,7 @@ pub struct TypeLabel {
 
 impl TypeLabel {
     pub fn new(short: &str) -> Self {
-        TypeLabel {
-            r#type: short.to_string(),
-        }
+        TypeLabel { r#type: short.to_string() }
     }
 }
 
@@ -48,9 +46,7 @@ pub struct Metrics {
 }
 
 fn convergence_histogram() -> Histogram {
-    Histogram::new([
-        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0, 5.0, 10.0, 30.0,
-    ])
+    Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0, 5.0, 10.0, 30.0])
 }
 
 impl Default for Metrics {
@@ -63,69 +59,31 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("meshpilot");
         let connected_proxies = Family::<ModeLabel, Gauge>::default();
-        registry.register(
-            "xds_connected_proxies",
-            "xDS streams open, by protocol mode",
-            connected_proxies.clone(),
-        );
+        registry.register("xds_connected_proxies", "xDS streams open, by protocol mode", connected_proxies.clone());
         let pushes = Family::<TypeLabel, Counter>::default();
         registry.register("xds_pushes", "xDS responses sent, by type", pushes.clone());
         let push_bytes = Family::<TypeLabel, Counter>::default();
-        registry.register(
-            "xds_push_bytes",
-            "Encoded bytes of xDS responses sent, by type",
-            push_bytes.clone(),
-        );
+        registry.register("xds_push_bytes", "Encoded bytes of xDS responses sent, by type", push_bytes.clone());
         let rejects = Family::<TypeLabel, Counter>::default();
-        registry.register(
-            "xds_rejects",
-            "Responses a proxy rejected (NACK), by type",
-            rejects.clone(),
-        );
+        registry.register("xds_rejects", "Responses a proxy rejected (NACK), by type", rejects.clone());
         let expired_nonces = Family::<TypeLabel, Counter>::default();
-        registry.register(
-            "xds_expired_nonces",
-            "Requests ignored for carrying a stale nonce",
-            expired_nonces.clone(),
-        );
+        registry.register("xds_expired_nonces", "Requests ignored for carrying a stale nonce", expired_nonces.clone());
         let stream_errors = Family::<ReasonLabel, Counter>::default();
-        registry.register(
-            "xds_stream_errors",
-            "Streams or requests refused, by reason",
-            stream_errors.clone(),
-        );
-        let convergence = Family::<TypeLabel, Histogram>::new_with_constructor(
-            convergence_histogram as fn() -> Histogram,
-        );
+        registry.register("xds_stream_errors", "Streams or requests refused, by reason", stream_errors.clone());
+        let convergence = Family::<TypeLabel, Histogram>::new_with_constructor(convergence_histogram as fn() -> Histogram);
         registry.register(
             "proxy_convergence_seconds",
             "Time from a config change to the proxy's ACK of the response it caused",
             convergence.clone(),
         );
         let config_changes = Counter::default();
-        registry.register(
-            "config_changes",
-            "Config change events received from sources",
-            config_changes.clone(),
-        );
+        registry.register("config_changes", "Config change events received from sources", config_changes.clone());
         let push_triggers = Counter::default();
-        registry.register(
-            "push_triggers",
-            "Debounced pushes started",
-            push_triggers.clone(),
-        );
+        registry.register("push_triggers", "Debounced pushes started", push_triggers.clone());
         let debounce_seconds = Histogram::new([0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]);
-        registry.register(
-            "debounce_seconds",
-            "Time from the first change to the push it joined",
-            debounce_seconds.clone(),
-        );
+        registry.register("debounce_seconds", "Time from the first change to the push it joined", debounce_seconds.clone());
         let config_generation = Gauge::default();
-        registry.register(
-            "config_generation",
-            "The number of debounced pushes so far",
-            config_generation.clone(),
-        );
+        registry.register("config_generation", "The number of debounced pushes so far", config_generation.clone());
         Metrics {
             registry,
             connected_proxies,
@@ -144,16 +102,11 @@ impl Metrics {
 
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
     }
 
     pub fn stream_error(&self, reason: &str) {
-        self.stream_errors
-            .get_or_create(&ReasonLabel {
-                reason: reason.to_string(),
-            })
-            .inc();
+        self.stream_errors.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
     }
 }

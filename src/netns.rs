@@ -37,34 +37,22 @@ fn ip(args: &[&str]) -> Result<(), NetnsError> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(NetnsError::Ip {
-            args: args.join(" "),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
+        Err(NetnsError::Ip { args: args.join(" "), stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() })
     }
 }
 
 /// Whether this process may create network namespaces (root with `ip`).
 pub fn available() -> bool {
     let root = std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false);
-    root && Command::new("ip")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success())
+    root && Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success())
 }
 
 impl Topology {
     /// Creates `mp-<id>` and `rc-<id>` and their links (`id`: a few alphanumerics).
     pub fn create(id: &str) -> Result<Topology, NetnsError> {
-        let t = Topology {
-            management: format!("mp-{id}"),
-            remote: format!("rc-{id}"),
-        };
+        let t = Topology { management: format!("mp-{id}"), remote: format!("rc-{id}") };
         let (a, b) = (t.management.as_str(), t.remote.as_str());
         let (va, vb) = (format!("va{id}"), format!("vb{id}"));
         ip(&["netns", "add", a])?;
@@ -72,19 +60,9 @@ impl Topology {
         for ns in [a, b] {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
-        ip(&[
-            "link", "add", &va, "netns", a, "type", "veth", "peer", "name", &vb, "netns", b,
-        ])?;
+        ip(&["link", "add", &va, "netns", a, "type", "veth", "peer", "name", &vb, "netns", b])?;
         ip(&["-n", a, "addr", "add", "10.99.0.1/24", "dev", &va])?;
-        ip(&[
-            "-n",
-            b,
-            "addr",
-            "add",
-            &format!("{GATEWAY_ADDRESS}/24"),
-            "dev",
-            &vb,
-        ])?;
+        ip(&["-n", b, "addr", "add", &format!("{GATEWAY_ADDRESS}/24"), "dev", &vb])?;
         ip(&["-n", a, "link", "set", &va, "up"])?;
         ip(&["-n", b, "link", "set", &vb, "up"])?;
         for pod in MANAGEMENT_PODS {

@@ -10,8 +10,7 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::cluster::v3::cluster_discovery_service_client::ClusterDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DiscoveryRequest, DiscoveryResponse,
-    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+    DiscoveryRequest, DiscoveryResponse, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
 };
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use meshpilot::metrics::Metrics;
@@ -36,33 +35,16 @@ impl PerClusterResources {
     fn set_clusters(&self, cluster: &str, names: &[&str]) {
         let mut set = ResourceSet::new();
         for n in names {
-            set.insert(
-                ResourceType::Cluster,
-                Resource::from_message(
-                    *n,
-                    &Cluster {
-                        name: n.to_string(),
-                        ..Default::default()
-                    },
-                ),
-            );
+            set.insert(ResourceType::Cluster, Resource::from_message(*n, &Cluster { name: n.to_string(), ..Default::default() }));
         }
-        self.sets
-            .write()
-            .unwrap()
-            .insert(cluster.to_string(), Arc::new(set));
+        self.sets.write().unwrap().insert(cluster.to_string(), Arc::new(set));
         self.notifier.changed();
     }
 }
 
 impl ResourceProvider for PerClusterResources {
     fn resources_for(&self, proxy: &ProxyNode) -> Arc<ResourceSet> {
-        self.sets
-            .read()
-            .unwrap()
-            .get(&proxy.cluster)
-            .cloned()
-            .unwrap_or_default()
+        self.sets.read().unwrap().get(&proxy.cluster).cloned().unwrap_or_default()
     }
     fn is_ready(&self) -> bool {
         true
@@ -79,15 +61,9 @@ struct Plane {
 async fn start_plane(send_timeout: Duration) -> Plane {
     let metrics = Arc::new(Metrics::new());
     let (notifier, changes) = ChangeNotifier::channel();
-    let provider = Arc::new(PerClusterResources {
-        sets: Default::default(),
-        notifier,
-    });
+    let provider = Arc::new(PerClusterResources { sets: Default::default(), notifier });
     let (push_tx, push_rx) = tokio::sync::watch::channel(None);
-    let debounce = DebounceConfig {
-        quiet: Duration::from_millis(10),
-        max: Duration::from_secs(1),
-    };
+    let debounce = DebounceConfig { quiet: Duration::from_millis(10), max: Duration::from_secs(1) };
     tokio::spawn(run_debouncer(debounce, changes, push_tx, metrics.clone()));
     let registry = Arc::new(ConnectionRegistry::new());
     let server = XdsServer::new(
@@ -95,41 +71,18 @@ async fn start_plane(send_timeout: Duration) -> Plane {
         registry.clone(),
         metrics.clone(),
         push_rx,
-        XdsServerConfig {
-            push_concurrency: 8,
-            send_timeout,
-            stream_buffer: 2,
-        },
+        XdsServerConfig { push_concurrency: 8, send_timeout, stream_buffer: 2 },
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(meshpilot::xds::serve_grpc(
-        listener,
-        server,
-        Csds::new(registry.clone()),
-        std::future::pending(),
-    ));
-    Plane {
-        addr,
-        provider,
-        registry,
-        metrics,
-    }
+    tokio::spawn(meshpilot::xds::serve_grpc(listener, server, Csds::new(registry.clone()), std::future::pending()));
+    Plane { addr, provider, registry, metrics }
 }
 
 fn node(id: &str, cluster: &str) -> Node {
     let mut meta = Struct::default();
-    meta.fields.insert(
-        "CLUSTER_ID".into(),
-        Value {
-            kind: Some(Kind::StringValue(cluster.into())),
-        },
-    );
-    Node {
-        id: id.into(),
-        metadata: Some(meta),
-        ..Default::default()
-    }
+    meta.fields.insert("CLUSTER_ID".into(), Value { kind: Some(Kind::StringValue(cluster.into())) });
+    Node { id: id.into(), metadata: Some(meta), ..Default::default() }
 }
 
 fn cds_request(node: Option<Node>, nonce: &str, version: &str) -> DiscoveryRequest {
@@ -153,10 +106,7 @@ impl Ads {
         let (tx, req_rx) = mpsc::channel(16);
         tx.send(first).await.unwrap();
         let mut client = AggregatedDiscoveryServiceClient::new(channel);
-        let rx = client
-            .stream_aggregated_resources(ReceiverStream::new(req_rx))
-            .await?
-            .into_inner();
+        let rx = client.stream_aggregated_resources(ReceiverStream::new(req_rx)).await?.into_inner();
         Ok(Ads { tx, rx })
     }
 
@@ -170,46 +120,26 @@ impl Ads {
     }
 
     async fn ack(&self, r: &DiscoveryResponse) {
-        self.tx
-            .send(cds_request(None, &r.nonce, &r.version_info))
-            .await
-            .unwrap();
+        self.tx.send(cds_request(None, &r.nonce, &r.version_info)).await.unwrap();
     }
 }
 
 fn names(r: &DiscoveryResponse) -> Vec<String> {
     use prost::Message;
-    r.resources
-        .iter()
-        .map(|a| Cluster::decode(a.value.as_slice()).unwrap().name)
-        .collect()
+    r.resources.iter().map(|a| Cluster::decode(a.value.as_slice()).unwrap().name).collect()
 }
 
 #[tokio::test]
 async fn a_malformed_node_is_refused_with_a_clear_status() {
     let plane = start_plane(Duration::from_secs(5)).await;
-    let channel = Channel::from_shared(plane.addr.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    for (bad, expect) in [
-        (None, "must carry a node"),
-        (Some(Node::default()), "node.id is empty"),
-    ] {
-        let mut ads = Ads::open(channel.clone(), cds_request(bad, "", ""))
-            .await
-            .unwrap();
+    let channel = Channel::from_shared(plane.addr.clone()).unwrap().connect().await.unwrap();
+    for (bad, expect) in [(None, "must carry a node"), (Some(Node::default()), "node.id is empty")] {
+        let mut ads = Ads::open(channel.clone(), cds_request(bad, "", "")).await.unwrap();
         let err = ads.next().await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains(expect), "{}", err.message());
     }
-    assert!(
-        plane
-            .metrics
-            .encode()
-            .contains("meshpilot_xds_stream_errors_total{reason=\"bad_node\"} 2")
-    );
+    assert!(plane.metrics.encode().contains("meshpilot_xds_stream_errors_total{reason=\"bad_node\"} 2"));
     assert_eq!(plane.registry.len(), 0);
 }
 
@@ -217,28 +147,15 @@ async fn a_malformed_node_is_refused_with_a_clear_status() {
 async fn an_unknown_type_is_ignored_and_the_stream_keeps_working() {
     let plane = start_plane(Duration::from_secs(5)).await;
     plane.provider.set_clusters("c1", &["a"]);
-    let channel = Channel::from_shared(plane.addr.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = Channel::from_shared(plane.addr.clone()).unwrap().connect().await.unwrap();
     let mut unknown = cds_request(Some(node("p1", "c1")), "", "");
     unknown.type_url = "type.googleapis.com/envoy.config.nope.v3.Nope".into();
     let mut ads = Ads::open(channel, unknown).await.unwrap();
     ads.tx.send(cds_request(None, "", "")).await.unwrap();
     let r = ads.next().await.unwrap();
-    assert_eq!(
-        r.type_url,
-        ResourceType::Cluster.type_url(),
-        "the valid request after it is answered"
-    );
+    assert_eq!(r.type_url, ResourceType::Cluster.type_url(), "the valid request after it is answered");
     assert_eq!(names(&r), ["a"]);
-    assert!(
-        plane
-            .metrics
-            .encode()
-            .contains("meshpilot_xds_stream_errors_total{reason=\"unknown_type\"} 1")
-    );
+    assert!(plane.metrics.encode().contains("meshpilot_xds_stream_errors_total{reason=\"unknown_type\"} 1"));
 }
 
 #[tokio::test]
@@ -246,17 +163,9 @@ async fn a_proxy_whose_config_did_not_change_gets_nothing() {
     let plane = start_plane(Duration::from_secs(5)).await;
     plane.provider.set_clusters("c1", &["a"]);
     plane.provider.set_clusters("c2", &["x"]);
-    let channel = Channel::from_shared(plane.addr.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut p1 = Ads::open(channel.clone(), cds_request(Some(node("p1", "c1")), "", ""))
-        .await
-        .unwrap();
-    let mut p2 = Ads::open(channel.clone(), cds_request(Some(node("p2", "c2")), "", ""))
-        .await
-        .unwrap();
+    let channel = Channel::from_shared(plane.addr.clone()).unwrap().connect().await.unwrap();
+    let mut p1 = Ads::open(channel.clone(), cds_request(Some(node("p1", "c1")), "", "")).await.unwrap();
+    let mut p2 = Ads::open(channel.clone(), cds_request(Some(node("p2", "c2")), "", "")).await.unwrap();
     let r1 = p1.next().await.unwrap();
     let r2 = p2.next().await.unwrap();
     p1.ack(&r1).await;
@@ -270,11 +179,7 @@ async fn a_proxy_whose_config_did_not_change_gets_nothing() {
     plane.provider.set_clusters("c2", &["x", "y"]);
     let push2 = p2.next().await.unwrap();
     assert_eq!(names(&push2), ["x", "y"]);
-    assert_eq!(
-        push2.nonce.parse::<u64>().unwrap(),
-        r2.nonce.parse::<u64>().unwrap() + 1,
-        "no response in between"
-    );
+    assert_eq!(push2.nonce.parse::<u64>().unwrap(), r2.nonce.parse::<u64>().unwrap() + 1, "no response in between");
 }
 
 #[tokio::test]
@@ -282,36 +187,15 @@ async fn a_client_that_never_acks_or_disconnects_mid_push_costs_only_itself() {
     let plane = start_plane(Duration::from_millis(500)).await;
     plane.provider.set_clusters("c1", &["a"]);
     // Each proxy has its own connection, as each Envoy does.
-    let connect = || async {
-        Channel::from_shared(plane.addr.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    };
-    let mut good = Ads::open(
-        connect().await,
-        cds_request(Some(node("good", "c1")), "", ""),
-    )
-    .await
-    .unwrap();
+    let connect = || async { Channel::from_shared(plane.addr.clone()).unwrap().connect().await.unwrap() };
+    let mut good = Ads::open(connect().await, cds_request(Some(node("good", "c1")), "", "")).await.unwrap();
     let r = good.next().await.unwrap();
     good.ack(&r).await;
     // Never ACKs and never reads: it is pushed to until HTTP/2 flow control and its
     // buffer are full, then dropped after the send timeout.
-    let silent = Ads::open(
-        connect().await,
-        cds_request(Some(node("silent", "c1")), "", ""),
-    )
-    .await
-    .unwrap();
+    let silent = Ads::open(connect().await, cds_request(Some(node("silent", "c1")), "", "")).await.unwrap();
     // Disconnects right after its first response.
-    let mut leaver = Ads::open(
-        connect().await,
-        cds_request(Some(node("leaver", "c1")), "", ""),
-    )
-    .await
-    .unwrap();
+    let mut leaver = Ads::open(connect().await, cds_request(Some(node("leaver", "c1")), "", "")).await.unwrap();
     leaver.next().await.unwrap();
     drop(leaver);
     // Ten pushes of 512 KiB: more than the silent proxy's HTTP/2 stream window
@@ -319,53 +203,21 @@ async fn a_client_that_never_acks_or_disconnects_mid_push_costs_only_itself() {
     let pad = "x".repeat(256 * 1024);
     for i in 0..10 {
         let names = [format!("c{i}-a-{pad}"), format!("c{i}-b-{pad}")];
-        plane
-            .provider
-            .set_clusters("c1", &[names[0].as_str(), names[1].as_str()]);
+        plane.provider.set_clusters("c1", &[names[0].as_str(), names[1].as_str()]);
         let push = good.next().await.unwrap();
-        assert_eq!(
-            push.resources.len(),
-            2,
-            "the well-behaved proxy keeps getting every push"
-        );
+        assert_eq!(push.resources.len(), 2, "the well-behaved proxy keeps getting every push");
         good.ack(&push).await;
     }
     let registry = plane.registry.clone();
     tokio::time::timeout(Duration::from_secs(20), async {
-        while registry
-            .all()
-            .iter()
-            .any(|c| c.node.id == "silent" || c.node.id == "leaver")
-        {
+        while registry.all().iter().any(|c| c.node.id == "silent" || c.node.id == "leaver") {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "stuck and departed proxies are dropped; still open: {:?}",
-            plane
-                .registry
-                .all()
-                .iter()
-                .map(|c| c.node.id.clone())
-                .collect::<Vec<_>>()
-        )
-    });
-    assert!(
-        plane
-            .metrics
-            .encode()
-            .contains("meshpilot_xds_stream_errors_total{reason=\"send_timeout\"} 1")
-    );
-    assert_eq!(
-        registry
-            .all()
-            .iter()
-            .map(|c| c.node.id.as_str())
-            .collect::<Vec<_>>(),
-        ["good"]
-    );
+    .unwrap_or_else(|_| panic!("stuck and departed proxies are dropped; still open: {:?}", plane.registry.all().iter().map(|c| c.node.id.clone()).collect::<Vec<_>>()));
+    assert!(plane.metrics.encode().contains("meshpilot_xds_stream_errors_total{reason=\"send_timeout\"} 1"));
+    assert_eq!(registry.all().iter().map(|c| c.node.id.as_str()).collect::<Vec<_>>(), ["good"]);
     drop(silent);
 }
 
@@ -376,20 +228,12 @@ async fn a_thousand_streams_opening_at_once_all_sync_and_get_pushes() {
     // 10 HTTP/2 connections × 100 streams.
     let mut channels = Vec::new();
     for _ in 0..10 {
-        channels.push(
-            Channel::from_shared(plane.addr.clone())
-                .unwrap()
-                .connect()
-                .await
-                .unwrap(),
-        );
+        channels.push(Channel::from_shared(plane.addr.clone()).unwrap().connect().await.unwrap());
     }
     let opens = (0..1000).map(|i| {
         let ch = channels[i % 10].clone();
         async move {
-            let mut ads = Ads::open(ch, cds_request(Some(node(&format!("p{i}"), "c1")), "", ""))
-                .await
-                .unwrap();
+            let mut ads = Ads::open(ch, cds_request(Some(node(&format!("p{i}"), "c1")), "", "")).await.unwrap();
             let r = ads.next().await.unwrap();
             ads.ack(&r).await;
             ads
@@ -404,13 +248,7 @@ async fn a_thousand_streams_opening_at_once_all_sync_and_get_pushes() {
     // A single-type CDS stream (not ADS) on the same server is served too.
     let mut cds = ClusterDiscoveryServiceClient::new(channels[0].clone());
     let (tx, rx) = mpsc::channel(1);
-    tx.send(cds_request(Some(node("cds-only", "c1")), "", ""))
-        .await
-        .unwrap();
-    let mut resp = cds
-        .stream_clusters(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    tx.send(cds_request(Some(node("cds-only", "c1")), "", "")).await.unwrap();
+    let mut resp = cds.stream_clusters(ReceiverStream::new(rx)).await.unwrap().into_inner();
     assert_eq!(names(&resp.message().await.unwrap().unwrap()), ["a", "b"]);
 }

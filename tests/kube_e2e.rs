@@ -14,51 +14,24 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{
-    Envoy, Proc, envoy_or_skip, free_port, meshpilot_bin, random_loopback_prefix, require_e2e,
-    wait_for,
-};
+use support::{Envoy, Proc, envoy_or_skip, free_port, meshpilot_bin, random_loopback_prefix, require_e2e, wait_for};
 
 /// The kubeenv binary, built (or reused) by e2e/build.sh.
 fn kubeenv_or_skip(test: &str) -> Option<PathBuf> {
-    if let Some(bin) = std::env::var_os("KUBEENV_BIN")
-        .map(PathBuf::from)
-        .filter(|p| p.exists())
-    {
+    if let Some(bin) = std::env::var_os("KUBEENV_BIN").map(PathBuf::from).filter(|p| p.exists()) {
         return Some(bin);
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let have_tools = Command::new("go")
-        .arg("version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-        && Command::new("kubectl")
-            .arg("version")
-            .arg("--client")
-            .output()
-            .is_ok_and(|o| o.status.success());
+    let have_tools = Command::new("go").arg("version").output().is_ok_and(|o| o.status.success())
+        && Command::new("kubectl").arg("version").arg("--client").output().is_ok_and(|o| o.status.success());
     if !have_tools {
-        assert!(
-            !require_e2e(),
-            "{test}: go and kubectl are required here (CI or MESHPILOT_REQUIRE_E2E=1)"
-        );
+        assert!(!require_e2e(), "{test}: go and kubectl are required here (CI or MESHPILOT_REQUIRE_E2E=1)");
         eprintln!("{test}: skipped (go or kubectl missing)");
         return None;
     }
-    let out = Command::new(root.join("e2e/build.sh"))
-        .output()
-        .expect("running e2e/build.sh");
-    assert!(
-        out.status.success(),
-        "e2e/build.sh failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+    let out = Command::new(root.join("e2e/build.sh")).output().expect("running e2e/build.sh");
+    assert!(out.status.success(), "e2e/build.sh failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let path = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_string();
     Some(PathBuf::from(path))
 }
 
@@ -83,13 +56,7 @@ struct KubeCluster {
 impl KubeCluster {
     async fn start(bin: &Path, name: &str, root: &Path) -> KubeCluster {
         let dir = root.join(name);
-        let mut c = KubeCluster {
-            name: name.into(),
-            dir,
-            port: free_port_triple(),
-            bin: bin.into(),
-            proc: None,
-        };
+        let mut c = KubeCluster { name: name.into(), dir, port: free_port_triple(), bin: bin.into(), proc: None };
         c.run().await;
         c
     }
@@ -99,32 +66,16 @@ impl KubeCluster {
         let _ = std::fs::remove_file(self.dir.join("ready"));
         std::fs::create_dir_all(&self.dir).unwrap();
         let mut cmd = Command::new(&self.bin);
-        cmd.args([
-            "cluster",
-            "--name",
-            &self.name,
-            "--port",
-            &self.port.to_string(),
-            "--dir",
-        ])
-        .arg(&self.dir);
+        cmd.args(["cluster", "--name", &self.name, "--port", &self.port.to_string(), "--dir"]).arg(&self.dir);
         let proc = Proc::spawn(&format!("kubeenv-{}", self.name), cmd, &self.dir);
         let ready = self.dir.join("ready");
         let started = Instant::now();
-        wait_for(
-            &format!("cluster {} ready", self.name),
-            Duration::from_secs(180),
-            || {
-                let ready = ready.clone();
-                async move { ready.exists().then_some(()) }
-            },
-        )
+        wait_for(&format!("cluster {} ready", self.name), Duration::from_secs(180), || {
+            let ready = ready.clone();
+            async move { ready.exists().then_some(()) }
+        })
         .await;
-        eprintln!(
-            "cluster {} ready in {:.1}s",
-            self.name,
-            started.elapsed().as_secs_f64()
-        );
+        eprintln!("cluster {} ready in {:.1}s", self.name, started.elapsed().as_secs_f64());
         self.proc = Some(proc);
     }
 
@@ -150,13 +101,8 @@ impl KubeCluster {
     fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
         use std::io::Write;
         let mut cmd = Command::new("kubectl");
-        cmd.arg("--kubeconfig")
-            .arg(self.kubeconfig())
-            .args(["--context", &self.context()])
-            .args(args);
-        cmd.stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
+        cmd.arg("--kubeconfig").arg(self.kubeconfig()).args(["--context", &self.context()]).args(args);
+        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
         let mut child = cmd.spawn().expect("kubectl");
         if let Some(s) = stdin {
             child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
@@ -167,11 +113,7 @@ impl KubeCluster {
         if out.status.success() {
             Ok(stdout)
         } else {
-            Err(format!(
-                "kubectl {args:?} failed: {}{}",
-                stdout,
-                String::from_utf8_lossy(&out.stderr)
-            ))
+            Err(format!("kubectl {args:?} failed: {}{}", stdout, String::from_utf8_lossy(&out.stderr)))
         }
     }
 }
@@ -186,22 +128,12 @@ impl Drop for KubeCluster {
 /// beside the repository (and checked equal to examples/bookinfo's copy).
 fn seed_policy() -> String {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let example =
-        std::fs::read_to_string(root.join("examples/bookinfo/mesh/traffic-policy.yaml")).unwrap();
-    if let Ok(guide) =
-        std::fs::read_to_string(root.join("../shared/seed/multicluster-communication.md"))
-    {
-        let start = guide
-            .find("kubectl apply -f - <<EOF\n")
-            .expect("the guide's heredoc")
-            + "kubectl apply -f - <<EOF\n".len();
+    let example = std::fs::read_to_string(root.join("examples/bookinfo/mesh/traffic-policy.yaml")).unwrap();
+    if let Ok(guide) = std::fs::read_to_string(root.join("../shared/seed/multicluster-communication.md")) {
+        let start = guide.find("kubectl apply -f - <<EOF\n").expect("the guide's heredoc") + "kubectl apply -f - <<EOF\n".len();
         let end = start + guide[start..].find("\nEOF").unwrap();
         let from_guide = &guide[start..=end];
-        assert_eq!(
-            from_guide.trim(),
-            example.trim(),
-            "examples/bookinfo/mesh/traffic-policy.yaml must be the guide's manifest verbatim"
-        );
+        assert_eq!(from_guide.trim(), example.trim(), "examples/bookinfo/mesh/traffic-policy.yaml must be the guide's manifest verbatim");
         return from_guide.to_string();
     }
     example
@@ -218,46 +150,17 @@ impl KubeMeshpilot {
         let xds_port = free_port();
         let admin = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(meshpilot_bin());
-        cmd.args([
-            "serve",
-            "--kubernetes",
-            "--xds-addr",
-            &format!("127.0.0.1:{xds_port}"),
-            "--admin-addr",
-            &admin,
-        ])
-        .arg("--kubeconfig")
-        .arg(mgmt.kubeconfig())
-        .args([
-            "--context",
-            &mgmt.context(),
-            "--management-cluster-name",
-            &mgmt.name,
-        ])
-        .args([
-            "--debounce-after",
-            "20ms",
-            "--lease-duration",
-            "3s",
-            "--id",
-            id,
-        ])
-        .env("MESHPILOT_LOG", "info,meshpilot=debug");
-        let mp = KubeMeshpilot {
-            _proc: Proc::spawn(&format!("meshpilot-{id}"), cmd, dir),
-            admin,
-            xds_port,
-        };
+        cmd.args(["serve", "--kubernetes", "--xds-addr", &format!("127.0.0.1:{xds_port}"), "--admin-addr", &admin])
+            .arg("--kubeconfig")
+            .arg(mgmt.kubeconfig())
+            .args(["--context", &mgmt.context(), "--management-cluster-name", &mgmt.name])
+            .args(["--debounce-after", "20ms", "--lease-duration", "3s", "--id", id])
+            .env("MESHPILOT_LOG", "info,meshpilot=debug");
+        let mp = KubeMeshpilot { _proc: Proc::spawn(&format!("meshpilot-{id}"), cmd, dir), admin, xds_port };
         let addr = mp.admin.clone();
         wait_for("meshpilot /readyz", Duration::from_secs(60), || {
             let addr = addr.clone();
-            async move {
-                matches!(
-                    meshpilot::cli::http::get(&addr, "/readyz").await,
-                    Ok((200, _))
-                )
-                .then_some(())
-            }
+            async move { matches!(meshpilot::cli::http::get(&addr, "/readyz").await, Ok((200, _))).then_some(()) }
         })
         .await;
         mp
@@ -270,15 +173,11 @@ impl KubeMeshpilot {
 
     async fn cluster_health(&self, name: &str) -> serde_json::Value {
         let all = self.get_json("/debug/clusterz").await;
-        all.as_array()
-            .and_then(|a| a.iter().find(|c| c["name"] == name).cloned())
-            .unwrap_or_default()
+        all.as_array().and_then(|a| a.iter().find(|c| c["name"] == name).cloned()).unwrap_or_default()
     }
 
     async fn counter(&self, name: &str) -> f64 {
-        let (_, body) = meshpilot::cli::http::get(&self.admin, "/metrics")
-            .await
-            .unwrap();
+        let (_, body) = meshpilot::cli::http::get(&self.admin, "/metrics").await.unwrap();
         body.lines()
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -292,12 +191,7 @@ fn register(mgmt: &KubeCluster, cluster: &KubeCluster) {
         .arg(mgmt.kubeconfig())
         .args(["--context", &mgmt.context(), "--remote-kubeconfig"])
         .arg(cluster.kubeconfig())
-        .args([
-            "--remote-context",
-            &cluster.context(),
-            "--remote-cluster-name",
-            &cluster.name,
-        ])
+        .args(["--remote-context", &cluster.context(), "--remote-cluster-name", &cluster.name])
         .output()
         .unwrap();
     assert!(
@@ -334,36 +228,16 @@ fn policy_state(mgmt: &KubeCluster, name: &str) -> (String, String, String) {
 
 /// The weighted clusters on the reviews route in Envoy's own config dump.
 async fn envoy_reviews_weights(envoy: &Envoy) -> Vec<(String, u64)> {
-    let dump: serde_json::Value = serde_json::from_str(
-        &envoy
-            .admin_get("/config_dump?resource=dynamic_route_configs")
-            .await,
-    )
-    .unwrap_or_default();
+    let dump: serde_json::Value = serde_json::from_str(&envoy.admin_get("/config_dump?resource=dynamic_route_configs").await).unwrap_or_default();
     let mut out = Vec::new();
     for cfg in dump["configs"].as_array().into_iter().flatten() {
-        for vh in cfg["route_config"]["virtual_hosts"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            if !vh["name"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with("reviews.default.svc.cluster.local")
-            {
+        for vh in cfg["route_config"]["virtual_hosts"].as_array().into_iter().flatten() {
+            if !vh["name"].as_str().unwrap_or("").starts_with("reviews.default.svc.cluster.local") {
                 continue;
             }
             for route in vh["routes"].as_array().into_iter().flatten() {
-                for c in route["route"]["weighted_clusters"]["clusters"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                {
-                    out.push((
-                        c["name"].as_str().unwrap_or("").to_string(),
-                        c["weight"].as_u64().unwrap_or(0),
-                    ));
+                for c in route["route"]["weighted_clusters"]["clusters"].as_array().into_iter().flatten() {
+                    out.push((c["name"].as_str().unwrap_or("").to_string(), c["weight"].as_u64().unwrap_or(0)));
                 }
             }
         }
@@ -379,10 +253,7 @@ async fn envoy_endpoints(envoy: &Envoy, cluster: &str) -> Vec<String> {
     let mut out: Vec<String> = page
         .lines()
         .filter_map(|l| l.strip_prefix(&prefix))
-        .filter_map(|rest| {
-            rest.split_once("::cx_active")
-                .map(|(addr, _)| addr.to_string())
-        })
+        .filter_map(|rest| rest.split_once("::cx_active").map(|(addr, _)| addr.to_string()))
         .collect();
     out.sort();
     out.dedup();
@@ -391,12 +262,8 @@ async fn envoy_endpoints(envoy: &Envoy, cluster: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_scenario_against_two_real_clusters() {
-    let Some(kubeenv) = kubeenv_or_skip("seed_scenario_against_two_real_clusters") else {
-        return;
-    };
-    let Some(envoy_bin) = envoy_or_skip("seed_scenario_against_two_real_clusters") else {
-        return;
-    };
+    let Some(kubeenv) = kubeenv_or_skip("seed_scenario_against_two_real_clusters") else { return };
+    let Some(envoy_bin) = envoy_or_skip("seed_scenario_against_two_real_clusters") else { return };
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     // Pod IPs: EndpointSlice validation refuses loopback addresses, so the pods
@@ -417,123 +284,42 @@ async fn seed_scenario_against_two_real_clusters() {
     // Install meshpilot's manifests (CRDs, RBAC, Deployment, Service): proves they are valid.
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     mgmt.kubectl(&["apply", "-k", repo.join("deploy").to_str().unwrap()]);
-    mgmt.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/trafficpolicies.networking.zephyr.solo.io",
-        "crd/kubernetesclusters.discovery.zephyr.solo.io",
-        "crd/virtualmeshes.networking.zephyr.solo.io",
-    ]);
-    let deployment = mgmt.kubectl(&[
-        "get",
-        "deployment",
-        "meshpilot",
-        "-n",
-        "service-mesh-hub",
-        "-o",
-        "jsonpath={.spec.template.spec.containers[0].readinessProbe.httpGet.path}",
-    ]);
+    mgmt.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd/trafficpolicies.networking.zephyr.solo.io", "crd/kubernetesclusters.discovery.zephyr.solo.io", "crd/virtualmeshes.networking.zephyr.solo.io"]);
+    let deployment = mgmt.kubectl(&["get", "deployment", "meshpilot", "-n", "service-mesh-hub", "-o", "jsonpath={.spec.template.spec.containers[0].readinessProbe.httpGet.path}"]);
     assert_eq!(deployment, "/readyz");
 
     // Register both clusters, least privilege.
     register(&mgmt, &mgmt);
     register(&mgmt, &remote);
     let reader = "system:serviceaccount:service-mesh-hub:meshpilot-reader";
-    assert_eq!(
-        remote
-            .kubectl(&[
-                "auth",
-                "can-i",
-                "watch",
-                "endpointslices.discovery.k8s.io",
-                "--as",
-                reader
-            ])
-            .trim(),
-        "yes"
-    );
+    assert_eq!(remote.kubectl(&["auth", "can-i", "watch", "endpointslices.discovery.k8s.io", "--as", reader]).trim(), "yes");
     let secrets = remote.kubectl_stdin(&["auth", "can-i", "list", "secrets", "--as", reader], None);
-    assert!(
-        matches!(&secrets, Err(e) if e.contains("no")),
-        "the reader must not read Secrets: {secrets:?}"
-    );
+    assert!(matches!(&secrets, Err(e) if e.contains("no")), "the reader must not read Secrets: {secrets:?}");
 
     // bookinfo in both clusters.
-    let manifest = |f: &str, prefix: &str| {
-        std::fs::read_to_string(repo.join("e2e/manifests").join(f))
-            .unwrap()
-            .replace("POD_PREFIX", prefix)
-    };
-    mgmt.kubectl_stdin(
-        &["apply", "-f", "-"],
-        Some(&manifest("management-plane.yaml", &mp_prefix)),
-    )
-    .unwrap();
-    remote
-        .kubectl_stdin(
-            &["apply", "-f", "-"],
-            Some(&manifest("remote-cluster.yaml", &rc_prefix)),
-        )
-        .unwrap();
-    remote
-        .kubectl_stdin(
-            &["apply", "-f", "-"],
-            Some(&manifest("reviews-v3.yaml", &rc_prefix)),
-        )
-        .unwrap();
+    let manifest = |f: &str, prefix: &str| std::fs::read_to_string(repo.join("e2e/manifests").join(f)).unwrap().replace("POD_PREFIX", prefix);
+    mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("management-plane.yaml", &mp_prefix))).unwrap();
+    remote.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("remote-cluster.yaml", &rc_prefix))).unwrap();
+    remote.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("reviews-v3.yaml", &rc_prefix))).unwrap();
     // The two clusters are on separate networks, in one virtual mesh with a builtin CA.
-    mgmt.kubectl(&[
-        "apply",
-        "-f",
-        repo.join("examples/bookinfo-multinet/mesh/virtual-mesh.yaml")
-            .to_str()
-            .unwrap(),
-    ]);
+    mgmt.kubectl(&["apply", "-f", repo.join("examples/bookinfo-multinet/mesh/virtual-mesh.yaml").to_str().unwrap()]);
 
     let meshpilot = KubeMeshpilot::start(root, &mgmt, "replica-a").await;
-    let envoy = Envoy::start_in(
-        &envoy_bin,
-        root,
-        "productpage-v1.default",
-        "management-plane",
-        meshpilot.xds_port,
-        &[
-            "--labels",
-            "app=productpage,version=v1",
-            "--outbound-bind",
-            &outbound_bind,
-            "--service-account",
-            "bookinfo-productpage",
-        ],
-    );
+    let envoy = Envoy::start_in(&envoy_bin, root, "productpage-v1.default", "management-plane", meshpilot.xds_port, &["--labels", "app=productpage,version=v1", "--outbound-bind", &outbound_bind, "--service-account", "bookinfo-productpage"]);
 
     // The seed's TrafficPolicy, verbatim, with kubectl.
-    mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&seed_policy()))
-        .unwrap();
-    let (state, generation, message) = wait_for(
-        "TrafficPolicy simple ACCEPTED",
-        Duration::from_secs(30),
-        || async {
-            let s = policy_state(&mgmt, "simple");
-            (s.0 == "ACCEPTED").then_some(s)
-        },
-    )
+    mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&seed_policy())).unwrap();
+    let (state, generation, message) = wait_for("TrafficPolicy simple ACCEPTED", Duration::from_secs(30), || async {
+        let s = policy_state(&mgmt, "simple");
+        (s.0 == "ACCEPTED").then_some(s)
+    })
     .await;
-    assert_eq!(
-        (state.as_str(), generation.as_str()),
-        ("ACCEPTED", "1"),
-        "{message}"
-    );
+    assert_eq!((state.as_str(), generation.as_str()), ("ACCEPTED", "1"), "{message}");
 
-    let weights = wait_for(
-        "Envoy to receive 75/15/10",
-        Duration::from_secs(30),
-        || async {
-            let w = envoy_reviews_weights(&envoy).await;
-            (w.len() == 3).then_some(w)
-        },
-    )
+    let weights = wait_for("Envoy to receive 75/15/10", Duration::from_secs(30), || async {
+        let w = envoy_reviews_weights(&envoy).await;
+        (w.len() == 3).then_some(w)
+    })
     .await;
     let mut by_weight: Vec<u64> = weights.iter().map(|(_, w)| *w).collect();
     by_weight.sort();
@@ -542,271 +328,118 @@ async fn seed_scenario_against_two_real_clusters() {
     assert!(v3_cluster.contains("remote-cluster"), "{v3_cluster}");
     // v3 is on the other network: the sidecar reaches it at the remote cluster's east-west gateway.
     let v3_addr = format!("{rc_prefix}.99:15443");
-    wait_for(
-        "v3 behind the remote gateway in Envoy",
-        Duration::from_secs(20),
-        || async {
-            envoy_endpoints(&envoy, &v3_cluster)
-                .await
-                .contains(&v3_addr)
-                .then_some(())
-        },
-    )
+    wait_for("v3 behind the remote gateway in Envoy", Duration::from_secs(20), || async {
+        envoy_endpoints(&envoy, &v3_cluster).await.contains(&v3_addr).then_some(())
+    })
     .await;
 
     // Scale reviews-v3 to zero and back: each change reaches Envoy within a second.
     let t = Instant::now();
-    remote.kubectl(&[
-        "delete",
-        "pod",
-        "reviews-v3",
-        "-n",
-        "default",
-        "--wait=false",
-    ]);
-    wait_for(
-        "v3's endpoint gone from Envoy",
-        Duration::from_secs(10),
-        || async {
-            envoy_endpoints(&envoy, &v3_cluster)
-                .await
-                .is_empty()
-                .then_some(())
-        },
-    )
+    remote.kubectl(&["delete", "pod", "reviews-v3", "-n", "default", "--wait=false"]);
+    wait_for("v3's endpoint gone from Envoy", Duration::from_secs(10), || async {
+        envoy_endpoints(&envoy, &v3_cluster).await.is_empty().then_some(())
+    })
     .await;
     let removal = t.elapsed();
     let t = Instant::now();
-    remote
-        .kubectl_stdin(
-            &["apply", "-f", "-"],
-            Some(&manifest("reviews-v3.yaml", &rc_prefix)),
-        )
-        .unwrap();
-    wait_for(
-        "v3's endpoint back in Envoy",
-        Duration::from_secs(10),
-        || async {
-            envoy_endpoints(&envoy, &v3_cluster)
-                .await
-                .contains(&v3_addr)
-                .then_some(())
-        },
-    )
+    remote.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("reviews-v3.yaml", &rc_prefix))).unwrap();
+    wait_for("v3's endpoint back in Envoy", Duration::from_secs(10), || async {
+        envoy_endpoints(&envoy, &v3_cluster).await.contains(&v3_addr).then_some(())
+    })
     .await;
     let addition = t.elapsed();
     eprintln!("endpoint change to Envoy: removal {removal:?}, addition {addition:?}");
-    assert!(
-        removal < Duration::from_secs(1) && addition < Duration::from_secs(1),
-        "removal {removal:?}, addition {addition:?}"
-    );
+    assert!(removal < Duration::from_secs(1) && addition < Duration::from_secs(1), "removal {removal:?}, addition {addition:?}");
 
     // Bad input: CRD validation rejects a misspelt field outright...
     let typo = seed_policy().replace("weight: 75", "wieght: 75");
-    let err = mgmt
-        .kubectl_stdin(&["apply", "-f", "-"], Some(&typo))
-        .unwrap_err();
+    let err = mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&typo)).unwrap_err();
     assert!(err.contains("wieght"), "{err}");
     // ...and a policy that parses but points nowhere is INVALID, naming the field, while the last good config serves.
     let bad = seed_policy().replace("cluster: remote-cluster", "cluster: no-such-cluster");
-    mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&bad))
-        .unwrap();
-    let (_, generation, message) = wait_for(
-        "TrafficPolicy simple INVALID",
-        Duration::from_secs(30),
-        || async {
-            let s = policy_state(&mgmt, "simple");
-            (s.0 == "INVALID").then_some(s)
-        },
-    )
+    mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&bad)).unwrap();
+    let (_, generation, message) = wait_for("TrafficPolicy simple INVALID", Duration::from_secs(30), || async {
+        let s = policy_state(&mgmt, "simple");
+        (s.0 == "INVALID").then_some(s)
+    })
     .await;
     assert_eq!(generation, "2");
-    assert!(
-        message.contains("spec.trafficShift.destinations[0]"),
-        "{message}"
-    );
-    let serving = mgmt.kubectl(&[
-        "get",
-        "trafficpolicy",
-        "simple",
-        "-n",
-        "service-mesh-hub",
-        "-o",
-        "jsonpath={.status.servingGeneration}",
-    ]);
+    assert!(message.contains("spec.trafficShift.destinations[0]"), "{message}");
+    let serving = mgmt.kubectl(&["get", "trafficpolicy", "simple", "-n", "service-mesh-hub", "-o", "jsonpath={.status.servingGeneration}"]);
     assert_eq!(serving, "1");
-    assert_eq!(
-        envoy_reviews_weights(&envoy).await,
-        weights,
-        "the last good config keeps serving"
-    );
-    mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&seed_policy()))
-        .unwrap();
-    wait_for(
-        "TrafficPolicy simple ACCEPTED again",
-        Duration::from_secs(30),
-        || async {
-            let s = policy_state(&mgmt, "simple");
-            (s.0 == "ACCEPTED" && s.1 == "3").then_some(())
-        },
-    )
+    assert_eq!(envoy_reviews_weights(&envoy).await, weights, "the last good config keeps serving");
+    mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&seed_policy())).unwrap();
+    wait_for("TrafficPolicy simple ACCEPTED again", Duration::from_secs(30), || async {
+        let s = policy_state(&mgmt, "simple");
+        (s.0 == "ACCEPTED" && s.1 == "3").then_some(())
+    })
     .await;
 
     // Fields read but not yet in effect are reported, never silently ignored.
-    let vm = mgmt.kubectl(&[
-        "get",
-        "virtualmesh",
-        "virtual-mesh",
-        "-n",
-        "service-mesh-hub",
-        "-o",
-        "jsonpath={.status.translationStatus.state} {.status.notYetSupported}",
-    ]);
+    let vm = mgmt.kubectl(&["get", "virtualmesh", "virtual-mesh", "-n", "service-mesh-hub", "-o", "jsonpath={.status.translationStatus.state} {.status.notYetSupported}"]);
     assert!(vm.starts_with("ACCEPTED ") && vm.contains("spec.certificateAuthority.builtin.{ttlDays,rsaKeySizeBytes,orgName}: not yet supported"), "{vm}");
     // mTLS: the sidecar got its SPIFFE certificate and the mesh root over SDS.
-    let secrets = envoy
-        .admin_get("/config_dump?resource=dynamic_active_secrets")
-        .await;
-    assert!(
-        secrets.contains("\"name\": \"default\"") && secrets.contains("\"name\": \"ROOTCA\""),
-        "{secrets}"
-    );
+    let secrets = envoy.admin_get("/config_dump?resource=dynamic_active_secrets").await;
+    assert!(secrets.contains("\"name\": \"default\"") && secrets.contains("\"name\": \"ROOTCA\""), "{secrets}");
 
     // The status writer holds the Lease.
-    let holder = mgmt.kubectl(&[
-        "get",
-        "lease",
-        "meshpilot-status-writer",
-        "-n",
-        "service-mesh-hub",
-        "-o",
-        "jsonpath={.spec.holderIdentity}",
-    ]);
+    let holder = mgmt.kubectl(&["get", "lease", "meshpilot-status-writer", "-n", "service-mesh-hub", "-o", "jsonpath={.spec.holderIdentity}"]);
     assert_eq!(holder, "replica-a");
 
     // Faults: the remote API server dies; its endpoints keep serving, marked stale.
     let pushes_before = meshpilot.counter("meshpilot_xds_pushes_total").await;
-    assert!(
-        pushes_before > 0.0,
-        "the push counter counts (the sidecar got its config)"
-    );
+    assert!(pushes_before > 0.0, "the push counter counts (the sidecar got its config)");
     remote.kill();
-    wait_for(
-        "remote-cluster marked stale",
-        Duration::from_secs(30),
-        || async {
-            (meshpilot.cluster_health("remote-cluster").await["stale"] == true).then_some(())
-        },
-    )
+    wait_for("remote-cluster marked stale", Duration::from_secs(30), || async {
+        (meshpilot.cluster_health("remote-cluster").await["stale"] == true).then_some(())
+    })
     .await;
-    assert!(
-        envoy_endpoints(&envoy, &v3_cluster)
-            .await
-            .contains(&v3_addr),
-        "nothing is wiped while the cluster is away"
-    );
+    assert!(envoy_endpoints(&envoy, &v3_cluster).await.contains(&v3_addr), "nothing is wiped while the cluster is away");
     assert_eq!(envoy_reviews_weights(&envoy).await, weights);
     // It comes back: meshpilot re-lists (its watches' resourceVersions are too old: 410 Gone) and converges.
-    let lists_before = meshpilot.cluster_health("remote-cluster").await["lists"]
-        .as_u64()
-        .unwrap_or(0);
+    let lists_before = meshpilot.cluster_health("remote-cluster").await["lists"].as_u64().unwrap_or(0);
     remote.run().await;
-    wait_for(
-        "remote-cluster re-listed and fresh",
-        Duration::from_secs(60),
-        || async {
-            let h = meshpilot.cluster_health("remote-cluster").await;
-            (h["stale"] == false && h["lists"].as_u64().unwrap_or(0) >= lists_before + 4)
-                .then_some(())
-        },
-    )
+    wait_for("remote-cluster re-listed and fresh", Duration::from_secs(60), || async {
+        let h = meshpilot.cluster_health("remote-cluster").await;
+        (h["stale"] == false && h["lists"].as_u64().unwrap_or(0) >= lists_before + 4).then_some(())
+    })
     .await;
-    assert!(
-        envoy_endpoints(&envoy, &v3_cluster)
-            .await
-            .contains(&v3_addr)
-    );
+    assert!(envoy_endpoints(&envoy, &v3_cluster).await.contains(&v3_addr));
     let pushes_after = meshpilot.counter("meshpilot_xds_pushes_total").await;
-    eprintln!(
-        "pushes caused by the remote cluster's death, return and re-list: {}",
-        pushes_after - pushes_before
-    );
-    assert_eq!(
-        pushes_after, pushes_before,
-        "re-listing unchanged objects pushed"
-    );
+    eprintln!("pushes caused by the remote cluster's death, return and re-list: {}", pushes_after - pushes_before);
+    assert_eq!(pushes_after, pushes_before, "re-listing unchanged objects pushed");
 
     // A second replica serves xDS without the Lease; when the holder dies it takes over status writing.
     let replica_b = KubeMeshpilot::start(root, &mgmt, "replica-b").await;
-    assert_eq!(
-        replica_b.cluster_health("remote-cluster").await["synced"],
-        true
-    );
+    assert_eq!(replica_b.cluster_health("remote-cluster").await["synced"], true);
     drop(meshpilot);
     let edited = seed_policy().replace("weight: 75", "weight: 70");
-    mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&edited))
-        .unwrap();
-    wait_for(
-        "replica-b to write generation 4's status",
-        Duration::from_secs(30),
-        || async {
-            let s = policy_state(&mgmt, "simple");
-            (s.0 == "ACCEPTED" && s.1 == "4").then_some(())
-        },
-    )
+    mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&edited)).unwrap();
+    wait_for("replica-b to write generation 4's status", Duration::from_secs(30), || async {
+        let s = policy_state(&mgmt, "simple");
+        (s.0 == "ACCEPTED" && s.1 == "4").then_some(())
+    })
     .await;
-    let holder = mgmt.kubectl(&[
-        "get",
-        "lease",
-        "meshpilot-status-writer",
-        "-n",
-        "service-mesh-hub",
-        "-o",
-        "jsonpath={.spec.holderIdentity}",
-    ]);
+    let holder = mgmt.kubectl(&["get", "lease", "meshpilot-status-writer", "-n", "service-mesh-hub", "-o", "jsonpath={.spec.holderIdentity}"]);
     assert_eq!(holder, "replica-b");
 
     // Deregistering a cluster stops its watches; policies that point there say so.
     let out = Command::new(meshpilot_bin())
         .args(["cluster", "deregister", "--kubeconfig"])
         .arg(mgmt.kubeconfig())
-        .args([
-            "--context",
-            &mgmt.context(),
-            "--remote-cluster-name",
-            "remote-cluster",
-        ])
+        .args(["--context", &mgmt.context(), "--remote-cluster-name", "remote-cluster"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_for(
-        "remote-cluster gone from /debug/clusterz",
-        Duration::from_secs(20),
-        || async {
-            replica_b
-                .cluster_health("remote-cluster")
-                .await
-                .is_null()
-                .then_some(())
-        },
-    )
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for("remote-cluster gone from /debug/clusterz", Duration::from_secs(20), || async {
+        replica_b.cluster_health("remote-cluster").await.is_null().then_some(())
+    })
     .await;
-    let (_, _, message) = wait_for(
-        "TrafficPolicy simple INVALID after deregistration",
-        Duration::from_secs(30),
-        || async {
-            let s = policy_state(&mgmt, "simple");
-            (s.0 == "INVALID").then_some(s)
-        },
-    )
+    let (_, _, message) = wait_for("TrafficPolicy simple INVALID after deregistration", Duration::from_secs(30), || async {
+        let s = policy_state(&mgmt, "simple");
+        (s.0 == "INVALID").then_some(s)
+    })
     .await;
-    assert!(
-        message.contains("\"remote-cluster\" is not registered"),
-        "{message}"
-    );
+    assert!(message.contains("\"remote-cluster\" is not registered"), "{message}");
     drop(mgmt);
 }

@@ -10,10 +10,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use support::{
-    Envoy, Meshpilot, assert_split, envoy_or_skip, random_loopback_prefix, sample, spawn_echo,
-    wait_for,
-};
+use support::{Envoy, Meshpilot, assert_split, envoy_or_skip, random_loopback_prefix, sample, spawn_echo, wait_for};
 
 /// Copies examples/bookinfo into `dest`, moving its pod IPs (127.0.10.x and
 /// 127.0.20.x) to a random loopback prefix. Returns (management-plane, remote) prefixes.
@@ -26,10 +23,7 @@ fn copy_example(dest: &Path) -> (String, String) {
         std::fs::create_dir_all(dest.join(sub)).unwrap();
         for f in std::fs::read_dir(src.join(sub)).unwrap() {
             let f = f.unwrap().path();
-            let text = std::fs::read_to_string(&f)
-                .unwrap()
-                .replace("127.0.10.", &mp)
-                .replace("127.0.20.", &rc);
+            let text = std::fs::read_to_string(&f).unwrap().replace("127.0.10.", &mp).replace("127.0.20.", &rc);
             std::fs::write(dest.join(sub).join(f.file_name().unwrap()), text).unwrap();
         }
     }
@@ -45,25 +39,19 @@ fn write_atomically(path: &Path, text: &str) {
 async fn rds_version(mp: &Meshpilot, proxy: &str) -> Option<String> {
     let s = mp.syncz().await.into_iter().find(|s| s.proxy == proxy)?;
     let rds = s.types.get("RDS")?;
-    (rds.state == "SYNCED")
-        .then(|| rds.acked_version.clone())
-        .flatten()
+    (rds.state == "SYNCED").then(|| rds.acked_version.clone()).flatten()
 }
 
 /// Waits until `proxy` has ACKed a route configuration other than `old`.
 async fn wait_new_routes(mp: &Meshpilot, proxy: &str, old: &str) -> String {
-    wait_for(
-        &format!("{proxy} to ACK new routes"),
-        Duration::from_secs(20),
-        || async { rds_version(mp, proxy).await.filter(|v| v != old) },
-    )
+    wait_for(&format!("{proxy} to ACK new routes"), Duration::from_secs(20), || async {
+        rds_version(mp, proxy).await.filter(|v| v != old)
+    })
     .await
 }
 
 async fn policyz(mp: &Meshpilot) -> serde_json::Value {
-    let (_, body) = meshpilot::cli::http::get(&mp.admin_addr(), "/debug/policyz")
-        .await
-        .unwrap();
+    let (_, body) = meshpilot::cli::http::get(&mp.admin_addr(), "/debug/policyz").await.unwrap();
     serde_json::from_str(&body).unwrap()
 }
 
@@ -73,10 +61,7 @@ const V3: &str = "reviews-v3-7d99";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_split_through_real_envoy_moves_with_the_policy_file() {
-    let Some(envoy) = envoy_or_skip("seed_split_through_real_envoy_moves_with_the_policy_file")
-    else {
-        return;
-    };
+    let Some(envoy) = envoy_or_skip("seed_split_through_real_envoy_moves_with_the_policy_file") else { return };
     let tmp = tempfile::tempdir().unwrap();
     let logs = tmp.path();
     let config = logs.join("config");
@@ -91,32 +76,12 @@ async fn seed_split_through_real_envoy_moves_with_the_policy_file() {
     // productpage's sidecar (management-plane) and ratings' sidecar (remote-cluster), each on its pod's address.
     let pp_bind = format!("{mp_net}11");
     let ratings_bind = format!("{rc_net}13");
-    let productpage = Envoy::start_in(
-        &envoy,
-        logs,
-        "productpage-v1-7f9d.default",
-        "management-plane",
-        mp.xds_port,
-        &[
-            "--labels",
-            "app=productpage,version=v1",
-            "--outbound-bind",
-            &pp_bind,
-        ],
-    );
-    let ratings = Envoy::start_in(
-        &envoy,
-        logs,
-        "ratings-v1-8b4f.default",
-        "remote-cluster",
-        mp.xds_port,
-        &[
-            "--labels",
-            "app=ratings,version=v1",
-            "--outbound-bind",
-            &ratings_bind,
-        ],
-    );
+    let productpage = Envoy::start_in(&envoy, logs, "productpage-v1-7f9d.default", "management-plane", mp.xds_port, &[
+        "--labels", "app=productpage,version=v1", "--outbound-bind", &pp_bind,
+    ]);
+    let ratings = Envoy::start_in(&envoy, logs, "ratings-v1-8b4f.default", "remote-cluster", mp.xds_port, &[
+        "--labels", "app=ratings,version=v1", "--outbound-bind", &ratings_bind,
+    ]);
     mp.wait_synced(&productpage.node_id).await;
     mp.wait_synced(&ratings.node_id).await;
     let pp_addr = format!("{pp_bind}:9080");
@@ -128,12 +93,7 @@ async fn seed_split_through_real_envoy_moves_with_the_policy_file() {
 
     // The policy reaches clients in the other cluster too: ratings (in remote-cluster) calling
     // management-plane's reviews by its .global name gets the same split.
-    let counts = sample(
-        &format!("{ratings_bind}:9080"),
-        "reviews.default.svc.management-plane.global",
-        2000,
-    )
-    .await;
+    let counts = sample(&format!("{ratings_bind}:9080"), "reviews.default.svc.management-plane.global", 2000).await;
     let stat = assert_split(&counts, &[(V3, 75.0), (V1, 15.0), (V2, 10.0)]);
     eprintln!("seed split from remote-cluster: {counts:?} chi-square {stat:.2}");
     // ...while its own short name stays in its own cluster.
@@ -144,80 +104,37 @@ async fn seed_split_through_real_envoy_moves_with_the_policy_file() {
     let policy_file = config.join("mesh/traffic-policy.yaml");
     let seed_text = std::fs::read_to_string(&policy_file).unwrap();
     let before = rds_version(&mp, &productpage.node_id).await.unwrap();
-    write_atomically(
-        &policy_file,
-        &seed_text
-            .replace("weight: 75", "weight: 0")
-            .replace("weight: 15", "weight: 50")
-            .replace("weight: 10", "weight: 50"),
-    );
+    write_atomically(&policy_file, &seed_text.replace("weight: 75", "weight: 0").replace("weight: 15", "weight: 50").replace("weight: 10", "weight: 50"));
     let half_half = wait_new_routes(&mp, &productpage.node_id, &before).await;
     let counts = sample(&pp_addr, "reviews:9080", 2000).await;
     let stat = assert_split(&counts, &[(V1, 50.0), (V2, 50.0)]);
     eprintln!("after the edit: {counts:?} chi-square {stat:.2}");
 
     // 3. A bad edit is INVALID in /debug/policyz, names the field, and the last good split keeps serving.
-    write_atomically(
-        &policy_file,
-        &seed_text
-            .replace("weight: 75", "weight: 0")
-            .replace("weight: 15", "weight: 0")
-            .replace("weight: 10", "weight: 0"),
-    );
-    let status = wait_for(
-        "the bad edit to show INVALID",
-        Duration::from_secs(20),
-        || async {
-            let p = policyz(&mp).await;
-            let st = p["policies"]["service-mesh-hub/simple"].clone();
-            (st["state"] == "INVALID").then_some(st)
-        },
-    )
+    write_atomically(&policy_file, &seed_text.replace("weight: 75", "weight: 0").replace("weight: 15", "weight: 0").replace("weight: 10", "weight: 0"));
+    let status = wait_for("the bad edit to show INVALID", Duration::from_secs(20), || async {
+        let p = policyz(&mp).await;
+        let st = p["policies"]["service-mesh-hub/simple"].clone();
+        (st["state"] == "INVALID").then_some(st)
+    })
     .await;
     let messages = status["messages"].to_string();
-    assert!(
-        messages.contains("spec.trafficShift.destinations: the weights add up to 0"),
-        "{messages}"
-    );
-    assert!(
-        messages.contains("the last accepted version (generation 2) keeps serving"),
-        "{messages}"
-    );
-    assert_eq!(
-        rds_version(&mp, &productpage.node_id).await.as_deref(),
-        Some(half_half.as_str()),
-        "no push for a rejected edit"
-    );
+    assert!(messages.contains("spec.trafficShift.destinations: the weights add up to 0"), "{messages}");
+    assert!(messages.contains("the last accepted version (generation 2) keeps serving"), "{messages}");
+    assert_eq!(rds_version(&mp, &productpage.node_id).await.as_deref(), Some(half_half.as_str()), "no push for a rejected edit");
     let counts = sample(&pp_addr, "reviews:9080", 1000).await;
     assert_split(&counts, &[(V1, 50.0), (V2, 50.0)]);
     let proxies = mp.syncz().await;
-    assert!(
-        proxies
-            .iter()
-            .all(|p| p.types.values().all(|t| t.last_error.is_none())),
-        "no NACKs: {proxies:?}"
-    );
+    assert!(proxies.iter().all(|p| p.types.values().all(|t| t.last_error.is_none())), "no NACKs: {proxies:?}");
 
     // 4. Delete the policy: reviews is the local service again, nothing goes to the remote cluster.
     std::fs::remove_file(&policy_file).unwrap();
     wait_new_routes(&mp, &productpage.node_id, &half_half).await;
     let counts = sample(&pp_addr, "reviews:9080", 1000).await;
     assert_eq!(counts.get(V3), None, "{counts:?}");
-    assert!(
-        counts.get(V1).is_some_and(|n| *n > 300) && counts.get(V2).is_some_and(|n| *n > 300),
-        "both local versions serve: {counts:?}"
-    );
-    assert_eq!(
-        counts.values().sum::<usize>(),
-        1000,
-        "every request answered: {counts:?}"
-    );
-    assert!(
-        policyz(&mp).await["policies"]
-            .as_object()
-            .unwrap()
-            .is_empty()
-    );
+    assert!(counts.get(V1).is_some_and(|n| *n > 300) && counts.get(V2).is_some_and(|n| *n > 300), "both local versions serve: {counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 1000, "every request answered: {counts:?}");
+    assert!(policyz(&mp).await["policies"].as_object().unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -226,95 +143,45 @@ async fn validate_exits_non_zero_with_the_policy_field_and_reason() {
     let config = tmp.path().join("config");
     copy_example(&config);
     let policy = config.join("mesh/traffic-policy.yaml");
-    let ok = std::process::Command::new(support::meshpilot_bin())
-        .arg("validate")
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stdout)
-    );
+    let ok = std::process::Command::new(support::meshpilot_bin()).arg("validate").arg(&config).output().unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
     assert!(String::from_utf8_lossy(&ok.stdout).contains("TrafficPolicy service-mesh-hub/simple"));
-    let text = std::fs::read_to_string(&policy)
-        .unwrap()
-        .replace("version: v2", "version: v7");
+    let text = std::fs::read_to_string(&policy).unwrap().replace("version: v2", "version: v7");
     std::fs::write(&policy, text).unwrap();
-    let bad = std::process::Command::new(support::meshpilot_bin())
-        .arg("validate")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let bad = std::process::Command::new(support::meshpilot_bin()).arg("validate").arg(&config).output().unwrap();
     let out = String::from_utf8_lossy(&bad.stdout);
     assert_eq!(bad.status.code(), Some(1), "{out}");
-    assert!(
-        out.contains("service-mesh-hub/simple") && out.contains("INVALID"),
-        "{out}"
-    );
+    assert!(out.contains("service-mesh-hub/simple") && out.contains("INVALID"), "{out}");
     assert!(out.contains("spec.trafficShift.destinations[2].subset: {version=v7} matches no pod of reviews.default.management-plane"), "{out}");
 }
 
 /// The README's main job: `meshpilot demo` brings up the seed scenario and prints the live split.
 #[tokio::test]
 async fn demo_runs_the_seed_scenario_and_prints_the_split() {
-    let Some(envoy) = envoy_or_skip("demo_runs_the_seed_scenario_and_prints_the_split") else {
-        return;
-    };
-    let ports = [
-        support::free_port(),
-        support::free_port(),
-        support::free_port(),
-    ];
+    let Some(envoy) = envoy_or_skip("demo_runs_the_seed_scenario_and_prints_the_split") else { return };
+    let ports = [support::free_port(), support::free_port(), support::free_port()];
     let out = tokio::process::Command::new(support::meshpilot_bin())
         .args(["demo", "--duration", "1s", "--rate", "500"])
         .arg("--envoy")
         .arg(&envoy)
         .arg("--example")
         .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/bookinfo"))
-        .args([
-            "--xds-addr",
-            &format!("127.0.0.1:{}", ports[0]),
-            "--admin-addr",
-            &format!("127.0.0.1:{}", ports[1]),
-        ])
+        .args(["--xds-addr", &format!("127.0.0.1:{}", ports[0]), "--admin-addr", &format!("127.0.0.1:{}", ports[1])])
         .args(["--envoy-admin-port", &ports[2].to_string()])
         .output()
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let total = stdout
-        .lines()
-        .find(|l| l.starts_with("total "))
-        .unwrap_or_else(|| panic!("no total line:\n{stdout}"));
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let total = stdout.lines().find(|l| l.starts_with("total ")).unwrap_or_else(|| panic!("no total line:\n{stdout}"));
     let share = |pod: &str| -> f64 {
-        let rest = &total[total
-            .find(pod)
-            .unwrap_or_else(|| panic!("{pod} missing: {total}"))
-            + pod.len()..];
-        rest.trim_start()
-            .split('%')
-            .next()
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
+        let rest = &total[total.find(pod).unwrap_or_else(|| panic!("{pod} missing: {total}")) + pod.len()..];
+        rest.trim_start().split('%').next().unwrap().trim().parse().unwrap()
     };
     // 1,000 requests (one 2 s window at 500/s): each share within 5 points of the policy's.
     for (pod, want) in [(V3, 75.0), (V1, 15.0), (V2, 10.0)] {
         let got = share(pod);
-        assert!(
-            (got - want).abs() < 5.0,
-            "{pod}: {got}% vs {want}%\n{stdout}"
-        );
+        assert!((got - want).abs() < 5.0, "{pod}: {got}% vs {want}%\n{stdout}");
     }
-    assert!(
-        stdout.contains("SYNCED") && stdout.contains("75.00%  reviews.default.remote-cluster"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("SYNCED") && stdout.contains("75.00%  reviews.default.remote-cluster"), "{stdout}");
 }

@@ -22,11 +22,7 @@ fn root() -> PathBuf {
 fn to_json(set: &ResourceSet) -> Value {
     let mut out = serde_json::Map::new();
     for ty in ResourceType::PUSH_ORDER {
-        let items: Vec<Value> = set
-            .of_type(ty)
-            .values()
-            .map(|r| codec::any_to_json(&r.body()).expect("known type"))
-            .collect();
+        let items: Vec<Value> = set.of_type(ty).values().map(|r| codec::any_to_json(&r.body()).expect("known type")).collect();
         if !items.is_empty() {
             out.insert(ty.short_name().to_string(), Value::Array(items));
         }
@@ -41,16 +37,11 @@ fn check_golden(name: &str, actual: &Value) {
         std::fs::write(&path, &text).unwrap();
         return;
     }
-    let want = std::fs::read_to_string(&path)
-        .unwrap_or_else(|_| panic!("{} missing; run with UPDATE_GOLDEN=1", path.display()));
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("{} missing; run with UPDATE_GOLDEN=1", path.display()));
     if want != text {
         let got = path.with_extension("actual.json");
         std::fs::write(&got, &text).unwrap();
-        panic!(
-            "{name}: translation differs from {}; see {} (UPDATE_GOLDEN=1 to accept)",
-            path.display(),
-            got.display()
-        );
+        panic!("{name}: translation differs from {}; see {} (UPDATE_GOLDEN=1 to accept)", path.display(), got.display());
     }
 }
 
@@ -59,11 +50,7 @@ fn snapshot(dir: &str) -> MeshSnapshot {
 }
 
 fn productpage() -> ProxyScope {
-    ProxyScope::sidecar(
-        "management-plane",
-        "default",
-        &[("app", "productpage"), ("version", "v1")],
-    )
+    ProxyScope::sidecar("management-plane", "default", &[("app", "productpage"), ("version", "v1")])
 }
 
 #[test]
@@ -75,10 +62,7 @@ fn golden_seed_scenario_productpage_sidecar() {
 #[test]
 fn golden_seed_scenario_reaches_clients_in_the_other_cluster_too() {
     let scope = ProxyScope::sidecar("remote-cluster", "default", &[("app", "ratings")]);
-    check_golden(
-        "bookinfo-remote-ratings",
-        &to_json(&translate(&snapshot("examples/bookinfo"), &scope)),
-    );
+    check_golden("bookinfo-remote-ratings", &to_json(&translate(&snapshot("examples/bookinfo"), &scope)));
 }
 
 #[test]
@@ -90,33 +74,15 @@ fn golden_every_action_local_and_remote_subsets() {
 }
 
 fn route<'a>(set: &'a Value, config: &str, vhost: &str) -> &'a Value {
-    let rc = set["RDS"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == config)
-        .expect("route config");
-    rc["virtualHosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == vhost)
-        .unwrap_or_else(|| panic!("vhost {vhost}"))
+    let rc = set["RDS"].as_array().unwrap().iter().find(|r| r["name"] == config).expect("route config");
+    rc["virtualHosts"].as_array().unwrap().iter().find(|v| v["name"] == vhost).unwrap_or_else(|| panic!("vhost {vhost}"))
 }
 
 #[test]
 fn the_seed_split_is_weighted_clusters_with_istio_names() {
     let set = to_json(&translate(&snapshot("examples/bookinfo"), &productpage()));
     let vh = route(&set, "9080", "reviews.default.svc.cluster.local:9080");
-    assert_eq!(
-        vh["domains"],
-        json!([
-            "reviews.default.svc.cluster.local",
-            "reviews",
-            "reviews.default",
-            "reviews.default.svc"
-        ])
-    );
+    assert_eq!(vh["domains"], json!(["reviews.default.svc.cluster.local", "reviews", "reviews.default", "reviews.default.svc"]));
     let weighted = &vh["routes"][0]["route"]["weightedClusters"]["clusters"];
     assert_eq!(
         weighted,
@@ -129,57 +95,18 @@ fn the_seed_split_is_weighted_clusters_with_istio_names() {
     // Every weighted cluster exists, with endpoints filtered by pod labels.
     let eds = set["EDS"].as_array().unwrap();
     let addrs = |name: &str| -> Vec<String> {
-        let cla = eds
-            .iter()
-            .find(|c| c["clusterName"] == name)
-            .unwrap_or_else(|| panic!("no EDS {name}"));
-        cla["endpoints"][0]["lbEndpoints"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                e["endpoint"]["address"]["socketAddress"]["address"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect()
+        let cla = eds.iter().find(|c| c["clusterName"] == name).unwrap_or_else(|| panic!("no EDS {name}"));
+        cla["endpoints"][0]["lbEndpoints"].as_array().unwrap().iter().map(|e| e["endpoint"]["address"]["socketAddress"]["address"].as_str().unwrap().to_string()).collect()
     };
-    assert_eq!(
-        addrs("outbound|9080|version-v1|reviews.default.svc.cluster.local"),
-        ["127.0.10.21"]
-    );
-    assert_eq!(
-        addrs("outbound|9080|version-v2|reviews.default.svc.cluster.local"),
-        ["127.0.10.22"]
-    );
-    assert_eq!(
-        addrs("outbound|9080||reviews.default.svc.remote-cluster.global"),
-        ["127.0.20.23"]
-    );
-    assert_eq!(
-        addrs("outbound|9080||reviews.default.svc.cluster.local"),
-        ["127.0.10.21", "127.0.10.22"]
-    );
-    let cds: Vec<&str> = set["CDS"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
+    assert_eq!(addrs("outbound|9080|version-v1|reviews.default.svc.cluster.local"), ["127.0.10.21"]);
+    assert_eq!(addrs("outbound|9080|version-v2|reviews.default.svc.cluster.local"), ["127.0.10.22"]);
+    assert_eq!(addrs("outbound|9080||reviews.default.svc.remote-cluster.global"), ["127.0.20.23"]);
+    assert_eq!(addrs("outbound|9080||reviews.default.svc.cluster.local"), ["127.0.10.21", "127.0.10.22"]);
+    let cds: Vec<&str> = set["CDS"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert!(cds.contains(&"outbound|9080|version-v1|reviews.default.svc.cluster.local"));
     // Remote services are addressable by their .global name, local ones keep the short name.
-    route(
-        &set,
-        "9080",
-        "ratings.default.svc.remote-cluster.global:9080",
-    );
-    let listeners: Vec<&str> = set["LDS"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["name"].as_str().unwrap())
-        .collect();
+    route(&set, "9080", "ratings.default.svc.remote-cluster.global:9080");
+    let listeners: Vec<&str> = set["LDS"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
     assert_eq!(listeners, ["127.0.0.1_9080"]);
 }
 
@@ -189,71 +116,35 @@ fn without_a_policy_a_service_name_stays_in_its_own_cluster() {
     s.applied.clear();
     let set = to_json(&translate(&s, &productpage()));
     let vh = route(&set, "9080", "reviews.default.svc.cluster.local:9080");
-    assert_eq!(
-        vh["routes"][0]["route"]["cluster"],
-        "outbound|9080||reviews.default.svc.cluster.local"
-    );
+    assert_eq!(vh["routes"][0]["route"]["cluster"], "outbound|9080||reviews.default.svc.cluster.local");
 }
 
 #[test]
 fn a_service_only_in_another_cluster_answers_to_its_kubernetes_names() {
     let set = to_json(&translate(&snapshot("tests/testdata/rich"), &productpage()));
-    let vh = route(
-        &set,
-        "9080",
-        "legacy.default.svc.remote-cluster.global:9080",
-    );
+    let vh = route(&set, "9080", "legacy.default.svc.remote-cluster.global:9080");
     assert_eq!(
         vh["domains"],
-        json!([
-            "legacy.default.svc.remote-cluster.global",
-            "legacy.default.svc.cluster.local",
-            "legacy",
-            "legacy.default",
-            "legacy.default.svc"
-        ])
+        json!(["legacy.default.svc.remote-cluster.global", "legacy.default.svc.cluster.local", "legacy", "legacy.default", "legacy.default.svc"])
     );
     // details is shifted wholesale to it; the target port 8080 comes from the EndpointSlice; unready endpoints are left out.
     let details = route(&set, "9080", "details.default.svc.cluster.local:9080");
-    assert_eq!(
-        details["routes"][0]["route"]["cluster"],
-        "outbound|9080||legacy.default.svc.remote-cluster.global"
-    );
+    assert_eq!(details["routes"][0]["route"]["cluster"], "outbound|9080||legacy.default.svc.remote-cluster.global");
     let eds = set["EDS"].as_array().unwrap();
-    let cla = eds
-        .iter()
-        .find(|c| c["clusterName"] == "outbound|9080||legacy.default.svc.remote-cluster.global")
-        .unwrap();
+    let cla = eds.iter().find(|c| c["clusterName"] == "outbound|9080||legacy.default.svc.remote-cluster.global").unwrap();
     assert_eq!(cla["endpoints"].as_array().unwrap().len(), 1);
     assert_eq!(cla["endpoints"][0]["locality"]["zone"], "zone-b");
-    assert_eq!(
-        cla["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"],
-        json!({"address": "127.0.20.31", "portValue": 8080})
-    );
+    assert_eq!(cla["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"], json!({"address": "127.0.20.31", "portValue": 8080}));
 }
 
 #[test]
 fn source_selectors_decide_which_clients_get_a_rule() {
     let s = snapshot("tests/testdata/rich");
     let pp = to_json(&translate(&s, &productpage()));
-    let details = to_json(&translate(
-        &s,
-        &ProxyScope::sidecar("management-plane", "default", &[("app", "details")]),
-    ));
-    let routes_pp = route(&pp, "9080", "reviews.default.svc.cluster.local:9080")["routes"]
-        .as_array()
-        .unwrap()
-        .len();
-    let routes_details =
-        route(&details, "9080", "reviews.default.svc.cluster.local:9080")["routes"]
-            .as_array()
-            .unwrap()
-            .len();
-    assert_eq!(
-        (routes_pp, routes_details),
-        (3, 1),
-        "two matchers + catch-all for productpage only"
-    );
+    let details = to_json(&translate(&s, &ProxyScope::sidecar("management-plane", "default", &[("app", "details")])));
+    let routes_pp = route(&pp, "9080", "reviews.default.svc.cluster.local:9080")["routes"].as_array().unwrap().len();
+    let routes_details = route(&details, "9080", "reviews.default.svc.cluster.local:9080")["routes"].as_array().unwrap().len();
+    assert_eq!((routes_pp, routes_details), (3, 1), "two matchers + catch-all for productpage only");
 }
 
 /// Envoy (`--mode validate`) accepts every translated resource: the golden
@@ -261,35 +152,16 @@ fn source_selectors_decide_which_clients_get_a_rule() {
 /// inline, listeners with their routes inline).
 #[test]
 fn envoy_accepts_the_translated_resources() {
-    let Some(envoy) = support::envoy_or_skip("envoy_accepts_the_translated_resources") else {
-        return;
-    };
+    let Some(envoy) = support::envoy_or_skip("envoy_accepts_the_translated_resources") else { return };
     let dir = tempfile::tempdir().unwrap();
     let s = snapshot("tests/testdata/rich");
-    for (i, scope) in [
-        productpage(),
-        ProxyScope::sidecar("remote-cluster", "default", &[("app", "ratings")]),
-    ]
-    .iter()
-    .enumerate()
-    {
+    for (i, scope) in [productpage(), ProxyScope::sidecar("remote-cluster", "default", &[("app", "ratings")])].iter().enumerate() {
         let set = to_json(&translate(&s, scope));
         let bootstrap = static_bootstrap(&set);
         let path = dir.path().join(format!("static-{i}.json"));
         std::fs::write(&path, serde_json::to_string_pretty(&bootstrap).unwrap()).unwrap();
-        let out = Command::new(&envoy)
-            .args(["--mode", "validate", "-c"])
-            .arg(&path)
-            .args(["-l", "error"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "envoy rejected {}:\n{}{}",
-            path.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new(&envoy).args(["--mode", "validate", "-c"]).arg(&path).args(["-l", "error"]).output().unwrap();
+        assert!(out.status.success(), "envoy rejected {}:\n{}{}", path.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
 }
 
@@ -313,11 +185,7 @@ fn static_bootstrap(set: &Value) -> Value {
             let obj = c.as_object_mut().unwrap();
             obj.remove("edsClusterConfig");
             obj.insert("type".into(), json!("STATIC"));
-            let cla = eds
-                .iter()
-                .find(|e| e["clusterName"] == name)
-                .cloned()
-                .unwrap_or(json!({"clusterName": name}));
+            let cla = eds.iter().find(|e| e["clusterName"] == name).cloned().unwrap_or(json!({"clusterName": name}));
             obj.insert("loadAssignment".into(), cla);
             c
         })
@@ -333,14 +201,13 @@ fn static_bootstrap(set: &Value) -> Value {
             let name = hcm["rds"]["routeConfigName"].clone();
             let rc = routes.iter().find(|r| r["name"] == name).cloned().unwrap();
             hcm.as_object_mut().unwrap().remove("rds");
-            hcm.as_object_mut()
-                .unwrap()
-                .insert("routeConfig".into(), rc);
+            hcm.as_object_mut().unwrap().insert("routeConfig".into(), rc);
             l
         })
         .collect();
     json!({"staticResources": {"clusters": clusters, "listeners": listeners}})
 }
+
 
 fn multinet_productpage() -> ProxyScope {
     let mut s = productpage();
@@ -350,11 +217,7 @@ fn multinet_productpage() -> ProxyScope {
 }
 
 fn multinet_gateway() -> ProxyScope {
-    let mut s = ProxyScope::sidecar(
-        "remote-cluster",
-        "istio-system",
-        &[("app", "istio-eastwestgateway")],
-    );
+    let mut s = ProxyScope::sidecar("remote-cluster", "istio-system", &[("app", "istio-eastwestgateway")]);
     s.role = meshpilot::xds::node::ProxyRole::Gateway;
     s.instance_ips = vec!["10.99.0.2".into()];
     s
@@ -363,14 +226,8 @@ fn multinet_gateway() -> ProxyScope {
 #[test]
 fn golden_two_networks_sidecar_and_gateway() {
     let s = snapshot("examples/bookinfo-multinet");
-    check_golden(
-        "multinet-productpage",
-        &to_json(&translate(&s, &multinet_productpage())),
-    );
-    check_golden(
-        "multinet-gateway",
-        &to_json(&translate(&s, &multinet_gateway())),
-    );
+    check_golden("multinet-productpage", &to_json(&translate(&s, &multinet_productpage())));
+    check_golden("multinet-gateway", &to_json(&translate(&s, &multinet_gateway())));
 }
 
 #[test]
@@ -378,86 +235,37 @@ fn another_networks_endpoints_are_its_gateway_with_mtls_and_the_sni() {
     let s = snapshot("examples/bookinfo-multinet");
     let set = to_json(&translate(&s, &multinet_productpage()));
     let eds = set["EDS"].as_array().unwrap();
-    let cla = |name: &str| {
-        eds.iter()
-            .find(|c| c["clusterName"] == name)
-            .unwrap_or_else(|| panic!("no EDS {name}"))
-            .clone()
-    };
+    let cla = |name: &str| eds.iter().find(|c| c["clusterName"] == name).unwrap_or_else(|| panic!("no EDS {name}")).clone();
     // v3 lives on network-rc: productpage (network-mp) gets the gateway, weighted by the one endpoint behind it.
     let v3 = cla("outbound|9080||reviews.default.svc.remote-cluster.global");
     let lb = &v3["endpoints"][0]["lbEndpoints"];
     assert_eq!(lb.as_array().unwrap().len(), 1);
-    assert_eq!(
-        lb[0]["endpoint"]["address"]["socketAddress"],
-        json!({"address": "10.99.0.2", "portValue": 15443})
-    );
+    assert_eq!(lb[0]["endpoint"]["address"]["socketAddress"], json!({"address": "10.99.0.2", "portValue": 15443}));
     assert_eq!(lb[0]["loadBalancingWeight"], 1);
-    assert_eq!(
-        lb[0]["metadata"]["filterMetadata"]["envoy.transport_socket_match"],
-        json!({"tlsMode": "istio"})
-    );
+    assert_eq!(lb[0]["metadata"]["filterMetadata"]["envoy.transport_socket_match"], json!({"tlsMode": "istio"}));
     // Local ones stay direct, still mTLS.
     let v1 = cla("outbound|9080|version-v1|reviews.default.svc.cluster.local");
-    assert_eq!(
-        v1["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"]["address"],
-        "10.10.0.21"
-    );
-    assert_eq!(
-        v1["endpoints"][0]["lbEndpoints"][0]["metadata"]["filterMetadata"]["envoy.transport_socket_match"]
-            ["tlsMode"],
-        "istio"
-    );
+    assert_eq!(v1["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"]["address"], "10.10.0.21");
+    assert_eq!(v1["endpoints"][0]["lbEndpoints"][0]["metadata"]["filterMetadata"]["envoy.transport_socket_match"]["tlsMode"], "istio");
     // The cluster originates mTLS with the SNI the remote gateway routes on.
     let cds = set["CDS"].as_array().unwrap();
-    let c = cds
-        .iter()
-        .find(|c| c["name"] == "outbound|9080||reviews.default.svc.remote-cluster.global")
-        .unwrap();
+    let c = cds.iter().find(|c| c["name"] == "outbound|9080||reviews.default.svc.remote-cluster.global").unwrap();
     let tls = &c["transportSocketMatches"][0]["transportSocket"]["typedConfig"];
-    assert_eq!(
-        tls["sni"],
-        "outbound_.9080_._.reviews.default.svc.cluster.local"
-    );
-    assert_eq!(
-        tls["commonTlsContext"]["tlsCertificateSdsSecretConfigs"][0]["name"],
-        "default"
-    );
+    assert_eq!(tls["sni"], "outbound_.9080_._.reviews.default.svc.cluster.local");
+    assert_eq!(tls["commonTlsContext"]["tlsCertificateSdsSecretConfigs"][0]["name"], "default");
     // The inbound side terminates mTLS for the workload's own port.
-    let listeners: Vec<&str> = set["LDS"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["name"].as_str().unwrap())
-        .collect();
+    let listeners: Vec<&str> = set["LDS"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
     assert_eq!(listeners, ["10.10.0.10_9080", "127.0.0.1_9080"]);
 
     // The gateway exports reviews (no subset) by SNI, passthrough to v3's address.
     let gw = to_json(&translate(&s, &multinet_gateway()));
     let chains = gw["LDS"][0]["filterChains"].as_array().unwrap();
-    let sni: Vec<&str> = chains
-        .iter()
-        .map(|c| c["filterChainMatch"]["serverNames"][0].as_str().unwrap())
-        .collect();
-    assert!(
-        sni.contains(&"outbound_.9080_._.reviews.default.svc.cluster.local"),
-        "{sni:?}"
-    );
+    let sni: Vec<&str> = chains.iter().map(|c| c["filterChainMatch"]["serverNames"][0].as_str().unwrap()).collect();
+    assert!(sni.contains(&"outbound_.9080_._.reviews.default.svc.cluster.local"), "{sni:?}");
     let gw_eds = gw["EDS"].as_array().unwrap();
-    let reviews = gw_eds
-        .iter()
-        .find(|c| c["clusterName"] == "outbound_.9080_._.reviews.default.svc.cluster.local")
-        .unwrap();
-    assert_eq!(
-        reviews["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"]["address"],
-        "10.20.0.23"
-    );
-    assert!(
-        reviews["endpoints"][0]["lbEndpoints"][0]
-            .get("metadata")
-            .is_none(),
-        "passthrough: no TLS from the gateway"
-    );
+    let reviews = gw_eds.iter().find(|c| c["clusterName"] == "outbound_.9080_._.reviews.default.svc.cluster.local").unwrap();
+    assert_eq!(reviews["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"]["address"], "10.20.0.23");
+    assert!(reviews["endpoints"][0]["lbEndpoints"][0].get("metadata").is_none(), "passthrough: no TLS from the gateway");
 }
 
 #[test]
@@ -466,13 +274,6 @@ fn without_a_ca_another_networks_endpoints_are_left_out() {
     s.trust.clear();
     let set = to_json(&translate(&s, &multinet_productpage()));
     let eds = set["EDS"].as_array().unwrap();
-    let v3 = eds
-        .iter()
-        .find(|c| c["clusterName"] == "outbound|9080||reviews.default.svc.remote-cluster.global")
-        .unwrap();
-    assert!(
-        v3.get("endpoints")
-            .is_none_or(|e| e.as_array().unwrap().is_empty()),
-        "{v3}"
-    );
+    let v3 = eds.iter().find(|c| c["clusterName"] == "outbound|9080||reviews.default.svc.remote-cluster.global").unwrap();
+    assert!(v3.get("endpoints").is_none_or(|e| e.as_array().unwrap().is_empty()), "{v3}");
 }

@@ -52,9 +52,7 @@ pub async fn serve_admin(
     state: AdminState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
 }
 
 const NO_MESH: &str = "not serving a mesh (start meshpilot with --config-dir)\n";
@@ -73,11 +71,7 @@ async fn policyz(State(state): State<AdminState>) -> Response {
 async fn clusterz(State(state): State<AdminState>) -> Response {
     match &state.clusters {
         Some(h) => Json(h.clusters()).into_response(),
-        None => (
-            StatusCode::NOT_FOUND,
-            "not serving from Kubernetes (start meshpilot with --kubernetes)\n",
-        )
-            .into_response(),
+        None => (StatusCode::NOT_FOUND, "not serving from Kubernetes (start meshpilot with --kubernetes)\n").into_response(),
     }
 }
 
@@ -87,16 +81,10 @@ struct DescribeQuery {
 }
 
 async fn describe(State(state): State<AdminState>, Query(q): Query<DescribeQuery>) -> Response {
-    let Some(mesh) = &state.mesh else {
-        return (StatusCode::NOT_FOUND, NO_MESH).into_response();
-    };
+    let Some(mesh) = &state.mesh else { return (StatusCode::NOT_FOUND, NO_MESH).into_response() };
     match parse_service_arg(&q.service) {
         Some(key) => Json(describe_service(&mesh.snapshot(), &key)).into_response(),
-        None => (
-            StatusCode::BAD_REQUEST,
-            format!("service={:?} is not NAME.NAMESPACE.CLUSTER\n", q.service),
-        )
-            .into_response(),
+        None => (StatusCode::BAD_REQUEST, format!("service={:?} is not NAME.NAMESPACE.CLUSTER\n", q.service)).into_response(),
     }
 }
 
@@ -104,20 +92,13 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     if state.provider.is_ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: config sources have not loaded yet\n",
-        )
-            .into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: config sources have not loaded yet\n").into_response()
     }
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         state.metrics.encode(),
     )
         .into_response()
@@ -182,16 +163,11 @@ fn not_sent() -> TypeSync {
 }
 
 fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or_default()
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
 }
 
 fn role_name(node: &ProxyNode) -> String {
-    serde_json::to_value(node.role)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
+    serde_json::to_value(node.role).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
 pub fn sync_status(conn: &ProxyConnection, now: Instant) -> SyncStatus {
@@ -222,14 +198,7 @@ pub fn sync_status(conn: &ProxyConnection, now: Instant) -> SyncStatus {
 
 async fn syncz(State(state): State<AdminState>) -> Json<Vec<SyncStatus>> {
     let now = Instant::now();
-    Json(
-        state
-            .registry
-            .all()
-            .iter()
-            .map(|c| sync_status(c, now))
-            .collect(),
-    )
+    Json(state.registry.all().iter().map(|c| sync_status(c, now)).collect())
 }
 
 #[derive(Debug, Deserialize)]
@@ -241,41 +210,23 @@ struct ConfigDumpQuery {
     types: Option<String>,
 }
 
-async fn config_dump(
-    State(state): State<AdminState>,
-    Query(q): Query<ConfigDumpQuery>,
-) -> Response {
+async fn config_dump(State(state): State<AdminState>, Query(q): Query<ConfigDumpQuery>) -> Response {
     let Some(id) = q.proxy.or(q.proxy_id) else {
         return (StatusCode::BAD_REQUEST, "missing ?proxy=<node id>\n").into_response();
     };
     let Some(conn) = state.registry.by_node_id(&id) else {
-        return (
-            StatusCode::NOT_FOUND,
-            format!("no connected proxy with node id {id:?}\n"),
-        )
-            .into_response();
+        return (StatusCode::NOT_FOUND, format!("no connected proxy with node id {id:?}\n")).into_response();
     };
-    let wanted: Option<Vec<String>> = q.types.map(|t| {
-        t.split(',')
-            .map(|s| s.trim().to_ascii_uppercase())
-            .filter(|s| !s.is_empty())
-            .collect()
-    });
+    let wanted: Option<Vec<String>> =
+        q.types.map(|t| t.split(',').map(|s| s.trim().to_ascii_uppercase()).filter(|s| !s.is_empty()).collect());
     match config_dump_json(&conn, wanted.as_deref()) {
         Ok(json) => Json(json).into_response(),
-        Err(err) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot render config: {err}\n"),
-        )
-            .into_response(),
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot render config: {err}\n")).into_response(),
     }
 }
 
 /// What meshpilot last sent one proxy, as JSON (resources in proto3 JSON with `@type`).
-pub fn config_dump_json(
-    conn: &ProxyConnection,
-    types: Option<&[String]>,
-) -> Result<serde_json::Value, codec::CodecError> {
+pub fn config_dump_json(conn: &ProxyConnection, types: Option<&[String]>) -> Result<serde_json::Value, codec::CodecError> {
     let mut configs = Vec::new();
     for (ty, (version, resources)) in conn.view.sent() {
         if types.is_some_and(|t| !t.iter().any(|w| w == ty.short_name())) {

@@ -92,76 +92,40 @@ pub struct DeregisterArgs {
 
 fn read_kubeconfig(path: Option<&std::path::Path>) -> anyhow::Result<Kubeconfig> {
     match path {
-        Some(p) => {
-            Kubeconfig::read_from(p).with_context(|| format!("reading kubeconfig {}", p.display()))
-        }
-        None => {
-            Kubeconfig::read().context("reading the kubeconfig ($KUBECONFIG or ~/.kube/config)")
-        }
+        Some(p) => Kubeconfig::read_from(p).with_context(|| format!("reading kubeconfig {}", p.display())),
+        None => Kubeconfig::read().context("reading the kubeconfig ($KUBECONFIG or ~/.kube/config)"),
     }
 }
 
 async fn client_for(kubeconfig: Kubeconfig, context: Option<String>) -> anyhow::Result<Client> {
-    let options = KubeConfigOptions {
-        context: context.clone(),
-        ..Default::default()
-    };
+    let options = KubeConfigOptions { context: context.clone(), ..Default::default() };
     let config = Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
-        .with_context(|| {
-            format!(
-                "kubeconfig context {}",
-                context.as_deref().unwrap_or("(current)")
-            )
-        })?;
+        .with_context(|| format!("kubeconfig context {}", context.as_deref().unwrap_or("(current)")))?;
     Ok(Client::try_from(config)?)
 }
 
 /// The remote cluster's server URL and CA (PEM, base64) from the kubeconfig context.
-fn remote_endpoint(
-    kubeconfig: &Kubeconfig,
-    context: &str,
-    base: Option<&std::path::Path>,
-) -> anyhow::Result<(String, Option<String>)> {
+fn remote_endpoint(kubeconfig: &Kubeconfig, context: &str, base: Option<&std::path::Path>) -> anyhow::Result<(String, Option<String>)> {
     let ctx = kubeconfig
         .contexts
         .iter()
         .find(|c| c.name == context)
         .and_then(|c| c.context.as_ref())
-        .with_context(|| {
-            format!("--remote-context {context}: no such context in the kubeconfig")
-        })?;
+        .with_context(|| format!("--remote-context {context}: no such context in the kubeconfig"))?;
     let cluster = kubeconfig
         .clusters
         .iter()
         .find(|c| c.name == ctx.cluster)
         .and_then(|c| c.cluster.as_ref())
-        .with_context(|| {
-            format!(
-                "context {context}: cluster {} is not in the kubeconfig",
-                ctx.cluster
-            )
-        })?;
-    let server = cluster
-        .server
-        .clone()
-        .with_context(|| format!("cluster {}: no server", ctx.cluster))?;
-    let ca = match (
-        &cluster.certificate_authority_data,
-        &cluster.certificate_authority,
-    ) {
+        .with_context(|| format!("context {context}: cluster {} is not in the kubeconfig", ctx.cluster))?;
+    let server = cluster.server.clone().with_context(|| format!("cluster {}: no server", ctx.cluster))?;
+    let ca = match (&cluster.certificate_authority_data, &cluster.certificate_authority) {
         (Some(data), _) => Some(data.clone()),
         (None, Some(path)) => {
             let p = std::path::Path::new(path);
-            let p = if p.is_relative() {
-                base.and_then(|b| b.parent())
-                    .map(|d| d.join(p))
-                    .unwrap_or_else(|| p.to_path_buf())
-            } else {
-                p.to_path_buf()
-            };
-            let pem = std::fs::read(&p)
-                .with_context(|| format!("reading certificate-authority {}", p.display()))?;
+            let p = if p.is_relative() { base.and_then(|b| b.parent()).map(|d| d.join(p)).unwrap_or_else(|| p.to_path_buf()) } else { p.to_path_buf() };
+            let pem = std::fs::read(&p).with_context(|| format!("reading certificate-authority {}", p.display()))?;
             Some(base64::engine::general_purpose::STANDARD.encode(pem))
         }
         (None, None) => None,
@@ -184,59 +148,32 @@ pub fn reader_cluster_role() -> serde_json::Value {
 
 pub async fn register(args: RegisterArgs) -> anyhow::Result<()> {
     let name = &args.remote_cluster_name;
-    let remote_path = args
-        .remote_kubeconfig
-        .clone()
-        .or(args.management.kubeconfig.clone());
+    let remote_path = args.remote_kubeconfig.clone().or(args.management.kubeconfig.clone());
     let remote_kc = read_kubeconfig(remote_path.as_deref())?;
-    let (mut server, ca) =
-        remote_endpoint(&remote_kc, &args.remote_context, remote_path.as_deref())?;
+    let (mut server, ca) = remote_endpoint(&remote_kc, &args.remote_context, remote_path.as_deref())?;
     if let Some(addr) = &args.api_server_address {
         server = addr.clone();
     }
     let remote = client_for(remote_kc, Some(args.remote_context.clone())).await?;
-    let mgmt = client_for(
-        read_kubeconfig(args.management.kubeconfig.as_deref())?,
-        args.management.context.clone(),
-    )
-    .await?;
+    let mgmt = client_for(read_kubeconfig(args.management.kubeconfig.as_deref())?, args.management.context.clone()).await?;
 
-    let clusters: Api<KubernetesCluster> =
-        Api::namespaced(mgmt.clone(), &args.management.namespace);
-    if !args.overwrite
-        && clusters
-            .get_opt(name)
-            .await
-            .context("reading KubernetesClusters in the management cluster")?
-            .is_some()
-    {
-        bail!(
-            "cluster {name} is already registered (KubernetesCluster {}/{name}); pass --overwrite to replace it",
-            args.management.namespace
-        );
+    let clusters: Api<KubernetesCluster> = Api::namespaced(mgmt.clone(), &args.management.namespace);
+    if !args.overwrite && clusters.get_opt(name).await.context("reading KubernetesClusters in the management cluster")?.is_some() {
+        bail!("cluster {name} is already registered (KubernetesCluster {}/{name}); pass --overwrite to replace it", args.management.namespace);
     }
 
     // 1. The reader identity in the remote cluster.
     let ns = &args.remote_write_namespace;
     let ssa = PatchParams::apply(MANAGER).force();
     Api::<Namespace>::all(remote.clone())
-        .patch(
-            ns,
-            &ssa,
-            &Patch::Apply(
-                json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns } }),
-            ),
-        )
+        .patch(ns, &ssa, &Patch::Apply(json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns } })))
         .await
         .with_context(|| format!("creating namespace {ns} in {}", args.remote_context))?;
     Api::<ServiceAccount>::namespaced(remote.clone(), ns)
         .patch(READER_NAME, &ssa, &Patch::Apply(json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": { "name": READER_NAME, "namespace": ns } })))
         .await
         .context("creating the reader ServiceAccount")?;
-    Api::<ClusterRole>::all(remote.clone())
-        .patch(READER_NAME, &ssa, &Patch::Apply(reader_cluster_role()))
-        .await
-        .context("creating the reader ClusterRole")?;
+    Api::<ClusterRole>::all(remote.clone()).patch(READER_NAME, &ssa, &Patch::Apply(reader_cluster_role())).await.context("creating the reader ClusterRole")?;
     Api::<ClusterRoleBinding>::all(remote.clone())
         .patch(
             READER_NAME,
@@ -271,9 +208,7 @@ pub async fn register(args: RegisterArgs) -> anyhow::Result<()> {
             break String::from_utf8(t.0.clone()).context("token is not UTF-8")?;
         }
         if tokio::time::Instant::now() > deadline {
-            bail!(
-                "the token controller did not fill Secret {ns}/{token_secret} within 30s (is kube-controller-manager running?)"
-            );
+            bail!("the token controller did not fill Secret {ns}/{token_secret} within 30s (is kube-controller-manager running?)");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -293,63 +228,33 @@ pub async fn register(args: RegisterArgs) -> anyhow::Result<()> {
     let kubeconfig_yaml = serde_yaml_ng::to_string(&kubeconfig)?;
     if args.api_server_address.is_none() {
         let (reader, _) = client_from_kubeconfig_yaml(&kubeconfig_yaml, None).await?;
-        Api::<Service>::all(reader.clone())
-            .list(&ListParams::default().limit(1))
-            .await
-            .context("the new reader identity cannot list Services")?;
-        if Api::<Secret>::all(reader)
-            .list(&ListParams::default().limit(1))
-            .await
-            .is_ok()
-        {
-            bail!(
-                "the reader identity can read Secrets: something else grants it more than meshpilot needs"
-            );
+        Api::<Service>::all(reader.clone()).list(&ListParams::default().limit(1)).await.context("the new reader identity cannot list Services")?;
+        if Api::<Secret>::all(reader).list(&ListParams::default().limit(1)).await.is_ok() {
+            bail!("the reader identity can read Secrets: something else grants it more than meshpilot needs");
         }
     }
 
     // 3. The Secret and the KubernetesCluster in the management cluster.
     let mns = &args.management.namespace;
     Api::<Namespace>::all(mgmt.clone())
-        .patch(
-            mns,
-            &ssa,
-            &Patch::Apply(
-                json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": mns } }),
-            ),
-        )
+        .patch(mns, &ssa, &Patch::Apply(json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": mns } })))
         .await
         .with_context(|| format!("creating namespace {mns} in the management cluster"))?;
     let secret = Secret {
         metadata: kube::api::ObjectMeta {
             name: Some(name.clone()),
             namespace: Some(mns.clone()),
-            labels: Some(
-                [(
-                    "app.kubernetes.io/managed-by".to_string(),
-                    "meshpilot".to_string(),
-                )]
-                .into(),
-            ),
+            labels: Some([("app.kubernetes.io/managed-by".to_string(), "meshpilot".to_string())].into()),
             ..Default::default()
         },
         type_: Some("solo.io/kubeconfig".into()),
-        data: Some(
-            [(
-                "kubeconfig".to_string(),
-                ByteString(kubeconfig_yaml.into_bytes()),
-            )]
-            .into(),
-        ),
+        data: Some([("kubeconfig".to_string(), ByteString(kubeconfig_yaml.into_bytes()))].into()),
         ..Default::default()
     };
     let mut secret_value = serde_json::to_value(&secret)?;
     secret_value["apiVersion"] = json!("v1");
     secret_value["kind"] = json!("Secret");
-    Api::<Secret>::namespaced(mgmt.clone(), mns)
-        .patch(name, &ssa, &Patch::Apply(secret_value))
-        .await
-        .context("writing the kubeconfig Secret")?;
+    Api::<Secret>::namespaced(mgmt.clone(), mns).patch(name, &ssa, &Patch::Apply(secret_value)).await.context("writing the kubeconfig Secret")?;
     clusters
         .patch(
             name,
@@ -362,57 +267,31 @@ pub async fn register(args: RegisterArgs) -> anyhow::Result<()> {
         )
         .await
         .context("writing the KubernetesCluster")?;
-    println!(
-        "Registered cluster {name}: KubernetesCluster {mns}/{name}, kubeconfig in Secret {mns}/{name}"
-    );
-    println!(
-        "  reader identity: ServiceAccount {ns}/{READER_NAME} in {} (ClusterRole {READER_NAME}: read Services, EndpointSlices, Pods, Nodes, Namespaces)",
-        args.remote_context
-    );
+    println!("Registered cluster {name}: KubernetesCluster {mns}/{name}, kubeconfig in Secret {mns}/{name}");
+    println!("  reader identity: ServiceAccount {ns}/{READER_NAME} in {} (ClusterRole {READER_NAME}: read Services, EndpointSlices, Pods, Nodes, Namespaces)", args.remote_context);
     println!("  API server: {server}");
     Ok(())
 }
 
 pub async fn deregister(args: DeregisterArgs) -> anyhow::Result<()> {
     let name = &args.remote_cluster_name;
-    let mgmt = client_for(
-        read_kubeconfig(args.management.kubeconfig.as_deref())?,
-        args.management.context.clone(),
-    )
-    .await?;
+    let mgmt = client_for(read_kubeconfig(args.management.kubeconfig.as_deref())?, args.management.context.clone()).await?;
     let mns = &args.management.namespace;
     let dp = DeleteParams::default();
     let mut removed = 0;
-    if Api::<KubernetesCluster>::namespaced(mgmt.clone(), mns)
-        .delete(name, &dp)
-        .await
-        .is_ok()
-    {
+    if Api::<KubernetesCluster>::namespaced(mgmt.clone(), mns).delete(name, &dp).await.is_ok() {
         removed += 1;
     }
-    if Api::<Secret>::namespaced(mgmt, mns)
-        .delete(name, &dp)
-        .await
-        .is_ok()
-    {
+    if Api::<Secret>::namespaced(mgmt, mns).delete(name, &dp).await.is_ok() {
         removed += 1;
     }
     if let Some(ctx) = &args.remote_context {
-        let path = args
-            .remote_kubeconfig
-            .clone()
-            .or(args.management.kubeconfig.clone());
+        let path = args.remote_kubeconfig.clone().or(args.management.kubeconfig.clone());
         let remote = client_for(read_kubeconfig(path.as_deref())?, Some(ctx.clone())).await?;
         let ns = &args.remote_write_namespace;
-        let _ = Api::<ClusterRoleBinding>::all(remote.clone())
-            .delete(READER_NAME, &dp)
-            .await;
-        let _ = Api::<ClusterRole>::all(remote.clone())
-            .delete(READER_NAME, &dp)
-            .await;
-        let _ = Api::<ServiceAccount>::namespaced(remote, ns)
-            .delete(READER_NAME, &dp)
-            .await;
+        let _ = Api::<ClusterRoleBinding>::all(remote.clone()).delete(READER_NAME, &dp).await;
+        let _ = Api::<ClusterRole>::all(remote.clone()).delete(READER_NAME, &dp).await;
+        let _ = Api::<ServiceAccount>::namespaced(remote, ns).delete(READER_NAME, &dp).await;
     }
     if removed == 0 {
         bail!("cluster {name} is not registered in {mns}");

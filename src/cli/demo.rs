@@ -59,12 +59,7 @@ pub struct DemoArgs {
 pub(crate) struct Children(pub(crate) Vec<(String, Child)>);
 
 impl Children {
-    pub(crate) fn spawn(
-        &mut self,
-        name: &str,
-        cmd: &mut Command,
-        logs: &Path,
-    ) -> anyhow::Result<()> {
+    pub(crate) fn spawn(&mut self, name: &str, cmd: &mut Command, logs: &Path) -> anyhow::Result<()> {
         let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
         let child = cmd
             .stdin(Stdio::null())
@@ -110,12 +105,7 @@ pub fn copy_dir(src: &Path, dst: &Path) -> anyhow::Result<()> {
 }
 
 /// Polls `check` every 100 ms until it is true (a readiness signal), or fails after `timeout`.
-pub(crate) async fn wait_until<F, Fut>(
-    what: &str,
-    timeout: Duration,
-    children: &mut Children,
-    mut check: F,
-) -> anyhow::Result<()>
+pub(crate) async fn wait_until<F, Fut>(what: &str, timeout: Duration, children: &mut Children, mut check: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -126,10 +116,7 @@ where
             return Ok(());
         }
         children.check_alive()?;
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        anyhow::ensure!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -155,11 +142,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     copy_dir(&args.example, &config)?;
     let snapshot = offline_snapshot(&config)?;
     let (report, _) = validation_report(&snapshot);
-    println!(
-        "== {} (copied to {})\n{report}",
-        args.example.display(),
-        config.display()
-    );
+    println!("== {} (copied to {})\n{report}", args.example.display(), config.display());
 
     // Workloads: one echo process per pod address; the client pod gets the sidecar instead.
     let mut children = Children(Vec::new());
@@ -168,10 +151,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for (cluster, state) in &snapshot.clusters {
         for (svc, eps) in &state.endpoints {
             for ep in eps {
-                let pod = ep
-                    .pod
-                    .clone()
-                    .unwrap_or_else(|| format!("{}-{}", svc.1, ep.address));
+                let pod = ep.pod.clone().unwrap_or_else(|| format!("{}-{}", svc.1, ep.address));
                 if ep.labels.get("app") == Some(&args.client_app) {
                     client.get_or_insert((cluster.clone(), svc.0.clone(), ep.clone(), pod));
                     continue;
@@ -179,135 +159,63 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 for port in ep.ports.values() {
                     let addr = format!("{}:{port}", ep.address);
                     if backends.insert(addr.clone()) {
-                        children.spawn(
-                            &format!("echo-{pod}"),
-                            Command::new(&me).args(["echo", "--listen", &addr, "--name", &pod]),
-                            &logs,
-                        )?;
+                        children.spawn(&format!("echo-{pod}"), Command::new(&me).args(["echo", "--listen", &addr, "--name", &pod]), &logs)?;
                     }
                 }
             }
         }
     }
-    let (client_cluster, client_ns, client_ep, client_pod) = client.with_context(|| {
-        format!(
-            "no pod labelled app={} in {}",
-            args.client_app,
-            args.example.display()
-        )
-    })?;
-    println!(
-        "started {} workload processes (meshpilot echo at each pod IP)",
-        backends.len()
-    );
+    let (client_cluster, client_ns, client_ep, client_pod) =
+        client.with_context(|| format!("no pod labelled app={} in {}", args.client_app, args.example.display()))?;
+    println!("started {} workload processes (meshpilot echo at each pod IP)", backends.len());
 
     children.spawn(
         "meshpilot",
         Command::new(&me)
             .args(["serve", "--config-dir"])
             .arg(&config)
-            .args([
-                "--xds-addr",
-                &args.xds_addr,
-                "--admin-addr",
-                &args.admin_addr,
-            ]),
+            .args(["--xds-addr", &args.xds_addr, "--admin-addr", &args.admin_addr]),
         &logs,
     )?;
     let node_id = format!("{client_pod}.{client_ns}");
-    let labels: Vec<String> = client_ep
-        .labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    let labels: Vec<String> = client_ep.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let bootstrap = work.join("sidecar-bootstrap.json");
     let status = Command::new(&me)
-        .args([
-            "bootstrap",
-            "--node-id",
-            &node_id,
-            "--cluster",
-            &client_cluster,
-            "--namespace",
-            &client_ns,
-        ])
-        .args([
-            "--labels",
-            &labels.join(","),
-            "--outbound-bind",
-            &client_ep.address,
-            "--xds-addr",
-            &args.xds_addr,
-        ])
+        .args(["bootstrap", "--node-id", &node_id, "--cluster", &client_cluster, "--namespace", &client_ns])
+        .args(["--labels", &labels.join(","), "--outbound-bind", &client_ep.address, "--xds-addr", &args.xds_addr])
         .args(["--admin-port", &args.envoy_admin_port.to_string(), "-o"])
         .arg(&bootstrap)
         .status()?;
     anyhow::ensure!(status.success(), "meshpilot bootstrap failed");
     children.spawn(
         "envoy",
-        Command::new(&args.envoy).arg("-c").arg(&bootstrap).args([
-            "--disable-hot-restart",
-            "--concurrency",
-            "1",
-            "-l",
-            "warning",
-        ]),
+        Command::new(&args.envoy).arg("-c").arg(&bootstrap).args(["--disable-hot-restart", "--concurrency", "1", "-l", "warning"]),
         &logs,
     )?;
 
     for addr in &backends {
-        wait_until(
-            &format!("backend {addr}"),
-            Duration::from_secs(20),
-            &mut children,
-            || async { matches!(http::get(addr, "/").await, Ok((200, _))) },
-        )
+        wait_until(&format!("backend {addr}"), Duration::from_secs(20), &mut children, || async {
+            matches!(http::get(addr, "/").await, Ok((200, _)))
+        })
         .await?;
     }
     let admin = args.admin_addr.clone();
     let synced = |proxy: String| {
         let admin = admin.clone();
         async move {
-            let Ok((200, body)) = http::get(&admin, "/debug/syncz").await else {
-                return false;
-            };
+            let Ok((200, body)) = http::get(&admin, "/debug/syncz").await else { return false };
             let rows: Vec<SyncStatus> = serde_json::from_str(&body).unwrap_or_default();
-            rows.iter().any(|r| {
-                r.proxy == proxy
-                    && ["CDS", "EDS", "LDS", "RDS"]
-                        .iter()
-                        .all(|t| r.types.get(*t).is_some_and(|s| s.state == "SYNCED"))
-            })
+            rows.iter().any(|r| r.proxy == proxy && ["CDS", "EDS", "LDS", "RDS"].iter().all(|t| r.types.get(*t).is_some_and(|s| s.state == "SYNCED")))
         }
     };
-    wait_until(
-        "the sidecar to be SYNCED",
-        Duration::from_secs(30),
-        &mut children,
-        || synced(node_id.clone()),
-    )
-    .await?;
+    wait_until("the sidecar to be SYNCED", Duration::from_secs(30), &mut children, || synced(node_id.clone())).await?;
     if let Ok((200, body)) = http::get(&args.admin_addr, "/debug/syncz").await {
         let rows: Vec<SyncStatus> = serde_json::from_str(&body).unwrap_or_default();
-        println!(
-            "\n$ meshpilot proxy-status\n{}",
-            super::status::render_status_table(&rows)
-        );
+        println!("\n$ meshpilot proxy-status\n{}", super::status::render_status_table(&rows));
     }
 
     let target_key = format!("{}.{client_ns}.{client_cluster}", args.target);
-    let sidecar = format!(
-        "{}:{}",
-        client_ep.address,
-        snapshot
-            .service(&crate::model::ServiceKey::new(
-                &client_cluster,
-                &client_ns,
-                &args.target
-            ))
-            .and_then(|s| s.ports.first())
-            .map_or(9080, |p| p.port)
-    );
+    let sidecar = format!("{}:{}", client_ep.address, snapshot.service(&crate::model::ServiceKey::new(&client_cluster, &client_ns, &args.target)).and_then(|s| s.ports.first()).map_or(9080, |p| p.port));
     println!(
         "\n{}'s calls: GET http://{}/ through its sidecar at {sidecar}.\nEdit {} while this runs to move the split (Envoy admin: http://127.0.0.1:{}/).\n",
         args.client_app,
@@ -321,11 +229,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let window = Duration::from_secs(2);
     let per_window = (args.rate * 2).max(1);
     loop {
-        if let Ok((200, body)) = http::get(
-            &args.admin_addr,
-            &format!("/debug/describe?service={target_key}"),
-        )
-        .await
+        if let Ok((200, body)) = http::get(&args.admin_addr, &format!("/debug/describe?service={target_key}")).await
             && let Ok(d) = serde_json::from_str::<ServiceDescription>(&body)
         {
             let text = render(&d);
@@ -342,12 +246,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         for (k, v) in &counts {
             *totals.entry(k.clone()).or_default() += v;
         }
-        println!(
-            "[{:>4.0}s] {:>4} requests  {}",
-            started.elapsed().as_secs_f64(),
-            per_window,
-            share_line(&counts)
-        );
+        println!("[{:>4.0}s] {:>4} requests  {}", started.elapsed().as_secs_f64(), per_window, share_line(&counts));
         children.check_alive()?;
         if !args.duration.is_zero() && started.elapsed() >= args.duration {
             break;
@@ -359,11 +258,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             }
         }
     }
-    println!(
-        "\ntotal {} requests: {}",
-        totals.values().sum::<usize>(),
-        share_line(&totals)
-    );
+    println!("\ntotal {} requests: {}", totals.values().sum::<usize>(), share_line(&totals));
     drop(children);
     if args.keep {
         println!("logs: {}", logs.display());

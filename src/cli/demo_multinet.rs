@@ -40,28 +40,19 @@ impl Place {
 
 /// Loopback mode: 10.a.b.c → 127.a.b.c (every pod and the gateway stay distinct).
 fn to_loopback(text: &str) -> String {
-    text.replace("10.10.0.", "127.10.0.")
-        .replace("10.20.0.", "127.20.0.")
-        .replace("10.99.0.", "127.99.0.")
+    text.replace("10.10.0.", "127.10.0.").replace("10.20.0.", "127.20.0.").replace("10.99.0.", "127.99.0.")
 }
 
 /// The application and outbound-listener addresses of a pod at `ip` (loopback, unique per pod).
 fn side_addresses(ip: &str) -> (String, String) {
     let o: Vec<&str> = ip.split('.').collect();
-    let (z, w) = (
-        o.get(2).copied().unwrap_or("0"),
-        o.get(3).copied().unwrap_or("1"),
-    );
+    let (z, w) = (o.get(2).copied().unwrap_or("0"), o.get(3).copied().unwrap_or("1"));
     (format!("127.1.{z}.{w}"), format!("127.2.{z}.{w}"))
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let me = std::env::current_exe().context("finding the meshpilot binary")?;
-    let example = if args.example == Path::new("examples/bookinfo") {
-        PathBuf::from("examples/bookinfo-multinet")
-    } else {
-        args.example.clone()
-    };
+    let example = if args.example == Path::new("examples/bookinfo") { PathBuf::from("examples/bookinfo-multinet") } else { args.example.clone() };
     let work = tempfile_dir()?;
     let config = work.join("config");
     let logs = work.join("logs");
@@ -84,17 +75,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             "== two networks as Linux network namespaces: {} (management-plane) and {} (remote-cluster), joined only by the gateway's link",
             t.management, t.remote
         ),
-        None => println!(
-            "== not root: no network namespaces; every address is on loopback and the two networks are logical only"
-        ),
+        None => println!("== not root: no network namespaces; every address is on loopback and the two networks are logical only"),
     }
     let snapshot = offline_snapshot(&config)?;
     let (report, _) = validation_report(&snapshot);
-    println!(
-        "== {} (copied to {})\n{report}",
-        example.display(),
-        config.display()
-    );
+    println!("== {} (copied to {})\n{report}", example.display(), config.display());
     let place_of = |cluster: &str| match &topology {
         Some(t) if cluster == "management-plane" => Place::Namespace(t.management.clone()),
         Some(t) => Place::Namespace(t.remote.clone()),
@@ -110,47 +95,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .arg(&config)
             .arg("--xds-socket")
             .arg(&xds_socket)
-            .args([
-                "--xds-addr",
-                &args.xds_addr,
-                "--admin-addr",
-                &args.admin_addr,
-                "--debounce-after",
-                "20ms",
-            ]),
+            .args(["--xds-addr", &args.xds_addr, "--admin-addr", &args.admin_addr, "--debounce-after", "20ms"]),
         &logs,
     )?;
-    wait_until(
-        "meshpilot to be ready",
-        Duration::from_secs(20),
-        &mut children,
-        || async { matches!(http::get(&args.admin_addr, "/readyz").await, Ok((200, _))) },
-    )
+    wait_until("meshpilot to be ready", Duration::from_secs(20), &mut children, || async {
+        matches!(http::get(&args.admin_addr, "/readyz").await, Ok((200, _)))
+    })
     .await?;
 
     // One sidecar per pod (the client's sends the traffic), one echo per backend, one gateway per network.
     let mut proxies = Vec::new();
     let mut client = None;
     let mut gateway_admin = None;
-    let start_envoy = |children: &mut Children,
-                       place: &Place,
-                       node: &str,
-                       cluster: &str,
-                       ns: &str,
-                       extra: Vec<String>|
-     -> anyhow::Result<PathBuf> {
+    let start_envoy = |children: &mut Children, place: &Place, node: &str, cluster: &str, ns: &str, extra: Vec<String>| -> anyhow::Result<PathBuf> {
         let admin = work.join(format!("{node}.admin"));
         let bootstrap = work.join(format!("{node}.json"));
         let status = Command::new(&me)
-            .args([
-                "bootstrap",
-                "--node-id",
-                node,
-                "--cluster",
-                cluster,
-                "--namespace",
-                ns,
-            ])
+            .args(["bootstrap", "--node-id", node, "--cluster", cluster, "--namespace", ns])
             .arg("--xds-addr")
             .arg(format!("unix:{}", xds_socket.display()))
             .arg("--admin-socket")
@@ -162,13 +123,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         anyhow::ensure!(status.success(), "meshpilot bootstrap failed for {node}");
         children.spawn(
             &format!("envoy-{node}"),
-            place.command(&args.envoy).arg("-c").arg(&bootstrap).args([
-                "--disable-hot-restart",
-                "--concurrency",
-                "1",
-                "-l",
-                "warning",
-            ]),
+            place.command(&args.envoy).arg("-c").arg(&bootstrap).args(["--disable-hot-restart", "--concurrency", "1", "-l", "warning"]),
             &logs,
         )?;
         Ok(admin)
@@ -177,25 +132,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let place = place_of(cluster);
         for (svc, eps) in &state.endpoints {
             for ep in eps.iter().filter(|e| e.mesh_tls) {
-                let pod = ep
-                    .pod
-                    .clone()
-                    .unwrap_or_else(|| format!("{}-{}", svc.1, ep.address));
+                let pod = ep.pod.clone().unwrap_or_else(|| format!("{}-{}", svc.1, ep.address));
                 let (app, outbound) = side_addresses(&ep.address);
-                let labels: Vec<String> =
-                    ep.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let labels: Vec<String> = ep.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 let node = format!("{pod}.{}", svc.0);
                 let extra = vec![
-                    "--labels".into(),
-                    labels.join(","),
-                    "--service-account".into(),
-                    ep.service_account.clone(),
-                    "--instance-ip".into(),
-                    ep.address.clone(),
-                    "--outbound-bind".into(),
-                    outbound.clone(),
-                    "--app-address".into(),
-                    app.clone(),
+                    "--labels".into(), labels.join(","),
+                    "--service-account".into(), ep.service_account.clone(),
+                    "--instance-ip".into(), ep.address.clone(),
+                    "--outbound-bind".into(), outbound.clone(),
+                    "--app-address".into(), app.clone(),
                 ];
                 start_envoy(&mut children, &place, &node, cluster, &svc.0, extra)?;
                 proxies.push(node);
@@ -206,24 +152,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 for port in ep.ports.values() {
                     children.spawn(
                         &format!("echo-{pod}"),
-                        place.command(&me).args([
-                            "echo",
-                            "--listen",
-                            &format!("{app}:{port}"),
-                            "--name",
-                            &pod,
-                        ]),
+                        place.command(&me).args(["echo", "--listen", &format!("{app}:{port}"), "--name", &pod]),
                         &logs,
                     )?;
                 }
             }
         }
-        for gw in snapshot
-            .gateways
-            .values()
-            .flatten()
-            .filter(|g| g.service.cluster == *cluster)
-        {
+        for gw in snapshot.gateways.values().flatten().filter(|g| g.service.cluster == *cluster) {
             let node = format!("{}.{}", gw.service.name, gw.service.namespace);
             let admin = start_envoy(
                 &mut children,
@@ -231,66 +166,35 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 &node,
                 cluster,
                 &gw.service.namespace,
-                vec![
-                    "--role".into(),
-                    "gateway".into(),
-                    "--instance-ip".into(),
-                    gw.address.clone(),
-                    "--labels".into(),
-                    format!("app={}", gw.service.name),
-                ],
+                vec!["--role".into(), "gateway".into(), "--instance-ip".into(), gw.address.clone(), "--labels".into(), format!("app={}", gw.service.name)],
             )?;
             proxies.push(node);
             gateway_admin.get_or_insert(admin);
         }
     }
-    let (client_place, client_addr, client_ns, client_cluster) = client.with_context(|| {
-        format!(
-            "no pod labelled app={} with a sidecar in {}",
-            args.client_app,
-            example.display()
-        )
-    })?;
+    let (client_place, client_addr, client_ns, client_cluster) =
+        client.with_context(|| format!("no pod labelled app={} with a sidecar in {}", args.client_app, example.display()))?;
     let admin = args.admin_addr.clone();
     for proxy in &proxies {
         let admin = admin.clone();
-        wait_until(
-            &format!("{proxy} to be SYNCED"),
-            Duration::from_secs(30),
-            &mut children,
-            || {
-                let admin = admin.clone();
-                let proxy = proxy.clone();
-                async move {
-                    let Ok((200, body)) = http::get(&admin, "/debug/syncz").await else {
-                        return false;
-                    };
-                    let rows: Vec<SyncStatus> = serde_json::from_str(&body).unwrap_or_default();
-                    rows.iter().any(|r| {
-                        r.proxy == proxy
-                            && ["CDS", "LDS"]
-                                .iter()
-                                .all(|t| r.types.get(*t).is_some_and(|s| s.state == "SYNCED"))
-                    })
-                }
-            },
-        )
+        wait_until(&format!("{proxy} to be SYNCED"), Duration::from_secs(30), &mut children, || {
+            let admin = admin.clone();
+            let proxy = proxy.clone();
+            async move {
+                let Ok((200, body)) = http::get(&admin, "/debug/syncz").await else { return false };
+                let rows: Vec<SyncStatus> = serde_json::from_str(&body).unwrap_or_default();
+                rows.iter().any(|r| r.proxy == proxy && ["CDS", "LDS"].iter().all(|t| r.types.get(*t).is_some_and(|s| s.state == "SYNCED")))
+            }
+        })
         .await?;
     }
     if let Ok((200, body)) = http::get(&args.admin_addr, "/debug/syncz").await {
         let rows: Vec<SyncStatus> = serde_json::from_str(&body).unwrap_or_default();
-        println!(
-            "\n$ meshpilot proxy-status\n{}",
-            super::status::render_status_table(&rows)
-        );
+        println!("\n$ meshpilot proxy-status\n{}", super::status::render_status_table(&rows));
     }
 
     let port = snapshot
-        .service(&crate::model::ServiceKey::new(
-            &client_cluster,
-            &client_ns,
-            &args.target,
-        ))
+        .service(&crate::model::ServiceKey::new(&client_cluster, &client_ns, &args.target))
         .and_then(|s| s.ports.first())
         .map_or(9080, |p| p.port);
     let sidecar = format!("{client_addr}:{port}");
@@ -300,34 +204,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.target,
         config.join("mesh").display()
     );
-    let sample =
-        |n: usize| -> anyhow::Result<(BTreeMap<String, usize>, BTreeMap<String, Vec<String>>)> {
-            let out = client_place
-                .command(&me)
-                .args([
-                    "sample",
-                    "--to",
-                    &sidecar,
-                    "--host",
-                    &args.target,
-                    "--count",
-                    &n.to_string(),
-                    "--concurrency",
-                    "8",
-                    "--json",
-                ])
-                .output()?;
-            anyhow::ensure!(
-                out.status.success(),
-                "meshpilot sample failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-            Ok((
-                serde_json::from_value(v["answers"].clone())?,
-                serde_json::from_value(v["peers"].clone())?,
-            ))
-        };
+    let sample = |n: usize| -> anyhow::Result<(BTreeMap<String, usize>, BTreeMap<String, Vec<String>>)> {
+        let out = client_place
+            .command(&me)
+            .args(["sample", "--to", &sidecar, "--host", &args.target, "--count", &n.to_string(), "--concurrency", "8", "--json"])
+            .output()?;
+        anyhow::ensure!(out.status.success(), "meshpilot sample failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok((serde_json::from_value(v["answers"].clone())?, serde_json::from_value(v["peers"].clone())?))
+    };
     let mut totals: BTreeMap<String, usize> = BTreeMap::new();
     let started = Instant::now();
     let per_window = (args.rate * 2).max(1);
@@ -338,33 +223,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             *totals.entry(k.clone()).or_default() += v;
         }
         let gateway_cx = match &gateway_admin {
-            Some(path) => http::get_unix(path, "/stats?filter=upstream_cx_total")
-                .await
-                .unwrap_or_default()
+            Some(path) => http::get_unix(path, "/stats?filter=upstream_cx_total").await.unwrap_or_default()
                 .lines()
                 .filter(|l| l.starts_with("cluster.outbound_."))
                 .filter_map(|l| l.rsplit(": ").next()?.trim().parse::<u64>().ok())
                 .sum::<u64>(),
             None => 0,
         };
-        let callers: Vec<String> = peers
-            .values()
-            .flatten()
-            .filter(|p| !p.is_empty())
-            .cloned()
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let callers: Vec<String> = peers.values().flatten().filter(|p| !p.is_empty()).cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         println!(
             "[{:>4.0}s] {:>4} requests  {}   (backends saw caller {}; gateway connections so far {gateway_cx})",
             started.elapsed().as_secs_f64(),
             per_window,
             share_line(&counts),
-            if callers.is_empty() {
-                "-".to_string()
-            } else {
-                callers.join(", ")
-            }
+            if callers.is_empty() { "-".to_string() } else { callers.join(", ") }
         );
         children.check_alive()?;
         if !args.duration.is_zero() && started.elapsed() >= args.duration {
@@ -377,11 +249,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             }
         }
     }
-    println!(
-        "\ntotal {} requests: {}",
-        totals.values().sum::<usize>(),
-        share_line(&totals)
-    );
+    println!("\ntotal {} requests: {}", totals.values().sum::<usize>(), share_line(&totals));
     drop(children);
     drop(topology);
     if args.keep {

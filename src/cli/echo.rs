@@ -18,16 +18,8 @@ pub fn router(name: String) -> axum::Router {
     axum::Router::new().fallback(move |headers: HeaderMap| {
         let name = name.clone();
         async move {
-            let peer = headers
-                .get("x-forwarded-client-cert")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            (
-                [("x-backend", name.clone()), ("x-peer-cert", peer)],
-                format!("{name}\n"),
-            )
-                .into_response()
+            let peer = headers.get("x-forwarded-client-cert").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            ([("x-backend", name.clone()), ("x-peer-cert", peer)], format!("{name}\n")).into_response()
         }
     })
 }

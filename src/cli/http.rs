@@ -12,15 +12,9 @@ pub async fn get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
 }
 
 /// GETs with an explicit Host header (for virtual-host routing through Envoy).
-pub async fn get_with_host(
-    addr: &str,
-    path: &str,
-    host: Option<&str>,
-) -> anyhow::Result<(u16, String)> {
+pub async fn get_with_host(addr: &str, path: &str, host: Option<&str>) -> anyhow::Result<(u16, String)> {
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let uri: hyper::Uri = format!("http://{addr}{path}")
-        .parse()
-        .with_context(|| format!("bad address {addr:?}"))?;
+    let uri: hyper::Uri = format!("http://{addr}{path}").parse().with_context(|| format!("bad address {addr:?}"))?;
     let mut req = hyper::Request::get(uri);
     if let Some(host) = host {
         req = req.header(hyper::header::HOST, host);
@@ -37,13 +31,7 @@ pub async fn get_with_host(
 /// Sends `n` GETs of `path` to `addr` with Host `host`, `concurrency` at a time
 /// over kept-alive connections, and counts the answers by body (trimmed); a
 /// non-200 counts as `HTTP <status>`, a failed request as `error: …`.
-pub async fn count_answers(
-    addr: &str,
-    host: &str,
-    path: &str,
-    n: usize,
-    concurrency: usize,
-) -> std::collections::BTreeMap<String, usize> {
+pub async fn count_answers(addr: &str, host: &str, path: &str, n: usize, concurrency: usize) -> std::collections::BTreeMap<String, usize> {
     let mut counts = std::collections::BTreeMap::new();
     for (answer, _) in answers_with_peers(addr, host, path, n, concurrency).await {
         *counts.entry(answer).or_insert(0) += 1;
@@ -54,13 +42,7 @@ pub async fn count_answers(
 /// `n` GETs (at most `concurrency` at once); per request the answer (the
 /// body's first line, `HTTP <status>` or `error: …`) and the `x-peer-cert`
 /// header (what `meshpilot echo` saw in `x-forwarded-client-cert`).
-pub async fn answers_with_peers(
-    addr: &str,
-    host: &str,
-    path: &str,
-    n: usize,
-    concurrency: usize,
-) -> Vec<(String, String)> {
+pub async fn answers_with_peers(addr: &str, host: &str, path: &str, n: usize, concurrency: usize) -> Vec<(String, String)> {
     use futures::StreamExt;
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let uri: Option<hyper::Uri> = format!("http://{addr}{path}").parse().ok();
@@ -69,30 +51,15 @@ pub async fn answers_with_peers(
             let client = client.clone();
             let uri = uri.clone();
             async move {
-                let Some(uri) = uri else {
-                    return (format!("error: bad address {addr:?}"), String::new());
-                };
-                let req = match hyper::Request::get(uri)
-                    .header(hyper::header::HOST, host)
-                    .body(Empty::new())
-                {
+                let Some(uri) = uri else { return (format!("error: bad address {addr:?}"), String::new()) };
+                let req = match hyper::Request::get(uri).header(hyper::header::HOST, host).body(Empty::new()) {
                     Ok(r) => r,
                     Err(e) => return (format!("error: {e}"), String::new()),
                 };
                 match client.request(req).await {
                     Ok(resp) if resp.status() == 200 => {
-                        let peer = resp
-                            .headers()
-                            .get("x-peer-cert")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_string();
-                        let body = resp
-                            .into_body()
-                            .collect()
-                            .await
-                            .map(|b| b.to_bytes())
-                            .unwrap_or_default();
+                        let peer = resp.headers().get("x-peer-cert").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                         (String::from_utf8_lossy(&body).trim().to_string(), peer)
                     }
                     Ok(resp) => (format!("HTTP {}", resp.status().as_u16()), String::new()),
@@ -109,19 +76,13 @@ pub async fn answers_with_peers(
 pub async fn get_unix(path: &std::path::Path, url: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::UnixStream::connect(path).await?;
-    s.write_all(
-        format!("GET {url} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
+    s.write_all(format!("GET {url} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes()).await?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await?;
     let text = String::from_utf8_lossy(&buf).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     // Envoy's admin answers HTTP/1.1 with chunked bodies; undo the chunking.
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         let mut out = String::new();
         let mut rest = body;
         while let Some((size, tail)) = rest.split_once("\r\n") {

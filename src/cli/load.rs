@@ -87,8 +87,6 @@ struct Record {
     synced_at: Option<Instant>,
     /// Endpoint changes (by index) and when this proxy first received them.
     delivered: std::collections::BTreeMap<usize, Instant>,
-    /// Every change before this index was delivered.
-    next_change: usize,
     rds_at: Vec<Instant>,
     bytes: u64,
     rejects: u64,
@@ -153,17 +151,10 @@ async fn run_proxy(
             match ty {
                 Some(ResourceType::Endpoint) => {
                     let markers = markers.read().expect("markers lock");
-                    for (idx, marker) in markers.iter().enumerate().skip(r.next_change) {
-                        if !r.delivered.contains_key(&idx)
-                            && payloads
-                                .iter()
-                                .any(|p| memchr::memmem::find(p, marker).is_some())
-                        {
-                            r.delivered.insert(idx, now);
-                        }
-                    }
-                    while r.delivered.contains_key(&r.next_change) {
-                        r.next_change += 1;
+                    for payload in payloads {
+                        changes_in(payload, &markers, |idx| {
+                            r.delivered.entry(idx).or_insert(now);
+                        });
                     }
                 }
                 Some(ResourceType::Route) => r.rds_at.push(now),
@@ -242,14 +233,31 @@ pub fn process_usage(pid: u32) -> Option<(f64, f64)> {
     Some((rss_kb / 1024.0, ticks / 100.0))
 }
 
-/// The encoded endpoint address each endpoint change introduces (field 2 of
-/// `SocketAddress`, with its length, so `10.200.0.5` does not match `10.200.0.50`).
-type Markers = Arc<std::sync::RwLock<Vec<Vec<u8>>>>;
+/// The address each endpoint change introduces (`fixtures::changed_address`,
+/// all under 10.200/16, which no fixture endpoint uses) → the change's index.
+type Markers = Arc<std::sync::RwLock<std::collections::HashMap<Vec<u8>, usize>>>;
 
-fn address_marker(address: &str) -> Vec<u8> {
-    let mut m = vec![0x12, address.len() as u8];
-    m.extend_from_slice(address.as_bytes());
-    m
+/// Calls `found` with the index of every change whose address `payload`
+/// (encoded `ClusterLoadAssignment`s) carries, in one pass: each `10.200.`
+/// that starts a `SocketAddress.address` field (key 0x12, then its length),
+/// read whole so that `10.200.0.5` is not found inside `10.200.0.50`.
+fn changes_in(
+    payload: &[u8],
+    markers: &std::collections::HashMap<Vec<u8>, usize>,
+    mut found: impl FnMut(usize),
+) {
+    for p in memchr::memmem::find_iter(payload, b"10.200.") {
+        if p < 2 || payload[p - 2] != 0x12 {
+            continue;
+        }
+        let len = payload[p - 1] as usize;
+        if let Some(idx) = payload
+            .get(p..p + len)
+            .and_then(|address| markers.get(address))
+        {
+            found(*idx);
+        }
+    }
 }
 
 /// For each change (from `first` on), each proxy's first delivery that carried it.
@@ -509,8 +517,9 @@ async fn measure_endpoint_changes(
         );
         let idx = {
             let mut m = markers.write().expect("markers lock");
-            m.push(address_marker(&crate::fixtures::changed_address(*step)));
-            m.len() - 1
+            let idx = m.len();
+            m.insert(crate::fixtures::changed_address(*step).into_bytes(), idx);
+            idx
         };
         let path = dir
             .join(cluster_name(c))
@@ -524,7 +533,7 @@ async fn measure_endpoint_changes(
     while Instant::now() < deadline
         && !records
             .iter()
-            .all(|r| r.lock().expect("record lock").next_change > last)
+            .all(|r| r.lock().expect("record lock").delivered.contains_key(&last))
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -624,7 +633,7 @@ mod tests {
     #[test]
     fn markers_match_whole_addresses_only() {
         use prost::Message;
-        let m = address_marker("10.200.0.5");
+        let markers = [(b"10.200.0.5".to_vec(), 7), (b"10.200.0.6".to_vec(), 8)].into();
         let encoded = |a: &str| {
             envoy_types::pb::envoy::config::core::v3::SocketAddress {
                 address: a.into(),
@@ -632,8 +641,24 @@ mod tests {
             }
             .encode_to_vec()
         };
-        assert!(memchr::memmem::find(&encoded("10.200.0.5"), &m).is_some());
-        assert!(memchr::memmem::find(&encoded("10.200.0.50"), &m).is_none());
+        let found = |payload: &[u8]| {
+            let mut out = Vec::new();
+            changes_in(payload, &markers, |i| out.push(i));
+            out
+        };
+        assert_eq!(found(&encoded("10.200.0.5")), [7]);
+        assert_eq!(found(&encoded("10.200.0.50")), Vec::<usize>::new());
+        assert_eq!(
+            found(
+                &[
+                    encoded("10.0.0.1"),
+                    encoded("10.200.0.6"),
+                    encoded("10.200.0.5")
+                ]
+                .concat()
+            ),
+            [8, 7]
+        );
     }
 
     #[test]

@@ -53,15 +53,8 @@ pub fn validation_report(snapshot: &MeshSnapshot) -> (String, bool) {
         ok = false;
     }
     for (id, st) in &snapshot.policy_status {
-        let services = if st.services.is_empty() {
-            String::new()
-        } else {
-            format!(" -> {}", st.services.join(", "))
-        };
-        out.push_str(&format!(
-            "TrafficPolicy {id} ({}): {}{services}\n",
-            st.origin, st.state
-        ));
+        let services = if st.services.is_empty() { String::new() } else { format!(" -> {}", st.services.join(", ")) };
+        out.push_str(&format!("TrafficPolicy {id} ({}): {}{services}\n", st.origin, st.state));
         for m in &st.messages {
             out.push_str(&format!("  {m}\n"));
         }
@@ -70,23 +63,9 @@ pub fn validation_report(snapshot: &MeshSnapshot) -> (String, bool) {
     let clusters: Vec<String> = snapshot
         .clusters
         .values()
-        .map(|c| {
-            format!(
-                "{} ({} services, {} endpoints)",
-                c.name,
-                c.services.len(),
-                c.endpoints.values().map(Vec::len).sum::<usize>()
-            )
-        })
+        .map(|c| format!("{} ({} services, {} endpoints)", c.name, c.services.len(), c.endpoints.values().map(Vec::len).sum::<usize>()))
         .collect();
-    out.push_str(&format!(
-        "clusters: {}\n",
-        if clusters.is_empty() {
-            "none".into()
-        } else {
-            clusters.join(", ")
-        }
-    ));
+    out.push_str(&format!("clusters: {}\n", if clusters.is_empty() { "none".into() } else { clusters.join(", ") }));
     (out, ok)
 }
 
@@ -102,31 +81,15 @@ pub fn validate(args: ValidateArgs) -> anyhow::Result<bool> {
 
 pub async fn describe(what: DescribeWhat) -> anyhow::Result<()> {
     let DescribeWhat::Service(args) = what;
-    let key = parse_service_arg(&args.service).with_context(|| {
-        format!(
-            "{:?} is not NAME.NAMESPACE.CLUSTER (e.g. reviews.default.management-plane)",
-            args.service
-        )
-    })?;
+    let key = parse_service_arg(&args.service)
+        .with_context(|| format!("{:?} is not NAME.NAMESPACE.CLUSTER (e.g. reviews.default.management-plane)", args.service))?;
     let description: ServiceDescription = match &args.config_dir {
         Some(dir) => describe_service(&offline_snapshot(dir)?, &key),
         None => {
-            let (status, body) = http::get(
-                &args.admin_addr,
-                &format!("/debug/describe?service={}", args.service),
-            )
-            .await
-            .with_context(|| {
-                format!(
-                    "asking meshpilot at {} (is it running? or pass --config-dir)",
-                    args.admin_addr
-                )
-            })?;
-            anyhow::ensure!(
-                status == 200,
-                "meshpilot answered {status}: {}",
-                body.trim()
-            );
+            let (status, body) = http::get(&args.admin_addr, &format!("/debug/describe?service={}", args.service))
+                .await
+                .with_context(|| format!("asking meshpilot at {} (is it running? or pass --config-dir)", args.admin_addr))?;
+            anyhow::ensure!(status == 200, "meshpilot answered {status}: {}", body.trim());
             serde_json::from_str(&body).context("reading meshpilot's answer")?
         }
     };
@@ -135,10 +98,6 @@ pub async fn describe(what: DescribeWhat) -> anyhow::Result<()> {
     } else {
         print!("{}", render(&description));
     }
-    anyhow::ensure!(
-        description.exists,
-        "service {} not found",
-        description.service
-    );
+    anyhow::ensure!(description.exists, "service {} not found", description.service);
     Ok(())
 }

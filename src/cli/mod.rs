@@ -20,11 +20,7 @@ use crate::bootstrap::{BootstrapOptions, bootstrap};
 use crate::xds::node::ProxyRole;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "meshpilot",
-    version,
-    about = "An Envoy xDS control plane for cross-cluster routing"
-)]
+#[command(name = "meshpilot", version, about = "An Envoy xDS control plane for cross-cluster routing")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -83,50 +79,22 @@ pub struct SampleArgs {
 }
 
 async fn run_sample(args: SampleArgs) -> anyhow::Result<()> {
-    let answers = http::answers_with_peers(
-        &args.to,
-        &args.host,
-        &args.path,
-        args.count,
-        args.concurrency,
-    )
-    .await;
+    let answers = http::answers_with_peers(&args.to, &args.host, &args.path, args.count, args.concurrency).await;
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut peers: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
     for (answer, peer) in answers {
         *counts.entry(answer.clone()).or_default() += 1;
         // x-forwarded-client-cert: `By=…;Hash=…;URI=spiffe://…` — keep the caller's URI.
-        let uri = peer
-            .split(';')
-            .find_map(|kv| kv.strip_prefix("URI="))
-            .unwrap_or("")
-            .to_string();
+        let uri = peer.split(';').find_map(|kv| kv.strip_prefix("URI=")).unwrap_or("").to_string();
         peers.entry(answer).or_default().insert(uri);
     }
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({ "answers": counts, "peers": peers })
-        );
+        println!("{}", serde_json::json!({ "answers": counts, "peers": peers }));
     } else {
         let total: usize = counts.values().sum();
         for (answer, n) in &counts {
             let who: Vec<&String> = peers[answer].iter().filter(|p| !p.is_empty()).collect();
-            println!(
-                "{answer:<24} {n:>6}  {:>5.1}%  {}",
-                100.0 * *n as f64 / total.max(1) as f64,
-                if who.is_empty() {
-                    "(no client certificate seen)".to_string()
-                } else {
-                    format!(
-                        "caller {}",
-                        who.iter()
-                            .map(|s| s.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                }
-            );
+            println!("{answer:<24} {n:>6}  {:>5.1}%  {}", 100.0 * *n as f64 / total.max(1) as f64, if who.is_empty() { "(no client certificate seen)".to_string() } else { format!("caller {}", who.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")) });
         }
     }
     Ok(())
@@ -159,11 +127,9 @@ fn run_crds(args: CrdsArgs) -> anyhow::Result<()> {
         let text = crate::model::crd::render(&crd);
         match &args.out_dir {
             Some(dir) => {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
                 let path = dir.join(file);
-                std::fs::write(&path, text)
-                    .with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
                 println!("wrote {}", path.display());
             }
             None => print!("---\n{text}"),
@@ -233,9 +199,7 @@ pub fn parse_labels(s: &str) -> anyhow::Result<BTreeMap<String, String>> {
         .map(str::trim)
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
-            let (k, v) = kv
-                .split_once('=')
-                .with_context(|| format!("label {kv:?} is not key=value"))?;
+            let (k, v) = kv.split_once('=').with_context(|| format!("label {kv:?} is not key=value"))?;
             anyhow::ensure!(!k.is_empty(), "label {kv:?} has an empty key");
             Ok((k.to_string(), v.to_string()))
         })
@@ -243,18 +207,9 @@ pub fn parse_labels(s: &str) -> anyhow::Result<BTreeMap<String, String>> {
 }
 
 fn split_host_port(addr: &str) -> anyhow::Result<(String, u16)> {
-    let (host, port) = addr
-        .rsplit_once(':')
-        .with_context(|| format!("--xds-addr {addr:?} is not HOST:PORT"))?;
-    let port = port
-        .parse()
-        .with_context(|| format!("--xds-addr {addr:?}: bad port"))?;
-    Ok((
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string(),
-        port,
-    ))
+    let (host, port) = addr.rsplit_once(':').with_context(|| format!("--xds-addr {addr:?} is not HOST:PORT"))?;
+    let port = port.parse().with_context(|| format!("--xds-addr {addr:?}: bad port"))?;
+    Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
 }
 
 fn run_bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
@@ -285,9 +240,7 @@ fn run_bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
     };
     let text = serde_json::to_string_pretty(&bootstrap(&opts))? + "\n";
     match args.output {
-        Some(path) => {
-            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?
-        }
+        Some(path) => std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?,
         None => print!("{text}"),
     }
     Ok(())
@@ -295,12 +248,8 @@ fn run_bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
 
 pub fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("MESHPILOT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_env("MESHPILOT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -308,22 +257,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bootstrap(args) => run_bootstrap(args),
         Command::Crds(args) => run_crds(args),
         Command::Fixtures(a) => {
-            let spec = crate::fixtures::ScaleSpec {
-                services: a.services,
-                clusters: a.clusters,
-                endpoints: a.endpoints,
-                policies: a.policies,
-            };
-            crate::fixtures::write_config_dir(&a.out, spec)
-                .with_context(|| format!("writing {}", a.out.display()))?;
-            println!(
-                "wrote {}: {} services x {} clusters x {} endpoints, {} TrafficPolicies",
-                a.out.display(),
-                a.services,
-                a.clusters,
-                a.endpoints,
-                a.policies.min(a.services)
-            );
+            let spec = crate::fixtures::ScaleSpec { services: a.services, clusters: a.clusters, endpoints: a.endpoints, policies: a.policies };
+            crate::fixtures::write_config_dir(&a.out, spec).with_context(|| format!("writing {}", a.out.display()))?;
+            println!("wrote {}: {} services x {} clusters x {} endpoints, {} TrafficPolicies", a.out.display(), a.services, a.clusters, a.endpoints, a.policies.min(a.services));
             Ok(())
         }
         Command::Validate(args) => {
@@ -334,9 +270,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         command => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(async move {
                 match command {
                     Command::Serve(args) => {
@@ -357,10 +291,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         cluster::ClusterCommand::Register(a) => cluster::register(a).await,
                         cluster::ClusterCommand::Deregister(a) => cluster::deregister(a).await,
                     },
-                    Command::Bootstrap(_)
-                    | Command::Validate(_)
-                    | Command::Crds(_)
-                    | Command::Fixtures(_) => unreachable!("handled above"),
+                    Command::Bootstrap(_) | Command::Validate(_) | Command::Crds(_) | Command::Fixtures(_) => unreachable!("handled above"),
                 }
             })
         }
@@ -376,12 +307,7 @@ mod tests {
         let l = parse_labels("app=reviews, version=v1").unwrap();
         assert_eq!(l["version"], "v1");
         assert!(parse_labels("").unwrap().is_empty());
-        assert!(
-            parse_labels("app")
-                .unwrap_err()
-                .to_string()
-                .contains("\"app\"")
-        );
+        assert!(parse_labels("app").unwrap_err().to_string().contains("\"app\""));
     }
 
     #[test]

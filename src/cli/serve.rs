@@ -8,14 +8,14 @@ use anyhow::Context;
 use tokio::sync::watch;
 
 use crate::admin::{AdminState, serve_admin};
-use crate::mesh_provider::MeshResources;
 use crate::metrics::Metrics;
-use crate::sources::file::{SourceMemory, load_config_dir, watch_config_dir};
-use crate::sources::kubernetes::{self, KubeSourceOptions, SourceHealth};
-use crate::sources::kubernetes_status::{LeaseConfig, run_status_writer};
 use crate::static_resources::{load_resource_file, watch_resource_file};
 use crate::xds::csds::Csds;
 use crate::xds::debounce::{DebounceConfig, run_debouncer};
+use crate::mesh_provider::MeshResources;
+use crate::sources::file::{SourceMemory, load_config_dir, watch_config_dir};
+use crate::sources::kubernetes::{self, KubeSourceOptions, SourceHealth};
+use crate::sources::kubernetes_status::{LeaseConfig, run_status_writer};
 use crate::xds::provider::{ChangeNotifier, ResourceProvider, SharedResources};
 use crate::xds::registry::ConnectionRegistry;
 use crate::xds::resources::ResourceSet;
@@ -87,8 +87,7 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
     }
     #[cfg(not(unix))]
@@ -97,14 +96,8 @@ async fn shutdown_signal() {
 
 /// A client for the management cluster: the given kubeconfig and context, or
 /// kube's usual inference ($KUBECONFIG, ~/.kube/config, in-cluster).
-async fn kube_client(
-    path: Option<&std::path::Path>,
-    context: Option<String>,
-) -> anyhow::Result<kube::Client> {
-    let options = kube::config::KubeConfigOptions {
-        context,
-        ..Default::default()
-    };
+async fn kube_client(path: Option<&std::path::Path>, context: Option<String>) -> anyhow::Result<kube::Client> {
+    let options = kube::config::KubeConfigOptions { context, ..Default::default() };
     let mut config = match path {
         Some(p) => {
             let kc = kube::config::Kubeconfig::read_from(p).with_context(|| format!("reading --kubeconfig {}", p.display()))?;
@@ -118,9 +111,7 @@ async fn kube_client(
 }
 
 fn default_identity() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "meshpilot".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "meshpilot".into());
     format!("{host}-{}", std::process::id())
 }
 
@@ -132,10 +123,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut _dir_watcher = None;
     let mut cluster_health = None;
     let mut background_tasks = Vec::new();
-    let certs = Arc::new(crate::ca::WorkloadCertificates::new(
-        args.cert_ttl,
-        args.ca_dir.clone(),
-    ));
+    let certs = Arc::new(crate::ca::WorkloadCertificates::new(args.cert_ttl, args.ca_dir.clone()));
     let provider: Arc<dyn ResourceProvider> = match (&args.resources, &args.config_dir) {
         _ if args.kubernetes => {
             let resources = Arc::new(MeshResources::with_certificates(notifier, certs.clone()));
@@ -153,17 +141,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 let apply = move |inputs| {
                     // CPU work: give this worker's other tasks (the debouncer it
                     // just woke among them) to another thread meanwhile.
-                    if tokio::runtime::Handle::current().runtime_flavor()
-                        == tokio::runtime::RuntimeFlavor::MultiThread
-                    {
+                    if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
                         tokio::task::block_in_place(|| sink.update(inputs));
                     } else {
                         sink.update(inputs);
                     }
                     snapshots_tx.send_modify(|v| *v += 1);
                 };
-                if let Err(e) = kubernetes::run(source_client, options, source_health, apply).await
-                {
+                if let Err(e) = kubernetes::run(source_client, options, source_health, apply).await {
                     tracing::error!(error = %e, "the Kubernetes source stopped");
                 }
             }));
@@ -173,12 +158,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 identity: args.id.clone().unwrap_or_else(default_identity),
                 duration: args.lease_duration,
             };
-            background_tasks.push(tokio::spawn(run_status_writer(
-                client,
-                lease,
-                resources.clone(),
-                snapshots_rx,
-            )));
+            background_tasks.push(tokio::spawn(run_status_writer(client, lease, resources.clone(), snapshots_rx)));
             cluster_health = Some(health);
             mesh = Some(resources.clone());
             resources
@@ -206,10 +186,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             let set = load_resource_file(path)?;
             tracing::info!(path = %path.display(), resources = set.len(), "loaded resource file");
             shared.set(set);
-            _file_watcher = Some(
-                watch_resource_file(path.clone(), shared.clone())
-                    .with_context(|| format!("watching {}", path.display()))?,
-            );
+            _file_watcher = Some(watch_resource_file(path.clone(), shared.clone()).with_context(|| format!("watching {}", path.display()))?);
             shared
         }
         (None, None) => {
@@ -227,10 +204,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                if resources
-                    .certificates()
-                    .rotation_due(std::time::SystemTime::now())
-                {
+                if resources.certificates().rotation_due(std::time::SystemTime::now()) {
                     tracing::info!("rotating workload certificates");
                     resources.rotate_certificates();
                 }
@@ -238,10 +212,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }));
     }
     let (push_tx, push_rx) = watch::channel(None);
-    let debounce = DebounceConfig {
-        quiet: args.debounce_after,
-        max: args.debounce_max,
-    };
+    let debounce = DebounceConfig { quiet: args.debounce_after, max: args.debounce_max };
     let debouncer = tokio::spawn(run_debouncer(debounce, changes, push_tx, metrics.clone()));
 
     let registry = Arc::new(ConnectionRegistry::new());
@@ -250,11 +221,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         registry.clone(),
         metrics.clone(),
         push_rx,
-        XdsServerConfig {
-            push_concurrency: args.push_concurrency,
-            send_timeout: args.send_timeout,
-            ..Default::default()
-        },
+        XdsServerConfig { push_concurrency: args.push_concurrency, send_timeout: args.send_timeout, ..Default::default() },
     );
     let xds_listener = tokio::net::TcpListener::bind(&args.xds_addr)
         .await
@@ -271,33 +238,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let grpc_unix = match &args.xds_socket {
         Some(path) => {
             let _ = std::fs::remove_file(path);
-            let listener = tokio::net::UnixListener::bind(path)
-                .with_context(|| format!("binding --xds-socket {}", path.display()))?;
+            let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("binding --xds-socket {}", path.display()))?;
             tracing::info!(socket = %path.display(), "serving xDS on a Unix socket too");
-            Some(tokio::spawn(crate::xds::serve_grpc_unix(
-                listener,
-                server.clone(),
-                Csds::new(registry.clone()),
-                stopped(stop_rx.clone()),
-            )))
+            Some(tokio::spawn(crate::xds::serve_grpc_unix(listener, server.clone(), Csds::new(registry.clone()), stopped(stop_rx.clone()))))
         }
         None => None,
     };
-    let grpc = tokio::spawn(crate::xds::serve_grpc(
-        xds_listener,
-        server,
-        Csds::new(registry.clone()),
-        stopped(stop_rx.clone()),
-    ));
+    let grpc = tokio::spawn(crate::xds::serve_grpc(xds_listener, server, Csds::new(registry.clone()), stopped(stop_rx.clone())));
     let admin = tokio::spawn(serve_admin(
         admin_listener,
-        AdminState {
-            registry,
-            metrics,
-            provider,
-            mesh,
-            clusters: cluster_health,
-        },
+        AdminState { registry, metrics, provider, mesh, clusters: cluster_health },
         stopped(stop_rx),
     ));
 
@@ -316,10 +266,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         let _ = admin.await;
     };
-    if tokio::time::timeout(Duration::from_secs(5), drain)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
         tracing::warn!("shutdown timed out after 5s");
     }
     Ok(())

@@ -28,23 +28,13 @@ const COLUMNS: [&str; 4] = ["CDS", "LDS", "EDS", "RDS"];
 
 /// Renders the `proxy-status` table (and any NACK messages below it).
 pub fn render_status_table(rows: &[SyncStatus]) -> String {
-    let mut table: Vec<Vec<String>> = vec![
-        [
-            "NAME", "CLUSTER", "MODE", "CDS", "LDS", "EDS", "RDS", "VERSION",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-    ];
+    let mut table: Vec<Vec<String>> =
+        vec![["NAME", "CLUSTER", "MODE", "CDS", "LDS", "EDS", "RDS", "VERSION"].iter().map(|s| s.to_string()).collect()];
     let mut errors = Vec::new();
     for row in rows {
         let mut line = vec![row.proxy.clone(), row.cluster.clone(), row.mode.clone()];
         for col in COLUMNS {
-            let state = row
-                .types
-                .get(col)
-                .map(|t| t.state.clone())
-                .unwrap_or_else(|| "NOT SENT".into());
+            let state = row.types.get(col).map(|t| t.state.clone()).unwrap_or_else(|| "NOT SENT".into());
             if let Some(err) = row.types.get(col).and_then(|t| t.last_error.as_ref()) {
                 let one_line = err.split_whitespace().collect::<Vec<_>>().join(" ");
                 errors.push(format!("{} {col}: {one_line}", row.proxy));
@@ -54,16 +44,10 @@ pub fn render_status_table(rows: &[SyncStatus]) -> String {
         line.push(row.envoy_version.clone());
         table.push(line);
     }
-    let widths: Vec<usize> = (0..table[0].len())
-        .map(|i| table.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
+    let widths: Vec<usize> = (0..table[0].len()).map(|i| table.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for row in &table {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(cells.join("   ").trim_end());
         out.push('\n');
     }
@@ -78,11 +62,7 @@ pub fn render_status_table(rows: &[SyncStatus]) -> String {
 
 pub async fn proxy_status(args: AdminArgs) -> anyhow::Result<()> {
     let (code, body) = http::get(&args.admin_addr, "/debug/syncz").await?;
-    anyhow::ensure!(
-        code == 200,
-        "meshpilot at {} answered {code}: {body}",
-        args.admin_addr
-    );
+    anyhow::ensure!(code == 200, "meshpilot at {} answered {code}: {body}", args.admin_addr);
     let rows: Vec<SyncStatus> = serde_json::from_str(&body).context("parsing /debug/syncz")?;
     print!("{}", render_status_table(&rows));
     Ok(())
@@ -94,12 +74,7 @@ pub async fn config_dump(args: ConfigDumpArgs) -> anyhow::Result<()> {
         path.push_str(&format!("&types={}", urlencode(types)));
     }
     let (code, body) = http::get(&args.admin.admin_addr, &path).await?;
-    anyhow::ensure!(
-        code == 200,
-        "meshpilot at {} answered {code}: {}",
-        args.admin.admin_addr,
-        body.trim()
-    );
+    anyhow::ensure!(code == 200, "meshpilot at {} answered {code}: {}", args.admin.admin_addr, body.trim());
     let json: serde_json::Value = serde_json::from_str(&body)?;
     println!("{}", serde_json::to_string_pretty(&json)?);
     Ok(())
@@ -108,9 +83,7 @@ pub async fn config_dump(args: ConfigDumpArgs) -> anyhow::Result<()> {
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b',' => {
-                (b as char).to_string()
-            }
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b',' => (b as char).to_string(),
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -146,21 +119,11 @@ mod tests {
             conn_id: 1,
             connected_at_unix: 0.0,
             envoy_version: "1.40.0".into(),
-            types: [
-                ("CDS".into(), ok.clone()),
-                ("LDS".into(), bad),
-                ("EDS".into(), ok.clone()),
-                ("RDS".into(), ok),
-            ]
-            .into(),
+            types: [("CDS".into(), ok.clone()), ("LDS".into(), bad), ("EDS".into(), ok.clone()), ("RDS".into(), ok)].into(),
         };
         let out = render_status_table(&[row]);
         let lines: Vec<&str> = out.lines().collect();
-        assert!(
-            lines[0].starts_with("NAME")
-                && lines[0].contains("CDS")
-                && lines[0].ends_with("VERSION")
-        );
+        assert!(lines[0].starts_with("NAME") && lines[0].contains("CDS") && lines[0].ends_with("VERSION"));
         assert!(lines[1].contains("SYNCED") && lines[1].contains("ERROR"));
         assert!(out.contains("productpage-1 LDS: Error adding/updating listener(s) x"));
         assert_eq!(urlencode("a b/c"), "a%20b%2Fc");

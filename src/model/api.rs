@@ -12,9 +12,7 @@ pub const NETWORKING_GROUP_VERSION: &str = "networking.zephyr.solo.io/v1alpha1";
 pub const DISCOVERY_GROUP_VERSION: &str = "discovery.zephyr.solo.io/v1alpha1";
 
 /// `{name, namespace, cluster}` — a service in a registered cluster.
-#[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema, Default,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ResourceRef {
     pub name: String,
@@ -260,17 +258,8 @@ pub struct Federation {
 pub struct TrustMode {}
 
 /// `VirtualMesh.spec`.
-#[derive(
-    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default, CustomResource,
-)]
-#[kube(
-    group = "networking.zephyr.solo.io",
-    version = "v1alpha1",
-    kind = "VirtualMesh",
-    namespaced,
-    status = "PolicyObjectStatus",
-    shortname = "vm"
-)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default, CustomResource)]
+#[kube(group = "networking.zephyr.solo.io", version = "v1alpha1", kind = "VirtualMesh", namespaced, status = "PolicyObjectStatus", shortname = "vm")]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VirtualMeshSpec {
     pub display_name: Option<String>,
@@ -287,17 +276,8 @@ pub struct VirtualMeshSpec {
 }
 
 /// `AccessControlPolicy.spec` (accepted; enforcement comes later).
-#[derive(
-    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default, CustomResource,
-)]
-#[kube(
-    group = "networking.zephyr.solo.io",
-    version = "v1alpha1",
-    kind = "AccessControlPolicy",
-    namespaced,
-    status = "PolicyObjectStatus",
-    shortname = "acp"
-)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default, CustomResource)]
+#[kube(group = "networking.zephyr.solo.io", version = "v1alpha1", kind = "AccessControlPolicy", namespaced, status = "PolicyObjectStatus", shortname = "acp")]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AccessControlPolicySpec {
     pub source_selector: Option<IdentitySelector>,
@@ -336,9 +316,7 @@ pub struct ServiceAccountRefs {
 
 /// `KubernetesCluster.spec` (`discovery.zephyr.solo.io/v1alpha1`): a
 /// registered cluster and where its kubeconfig is.
-#[derive(
-    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default, CustomResource,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default, CustomResource)]
 #[kube(
     group = "discovery.zephyr.solo.io",
     version = "v1alpha1",
@@ -439,18 +417,9 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(
-            parse_duration("1s"),
-            Some(std::time::Duration::from_secs(1))
-        );
-        assert_eq!(
-            parse_duration("0.25s"),
-            Some(std::time::Duration::from_millis(250))
-        );
-        assert_eq!(
-            parse_duration("100ms"),
-            Some(std::time::Duration::from_millis(100))
-        );
+        assert_eq!(parse_duration("1s"), Some(std::time::Duration::from_secs(1)));
+        assert_eq!(parse_duration("0.25s"), Some(std::time::Duration::from_millis(250)));
+        assert_eq!(parse_duration("100ms"), Some(std::time::Duration::from_millis(100)));
         assert_eq!(parse_duration("soon"), None);
     }
 }

@@ -57,15 +57,10 @@ fn dest_lines(dests: &[ResolvedDestination]) -> Vec<DestinationLine> {
     dests
         .iter()
         .map(|d| DestinationLine {
-            destination: d.service.to_string()
-                + &d.port.map(|p| format!(":{p}")).unwrap_or_default(),
+            destination: d.service.to_string() + &d.port.map(|p| format!(":{p}")).unwrap_or_default(),
             subset: names::subset_name(&d.subset),
             weight: d.weight,
-            percent: if total == 0 {
-                0.0
-            } else {
-                (d.weight as f64) * 100.0 / total as f64
-            },
+            percent: if total == 0 { 0.0 } else { (d.weight as f64) * 100.0 / total as f64 },
         })
         .collect()
 }
@@ -78,45 +73,26 @@ pub fn describe_service(snapshot: &MeshSnapshot, key: &ServiceKey) -> ServiceDes
         .policy_status
         .iter()
         .filter(|(_, st)| st.services.contains(&shown))
-        .map(|(id, st)| PolicyLine {
-            policy: id.to_string(),
-            state: st.state.to_string(),
-            messages: st.messages.clone(),
-        })
+        .map(|(id, st)| PolicyLine { policy: id.to_string(), state: st.state.to_string(), messages: st.messages.clone() })
         .collect();
     let mut routes = Vec::new();
     let rules = policy::rules_for(&snapshot.applied, key);
-    let (specific, catch_all): (Vec<_>, Vec<_>) =
-        rules.into_iter().partition(|(_, r)| !r.matchers.is_empty());
+    let (specific, catch_all): (Vec<_>, Vec<_>) = rules.into_iter().partition(|(_, r)| !r.matchers.is_empty());
     for (ids, rule) in specific.into_iter().chain(catch_all) {
         let a = &rule.actions;
         let destinations = match &a.traffic_shift {
             Some(d) => dest_lines(d),
-            None => vec![DestinationLine {
-                destination: shown.clone(),
-                subset: String::new(),
-                weight: 1,
-                percent: 100.0,
-            }],
+            None => vec![DestinationLine { destination: shown.clone(), subset: String::new(), weight: 1, percent: 100.0 }],
         };
         let mut actions = Vec::new();
         if let Some(t) = a.request_timeout {
             actions.push(format!("timeout {t:?}"));
         }
         if let Some(r) = &a.retries {
-            actions.push(format!(
-                "retries {}{}",
-                r.attempts,
-                r.per_try_timeout
-                    .map(|t| format!(" (per try {t:?})"))
-                    .unwrap_or_default()
-            ));
+            actions.push(format!("retries {}{}", r.attempts, r.per_try_timeout.map(|t| format!(" (per try {t:?})")).unwrap_or_default()));
         }
         if let Some(f) = &a.fault_injection {
-            actions.push(format!(
-                "fault {:?} for {}% of requests",
-                f.fault, f.percentage
-            ));
+            actions.push(format!("fault {:?} for {}% of requests", f.fault, f.percentage));
         }
         if let Some(m) = &a.mirror {
             actions.push(format!("mirror {}% to {}", m.percentage, m.service));
@@ -128,56 +104,33 @@ pub fn describe_service(snapshot: &MeshSnapshot, key: &ServiceKey) -> ServiceDes
             actions.push("CORS".into());
         }
         if let Some(o) = &a.outlier_detection {
-            actions.push(format!(
-                "outlier detection after {} errors",
-                o.consecutive_errors
-            ));
+            actions.push(format!("outlier detection after {} errors", o.consecutive_errors));
         }
         let sources = if rule.source.is_everyone() {
             "every workload".to_string()
         } else {
-            format!(
-                "namespaces {:?} labels {:?}",
-                rule.source.namespaces, rule.source.labels
-            )
+            format!("namespaces {:?} labels {:?}", rule.source.namespaces, rule.source.labels)
         };
         let requests = if rule.matchers.is_empty() {
             "every request".to_string()
         } else {
-            rule.matchers
-                .iter()
-                .map(|m| serde_json::to_string(m).unwrap_or_default())
-                .collect::<Vec<_>>()
-                .join(" OR ")
+            rule.matchers.iter().map(|m| serde_json::to_string(m).unwrap_or_default()).collect::<Vec<_>>().join(" OR ")
         };
-        routes.push(RouteLine {
-            from_policies: ids.iter().map(|i| i.to_string()).collect(),
-            sources,
-            requests,
-            destinations,
-            actions,
-        });
+        routes.push(RouteLine { from_policies: ids.iter().map(|i| i.to_string()).collect(), sources, requests, destinations, actions });
     }
     if routes.is_empty() && svc.is_some() {
         routes.push(RouteLine {
             from_policies: vec![],
             sources: "every workload".into(),
             requests: "every request".into(),
-            destinations: vec![DestinationLine {
-                destination: shown.clone(),
-                subset: String::new(),
-                weight: 1,
-                percent: 100.0,
-            }],
+            destinations: vec![DestinationLine { destination: shown.clone(), subset: String::new(), weight: 1, percent: 100.0 }],
             actions: vec![],
         });
     }
     ServiceDescription {
         service: shown,
         exists: svc.is_some(),
-        ports: svc
-            .map(|s| s.ports.iter().map(|p| p.port).collect())
-            .unwrap_or_default(),
+        ports: svc.map(|s| s.ports.iter().map(|p| p.port).collect()).unwrap_or_default(),
         endpoints: eps.len(),
         ready_endpoints: eps.iter().filter(|e| e.ready).count(),
         policies,
@@ -193,14 +146,7 @@ pub fn render(d: &ServiceDescription) -> String {
         return out;
     }
     let ports: Vec<String> = d.ports.iter().map(u16::to_string).collect();
-    let _ = writeln!(
-        out,
-        "service {}  ports {}  endpoints {} ({} ready)",
-        d.service,
-        ports.join(","),
-        d.endpoints,
-        d.ready_endpoints
-    );
+    let _ = writeln!(out, "service {}  ports {}  endpoints {} ({} ready)", d.service, ports.join(","), d.endpoints, d.ready_endpoints);
     let _ = writeln!(out, "\npolicies:");
     if d.policies.is_empty() {
         let _ = writeln!(out, "  (none)");
@@ -213,32 +159,12 @@ pub fn render(d: &ServiceDescription) -> String {
     }
     let _ = writeln!(out, "\nroutes (first match wins):");
     for r in &d.routes {
-        let from = if r.from_policies.is_empty() {
-            "default".to_string()
-        } else {
-            r.from_policies.join(", ")
-        };
-        let actions = if r.actions.is_empty() {
-            String::new()
-        } else {
-            format!(", {}", r.actions.join("; "))
-        };
-        let _ = writeln!(
-            out,
-            "  from {}, for {}{actions}  [{from}]",
-            r.sources, r.requests
-        );
+        let from = if r.from_policies.is_empty() { "default".to_string() } else { r.from_policies.join(", ") };
+        let actions = if r.actions.is_empty() { String::new() } else { format!(", {}", r.actions.join("; ")) };
+        let _ = writeln!(out, "  from {}, for {}{actions}  [{from}]", r.sources, r.requests);
         for dl in &r.destinations {
-            let subset = if dl.subset.is_empty() {
-                String::new()
-            } else {
-                format!(" subset {}", dl.subset)
-            };
-            let _ = writeln!(
-                out,
-                "    {:>6.2}%  {}{}  (weight {})",
-                dl.percent, dl.destination, subset, dl.weight
-            );
+            let subset = if dl.subset.is_empty() { String::new() } else { format!(" subset {}", dl.subset) };
+            let _ = writeln!(out, "    {:>6.2}%  {}{}  (weight {})", dl.percent, dl.destination, subset, dl.weight);
         }
     }
     out
@@ -256,16 +182,8 @@ pub struct PolicyReport<'a> {
 
 pub fn policy_report(snapshot: &MeshSnapshot) -> PolicyReport<'_> {
     PolicyReport {
-        policies: snapshot
-            .policy_status
-            .iter()
-            .map(|(id, st): (&PolicyId, _)| (id.to_string(), st))
-            .collect(),
-        mesh_objects: snapshot
-            .mesh_object_status
-            .iter()
-            .map(|(id, st)| (id.to_string(), st))
-            .collect(),
+        policies: snapshot.policy_status.iter().map(|(id, st): (&PolicyId, _)| (id.to_string(), st)).collect(),
+        mesh_objects: snapshot.mesh_object_status.iter().map(|(id, st)| (id.to_string(), st)).collect(),
         input_errors: &snapshot.input_errors,
     }
 }
@@ -274,6 +192,5 @@ pub fn policy_report(snapshot: &MeshSnapshot) -> PolicyReport<'_> {
 pub fn parse_service_arg(s: &str) -> Option<ServiceKey> {
     let mut parts = s.splitn(3, '.');
     let (name, ns, cluster) = (parts.next()?, parts.next()?, parts.next()?);
-    (!name.is_empty() && !ns.is_empty() && !cluster.is_empty())
-        .then(|| ServiceKey::new(cluster, ns, name))
+    (!name.is_empty() && !ns.is_empty() && !cluster.is_empty()).then(|| ServiceKey::new(cluster, ns, name))
 }

@@ -34,28 +34,17 @@ pub struct ClusterObjects {
 }
 
 fn ns_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    meta.namespace
-        .clone()
-        .unwrap_or_else(|| "default".to_string())
+    meta.namespace.clone().unwrap_or_else(|| "default".to_string())
 }
 
 /// Builds a cluster's services and endpoints; problems (a slice for an unknown
 /// service, a Service without ports) are returned as messages naming the object.
 pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec<String>) {
     let mut errors = Vec::new();
-    let mut state = ClusterState {
-        name: name.to_string(),
-        ..Default::default()
-    };
+    let mut state = ClusterState { name: name.to_string(), ..Default::default() };
 
     // The cluster's network: the istio-system namespace's label (Istio's rule), else any namespace's.
-    let ns_network = |ns: &Arc<Namespace>| {
-        ns.metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(NETWORK_LABEL))
-            .cloned()
-    };
+    let ns_network = |ns: &Arc<Namespace>| ns.metadata.labels.as_ref().and_then(|l| l.get(NETWORK_LABEL)).cloned();
     state.network = objects
         .namespaces
         .iter()
@@ -65,8 +54,7 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
         .unwrap_or_default();
 
     // Target ports per service, for endpoints derived from Pods.
-    let mut target_ports: HashMap<(String, String), Vec<(ServicePort, Option<IntOrString>)>> =
-        HashMap::new();
+    let mut target_ports: HashMap<(String, String), Vec<(ServicePort, Option<IntOrString>)>> = HashMap::new();
     let mut selectors: HashMap<(String, String), BTreeMap<String, String>> = HashMap::new();
     for svc in &objects.services {
         let Some(svc_name) = svc.metadata.name.clone() else {
@@ -85,10 +73,7 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
             let sp = ServicePort {
                 name: p.name.clone().unwrap_or_default(),
                 port,
-                protocol: p
-                    .app_protocol
-                    .clone()
-                    .unwrap_or_else(|| p.protocol.clone().unwrap_or_else(|| "TCP".into())),
+                protocol: p.app_protocol.clone().unwrap_or_else(|| p.protocol.clone().unwrap_or_else(|| "TCP".into())),
             };
             targets.push((sp.clone(), p.target_port.clone()));
             ports.push(sp);
@@ -133,10 +118,7 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
         match pod {
             Some(p) => (
                 p.metadata.labels.clone().unwrap_or_default(),
-                p.spec
-                    .as_ref()
-                    .and_then(|s| s.service_account_name.clone())
-                    .unwrap_or_else(|| "default".into()),
+                p.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()),
                 p.metadata.name.clone(),
             ),
             None => (BTreeMap::new(), "default".into(), None),
@@ -146,18 +128,8 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
     let mut has_slices: std::collections::HashSet<(String, String)> = Default::default();
     for (si, slice) in objects.endpoint_slices.iter().enumerate() {
         let namespace = ns_of(&slice.metadata);
-        let slice_name = slice
-            .metadata
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("#{si}"));
-        let Some(svc_name) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-            .cloned()
-        else {
+        let slice_name = slice.metadata.name.clone().unwrap_or_else(|| format!("#{si}"));
+        let Some(svc_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).cloned() else {
             errors.push(format!(
                 "EndpointSlice {namespace}/{slice_name} in cluster {name}: metadata.labels has no {SERVICE_NAME_LABEL}; ignored"
             ));
@@ -178,53 +150,30 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
             .ports
             .iter()
             .flatten()
-            .filter_map(|p| {
-                Some((
-                    p.name.clone().unwrap_or_default(),
-                    u16::try_from(p.port?).ok()?,
-                ))
-            })
+            .filter_map(|p| Some((p.name.clone().unwrap_or_default(), u16::try_from(p.port?).ok()?)))
             .collect();
         for ep in &slice.endpoints {
-            let Some(address) = ep.addresses.first().cloned() else {
-                continue;
-            };
+            let Some(address) = ep.addresses.first().cloned() else { continue };
             let pod = ep
                 .target_ref
                 .as_ref()
                 .filter(|r| r.kind.as_deref().unwrap_or("Pod") == "Pod")
-                .and_then(|r| {
-                    pods.get(&(
-                        r.namespace.clone().unwrap_or_else(|| namespace.clone()),
-                        r.name.clone()?,
-                    ))
-                    .copied()
-                });
+                .and_then(|r| pods.get(&(r.namespace.clone().unwrap_or_else(|| namespace.clone()), r.name.clone()?)).copied());
             let (labels, service_account, pod_name) = pod_facts(pod);
-            let network = labels
-                .get(NETWORK_LABEL)
-                .cloned()
-                .unwrap_or_else(|| state.network.clone());
+            let network = labels.get(NETWORK_LABEL).cloned().unwrap_or_else(|| state.network.clone());
             let mesh_tls = labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio");
             let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            state
-                .endpoints
-                .entry(key.clone())
-                .or_default()
-                .push(Endpoint {
-                    address,
-                    ports: ports.clone(),
-                    labels,
-                    ready,
-                    locality: Locality {
-                        region: String::new(),
-                        zone: ep.zone.clone().unwrap_or_default(),
-                    },
-                    network,
-                    mesh_tls,
-                    service_account,
-                    pod: pod_name,
-                });
+            state.endpoints.entry(key.clone()).or_default().push(Endpoint {
+                address,
+                ports: ports.clone(),
+                labels,
+                ready,
+                locality: Locality { region: String::new(), zone: ep.zone.clone().unwrap_or_default() },
+                network,
+                mesh_tls,
+                service_account,
+                pod: pod_name,
+            });
         }
     }
 
@@ -241,9 +190,7 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
                 continue;
             }
             let status = pod.status.clone().unwrap_or_default();
-            let Some(address) = status.pod_ip.clone().filter(|ip| !ip.is_empty()) else {
-                continue;
-            };
+            let Some(address) = status.pod_ip.clone().filter(|ip| !ip.is_empty()) else { continue };
             let ready = status
                 .conditions
                 .as_ref()
@@ -272,10 +219,7 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
                 }
             }
             let (labels, service_account, pod_name) = pod_facts(Some(pod));
-            let network = labels
-                .get(NETWORK_LABEL)
-                .cloned()
-                .unwrap_or_else(|| state.network.clone());
+            let network = labels.get(NETWORK_LABEL).cloned().unwrap_or_else(|| state.network.clone());
             let mesh_tls = labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio");
             eps.push(Endpoint {
                 address,
@@ -329,16 +273,10 @@ endpoints:
 "#,
             )],
             pods: vec![
-                parse(
-                    "metadata: {name: reviews-v1-1, namespace: default, labels: {app: reviews, version: v1}}\nspec: {serviceAccountName: bookinfo-reviews, containers: [{name: c}]}",
-                ),
-                parse(
-                    "metadata: {name: reviews-v2-1, namespace: default, labels: {app: reviews, version: v2}}\nspec: {containers: [{name: c}]}",
-                ),
+                parse("metadata: {name: reviews-v1-1, namespace: default, labels: {app: reviews, version: v1}}\nspec: {serviceAccountName: bookinfo-reviews, containers: [{name: c}]}"),
+                parse("metadata: {name: reviews-v2-1, namespace: default, labels: {app: reviews, version: v2}}\nspec: {containers: [{name: c}]}"),
             ],
-            namespaces: vec![parse(
-                "metadata: {name: istio-system, labels: {topology.istio.io/network: net1}}",
-            )],
+            namespaces: vec![parse("metadata: {name: istio-system, labels: {topology.istio.io/network: net1}}")],
         };
         let (state, errors) = cluster_state("c1", &objects);
         assert!(errors.is_empty(), "{errors:?}");
@@ -360,12 +298,8 @@ endpoints:
                 "metadata: {name: ratings}\nspec: {selector: {app: ratings}, ports: [{name: http, port: 9080, targetPort: web}]}",
             )],
             pods: vec![
-                parse(
-                    "metadata: {name: ratings-1, labels: {app: ratings, version: v1}}\nspec: {containers: [{name: c, ports: [{name: web, containerPort: 8080}]}]}\nstatus: {podIP: 127.0.0.5}",
-                ),
-                parse(
-                    "metadata: {name: other, labels: {app: other}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 127.0.0.6}",
-                ),
+                parse("metadata: {name: ratings-1, labels: {app: ratings, version: v1}}\nspec: {containers: [{name: c, ports: [{name: web, containerPort: 8080}]}]}\nstatus: {podIP: 127.0.0.5}"),
+                parse("metadata: {name: other, labels: {app: other}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 127.0.0.6}"),
             ],
             ..Default::default()
         };
@@ -373,10 +307,7 @@ endpoints:
         assert!(errors.is_empty(), "{errors:?}");
         let eps = &state.endpoints[&("default".to_string(), "ratings".to_string())];
         assert_eq!(eps.len(), 1);
-        assert_eq!(
-            (eps[0].address.as_str(), eps[0].ports["http"]),
-            ("127.0.0.5", 8080)
-        );
+        assert_eq!((eps[0].address.as_str(), eps[0].ports["http"]), ("127.0.0.5", 8080));
     }
 
     #[test]
@@ -389,9 +320,6 @@ endpoints:
         };
         let (_, errors) = cluster_state("c1", &objects);
         assert_eq!(errors.len(), 1);
-        assert!(
-            errors[0].contains("EndpointSlice default/s1") && errors[0].contains("default/ghost"),
-            "{errors:?}"
-        );
+        assert!(errors[0].contains("EndpointSlice default/s1") && errors[0].contains("default/ghost"), "{errors:?}");
     }
 }

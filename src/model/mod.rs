@@ -27,11 +27,7 @@ pub struct ServiceKey {
 
 impl ServiceKey {
     pub fn new(cluster: &str, namespace: &str, name: &str) -> Self {
-        ServiceKey {
-            cluster: cluster.into(),
-            namespace: namespace.into(),
-            name: name.into(),
-        }
+        ServiceKey { cluster: cluster.into(), namespace: namespace.into(), name: name.into() }
     }
 }
 
@@ -206,17 +202,10 @@ pub struct MeshObjectStatus {
 /// The fields of a VirtualMesh that meshpilot reads but does not act on yet.
 fn virtual_mesh_unsupported(spec: &api::VirtualMeshSpec) -> Vec<String> {
     let mut out = Vec::new();
-    if spec
-        .certificate_authority
-        .as_ref()
-        .is_some_and(|ca| ca.builtin.is_none() && ca.provided.is_some())
-    {
+    if spec.certificate_authority.as_ref().is_some_and(|ca| ca.builtin.is_none() && ca.provided.is_some()) {
         out.push("spec.certificateAuthority.provided: not yet supported from a Secret; give meshpilot the CA with serve --ca-dir (DIR/<namespace>.<name>/ca.crt, ca.key)".to_string());
     }
-    if let Some(b) = spec
-        .certificate_authority
-        .as_ref()
-        .and_then(|ca| ca.builtin.as_ref())
+    if let Some(b) = spec.certificate_authority.as_ref().and_then(|ca| ca.builtin.as_ref())
         && (b.ttl_days.is_some() || b.rsa_key_size_bytes.is_some() || b.org_name.is_some())
     {
         out.push("spec.certificateAuthority.builtin.{ttlDays,rsaKeySizeBytes,orgName}: not yet supported (the builtin root is ECDSA P-256, valid 10 years; workload certificates follow serve --cert-ttl)".to_string());
@@ -228,30 +217,16 @@ fn virtual_mesh_unsupported(spec: &api::VirtualMeshSpec) -> Vec<String> {
         out.push("spec.limited: not yet supported (trust is shared)".to_string());
     }
     if spec.enforce_access_control.is_some() {
-        out.push(
-            "spec.enforceAccessControl: not yet supported (access is not enforced)".to_string(),
-        );
+        out.push("spec.enforceAccessControl: not yet supported (access is not enforced)".to_string());
     }
     out
 }
 
-fn object_status<S>(
-    kind: &str,
-    p: &PolicyObject<S>,
-    unsupported: Vec<String>,
-) -> (MeshObjectId, MeshObjectStatus) {
-    let id = MeshObjectId {
-        kind: kind.into(),
-        namespace: p.namespace.clone(),
-        name: p.name.clone(),
-    };
+fn object_status<S>(kind: &str, p: &PolicyObject<S>, unsupported: Vec<String>) -> (MeshObjectId, MeshObjectStatus) {
+    let id = MeshObjectId { kind: kind.into(), namespace: p.namespace.clone(), name: p.name.clone() };
     let invalid = !p.parse_errors.is_empty();
     let status = MeshObjectStatus {
-        state: if invalid {
-            PolicyState::Invalid
-        } else {
-            PolicyState::Accepted
-        },
+        state: if invalid { PolicyState::Invalid } else { PolicyState::Accepted },
         observed_generation: p.generation,
         messages: p.parse_errors.clone(),
         not_yet_supported: if invalid { Vec::new() } else { unsupported },
@@ -287,21 +262,14 @@ impl MeshSnapshot {
             input_errors: inputs.errors,
         };
         let (applied, status) = policy::resolve(&snapshot, &inputs.traffic_policies, last_good);
-        snapshot.source_label_keys = applied
-            .iter()
-            .flat_map(|p| p.rules.iter())
-            .flat_map(|r| r.source.labels.keys().cloned())
-            .collect();
+        snapshot.source_label_keys = applied.iter().flat_map(|p| p.rules.iter()).flat_map(|r| r.source.labels.keys().cloned()).collect();
         snapshot.applied = applied;
         snapshot.policy_status = status;
         snapshot
     }
 
     pub fn service(&self, key: &ServiceKey) -> Option<&Service> {
-        self.clusters
-            .get(&key.cluster)?
-            .services
-            .get(&(key.namespace.clone(), key.name.clone()))
+        self.clusters.get(&key.cluster)?.services.get(&(key.namespace.clone(), key.name.clone()))
     }
 
     pub fn endpoints(&self, key: &ServiceKey) -> &[Endpoint] {
@@ -314,10 +282,7 @@ impl MeshSnapshot {
 
     /// The clusters a proxy in `cluster` can reach (its virtual mesh).
     pub fn peers_of(&self, cluster: &str) -> BTreeSet<String> {
-        self.mesh_peers
-            .get(cluster)
-            .cloned()
-            .unwrap_or_else(|| [cluster.to_string()].into())
+        self.mesh_peers.get(cluster).cloned().unwrap_or_else(|| [cluster.to_string()].into())
     }
 
     pub fn all_services(&self) -> impl Iterator<Item = &Service> {
@@ -331,10 +296,7 @@ fn mesh_ref_to_cluster(name: &str, clusters: &BTreeMap<String, ClusterState>) ->
     if clusters.contains_key(name) {
         return Some(name.to_string());
     }
-    clusters
-        .keys()
-        .find(|c| name.ends_with(&format!("-{c}")))
-        .cloned()
+    clusters.keys().find(|c| name.ends_with(&format!("-{c}"))).cloned()
 }
 
 /// Istio's default trust domain.
@@ -358,27 +320,13 @@ fn mesh_trust(inputs: &MeshInputs) -> BTreeMap<String, MeshTrust> {
     out
 }
 
-fn network_gateways(
-    clusters: &BTreeMap<String, ClusterState>,
-) -> BTreeMap<String, Vec<GatewayAddress>> {
+fn network_gateways(clusters: &BTreeMap<String, ClusterState>) -> BTreeMap<String, Vec<GatewayAddress>> {
     let mut out: BTreeMap<String, Vec<GatewayAddress>> = BTreeMap::new();
     for svc in clusters.values().flat_map(|c| c.services.values()) {
-        let Some(network) = svc.labels.get(k8s::NETWORK_LABEL).filter(|n| !n.is_empty()) else {
-            continue;
-        };
-        let port = svc
-            .labels
-            .get(GATEWAY_PORT_LABEL)
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(DEFAULT_GATEWAY_PORT);
+        let Some(network) = svc.labels.get(k8s::NETWORK_LABEL).filter(|n| !n.is_empty()) else { continue };
+        let port = svc.labels.get(GATEWAY_PORT_LABEL).and_then(|p| p.parse().ok()).unwrap_or(DEFAULT_GATEWAY_PORT);
         for address in &svc.external_addresses {
-            out.entry(network.clone())
-                .or_default()
-                .push(GatewayAddress {
-                    address: address.clone(),
-                    port,
-                    service: svc.key.clone(),
-                });
+            out.entry(network.clone()).or_default().push(GatewayAddress { address: address.clone(), port, service: svc.key.clone() });
         }
     }
     for v in out.values_mut() {
@@ -389,23 +337,13 @@ fn network_gateways(
 }
 
 fn mesh_peers(inputs: &MeshInputs) -> BTreeMap<String, BTreeSet<String>> {
-    let mut peers: BTreeMap<String, BTreeSet<String>> = inputs
-        .clusters
-        .keys()
-        .map(|c| (c.clone(), [c.clone()].into()))
-        .collect();
+    let mut peers: BTreeMap<String, BTreeSet<String>> =
+        inputs.clusters.keys().map(|c| (c.clone(), [c.clone()].into())).collect();
     for vm in &inputs.virtual_meshes {
-        let members: BTreeSet<String> = vm
-            .spec
-            .meshes
-            .iter()
-            .filter_map(|m| mesh_ref_to_cluster(&m.name, &inputs.clusters))
-            .collect();
+        let members: BTreeSet<String> =
+            vm.spec.meshes.iter().filter_map(|m| mesh_ref_to_cluster(&m.name, &inputs.clusters)).collect();
         for m in &members {
-            peers
-                .entry(m.clone())
-                .or_default()
-                .extend(members.iter().cloned());
+            peers.entry(m.clone()).or_default().extend(members.iter().cloned());
         }
     }
     peers

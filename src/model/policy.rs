@@ -79,16 +79,11 @@ pub struct SourceMatch {
 
 impl SourceMatch {
     fn from_selector(sel: Option<&WorkloadSelector>) -> Self {
-        let Some(sel) = sel else {
-            return SourceMatch::default();
-        };
+        let Some(sel) = sel else { return SourceMatch::default() };
         let mut namespaces = sel.namespaces.clone();
         namespaces.sort();
         namespaces.dedup();
-        SourceMatch {
-            labels: sel.labels.clone(),
-            namespaces,
-        }
+        SourceMatch { labels: sel.labels.clone(), namespaces }
     }
 
     pub fn is_everyone(&self) -> bool {
@@ -187,16 +182,7 @@ impl Actions {
         macro_rules! fill {
             ($($field:ident),*) => { $( if self.$field.is_none() { self.$field = other.$field.clone(); } )* };
         }
-        fill!(
-            traffic_shift,
-            fault_injection,
-            request_timeout,
-            retries,
-            cors_policy,
-            mirror,
-            header_manipulation,
-            outlier_detection
-        );
+        fill!(traffic_shift, fault_injection, request_timeout, retries, cors_policy, mirror, header_manipulation, outlier_detection);
     }
 }
 
@@ -212,9 +198,7 @@ pub struct ServiceRule {
 
 impl ServiceRule {
     fn same_target(&self, other: &ServiceRule) -> bool {
-        self.service == other.service
-            && self.source == other.source
-            && self.matchers == other.matchers
+        self.service == other.service && self.source == other.source && self.matchers == other.matchers
     }
 }
 
@@ -234,12 +218,7 @@ pub struct LastGood {
 }
 
 /// Where a destination's traffic goes on a listener port (see [`ResolvedDestination::port`]).
-pub fn destination_port(
-    snapshot: &MeshSnapshot,
-    service: &ServiceKey,
-    explicit: Option<u16>,
-    listener_port: u16,
-) -> Option<u16> {
+pub fn destination_port(snapshot: &MeshSnapshot, service: &ServiceKey, explicit: Option<u16>, listener_port: u16) -> Option<u16> {
     if explicit.is_some() {
         return explicit;
     }
@@ -259,9 +238,7 @@ fn parse_min_duration(s: &str, field: &str, errors: &mut Vec<String>) -> Option<
             None
         }
         None => {
-            errors.push(format!(
-                "{field}: {s:?} is not a duration (e.g. \"1.5s\", \"100ms\")"
-            ));
+            errors.push(format!("{field}: {s:?} is not a duration (e.g. \"1.5s\", \"100ms\")"));
             None
         }
     }
@@ -275,32 +252,17 @@ fn check_percentage(p: f64, field: &str, errors: &mut Vec<String>) {
 
 fn check_regex(re: &str, field: &str, errors: &mut Vec<String>) {
     if let Err(e) = regex::Regex::new(re) {
-        let first = e
-            .to_string()
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .trim()
-            .to_string();
-        errors.push(format!(
-            "{field}: {re:?} is not a valid regular expression ({first})"
-        ));
+        let first = e.to_string().lines().last().unwrap_or_default().trim().to_string();
+        errors.push(format!("{field}: {re:?} is not a valid regular expression ({first})"));
     }
 }
 
-const METHODS: [&str; 9] = [
-    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
-];
+const METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
 
 fn check_matcher(m: &HttpMatcher, field: &str, errors: &mut Vec<String>) {
-    let paths = [m.prefix.is_some(), m.exact.is_some(), m.regex.is_some()]
-        .iter()
-        .filter(|b| **b)
-        .count();
+    let paths = [m.prefix.is_some(), m.exact.is_some(), m.regex.is_some()].iter().filter(|b| **b).count();
     if paths > 1 {
-        errors.push(format!(
-            "{field}: set one of prefix, exact or regex, not {paths}"
-        ));
+        errors.push(format!("{field}: set one of prefix, exact or regex, not {paths}"));
     }
     if let Some(re) = &m.regex {
         check_regex(re, &format!("{field}.regex"), errors);
@@ -315,26 +277,16 @@ fn check_matcher(m: &HttpMatcher, field: &str, errors: &mut Vec<String>) {
     }
     for (i, q) in m.query_parameters.iter().enumerate() {
         if q.name.is_empty() {
-            errors.push(format!(
-                "{field}.queryParameters[{i}].name: must not be empty"
-            ));
+            errors.push(format!("{field}.queryParameters[{i}].name: must not be empty"));
         }
         if q.regex {
-            check_regex(
-                &q.value,
-                &format!("{field}.queryParameters[{i}].value"),
-                errors,
-            );
+            check_regex(&q.value, &format!("{field}.queryParameters[{i}].value"), errors);
         }
     }
     if let Some(method) = &m.method
         && !METHODS.contains(&method.method.as_str())
     {
-        errors.push(format!(
-            "{field}.method.method: {:?} is not one of {}",
-            method.method,
-            METHODS.join(", ")
-        ));
+        errors.push(format!("{field}.method.method: {:?} is not one of {}", method.method, METHODS.join(", ")));
     }
 }
 
@@ -348,29 +300,18 @@ fn resolve_ref(
     errors: &mut Vec<String>,
 ) -> Option<ServiceKey> {
     let mut missing = Vec::new();
-    for (what, v) in [
-        ("name", &r.name),
-        ("namespace", &r.namespace),
-        ("cluster", &r.cluster),
-    ] {
+    for (what, v) in [("name", &r.name), ("namespace", &r.namespace), ("cluster", &r.cluster)] {
         if v.is_empty() {
             missing.push(what);
         }
     }
     if !missing.is_empty() {
-        errors.push(format!(
-            "{field}: {} required",
-            missing.join(", ") + if missing.len() == 1 { " is" } else { " are" }
-        ));
+        errors.push(format!("{field}: {} required", missing.join(", ") + if missing.len() == 1 { " is" } else { " are" }));
         return None;
     }
     let key = ServiceKey::new(&r.cluster, &r.namespace, &r.name);
     if !snapshot.clusters.contains_key(&key.cluster) {
-        errors.push(format!(
-            "{field}: cluster {:?} is not registered (known: {})",
-            key.cluster,
-            known_clusters(snapshot)
-        ));
+        errors.push(format!("{field}: cluster {:?} is not registered (known: {})", key.cluster, known_clusters(snapshot)));
         return None;
     }
     if snapshot.service(&key).is_none() {
@@ -390,12 +331,7 @@ fn resolve_ref(
 }
 
 fn known_clusters(snapshot: &MeshSnapshot) -> String {
-    snapshot
-        .clusters
-        .keys()
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(", ")
+    snapshot.clusters.keys().cloned().collect::<Vec<_>>().join(", ")
 }
 
 fn check_port(
@@ -412,20 +348,13 @@ fn check_port(
             Some(p) => Some(Some(p)),
             None => {
                 let known: Vec<String> = svc.ports.iter().map(|p| p.port.to_string()).collect();
-                errors.push(format!(
-                    "{field}.port: {dest} has no port {p} (ports: {})",
-                    known.join(", ")
-                ));
+                errors.push(format!("{field}.port: {dest} has no port {p} (ports: {})", known.join(", ")));
                 None
             }
         };
     }
     for s in selected {
-        for sp in snapshot
-            .service(s)
-            .map(|s| s.ports.as_slice())
-            .unwrap_or_default()
-        {
+        for sp in snapshot.service(s).map(|s| s.ports.as_slice()).unwrap_or_default() {
             if destination_port(snapshot, dest, None, sp.port).is_none() {
                 let known: Vec<String> = svc.ports.iter().map(|p| p.port.to_string()).collect();
                 errors.push(format!(
@@ -441,25 +370,16 @@ fn check_port(
 }
 
 /// The services a destination selector picks.
-fn select_services(
-    snapshot: &MeshSnapshot,
-    spec: &TrafficPolicySpec,
-    errors: &mut Vec<String>,
-) -> Vec<ServiceKey> {
+fn select_services(snapshot: &MeshSnapshot, spec: &TrafficPolicySpec, errors: &mut Vec<String>) -> Vec<ServiceKey> {
     let sel = spec.destination_selector.clone().unwrap_or_default();
     match (&sel.matcher, &sel.service_refs) {
         (Some(_), Some(_)) => {
-            errors.push(
-                "spec.destinationSelector: set either matcher or serviceRefs, not both".into(),
-            );
+            errors.push("spec.destinationSelector: set either matcher or serviceRefs, not both".into());
             Vec::new()
         }
         (None, Some(refs)) => {
             if refs.services.is_empty() {
-                errors.push(
-                    "spec.destinationSelector.serviceRefs.services: must name at least one service"
-                        .into(),
-                );
+                errors.push("spec.destinationSelector.serviceRefs.services: must name at least one service".into());
             }
             let mut out = Vec::new();
             for (i, r) in refs.services.iter().enumerate() {
@@ -497,10 +417,7 @@ fn select_services(
 
 /// Validates one policy against the mesh and resolves it into rules.
 /// Errors are `field: reason` messages.
-pub fn validate(
-    snapshot: &MeshSnapshot,
-    policy: &PolicyObject<TrafficPolicySpec>,
-) -> Result<AppliedPolicy, Vec<String>> {
+pub fn validate(snapshot: &MeshSnapshot, policy: &PolicyObject<TrafficPolicySpec>) -> Result<AppliedPolicy, Vec<String>> {
     if !policy.parse_errors.is_empty() {
         return Err(policy.parse_errors.clone());
     }
@@ -517,53 +434,22 @@ pub fn validate(
     if let Some(shift) = &spec.traffic_shift {
         let mut dests = Vec::new();
         if shift.destinations.is_empty() {
-            errors
-                .push("spec.trafficShift.destinations: must list at least one destination".into());
+            errors.push("spec.trafficShift.destinations: must list at least one destination".into());
         }
         for (i, d) in shift.destinations.iter().enumerate() {
             let field = format!("spec.trafficShift.destinations[{i}]");
-            let Some(key) = resolve_ref(
-                snapshot,
-                &d.destination,
-                &selected,
-                &format!("{field}.destination"),
-                &mut errors,
-            ) else {
+            let Some(key) = resolve_ref(snapshot, &d.destination, &selected, &format!("{field}.destination"), &mut errors) else {
                 continue;
             };
-            let Some(port) = check_port(snapshot, &key, d.port, &selected, &field, &mut errors)
-            else {
-                continue;
-            };
-            if !d.subset.is_empty()
-                && !snapshot
-                    .endpoints(&key)
-                    .iter()
-                    .any(|e| e.has_labels(&d.subset))
-            {
-                let labels: Vec<String> =
-                    d.subset.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                errors.push(format!(
-                    "{field}.subset: {{{}}} matches no pod of {key}",
-                    labels.join(", ")
-                ));
+            let Some(port) = check_port(snapshot, &key, d.port, &selected, &field, &mut errors) else { continue };
+            if !d.subset.is_empty() && !snapshot.endpoints(&key).iter().any(|e| e.has_labels(&d.subset)) {
+                let labels: Vec<String> = d.subset.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                errors.push(format!("{field}.subset: {{{}}} matches no pod of {key}", labels.join(", ")));
                 continue;
             }
-            dests.push(ResolvedDestination {
-                service: key,
-                subset: d.subset.clone(),
-                port,
-                weight: d.weight,
-            });
+            dests.push(ResolvedDestination { service: key, subset: d.subset.clone(), port, weight: d.weight });
         }
-        if !shift.destinations.is_empty()
-            && shift
-                .destinations
-                .iter()
-                .map(|d| u64::from(d.weight))
-                .sum::<u64>()
-                == 0
-        {
+        if !shift.destinations.is_empty() && shift.destinations.iter().map(|d| u64::from(d.weight)).sum::<u64>() == 0 {
             errors.push("spec.trafficShift.destinations: the weights add up to 0; at least one must be positive".into());
         }
         actions.traffic_shift = Some(dests);
@@ -577,10 +463,7 @@ pub fn validate(
                 None
             }
             (Some(d), None) => match (&d.fixed_delay, &d.exponential_delay) {
-                (Some(fd), None) => {
-                    parse_min_duration(fd, "spec.faultInjection.delay.fixedDelay", &mut errors)
-                        .map(Fault::Delay)
-                }
+                (Some(fd), None) => parse_min_duration(fd, "spec.faultInjection.delay.fixedDelay", &mut errors).map(Fault::Delay),
                 (_, Some(_)) => {
                     errors.push("spec.faultInjection.delay.exponentialDelay: not supported (Envoy has fixed delays only); use fixedDelay".into());
                     None
@@ -594,18 +477,12 @@ pub fn validate(
                 if (200..=599).contains(&a.http_status) {
                     Some(Fault::Abort(a.http_status as u32))
                 } else {
-                    errors.push(format!(
-                        "spec.faultInjection.abort.httpStatus: {} is not an HTTP status (200–599)",
-                        a.http_status
-                    ));
+                    errors.push(format!("spec.faultInjection.abort.httpStatus: {} is not an HTTP status (200–599)", a.http_status));
                     None
                 }
             }
         };
-        actions.fault_injection = fault.map(|fault| FaultInjection {
-            fault,
-            percentage: f.percentage,
-        });
+        actions.fault_injection = fault.map(|fault| FaultInjection { fault, percentage: f.percentage });
     }
 
     if let Some(t) = &spec.request_timeout {
@@ -616,122 +493,65 @@ pub fn validate(
         if r.attempts < 0 {
             errors.push(format!("spec.retries.attempts: {} is negative", r.attempts));
         }
-        let per_try_timeout = r
-            .per_try_timeout
-            .as_ref()
-            .and_then(|t| parse_min_duration(t, "spec.retries.perTryTimeout", &mut errors));
-        actions.retries = Some(Retries {
-            attempts: r.attempts.max(0) as u32,
-            per_try_timeout,
-        });
+        let per_try_timeout = r.per_try_timeout.as_ref().and_then(|t| parse_min_duration(t, "spec.retries.perTryTimeout", &mut errors));
+        actions.retries = Some(Retries { attempts: r.attempts.max(0) as u32, per_try_timeout });
     }
 
     if let Some(c) = &spec.cors_policy {
         for (i, o) in c.allow_origins.iter().enumerate() {
-            let n = [o.exact.is_some(), o.prefix.is_some(), o.regex.is_some()]
-                .iter()
-                .filter(|b| **b)
-                .count();
+            let n = [o.exact.is_some(), o.prefix.is_some(), o.regex.is_some()].iter().filter(|b| **b).count();
             if n != 1 {
-                errors.push(format!(
-                    "spec.corsPolicy.allowOrigins[{i}]: set exactly one of exact, prefix or regex"
-                ));
+                errors.push(format!("spec.corsPolicy.allowOrigins[{i}]: set exactly one of exact, prefix or regex"));
             }
             if let Some(re) = &o.regex {
-                check_regex(
-                    re,
-                    &format!("spec.corsPolicy.allowOrigins[{i}].regex"),
-                    &mut errors,
-                );
+                check_regex(re, &format!("spec.corsPolicy.allowOrigins[{i}].regex"), &mut errors);
             }
         }
-        let max_age = c
-            .max_age
-            .as_ref()
-            .and_then(|m| match api::parse_duration(m) {
-                Some(d) => Some(d),
-                None => {
-                    errors.push(format!("spec.corsPolicy.maxAge: {m:?} is not a duration"));
-                    None
-                }
-            });
-        actions.cors_policy = Some(Cors {
-            policy: c.clone(),
-            max_age,
+        let max_age = c.max_age.as_ref().and_then(|m| match api::parse_duration(m) {
+            Some(d) => Some(d),
+            None => {
+                errors.push(format!("spec.corsPolicy.maxAge: {m:?} is not a duration"));
+                None
+            }
         });
+        actions.cors_policy = Some(Cors { policy: c.clone(), max_age });
     }
 
     if let Some(m) = &spec.mirror {
         let pct = m.percentage.unwrap_or(100.0);
         check_percentage(pct, "spec.mirror.percentage", &mut errors);
-        if let Some(key) = resolve_ref(
-            snapshot,
-            &m.destination,
-            &selected,
-            "spec.mirror.destination",
-            &mut errors,
-        ) && let Some(port) = check_port(
-            snapshot,
-            &key,
-            m.port,
-            &selected,
-            "spec.mirror",
-            &mut errors,
-        ) {
-            actions.mirror = Some(MirrorTo {
-                service: key,
-                port,
-                percentage: pct,
-            });
+        if let Some(key) = resolve_ref(snapshot, &m.destination, &selected, "spec.mirror.destination", &mut errors)
+            && let Some(port) = check_port(snapshot, &key, m.port, &selected, "spec.mirror", &mut errors)
+        {
+            actions.mirror = Some(MirrorTo { service: key, port, percentage: pct });
         }
     }
 
     if let Some(h) = &spec.header_manipulation {
-        let names = h
-            .remove_request_headers
-            .iter()
-            .chain(&h.remove_response_headers)
-            .chain(h.append_request_headers.keys())
-            .chain(h.append_response_headers.keys());
+        let names = h.remove_request_headers.iter().chain(&h.remove_response_headers).chain(h.append_request_headers.keys()).chain(h.append_response_headers.keys());
         for n in names {
             if n.is_empty() || n.starts_with(':') || n.eq_ignore_ascii_case("host") {
-                errors.push(format!(
-                    "spec.headerManipulation: header {n:?} cannot be changed"
-                ));
+                errors.push(format!("spec.headerManipulation: header {n:?} cannot be changed"));
             }
         }
         actions.header_manipulation = Some(h.clone());
     }
 
     if let Some(o) = &spec.outlier_detection {
-        if spec
-            .source_selector
-            .as_ref()
-            .is_some_and(|s| !SourceMatch::from_selector(Some(s)).is_everyone())
-        {
+        if spec.source_selector.as_ref().is_some_and(|s| !SourceMatch::from_selector(Some(s)).is_everyone()) {
             errors.push("spec.outlierDetection: requires an empty sourceSelector (it applies to every client)".into());
         }
-        let interval = o
-            .interval
-            .as_ref()
-            .map_or(Some(Duration::from_secs(10)), |s| {
-                parse_min_duration(s, "spec.outlierDetection.interval", &mut errors)
-            });
+        let interval = o.interval.as_ref().map_or(Some(Duration::from_secs(10)), |s| parse_min_duration(s, "spec.outlierDetection.interval", &mut errors));
         let base = o
             .base_ejection_time
             .as_ref()
-            .map_or(Some(Duration::from_secs(30)), |s| {
-                parse_min_duration(s, "spec.outlierDetection.baseEjectionTime", &mut errors)
-            });
+            .map_or(Some(Duration::from_secs(30)), |s| parse_min_duration(s, "spec.outlierDetection.baseEjectionTime", &mut errors));
         if o.consecutive_errors == Some(0) {
             errors.push("spec.outlierDetection.consecutiveErrors: must be at least 1".into());
         }
         if let (Some(interval), Some(base_ejection_time)) = (interval, base) {
-            actions.outlier_detection = Some(Outlier {
-                consecutive_errors: o.consecutive_errors.unwrap_or(5),
-                interval,
-                base_ejection_time,
-            });
+            actions.outlier_detection =
+                Some(Outlier { consecutive_errors: o.consecutive_errors.unwrap_or(5), interval, base_ejection_time });
         }
     }
 
@@ -751,20 +571,12 @@ pub fn validate(
             actions: actions.clone(),
         })
         .collect();
-    Ok(AppliedPolicy {
-        id: policy.id(),
-        generation: policy.generation,
-        created_ms: policy.created_ms,
-        rules,
-    })
+    Ok(AppliedPolicy { id: policy.id(), generation: policy.generation, created_ms: policy.created_ms, rules })
 }
 
 impl<S> PolicyObject<S> {
     pub fn id(&self) -> PolicyId {
-        PolicyId {
-            namespace: self.namespace.clone(),
-            name: self.name.clone(),
-        }
+        PolicyId { namespace: self.namespace.clone(), name: self.name.clone() }
     }
 }
 
@@ -804,11 +616,7 @@ pub fn resolve(
                 let a = Arc::new(a);
                 (Some(a), Vec::new(), PolicyState::Accepted)
             }
-            Err(errors) => (
-                last_good.accepted.get(&id).cloned(),
-                errors,
-                PolicyState::Invalid,
-            ),
+            Err(errors) => (last_good.accepted.get(&id).cloned(), errors, PolicyState::Invalid),
         };
         let mut serving = None;
         let mut services: Vec<String> = candidate
@@ -825,9 +633,7 @@ pub fn resolve(
                 } else {
                     messages.push(format!(
                         "the last accepted version{} keeps serving",
-                        c.generation
-                            .map(|g| format!(" (generation {g})"))
-                            .unwrap_or_default()
+                        c.generation.map(|g| format!(" (generation {g})")).unwrap_or_default()
                     ));
                 }
                 applied.push(c);
@@ -855,10 +661,7 @@ pub fn resolve(
 
 /// The effective rules for one service: every applied policy's rules on it,
 /// merged per (sources, matchers), in the order policies were applied.
-pub fn rules_for<'a>(
-    applied: &'a [Arc<AppliedPolicy>],
-    service: &ServiceKey,
-) -> Vec<(Vec<&'a PolicyId>, ServiceRule)> {
+pub fn rules_for<'a>(applied: &'a [Arc<AppliedPolicy>], service: &ServiceKey) -> Vec<(Vec<&'a PolicyId>, ServiceRule)> {
     let mut out: Vec<(Vec<&PolicyId>, ServiceRule)> = Vec::new();
     for p in applied {
         for r in p.rules.iter().filter(|r| &r.service == service) {
@@ -899,20 +702,14 @@ mod tests {
         }
     }
 
-    fn build(
-        policies: Vec<PolicyObject<TrafficPolicySpec>>,
-        last_good: &mut LastGood,
-    ) -> MeshSnapshot {
+    fn build(policies: Vec<PolicyObject<TrafficPolicySpec>>, last_good: &mut LastGood) -> MeshSnapshot {
         let mut inputs = bookinfo();
         inputs.traffic_policies = policies;
         MeshSnapshot::build(inputs, last_good)
     }
 
     fn status<'a>(s: &'a MeshSnapshot, name: &str) -> &'a PolicyStatus {
-        &s.policy_status[&PolicyId {
-            namespace: "service-mesh-hub".into(),
-            name: name.into(),
-        }]
+        &s.policy_status[&PolicyId { namespace: "service-mesh-hub".into(), name: name.into() }]
     }
 
     const SEL: &str = "destinationSelector: {serviceRefs: {services: [{cluster: management-plane, name: reviews, namespace: default}]}}\n";
@@ -933,14 +730,8 @@ mod tests {
         assert_eq!(st.state, PolicyState::Accepted, "{:?}", st.messages);
         assert_eq!(st.services, ["reviews.default.management-plane"]);
         let dests = s.applied[0].rules[0].actions.traffic_shift.clone().unwrap();
-        assert_eq!(
-            dests.iter().map(|d| d.weight).collect::<Vec<_>>(),
-            [75, 15, 10]
-        );
-        assert_eq!(
-            dests[0].service,
-            ServiceKey::new("remote-cluster", "default", "reviews")
-        );
+        assert_eq!(dests.iter().map(|d| d.weight).collect::<Vec<_>>(), [75, 15, 10]);
+        assert_eq!(dests[0].service, ServiceKey::new("remote-cluster", "default", "reviews"));
     }
 
     #[test]
@@ -977,11 +768,7 @@ mod tests {
             let s = build(vec![policy("bad", 1, &spec)], &mut LastGood::default());
             let st = status(&s, "bad");
             assert_eq!(st.state, PolicyState::Invalid, "{spec}");
-            assert!(
-                st.messages.iter().any(|m| m.starts_with(want)),
-                "want {want:?} in {:?}",
-                st.messages
-            );
+            assert!(st.messages.iter().any(|m| m.starts_with(want)), "want {want:?} in {:?}", st.messages);
             assert!(s.applied.is_empty());
         }
     }
@@ -990,31 +777,17 @@ mod tests {
     fn a_destination_outside_the_virtual_mesh_is_rejected() {
         let mut inputs = bookinfo();
         inputs.virtual_meshes.clear();
-        inputs.traffic_policies = vec![policy(
-            "p",
-            1,
-            &shift(
-                "{destination: {cluster: remote-cluster, name: reviews, namespace: default}, weight: 1}",
-            ),
-        )];
+        inputs.traffic_policies = vec![policy("p", 1, &shift("{destination: {cluster: remote-cluster, name: reviews, namespace: default}, weight: 1}"))];
         let s = MeshSnapshot::build(inputs, &mut LastGood::default());
         let st = status(&s, "p");
         assert_eq!(st.state, PolicyState::Invalid);
-        assert!(
-            st.messages[0].contains("not in a virtual mesh with management-plane"),
-            "{:?}",
-            st.messages
-        );
+        assert!(st.messages[0].contains("not in a virtual mesh with management-plane"), "{:?}", st.messages);
     }
 
     #[test]
     fn the_older_policy_wins_a_conflict_and_equal_values_merge() {
         let a = policy("older", 1, &format!("{SEL}retries: {{attempts: 3}}"));
-        let b = policy(
-            "newer",
-            2,
-            &format!("{SEL}retries: {{attempts: 5}}\nrequestTimeout: 2s"),
-        );
+        let b = policy("newer", 2, &format!("{SEL}retries: {{attempts: 5}}\nrequestTimeout: 2s"));
         let c = policy("same", 3, &format!("{SEL}retries: {{attempts: 3}}"));
         // Given in the wrong order: age decides, not position.
         let s = build(vec![b, c, a], &mut LastGood::default());
@@ -1023,58 +796,33 @@ mod tests {
         assert_eq!(newer.state, PolicyState::Conflict);
         assert_eq!(
             newer.messages,
-            [
-                "spec.retries: conflicts with TrafficPolicy service-mesh-hub/older on service reviews.default.management-plane (the older policy wins)"
-            ]
+            ["spec.retries: conflicts with TrafficPolicy service-mesh-hub/older on service reviews.default.management-plane (the older policy wins)"]
         );
-        assert_eq!(
-            newer.serving_generation, None,
-            "none of a conflicting policy applies"
-        );
+        assert_eq!(newer.serving_generation, None, "none of a conflicting policy applies");
         assert_eq!(status(&s, "same").state, PolicyState::Accepted);
         let key = ServiceKey::new("management-plane", "default", "reviews");
         let rules = rules_for(&s.applied, &key);
         assert_eq!(rules.len(), 1);
-        assert_eq!(
-            rules[0].1.actions.request_timeout, None,
-            "the conflicting policy's timeout is not applied either"
-        );
+        assert_eq!(rules[0].1.actions.request_timeout, None, "the conflicting policy's timeout is not applied either");
         assert_eq!(rules[0].0.len(), 2);
     }
 
     #[test]
     fn a_bad_edit_keeps_the_last_accepted_version_serving() {
         let mut last_good = LastGood::default();
-        let good = shift(
-            "{destination: {cluster: management-plane, name: reviews, namespace: default}, weight: 1, subset: {version: v1}}",
-        );
+        let good = shift("{destination: {cluster: management-plane, name: reviews, namespace: default}, weight: 1, subset: {version: v1}}");
         let s1 = build(vec![policy("p", 1, &good)], &mut last_good);
         assert_eq!(status(&s1, "p").state, PolicyState::Accepted);
-        let mut bad = policy(
-            "p",
-            1,
-            &shift(
-                "{destination: {cluster: management-plane, name: reviews, namespace: default}, weight: 0}",
-            ),
-        );
+        let mut bad = policy("p", 1, &shift("{destination: {cluster: management-plane, name: reviews, namespace: default}, weight: 0}"));
         bad.generation = Some(2);
         let s2 = build(vec![bad.clone()], &mut last_good);
         let st = status(&s2, "p");
-        assert_eq!(
-            (st.state, st.observed_generation, st.serving_generation),
-            (PolicyState::Invalid, Some(2), Some(1))
-        );
-        assert!(
-            st.messages
-                .last()
-                .unwrap()
-                .contains("last accepted version (generation 1) keeps serving")
-        );
+        assert_eq!((st.state, st.observed_generation, st.serving_generation), (PolicyState::Invalid, Some(2), Some(1)));
+        assert!(st.messages.last().unwrap().contains("last accepted version (generation 1) keeps serving"));
         assert_eq!(s2.applied, s1.applied);
         // A spec that did not even parse behaves the same.
         let mut unparsed = bad.clone();
-        unparsed.parse_errors =
-            vec!["spec.trafficShift.destinations[0].wieght: unknown field `wieght`".into()];
+        unparsed.parse_errors = vec!["spec.trafficShift.destinations[0].wieght: unknown field `wieght`".into()];
         let s3 = build(vec![unparsed], &mut last_good);
         assert_eq!(status(&s3, "p").state, PolicyState::Invalid);
         assert_eq!(s3.applied, s1.applied);
@@ -1086,15 +834,8 @@ mod tests {
 
     #[test]
     fn source_selectors_match_namespace_and_labels() {
-        let m = SourceMatch {
-            labels: [("app".to_string(), "productpage".to_string())].into(),
-            namespaces: vec!["default".into()],
-        };
-        let labels: BTreeMap<String, String> = [
-            ("app".to_string(), "productpage".to_string()),
-            ("version".to_string(), "v1".to_string()),
-        ]
-        .into();
+        let m = SourceMatch { labels: [("app".to_string(), "productpage".to_string())].into(), namespaces: vec!["default".into()] };
+        let labels: BTreeMap<String, String> = [("app".to_string(), "productpage".to_string()), ("version".to_string(), "v1".to_string())].into();
         assert!(m.matches("default", &labels));
         assert!(!m.matches("other", &labels));
         assert!(!m.matches("default", &BTreeMap::new()));

@@ -20,9 +20,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::model::api::{
-    AccessControlPolicySpec, NETWORKING_GROUP_VERSION, TrafficPolicySpec, VirtualMeshSpec,
-};
+use crate::model::api::{AccessControlPolicySpec, NETWORKING_GROUP_VERSION, TrafficPolicySpec, VirtualMeshSpec};
 use crate::model::k8s::{ClusterObjects, cluster_state};
 use crate::model::{MeshInputs, PolicyObject};
 
@@ -32,10 +30,7 @@ pub const MESH_DIR: &str = "mesh";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigDirError {
     #[error("{path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{0}: not a directory (expected DIR/<cluster>/*.yaml and DIR/mesh/*.yaml)")]
     NotADirectory(String),
 }
@@ -68,40 +63,23 @@ pub struct SourceMemory {
     stamps: HashMap<PathBuf, (u64, u64, std::time::SystemTime)>,
     /// Each cluster folder's state, its read errors and the stamps it was
     /// built from: a folder whose files did not change is not rebuilt.
-    clusters: HashMap<
-        String,
-        (
-            Vec<(PathBuf, Option<FileStamp>)>,
-            crate::model::ClusterState,
-            Vec<String>,
-        ),
-    >,
+    clusters: HashMap<String, (Vec<(PathBuf, Option<FileStamp>)>, crate::model::ClusterState, Vec<String>)>,
     first_seen_ms: HashMap<(String, String, String), i64>,
     generations: HashMap<(String, String, String), (String, i64)>,
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn is_manifest(path: &Path) -> bool {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    !name.starts_with('.')
-        && matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        )
+    !name.starts_with('.') && matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
 }
 
 fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, ConfigDirError> {
     let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|source| ConfigDirError::Read {
-            path: dir.display().to_string(),
-            source,
-        })?
+        .map_err(|source| ConfigDirError::Read { path: dir.display().to_string(), source })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     out.sort();
@@ -113,11 +91,7 @@ fn typed<T: DeserializeOwned>(doc: &Value) -> Result<T, String> {
     serde_path_to_error::deserialize(doc).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
-        if path == "." {
-            inner
-        } else {
-            format!("{path}: {inner}")
-        }
+        if path == "." { inner } else { format!("{path}: {inner}") }
     })
 }
 
@@ -128,12 +102,7 @@ fn documents(text: &str) -> Result<Vec<Value>, String> {
         match v {
             Value::Null => {}
             Value::Object(ref m) if m.get("kind").and_then(Value::as_str) == Some("List") => {
-                docs.extend(
-                    m.get("items")
-                        .and_then(Value::as_array)
-                        .cloned()
-                        .unwrap_or_default(),
-                );
+                docs.extend(m.get("items").and_then(Value::as_array).cloned().unwrap_or_default());
             }
             other => docs.push(other),
         }
@@ -150,28 +119,18 @@ struct Meta {
 
 fn meta_of(doc: &Value) -> Result<Meta, String> {
     let m = doc.get("metadata").ok_or("metadata: missing")?;
-    let name = m
-        .get("name")
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .ok_or("metadata.name: missing")?;
+    let name = m.get("name").and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or("metadata.name: missing")?;
     let created_ms = match m.get("creationTimestamp").and_then(Value::as_str) {
         Some(t) => Some(
             t.parse::<k8s_openapi::jiff::Timestamp>()
-                .map_err(|e| {
-                    format!("metadata.creationTimestamp: {t:?} is not an RFC 3339 time ({e})")
-                })?
+                .map_err(|e| format!("metadata.creationTimestamp: {t:?} is not an RFC 3339 time ({e})"))?
                 .as_millisecond(),
         ),
         None => None,
     };
     Ok(Meta {
         name: name.to_string(),
-        namespace: m
-            .get("namespace")
-            .and_then(Value::as_str)
-            .unwrap_or("default")
-            .to_string(),
+        namespace: m.get("namespace").and_then(Value::as_str).unwrap_or("default").to_string(),
         generation: m.get("generation").and_then(Value::as_i64),
         created_ms,
     })
@@ -189,32 +148,20 @@ fn parse_file(path: &Path, in_mesh_dir: bool) -> Result<FileObjects, String> {
         let api_version = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("");
         let what = |m: &str| format!("{shown}: document {} ({kind} {m})", i + 1);
         if kind.is_empty() || api_version.is_empty() {
-            return Err(format!(
-                "{shown}: document {}: apiVersion and kind are required",
-                i + 1
-            ));
+            return Err(format!("{shown}: document {}: apiVersion and kind are required", i + 1));
         }
-        let meta =
-            meta_of(doc).map_err(|e| format!("{shown}: document {} ({kind}): {e}", i + 1))?;
+        let meta = meta_of(doc).map_err(|e| format!("{shown}: document {} ({kind}): {e}", i + 1))?;
         let id = format!("{}/{}", meta.namespace, meta.name);
         if in_mesh_dir {
-            if !matches!(
-                kind,
-                "TrafficPolicy" | "VirtualMesh" | "AccessControlPolicy"
-            ) {
+            if !matches!(kind, "TrafficPolicy" | "VirtualMesh" | "AccessControlPolicy") {
                 tracing::debug!(file = %shown, kind, "skipping an object meshpilot does not read in mesh/");
                 continue;
             }
             let mut parse_errors = Vec::new();
             if api_version != NETWORKING_GROUP_VERSION {
-                parse_errors.push(format!(
-                    "apiVersion: {api_version:?} is not {NETWORKING_GROUP_VERSION}"
-                ));
+                parse_errors.push(format!("apiVersion: {api_version:?} is not {NETWORKING_GROUP_VERSION}"));
             }
-            let spec_doc = doc
-                .get("spec")
-                .cloned()
-                .unwrap_or(Value::Object(Default::default()));
+            let spec_doc = doc.get("spec").cloned().unwrap_or(Value::Object(Default::default()));
             macro_rules! policy {
                 ($list:ident, $ty:ty) => {{
                     let spec: $ty = match typed::<$ty>(&spec_doc) {
@@ -242,35 +189,16 @@ fn parse_file(path: &Path, in_mesh_dir: bool) -> Result<FileObjects, String> {
             }
         } else {
             match (kind, api_version) {
-                ("Service", "v1") => out.cluster.services.push(
-                    typed::<Service>(doc)
-                        .map_err(|e| what(&format!("{id}): {e}")))?
-                        .into(),
-                ),
-                ("Pod", "v1") => out.cluster.pods.push(
-                    typed::<Pod>(doc)
-                        .map_err(|e| what(&format!("{id}): {e}")))?
-                        .into(),
-                ),
-                ("Namespace", "v1") => out.cluster.namespaces.push(
-                    typed::<Namespace>(doc)
-                        .map_err(|e| what(&format!("{id}): {e}")))?
-                        .into(),
-                ),
-                ("EndpointSlice", "discovery.k8s.io/v1") => out.cluster.endpoint_slices.push(
-                    typed::<EndpointSlice>(doc)
-                        .map_err(|e| what(&format!("{id}): {e}")))?
-                        .into(),
-                ),
+                ("Service", "v1") => out.cluster.services.push(typed::<Service>(doc).map_err(|e| what(&format!("{id}): {e}")))?.into()),
+                ("Pod", "v1") => out.cluster.pods.push(typed::<Pod>(doc).map_err(|e| what(&format!("{id}): {e}")))?.into()),
+                ("Namespace", "v1") => out.cluster.namespaces.push(typed::<Namespace>(doc).map_err(|e| what(&format!("{id}): {e}")))?.into()),
+                ("EndpointSlice", "discovery.k8s.io/v1") => {
+                    out.cluster.endpoint_slices.push(typed::<EndpointSlice>(doc).map_err(|e| what(&format!("{id}): {e}")))?.into())
+                }
                 ("TrafficPolicy" | "VirtualMesh" | "AccessControlPolicy", _) => {
-                    return Err(format!(
-                        "{shown}: document {}: {kind} {id} belongs in {MESH_DIR}/, not in a cluster's folder",
-                        i + 1
-                    ));
+                    return Err(format!("{shown}: document {}: {kind} {id} belongs in {MESH_DIR}/, not in a cluster's folder", i + 1));
                 }
-                _ => {
-                    tracing::debug!(file = %shown, kind, "skipping an object meshpilot does not read")
-                }
+                _ => tracing::debug!(file = %shown, kind, "skipping an object meshpilot does not read"),
             }
         }
     }
@@ -279,17 +207,11 @@ fn parse_file(path: &Path, in_mesh_dir: bool) -> Result<FileObjects, String> {
 
 fn spec_hash(v: &impl serde::Serialize) -> String {
     let bytes = serde_json::to_vec(v).unwrap_or_default();
-    Sha256::digest(&bytes)[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(&bytes)[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Reads the whole folder into [`MeshInputs`].
-pub fn load_config_dir(
-    root: &Path,
-    memory: &mut SourceMemory,
-) -> Result<MeshInputs, ConfigDirError> {
+pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInputs, ConfigDirError> {
     if !root.is_dir() {
         return Err(ConfigDirError::NotADirectory(root.display().to_string()));
     }
@@ -299,11 +221,7 @@ pub fn load_config_dir(
     let mut seen_files = std::collections::HashSet::new();
     let mut cluster_stamps: HashMap<String, Vec<(PathBuf, Option<FileStamp>)>> = HashMap::new();
     for entry in read_dir_sorted(root)? {
-        let name = entry
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("")
-            .to_string();
+        let name = entry.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
         if name.starts_with('.') {
             continue;
         }
@@ -317,13 +235,9 @@ pub fn load_config_dir(
             continue;
         }
         let in_mesh = name == MESH_DIR;
-        let files: Vec<PathBuf> = read_dir_sorted(&entry)?
-            .into_iter()
-            .filter(|p| p.is_file() && is_manifest(p))
-            .collect();
+        let files: Vec<PathBuf> = read_dir_sorted(&entry)?.into_iter().filter(|p| p.is_file() && is_manifest(p)).collect();
         if !in_mesh {
-            let stamps: Vec<(PathBuf, Option<FileStamp>)> =
-                files.iter().map(|f| (f.clone(), file_stamp(f))).collect();
+            let stamps: Vec<(PathBuf, Option<FileStamp>)> = files.iter().map(|f| (f.clone(), file_stamp(f))).collect();
             if let Some((built_from, state, errors)) = memory.clusters.get(&name)
                 && *built_from == stamps
                 && stamps.iter().all(|(_, s)| s.is_some())
@@ -341,11 +255,7 @@ pub fn load_config_dir(
             seen_files.insert(file.clone());
             let stamp = file_stamp(&file);
             let unchanged = stamp.is_some() && memory.stamps.get(&file) == stamp.as_ref();
-            let cached = if unchanged {
-                memory.files.get(&file).cloned()
-            } else {
-                None
-            };
+            let cached = if unchanged { memory.files.get(&file).cloned() } else { None };
             let parsed = match cached {
                 Some(objects) => Ok(objects),
                 None => parse_file(&file, in_mesh),
@@ -369,9 +279,7 @@ pub fn load_config_dir(
                 }
             };
             if in_mesh {
-                mesh_objects
-                    .traffic_policies
-                    .extend(objects.traffic_policies);
+                mesh_objects.traffic_policies.extend(objects.traffic_policies);
                 mesh_objects.virtual_meshes.extend(objects.virtual_meshes);
                 mesh_objects.access_policies.extend(objects.access_policies);
             } else {
@@ -390,34 +298,22 @@ pub fn load_config_dir(
         let (state, errors) = cluster_state(name, objects);
         inputs.errors.extend(errors.iter().cloned());
         let stamps = cluster_stamps.remove(name).unwrap_or_default();
-        memory
-            .clusters
-            .insert(name.clone(), (stamps, state.clone(), errors));
+        memory.clusters.insert(name.clone(), (stamps, state.clone(), errors));
         inputs.clusters.insert(name.clone(), state);
     }
-    memory
-        .clusters
-        .retain(|name, _| inputs.clusters.contains_key(name));
+    memory.clusters.retain(|name, _| inputs.clusters.contains_key(name));
 
     // Age and generation for objects that do not carry them (files rarely do).
     let now = now_ms();
     let mut live = Vec::new();
-    let mut fill = |kind: &str,
-                    namespace: &str,
-                    name: &str,
-                    created: &mut i64,
-                    generation: &mut Option<i64>,
-                    hash: String| {
+    let mut fill = |kind: &str, namespace: &str, name: &str, created: &mut i64, generation: &mut Option<i64>, hash: String| {
         let key = (kind.to_string(), namespace.to_string(), name.to_string());
         let first = *memory.first_seen_ms.entry(key.clone()).or_insert(now);
         if *created == i64::MIN {
             *created = first;
         }
         if generation.is_none() {
-            let entry = memory
-                .generations
-                .entry(key.clone())
-                .or_insert((hash.clone(), 1));
+            let entry = memory.generations.entry(key.clone()).or_insert((hash.clone(), 1));
             if entry.0 != hash {
                 *entry = (hash, entry.1 + 1);
             }
@@ -429,46 +325,20 @@ pub fn load_config_dir(
     let mut ids = std::collections::HashSet::new();
     for p in &mut mesh_objects.traffic_policies {
         if !ids.insert((p.namespace.clone(), p.name.clone())) {
-            dupes.push(format!(
-                "{}: TrafficPolicy {}/{} is defined twice; the first definition is used",
-                p.origin, p.namespace, p.name
-            ));
+            dupes.push(format!("{}: TrafficPolicy {}/{} is defined twice; the first definition is used", p.origin, p.namespace, p.name));
         }
-        fill(
-            "TrafficPolicy",
-            &p.namespace,
-            &p.name,
-            &mut p.created_ms,
-            &mut p.generation,
-            spec_hash(&p.spec),
-        );
+        fill("TrafficPolicy", &p.namespace, &p.name, &mut p.created_ms, &mut p.generation, spec_hash(&p.spec));
     }
     for p in &mut mesh_objects.virtual_meshes {
-        fill(
-            "VirtualMesh",
-            &p.namespace,
-            &p.name,
-            &mut p.created_ms,
-            &mut p.generation,
-            spec_hash(&p.spec),
-        );
+        fill("VirtualMesh", &p.namespace, &p.name, &mut p.created_ms, &mut p.generation, spec_hash(&p.spec));
     }
     for p in &mut mesh_objects.access_policies {
-        fill(
-            "AccessControlPolicy",
-            &p.namespace,
-            &p.name,
-            &mut p.created_ms,
-            &mut p.generation,
-            spec_hash(&p.spec),
-        );
+        fill("AccessControlPolicy", &p.namespace, &p.name, &mut p.created_ms, &mut p.generation, spec_hash(&p.spec));
     }
     memory.first_seen_ms.retain(|k, _| live.contains(k));
     memory.generations.retain(|k, _| live.contains(k));
     let mut seen = std::collections::HashSet::new();
-    mesh_objects
-        .traffic_policies
-        .retain(|p| seen.insert((p.namespace.clone(), p.name.clone())));
+    mesh_objects.traffic_policies.retain(|p| seen.insert((p.namespace.clone(), p.name.clone())));
     inputs.errors.extend(dupes);
 
     inputs.traffic_policies = mesh_objects.traffic_policies;
@@ -512,9 +382,7 @@ pub fn watch_config_dir(
                     }
                     apply(inputs);
                 }
-                Err(err) => {
-                    tracing::error!(error = %err, "config dir unreadable; the last good config keeps serving")
-                }
+                Err(err) => tracing::error!(error = %err, "config dir unreadable; the last good config keeps serving"),
             }
         }
     })?;
@@ -543,14 +411,7 @@ mod tests {
         let dir = setup();
         let inputs = load_config_dir(dir.path(), &mut SourceMemory::default()).unwrap();
         assert!(inputs.errors.is_empty(), "{:?}", inputs.errors);
-        assert_eq!(
-            inputs.clusters["c1"]
-                .endpoints
-                .values()
-                .map(Vec::len)
-                .sum::<usize>(),
-            1
-        );
+        assert_eq!(inputs.clusters["c1"].endpoints.values().map(Vec::len).sum::<usize>(), 1);
         assert_eq!(inputs.traffic_policies.len(), 1);
         assert_eq!(inputs.traffic_policies[0].generation, Some(1));
     }
@@ -560,41 +421,16 @@ mod tests {
         let dir = setup();
         let mut memory = SourceMemory::default();
         load_config_dir(dir.path(), &mut memory).unwrap();
-        std::fs::write(
-            dir.path().join("c1/app.yaml"),
-            format!("{SVC}---\nkind: [unclosed"),
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("c1/app.yaml"), format!("{SVC}---\nkind: [unclosed")).unwrap();
         let inputs = load_config_dir(dir.path(), &mut memory).unwrap();
         assert_eq!(inputs.errors.len(), 1);
-        assert!(
-            inputs.errors[0].contains("c1/app.yaml")
-                && inputs.errors[0].contains("last good contents keep serving"),
-            "{:?}",
-            inputs.errors
-        );
+        assert!(inputs.errors[0].contains("c1/app.yaml") && inputs.errors[0].contains("last good contents keep serving"), "{:?}", inputs.errors);
         assert_eq!(inputs.clusters["c1"].services.len(), 1);
-        assert_eq!(
-            inputs.clusters["c1"]
-                .endpoints
-                .values()
-                .map(Vec::len)
-                .sum::<usize>(),
-            1
-        );
+        assert_eq!(inputs.clusters["c1"].endpoints.values().map(Vec::len).sum::<usize>(), 1);
         // A typed error names the object and field.
-        std::fs::write(
-            dir.path().join("c1/app.yaml"),
-            SVC.replace("port: 9080", "port: nine"),
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("c1/app.yaml"), SVC.replace("port: 9080", "port: nine")).unwrap();
         let inputs = load_config_dir(dir.path(), &mut memory).unwrap();
-        assert!(
-            inputs.errors[0].contains("Service default/reviews")
-                && inputs.errors[0].contains("spec.ports[0].port"),
-            "{:?}",
-            inputs.errors
-        );
+        assert!(inputs.errors[0].contains("Service default/reviews") && inputs.errors[0].contains("spec.ports[0].port"), "{:?}", inputs.errors);
     }
 
     #[test]
@@ -602,26 +438,13 @@ mod tests {
         let dir = setup();
         let mut memory = SourceMemory::default();
         let first = load_config_dir(dir.path(), &mut memory).unwrap();
-        std::fs::write(
-            dir.path().join("mesh/p.yaml"),
-            POLICY.replace("weight: 1", "wieght: 1"),
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("mesh/p.yaml"), POLICY.replace("weight: 1", "wieght: 1")).unwrap();
         let inputs = load_config_dir(dir.path(), &mut memory).unwrap();
         let p = &inputs.traffic_policies[0];
         assert_eq!(p.parse_errors.len(), 1);
-        assert!(
-            p.parse_errors[0].starts_with(
-                "spec.trafficShift.destinations[0].wieght: unknown field `wieght`, expected one of"
-            ),
-            "{:?}",
-            p.parse_errors
-        );
+        assert!(p.parse_errors[0].starts_with("spec.trafficShift.destinations[0].wieght: unknown field `wieght`, expected one of"), "{:?}", p.parse_errors);
         assert_eq!(p.generation, Some(2), "a changed spec is a new generation");
-        assert_eq!(
-            p.created_ms, first.traffic_policies[0].created_ms,
-            "age is kept across edits"
-        );
+        assert_eq!(p.created_ms, first.traffic_policies[0].created_ms, "age is kept across edits");
     }
 
     #[test]
@@ -630,22 +453,8 @@ mod tests {
         std::fs::write(dir.path().join("c1/policy.yaml"), POLICY).unwrap();
         std::fs::write(dir.path().join("stray.yaml"), SVC).unwrap();
         let inputs = load_config_dir(dir.path(), &mut SourceMemory::default()).unwrap();
-        assert!(
-            inputs.errors.iter().any(|e| e.contains("belongs in mesh/")),
-            "{:?}",
-            inputs.errors
-        );
-        assert!(
-            inputs
-                .errors
-                .iter()
-                .any(|e| e.contains("stray.yaml") && e.contains("DIR/<cluster>/")),
-            "{:?}",
-            inputs.errors
-        );
-        assert!(matches!(
-            load_config_dir(&dir.path().join("nope"), &mut SourceMemory::default()),
-            Err(ConfigDirError::NotADirectory(_))
-        ));
+        assert!(inputs.errors.iter().any(|e| e.contains("belongs in mesh/")), "{:?}", inputs.errors);
+        assert!(inputs.errors.iter().any(|e| e.contains("stray.yaml") && e.contains("DIR/<cluster>/")), "{:?}", inputs.errors);
+        assert!(matches!(load_config_dir(&dir.path().join("nope"), &mut SourceMemory::default()), Err(ConfigDirError::NotADirectory(_))));
     }
 }

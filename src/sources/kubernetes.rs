@@ -63,24 +63,14 @@ pub struct SourceHealth {
 
 impl SourceHealth {
     pub fn clusters(&self) -> Vec<ClusterHealth> {
-        self.inner
-            .lock()
-            .expect("health lock")
-            .values()
-            .cloned()
-            .collect()
+        self.inner.lock().expect("health lock").values().cloned().collect()
     }
     pub fn mesh_synced(&self) -> bool {
         self.mesh_synced.load(std::sync::atomic::Ordering::Acquire)
     }
     fn update(&self, cluster: &str, f: impl FnOnce(&mut ClusterHealth)) {
         let mut map = self.inner.lock().expect("health lock");
-        let h = map
-            .entry(cluster.to_string())
-            .or_insert_with(|| ClusterHealth {
-                name: cluster.to_string(),
-                ..Default::default()
-            });
+        let h = map.entry(cluster.to_string()).or_insert_with(|| ClusterHealth { name: cluster.to_string(), ..Default::default() });
         f(h);
     }
     fn remove(&self, cluster: &str) {
@@ -89,10 +79,7 @@ impl SourceHealth {
 }
 
 fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// The health entry of the management cluster's mesh-object watches.
@@ -170,10 +157,7 @@ async fn reflect<K>(
                     break;
                 }
             };
-            if let watcher::Event::Apply(o)
-            | watcher::Event::InitApply(o)
-            | watcher::Event::Delete(o) = &mut event
-            {
+            if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o) = &mut event {
                 o.meta_mut().managed_fields = None;
             }
             writer.apply_watcher_event(&event);
@@ -205,15 +189,9 @@ async fn reflect<K>(
 }
 
 /// A client for a registered cluster, from the kubeconfig in its Secret.
-pub async fn client_from_kubeconfig_yaml(
-    yaml: &str,
-    context: Option<String>,
-) -> anyhow::Result<(Client, String)> {
+pub async fn client_from_kubeconfig_yaml(yaml: &str, context: Option<String>) -> anyhow::Result<(Client, String)> {
     let kubeconfig = Kubeconfig::from_yaml(yaml)?;
-    let options = KubeConfigOptions {
-        context,
-        ..Default::default()
-    };
+    let options = KubeConfigOptions { context, ..Default::default() };
     let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &options).await?;
     // Watches are long-lived; the read timeout would cut them (kube's watcher sets its own).
     config.read_timeout = None;
@@ -224,38 +202,21 @@ pub async fn client_from_kubeconfig_yaml(
 /// The kubeconfig a KubernetesCluster's secret holds (key `kubeconfig`, or its only key).
 fn kubeconfig_from_secret(secret: &Secret) -> Option<String> {
     let data = secret.data.as_ref()?;
-    let bytes = data.get("kubeconfig").or_else(|| {
-        if data.len() == 1 {
-            data.values().next()
-        } else {
-            None
-        }
-    })?;
+    let bytes = data.get("kubeconfig").or_else(|| if data.len() == 1 { data.values().next() } else { None })?;
     String::from_utf8(bytes.0.clone()).ok()
 }
 
 /// Reads a policy object leniently: a spec that does not parse is passed on
 /// with its errors (it shows INVALID while its last accepted version serves).
-fn policy_object<S: serde::de::DeserializeOwned + Default>(
-    obj: &DynamicObject,
-    cluster: &str,
-) -> PolicyObject<S> {
-    let spec_doc = obj
-        .data
-        .get("spec")
-        .cloned()
-        .unwrap_or(Value::Object(Default::default()));
+fn policy_object<S: serde::de::DeserializeOwned + Default>(obj: &DynamicObject, cluster: &str) -> PolicyObject<S> {
+    let spec_doc = obj.data.get("spec").cloned().unwrap_or(Value::Object(Default::default()));
     let mut parse_errors = Vec::new();
     let spec = match serde_path_to_error::deserialize::<_, S>(&spec_doc) {
         Ok(s) => s,
         Err(e) => {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
-            parse_errors.push(if path == "." {
-                format!("spec: {inner}")
-            } else {
-                format!("spec.{path}: {inner}")
-            });
+            parse_errors.push(if path == "." { format!("spec: {inner}") } else { format!("spec.{path}: {inner}") });
             S::default()
         }
     };
@@ -263,12 +224,7 @@ fn policy_object<S: serde::de::DeserializeOwned + Default>(
         namespace: obj.namespace().unwrap_or_default(),
         name: obj.name_any(),
         generation: obj.metadata.generation,
-        created_ms: obj
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0.as_millisecond())
-            .unwrap_or(0),
+        created_ms: obj.metadata.creation_timestamp.as_ref().map(|t| t.0.as_millisecond()).unwrap_or(0),
         origin: format!("cluster {cluster}"),
         spec,
         parse_errors,
@@ -303,50 +259,23 @@ pub async fn run(
         let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
         let store = writer.as_reader();
         let api = Api::<DynamicObject>::all_with(management.clone(), &ar);
-        mesh_tasks.spawn(reflect(
-            api,
-            writer,
-            MESH_OBJECTS.to_string(),
-            kind,
-            health.clone(),
-            dirty_tx.clone(),
-        ));
+        mesh_tasks.spawn(reflect(api, writer, MESH_OBJECTS.to_string(), kind, health.clone(), dirty_tx.clone()));
         store
     };
-    let traffic_policies = mesh_store(
-        ApiResource::erase::<TrafficPolicy>(&()),
-        "TrafficPolicy",
-        &mut mesh_tasks,
-    );
-    let virtual_meshes = mesh_store(
-        ApiResource::erase::<VirtualMesh>(&()),
-        "VirtualMesh",
-        &mut mesh_tasks,
-    );
-    let access_policies = mesh_store(
-        ApiResource::erase::<AccessControlPolicy>(&()),
-        "AccessControlPolicy",
-        &mut mesh_tasks,
-    );
+    let traffic_policies = mesh_store(ApiResource::erase::<TrafficPolicy>(&()), "TrafficPolicy", &mut mesh_tasks);
+    let virtual_meshes = mesh_store(ApiResource::erase::<VirtualMesh>(&()), "VirtualMesh", &mut mesh_tasks);
+    let access_policies = mesh_store(ApiResource::erase::<AccessControlPolicy>(&()), "AccessControlPolicy", &mut mesh_tasks);
 
     let (registrations, reg_writer) = reflector::store::<KubernetesCluster>();
-    let reg_api =
-        Api::<KubernetesCluster>::namespaced(management.clone(), &options.registration_namespace);
+    let reg_api = Api::<KubernetesCluster>::namespaced(management.clone(), &options.registration_namespace);
     {
         let tx = dirty_tx.clone();
-        let stream = reflector::reflector(
-            reg_writer,
-            watcher(reg_api, watcher::Config::default()).default_backoff(),
-        );
+        let stream = reflector::reflector(reg_writer, watcher(reg_api, watcher::Config::default()).default_backoff());
         mesh_tasks.spawn(async move {
             let mut stream = std::pin::pin!(stream);
             while let Some(item) = stream.next().await {
                 match item {
-                    Ok(
-                        watcher::Event::InitDone
-                        | watcher::Event::Apply(_)
-                        | watcher::Event::Delete(_),
-                    ) => {
+                    Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
                         let _ = tx.send(Dirty::Registrations);
                     }
                     Ok(_) => {}
@@ -376,23 +305,12 @@ pub async fn run(
             for kc in wanted {
                 let name = kc.name_any();
                 live.push(name.clone());
-                let secret_ns = kc
-                    .spec
-                    .secret_ref
-                    .namespace
-                    .clone()
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| options.registration_namespace.clone());
+                let secret_ns = kc.spec.secret_ref.namespace.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| options.registration_namespace.clone());
                 let secret_name = kc.spec.secret_ref.name.clone();
-                let secret = match Api::<Secret>::namespaced(management.clone(), &secret_ns)
-                    .get_opt(&secret_name)
-                    .await
-                {
+                let secret = match Api::<Secret>::namespaced(management.clone(), &secret_ns).get_opt(&secret_name).await {
                     Ok(Some(s)) => s,
                     Ok(None) => {
-                        let msg = format!(
-                            "KubernetesCluster {name}: spec.secretRef: Secret {secret_ns}/{secret_name} not found"
-                        );
+                        let msg = format!("KubernetesCluster {name}: spec.secretRef: Secret {secret_ns}/{secret_name} not found");
                         health.update(&name, |h| h.last_error = Some(msg.clone()));
                         tracing::error!("{msg}");
                         continue;
@@ -403,16 +321,11 @@ pub async fn run(
                     }
                 };
                 let fingerprint = format!("{:?}/{:?}", kc.spec, secret.metadata.resource_version);
-                if watches
-                    .get(&name)
-                    .is_some_and(|w| w.fingerprint == fingerprint)
-                {
+                if watches.get(&name).is_some_and(|w| w.fingerprint == fingerprint) {
                     continue;
                 }
                 let Some(yaml) = kubeconfig_from_secret(&secret) else {
-                    let msg = format!(
-                        "KubernetesCluster {name}: Secret {secret_ns}/{secret_name} has no `kubeconfig` key"
-                    );
+                    let msg = format!("KubernetesCluster {name}: Secret {secret_ns}/{secret_name} has no `kubeconfig` key");
                     health.update(&name, |h| h.last_error = Some(msg.clone()));
                     tracing::error!("{msg}");
                     continue;
@@ -421,9 +334,7 @@ pub async fn run(
                 let (client, server) = match client_from_kubeconfig_yaml(&yaml, context).await {
                     Ok(c) => c,
                     Err(e) => {
-                        let msg = format!(
-                            "KubernetesCluster {name}: the kubeconfig in Secret {secret_ns}/{secret_name} is unusable: {e}"
-                        );
+                        let msg = format!("KubernetesCluster {name}: the kubeconfig in Secret {secret_ns}/{secret_name} is unusable: {e}");
                         health.update(&name, |h| h.last_error = Some(msg.clone()));
                         tracing::error!("{msg}");
                         continue;
@@ -439,11 +350,7 @@ pub async fn run(
                 // its objects keep serving until the new one has listed.
                 watches.insert(name.clone(), watch);
             }
-            let gone: Vec<String> = watches
-                .keys()
-                .filter(|k| !live.contains(k))
-                .cloned()
-                .collect();
+            let gone: Vec<String> = watches.keys().filter(|k| !live.contains(k)).cloned().collect();
             for name in gone {
                 tracing::info!(cluster = %name, "cluster deregistered: stopping its watches");
                 watches.remove(&name);
@@ -476,57 +383,27 @@ pub async fn run(
         // listed (or is known unreachable) and the mesh objects have listed,
         // so that sidecars never see a half-read mesh.
         let health_now = health.clusters();
-        let clusters_settled = watches.keys().all(|name| {
-            health_now
-                .iter()
-                .any(|h| &h.name == name && (h.synced || h.stale))
-        });
-        let mesh_synced = health.mesh_synced()
-            || health_now
-                .iter()
-                .any(|h| h.name == MESH_OBJECTS && h.lists >= 3);
+        let clusters_settled = watches.keys().all(|name| health_now.iter().any(|h| &h.name == name && (h.synced || h.stale)));
+        let mesh_synced = health.mesh_synced() || health_now.iter().any(|h| h.name == MESH_OBJECTS && h.lists >= 3);
         if mesh_synced && !health.mesh_synced() {
             health.update(MESH_OBJECTS, |h| h.synced = true);
-            health
-                .mesh_synced
-                .store(true, std::sync::atomic::Ordering::Release);
+            health.mesh_synced.store(true, std::sync::atomic::Ordering::Release);
         }
         if !published_once && !(registrations_listed && clusters_settled && mesh_synced) {
             continue;
         }
         published_once = true;
-        let mut inputs = MeshInputs {
-            clusters: states.clone(),
-            ..Default::default()
-        };
+        let mut inputs = MeshInputs { clusters: states.clone(), ..Default::default() };
         inputs.errors = errors.values().flatten().cloned().collect();
-        inputs.traffic_policies = traffic_policies
-            .state()
-            .iter()
-            .map(|o| policy_object(o, &mgmt))
-            .collect();
-        inputs.virtual_meshes = virtual_meshes
-            .state()
-            .iter()
-            .map(|o| policy_object(o, &mgmt))
-            .collect();
-        inputs.access_policies = access_policies
-            .state()
-            .iter()
-            .map(|o| policy_object(o, &mgmt))
-            .collect();
+        inputs.traffic_policies = traffic_policies.state().iter().map(|o| policy_object(o, &mgmt)).collect();
+        inputs.virtual_meshes = virtual_meshes.state().iter().map(|o| policy_object(o, &mgmt)).collect();
+        inputs.access_policies = access_policies.state().iter().map(|o| policy_object(o, &mgmt)).collect();
         apply(inputs);
     }
     Ok(())
 }
 
-fn start_cluster(
-    client: Client,
-    name: &str,
-    fingerprint: String,
-    health: &SourceHealth,
-    dirty: &mpsc::UnboundedSender<Dirty>,
-) -> ClusterWatch {
+fn start_cluster(client: Client, name: &str, fingerprint: String, health: &SourceHealth, dirty: &mpsc::UnboundedSender<Dirty>) -> ClusterWatch {
     let mut tasks = JoinSet::new();
     let (services, w1) = reflector::store();
     let (slices, w2) = reflector::store();
@@ -536,44 +413,9 @@ fn start_cluster(
         h.lists = 0;
         h.failing.clear();
     });
-    tasks.spawn(reflect(
-        Api::<Service>::all(client.clone()),
-        w1,
-        name.into(),
-        "Service",
-        health.clone(),
-        dirty.clone(),
-    ));
-    tasks.spawn(reflect(
-        Api::<EndpointSlice>::all(client.clone()),
-        w2,
-        name.into(),
-        "EndpointSlice",
-        health.clone(),
-        dirty.clone(),
-    ));
-    tasks.spawn(reflect(
-        Api::<Pod>::all(client.clone()),
-        w3,
-        name.into(),
-        "Pod",
-        health.clone(),
-        dirty.clone(),
-    ));
-    tasks.spawn(reflect(
-        Api::<Namespace>::all(client),
-        w4,
-        name.into(),
-        "Namespace",
-        health.clone(),
-        dirty.clone(),
-    ));
-    ClusterWatch {
-        fingerprint,
-        services,
-        slices,
-        pods,
-        namespaces,
-        _tasks: tasks,
-    }
+    tasks.spawn(reflect(Api::<Service>::all(client.clone()), w1, name.into(), "Service", health.clone(), dirty.clone()));
+    tasks.spawn(reflect(Api::<EndpointSlice>::all(client.clone()), w2, name.into(), "EndpointSlice", health.clone(), dirty.clone()));
+    tasks.spawn(reflect(Api::<Pod>::all(client.clone()), w3, name.into(), "Pod", health.clone(), dirty.clone()));
+    tasks.spawn(reflect(Api::<Namespace>::all(client), w4, name.into(), "Namespace", health.clone(), dirty.clone()));
+    ClusterWatch { fingerprint, services, slices, pods, namespaces, _tasks: tasks }
 }

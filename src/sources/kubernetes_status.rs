@@ -13,17 +13,14 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::Client;
 use serde_json::{Value, json};
 
 use tokio::sync::watch;
 
 use crate::mesh_provider::MeshResources;
-use crate::model::api::{
-    AccessControlPolicy, ApprovalStatus, ConflictError, NETWORKING_GROUP_VERSION,
-    PolicyObjectStatus, TrafficPolicy, VirtualMesh,
-};
+use crate::model::api::{AccessControlPolicy, ApprovalStatus, ConflictError, NETWORKING_GROUP_VERSION, PolicyObjectStatus, TrafficPolicy, VirtualMesh};
 use crate::model::{MeshObjectId, MeshObjectStatus, PolicyId, PolicyState, PolicyStatus};
 
 pub const FIELD_MANAGER: &str = "meshpilot";
@@ -44,23 +41,13 @@ pub fn status_json(status: &PolicyStatus) -> Value {
     let invalid = status.state == PolicyState::Invalid;
     let typed = PolicyObjectStatus {
         observed_generation: status.observed_generation,
-        translation_status: Some(ApprovalStatus {
-            state: status.state.to_string(),
-            message: message.clone(),
-        }),
+        translation_status: Some(ApprovalStatus { state: status.state.to_string(), message: message.clone() }),
         validation_status: Some(ApprovalStatus {
             state: if invalid { "INVALID" } else { "ACCEPTED" }.into(),
             message: if invalid { message } else { String::new() },
         }),
         conflict_errors: if status.state == PolicyState::Conflict {
-            status
-                .messages
-                .iter()
-                .map(|m| ConflictError {
-                    configuration_target: None,
-                    error_message: m.clone(),
-                })
-                .collect()
+            status.messages.iter().map(|m| ConflictError { configuration_target: None, error_message: m.clone() }).collect()
         } else {
             Vec::new()
         },
@@ -75,10 +62,7 @@ pub fn status_json(status: &PolicyStatus) -> Value {
 pub fn mesh_object_status_json(status: &MeshObjectStatus) -> Value {
     let typed = PolicyObjectStatus {
         observed_generation: status.observed_generation,
-        translation_status: Some(ApprovalStatus {
-            state: status.state.to_string(),
-            message: status.messages.join("; "),
-        }),
+        translation_status: Some(ApprovalStatus { state: status.state.to_string(), message: status.messages.join("; ") }),
         not_yet_supported: status.not_yet_supported.clone(),
         ..Default::default()
     };
@@ -86,20 +70,13 @@ pub fn mesh_object_status_json(status: &MeshObjectStatus) -> Value {
 }
 
 /// One round of the Lease: returns whether this replica holds it now.
-pub async fn try_acquire_or_renew(
-    api: &Api<Lease>,
-    cfg: &LeaseConfig,
-) -> Result<bool, kube::Error> {
+pub async fn try_acquire_or_renew(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, kube::Error> {
     let now = k8s_openapi::jiff::Timestamp::now();
     let secs = cfg.duration.as_secs().max(1) as i32;
     match api.get_opt(&cfg.name).await? {
         None => {
             let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(cfg.name.clone()),
-                    namespace: Some(cfg.namespace.clone()),
-                    ..Default::default()
-                },
+                metadata: ObjectMeta { name: Some(cfg.name.clone()), namespace: Some(cfg.namespace.clone()), ..Default::default() },
                 spec: Some(LeaseSpec {
                     holder_identity: Some(cfg.identity.clone()),
                     lease_duration_seconds: Some(secs),
@@ -118,11 +95,7 @@ pub async fn try_acquire_or_renew(
         Some(mut lease) => {
             let spec = lease.spec.get_or_insert_with(Default::default);
             let mine = spec.holder_identity.as_deref() == Some(cfg.identity.as_str());
-            let renewed = spec
-                .renew_time
-                .as_ref()
-                .map(|t| t.0)
-                .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+            let renewed = spec.renew_time.as_ref().map(|t| t.0).unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
             let duration = spec.lease_duration_seconds.unwrap_or(secs) as i64;
             let expired = now.as_second() - renewed.as_second() > duration;
             if !mine && !expired {
@@ -146,12 +119,7 @@ pub async fn try_acquire_or_renew(
 
 /// Runs until the process ends: holds or waits for the Lease, and while
 /// holding it writes every policy's status whenever the snapshot changes.
-pub async fn run_status_writer(
-    client: Client,
-    cfg: LeaseConfig,
-    resources: Arc<MeshResources>,
-    mut snapshots: watch::Receiver<u64>,
-) {
+pub async fn run_status_writer(client: Client, cfg: LeaseConfig, resources: Arc<MeshResources>, mut snapshots: watch::Receiver<u64>) {
     let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
     let renew_every = cfg.duration / 3;
     let mut leader = false;
@@ -193,22 +161,13 @@ pub async fn run_status_writer(
             }
             let api: Api<TrafficPolicy> = Api::namespaced(client.clone(), &id.namespace);
             let patch = json!({ "apiVersion": NETWORKING_GROUP_VERSION, "kind": "TrafficPolicy", "status": body });
-            match api
-                .patch_status(
-                    &id.name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&patch),
-                )
-                .await
-            {
+            match api.patch_status(&id.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await {
                 Ok(_) => {
                     tracing::info!(policy = %id, state = %status.state, "wrote TrafficPolicy status");
                     written.insert(id.clone(), body);
                 }
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => {
-                    tracing::warn!(policy = %id, error = %e, "writing TrafficPolicy status failed; retrying on the next round")
-                }
+                Err(e) => tracing::warn!(policy = %id, error = %e, "writing TrafficPolicy status failed; retrying on the next round"),
             }
         }
         written.retain(|id, _| snapshot.policy_status.contains_key(id));
@@ -222,23 +181,13 @@ pub async fn run_status_writer(
                 _ => ApiResource::erase::<AccessControlPolicy>(&()),
             };
             let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &id.namespace, &ar);
-            let patch =
-                json!({ "apiVersion": NETWORKING_GROUP_VERSION, "kind": id.kind, "status": body });
-            match api
-                .patch_status(
-                    &id.name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&patch),
-                )
-                .await
-            {
+            let patch = json!({ "apiVersion": NETWORKING_GROUP_VERSION, "kind": id.kind, "status": body });
+            match api.patch_status(&id.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await {
                 Ok(_) => {
                     written_objects.insert(id.clone(), body);
                 }
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => {
-                    tracing::warn!(object = %id, error = %e, "writing status failed; retrying on the next round")
-                }
+                Err(e) => tracing::warn!(object = %id, error = %e, "writing status failed; retrying on the next round"),
             }
         }
         written_objects.retain(|id, _| snapshot.mesh_object_status.contains_key(id));
@@ -262,16 +211,10 @@ mod tests {
 
     #[test]
     fn invalid_status_names_the_field_and_the_serving_generation() {
-        let v = status_json(&status(
-            PolicyState::Invalid,
-            &["spec.trafficShift.destinations[0].destination: unknown"],
-        ));
+        let v = status_json(&status(PolicyState::Invalid, &["spec.trafficShift.destinations[0].destination: unknown"]));
         assert_eq!(v["translationStatus"]["state"], "INVALID");
         assert_eq!(v["validationStatus"]["state"], "INVALID");
-        assert_eq!(
-            v["validationStatus"]["message"],
-            "spec.trafficShift.destinations[0].destination: unknown"
-        );
+        assert_eq!(v["validationStatus"]["message"], "spec.trafficShift.destinations[0].destination: unknown");
         assert_eq!(v["observedGeneration"], 3);
         assert_eq!(v["servingGeneration"], 2);
         assert!(v.get("conflictErrors").is_none());
@@ -294,9 +237,6 @@ mod tests {
             not_yet_supported: vec!["spec.federation: not yet supported".into()],
         });
         assert_eq!(v["translationStatus"]["state"], "ACCEPTED");
-        assert_eq!(
-            v["notYetSupported"][0],
-            "spec.federation: not yet supported"
-        );
+        assert_eq!(v["notYetSupported"][0], "spec.federation: not yet supported");
     }
 }

@@ -6,9 +6,7 @@ use envoy_types::pb::envoy::config::cluster::v3::{
     Cluster, OutlierDetection,
     cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
 };
-use envoy_types::pb::envoy::config::core::v3::{
-    AggregatedConfigSource, ApiVersion, ConfigSource, config_source::ConfigSourceSpecifier,
-};
+use envoy_types::pb::envoy::config::core::v3::{AggregatedConfigSource, ApiVersion, ConfigSource, config_source::ConfigSourceSpecifier};
 use envoy_types::pb::google::protobuf::UInt32Value;
 
 use super::routes::pb_duration;
@@ -30,21 +28,14 @@ pub fn ads_config_source() -> ConfigSource {
 /// outlier detection (`consecutiveErrors` → consecutive 5xx).
 pub fn eds_cluster(name: &str, outlier: Option<&Outlier>, mtls: Option<(&str, &str)>) -> Cluster {
     Cluster {
-        transport_socket_matches: mtls
-            .map(|(sni, trust_domain)| super::tls::outbound_socket_matches(sni, trust_domain))
-            .unwrap_or_default(),
+        transport_socket_matches: mtls.map(|(sni, trust_domain)| super::tls::outbound_socket_matches(sni, trust_domain)).unwrap_or_default(),
         name: name.to_string(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
-        eds_cluster_config: Some(EdsClusterConfig {
-            eds_config: Some(ads_config_source()),
-            service_name: name.to_string(),
-        }),
+        eds_cluster_config: Some(EdsClusterConfig { eds_config: Some(ads_config_source()), service_name: name.to_string() }),
         connect_timeout: Some(pb_duration(Duration::from_secs(10))),
         lb_policy: LbPolicy::LeastRequest as i32,
         outlier_detection: outlier.map(|o| OutlierDetection {
-            consecutive_5xx: Some(UInt32Value {
-                value: o.consecutive_errors,
-            }),
+            consecutive_5xx: Some(UInt32Value { value: o.consecutive_errors }),
             interval: Some(pb_duration(o.interval)),
             base_ejection_time: Some(pb_duration(o.base_ejection_time)),
             ..Default::default()

@@ -6,12 +6,8 @@
 
 use std::collections::BTreeMap;
 
-use envoy_types::pb::envoy::config::core::v3::{
-    Address, Locality, SocketAddress, address, socket_address::PortSpecifier,
-};
-use envoy_types::pb::envoy::config::endpoint::v3::{
-    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint::HostIdentifier,
-};
+use envoy_types::pb::envoy::config::core::v3::{Address, Locality, SocketAddress, address, socket_address::PortSpecifier};
+use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint::HostIdentifier};
 use envoy_types::pb::google::protobuf::UInt32Value;
 
 use super::{ClusterTarget, ProxyScope, tls};
@@ -27,17 +23,9 @@ pub fn socket_address(ip: &str, port: u16) -> Address {
     }
 }
 
-fn lb_endpoint(
-    ip: &str,
-    port: u16,
-    weight: u32,
-    metadata: Option<envoy_types::pb::envoy::config::core::v3::Metadata>,
-) -> LbEndpoint {
+fn lb_endpoint(ip: &str, port: u16, weight: u32, metadata: Option<envoy_types::pb::envoy::config::core::v3::Metadata>) -> LbEndpoint {
     LbEndpoint {
-        host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
-            address: Some(socket_address(ip, port)),
-            ..Default::default()
-        })),
+        host_identifier: Some(HostIdentifier::Endpoint(Endpoint { address: Some(socket_address(ip, port)), ..Default::default() })),
         load_balancing_weight: Some(UInt32Value { value: weight }),
         metadata,
         ..Default::default()
@@ -45,15 +33,8 @@ fn lb_endpoint(
 }
 
 /// The ready endpoints of `target` (subset applied) with the port each serves it on.
-pub fn target_endpoints<'a>(
-    snapshot: &'a MeshSnapshot,
-    target: &ClusterTarget,
-) -> Vec<(&'a MeshEndpoint, u16)> {
-    let Some(port_name) = snapshot
-        .service(&target.service)
-        .and_then(|s| s.port(target.port))
-        .map(|p| p.name.as_str())
-    else {
+pub fn target_endpoints<'a>(snapshot: &'a MeshSnapshot, target: &ClusterTarget) -> Vec<(&'a MeshEndpoint, u16)> {
+    let Some(port_name) = snapshot.service(&target.service).and_then(|s| s.port(target.port)).map(|p| p.name.as_str()) else {
         return Vec::new();
     };
     snapshot
@@ -64,20 +45,14 @@ pub fn target_endpoints<'a>(
         .collect()
 }
 
-fn assignment(
-    name: &str,
-    by_locality: BTreeMap<MeshLocality, Vec<LbEndpoint>>,
-) -> ClusterLoadAssignment {
+fn assignment(name: &str, by_locality: BTreeMap<MeshLocality, Vec<LbEndpoint>>) -> ClusterLoadAssignment {
     ClusterLoadAssignment {
         cluster_name: name.to_string(),
         endpoints: by_locality
             .into_iter()
             .map(|(loc, lb_endpoints)| LocalityLbEndpoints {
-                locality: (loc.region.len() + loc.zone.len() > 0).then(|| Locality {
-                    region: loc.region.clone(),
-                    zone: loc.zone.clone(),
-                    ..Default::default()
-                }),
+                locality: (loc.region.len() + loc.zone.len() > 0)
+                    .then(|| Locality { region: loc.region.clone(), zone: loc.zone.clone(), ..Default::default() }),
                 lb_endpoints,
                 ..Default::default()
             })
@@ -91,11 +66,7 @@ fn assignment(
 /// empty assignment (Envoy answers 503). Another network's endpoints need
 /// mTLS (the gateway routes on the TLS SNI) and a gateway address; without
 /// either they are left out.
-pub fn load_assignment(
-    snapshot: &MeshSnapshot,
-    target: &ClusterTarget,
-    scope: &ProxyScope,
-) -> ClusterLoadAssignment {
+pub fn load_assignment(snapshot: &MeshSnapshot, target: &ClusterTarget, scope: &ProxyScope) -> ClusterLoadAssignment {
     let client_network = super::client_network(snapshot, scope);
     let mtls = super::mtls_between(snapshot, &scope.cluster, &target.service.cluster).is_some();
     let mut by_locality: BTreeMap<MeshLocality, Vec<LbEndpoint>> = BTreeMap::new();
@@ -106,10 +77,7 @@ pub fn load_assignment(
             continue;
         }
         let metadata = (mtls && ep.mesh_tls).then(|| tls::mtls_endpoint_metadata(&ep.network));
-        by_locality
-            .entry(ep.locality.clone())
-            .or_default()
-            .push(lb_endpoint(&ep.address, port, 1, metadata));
+        by_locality.entry(ep.locality.clone()).or_default().push(lb_endpoint(&ep.address, port, 1, metadata));
     }
     if mtls {
         for (network, count) in other_networks {
@@ -117,12 +85,7 @@ pub fn load_assignment(
                 by_locality
                     .entry(MeshLocality::default())
                     .or_default()
-                    .push(lb_endpoint(
-                        &gw.address,
-                        gw.port,
-                        count,
-                        Some(tls::mtls_endpoint_metadata(network)),
-                    ));
+                    .push(lb_endpoint(&gw.address, gw.port, count, Some(tls::mtls_endpoint_metadata(network))));
             }
         }
     }
@@ -131,17 +94,10 @@ pub fn load_assignment(
 
 /// A gateway's cluster for one SNI: the subset's local endpoints, direct
 /// (the TLS stream passes through to the workload's sidecar untouched).
-pub fn gateway_load_assignment(
-    snapshot: &MeshSnapshot,
-    name: &str,
-    target: &ClusterTarget,
-) -> ClusterLoadAssignment {
+pub fn gateway_load_assignment(snapshot: &MeshSnapshot, name: &str, target: &ClusterTarget) -> ClusterLoadAssignment {
     let mut by_locality: BTreeMap<MeshLocality, Vec<LbEndpoint>> = BTreeMap::new();
     for (ep, port) in target_endpoints(snapshot, target) {
-        by_locality
-            .entry(ep.locality.clone())
-            .or_default()
-            .push(lb_endpoint(&ep.address, port, 1, None));
+        by_locality.entry(ep.locality.clone()).or_default().push(lb_endpoint(&ep.address, port, 1, None));
     }
     assignment(name, by_locality)
 }

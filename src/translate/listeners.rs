@@ -3,16 +3,14 @@
 //! the 15001 original-destination listener come later).
 
 use super::any;
-use envoy_types::pb::envoy::config::listener::v3::{
-    Filter, FilterChain, Listener, filter::ConfigType,
-};
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter::ConfigType};
 use envoy_types::pb::envoy::extensions::filters::http::cors::v3::Cors;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager::RouteSpecifier, http_filter,
 };
-use envoy_types::pb::google::protobuf::Any;
 
 use super::clusters::ads_config_source;
 use super::endpoints::socket_address;
@@ -23,11 +21,7 @@ pub const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
 pub const ROUTER_FILTER: &str = "envoy.filters.http.router";
 
 fn http_filter(name: &str, config: Any) -> HttpFilter {
-    HttpFilter {
-        name: name.to_string(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(config)),
-        ..Default::default()
-    }
+    HttpFilter { name: name.to_string(), config_type: Some(http_filter::ConfigType::TypedConfig(config)), ..Default::default() }
 }
 
 /// `<bind>_<port>`: an HTTP connection manager whose routes come over RDS as `"<port>"`;
@@ -50,10 +44,7 @@ pub fn outbound_http_listener(bind: &str, port: u16) -> Listener {
         name: names::listener_name(bind, port),
         address: Some(socket_address(bind, port)),
         filter_chains: vec![FilterChain {
-            filters: vec![Filter {
-                name: HCM_FILTER.into(),
-                config_type: Some(ConfigType::TypedConfig(any(&hcm))),
-            }],
+            filters: vec![Filter { name: HCM_FILTER.into(), config_type: Some(ConfigType::TypedConfig(any(&hcm))) }],
             ..Default::default()
         }],
         ..Default::default()

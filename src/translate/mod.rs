@@ -33,13 +33,8 @@ use crate::xds::node::{ProxyNode, ProxyRole};
 use crate::xds::resources::{Resource, ResourceSet, ResourceType};
 
 /// A message as a protobuf `Any` (typed configs inside resources).
-pub(crate) fn any<M: prost::Message + prost::Name>(
-    m: &M,
-) -> envoy_types::pb::google::protobuf::Any {
-    envoy_types::pb::google::protobuf::Any {
-        type_url: M::type_url(),
-        value: m.encode_to_vec(),
-    }
+pub(crate) fn any<M: prost::Message + prost::Name>(m: &M) -> envoy_types::pb::google::protobuf::Any {
+    envoy_types::pb::google::protobuf::Any { type_url: M::type_url(), value: m.encode_to_vec() }
 }
 
 /// The loopback address outbound listeners bind to unless the proxy says otherwise.
@@ -70,16 +65,10 @@ impl ProxyScope {
             namespace: node.namespace.clone(),
             network: node.network.clone(),
             labels: node.labels.clone(),
-            outbound_bind: node
-                .outbound_bind
-                .clone()
-                .unwrap_or_else(|| DEFAULT_OUTBOUND_BIND.to_string()),
+            outbound_bind: node.outbound_bind.clone().unwrap_or_else(|| DEFAULT_OUTBOUND_BIND.to_string()),
             service_account: node.service_account.clone(),
             instance_ips: node.instance_ips.clone(),
-            app_address: node
-                .app_address
-                .clone()
-                .unwrap_or_else(|| DEFAULT_APP_ADDRESS.to_string()),
+            app_address: node.app_address.clone().unwrap_or_else(|| DEFAULT_APP_ADDRESS.to_string()),
         }
     }
 
@@ -89,10 +78,7 @@ impl ProxyScope {
             cluster: cluster.into(),
             namespace: namespace.into(),
             network: String::new(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             outbound_bind: DEFAULT_OUTBOUND_BIND.into(),
             service_account: "default".into(),
             instance_ips: Vec::new(),
@@ -109,20 +95,12 @@ pub fn client_network<'a>(snapshot: &'a MeshSnapshot, scope: &'a ProxyScope) -> 
     if !scope.network.is_empty() {
         return &scope.network;
     }
-    snapshot
-        .clusters
-        .get(&scope.cluster)
-        .map(|c| c.network.as_str())
-        .unwrap_or("")
+    snapshot.clusters.get(&scope.cluster).map(|c| c.network.as_str()).unwrap_or("")
 }
 
 /// The trust shared by a client's cluster and a service's cluster: mTLS
 /// between them is on when both belong to one VirtualMesh with a CA.
-pub fn mtls_between<'a>(
-    snapshot: &'a MeshSnapshot,
-    client_cluster: &str,
-    service_cluster: &str,
-) -> Option<&'a MeshTrust> {
+pub fn mtls_between<'a>(snapshot: &'a MeshSnapshot, client_cluster: &str, service_cluster: &str) -> Option<&'a MeshTrust> {
     let a = snapshot.trust.get(client_cluster)?;
     let b = snapshot.trust.get(service_cluster)?;
     (a == b).then_some(a)
@@ -141,40 +119,25 @@ pub struct ServiceView<'a> {
 /// An east-west gateway's own Service (labelled with its network): reached
 /// by other networks' sidecars as EDS endpoints, not as a service to call.
 pub fn is_network_gateway(svc: &Service) -> bool {
-    svc.labels
-        .get(crate::model::k8s::NETWORK_LABEL)
-        .is_some_and(|n| !n.is_empty())
+    svc.labels.get(crate::model::k8s::NETWORK_LABEL).is_some_and(|n| !n.is_empty())
 }
 
 /// The services a proxy in `scope.cluster` can reach, its own cluster first.
-pub fn reachable_services<'a>(
-    snapshot: &'a MeshSnapshot,
-    scope: &ProxyScope,
-) -> Vec<ServiceView<'a>> {
+pub fn reachable_services<'a>(snapshot: &'a MeshSnapshot, scope: &ProxyScope) -> Vec<ServiceView<'a>> {
     let peers = snapshot.peers_of(&scope.cluster);
     let mut views = Vec::new();
     let mut aliased: BTreeSet<(String, String)> = BTreeSet::new();
     if let Some(own) = snapshot.clusters.get(&scope.cluster) {
         for svc in own.services.values().filter(|s| !is_network_gateway(s)) {
             aliased.insert((svc.key.namespace.clone(), svc.key.name.clone()));
-            views.push(ServiceView {
-                service: svc,
-                host: names::host(&scope.cluster, &svc.key),
-                aliases: true,
-            });
+            views.push(ServiceView { service: svc, host: names::host(&scope.cluster, &svc.key), aliases: true });
         }
     }
     for peer in peers.iter().filter(|p| **p != scope.cluster) {
-        let Some(state) = snapshot.clusters.get(peer) else {
-            continue;
-        };
+        let Some(state) = snapshot.clusters.get(peer) else { continue };
         for svc in state.services.values().filter(|s| !is_network_gateway(s)) {
             let aliases = aliased.insert((svc.key.namespace.clone(), svc.key.name.clone()));
-            views.push(ServiceView {
-                service: svc,
-                host: names::host(&scope.cluster, &svc.key),
-                aliases,
-            });
+            views.push(ServiceView { service: svc, host: names::host(&scope.cluster, &svc.key), aliases });
         }
     }
     views
@@ -190,23 +153,9 @@ pub struct ClusterTarget {
 }
 
 impl ClusterTarget {
-    pub fn new(
-        client_cluster: &str,
-        service: &ServiceKey,
-        port: u16,
-        subset: &BTreeMap<String, String>,
-    ) -> ClusterTarget {
-        let name = names::outbound_cluster(
-            port,
-            &names::subset_name(subset),
-            &names::host(client_cluster, service),
-        );
-        ClusterTarget {
-            name,
-            service: service.clone(),
-            port,
-            subset: subset.clone(),
-        }
+    pub fn new(client_cluster: &str, service: &ServiceKey, port: u16, subset: &BTreeMap<String, String>) -> ClusterTarget {
+        let name = names::outbound_cluster(port, &names::subset_name(subset), &names::host(client_cluster, service));
+        ClusterTarget { name, service: service.clone(), port, subset: subset.clone() }
     }
 }
 
@@ -242,84 +191,34 @@ pub fn translate(snapshot: &MeshSnapshot, scope: &ProxyScope) -> ResourceSet {
     let outliers = outlier_by_service(snapshot);
     for t in targets.values() {
         let trust = mtls_between(snapshot, &scope.cluster, &t.service.cluster);
-        let sni = trust.map(|_| {
-            names::outbound_sni(
-                t.port,
-                &names::subset_name(&t.subset),
-                &names::host(&t.service.cluster, &t.service),
-            )
-        });
-        let mtls = trust
-            .zip(sni.as_deref())
-            .map(|(tr, sni)| (sni, tr.trust_domain.as_str()));
+        let sni = trust.map(|_| names::outbound_sni(t.port, &names::subset_name(&t.subset), &names::host(&t.service.cluster, &t.service)));
+        let mtls = trust.zip(sni.as_deref()).map(|(tr, sni)| (sni, tr.trust_domain.as_str()));
         let cluster = clusters::eds_cluster(&t.name, outliers.get(&t.service), mtls);
-        set.insert(
-            ResourceType::Cluster,
-            Resource::from_message(t.name.clone(), &cluster),
-        );
+        set.insert(ResourceType::Cluster, Resource::from_message(t.name.clone(), &cluster));
         let cla = endpoints::load_assignment(snapshot, t, scope);
-        set.insert(
-            ResourceType::Endpoint,
-            Resource::from_message(t.name.clone(), &cla),
-        );
+        set.insert(ResourceType::Endpoint, Resource::from_message(t.name.clone(), &cla));
     }
     if snapshot.trust.contains_key(&scope.cluster) {
         for (address, port) in inbound::served_ports(snapshot, scope) {
             let l = inbound::inbound_listener(&address, port);
-            set.insert(
-                ResourceType::Listener,
-                Resource::from_message(l.name.clone(), &l),
-            );
+            set.insert(ResourceType::Listener, Resource::from_message(l.name.clone(), &l));
             let c = inbound::inbound_cluster(&scope.app_address, port);
-            set.insert(
-                ResourceType::Cluster,
-                Resource::from_message(c.name.clone(), &c),
-            );
+            set.insert(ResourceType::Cluster, Resource::from_message(c.name.clone(), &c));
         }
     }
-    let ports: BTreeSet<u16> = views
-        .iter()
-        .flat_map(|v| v.service.ports.iter().map(|p| p.port))
-        .collect();
+    let ports: BTreeSet<u16> = views.iter().flat_map(|v| v.service.ports.iter().map(|p| p.port)).collect();
     for port in ports {
         let l = listeners::outbound_http_listener(&scope.outbound_bind, port);
-        set.insert(
-            ResourceType::Listener,
-            Resource::from_message(l.name.clone(), &l),
-        );
+        set.insert(ResourceType::Listener, Resource::from_message(l.name.clone(), &l));
     }
     for rc in route_configs {
-        set.insert(
-            ResourceType::Route,
-            Resource::from_message(rc.name.clone(), &rc),
-        );
+        set.insert(ResourceType::Route, Resource::from_message(rc.name.clone(), &rc));
     }
     set
 }
 
-/// Just the endpoints of the named clusters (the incremental path for endpoint-only changes).
-pub fn translate_endpoints(
-    snapshot: &MeshSnapshot,
-    scope: &ProxyScope,
-    targets: &[ClusterTarget],
-) -> Vec<Resource> {
-    targets
-        .iter()
-        .map(|t| {
-            Resource::from_message(
-                t.name.clone(),
-                &endpoints::load_assignment(snapshot, t, scope),
-            )
-        })
-        .collect()
-}
-
 /// Parses a cluster name this module produced back into its target, for a proxy in `client_cluster`.
-pub fn parse_cluster_name(
-    snapshot: &MeshSnapshot,
-    client_cluster: &str,
-    name: &str,
-) -> Option<ClusterTarget> {
+pub fn parse_cluster_name(snapshot: &MeshSnapshot, client_cluster: &str, name: &str) -> Option<ClusterTarget> {
     let mut parts = name.splitn(4, '|');
     let (dir, port, subset, host) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     if dir != "outbound" {
@@ -348,10 +247,5 @@ pub fn parse_cluster_name(
             .find(|d| d.service == service && names::subset_name(&d.subset) == subset)
             .map(|d| d.subset.clone())?
     };
-    Some(ClusterTarget {
-        name: name.to_string(),
-        service,
-        port,
-        subset: subset_labels,
-    })
+    Some(ClusterTarget { name: name.to_string(), service, port, subset: subset_labels })
 }

@@ -20,10 +20,7 @@ pub fn host(client_cluster: &str, service: &ServiceKey) -> String {
 
 /// `name.ns.svc.<cluster>.global`: a service of a given cluster, from anywhere in the mesh.
 pub fn global_host(service: &ServiceKey) -> String {
-    format!(
-        "{}.{}.svc.{}.global",
-        service.name, service.namespace, service.cluster
-    )
+    format!("{}.{}.svc.{}.global", service.name, service.namespace, service.cluster)
 }
 
 /// A subset's name from its labels: sorted `key-value` pairs joined by `_`
@@ -33,13 +30,7 @@ pub fn subset_name(labels: &BTreeMap<String, String>) -> String {
     let raw: Vec<String> = labels.iter().map(|(k, v)| format!("{k}-{v}")).collect();
     raw.join("_")
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '-'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '-' })
         .collect()
 }
 
@@ -66,13 +57,7 @@ pub fn listener_name(bind: &str, port: u16) -> String {
 /// Virtual host domains for a service (Istio's `generateVirtualHostDomains`):
 /// always the host; with `aliases`, the Kubernetes short forms as seen from
 /// `client_namespace` and the `cluster.local` FQDN.
-pub fn domains(
-    service: &ServiceKey,
-    host: &str,
-    aliases: bool,
-    client_namespace: &str,
-    cluster_ip: Option<&str>,
-) -> Vec<String> {
+pub fn domains(service: &ServiceKey, host: &str, aliases: bool, client_namespace: &str, cluster_ip: Option<&str>) -> Vec<String> {
     let mut out = vec![host.to_string()];
     if aliases {
         let (n, ns) = (&service.name, &service.namespace);
@@ -99,54 +84,19 @@ mod tests {
     #[test]
     fn istio_shaped_names() {
         let k = ServiceKey::new("remote-cluster", "default", "reviews");
-        assert_eq!(
-            host("management-plane", &k),
-            "reviews.default.svc.remote-cluster.global"
-        );
-        assert_eq!(
-            host("remote-cluster", &k),
-            "reviews.default.svc.cluster.local"
-        );
+        assert_eq!(host("management-plane", &k), "reviews.default.svc.remote-cluster.global");
+        assert_eq!(host("remote-cluster", &k), "reviews.default.svc.cluster.local");
         let v1: BTreeMap<String, String> = [("version".to_string(), "v1".to_string())].into();
         assert_eq!(subset_name(&v1), "version-v1");
-        let odd: BTreeMap<String, String> =
-            [("app.kubernetes.io/version".to_string(), "1 2".to_string())].into();
+        let odd: BTreeMap<String, String> = [("app.kubernetes.io/version".to_string(), "1 2".to_string())].into();
         assert_eq!(subset_name(&odd), "app.kubernetes.io-version-1-2");
-        assert_eq!(
-            outbound_cluster(9080, "version-v1", "reviews.default.svc.cluster.local"),
-            "outbound|9080|version-v1|reviews.default.svc.cluster.local"
-        );
-        assert_eq!(
-            outbound_sni(9080, "", "r.d.svc.cluster.local"),
-            "outbound_.9080_._.r.d.svc.cluster.local"
-        );
+        assert_eq!(outbound_cluster(9080, "version-v1", "reviews.default.svc.cluster.local"), "outbound|9080|version-v1|reviews.default.svc.cluster.local");
+        assert_eq!(outbound_sni(9080, "", "r.d.svc.cluster.local"), "outbound_.9080_._.r.d.svc.cluster.local");
         let local = ServiceKey::new("c", "default", "reviews");
         assert_eq!(
-            domains(
-                &local,
-                "reviews.default.svc.cluster.local",
-                true,
-                "default",
-                Some("10.0.0.9")
-            ),
-            [
-                "reviews.default.svc.cluster.local",
-                "reviews",
-                "reviews.default",
-                "reviews.default.svc",
-                "10.0.0.9"
-            ]
+            domains(&local, "reviews.default.svc.cluster.local", true, "default", Some("10.0.0.9")),
+            ["reviews.default.svc.cluster.local", "reviews", "reviews.default", "reviews.default.svc", "10.0.0.9"]
         );
-        assert_eq!(
-            domains(
-                &local,
-                "reviews.default.svc.cluster.local",
-                true,
-                "other",
-                None
-            )
-            .len(),
-            3
-        );
+        assert_eq!(domains(&local, "reviews.default.svc.cluster.local", true, "other", None).len(), 3);
     }
 }

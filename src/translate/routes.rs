@@ -5,83 +5,50 @@ use super::any;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::{
-    HeaderValue, HeaderValueOption, RuntimeFractionalPercent,
-    header_value_option::HeaderAppendAction,
-};
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption, RuntimeFractionalPercent, header_value_option::HeaderAppendAction};
 use envoy_types::pb::envoy::config::route::v3::{
-    HeaderMatcher, QueryParameterMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration,
-    RouteMatch, VirtualHost, WeightedCluster,
-    header_matcher::HeaderMatchSpecifier,
-    query_parameter_matcher::QueryParameterMatchSpecifier,
-    route::Action,
-    route_action::{ClusterSpecifier, RequestMirrorPolicy},
-    route_match::PathSpecifier,
-    weighted_cluster::ClusterWeight,
+    HeaderMatcher, QueryParameterMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+    header_matcher::HeaderMatchSpecifier, query_parameter_matcher::QueryParameterMatchSpecifier, route::Action,
+    route_action::{ClusterSpecifier, RequestMirrorPolicy}, route_match::PathSpecifier, weighted_cluster::ClusterWeight,
 };
-use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{
-    FaultDelay, fault_delay::FaultDelaySecifier,
-};
+use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{FaultDelay, fault_delay::FaultDelaySecifier};
 use envoy_types::pb::envoy::extensions::filters::http::cors::v3::CorsPolicy;
-use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
-    FaultAbort, HttpFault, fault_abort::ErrorType,
-};
-use envoy_types::pb::envoy::r#type::matcher::v3::{
-    RegexMatcher, StringMatcher, string_matcher::MatchPattern,
-};
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{FaultAbort, HttpFault, fault_abort::ErrorType};
+use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent::DenominatorType};
 use envoy_types::pb::google::protobuf::{BoolValue, Duration as PbDuration, UInt32Value};
 
 use super::{ClusterTarget, ProxyScope, ServiceView, names};
-use crate::model::MeshSnapshot;
 use crate::model::api::HttpMatcher;
 use crate::model::policy::{self, Actions, Fault};
+use crate::model::MeshSnapshot;
 
 pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 pub const CORS_FILTER: &str = "envoy.filters.http.cors";
 /// Istio's default retry conditions.
-const RETRY_ON: &str =
-    "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
+const RETRY_ON: &str = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
 
 pub fn pb_duration(d: Duration) -> PbDuration {
-    PbDuration {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
+    PbDuration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
 
 fn exact(s: &str) -> StringMatcher {
-    StringMatcher {
-        match_pattern: Some(MatchPattern::Exact(s.to_string())),
-        ..Default::default()
-    }
+    StringMatcher { match_pattern: Some(MatchPattern::Exact(s.to_string())), ..Default::default() }
 }
 
 fn regex(s: &str) -> StringMatcher {
-    StringMatcher {
-        match_pattern: Some(MatchPattern::SafeRegex(RegexMatcher {
-            regex: s.to_string(),
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    StringMatcher { match_pattern: Some(MatchPattern::SafeRegex(RegexMatcher { regex: s.to_string(), ..Default::default() })), ..Default::default() }
 }
 
 fn million(pct: f64) -> FractionalPercent {
-    FractionalPercent {
-        numerator: (pct * 10_000.0).round() as u32,
-        denominator: DenominatorType::Million as i32,
-    }
+    FractionalPercent { numerator: (pct * 10_000.0).round() as u32, denominator: DenominatorType::Million as i32 }
 }
 
 fn route_match(m: &HttpMatcher) -> RouteMatch {
     let path = if let Some(e) = &m.exact {
         PathSpecifier::Path(e.clone())
     } else if let Some(r) = &m.regex {
-        PathSpecifier::SafeRegex(RegexMatcher {
-            regex: r.clone(),
-            ..Default::default()
-        })
+        PathSpecifier::SafeRegex(RegexMatcher { regex: r.clone(), ..Default::default() })
     } else {
         PathSpecifier::Prefix(m.prefix.clone().unwrap_or_else(|| "/".into()))
     };
@@ -91,11 +58,7 @@ fn route_match(m: &HttpMatcher) -> RouteMatch {
         .map(|h| HeaderMatcher {
             name: h.name.clone(),
             invert_match: h.invert_match,
-            header_match_specifier: Some(HeaderMatchSpecifier::StringMatch(if h.regex {
-                regex(&h.value)
-            } else {
-                exact(&h.value)
-            })),
+            header_match_specifier: Some(HeaderMatchSpecifier::StringMatch(if h.regex { regex(&h.value) } else { exact(&h.value) })),
             ..Default::default()
         })
         .collect();
@@ -111,32 +74,17 @@ fn route_match(m: &HttpMatcher) -> RouteMatch {
         .iter()
         .map(|q| QueryParameterMatcher {
             name: q.name.clone(),
-            query_parameter_match_specifier: Some(QueryParameterMatchSpecifier::StringMatch(
-                if q.regex {
-                    regex(&q.value)
-                } else {
-                    exact(&q.value)
-                },
-            )),
+            query_parameter_match_specifier: Some(QueryParameterMatchSpecifier::StringMatch(if q.regex { regex(&q.value) } else { exact(&q.value) })),
         })
         .collect();
-    RouteMatch {
-        path_specifier: Some(path),
-        headers,
-        query_parameters,
-        ..Default::default()
-    }
+    RouteMatch { path_specifier: Some(path), headers, query_parameters, ..Default::default() }
 }
 
 fn header_options(headers: &BTreeMap<String, String>) -> Vec<HeaderValueOption> {
     headers
         .iter()
         .map(|(k, v)| HeaderValueOption {
-            header: Some(HeaderValue {
-                key: k.clone(),
-                value: v.clone(),
-                ..Default::default()
-            }),
+            header: Some(HeaderValue { key: k.clone(), value: v.clone(), ..Default::default() }),
             append_action: HeaderAppendAction::AppendIfExistsOrAdd as i32,
             ..Default::default()
         })
@@ -147,18 +95,11 @@ fn fault_config(f: &policy::FaultInjection) -> HttpFault {
     let pct = Some(million(f.percentage));
     match f.fault {
         Fault::Delay(d) => HttpFault {
-            delay: Some(FaultDelay {
-                percentage: pct,
-                fault_delay_secifier: Some(FaultDelaySecifier::FixedDelay(pb_duration(d))),
-            }),
+            delay: Some(FaultDelay { percentage: pct, fault_delay_secifier: Some(FaultDelaySecifier::FixedDelay(pb_duration(d))) }),
             ..Default::default()
         },
         Fault::Abort(status) => HttpFault {
-            abort: Some(FaultAbort {
-                percentage: pct,
-                error_type: Some(ErrorType::HttpStatus(status)),
-                ..Default::default()
-            }),
+            abort: Some(FaultAbort { percentage: pct, error_type: Some(ErrorType::HttpStatus(status)), ..Default::default() }),
             ..Default::default()
         },
     }
@@ -171,10 +112,7 @@ fn cors_config(c: &policy::Cors) -> CorsPolicy {
         .iter()
         .map(|o| match (&o.exact, &o.prefix, &o.regex) {
             (Some(e), _, _) => exact(e),
-            (_, Some(p), _) => StringMatcher {
-                match_pattern: Some(MatchPattern::Prefix(p.clone())),
-                ..Default::default()
-            },
+            (_, Some(p), _) => StringMatcher { match_pattern: Some(MatchPattern::Prefix(p.clone())), ..Default::default() },
             (_, _, Some(r)) => regex(r),
             _ => exact(""),
         })
@@ -184,10 +122,7 @@ fn cors_config(c: &policy::Cors) -> CorsPolicy {
         allow_methods: c.policy.allow_methods.join(","),
         allow_headers: c.policy.allow_headers.join(","),
         expose_headers: c.policy.expose_headers.join(","),
-        max_age: c
-            .max_age
-            .map(|d| d.as_secs().to_string())
-            .unwrap_or_default(),
+        max_age: c.max_age.map(|d| d.as_secs().to_string()).unwrap_or_default(),
         allow_credentials: c.policy.allow_credentials.map(|value| BoolValue { value }),
         ..Default::default()
     }
@@ -204,42 +139,27 @@ fn build_route(
     targets: &mut BTreeMap<String, ClusterTarget>,
 ) -> Route {
     let client = &scope.cluster;
-    let mut target =
-        |service: &crate::model::ServiceKey, dport: u16, subset: &BTreeMap<String, String>| {
-            let t = ClusterTarget::new(client, service, dport, subset);
-            let name = t.name.clone();
-            targets.entry(name.clone()).or_insert(t);
-            name
-        };
+    let mut target = |service: &crate::model::ServiceKey, dport: u16, subset: &BTreeMap<String, String>| {
+        let t = ClusterTarget::new(client, service, dport, subset);
+        let name = t.name.clone();
+        targets.entry(name.clone()).or_insert(t);
+        name
+    };
     let cluster_specifier = match &actions.traffic_shift {
         Some(dests) => {
             let mut weighted: Vec<ClusterWeight> = Vec::new();
             for d in dests.iter().filter(|d| d.weight > 0) {
-                let Some(dport) = policy::destination_port(snapshot, &d.service, d.port, port)
-                else {
-                    continue;
-                };
+                let Some(dport) = policy::destination_port(snapshot, &d.service, d.port, port) else { continue };
                 let name = target(&d.service, dport, &d.subset);
                 match weighted.iter_mut().find(|w| w.name == name) {
-                    Some(w) => {
-                        w.weight = Some(UInt32Value {
-                            value: w.weight.map_or(0, |x| x.value) + d.weight,
-                        })
-                    }
-                    None => weighted.push(ClusterWeight {
-                        name,
-                        weight: Some(UInt32Value { value: d.weight }),
-                        ..Default::default()
-                    }),
+                    Some(w) => w.weight = Some(UInt32Value { value: w.weight.map_or(0, |x| x.value) + d.weight }),
+                    None => weighted.push(ClusterWeight { name, weight: Some(UInt32Value { value: d.weight }), ..Default::default() }),
                 }
             }
             match weighted.len() {
                 0 => ClusterSpecifier::Cluster(target(&view.service.key, port, &BTreeMap::new())),
                 1 => ClusterSpecifier::Cluster(weighted.remove(0).name),
-                _ => ClusterSpecifier::WeightedClusters(WeightedCluster {
-                    clusters: weighted,
-                    ..Default::default()
-                }),
+                _ => ClusterSpecifier::WeightedClusters(WeightedCluster { clusters: weighted, ..Default::default() }),
             }
         }
         None => ClusterSpecifier::Cluster(target(&view.service.key, port, &BTreeMap::new())),
@@ -269,10 +189,7 @@ fn build_route(
             let dport = policy::destination_port(snapshot, &m.service, m.port, port)?;
             Some(RequestMirrorPolicy {
                 cluster: target(&m.service, dport, &BTreeMap::new()),
-                runtime_fraction: Some(RuntimeFractionalPercent {
-                    default_value: Some(million(m.percentage)),
-                    ..Default::default()
-                }),
+                runtime_fraction: Some(RuntimeFractionalPercent { default_value: Some(million(m.percentage)), ..Default::default() }),
                 ..Default::default()
             })
         })
@@ -284,11 +201,7 @@ fn build_route(
         request_mirror_policies,
         ..Default::default()
     };
-    let mut route = Route {
-        r#match: Some(route_match),
-        action: Some(Action::Route(action)),
-        ..Default::default()
-    };
+    let mut route = Route { r#match: Some(route_match), action: Some(Action::Route(action)), ..Default::default() };
     if let Some(h) = &actions.header_manipulation {
         route.request_headers_to_add = header_options(&h.append_request_headers);
         route.request_headers_to_remove = h.remove_request_headers.clone();
@@ -296,14 +209,10 @@ fn build_route(
         route.response_headers_to_remove = h.remove_response_headers.clone();
     }
     if let Some(f) = &actions.fault_injection {
-        route
-            .typed_per_filter_config
-            .insert(FAULT_FILTER.into(), any(&fault_config(f)));
+        route.typed_per_filter_config.insert(FAULT_FILTER.into(), any(&fault_config(f)));
     }
     if let Some(c) = &actions.cors_policy {
-        route
-            .typed_per_filter_config
-            .insert(CORS_FILTER.into(), any(&cors_config(c)));
+        route.typed_per_filter_config.insert(CORS_FILTER.into(), any(&cors_config(c)));
     }
     route
 }
@@ -320,49 +229,22 @@ fn vhost_routes(
     let rules = policy::rules_for(&snapshot.applied, &view.service.key);
     // Rules for this client, merged per matcher list, in order of first appearance.
     let mut groups: Vec<(Vec<HttpMatcher>, Actions)> = Vec::new();
-    for (_, r) in rules
-        .iter()
-        .filter(|(_, r)| r.source.matches(&scope.namespace, &scope.labels))
-    {
+    for (_, r) in rules.iter().filter(|(_, r)| r.source.matches(&scope.namespace, &scope.labels)) {
         match groups.iter_mut().find(|(m, _)| *m == r.matchers) {
             Some((_, a)) => a.merge_from(&r.actions),
             None => groups.push((r.matchers.clone(), r.actions.clone())),
         }
     }
-    let (mut specific, catch_all): (Vec<_>, Vec<_>) =
-        groups.into_iter().partition(|(m, _)| !m.is_empty());
-    let default_actions = catch_all
-        .into_iter()
-        .next()
-        .map(|(_, a)| a)
-        .unwrap_or_default();
+    let (mut specific, catch_all): (Vec<_>, Vec<_>) = groups.into_iter().partition(|(m, _)| !m.is_empty());
+    let default_actions = catch_all.into_iter().next().map(|(_, a)| a).unwrap_or_default();
     let mut routes = Vec::new();
     for (matchers, actions) in specific.drain(..) {
         for m in &matchers {
-            routes.push(build_route(
-                snapshot,
-                scope,
-                view,
-                port,
-                route_match(m),
-                &actions,
-                targets,
-            ));
+            routes.push(build_route(snapshot, scope, view, port, route_match(m), &actions, targets));
         }
     }
-    let all = RouteMatch {
-        path_specifier: Some(PathSpecifier::Prefix("/".into())),
-        ..Default::default()
-    };
-    routes.push(build_route(
-        snapshot,
-        scope,
-        view,
-        port,
-        all,
-        &default_actions,
-        targets,
-    ));
+    let all = RouteMatch { path_specifier: Some(PathSpecifier::Prefix("/".into())), ..Default::default() };
+    routes.push(build_route(snapshot, scope, view, port, all, &default_actions, targets));
     routes
 }
 
@@ -378,21 +260,11 @@ pub fn route_configurations(
     for v in views {
         for p in &v.service.ports {
             let used = used.entry(p.port).or_default();
-            let cluster_ip = if v.service.key.cluster == scope.cluster {
-                v.service.cluster_ip.as_deref()
-            } else {
-                None
-            };
-            let domains: Vec<String> = names::domains(
-                &v.service.key,
-                &v.host,
-                v.aliases,
-                &scope.namespace,
-                cluster_ip,
-            )
-            .into_iter()
-            .filter(|d| used.insert(d.clone()))
-            .collect();
+            let cluster_ip = if v.service.key.cluster == scope.cluster { v.service.cluster_ip.as_deref() } else { None };
+            let domains: Vec<String> = names::domains(&v.service.key, &v.host, v.aliases, &scope.namespace, cluster_ip)
+                .into_iter()
+                .filter(|d| used.insert(d.clone()))
+                .collect();
             if domains.is_empty() {
                 continue;
             }

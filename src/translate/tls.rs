@@ -5,15 +5,12 @@
 
 use super::any;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::TransportSocketMatch;
-use envoy_types::pb::envoy::config::core::v3::{
-    DataSource, Metadata, TransportSocket, data_source, transport_socket,
-};
+use envoy_types::pb::envoy::config::core::v3::{DataSource, Metadata, TransportSocket, data_source, transport_socket};
 use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret,
-    SubjectAltNameMatcher, TlsCertificate, UpstreamTlsContext,
-    common_tls_context::CombinedCertificateValidationContext,
-    common_tls_context::ValidationContextType, secret, subject_alt_name_matcher::SanType,
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret, SubjectAltNameMatcher, TlsCertificate,
+    UpstreamTlsContext, common_tls_context::CombinedCertificateValidationContext, common_tls_context::ValidationContextType, secret,
+    subject_alt_name_matcher::SanType,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::google::protobuf::{BoolValue, Struct, Value, value::Kind};
@@ -29,10 +26,7 @@ pub const TLS_SOCKET: &str = "envoy.transport_sockets.tls";
 pub const TRANSPORT_SOCKET_MATCH: &str = "envoy.transport_socket_match";
 
 fn sds(name: &str) -> SdsSecretConfig {
-    SdsSecretConfig {
-        name: name.to_string(),
-        sds_config: Some(ads_config_source()),
-    }
+    SdsSecretConfig { name: name.to_string(), sds_config: Some(ads_config_source()) }
 }
 
 /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
@@ -45,10 +39,7 @@ fn common(peer_san_prefix: Option<&str>) -> CommonTlsContext {
         match_typed_subject_alt_names: peer_san_prefix
             .map(|p| SubjectAltNameMatcher {
                 san_type: SanType::Uri as i32,
-                matcher: Some(StringMatcher {
-                    match_pattern: Some(MatchPattern::Prefix(p.to_string())),
-                    ..Default::default()
-                }),
+                matcher: Some(StringMatcher { match_pattern: Some(MatchPattern::Prefix(p.to_string())), ..Default::default() }),
                 ..Default::default()
             })
             .into_iter()
@@ -57,13 +48,11 @@ fn common(peer_san_prefix: Option<&str>) -> CommonTlsContext {
     };
     CommonTlsContext {
         tls_certificate_sds_secret_configs: vec![sds(WORKLOAD_SECRET)],
-        validation_context_type: Some(ValidationContextType::CombinedValidationContext(
-            CombinedCertificateValidationContext {
-                default_validation_context: Some(default_validation_context),
-                validation_context_sds_secret_config: Some(sds(ROOT_SECRET)),
-                ..Default::default()
-            },
-        )),
+        validation_context_type: Some(ValidationContextType::CombinedValidationContext(CombinedCertificateValidationContext {
+            default_validation_context: Some(default_validation_context),
+            validation_context_sds_secret_config: Some(sds(ROOT_SECRET)),
+            ..Default::default()
+        })),
         ..Default::default()
     }
 }
@@ -80,19 +69,14 @@ pub fn outbound_socket_matches(sni: &str, trust_domain: &str) -> Vec<TransportSo
         TransportSocketMatch {
             name: "tlsMode-istio".into(),
             r#match: Some(string_struct(&[("tlsMode", "istio")])),
-            transport_socket: Some(TransportSocket {
-                name: TLS_SOCKET.into(),
-                config_type: Some(transport_socket::ConfigType::TypedConfig(any(&tls))),
-            }),
+            transport_socket: Some(TransportSocket { name: TLS_SOCKET.into(), config_type: Some(transport_socket::ConfigType::TypedConfig(any(&tls))) }),
         },
         TransportSocketMatch {
             name: "tlsMode-disabled".into(),
             r#match: Some(Struct::default()),
             transport_socket: Some(TransportSocket {
                 name: "envoy.transport_sockets.raw_buffer".into(),
-                config_type: Some(transport_socket::ConfigType::TypedConfig(any(
-                    &RawBuffer::default(),
-                ))),
+                config_type: Some(transport_socket::ConfigType::TypedConfig(any(&RawBuffer::default()))),
             }),
         },
     ]
@@ -105,48 +89,28 @@ pub fn inbound_transport_socket() -> TransportSocket {
         require_client_certificate: Some(BoolValue { value: true }),
         ..Default::default()
     };
-    TransportSocket {
-        name: TLS_SOCKET.into(),
-        config_type: Some(transport_socket::ConfigType::TypedConfig(any(&tls))),
-    }
+    TransportSocket { name: TLS_SOCKET.into(), config_type: Some(transport_socket::ConfigType::TypedConfig(any(&tls))) }
 }
 
 pub fn string_struct(pairs: &[(&str, &str)]) -> Struct {
     Struct {
-        fields: pairs
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.to_string(),
-                    Value {
-                        kind: Some(Kind::StringValue(v.to_string())),
-                    },
-                )
-            })
-            .collect(),
+        fields: pairs.iter().map(|(k, v)| (k.to_string(), Value { kind: Some(Kind::StringValue(v.to_string())) })).collect(),
     }
 }
 
 /// Endpoint metadata that selects the mTLS transport socket.
 pub fn mtls_endpoint_metadata(network: &str) -> Metadata {
     let mut m = Metadata::default();
-    m.filter_metadata.insert(
-        TRANSPORT_SOCKET_MATCH.into(),
-        string_struct(&[("tlsMode", "istio")]),
-    );
+    m.filter_metadata.insert(TRANSPORT_SOCKET_MATCH.into(), string_struct(&[("tlsMode", "istio")]));
     if !network.is_empty() {
-        m.filter_metadata
-            .insert("istio".into(), string_struct(&[("network", network)]));
+        m.filter_metadata.insert("istio".into(), string_struct(&[("network", network)]));
     }
     m
 }
 
 /// SDS `default`: the workload's certificate chain and key (PEM).
 pub fn workload_secret(cert_chain_pem: &str, key_pem: &str) -> Secret {
-    let inline = |s: &str| DataSource {
-        specifier: Some(data_source::Specifier::InlineBytes(s.as_bytes().to_vec())),
-        ..Default::default()
-    };
+    let inline = |s: &str| DataSource { specifier: Some(data_source::Specifier::InlineBytes(s.as_bytes().to_vec())), ..Default::default() };
     Secret {
         name: WORKLOAD_SECRET.into(),
         r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
@@ -161,16 +125,9 @@ pub fn workload_secret(cert_chain_pem: &str, key_pem: &str) -> Secret {
 pub fn root_secret(root_pem: &str) -> Secret {
     Secret {
         name: ROOT_SECRET.into(),
-        r#type: Some(secret::Type::ValidationContext(
-            CertificateValidationContext {
-                trusted_ca: Some(DataSource {
-                    specifier: Some(data_source::Specifier::InlineBytes(
-                        root_pem.as_bytes().to_vec(),
-                    )),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-        )),
+        r#type: Some(secret::Type::ValidationContext(CertificateValidationContext {
+            trusted_ca: Some(DataSource { specifier: Some(data_source::Specifier::InlineBytes(root_pem.as_bytes().to_vec())), ..Default::default() }),
+            ..Default::default()
+        })),
     }
 }

@@ -12,9 +12,7 @@ use std::sync::LazyLock;
 
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
-use prost_reflect::{
-    DescriptorPool, DynamicMessage, MapKey, MessageDescriptor, ReflectMessage, Value,
-};
+use prost_reflect::{DescriptorPool, DynamicMessage, MapKey, MessageDescriptor, ReflectMessage, Value};
 use sha2::{Digest, Sha256};
 
 /// The file descriptor set shipped inside envoy-types 0.7.7 (`src/generated/types.bin`).
@@ -23,6 +21,7 @@ static DESCRIPTOR_SET: &[u8] = include_bytes!("../../proto/envoy-types-0.7.7.des
 static POOL: LazyLock<DescriptorPool> = LazyLock::new(|| {
     DescriptorPool::decode(DESCRIPTOR_SET).expect("embedded Envoy descriptor set is valid")
 });
+
 
 /// Errors converting between JSON and Envoy protobuf messages.
 #[derive(Debug, thiserror::Error)]
@@ -51,10 +50,7 @@ pub fn pool() -> &'static DescriptorPool {
 }
 
 fn type_name_of(type_url: &str) -> &str {
-    type_url
-        .rsplit_once('/')
-        .map(|(_, n)| n)
-        .unwrap_or(type_url)
+    type_url.rsplit_once('/').map(|(_, n)| n).unwrap_or(type_url)
 }
 
 fn descriptor(type_name: &str) -> Result<MessageDescriptor, CodecError> {
@@ -103,10 +99,7 @@ pub fn any_to_json(any: &Any) -> Result<serde_json::Value, CodecError> {
         source,
     })?;
     if let Some(obj) = json.as_object_mut() {
-        obj.insert(
-            "@type".into(),
-            serde_json::Value::String(any.type_url.clone()),
-        );
+        obj.insert("@type".into(), serde_json::Value::String(any.type_url.clone()));
     }
     Ok(json)
 }
@@ -240,9 +233,7 @@ mod tests {
             .map(|k| {
                 (
                     k.to_string(),
-                    PbValue {
-                        kind: Some(Kind::StringValue(format!("v-{k}"))),
-                    },
+                    PbValue { kind: Some(Kind::StringValue(format!("v-{k}"))) },
                 )
             })
             .collect();
@@ -251,10 +242,7 @@ mod tests {
         filter_metadata.insert("meshpilot".to_string(), Struct::default());
         Cluster {
             name: "outbound|9080||reviews.default.svc.cluster.local".into(),
-            metadata: Some(Metadata {
-                filter_metadata,
-                ..Default::default()
-            }),
+            metadata: Some(Metadata { filter_metadata, ..Default::default() }),
             ..Default::default()
         }
     }
@@ -285,10 +273,7 @@ mod tests {
         });
         let any = json_to_any(&json).unwrap();
         let back = any_to_json(&any).unwrap();
-        assert_eq!(
-            back["filterChains"][0]["filters"][0]["typedConfig"]["statPrefix"],
-            "x"
-        );
+        assert_eq!(back["filterChains"][0]["filters"][0]["typedConfig"]["statPrefix"], "x");
         assert_eq!(back["@type"], json["@type"]);
     }
 
@@ -296,9 +281,6 @@ mod tests {
     fn json_errors_name_the_type_and_field() {
         let json = serde_json::json!({"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "nmae": "x"});
         let err = json_to_any(&json).unwrap_err().to_string();
-        assert!(
-            err.contains("envoy.config.cluster.v3.Cluster") && err.contains("nmae"),
-            "{err}"
-        );
+        assert!(err.contains("envoy.config.cluster.v3.Cluster") && err.contains("nmae"), "{err}");
     }
 }

@@ -5,12 +5,12 @@ use std::time::{Instant, SystemTime};
 
 use envoy_types::pb::envoy::admin::v3::{ClientResourceStatus, UpdateFailureState};
 use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::r#type::matcher::v3::{NodeMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::envoy::service::status::v3::{
     ClientConfig, ClientStatusRequest, ClientStatusResponse, ConfigStatus,
     client_config::GenericXdsConfig,
     client_status_discovery_service_server::ClientStatusDiscoveryService,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{NodeMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::google::protobuf::Timestamp;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -38,13 +38,7 @@ impl Csds {
             .registry
             .all()
             .into_iter()
-            .filter(|c| {
-                req.node_matchers.is_empty()
-                    || req
-                        .node_matchers
-                        .iter()
-                        .any(|m| node_matches(m, &c.node.id))
-            })
+            .filter(|c| req.node_matchers.is_empty() || req.node_matchers.iter().any(|m| node_matches(m, &c.node.id)))
             .map(|c| client_config(&c, req.exclude_resource_contents))
             .collect();
         ClientStatusResponse { config }
@@ -52,9 +46,7 @@ impl Csds {
 }
 
 fn node_matches(matcher: &NodeMatcher, id: &str) -> bool {
-    let Some(m) = &matcher.node_id else {
-        return true;
-    };
+    let Some(m) = &matcher.node_id else { return true };
     match &m.match_pattern {
         Some(MatchPattern::Exact(e)) => e == id,
         Some(MatchPattern::Prefix(p)) => id.starts_with(p.as_str()),
@@ -66,10 +58,7 @@ fn node_matches(matcher: &NodeMatcher, id: &str) -> bool {
 
 fn timestamp(t: SystemTime) -> Timestamp {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    Timestamp {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
+    Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
 
 fn client_config(conn: &ProxyConnection, exclude_contents: bool) -> ClientConfig {
@@ -79,18 +68,14 @@ fn client_config(conn: &ProxyConnection, exclude_contents: bool) -> ClientConfig
     let sent = conn.view.sent();
     let mut generic = Vec::new();
     for st in statuses {
-        let Some(ty) = super::resources::ResourceType::from_type_url(st.type_url) else {
-            continue;
-        };
+        let Some(ty) = super::resources::ResourceType::from_type_url(st.type_url) else { continue };
         let (config_status, client_status) = match st.state {
             SyncState::Synced => (ConfigStatus::Synced, ClientResourceStatus::Acked),
             SyncState::Stale => (ConfigStatus::Stale, ClientResourceStatus::Requested),
             SyncState::NotSent => (ConfigStatus::NotSent, ClientResourceStatus::Requested),
             SyncState::Error => (ConfigStatus::Error, ClientResourceStatus::Nacked),
         };
-        let last_updated = st
-            .sent_age_seconds
-            .map(|age| timestamp(wall - std::time::Duration::from_secs_f64(age)));
+        let last_updated = st.sent_age_seconds.map(|age| timestamp(wall - std::time::Duration::from_secs_f64(age)));
         let error_state = st.last_error.as_ref().map(|details| UpdateFailureState {
             details: details.clone(),
             version_info: st.sent_version.clone().unwrap_or_default(),
@@ -114,11 +99,7 @@ fn client_config(conn: &ProxyConnection, exclude_contents: bool) -> ClientConfig
         }
     }
     ClientConfig {
-        node: Some(Node {
-            id: conn.node.id.clone(),
-            cluster: conn.node.cluster.clone(),
-            ..Default::default()
-        }),
+        node: Some(Node { id: conn.node.id.clone(), cluster: conn.node.cluster.clone(), ..Default::default() }),
         generic_xds_configs: generic,
         ..Default::default()
     }

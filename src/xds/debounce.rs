@@ -17,10 +17,7 @@ pub struct DebounceConfig {
 
 impl Default for DebounceConfig {
     fn default() -> Self {
-        DebounceConfig {
-            quiet: Duration::from_millis(100),
-            max: Duration::from_millis(500),
-        }
+        DebounceConfig { quiet: Duration::from_millis(100), max: Duration::from_millis(500) }
     }
 }
 
@@ -47,13 +44,7 @@ pub struct Debouncer {
 
 impl Debouncer {
     pub fn new(config: DebounceConfig) -> Self {
-        Debouncer {
-            config,
-            first: None,
-            last: None,
-            merged: 0,
-            generation: 0,
-        }
+        Debouncer { config, first: None, last: None, merged: 0, generation: 0 }
     }
 
     /// A change happened at `at`.
@@ -108,14 +99,8 @@ pub async fn run_debouncer(
         if let Some(trigger) = debouncer.poll(Instant::now()) {
             metrics.push_triggers.inc();
             metrics.config_generation.set(trigger.generation as i64);
-            metrics
-                .debounce_seconds
-                .observe(trigger.change_at.elapsed().as_secs_f64());
-            tracing::debug!(
-                generation = trigger.generation,
-                merged = trigger.merged_changes,
-                "push"
-            );
+            metrics.debounce_seconds.observe(trigger.change_at.elapsed().as_secs_f64());
+            tracing::debug!(generation = trigger.generation, merged = trigger.merged_changes, "push");
             pushes.send_replace(Some(trigger));
         }
     }
@@ -132,10 +117,7 @@ mod tests {
     #[test]
     fn fires_after_quiet_period() {
         let t0 = Instant::now();
-        let mut d = Debouncer::new(DebounceConfig {
-            quiet: ms(100),
-            max: ms(1000),
-        });
+        let mut d = Debouncer::new(DebounceConfig { quiet: ms(100), max: ms(1000) });
         assert_eq!(d.deadline(), None);
         d.on_change(t0);
         d.on_change(t0 + ms(50));
@@ -149,10 +131,7 @@ mod tests {
     #[test]
     fn a_steady_stream_of_changes_is_capped_by_max() {
         let t0 = Instant::now();
-        let mut d = Debouncer::new(DebounceConfig {
-            quiet: ms(100),
-            max: ms(1000),
-        });
+        let mut d = Debouncer::new(DebounceConfig { quiet: ms(100), max: ms(1000) });
         let mut fired = None;
         for i in 0..30 {
             let now = t0 + ms(i * 50);

@@ -47,11 +47,7 @@ pub enum NodeError {
     #[error("node.id is empty")]
     EmptyId,
     #[error("node {id:?}: metadata field {field} must be {expected}")]
-    BadMetadata {
-        id: String,
-        field: &'static str,
-        expected: &'static str,
-    },
+    BadMetadata { id: String, field: &'static str, expected: &'static str },
 }
 
 fn string_field(meta: &Struct, key: &str) -> Option<String> {
@@ -73,21 +69,8 @@ impl ProxyNode {
         }
         let empty = Struct::default();
         let meta = node.metadata.as_ref().unwrap_or(&empty);
-        let bad = |field, expected| NodeError::BadMetadata {
-            id: node.id.clone(),
-            field,
-            expected,
-        };
-        for key in [
-            "CLUSTER_ID",
-            "NAMESPACE",
-            "NETWORK",
-            "ROLE",
-            "OUTBOUND_BIND",
-            "SERVICE_ACCOUNT",
-            "INSTANCE_IPS",
-            "APP_ADDRESS",
-        ] {
+        let bad = |field, expected| NodeError::BadMetadata { id: node.id.clone(), field, expected };
+        for key in ["CLUSTER_ID", "NAMESPACE", "NETWORK", "ROLE", "OUTBOUND_BIND", "SERVICE_ACCOUNT", "INSTANCE_IPS", "APP_ADDRESS"] {
             if has_non_string(meta, key) {
                 return Err(bad(
                     match key {
@@ -152,17 +135,9 @@ impl ProxyNode {
             role,
             labels,
             outbound_bind: string_field(meta, "OUTBOUND_BIND").filter(|s| !s.is_empty()),
-            service_account: string_field(meta, "SERVICE_ACCOUNT")
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "default".into()),
+            service_account: string_field(meta, "SERVICE_ACCOUNT").filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into()),
             instance_ips: string_field(meta, "INSTANCE_IPS")
-                .map(|s| {
-                    s.split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(String::from)
-                        .collect()
-                })
+                .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
                 .unwrap_or_default(),
             app_address: string_field(meta, "APP_ADDRESS").filter(|s| !s.is_empty()),
             envoy_version,
@@ -175,9 +150,7 @@ mod tests {
     use super::*;
 
     fn s(v: &str) -> Value {
-        Value {
-            kind: Some(Kind::StringValue(v.into())),
-        }
+        Value { kind: Some(Kind::StringValue(v.into())) }
     }
 
     #[test]
@@ -185,21 +158,11 @@ mod tests {
         let mut labels = Struct::default();
         labels.fields.insert("app".into(), s("productpage"));
         let mut meta = Struct::default();
-        meta.fields
-            .insert("CLUSTER_ID".into(), s("management-plane"));
+        meta.fields.insert("CLUSTER_ID".into(), s("management-plane"));
         meta.fields.insert("NAMESPACE".into(), s("default"));
         meta.fields.insert("NETWORK".into(), s("net1"));
-        meta.fields.insert(
-            "LABELS".into(),
-            Value {
-                kind: Some(Kind::StructValue(labels)),
-            },
-        );
-        let node = Node {
-            id: "productpage-1".into(),
-            metadata: Some(meta),
-            ..Default::default()
-        };
+        meta.fields.insert("LABELS".into(), Value { kind: Some(Kind::StructValue(labels)) });
+        let node = Node { id: "productpage-1".into(), metadata: Some(meta), ..Default::default() };
         let p = ProxyNode::from_node(Some(&node)).unwrap();
         assert_eq!(p.cluster, "management-plane");
         assert_eq!(p.network, "net1");
@@ -209,10 +172,7 @@ mod tests {
 
     #[test]
     fn istio_style_ids_give_role_and_namespace() {
-        let node = Node {
-            id: "router~10.0.0.1~gw-1.istio-system~istio-system.svc.cluster.local".into(),
-            ..Default::default()
-        };
+        let node = Node { id: "router~10.0.0.1~gw-1.istio-system~istio-system.svc.cluster.local".into(), ..Default::default() };
         let p = ProxyNode::from_node(Some(&node)).unwrap();
         assert_eq!(p.role, ProxyRole::Gateway);
         assert_eq!(p.namespace, "istio-system");
@@ -225,11 +185,7 @@ mod tests {
         assert_eq!(ProxyNode::from_node(Some(&empty)), Err(NodeError::EmptyId));
         let mut meta = Struct::default();
         meta.fields.insert("LABELS".into(), s("app=x"));
-        let node = Node {
-            id: "a".into(),
-            metadata: Some(meta),
-            ..Default::default()
-        };
+        let node = Node { id: "a".into(), metadata: Some(meta), ..Default::default() };
         let err = ProxyNode::from_node(Some(&node)).unwrap_err().to_string();
         assert!(err.contains("LABELS") && err.contains("\"a\""), "{err}");
     }

@@ -88,9 +88,7 @@ impl TypeLedger {
                     message: message.to_string(),
                     at: now,
                 });
-                Reply::Nack {
-                    message: message.to_string(),
-                }
+                Reply::Nack { message: message.to_string() }
             }
             None => {
                 let latency = sent.change_at.map(|c| now.saturating_duration_since(c));
@@ -101,19 +99,8 @@ impl TypeLedger {
         }
     }
 
-    pub fn record_sent(
-        &mut self,
-        nonce: String,
-        version: String,
-        now: Instant,
-        change_at: Option<Instant>,
-    ) {
-        self.sent = Some(SentRecord {
-            nonce,
-            version,
-            at: now,
-            change_at,
-        });
+    pub fn record_sent(&mut self, nonce: String, version: String, now: Instant, change_at: Option<Instant>) {
+        self.sent = Some(SentRecord { nonce, version, at: now, change_at });
     }
 
     /// istiod's rule (`debugSyncStatus`): error, else not sent, else acked == sent.
@@ -177,30 +164,15 @@ mod tests {
         assert_eq!(l.state(), SyncState::Stale);
         assert_eq!(l.on_reply("0", None, now), Reply::Stale);
         assert_eq!(l.state(), SyncState::Stale);
-        assert!(matches!(
-            l.on_reply("1", None, now),
-            Reply::Ack { latency: Some(_) }
-        ));
+        assert!(matches!(l.on_reply("1", None, now), Reply::Ack { latency: Some(_) }));
         assert_eq!(l.state(), SyncState::Synced);
         l.record_sent("2".into(), "v2".into(), now, None);
-        assert_eq!(
-            l.on_reply("2", Some("bad listener"), now),
-            Reply::Nack {
-                message: "bad listener".into()
-            }
-        );
+        assert_eq!(l.on_reply("2", Some("bad listener"), now), Reply::Nack { message: "bad listener".into() });
         assert_eq!(l.state(), SyncState::Error);
-        assert_eq!(
-            l.acked.as_ref().unwrap().version,
-            "v1",
-            "the last good version is kept"
-        );
+        assert_eq!(l.acked.as_ref().unwrap().version, "v1", "the last good version is kept");
         l.record_sent("3".into(), "v3".into(), now, None);
         assert_eq!(l.state(), SyncState::Error, "error stays until an ACK");
-        assert!(matches!(
-            l.on_reply("3", None, now),
-            Reply::Ack { latency: None }
-        ));
+        assert!(matches!(l.on_reply("3", None, now), Reply::Ack { latency: None }));
         assert_eq!(l.state(), SyncState::Synced);
     }
 }

