@@ -81,6 +81,12 @@ pub struct ServeArgs {
     /// Disconnect a proxy that does not read its responses for this long.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub send_timeout: Duration,
+    /// HTTP/2 keepalive: ping each proxy this often...
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+    /// ...and close its connection when a ping is not answered within this.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
 }
 
 async fn shutdown_signal() {
@@ -221,7 +227,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         registry.clone(),
         metrics.clone(),
         push_rx,
-        XdsServerConfig { push_concurrency: args.push_concurrency, send_timeout: args.send_timeout, ..Default::default() },
+        XdsServerConfig {
+            push_concurrency: args.push_concurrency,
+            send_timeout: args.send_timeout,
+            keepalive_interval: args.keepalive_interval,
+            keepalive_timeout: args.keepalive_timeout,
+            ..Default::default()
+        },
     );
     let xds_listener = tokio::net::TcpListener::bind(&args.xds_addr)
         .await

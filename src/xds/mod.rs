@@ -72,8 +72,8 @@ where
         + 'static,
 {
     tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_interval(Some(server.config().keepalive_interval))
+        .http2_keepalive_timeout(Some(server.config().keepalive_timeout))
         .add_service(AdsService(server.clone()))
         .add_service(CdsService(server.clone()))
         .add_service(EdsService(server.clone()))

@@ -35,6 +35,10 @@ pub struct XdsServerConfig {
     pub send_timeout: Duration,
     /// Responses queued per stream before the sender waits.
     pub stream_buffer: usize,
+    /// HTTP/2 pings to each proxy this often; one not answered within the
+    /// timeout closes its connection.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for XdsServerConfig {
@@ -43,6 +47,8 @@ impl Default for XdsServerConfig {
             push_concurrency: 100,
             send_timeout: Duration::from_secs(30),
             stream_buffer: 8,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -81,6 +87,10 @@ impl XdsServer {
                 config,
             }),
         }
+    }
+
+    pub fn config(&self) -> &XdsServerConfig {
+        &self.inner.config
     }
 
     fn start<M: Machine>(
