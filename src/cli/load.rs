@@ -91,6 +91,10 @@ struct Record {
     bytes: u64,
     rejects: u64,
     error: Option<String>,
+    /// Streams that failed and were opened again (as Envoy does, with backoff).
+    reconnects: u64,
+    /// Bytes received by the streams before the current one.
+    bytes_before: u64,
 }
 
 fn string_value(s: &str) -> Value {
@@ -160,8 +164,8 @@ async fn run_proxy(
                 Some(ResourceType::Route) => r.rds_at.push(now),
                 _ => {}
             }
-            r.synced_at = proxy.synced_at;
-            r.bytes = proxy.bytes;
+            r.synced_at = r.synced_at.or(proxy.synced_at);
+            r.bytes = r.bytes_before + proxy.bytes;
             r.rejects = proxy.rejects;
         };
     if delta {
@@ -297,6 +301,9 @@ fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// How often one simulated proxy opens its stream again after failures.
+const RECONNECT_ATTEMPTS: usize = 10;
+
 pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let uri = format!("http://{}", args.xds_addr);
     let mode = if args.delta { "delta" } else { "sotw" };
@@ -311,18 +318,31 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let usage_before = args.pid.and_then(process_usage);
     let start = Instant::now();
     for (i, record) in records.iter().enumerate() {
-        let proxy = SimulatedProxy::new(node_for(i, &args), i % nack_every == nack_every - 1);
+        let (node, nack) = (node_for(i, &args), i % nack_every == nack_every - 1);
         let (uri, record, connect, markers) = (
             uri.clone(),
             record.clone(),
             connect.clone(),
             markers.clone(),
         );
+        let delta = args.delta;
         tokio::spawn(async move {
-            if let Err(e) =
-                run_proxy(uri, proxy, args.delta, record.clone(), connect, markers).await
-            {
-                record.lock().expect("record lock").error = Some(e.to_string());
+            // Like Envoy: a failed connection or stream is opened again after a
+            // backoff (250 ms doubling to 4 s), as a new stream.
+            let mut backoff = Duration::from_millis(250);
+            for _ in 0..RECONNECT_ATTEMPTS {
+                let proxy = SimulatedProxy::new(node.clone(), nack);
+                match run_proxy(uri.clone(), proxy, delta, record.clone(), connect.clone(), markers.clone()).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        let mut r = record.lock().expect("record lock");
+                        r.error = Some(e.to_string());
+                        r.reconnects += 1;
+                        r.bytes_before = r.bytes;
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(4));
             }
         });
     }
@@ -381,7 +401,10 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         "{mode}: {} proxies, {} SYNCED in {sync_secs:.1}s{}; {:.1} MiB sent; {rejects} NACKs; control plane RSS {:.0} MiB, CPU {:.1}s",
         args.proxies,
         if synced_all { "all" } else { "NOT all" },
-        "",
+        match records.iter().map(|r| r.lock().expect("record lock").reconnects).sum::<u64>() {
+            0 => String::new(),
+            n => format!(" ({n} streams failed and were opened again)"),
+        },
         sync_bytes as f64 / 1048576.0,
         usage.map_or(f64::NAN, |u| u.0),
         cpu(usage)

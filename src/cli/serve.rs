@@ -21,6 +21,26 @@ use crate::xds::registry::ConnectionRegistry;
 use crate::xds::resources::ResourceSet;
 use crate::xds::server::{XdsServer, XdsServerConfig};
 
+/// Connections the kernel may hold for the xDS listener before they are
+/// accepted: a whole fleet reconnects at once after a restart, and an overflow
+/// makes some of them fail (SYN cookies) instead of waiting. Capped by
+/// `net.core.somaxconn`.
+const XDS_ACCEPT_BACKLOG: u32 = 8192;
+
+/// `TcpListener::bind` with a chosen accept backlog (tokio's is 1024).
+async fn bind_with_backlog(addr: &str, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last_error = None;
+    for address in tokio::net::lookup_host(addr).await? {
+        let socket = if address.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(address) {
+            Ok(()) => return socket.listen(backlog),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the address resolved to nothing")))
+}
+
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// gRPC address for ADS, the per-type xDS services and CSDS.
@@ -235,7 +255,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
     );
-    let xds_listener = tokio::net::TcpListener::bind(&args.xds_addr)
+    let xds_listener = bind_with_backlog(&args.xds_addr, XDS_ACCEPT_BACKLOG)
         .await
         .with_context(|| format!("binding --xds-addr {}", args.xds_addr))?;
     let admin_listener = tokio::net::TcpListener::bind(&args.admin_addr)
