@@ -71,7 +71,7 @@ async fn start_plane(send_timeout: Duration) -> Plane {
         registry.clone(),
         metrics.clone(),
         push_rx,
-        XdsServerConfig { push_concurrency: 8, send_timeout, stream_buffer: 2 },
+        XdsServerConfig { push_concurrency: 8, send_timeout, stream_buffer: 2, ..Default::default() },
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
