@@ -20,6 +20,10 @@ use crate::xds::resources::{ResourceSet, ResourceType};
 pub struct MeshResources {
     current: RwLock<(u64, Arc<MeshSnapshot>)>,
     cache: DashMap<ProxyScope, (u64, Arc<ResourceSet>)>,
+    /// One translation per scope at a time: the streams of a scope that miss
+    /// the cache together wait for the first one's result instead of each
+    /// translating the same thing.
+    translating: DashMap<ProxyScope, Arc<Mutex<()>>>,
     last_good: Mutex<LastGood>,
     ready: AtomicBool,
     notifier: ChangeNotifier,
@@ -114,6 +118,7 @@ impl MeshResources {
             certs,
             current: RwLock::new((0, Arc::new(MeshSnapshot::default()))),
             cache: DashMap::new(),
+            translating: DashMap::new(),
             last_good: Mutex::new(LastGood::default()),
             ready: AtomicBool::new(false),
             notifier,
@@ -220,6 +225,13 @@ impl ResourceProvider for MeshResources {
         scope.labels.retain(|k, _| snapshot.source_label_keys.contains(k));
         if let Some(e) = self.cache.get(&scope)
             && e.0 == generation
+        {
+            return e.1.clone();
+        }
+        let gate = self.translating.entry(scope.clone()).or_default().clone();
+        let _translating = gate.lock().expect("translation gate");
+        if let Some(e) = self.cache.get(&scope)
+            && e.0 >= generation
         {
             return e.1.clone();
         }
