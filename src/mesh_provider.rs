@@ -229,14 +229,26 @@ impl ResourceProvider for MeshResources {
             return e.1.clone();
         }
         let gate = self.translating.entry(scope.clone()).or_default().clone();
+        // Waiting on the gate and translating block: off the runtime's workers,
+        // so other scopes' translations and other streams go on meanwhile.
+        outside_the_runtime(|| self.translate_once(&gate, scope, generation, &snapshot))
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+impl MeshResources {
+    fn translate_once(&self, gate: &Mutex<()>, scope: ProxyScope, generation: u64, snapshot: &MeshSnapshot) -> Arc<ResourceSet> {
         let _translating = gate.lock().expect("translation gate");
         if let Some(e) = self.cache.get(&scope)
             && e.0 >= generation
         {
             return e.1.clone();
         }
-        let mut set = translate::translate(&snapshot, &scope);
-        self.add_secrets(&snapshot, &scope, &mut set);
+        let mut set = translate::translate(snapshot, &scope);
+        self.add_secrets(snapshot, &scope, &mut set);
         let set = Arc::new(set);
         // A newer snapshot may have landed meanwhile; never overwrite a newer entry.
         let mut entry = self.cache.entry(scope).or_insert((generation, set.clone()));
@@ -245,9 +257,15 @@ impl ResourceProvider for MeshResources {
         }
         set
     }
+}
 
-    fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+/// Runs blocking work so that the tokio worker it is called from hands its
+/// other tasks to another thread meanwhile (`block_in_place` on the
+/// multi-threaded runtime; directly elsewhere).
+pub fn outside_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
+        _ => work(),
     }
 }
 

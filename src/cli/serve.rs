@@ -167,11 +167,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 let apply = move |inputs| {
                     // CPU work: give this worker's other tasks (the debouncer it
                     // just woke among them) to another thread meanwhile.
-                    if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
-                        tokio::task::block_in_place(|| sink.update(inputs));
-                    } else {
-                        sink.update(inputs);
-                    }
+                    crate::mesh_provider::outside_the_runtime(|| sink.update(inputs));
                     snapshots_tx.send_modify(|v| *v += 1);
                 };
                 if let Err(e) = kubernetes::run(source_client, options, source_health, apply).await {
