@@ -229,9 +229,9 @@ impl ResourceProvider for MeshResources {
             return e.1.clone();
         }
         let gate = self.translating.entry(scope.clone()).or_default().clone();
-        // Waiting on the gate and translating block: off the runtime's workers,
-        // so other scopes' translations and other streams go on meanwhile.
-        outside_the_runtime(|| self.translate_once(&gate, scope, generation, &snapshot))
+        // (Not moved off the runtime with block_in_place: the extra threads it
+        // starts cost more memory than the waiting costs time; measured.)
+        self.translate_once(&gate, scope, generation, &snapshot)
     }
 
     fn is_ready(&self) -> bool {
