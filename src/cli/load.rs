@@ -336,7 +336,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
                     Ok(()) => return,
                     Err(e) => {
                         let mut r = record.lock().expect("record lock");
-                        r.error = Some(e.to_string());
+                        r.error = Some(format!("{e:#}"));
                         r.reconnects += 1;
                         r.bytes_before = r.bytes;
                     }
@@ -403,7 +403,16 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         if synced_all { "all" } else { "NOT all" },
         match records.iter().map(|r| r.lock().expect("record lock").reconnects).sum::<u64>() {
             0 => String::new(),
-            n => format!(" ({n} streams failed and were opened again)"),
+            n => {
+                let mut errors: std::collections::BTreeMap<String, usize> = Default::default();
+                for r in &records {
+                    if let Some(e) = &r.lock().expect("record lock").error {
+                        *errors.entry(e.clone()).or_default() += 1;
+                    }
+                }
+                let (most, count) = errors.into_iter().max_by_key(|(_, c)| *c).unwrap_or_default();
+                format!(" ({n} streams failed and were opened again; most common last error, {count} proxies: {most})")
+            }
         },
         sync_bytes as f64 / 1048576.0,
         usage.map_or(f64::NAN, |u| u.0),
