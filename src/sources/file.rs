@@ -397,6 +397,24 @@ mod tests {
     const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: r1, labels: {app: reviews, version: v1}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 127.0.0.9}\n";
     const POLICY: &str = "apiVersion: networking.zephyr.solo.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p, namespace: service-mesh-hub}\nspec:\n  destinationSelector: {serviceRefs: {services: [{cluster: c1, name: reviews, namespace: default}]}}\n  trafficShift: {destinations: [{destination: {cluster: c1, name: reviews, namespace: default}, weight: 1}]}\n";
 
+    #[test]
+    fn reloads_run_on_their_own_thread_not_a_runtime_worker() {
+        // Back-to-back reloads on a runtime worker had kept the debouncer (woken
+        // into that worker's LIFO slot) from running for as long as files changed.
+        let dir = setup();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        let _watcher = watch_config_dir(dir.path().to_path_buf(), Default::default(), move |inputs| {
+            let thread = std::thread::current().name().map(str::to_string);
+            let _ = tx.lock().unwrap().send((thread, inputs.clusters.contains_key("c1")));
+        })
+        .unwrap();
+        std::fs::write(dir.path().join("c1/app.yaml"), format!("{SVC}---\n{POD}# touched\n")).unwrap();
+        let (thread, loaded) = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("a reload after the change");
+        assert_eq!(thread.as_deref(), Some("config-dir-reload"));
+        assert!(loaded);
+    }
+
     fn setup() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("c1")).unwrap();
