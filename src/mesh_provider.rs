@@ -259,16 +259,6 @@ impl MeshResources {
     }
 }
 
-/// Runs blocking work so that the tokio worker it is called from hands its
-/// other tasks to another thread meanwhile (`block_in_place` on the
-/// multi-threaded runtime; directly elsewhere).
-pub fn outside_the_runtime<T>(work: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
-        _ => work(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,33 +12,30 @@ use envoy_types::pb::envoy::service::status::v3::{
 use meshpilot::cli::http;
 use support::{Envoy, Meshpilot, envoy_or_skip, free_port, wait_for};
 
+/// An EDS cluster over ADS and its one-endpoint assignment.
+fn eds_cluster(name: &str, host: &str, port: &str) -> String {
+    format!(
+        r#"- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: {name}
+  type: EDS
+  connectTimeout: 1s
+  edsClusterConfig: {{edsConfig: {{ads: {{}}, resourceApiVersion: V3}}}}
+- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
+  clusterName: {name}
+  endpoints:
+  - lbEndpoints:
+    - endpoint: {{address: {{socketAddress: {{address: "{host}", portValue: {port}}}}}}}
+"#
+    )
+}
+
 /// Envoy resources: one listener → route → EDS cluster → the given backend,
 /// and a second EDS cluster (`steady`, port 9) that never changes.
 fn resources(listener_port: u16, backend: &str, extra_listener: Option<&str>) -> String {
     let (host, port) = backend.rsplit_once(':').unwrap();
     let mut text = format!(
         r#"resources:
-- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
-  name: backend
-  type: EDS
-  connectTimeout: 1s
-  edsClusterConfig: {{edsConfig: {{ads: {{}}, resourceApiVersion: V3}}}}
-- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
-  clusterName: backend
-  endpoints:
-  - lbEndpoints:
-    - endpoint: {{address: {{socketAddress: {{address: "{host}", portValue: {port}}}}}}}
-- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
-  name: steady
-  type: EDS
-  connectTimeout: 1s
-  edsClusterConfig: {{edsConfig: {{ads: {{}}, resourceApiVersion: V3}}}}
-- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
-  clusterName: steady
-  endpoints:
-  - lbEndpoints:
-    - endpoint: {{address: {{socketAddress: {{address: "127.0.0.9", portValue: 9}}}}}}
-- "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration
+{backend}{steady}- "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration
   name: http_routes
   virtualHosts:
   - name: all
@@ -47,6 +44,8 @@ fn resources(listener_port: u16, backend: &str, extra_listener: Option<&str>) ->
     - match: {{prefix: /}}
       route: {{cluster: backend}}
 {listener}"#,
+        backend = eds_cluster("backend", host, port),
+        steady = eds_cluster("steady", "127.0.0.9", "9"),
         listener = listener("listener_http", listener_port, "http")
     );
     if let Some(bad) = extra_listener {

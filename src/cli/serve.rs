@@ -41,6 +41,16 @@ async fn bind_with_backlog(addr: &str, backlog: u32) -> std::io::Result<tokio::n
     Err(last_error.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the address resolved to nothing")))
 }
 
+/// Runs blocking work so that the tokio worker it is called from hands its
+/// other tasks to another thread meanwhile (`block_in_place` on the
+/// multi-threaded runtime; directly elsewhere).
+fn outside_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// gRPC address for ADS, the per-type xDS services and CSDS.
@@ -167,7 +177,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 let apply = move |inputs| {
                     // CPU work: give this worker's other tasks (the debouncer it
                     // just woke among them) to another thread meanwhile.
-                    crate::mesh_provider::outside_the_runtime(|| sink.update(inputs));
+                    outside_the_runtime(|| sink.update(inputs));
                     snapshots_tx.send_modify(|v| *v += 1);
                 };
                 if let Err(e) = kubernetes::run(source_client, options, source_health, apply).await {
