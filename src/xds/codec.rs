@@ -4,15 +4,19 @@
 //! envoy-types has no serde support and its map fields are `HashMap`s, so its
 //! wire encoding of a message with a multi-entry map depends on the process's
 //! hash seed. Resource versions must be stable across restarts, so they are a
-//! hash of a *canonical* walk of the message (fields by number, map entries by
-//! key, `Any` payloads expanded), computed with the descriptor set that
-//! envoy-types was generated from (`proto/envoy-types-*.descriptor.bin`).
+//! hash of a *canonical* walk of the encoded message (fields as prost writes
+//! them, in number order; each map field's entries hashed separately and fed
+//! sorted; `Any` payloads walked with their own type), guided by the
+//! descriptor set that envoy-types was generated from
+//! (`proto/envoy-types-*.descriptor.bin`). The walk reads the wire bytes; it
+//! does not decode into dynamic messages (that had cost more than the
+//! translation it versioned).
 
 use std::sync::LazyLock;
 
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
-use prost_reflect::{DescriptorPool, DynamicMessage, MapKey, MessageDescriptor, ReflectMessage, Value};
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
 use sha2::{Digest, Sha256};
 
 /// The file descriptor set shipped inside envoy-types 0.7.7 (`src/generated/types.bin`).
@@ -112,94 +116,121 @@ pub fn canonical_hash(any: &Any) -> String {
     let mut hasher = Sha256::new();
     hash_any(&mut hasher, &any.type_url, &any.value);
     let digest = hasher.finalize();
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    let mut hex = String::with_capacity(16);
+    for b in &digest[..8] {
+        use std::fmt::Write;
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex
 }
 
 fn hash_any(h: &mut Sha256, type_url: &str, bytes: &[u8]) {
     h.update(type_url.as_bytes());
     h.update([0]);
     match pool().get_message_by_name(type_name_of(type_url)) {
-        Some(desc) => match DynamicMessage::decode(desc, bytes) {
-            Ok(msg) => hash_message(h, &msg),
-            Err(_) => h.update(bytes),
-        },
+        Some(desc) => {
+            if hash_encoded(h, &desc, bytes).is_err() {
+                h.update(b"!");
+                h.update(bytes);
+            }
+        }
         None => h.update(bytes),
     }
 }
 
-fn hash_message(h: &mut Sha256, msg: &DynamicMessage) {
-    if msg.descriptor().full_name() == "google.protobuf.Any" {
-        let url = msg.get_field_by_number(1);
-        let value = msg.get_field_by_number(2);
-        if let (Some(url), Some(value)) = (url, value)
-            && let (Value::String(url), Value::Bytes(value)) = (url.as_ref(), value.as_ref())
-        {
-            h.update(b"A");
-            hash_any(h, url, value);
-            return;
+/// Not protobuf wire format (a truncated or malformed payload).
+struct Malformed;
+
+fn read_varint(bytes: &mut &[u8]) -> Result<u64, Malformed> {
+    prost::encoding::decode_varint(bytes).map_err(|_| Malformed)
+}
+
+fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Result<&'a [u8], Malformed> {
+    if bytes.len() < n {
+        return Err(Malformed);
+    }
+    let (head, rest) = bytes.split_at(n);
+    *bytes = rest;
+    Ok(head)
+}
+
+/// Hashes one encoded message by walking its wire format with its
+/// descriptor, without decoding it into a dynamic message: scalar and string
+/// fields are hashed as encoded (prost writes fields in number order, so
+/// that part is already deterministic), sub-messages are walked, `Any`
+/// payloads are walked with their own type, and the entries of each map field
+/// are hashed separately and fed in sorted order.
+fn hash_encoded(h: &mut Sha256, desc: &MessageDescriptor, mut bytes: &[u8]) -> Result<(), Malformed> {
+    // Map entries per field number, as digests, fed sorted at the end.
+    let mut maps: Vec<(u32, [u8; 32])> = Vec::new();
+    h.update(b"{");
+    while !bytes.is_empty() {
+        let key = read_varint(&mut bytes)?;
+        let number = u32::try_from(key >> 3).map_err(|_| Malformed)?;
+        let wire_type = key & 7;
+        h.update(key.to_le_bytes());
+        match wire_type {
+            0 => {
+                let v = read_varint(&mut bytes)?;
+                h.update(v.to_le_bytes());
+            }
+            1 => h.update(take(&mut bytes, 8)?),
+            5 => h.update(take(&mut bytes, 4)?),
+            2 => {
+                let len = usize::try_from(read_varint(&mut bytes)?).map_err(|_| Malformed)?;
+                let payload = take(&mut bytes, len)?;
+                let field = desc.get_field(number);
+                match field.as_ref().map(|f| (f.is_map(), f.kind())) {
+                    Some((true, prost_reflect::Kind::Message(entry))) => {
+                        let mut sub = Sha256::new();
+                        hash_encoded(&mut sub, &entry, payload)?;
+                        maps.push((number, sub.finalize().into()));
+                    }
+                    Some((false, prost_reflect::Kind::Message(inner))) => {
+                        if inner.full_name() == "google.protobuf.Any" {
+                            h.update(b"A");
+                            hash_any_encoded(h, payload)?;
+                        } else {
+                            hash_encoded(h, &inner, payload)?;
+                        }
+                    }
+                    _ => {
+                        h.update((len as u64).to_le_bytes());
+                        h.update(payload);
+                    }
+                }
+            }
+            _ => return Err(Malformed),
         }
     }
-    let mut fields: Vec<_> = msg.fields().collect();
-    fields.sort_by_key(|(f, _)| f.number());
-    h.update(b"{");
-    for (field, value) in fields {
-        h.update(field.number().to_le_bytes());
-        hash_value(h, value);
+    maps.sort_unstable();
+    for (number, digest) in maps {
+        h.update(b"M");
+        h.update(number.to_le_bytes());
+        h.update(digest);
     }
     h.update(b"}");
+    Ok(())
 }
 
-fn hash_map_key(h: &mut Sha256, key: &MapKey) {
-    match key {
-        MapKey::Bool(b) => h.update([*b as u8]),
-        MapKey::I32(v) => h.update(v.to_le_bytes()),
-        MapKey::I64(v) => h.update(v.to_le_bytes()),
-        MapKey::U32(v) => h.update(v.to_le_bytes()),
-        MapKey::U64(v) => h.update(v.to_le_bytes()),
-        MapKey::String(s) => {
-            h.update((s.len() as u64).to_le_bytes());
-            h.update(s.as_bytes())
+/// An encoded `google.protobuf.Any` inside another message: its payload is walked with its own type.
+fn hash_any_encoded(h: &mut Sha256, mut bytes: &[u8]) -> Result<(), Malformed> {
+    let (mut type_url, mut value): (&[u8], &[u8]) = (&[], &[]);
+    while !bytes.is_empty() {
+        let key = read_varint(&mut bytes)?;
+        if key & 7 != 2 {
+            return Err(Malformed);
+        }
+        let len = usize::try_from(read_varint(&mut bytes)?).map_err(|_| Malformed)?;
+        let payload = take(&mut bytes, len)?;
+        match key >> 3 {
+            1 => type_url = payload,
+            2 => value = payload,
+            _ => return Err(Malformed),
         }
     }
-}
-
-fn hash_value(h: &mut Sha256, value: &Value) {
-    match value {
-        Value::Bool(b) => h.update([b'b', *b as u8]),
-        Value::I32(v) => h.update(v.to_le_bytes()),
-        Value::I64(v) => h.update(v.to_le_bytes()),
-        Value::U32(v) => h.update(v.to_le_bytes()),
-        Value::U64(v) => h.update(v.to_le_bytes()),
-        Value::F32(v) => h.update(v.to_bits().to_le_bytes()),
-        Value::F64(v) => h.update(v.to_bits().to_le_bytes()),
-        Value::String(s) => {
-            h.update((s.len() as u64).to_le_bytes());
-            h.update(s.as_bytes())
-        }
-        Value::Bytes(b) => {
-            h.update((b.len() as u64).to_le_bytes());
-            h.update(b)
-        }
-        Value::EnumNumber(v) => h.update(v.to_le_bytes()),
-        Value::Message(m) => hash_message(h, m),
-        Value::List(items) => {
-            h.update(b"[");
-            h.update((items.len() as u64).to_le_bytes());
-            for item in items {
-                hash_value(h, item);
-            }
-        }
-        Value::Map(map) => {
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(b.0));
-            h.update(b"M");
-            h.update((entries.len() as u64).to_le_bytes());
-            for (k, v) in entries {
-                hash_map_key(h, k);
-                hash_value(h, v);
-            }
-        }
-    }
+    hash_any(h, std::str::from_utf8(type_url).map_err(|_| Malformed)?, value);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -257,6 +288,27 @@ mod tests {
         assert_eq!(a, b);
         let c = canonical_hash(&pack_any(cluster_with_metadata(&forward[1..])));
         assert_ne!(a, c, "different content must hash differently");
+    }
+
+    #[test]
+    fn canonical_hash_walks_maps_inside_nested_any_payloads() {
+        let with_struct = |keys: &[String]| {
+            let fields = keys.iter().map(|k| (k.clone(), PbValue { kind: Some(Kind::NumberValue(k.len() as f64)) })).collect();
+            let mut typed_filter_metadata = std::collections::HashMap::new();
+            typed_filter_metadata.insert("meshpilot".to_string(), pack_any(Struct { fields }));
+            pack_any(Cluster {
+                name: "c".into(),
+                metadata: Some(Metadata { typed_filter_metadata, ..Default::default() }),
+                ..Default::default()
+            })
+        };
+        let keys: Vec<String> = (0..32).map(|i| format!("k{i}")).collect();
+        let backward: Vec<String> = keys.iter().rev().cloned().collect();
+        assert_eq!(canonical_hash(&with_struct(&keys)), canonical_hash(&with_struct(&backward)));
+        assert_ne!(canonical_hash(&with_struct(&keys)), canonical_hash(&with_struct(&keys[1..])));
+        // Not wire format: hashed as bytes, still stable.
+        let garbage = Any { type_url: Cluster::type_url(), value: vec![0xff, 0xff, 0xff] };
+        assert_eq!(canonical_hash(&garbage), canonical_hash(&garbage.clone()));
     }
 
     #[test]
