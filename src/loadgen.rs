@@ -13,11 +13,9 @@ use envoy_types::pb::envoy::config::listener::v3::{Listener, filter::ConfigType}
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager::RouteSpecifier,
 };
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
-use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use envoy_types::pb::google::rpc::Status;
+use bytes::Bytes;
 use prost::Message;
 
 use crate::xds::resources::ResourceType;
@@ -31,6 +29,88 @@ const TYPES: [ResourceType; 4] = [
 
 fn index(ty: ResourceType) -> Option<usize> {
     TYPES.iter().position(|t| *t == ty)
+}
+
+/// A `DiscoveryResponse` as the simulated proxy reads it: the payloads are
+/// slices of the received buffer (no per-resource copy or allocation), and
+/// the fields it does not read are skipped. Same wire format, so
+/// `encoded_len` is the size it had on the wire.
+#[derive(Clone, PartialEq, Message)]
+pub struct SotwResponseView {
+    #[prost(string, tag = "1")]
+    pub version_info: String,
+    #[prost(message, repeated, tag = "2")]
+    pub resources: Vec<AnyView>,
+    #[prost(string, tag = "4")]
+    pub type_url: String,
+    #[prost(string, tag = "5")]
+    pub nonce: String,
+}
+
+/// A `google.protobuf.Any`, as slices of the received buffer.
+#[derive(Clone, PartialEq, Message)]
+pub struct AnyView {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub type_url: Bytes,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub value: Bytes,
+}
+
+/// A `DeltaDiscoveryResponse` as the simulated proxy reads it (see [`SotwResponseView`]).
+#[derive(Clone, PartialEq, Message)]
+pub struct DeltaResponseView {
+    #[prost(string, tag = "1")]
+    pub system_version_info: String,
+    #[prost(message, repeated, tag = "2")]
+    pub resources: Vec<DeltaResourceView>,
+    #[prost(string, tag = "4")]
+    pub type_url: String,
+    #[prost(string, tag = "5")]
+    pub nonce: String,
+    #[prost(string, repeated, tag = "6")]
+    pub removed_resources: Vec<String>,
+}
+
+/// A delta `Resource` (name, version, body), as slices of the received buffer.
+#[derive(Clone, PartialEq, Message)]
+pub struct DeltaResourceView {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub version: Bytes,
+    #[prost(message, optional, tag = "2")]
+    pub resource: Option<AnyView>,
+    #[prost(bytes = "bytes", tag = "3")]
+    pub name: Bytes,
+}
+
+impl SotwResponseView {
+    /// The encoded resources.
+    pub fn payloads(&self) -> impl Iterator<Item = &[u8]> {
+        self.resources.iter().map(|a| &a.value[..])
+    }
+}
+
+impl DeltaResponseView {
+    /// The encoded resources.
+    pub fn payloads(&self) -> impl Iterator<Item = &[u8]> {
+        self.resources.iter().filter_map(|r| r.resource.as_ref()).map(|a| &a.value[..])
+    }
+}
+
+/// Proxies of one scope get equal name sets: keep one copy (the load
+/// generator shares the machine; at 10,000 proxies per-proxy copies of 3,100
+/// cluster names were gigabytes).
+fn shared_names(names: BTreeSet<String>) -> std::sync::Arc<BTreeSet<String>> {
+    static SEEN: std::sync::Mutex<Vec<std::sync::Arc<BTreeSet<String>>>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().expect("name sets lock");
+    if let Some(s) = seen.iter().find(|s| ***s == names) {
+        return s.clone();
+    }
+    let s = std::sync::Arc::new(names);
+    if seen.len() >= 64 {
+        seen.remove(0);
+    }
+    seen.push(s.clone());
+    s
 }
 
 /// The parts of a `Cluster` the simulated proxy reads (decoding only these
@@ -53,10 +133,9 @@ struct EdsConfigHead {
 }
 
 /// EDS cluster names in a CDS response.
-pub fn eds_cluster_names(resources: &[Any]) -> BTreeSet<String> {
-    resources
-        .iter()
-        .filter_map(|a| ClusterHead::decode(a.value.as_slice()).ok())
+pub fn eds_cluster_names<'a>(payloads: impl Iterator<Item = &'a [u8]>) -> BTreeSet<String> {
+    payloads
+        .filter_map(|p| ClusterHead::decode(p).ok())
         .filter(|c| c.discovery_type == Some(DiscoveryType::Eds as i32))
         .map(|c| {
             c.eds_cluster_config
@@ -69,12 +148,9 @@ pub fn eds_cluster_names(resources: &[Any]) -> BTreeSet<String> {
 }
 
 /// Route configuration names the listeners' HTTP connection managers ask for over RDS.
-pub fn rds_names(resources: &[Any]) -> BTreeSet<String> {
+pub fn rds_names<'a>(payloads: impl Iterator<Item = &'a [u8]>) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    for l in resources
-        .iter()
-        .filter_map(|a| Listener::decode(a.value.as_slice()).ok())
-    {
+    for l in payloads.filter_map(|p| Listener::decode(p).ok()) {
         for f in l.filter_chains.iter().flat_map(|c| c.filters.iter()) {
             if let Some(ConfigType::TypedConfig(any)) = &f.config_type
                 && let Ok(hcm) = HttpConnectionManager::decode(any.value.as_slice())
@@ -96,8 +172,8 @@ pub struct SimulatedProxy {
     acked: [bool; 4],
     nacked_once: bool,
     requested: [bool; 4],
-    eds_names: BTreeSet<String>,
-    rds_names: BTreeSet<String>,
+    eds_names: std::sync::Arc<BTreeSet<String>>,
+    rds_names: std::sync::Arc<BTreeSet<String>>,
     pub synced_at: Option<Instant>,
     pub responses: u64,
     pub bytes: u64,
@@ -112,8 +188,8 @@ impl SimulatedProxy {
             acked: [false; 4],
             nacked_once: false,
             requested: [false; 4],
-            eds_names: BTreeSet::new(),
-            rds_names: BTreeSet::new(),
+            eds_names: Default::default(),
+            rds_names: Default::default(),
             synced_at: None,
             responses: 0,
             bytes: 0,
@@ -168,7 +244,7 @@ impl SimulatedProxy {
     /// The requests a response causes: its ACK (or NACK), then new subscriptions.
     pub fn sotw_on_response(
         &mut self,
-        r: &DiscoveryResponse,
+        r: &SotwResponseView,
         now: Instant,
     ) -> Vec<DiscoveryRequest> {
         let Some((ty, nack)) = self.receive(&r.type_url, r.encoded_len(), now) else {
@@ -177,8 +253,8 @@ impl SimulatedProxy {
         let subscribed = |names: &BTreeSet<String>| names.iter().cloned().collect::<Vec<_>>();
         let mut out = Vec::new();
         let names = match ty {
-            ResourceType::Endpoint => subscribed(&self.eds_names),
-            ResourceType::Route => subscribed(&self.rds_names),
+            ResourceType::Endpoint => subscribed(&*self.eds_names),
+            ResourceType::Route => subscribed(&*self.rds_names),
             _ => Vec::new(),
         };
         out.push(DiscoveryRequest {
@@ -199,12 +275,12 @@ impl SimulatedProxy {
         });
         match ty {
             ResourceType::Cluster => {
-                let eds = eds_cluster_names(&r.resources);
-                if eds != self.eds_names || !self.requested[1] {
-                    self.eds_names = eds;
+                let eds = eds_cluster_names(r.payloads());
+                if *self.eds_names != eds || !self.requested[1] {
+                    self.eds_names = shared_names(eds);
                     self.requested[1] = true;
                     out.push(DiscoveryRequest {
-                        resource_names: subscribed(&self.eds_names),
+                        resource_names: subscribed(&*self.eds_names),
                         type_url: ResourceType::Endpoint.type_url().into(),
                         ..Default::default()
                     });
@@ -218,12 +294,12 @@ impl SimulatedProxy {
                 });
             }
             ResourceType::Listener => {
-                let rds = rds_names(&r.resources);
-                if rds != self.rds_names || !self.requested[3] {
-                    self.rds_names = rds;
+                let rds = rds_names(r.payloads());
+                if *self.rds_names != rds || !self.requested[3] {
+                    self.rds_names = shared_names(rds);
                     self.requested[3] = true;
                     out.push(DiscoveryRequest {
-                        resource_names: subscribed(&self.rds_names),
+                        resource_names: subscribed(&*self.rds_names),
                         type_url: ResourceType::Route.type_url().into(),
                         ..Default::default()
                     });
@@ -247,7 +323,7 @@ impl SimulatedProxy {
 
     pub fn delta_on_response(
         &mut self,
-        r: &DeltaDiscoveryResponse,
+        r: &DeltaResponseView,
         now: Instant,
     ) -> Vec<DeltaDiscoveryRequest> {
         let Some((ty, nack)) = self.receive(&r.type_url, r.encoded_len(), now) else {
@@ -263,14 +339,9 @@ impl SimulatedProxy {
             }),
             ..Default::default()
         }];
-        let bodies: Vec<Any> = r
-            .resources
-            .iter()
-            .filter_map(|x| x.resource.clone())
-            .collect();
         match ty {
             ResourceType::Cluster => {
-                let new: Vec<String> = eds_cluster_names(&bodies)
+                let new: Vec<String> = eds_cluster_names(r.payloads())
                     .into_iter()
                     .filter(|n| !self.eds_names.contains(n))
                     .collect();
@@ -280,10 +351,14 @@ impl SimulatedProxy {
                     .filter(|n| self.eds_names.contains(*n))
                     .cloned()
                     .collect();
-                for n in &gone {
-                    self.eds_names.remove(n);
+                if !new.is_empty() || !gone.is_empty() {
+                    let mut names = (*self.eds_names).clone();
+                    for n in &gone {
+                        names.remove(n);
+                    }
+                    names.extend(new.iter().cloned());
+                    self.eds_names = shared_names(names);
                 }
-                self.eds_names.extend(new.iter().cloned());
                 if !new.is_empty() || !gone.is_empty() || !self.requested[1] {
                     self.requested[1] = true;
                     out.push(DeltaDiscoveryRequest {
@@ -302,11 +377,15 @@ impl SimulatedProxy {
                 });
             }
             ResourceType::Listener => {
-                let new: Vec<String> = rds_names(&bodies)
+                let new: Vec<String> = rds_names(r.payloads())
                     .into_iter()
                     .filter(|n| !self.rds_names.contains(n))
                     .collect();
-                self.rds_names.extend(new.iter().cloned());
+                if !new.is_empty() {
+                    let mut names = (*self.rds_names).clone();
+                    names.extend(new.iter().cloned());
+                    self.rds_names = shared_names(names);
+                }
                 if !new.is_empty() || !self.requested[3] {
                     self.requested[3] = true;
                     out.push(DeltaDiscoveryRequest {
@@ -336,19 +415,25 @@ pub fn percentiles(values: &mut [f64]) -> Option<(f64, f64, f64, f64)> {
 mod tests {
     use super::*;
     use crate::translate::{ProxyScope, translate};
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 
     fn response(
         ty: ResourceType,
         set: &crate::xds::resources::ResourceSet,
         nonce: &str,
-    ) -> DiscoveryResponse {
-        DiscoveryResponse {
+    ) -> SotwResponseView {
+        view(&DiscoveryResponse {
             version_info: format!("v-{nonce}"),
             resources: set.of_type(ty).values().map(|r| r.body()).collect(),
             type_url: ty.type_url().into(),
             nonce: nonce.into(),
             ..Default::default()
-        }
+        })
+    }
+
+    /// What the load generator decodes from the wire.
+    fn view(r: &DiscoveryResponse) -> SotwResponseView {
+        SotwResponseView::decode(r.encode_to_vec().as_slice()).unwrap()
     }
 
     #[test]
@@ -411,13 +496,13 @@ mod tests {
             version_info: "v1".into(),
             ..Default::default()
         };
-        let reqs = p.sotw_on_response(&r, now);
+        let reqs = p.sotw_on_response(&view(&r), now);
         assert!(reqs[0].error_detail.is_some() && reqs[0].version_info.is_empty());
         let reqs = p.sotw_on_response(
-            &DiscoveryResponse {
+            &view(&DiscoveryResponse {
                 nonce: "2".into(),
                 ..r
-            },
+            }),
             now,
         );
         assert!(reqs[0].error_detail.is_none());

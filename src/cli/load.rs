@@ -15,13 +15,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use tonic::codegen::http::uri::PathAndQuery;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::fixtures::{cluster_name, service_name, service_yaml};
-use crate::loadgen::{SimulatedProxy, percentiles};
+use crate::loadgen::{DeltaResponseView, SimulatedProxy, SotwResponseView, percentiles};
+
+const SOTW_ADS_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+const DELTA_ADS_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+/// The simulated proxies' HTTP/2 receive windows (stream and connection).
+const STREAM_WINDOW_BYTES: u32 = 1024 * 1024;
 use crate::xds::resources::ResourceType;
 
 #[derive(Debug, clap::Args)]
@@ -144,11 +150,16 @@ async fn run_proxy(
     let channel = {
         let _permit = connect.acquire().await?;
         tonic::transport::Endpoint::from_shared(uri)?
+            // Flow control keeps unread responses on the server (shared
+            // buffers there) instead of in this process (hyper's 2 MiB
+            // default per stream was gigabytes at thousands of proxies).
+            .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(STREAM_WINDOW_BYTES))
             .connect()
             .await?
     };
-    let mut client =
-        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    let mut client = tonic::client::Grpc::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    client.ready().await.map_err(|e| anyhow::anyhow!("channel not ready: {e}"))?;
     let note =
         |proxy: &SimulatedProxy, ty: Option<ResourceType>, payloads: &[&[u8]], now: Instant| {
             let mut r = record.lock().expect("record lock");
@@ -171,19 +182,15 @@ async fn run_proxy(
     if delta {
         let (tx, rx) = mpsc::channel(16);
         tx.send(proxy.delta_start()).await?;
+        let codec = tonic_prost::ProstCodec::<DeltaDiscoveryRequest, DeltaResponseView>::default();
         let mut stream = client
-            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .streaming(tonic::Request::new(ReceiverStream::new(rx)), PathAndQuery::from_static(DELTA_ADS_PATH), codec)
             .await?
             .into_inner();
         while let Some(resp) = stream.message().await? {
             let now = Instant::now();
             let requests = proxy.delta_on_response(&resp, now);
-            let payloads: Vec<&[u8]> = resp
-                .resources
-                .iter()
-                .filter_map(|r| r.resource.as_ref())
-                .map(|a| a.value.as_slice())
-                .collect();
+            let payloads: Vec<&[u8]> = resp.payloads().collect();
             note(
                 &proxy,
                 ResourceType::from_type_url(&resp.type_url),
@@ -197,14 +204,15 @@ async fn run_proxy(
     } else {
         let (tx, rx) = mpsc::channel(16);
         tx.send(proxy.sotw_start()).await?;
+        let codec = tonic_prost::ProstCodec::<DiscoveryRequest, SotwResponseView>::default();
         let mut stream = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .streaming(tonic::Request::new(ReceiverStream::new(rx)), PathAndQuery::from_static(SOTW_ADS_PATH), codec)
             .await?
             .into_inner();
         while let Some(resp) = stream.message().await? {
             let now = Instant::now();
             let requests = proxy.sotw_on_response(&resp, now);
-            let payloads: Vec<&[u8]> = resp.resources.iter().map(|a| a.value.as_slice()).collect();
+            let payloads: Vec<&[u8]> = resp.payloads().collect();
             note(
                 &proxy,
                 ResourceType::from_type_url(&resp.type_url),
