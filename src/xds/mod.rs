@@ -72,6 +72,13 @@ where
         + 'static,
 {
     tonic::transport::Server::builder()
+        // Requests a proxy has sent but the server has not read yet wait in
+        // this window. hyper's default (1 MiB per stream) let thousands of
+        // proxies park their SotW EDS ACKs (each names every cluster, ≈220 KB)
+        // in the control plane's memory during a fleet sync; HTTP/2's own
+        // default keeps them in the proxy until the server reads.
+        .initial_stream_window_size(REQUEST_WINDOW_BYTES)
+        .initial_connection_window_size(REQUEST_WINDOW_BYTES)
         .http2_keepalive_interval(Some(server.config().keepalive_interval))
         .http2_keepalive_timeout(Some(server.config().keepalive_timeout))
         .add_service(AdsService(server.clone()))
@@ -87,6 +94,9 @@ where
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
+
+/// The xDS server's HTTP/2 receive window, per stream and per connection (HTTP/2's default).
+pub const REQUEST_WINDOW_BYTES: u32 = 65_535;
 
 /// The address a listener is bound to, for logs.
 pub fn local_addr(listener: &tokio::net::TcpListener) -> Option<SocketAddr> {

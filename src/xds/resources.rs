@@ -137,13 +137,22 @@ type ByName = BTreeMap<String, Arc<Resource>>;
 /// take of it ([`ResourceSet::view`]) are computed once per set.
 #[derive(Debug, Default, Clone)]
 pub struct ResourceSet {
-    by_type: [Arc<ByName>; 5],
+    by_type: [Arc<TypeMap>; 5],
+}
+
+/// One type's resources by name, and the views taken of them. Sets whose
+/// maps are equal can share one `TypeMap` ([`SharedResources`]), and so share
+/// the views (and their encodings) too.
+#[derive(Debug, Default, Clone)]
+struct TypeMap {
+    by_name: ByName,
+    /// Emptied when the map changes (a clone starts empty).
     views: ViewCache,
 }
 
 impl PartialEq for ResourceSet {
     fn eq(&self, other: &Self) -> bool {
-        self.by_type == other.by_type
+        self.by_type.iter().zip(&other.by_type).all(|(a, b)| Arc::ptr_eq(a, b) || a.by_name == b.by_name)
     }
 }
 
@@ -153,8 +162,9 @@ impl ResourceSet {
     }
 
     fn of_type_mut(&mut self, ty: ResourceType) -> &mut ByName {
-        self.views = ViewCache::default();
-        Arc::make_mut(&mut self.by_type[ty.index()])
+        let map = Arc::make_mut(&mut self.by_type[ty.index()]);
+        map.views = ViewCache::default();
+        &mut map.by_name
     }
 
     pub fn insert(&mut self, ty: ResourceType, resource: Resource) {
@@ -170,15 +180,15 @@ impl ResourceSet {
     }
 
     pub fn of_type(&self, ty: ResourceType) -> &BTreeMap<String, Arc<Resource>> {
-        &self.by_type[ty.index()]
+        &self.by_type[ty.index()].by_name
     }
 
     pub fn get(&self, ty: ResourceType, name: &str) -> Option<&Arc<Resource>> {
-        self.by_type[ty.index()].get(name)
+        self.by_type[ty.index()].by_name.get(name)
     }
 
     pub fn len(&self) -> usize {
-        self.by_type.iter().map(|m| m.len()).sum()
+        self.by_type.iter().map(|m| m.by_name.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -189,12 +199,12 @@ impl ResourceSet {
     /// computed once per set and subscription and shared by every stream that asks.
     pub fn view(&self, ty: ResourceType, names: Option<&NameSet>) -> Arc<ResourceView> {
         let all = self.of_type(ty);
+        let views = &self.by_type[ty.index()].views;
         match names {
-            None => self.views.get_or_compute(ViewKey::All(ty), || {
+            None => views.get_or_compute(ViewKey::All(ty), || {
                 ResourceView::new(all.values().cloned().collect())
             }),
-            Some(names) => self
-                .views
+            Some(names) => views
                 .get_or_compute(ViewKey::Names(ty, names.clone()), || {
                     let picked = if names.len() * 4 < all.len() {
                         names.iter().filter_map(|n| all.get(n)).cloned().collect()
@@ -206,6 +216,74 @@ impl ResourceSet {
                     };
                     ResourceView::new(picked)
                 }),
+        }
+    }
+}
+
+/// Makes equal resources of different sets one shared copy. Proxies of
+/// different scopes (namespaces of one cluster, say) get mostly the same
+/// clusters and endpoints; each scope's translation builds its own. After
+/// [`SharedResources::share`], a resource equal (same type, name and
+/// version) to one another set already holds is that one, and a whole type's
+/// map equal to another set's is that map, with its views and their wire
+/// encodings. Entries are weak: what no set holds any more goes.
+#[derive(Default)]
+pub struct SharedResources {
+    inner: std::sync::Mutex<SharedInner>,
+}
+
+#[derive(Default)]
+struct SharedInner {
+    /// (type, version as a number) → the resource.
+    resources: std::collections::HashMap<(ResourceType, u64), std::sync::Weak<Resource>>,
+    /// (type, aggregate version) → the map.
+    maps: std::collections::HashMap<(ResourceType, String), std::sync::Weak<TypeMap>>,
+    /// Sizes after the last sweep of dead entries.
+    swept_at: (usize, usize),
+}
+
+impl SharedResources {
+    pub fn share(&self, set: &mut ResourceSet) {
+        self.share_types(set, &ResourceType::PUSH_ORDER)
+    }
+
+    /// [`SharedResources::share`] for the maps of `types` only (the others did not change).
+    pub fn share_types(&self, set: &mut ResourceSet, types: &[ResourceType]) {
+        let mut inner = self.inner.lock().expect("shared resources lock");
+        for &ty in types {
+            let i = ty.index();
+            let key = (ty, aggregate_version(set.by_type[i].by_name.values()));
+            if let Some(map) = inner.maps.get(&key).and_then(std::sync::Weak::upgrade)
+                && map.by_name.len() == set.by_type[i].by_name.len()
+                && map.by_name.iter().zip(set.by_type[i].by_name.iter()).all(|((n1, r1), (n2, r2))| n1 == n2 && r1.version == r2.version)
+            {
+                set.by_type[i] = map;
+                continue;
+            }
+            let mut replaced = false;
+            let mut by_name = ByName::new();
+            for (name, r) in set.by_type[i].by_name.iter() {
+                let id = (ty, u64::from_str_radix(&r.version, 16).unwrap_or_default());
+                let shared = match inner.resources.get(&id).and_then(std::sync::Weak::upgrade) {
+                    Some(s) if s.name == r.name && s.version == r.version => s,
+                    _ => {
+                        inner.resources.insert(id, Arc::downgrade(r));
+                        r.clone()
+                    }
+                };
+                replaced |= !Arc::ptr_eq(&shared, r);
+                by_name.insert(name.clone(), shared);
+            }
+            if replaced {
+                set.by_type[i] = Arc::new(TypeMap { by_name, views: ViewCache::default() });
+            }
+            inner.maps.insert(key, Arc::downgrade(&set.by_type[i]));
+        }
+        let (resources, maps) = (inner.resources.len(), inner.maps.len());
+        if resources > 2 * inner.swept_at.0.max(1024) || maps > 2 * inner.swept_at.1.max(64) {
+            inner.resources.retain(|_, w| w.strong_count() > 0);
+            inner.maps.retain(|_, w| w.strong_count() > 0);
+            inner.swept_at = (inner.resources.len(), inner.maps.len());
         }
     }
 }
@@ -271,5 +349,53 @@ mod tests {
         let set2 = [Arc::new(b)];
         assert_eq!(aggregate_version(&set1), aggregate_version(&set2));
         assert_ne!(aggregate_version(&set1), aggregate_version(&[]));
+    }
+
+    fn cluster(name: &str, timeout_s: i64) -> Resource {
+        Resource::from_message(
+            name,
+            &Cluster {
+                name: name.into(),
+                connect_timeout: Some(envoy_types::pb::google::protobuf::Duration { seconds: timeout_s, nanos: 0 }),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn set_of(clusters: &[(&str, i64)]) -> ResourceSet {
+        let mut set = ResourceSet::new();
+        for (name, t) in clusters {
+            set.insert(ResourceType::Cluster, cluster(name, *t));
+        }
+        set
+    }
+
+    #[test]
+    fn equal_resources_of_different_sets_become_one_copy() {
+        let shared = SharedResources::default();
+        let mut a = set_of(&[("x", 1), ("y", 1)]);
+        let mut b = set_of(&[("x", 1), ("y", 1)]);
+        let mut c = set_of(&[("x", 1), ("y", 2)]);
+        for set in [&mut a, &mut b, &mut c] {
+            shared.share(set);
+        }
+        // Equal maps: one map, so one view (and one encoding) for both sets.
+        assert!(Arc::ptr_eq(&a.by_type[0], &b.by_type[0]));
+        assert!(Arc::ptr_eq(&a.view(ResourceType::Cluster, None), &b.view(ResourceType::Cluster, None)));
+        // A map that differs in one resource keeps its own map but shares the equal resource.
+        assert!(!Arc::ptr_eq(&a.by_type[0], &c.by_type[0]));
+        assert!(Arc::ptr_eq(a.get(ResourceType::Cluster, "x").unwrap(), c.get(ResourceType::Cluster, "x").unwrap()));
+        assert!(!Arc::ptr_eq(a.get(ResourceType::Cluster, "y").unwrap(), c.get(ResourceType::Cluster, "y").unwrap()));
+        assert_eq!(c, set_of(&[("x", 1), ("y", 2)]), "sharing never changes what a set holds");
+        // A shared map that then changes is copied; its views start over.
+        let before = a.view(ResourceType::Cluster, None);
+        a.insert(ResourceType::Cluster, cluster("z", 1));
+        assert_eq!(b.of_type(ResourceType::Cluster).len(), 2);
+        assert_eq!(a.view(ResourceType::Cluster, None).len(), 3);
+        assert_eq!(before.len(), 2);
+        // What no set holds any more is not kept alive.
+        let weak = Arc::downgrade(c.get(ResourceType::Cluster, "y").unwrap());
+        drop(c);
+        assert!(weak.upgrade().is_none());
     }
 }

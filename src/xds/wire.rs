@@ -154,22 +154,25 @@ impl WireMessage for DeltaResponse {
     }
 }
 
-/// The requests of a streaming gRPC call, read from the HTTP/2 request body:
-/// each 5-byte-prefixed message decoded with prost. The buffer holds one
-/// message at a time and is let go after a large one (a SotW EDS request names
-/// every cluster), so an idle stream keeps no request-sized buffer.
-pub struct GrpcRequests<B, Req> {
+/// The messages of a streaming gRPC call, read from an HTTP/2 body: each
+/// 5-byte-prefixed message decoded with prost (from the shared buffer, so
+/// `bytes` fields are slices of it). The buffer holds one message at a time
+/// and is let go after a large one (a SotW EDS request names every cluster),
+/// so an idle stream keeps no message-sized buffer. The server reads requests
+/// with it; the load generator reads responses with it (tonic's client keeps
+/// each stream's buffer at its largest message's size for the stream's life).
+pub struct GrpcMessages<B, Req> {
     body: Pin<Box<B>>,
     buf: BytesMut,
     _req: PhantomData<fn() -> Req>,
 }
 
 /// Buffer capacity an idle stream may keep.
-const IDLE_REQUEST_BUFFER: usize = 16 * 1024;
+const IDLE_MESSAGE_BUFFER: usize = 16 * 1024;
 
-impl<B, Req> GrpcRequests<B, Req> {
+impl<B, Req> GrpcMessages<B, Req> {
     pub fn new(body: B) -> Self {
-        GrpcRequests {
+        GrpcMessages {
             body: Box::pin(body),
             buf: BytesMut::new(),
             _req: PhantomData,
@@ -177,7 +180,7 @@ impl<B, Req> GrpcRequests<B, Req> {
     }
 }
 
-impl<B, Req> futures::Stream for GrpcRequests<B, Req>
+impl<B, Req> futures::Stream for GrpcMessages<B, Req>
 where
     B: Body,
     B::Error: Into<StdError>,
@@ -205,7 +208,7 @@ where
                 if this.buf.len() >= 5 + len {
                     this.buf.advance(5);
                     let message = this.buf.split_to(len);
-                    if this.buf.is_empty() && this.buf.capacity() > IDLE_REQUEST_BUFFER {
+                    if this.buf.is_empty() && this.buf.capacity() > IDLE_MESSAGE_BUFFER {
                         this.buf = BytesMut::new();
                     }
                     let decoded = Req::decode(message.freeze())
@@ -333,10 +336,10 @@ where
     Box::pin(async move {
         let body = req.into_body();
         let response_body = if method.starts_with("Stream") {
-            let requests = Box::pin(GrpcRequests::<B, DiscoveryRequest>::new(body));
+            let requests = Box::pin(GrpcMessages::<B, DiscoveryRequest>::new(body));
             tonic::body::Body::new(GrpcResponseBody::new(server.stream_sotw(only, requests)))
         } else if method.starts_with("Delta") {
-            let requests = Box::pin(GrpcRequests::<B, DeltaDiscoveryRequest>::new(body));
+            let requests = Box::pin(GrpcMessages::<B, DeltaDiscoveryRequest>::new(body));
             tonic::body::Body::new(GrpcResponseBody::new(server.stream_delta(only, requests)))
         } else {
             let status = Status::unimplemented(format!(
@@ -476,20 +479,20 @@ mod tests {
             .chunks(1000)
             .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
             .collect();
-        let mut requests = GrpcRequests::<_, DiscoveryRequest>::new(
+        let mut requests = GrpcMessages::<_, DiscoveryRequest>::new(
             http_body_util::StreamBody::new(futures::stream::iter(chunks)),
         );
         assert_eq!(requests.next().await.unwrap().unwrap(), req);
         assert_eq!(requests.next().await.unwrap().unwrap(), req);
         assert!(requests.next().await.is_none());
         assert!(
-            requests.buf.capacity() <= IDLE_REQUEST_BUFFER,
+            requests.buf.capacity() <= IDLE_MESSAGE_BUFFER,
             "an idle stream keeps no request-sized buffer"
         );
         // A compressed message is refused with a clear status.
         let chunk: Vec<Result<Frame<Bytes>, Infallible>> =
             vec![Ok(Frame::data(Bytes::from_static(&[1, 0, 0, 0, 0])))];
-        let mut compressed = GrpcRequests::<_, DiscoveryRequest>::new(
+        let mut compressed = GrpcMessages::<_, DiscoveryRequest>::new(
             http_body_util::StreamBody::new(futures::stream::iter(chunk)),
         );
         assert_eq!(
