@@ -26,6 +26,8 @@ use crate::xds::wire::GrpcMessages;
 
 const SOTW_ADS_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 const DELTA_ADS_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+/// Each simulated proxy's kernel receive buffer (SO_RCVBUF).
+const RECV_BUFFER_BYTES: u32 = 65_536;
 /// The simulated proxies' HTTP/2 receive windows (stream and connection).
 const STREAM_WINDOW_BYTES: u32 = 1024 * 1024;
 use crate::xds::resources::ResourceType;
@@ -149,13 +151,28 @@ async fn run_proxy(
 ) -> anyhow::Result<()> {
     let channel = {
         let _permit = connect.acquire().await?;
+        let recv_buffer = RECV_BUFFER_BYTES;
         tonic::transport::Endpoint::from_shared(uri.clone())?
             // Flow control keeps unread responses on the server (shared
             // buffers there) instead of in this process (hyper's 2 MiB
             // default per stream was gigabytes at thousands of proxies).
             .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
             .initial_connection_window_size(Some(STREAM_WINDOW_BYTES))
-            .connect()
+            .connect_with_connector(tower::service_fn(move |uri: tonic::codegen::http::Uri| async move {
+                // A bounded kernel receive buffer: thousands of autotuned
+                // ones (up to net.ipv4.tcp_rmem's maximum each) put the
+                // machine's TCP memory under pressure, which slows every
+                // connection, the control plane's included.
+                let addr = tokio::net::lookup_host(uri.authority().map(|a| a.as_str()).unwrap_or_default())
+                    .await?
+                    .next()
+                    .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
+                let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+                socket.set_recv_buffer_size(recv_buffer)?;
+                let stream = socket.connect(addr).await?;
+                stream.set_nodelay(true)?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }))
             .await?
     };
     let mut channel = channel;

@@ -28,11 +28,15 @@ use crate::xds::server::{XdsServer, XdsServerConfig};
 const XDS_ACCEPT_BACKLOG: u32 = 8192;
 
 /// `TcpListener::bind` with a chosen accept backlog (tokio's is 1024).
-async fn bind_with_backlog(addr: &str, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+async fn bind_with_backlog(addr: &str, backlog: u32, send_buffer: u32) -> std::io::Result<tokio::net::TcpListener> {
     let mut last_error = None;
     for address in tokio::net::lookup_host(addr).await? {
         let socket = if address.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
+        if send_buffer > 0 {
+            // Accepted connections inherit it from the listening socket.
+            socket.set_send_buffer_size(send_buffer)?;
+        }
         match socket.bind(address) {
             Ok(()) => return socket.listen(backlog),
             Err(e) => last_error = Some(e),
@@ -117,6 +121,13 @@ pub struct ServeArgs {
     /// ...and close its connection when a ping is not answered within this.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
+    /// Kernel send buffer of each xDS connection (SO_SNDBUF, bytes; 0: the
+    /// kernel's autotuning, up to net.ipv4.tcp_wmem's 4 MiB per connection).
+    /// A fleet's initial sync queues megabytes per proxy: unbounded, 10,000
+    /// connections' buffers exceed the kernel's TCP memory (net.ipv4.tcp_mem)
+    /// and every connection slows down under its memory pressure.
+    #[arg(long, default_value_t = 65_536)]
+    pub xds_send_buffer: u32,
 }
 
 async fn shutdown_signal() {
@@ -261,7 +272,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
     );
-    let xds_listener = bind_with_backlog(&args.xds_addr, XDS_ACCEPT_BACKLOG)
+    let xds_listener = bind_with_backlog(&args.xds_addr, XDS_ACCEPT_BACKLOG, args.xds_send_buffer)
         .await
         .with_context(|| format!("binding --xds-addr {}", args.xds_addr))?;
     let admin_listener = tokio::net::TcpListener::bind(&args.admin_addr)
