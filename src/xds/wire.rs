@@ -155,26 +155,24 @@ impl WireMessage for DeltaResponse {
 }
 
 /// The messages of a streaming gRPC call, read from an HTTP/2 body: each
-/// 5-byte-prefixed message decoded with prost (from the shared buffer, so
-/// `bytes` fields are slices of it). The buffer holds one message at a time
-/// and is let go after a large one (a SotW EDS request names every cluster),
-/// so an idle stream keeps no message-sized buffer. The server reads requests
-/// with it; the load generator reads responses with it (tonic's client keeps
-/// each stream's buffer at its largest message's size for the stream's life).
+/// 5-byte-prefixed message decoded with prost straight from the received
+/// HTTP/2 data chunks ([`ChunkedBuf`]): no message-sized buffer is assembled,
+/// and `bytes` fields are slices of the chunks. (Assembling one had cost a
+/// fresh allocation per large message — a SotW EDS request names every
+/// cluster; a CDS response is a megabyte — and most of its time in the
+/// kernel zeroing the new pages.) The server reads requests with it; the load
+/// generator reads responses with it.
 pub struct GrpcMessages<B, Req> {
     body: Pin<Box<B>>,
-    buf: BytesMut,
+    received: ChunkedBuf,
     _req: PhantomData<fn() -> Req>,
 }
-
-/// Buffer capacity an idle stream may keep.
-const IDLE_MESSAGE_BUFFER: usize = 16 * 1024;
 
 impl<B, Req> GrpcMessages<B, Req> {
     pub fn new(body: B) -> Self {
         GrpcMessages {
             body: Box::pin(body),
-            buf: BytesMut::new(),
+            received: ChunkedBuf::default(),
             _req: PhantomData,
         }
     }
@@ -192,52 +190,142 @@ where
         use bytes::Buf;
         let this = self.get_mut();
         loop {
-            if this.buf.len() >= 5 {
-                if this.buf[0] != 0 {
+            if let Some(prefix) = this.received.peek_prefix() {
+                if prefix[0] != 0 {
                     return Poll::Ready(Some(Err(Status::unimplemented(
                         "compressed requests are not supported",
                     ))));
                 }
-                let len = u32::from_be_bytes([this.buf[1], this.buf[2], this.buf[3], this.buf[4]])
-                    as usize;
+                let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
                 if len > MAX_MESSAGE_BYTES {
                     return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
                         "request of {len} bytes is larger than the {MAX_MESSAGE_BYTES} allowed"
                     )))));
                 }
-                if this.buf.len() >= 5 + len {
-                    this.buf.advance(5);
-                    let message = this.buf.split_to(len);
-                    if this.buf.is_empty() && this.buf.capacity() > IDLE_MESSAGE_BUFFER {
-                        this.buf = BytesMut::new();
-                    }
-                    let decoded = Req::decode(message.freeze())
+                if this.received.remaining() >= 5 + len {
+                    this.received.advance(5);
+                    let message = this.received.split_to(len);
+                    let decoded = Req::decode(message)
                         .map_err(|e| Status::internal(format!("cannot decode the request: {e}")));
                     return Poll::Ready(Some(decoded));
                 }
-                this.buf.reserve(5 + len - this.buf.len());
             }
             match this.body.as_mut().poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(mut data) = frame.into_data() {
-                        while data.has_remaining() {
-                            let chunk = data.chunk();
-                            let n = chunk.len();
-                            this.buf.extend_from_slice(chunk);
-                            data.advance(n);
-                        }
+                        let n = data.remaining();
+                        this.received.push(data.copy_to_bytes(n));
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
                     return Poll::Ready(Some(Err(Status::from_error(e.into()))));
                 }
-                Poll::Ready(None) if this.buf.is_empty() => return Poll::Ready(None),
+                Poll::Ready(None) if this.received.remaining() == 0 => return Poll::Ready(None),
                 Poll::Ready(None) => {
                     return Poll::Ready(Some(Err(Status::internal(
                         "the request stream ended inside a message",
                     ))));
                 }
                 Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// Received bytes as the chunks they arrived in, read as one [`bytes::Buf`]:
+/// `copy_to_bytes` (prost's `bytes` fields) is a zero-copy slice when the
+/// bytes lie in one chunk, a copy only across a chunk boundary.
+#[derive(Debug, Default)]
+pub struct ChunkedBuf {
+    chunks: VecDeque<Bytes>,
+    remaining: usize,
+}
+
+impl ChunkedBuf {
+    pub fn push(&mut self, chunk: Bytes) {
+        if !chunk.is_empty() {
+            self.remaining += chunk.len();
+            self.chunks.push_back(chunk);
+        }
+    }
+
+    /// The first five bytes (a gRPC message prefix), if received.
+    fn peek_prefix(&self) -> Option<[u8; 5]> {
+        if self.remaining < 5 {
+            return None;
+        }
+        let mut out = [0u8; 5];
+        let mut filled = 0;
+        for chunk in &self.chunks {
+            let n = chunk.len().min(5 - filled);
+            out[filled..filled + n].copy_from_slice(&chunk[..n]);
+            filled += n;
+            if filled == 5 {
+                break;
+            }
+        }
+        Some(out)
+    }
+
+    /// The first `len` bytes, as their own buffer (the chunks are shared, not copied).
+    pub fn split_to(&mut self, mut len: usize) -> ChunkedBuf {
+        assert!(len <= self.remaining, "split past the end");
+        let mut out = ChunkedBuf::default();
+        while len > 0 {
+            let front = self.chunks.front_mut().expect("remaining counts the chunks");
+            if front.len() <= len {
+                len -= front.len();
+                self.remaining -= front.len();
+                out.push(self.chunks.pop_front().expect("just seen"));
+            } else {
+                out.push(front.split_to(len));
+                self.remaining -= len;
+                len = 0;
+            }
+        }
+        out
+    }
+}
+
+impl bytes::Buf for ChunkedBuf {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.chunks.front().map(|c| &c[..]).unwrap_or_default()
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        assert!(cnt <= self.remaining, "advance past the end");
+        self.remaining -= cnt;
+        while cnt > 0 {
+            let front = self.chunks.front_mut().expect("remaining counts the chunks");
+            if front.len() <= cnt {
+                cnt -= front.len();
+                self.chunks.pop_front();
+            } else {
+                front.advance(cnt);
+                cnt = 0;
+            }
+        }
+    }
+
+    fn copy_to_bytes(&mut self, len: usize) -> Bytes {
+        assert!(len <= self.remaining, "copy_to_bytes past the end");
+        match self.chunks.front_mut() {
+            Some(front) if front.len() >= len => {
+                let out = front.split_to(len);
+                if front.is_empty() {
+                    self.chunks.pop_front();
+                }
+                self.remaining -= len;
+                out
+            }
+            _ => {
+                let mut out = BytesMut::with_capacity(len);
+                out.put(self.take(len));
+                out.freeze()
             }
         }
     }
@@ -485,10 +573,20 @@ mod tests {
         assert_eq!(requests.next().await.unwrap().unwrap(), req);
         assert_eq!(requests.next().await.unwrap().unwrap(), req);
         assert!(requests.next().await.is_none());
-        assert!(
-            requests.buf.capacity() <= IDLE_MESSAGE_BUFFER,
-            "an idle stream keeps no request-sized buffer"
-        );
+        assert_eq!(requests.received.chunks.len(), 0, "an idle stream keeps nothing it received");
+        // Slices within one chunk are shared, across chunks copied; both read right.
+        let mut buf = ChunkedBuf::default();
+        let first = Bytes::from_static(b"abcdef");
+        buf.push(first.clone());
+        buf.push(Bytes::from_static(b"ghij"));
+        use bytes::Buf;
+        let ab = buf.copy_to_bytes(2);
+        assert_eq!(&ab[..], b"ab");
+        assert_eq!(ab.as_ptr(), first.as_ptr(), "zero-copy within a chunk");
+        assert_eq!(&buf.copy_to_bytes(6)[..], b"cdefgh");
+        let mut rest = buf.split_to(2);
+        assert_eq!((rest.remaining(), buf.remaining()), (2, 0));
+        assert_eq!(&rest.copy_to_bytes(2)[..], b"ij");
         // A compressed message is refused with a clear status.
         let chunk: Vec<Result<Frame<Bytes>, Infallible>> =
             vec![Ok(Frame::data(Bytes::from_static(&[1, 0, 0, 0, 0])))];
