@@ -19,6 +19,9 @@ cargo build --release --locked --bin meshpilot >&2
 bin="$PWD/target/release/meshpilot"
 work="$(mktemp -d)"
 trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
+if [[ "$(cat /proc/sys/net/core/somaxconn)" -lt 8192 ]]; then
+  echo "note: net.core.somaxconn is $(cat /proc/sys/net/core/somaxconn): the xDS accept backlog (8192) is capped to it; sysctl -w net.core.somaxconn=65535 for the 10,000-proxy points" >&2
+fi
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u +%F)"
 echo "mesh: ${SERVICES} services x ${CLUSTERS} clusters x ${ENDPOINTS} endpoints, ${POLICIES} TrafficPolicies"
 echo
