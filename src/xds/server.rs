@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use futures::Stream;
 use futures::StreamExt;
 use prost::Message;
@@ -21,7 +21,7 @@ use super::node::ProxyNode;
 use super::provider::ResourceProvider;
 use super::registry::{ConnectionRegistry, ProxyConnection, StreamView};
 use super::resources::{ResourceSet, ResourceType};
-use super::sotw::{ProtocolError, SotwStream, Step, StreamEvent};
+use super::sotw::{ProtocolError, SotwRequest, SotwStream, Step, StreamEvent};
 use super::status::TypeStatus;
 use super::wire::{DeltaResponse, SotwResponse, WireMessage};
 use crate::metrics::{Metrics, ModeLabel, TypeLabel};
@@ -107,7 +107,7 @@ impl XdsServer {
     pub fn stream_sotw(
         &self,
         only: Option<ResourceType>,
-        requests: RequestStream<DiscoveryRequest>,
+        requests: RequestStream<SotwRequest>,
     ) -> ResponseStream<SotwResponse> {
         let machine = match only {
             Some(ty) => SotwStream::new_single(ty),
@@ -149,15 +149,15 @@ trait Machine: StreamView + Clone + Sized + Send + Sync + 'static {
 }
 
 impl Machine for Arc<Mutex<SotwStream>> {
-    type Req = DiscoveryRequest;
+    type Req = SotwRequest;
     type Resp = SotwResponse;
     const MODE: &'static str = "sotw";
-    fn node(req: &DiscoveryRequest) -> Option<&Node> {
+    fn node(req: &SotwRequest) -> Option<&Node> {
         req.node.as_ref()
     }
     fn on_request(
         &self,
-        req: &DiscoveryRequest,
+        req: &SotwRequest,
         res: &ResourceSet,
         now: Instant,
     ) -> Result<Step<SotwResponse>, ProtocolError> {

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryResponse,
 };
 use http_body::Frame;
 use prost::Message;
@@ -424,7 +424,7 @@ where
     Box::pin(async move {
         let body = req.into_body();
         let response_body = if method.starts_with("Stream") {
-            let requests = Box::pin(GrpcMessages::<B, DiscoveryRequest>::new(body));
+            let requests = Box::pin(GrpcMessages::<B, super::sotw::SotwRequest>::new(body));
             tonic::body::Body::new(GrpcResponseBody::new(server.stream_sotw(only, requests)))
         } else if method.starts_with("Delta") {
             let requests = Box::pin(GrpcMessages::<B, DeltaDiscoveryRequest>::new(body));
@@ -507,6 +507,7 @@ discovery_service!(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
     #[test]
     fn responses_encode_as_the_generated_messages() {
