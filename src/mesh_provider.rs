@@ -15,7 +15,7 @@ use crate::model::{MeshInputs, MeshSnapshot, ServiceKey};
 use crate::translate::{self, ProxyScope};
 use crate::xds::node::ProxyNode;
 use crate::xds::provider::{ChangeNotifier, ResourceProvider};
-use crate::xds::resources::{ResourceSet, ResourceType, SharedResources};
+use crate::xds::resources::{ResourceInterner, ResourceSet, ResourceType};
 
 pub struct MeshResources {
     current: RwLock<(u64, Arc<MeshSnapshot>)>,
@@ -26,7 +26,7 @@ pub struct MeshResources {
     translating: DashMap<ProxyScope, Arc<Mutex<()>>>,
     /// Equal resources (and whole equal maps, with their encodings) of
     /// different scopes are one copy.
-    shared: SharedResources,
+    interner: ResourceInterner,
     last_good: Mutex<LastGood>,
     ready: AtomicBool,
     notifier: ChangeNotifier,
@@ -122,7 +122,7 @@ impl MeshResources {
             current: RwLock::new((0, Arc::new(MeshSnapshot::default()))),
             cache: DashMap::new(),
             translating: DashMap::new(),
-            shared: SharedResources::default(),
+            interner: ResourceInterner::default(),
             last_good: Mutex::new(LastGood::default()),
             ready: AtomicBool::new(false),
             notifier,
@@ -190,7 +190,7 @@ impl MeshResources {
                 let mut memo = EndpointMemo::new();
                 for mut e in self.cache.iter_mut() {
                     let mut patched = patch_endpoints_shared(&snapshot, e.key(), &e.value().1, changed, &mut memo);
-                    self.shared.share_types(&mut patched, &[ResourceType::Endpoint]);
+                    self.interner.share_types(&mut patched, &[ResourceType::Endpoint]);
                     *e.value_mut() = (generation, Arc::new(patched));
                 }
             }
@@ -254,7 +254,7 @@ impl MeshResources {
         }
         let mut set = translate::translate(snapshot, &scope);
         self.add_secrets(snapshot, &scope, &mut set);
-        self.shared.share(&mut set);
+        self.interner.share(&mut set);
         let set = Arc::new(set);
         // A newer snapshot may have landed meanwhile; never overwrite a newer entry.
         let mut entry = self.cache.entry(scope).or_insert((generation, set.clone()));

@@ -141,7 +141,7 @@ pub struct ResourceSet {
 }
 
 /// One type's resources by name, and the views taken of them. Sets whose
-/// maps are equal can share one `TypeMap` ([`SharedResources`]), and so share
+/// maps are equal can share one `TypeMap` ([`ResourceInterner`]), and so share
 /// the views (and their encodings) too.
 #[derive(Debug, Default, Clone)]
 struct TypeMap {
@@ -223,17 +223,17 @@ impl ResourceSet {
 /// Makes equal resources of different sets one shared copy. Proxies of
 /// different scopes (namespaces of one cluster, say) get mostly the same
 /// clusters and endpoints; each scope's translation builds its own. After
-/// [`SharedResources::share`], a resource equal (same type, name and
+/// [`ResourceInterner::share`], a resource equal (same type, name and
 /// version) to one another set already holds is that one, and a whole type's
 /// map equal to another set's is that map, with its views and their wire
 /// encodings. Entries are weak: what no set holds any more goes.
 #[derive(Default)]
-pub struct SharedResources {
-    inner: std::sync::Mutex<SharedInner>,
+pub struct ResourceInterner {
+    inner: std::sync::Mutex<InternerInner>,
 }
 
 #[derive(Default)]
-struct SharedInner {
+struct InternerInner {
     /// (type, version as a number) → the resource.
     resources: std::collections::HashMap<(ResourceType, u64), std::sync::Weak<Resource>>,
     /// (type, aggregate version) → the map.
@@ -242,12 +242,12 @@ struct SharedInner {
     swept_at: (usize, usize),
 }
 
-impl SharedResources {
+impl ResourceInterner {
     pub fn share(&self, set: &mut ResourceSet) {
         self.share_types(set, &ResourceType::PUSH_ORDER)
     }
 
-    /// [`SharedResources::share`] for the maps of `types` only (the others did not change).
+    /// [`ResourceInterner::share`] for the maps of `types` only (the others did not change).
     pub fn share_types(&self, set: &mut ResourceSet, types: &[ResourceType]) {
         let mut inner = self.inner.lock().expect("shared resources lock");
         for &ty in types {
@@ -372,7 +372,7 @@ mod tests {
 
     #[test]
     fn equal_resources_of_different_sets_become_one_copy() {
-        let shared = SharedResources::default();
+        let shared = ResourceInterner::default();
         let mut a = set_of(&[("x", 1), ("y", 1)]);
         let mut b = set_of(&[("x", 1), ("y", 1)]);
         let mut c = set_of(&[("x", 1), ("y", 2)]);

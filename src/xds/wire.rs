@@ -226,7 +226,14 @@ where
                         "the request stream ended inside a message",
                     ))));
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    // Waiting for the rest of a message: hold its bytes, not
+                    // the HTTP/2 read buffers its chunks are slices of (each
+                    // pins up to 64 KiB; thousands of streams with a partial
+                    // SotW ACK each had pinned gigabytes under churn).
+                    this.received.compact();
+                    return Poll::Pending;
+                }
             }
         }
     }
@@ -239,14 +246,31 @@ where
 pub struct ChunkedBuf {
     chunks: VecDeque<Bytes>,
     remaining: usize,
+    /// What is held is one buffer of its own (nothing received since `compact`).
+    compacted: bool,
 }
 
 impl ChunkedBuf {
     pub fn push(&mut self, chunk: Bytes) {
         if !chunk.is_empty() {
+            self.compacted = false;
             self.remaining += chunk.len();
             self.chunks.push_back(chunk);
         }
+    }
+
+    /// Copies what is held into one buffer of its own (the chunks it copied
+    /// from can go).
+    fn compact(&mut self) {
+        if self.remaining == 0 || self.compacted {
+            return;
+        }
+        self.compacted = true;
+        let mut own = BytesMut::with_capacity(self.remaining);
+        for chunk in self.chunks.drain(..) {
+            own.extend_from_slice(&chunk);
+        }
+        self.chunks.push_back(own.freeze());
     }
 
     /// The first five bytes (a gRPC message prefix), if received.
@@ -585,6 +609,8 @@ mod tests {
         assert_eq!(&ab[..], b"ab");
         assert_eq!(ab.as_ptr(), first.as_ptr(), "zero-copy within a chunk");
         assert_eq!(&buf.copy_to_bytes(6)[..], b"cdefgh");
+        buf.compact();
+        assert_eq!((buf.chunks.len(), buf.remaining()), (1, 2), "compacted into one buffer of its own");
         let mut rest = buf.split_to(2);
         assert_eq!((rest.remaining(), buf.remaining()), (2, 0));
         assert_eq!(&rest.copy_to_bytes(2)[..], b"ij");
