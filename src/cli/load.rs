@@ -151,7 +151,6 @@ async fn run_proxy(
 ) -> anyhow::Result<()> {
     let channel = {
         let _permit = connect.acquire().await?;
-        let recv_buffer = RECV_BUFFER_BYTES;
         tonic::transport::Endpoint::from_shared(uri.clone())?
             // Flow control keeps unread responses on the server (shared
             // buffers there) instead of in this process (hyper's 2 MiB
@@ -168,7 +167,7 @@ async fn run_proxy(
                     .next()
                     .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
                 let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-                socket.set_recv_buffer_size(recv_buffer)?;
+                socket.set_recv_buffer_size(RECV_BUFFER_BYTES)?;
                 let stream = socket.connect(addr).await?;
                 stream.set_nodelay(true)?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))

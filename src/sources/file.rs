@@ -207,7 +207,7 @@ fn parse_file(path: &Path, in_mesh_dir: bool) -> Result<FileObjects, String> {
 
 fn spec_hash(v: &impl serde::Serialize) -> String {
     let bytes = serde_json::to_vec(v).unwrap_or_default();
-    Sha256::digest(&bytes)[..8].iter().map(|b| format!("{b:02x}")).collect()
+    crate::xds::codec::short_hex(&Sha256::digest(&bytes))
 }
 
 /// Reads the whole folder into [`MeshInputs`].

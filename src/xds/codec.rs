@@ -115,10 +115,14 @@ pub fn any_to_json(any: &Any) -> Result<serde_json::Value, CodecError> {
 pub fn canonical_hash(any: &Any) -> String {
     let mut hasher = Sha256::new();
     hash_any(&mut hasher, &any.type_url, &any.value);
-    let digest = hasher.finalize();
+    short_hex(&hasher.finalize())
+}
+
+/// The first 8 bytes of a digest as 16 hex digits (versions and hashes shown to users).
+pub fn short_hex(digest: &[u8]) -> String {
+    use std::fmt::Write;
     let mut hex = String::with_capacity(16);
     for b in &digest[..8] {
-        use std::fmt::Write;
         let _ = write!(hex, "{b:02x}");
     }
     hex

@@ -302,7 +302,7 @@ pub fn aggregate_version<'a>(resources: impl IntoIterator<Item = &'a Arc<Resourc
     }
     hasher.update(count.to_le_bytes());
     let digest = hasher.finalize();
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    codec::short_hex(&digest)
 }
 
 #[cfg(test)]
