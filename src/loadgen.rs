@@ -19,6 +19,9 @@ use bytes::Bytes;
 use prost::Message;
 
 use crate::xds::resources::ResourceType;
+// Proxies of one scope get equal name sets: one copy (the load generator
+// shares the machine; per-proxy copies of 3,100 names were gigabytes at 10,000).
+use crate::xds::view::{NameSet, intern_names};
 
 const TYPES: [ResourceType; 4] = [
     ResourceType::Cluster,
@@ -96,23 +99,6 @@ impl DeltaResponseView {
     }
 }
 
-/// Proxies of one scope get equal name sets: keep one copy (the load
-/// generator shares the machine; at 10,000 proxies per-proxy copies of 3,100
-/// cluster names were gigabytes).
-fn shared_names(names: BTreeSet<String>) -> std::sync::Arc<BTreeSet<String>> {
-    static SEEN: std::sync::Mutex<Vec<std::sync::Arc<BTreeSet<String>>>> = std::sync::Mutex::new(Vec::new());
-    let mut seen = SEEN.lock().expect("name sets lock");
-    if let Some(s) = seen.iter().find(|s| ***s == names) {
-        return s.clone();
-    }
-    let s = std::sync::Arc::new(names);
-    if seen.len() >= 64 {
-        seen.remove(0);
-    }
-    seen.push(s.clone());
-    s
-}
-
 /// The parts of a `Cluster` the simulated proxy reads (decoding only these
 /// keeps the load generator's own CPU out of the measurements).
 #[derive(Clone, PartialEq, Message)]
@@ -172,8 +158,8 @@ pub struct SimulatedProxy {
     acked: [bool; 4],
     nacked_once: bool,
     requested: [bool; 4],
-    eds_names: std::sync::Arc<BTreeSet<String>>,
-    rds_names: std::sync::Arc<BTreeSet<String>>,
+    eds_names: NameSet,
+    rds_names: NameSet,
     pub synced_at: Option<Instant>,
     pub responses: u64,
     pub bytes: u64,
@@ -277,7 +263,7 @@ impl SimulatedProxy {
             ResourceType::Cluster => {
                 let eds = eds_cluster_names(r.payloads());
                 if *self.eds_names != eds || !self.requested[1] {
-                    self.eds_names = shared_names(eds);
+                    self.eds_names = intern_names(eds);
                     self.requested[1] = true;
                     out.push(DiscoveryRequest {
                         resource_names: subscribed(&*self.eds_names),
@@ -296,7 +282,7 @@ impl SimulatedProxy {
             ResourceType::Listener => {
                 let rds = rds_names(r.payloads());
                 if *self.rds_names != rds || !self.requested[3] {
-                    self.rds_names = shared_names(rds);
+                    self.rds_names = intern_names(rds);
                     self.requested[3] = true;
                     out.push(DiscoveryRequest {
                         resource_names: subscribed(&*self.rds_names),
@@ -357,7 +343,7 @@ impl SimulatedProxy {
                         names.remove(n);
                     }
                     names.extend(new.iter().cloned());
-                    self.eds_names = shared_names(names);
+                    self.eds_names = intern_names(names);
                 }
                 if !new.is_empty() || !gone.is_empty() || !self.requested[1] {
                     self.requested[1] = true;
@@ -384,7 +370,7 @@ impl SimulatedProxy {
                 if !new.is_empty() {
                     let mut names = (*self.rds_names).clone();
                     names.extend(new.iter().cloned());
-                    self.rds_names = shared_names(names);
+                    self.rds_names = intern_names(names);
                 }
                 if !new.is_empty() || !self.requested[3] {
                     self.requested[3] = true;

@@ -260,21 +260,24 @@ impl ResourceInterner {
                 set.by_type[i] = map;
                 continue;
             }
-            let mut replaced = false;
-            let mut by_name = ByName::new();
-            for (name, r) in set.by_type[i].by_name.iter() {
-                let id = (ty, u64::from_str_radix(&r.version, 16).unwrap_or_default());
-                let shared = match inner.resources.get(&id).and_then(std::sync::Weak::upgrade) {
-                    Some(s) if s.name == r.name && s.version == r.version => s,
-                    _ => {
-                        inner.resources.insert(id, Arc::downgrade(r));
-                        r.clone()
+            let current = &set.by_type[i].by_name;
+            let shared: Vec<Arc<Resource>> = current
+                .values()
+                .map(|r| {
+                    let id = (ty, u64::from_str_radix(&r.version, 16).unwrap_or_default());
+                    match inner.resources.get(&id).and_then(std::sync::Weak::upgrade) {
+                        Some(s) if s.name == r.name && s.version == r.version => s,
+                        _ => {
+                            inner.resources.insert(id, Arc::downgrade(r));
+                            r.clone()
+                        }
                     }
-                };
-                replaced |= !Arc::ptr_eq(&shared, r);
-                by_name.insert(name.clone(), shared);
-            }
-            if replaced {
+                })
+                .collect();
+            // Rebuilt only when some resource became another set's copy (an
+            // EDS patch's maps usually hold shared copies already).
+            if shared.iter().zip(current.values()).any(|(s, r)| !Arc::ptr_eq(s, r)) {
+                let by_name = current.keys().cloned().zip(shared).collect();
                 set.by_type[i] = Arc::new(TypeMap { by_name, views: ViewCache::default() });
             }
             inner.maps.insert(key, Arc::downgrade(&set.by_type[i]));
