@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use super::resources::{Resource, ResourceSet, ResourceType};
 use super::sotw::{ProtocolError, Step, StreamEvent};
 use super::status::{Reply, TypeLedger, TypeStatus};
-use super::view::{NameSet, ResourceView, delta_entries, intern_names};
+use super::view::{EntryKind, NameSet, ResourceView, delta_entries, intern_names};
 use super::wire::DeltaResponse;
 
 #[derive(Debug, Clone)]
@@ -30,6 +30,9 @@ struct DeltaWatch {
     /// Explicitly subscribed names we already reported as absent.
     told_absent: BTreeSet<String>,
     ledger: TypeLedger,
+    /// A config change not sent yet because the client has not answered our
+    /// last response of this type: when the first such change happened.
+    pending: Option<Instant>,
 }
 
 impl Default for DeltaWatch {
@@ -41,6 +44,7 @@ impl Default for DeltaWatch {
             reported: None,
             told_absent: BTreeSet::new(),
             ledger: TypeLedger::default(),
+            pending: None,
         }
     }
 }
@@ -179,41 +183,72 @@ impl DeltaStream {
             let cds = ty == ResourceType::Cluster && resp.resource_count > 0;
             step.responses.push(resp);
             if cds {
-                self.rewarm_endpoints();
+                self.rewarm_endpoints(now);
                 if let Some(eds) = self.respond(ResourceType::Endpoint, resources, now, None, false)
                 {
                     step.responses.push(eds);
                 }
             }
         }
+        step.responses.extend(self.send_pending(resources, now));
         Ok(step)
     }
 
     /// A config change: the differences for every watched type, in push order.
+    /// A type whose last response the client has not answered yet waits (see
+    /// `TypeLedger::awaiting_reply`), and gets this change merged with any
+    /// later ones when the client does.
     pub fn on_push(
         &mut self,
         resources: &ResourceSet,
         change_at: Instant,
         now: Instant,
     ) -> Step<DeltaResponse> {
-        let mut step = Step::default();
+        for watch in self.watches.values_mut() {
+            watch.pending.get_or_insert(change_at);
+        }
+        Step {
+            responses: self.send_pending(resources, now),
+            events: Vec::new(),
+        }
+    }
+
+    /// Sends, in push order, the differences of every type with a change not
+    /// sent yet whose last response was answered. A type that must wait holds
+    /// back the types after it (make-before-break).
+    fn send_pending(&mut self, resources: &ResourceSet, now: Instant) -> Vec<DeltaResponse> {
+        let mut responses = Vec::new();
+        let mut held_back = false;
         for ty in ResourceType::PUSH_ORDER {
+            let Some(watch) = self.watches.get(&ty) else {
+                continue;
+            };
+            let Some(change_at) = watch.pending else {
+                continue;
+            };
+            if held_back || watch.ledger.awaiting_reply(now) {
+                // Only a real difference holds the later types back.
+                held_back |= watch.held.version
+                    != resources.view(ty, (!watch.wildcard).then_some(&watch.explicit)).version;
+                continue;
+            }
             if let Some(resp) = self.respond(ty, resources, now, Some(change_at), false) {
                 if ty == ResourceType::Cluster && resp.resource_count > 0 {
-                    self.rewarm_endpoints();
+                    self.rewarm_endpoints(change_at);
                 }
-                step.responses.push(resp);
+                responses.push(resp);
             }
         }
-        step
+        responses
     }
 
     /// After clusters change, Envoy re-creates them and waits for their endpoints
     /// (cluster warming), so every subscribed endpoint set is sent again.
-    fn rewarm_endpoints(&mut self) {
+    fn rewarm_endpoints(&mut self, change_at: Instant) {
         if let Some(eds) = self.watches.get_mut(&ResourceType::Endpoint) {
             eds.held = ResourceView::empty();
             eds.reported = None;
+            eds.pending.get_or_insert(change_at);
         }
     }
 
@@ -227,6 +262,7 @@ impl DeltaStream {
     ) -> Option<DeltaResponse> {
         let watch = self.watches.get_mut(&ty)?;
         let current = resources.view(ty, (!watch.wildcard).then_some(&watch.explicit));
+        let from_held = watch.reported.is_none();
         let (updated, mut removed): (Vec<&Arc<Resource>>, Vec<String>) = match watch.reported.take()
         {
             // Reconnected: the client holds what it reported.
@@ -266,6 +302,7 @@ impl DeltaStream {
         }
         removed.sort();
         removed.dedup();
+        let change_at = change_at.or(watch.pending.take());
         if updated.is_empty() && removed.is_empty() && !force {
             watch.held = current;
             return None;
@@ -280,7 +317,9 @@ impl DeltaStream {
                 watch.told_absent.insert(name.clone());
             }
         }
-        let entries = if updated.len() == current.len() {
+        let entries = if from_held {
+            current.changes_since(&watch.held, EntryKind::Delta, &updated)
+        } else if updated.len() == current.len() {
             current.delta_entries()
         } else {
             delta_entries(updated.iter().copied())
@@ -359,6 +398,17 @@ mod tests {
             resource_names_unsubscribe: unsub.iter().map(|s| s.to_string()).collect(),
             response_nonce: nonce.into(),
             ..Default::default()
+        }
+    }
+
+    fn nack(ty: ResourceType, nonce: &str, message: &str) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            error_detail: Some(Status {
+                code: 3,
+                message: message.into(),
+                details: vec![],
+            }),
+            ..req(ty, &[], &[], nonce)
         }
     }
 
@@ -537,10 +587,16 @@ mod tests {
         let now = Instant::now();
         let mut s = DeltaStream::new_ads();
         let res = set(&[("a", 1)], &[("a", 1)]);
-        s.on_request(&req(ResourceType::Cluster, &[], &[], ""), &res, now)
-            .unwrap();
-        s.on_request(&req(ResourceType::Endpoint, &["a"], &[], ""), &res, now)
-            .unwrap();
+        ack_all(&mut s, &res, now, |s| {
+            s.on_request(&req(ResourceType::Cluster, &[], &[], ""), &res, now)
+                .unwrap()
+                .responses
+        });
+        ack_all(&mut s, &res, now, |s| {
+            s.on_request(&req(ResourceType::Endpoint, &["a"], &[], ""), &res, now)
+                .unwrap()
+                .responses
+        });
         let push = s
             .on_push(&set(&[("a", 2)], &[("a", 1)]), now, now)
             .responses;
@@ -550,5 +606,101 @@ mod tests {
             .collect();
         assert_eq!(types, [ResourceType::Cluster, ResourceType::Endpoint]);
         assert_eq!(names(&push[1]), ["a"]);
+    }
+
+    /// Sends what `f` returns back as ACKs (and the ACKs' answers, until none).
+    fn ack_all(
+        s: &mut DeltaStream,
+        res: &ResourceSet,
+        now: Instant,
+        f: impl FnOnce(&mut DeltaStream) -> Vec<DeltaResponse>,
+    ) {
+        let mut todo = f(s);
+        while let Some(r) = todo.pop() {
+            let ty = ResourceType::from_type_url(&r.type_url).unwrap();
+            todo.extend(s.on_request(&req(ty, &[], &[], &r.nonce), res, now).unwrap().responses);
+        }
+    }
+
+    #[test]
+    fn a_push_waits_for_the_reply_to_the_last_response_and_merges() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + std::time::Duration::from_millis(n);
+        let mut s = DeltaStream::new_ads();
+        let res = set(&[("a", 1), ("b", 1)], &[("a", 1), ("b", 1)]);
+        ack_all(&mut s, &res, t0, |s| {
+            s.on_request(&req(ResourceType::Endpoint, &["a", "b"], &[], ""), &res, t0)
+                .unwrap()
+                .responses
+        });
+        // First change: sent at once.
+        let one = set(&[("a", 1), ("b", 1)], &[("a", 2), ("b", 1)]);
+        let first = s.on_push(&one, ms(10), ms(10)).responses;
+        assert_eq!(first.len(), 1);
+        assert_eq!(names(&first[0]), ["a"]);
+        // Two more changes before the client answers: nothing is queued behind it.
+        let two = set(&[("a", 1), ("b", 1)], &[("a", 3), ("b", 1)]);
+        assert!(s.on_push(&two, ms(20), ms(20)).responses.is_empty());
+        let three = set(&[("a", 1), ("b", 1)], &[("a", 3), ("b", 2)]);
+        assert!(s.on_push(&three, ms(30), ms(30)).responses.is_empty());
+        assert_eq!(s.status(ms(30))[0].state, SyncState::Stale);
+        // A stale nonce is not the answer.
+        let stale = s
+            .on_request(&req(ResourceType::Endpoint, &[], &[], "0"), &three, ms(35))
+            .unwrap();
+        assert!(stale.responses.is_empty());
+        // The ACK: one response with both later changes, timed from the first of them.
+        let step = s
+            .on_request(&req(ResourceType::Endpoint, &[], &[], &first[0].nonce), &three, ms(40))
+            .unwrap();
+        assert_eq!(step.responses.len(), 1);
+        assert_eq!(names(&step.responses[0]), ["a", "b"]);
+        assert_eq!(s.watches[&ResourceType::Endpoint].ledger.sent.as_ref().unwrap().change_at, Some(ms(20)));
+        // A NACK also answers: the next change goes out at once.
+        s.on_request(&nack(ResourceType::Endpoint, &step.responses[0].nonce, "no"), &three, ms(50))
+            .unwrap();
+        let four = set(&[("a", 1), ("b", 1)], &[("a", 4), ("b", 2)]);
+        assert_eq!(s.on_push(&four, ms(60), ms(60)).responses.len(), 1);
+        // A client that never answers still gets the next change after the limit.
+        let five = set(&[("a", 1), ("b", 1)], &[("a", 5), ("b", 2)]);
+        assert!(s.on_push(&five, ms(70), ms(70)).responses.is_empty());
+        let late = ms(60) + crate::xds::status::REPLY_WAIT_LIMIT;
+        assert_eq!(s.on_push(&five, ms(70), late).responses.len(), 1);
+    }
+
+    #[test]
+    fn clusters_waiting_for_their_ack_hold_back_endpoints_then_rewarm_them() {
+        let now = Instant::now();
+        let mut s = DeltaStream::new_ads();
+        let res = set(&[("a", 1)], &[("a", 1)]);
+        ack_all(&mut s, &res, now, |s| {
+            s.on_request(&req(ResourceType::Cluster, &[], &[], ""), &res, now)
+                .unwrap()
+                .responses
+        });
+        ack_all(&mut s, &res, now, |s| {
+            s.on_request(&req(ResourceType::Endpoint, &["a"], &[], ""), &res, now)
+                .unwrap()
+                .responses
+        });
+        let cds = s.on_push(&set(&[("a", 2)], &[("a", 1)]), now, now).responses;
+        assert_eq!(cds.len(), 2, "clusters, then endpoints for warming");
+        let eds_nonce = cds[1].nonce.clone();
+        s.on_request(&req(ResourceType::Endpoint, &[], &[], &eds_nonce), &res, now)
+            .unwrap();
+        // Clusters and endpoints change while the CDS response is unanswered:
+        // endpoints wait behind clusters.
+        let next = set(&[("a", 3)], &[("a", 2)]);
+        assert!(s.on_push(&next, now, now).responses.is_empty());
+        let step = s
+            .on_request(&req(ResourceType::Cluster, &[], &[], &cds[0].nonce), &next, now)
+            .unwrap();
+        let types: Vec<_> = step
+            .responses
+            .iter()
+            .map(|r| ResourceType::from_type_url(&r.type_url).unwrap())
+            .collect();
+        assert_eq!(types, [ResourceType::Cluster, ResourceType::Endpoint]);
+        assert_eq!(names(&step.responses[1]), ["a"]);
     }
 }

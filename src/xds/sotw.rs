@@ -13,7 +13,7 @@ use envoy_types::pb::google::rpc::Status;
 
 use super::resources::{Resource, ResourceSet, ResourceType};
 use super::status::{Reply, TypeLedger, TypeStatus};
-use super::view::{NameSet, ResourceView, intern_names, same_names, sotw_entries};
+use super::view::{EntryKind, NameSet, ResourceView, intern_names, same_names};
 use super::wire::SotwResponse;
 
 /// A SotW `DiscoveryRequest` as the server reads it: the same wire format,
@@ -145,6 +145,9 @@ struct SotwWatch {
     sent: Arc<ResourceView>,
     /// Respond to the next request even if it is a plain ACK (Envoy's cluster warming).
     always_respond: bool,
+    /// A config change not sent yet because the client has not answered our
+    /// last response of this type: when the first such change happened.
+    pending: Option<Instant>,
 }
 
 /// One SotW stream (ADS or a single-type stream).
@@ -215,8 +218,10 @@ impl SotwStream {
                 return Ok(step);
             }
             Reply::Nack { message } => {
-                // Envoy keeps its last good config; we answer nothing until config changes.
+                // Envoy keeps its last good config; we answer nothing until config
+                // changes (or a change held back for this reply is due).
                 step.events.push(StreamEvent::Nacked { ty, message });
+                step.responses = self.send_pending(resources, now);
                 return Ok(step);
             }
             Reply::Ack { latency } => step.events.push(StreamEvent::Acked { ty, latency }),
@@ -231,6 +236,7 @@ impl SotwStream {
             ledger: TypeLedger::default(),
             sent: ResourceView::empty(),
             always_respond: false,
+            pending: None,
         });
         watch.subscription = next;
         let respond = matches!(reply, Reply::Initial) || added || watch.always_respond;
@@ -258,10 +264,14 @@ impl SotwStream {
                 .collect();
             w.sent = Arc::new(ResourceView::new(kept));
         }
+        step.responses.extend(self.send_pending(resources, now));
         Ok(step)
     }
 
-    /// Handles a config change: responds for every watched type whose view changed.
+    /// Handles a config change: responds for every watched type whose view
+    /// changed, unless the client has not answered our last response of that
+    /// type yet (see `TypeLedger::awaiting_reply`): then the change is sent,
+    /// merged with any later ones, when it does.
     /// `change_at` is when the change behind this push first happened.
     pub fn on_push(
         &mut self,
@@ -269,22 +279,52 @@ impl SotwStream {
         change_at: Instant,
         now: Instant,
     ) -> Step<SotwResponse> {
-        let mut step = Step::default();
-        let mut clusters_sent = false;
         for ty in ResourceType::PUSH_ORDER {
-            let Some(watch) = self.watches.get(&ty) else {
+            let Some(watch) = self.watches.get_mut(&ty) else {
                 continue;
             };
             let view = resources.view(ty, watch.subscription.names());
-            let changed = watch.sent.version != view.version || watch.ledger.sent.is_none();
-            let warm = ty == ResourceType::Endpoint && clusters_sent;
-            if changed || warm {
-                step.responses
-                    .push(self.respond(ty, resources, now, Some(change_at), !warm));
-                clusters_sent |= ty == ResourceType::Cluster;
+            if watch.sent.version != view.version || watch.ledger.sent.is_none() {
+                watch.pending.get_or_insert(change_at);
             }
         }
-        step
+        Step {
+            responses: self.send_pending(resources, now),
+            events: Vec::new(),
+        }
+    }
+
+    /// Sends, in push order, every type with a change not sent yet whose last
+    /// response was answered. A type that must wait holds back the types after
+    /// it (make-before-break: clusters before the listeners that use them).
+    /// After clusters, endpoints are sent too (Envoy's cluster warming).
+    fn send_pending(&mut self, resources: &ResourceSet, now: Instant) -> Vec<SotwResponse> {
+        let mut responses = Vec::new();
+        let (mut clusters_sent, mut held_back) = (false, false);
+        for ty in ResourceType::PUSH_ORDER {
+            let Some(watch) = self.watches.get_mut(&ty) else {
+                continue;
+            };
+            let warm = ty == ResourceType::Endpoint && clusters_sent;
+            if watch.pending.is_some() && !warm && watch.ledger.sent.is_some() {
+                let view = resources.view(ty, watch.subscription.names());
+                if view.version == watch.sent.version {
+                    // Changed and changed back while it waited.
+                    watch.pending = None;
+                }
+            }
+            if watch.pending.is_none() && !warm {
+                continue;
+            }
+            if held_back || watch.ledger.awaiting_reply(now) {
+                held_back = true;
+                continue;
+            }
+            let change_at = watch.pending;
+            responses.push(self.respond(ty, resources, now, change_at, !warm));
+            clusters_sent |= ty == ResourceType::Cluster;
+        }
+        responses
     }
 
     /// Sends the view of `ty`; with `only_changes`, a type that allows it gets
@@ -313,7 +353,8 @@ impl SotwStream {
             let (updated, removed) = view.diff(&watch.sent);
             // Nothing can say "removed" in SotW EDS: removals send everything.
             if removed.is_empty() {
-                body = Some((sotw_entries(updated.iter().copied()), updated.len()));
+                let entries = view.changes_since(&watch.sent, EntryKind::Sotw, &updated);
+                body = Some((entries, updated.len()));
             }
         }
         let (entries, count) = body.unwrap_or_else(|| (view.sotw_entries(), view.len()));
@@ -324,11 +365,13 @@ impl SotwStream {
             type_url: ty.type_url(),
             nonce: nonce.clone(),
         };
+        let change_at = change_at.or(watch.pending);
         watch
             .ledger
             .record_sent(nonce, view.version.clone(), now, change_at);
         watch.sent = view;
         watch.always_respond = false;
+        watch.pending = None;
         if ty == ResourceType::Cluster
             && let Some(eds) = self.watches.get_mut(&ResourceType::Endpoint)
         {
@@ -527,8 +570,11 @@ mod tests {
             .unwrap()
             .responses
             .remove(0);
+        // The client has not answered r1: a push waits (at most REPLY_WAIT_LIMIT).
+        assert!(s.on_push(&set(&["a", "b"], &[]), now, now).responses.is_empty());
+        let later = now + super::super::status::REPLY_WAIT_LIMIT;
         let r2 = s
-            .on_push(&set(&["a", "b"], &[]), now, now)
+            .on_push(&set(&["a", "b"], &[]), now, later)
             .responses
             .remove(0);
         assert_ne!(r1.nonce, r2.nonce);
@@ -709,6 +755,9 @@ mod tests {
             step.responses.is_empty(),
             "the warming EDS was already sent in the push"
         );
+        let cds_nonce = &push.responses[0].nonce;
+        s.on_request(&req(ResourceType::Cluster, &[], cds_nonce, ""), &changed, now)
+            .unwrap();
         let cds = s
             .on_push(&set(&["a", "b", "c"], &[("a", 1)]), now, now)
             .responses;
@@ -802,5 +851,76 @@ mod tests {
             s.on_request(&req(ResourceType::Listener, &[], "", ""), &res, now),
             Err(ProtocolError::WrongType { .. })
         ));
+    }
+
+    #[test]
+    fn a_push_waits_for_the_reply_to_the_last_response_and_merges() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + std::time::Duration::from_millis(n);
+        let mut s = SotwStream::new_ads();
+        let eds = ResourceType::Endpoint;
+        let res = set(&[], &[("a", 1), ("b", 1)]);
+        let r = s.on_request(&req(eds, &["a", "b"], "", ""), &res, t0).unwrap().responses;
+        s.on_request(&req(eds, &["a", "b"], &r[0].nonce, &r[0].version_info), &res, t0)
+            .unwrap();
+        // First change: sent at once, only the changed assignment.
+        let first = s.on_push(&set(&[], &[("a", 2), ("b", 1)]), ms(10), ms(10)).responses;
+        assert_eq!(first.iter().map(names).collect::<Vec<_>>(), [1]);
+        // Two more before the client answers: nothing queues behind the first.
+        assert!(s.on_push(&set(&[], &[("a", 3), ("b", 1)]), ms(20), ms(20)).responses.is_empty());
+        let three = set(&[], &[("a", 3), ("b", 2)]);
+        assert!(s.on_push(&three, ms(30), ms(30)).responses.is_empty());
+        // The ACK: one response carrying both, timed from the first of them.
+        let step = s
+            .on_request(&req(eds, &["a", "b"], &first[0].nonce, &first[0].version_info), &three, ms(40))
+            .unwrap();
+        assert_eq!(step.responses.iter().map(names).collect::<Vec<_>>(), [2]);
+        assert_eq!(step.responses[0].version_info, three.view(eds, None).version);
+        assert_eq!(s.watches[&eds].ledger.sent.as_ref().unwrap().change_at, Some(ms(20)));
+        // Changed and changed back while waiting: nothing owed after the ACK.
+        let four = set(&[], &[("a", 4), ("b", 2)]);
+        assert!(s.on_push(&four, ms(50), ms(50)).responses.is_empty());
+        let step = s
+            .on_request(&req(eds, &["a", "b"], &step.responses[0].nonce, ""), &three, ms(60))
+            .unwrap();
+        assert!(step.responses.is_empty());
+        // A NACK answers too: a change waiting for it is sent, in full.
+        let sent = s.on_push(&four, ms(70), ms(70)).responses;
+        assert_eq!(sent.len(), 1);
+        let five = set(&[], &[("a", 5), ("b", 2)]);
+        assert!(s.on_push(&five, ms(80), ms(80)).responses.is_empty());
+        let step = s.on_request(&nack(eds, &sent[0].nonce, "bad"), &five, ms(90)).unwrap();
+        assert_eq!(step.responses.iter().map(names).collect::<Vec<_>>(), [2]);
+    }
+
+    #[test]
+    fn clusters_waiting_for_their_ack_hold_back_the_types_after_them() {
+        let now = Instant::now();
+        let mut s = SotwStream::new_ads();
+        let res = set(&["a"], &[("a", 1)]);
+        for (ty, names) in [
+            (ResourceType::Cluster, &[][..]),
+            (ResourceType::Endpoint, &["a"][..]),
+            (ResourceType::Listener, &[][..]),
+        ] {
+            let r = s.on_request(&req(ty, names, "", ""), &res, now).unwrap().responses;
+            s.on_request(&req(ty, names, &r[0].nonce, ""), &res, now).unwrap();
+        }
+        let cds = s.on_push(&set(&["a", "b"], &[("a", 1)]), now, now).responses;
+        assert_eq!(cds.len(), 2, "clusters, then endpoints for warming");
+        s.on_request(&req(ResourceType::Endpoint, &["a"], &cds[1].nonce, ""), &res, now)
+            .unwrap();
+        // Clusters and endpoints change while the CDS response is unanswered.
+        let next = set(&["a", "b", "c"], &[("a", 2)]);
+        assert!(s.on_push(&next, now, now).responses.is_empty());
+        let step = s
+            .on_request(&req(ResourceType::Cluster, &[], &cds[0].nonce, ""), &next, now)
+            .unwrap();
+        let types: Vec<_> = step
+            .responses
+            .iter()
+            .map(|r| ResourceType::from_type_url(&r.type_url).unwrap())
+            .collect();
+        assert_eq!(types, [ResourceType::Cluster, ResourceType::Endpoint]);
     }
 }
