@@ -59,7 +59,7 @@ pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
             );
             state.endpoints.insert((ns, svc), (0..spec.endpoints).map(|i| endpoint(c, s, i)).collect());
         }
-        inputs.clusters.insert(name, state);
+        inputs.clusters.insert(name, std::sync::Arc::new(state));
     }
     inputs.virtual_meshes.push(PolicyObject {
         namespace: "service-mesh-hub".into(),
@@ -100,7 +100,7 @@ pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
 /// Moves one endpoint of `service` in `cluster` (an address change, as a rollout would).
 pub fn churn_endpoint(inputs: &mut MeshInputs, cluster: usize, service: usize, step: usize) {
     let ns = format!("ns-{}", service % 10);
-    let state = inputs.clusters.get_mut(&cluster_name(cluster)).expect("cluster");
+    let state = std::sync::Arc::make_mut(inputs.clusters.get_mut(&cluster_name(cluster)).expect("cluster"));
     if let Some(eps) = state.endpoints.get_mut(&(ns, service_name(service)))
         && let Some(ep) = eps.first_mut()
     {

@@ -54,6 +54,10 @@ pub fn classify_change(old: &MeshSnapshot, new: &MeshSnapshot) -> SnapshotChange
     let mut changed = BTreeSet::new();
     for (name, o) in &old.clusters {
         let Some(n) = new.clusters.get(name) else { return SnapshotChange::Full };
+        if Arc::ptr_eq(o, n) {
+            // The source kept this cluster's state: nothing in it changed.
+            continue;
+        }
         if o.services != n.services || o.network != n.network {
             return SnapshotChange::Full;
         }
@@ -309,12 +313,12 @@ mod tests {
 
         // reviews-v3 gets a second endpoint in remote-cluster; v1 becomes unready.
         let mut next = inputs();
-        let remote = next.clusters.get_mut("remote-cluster").unwrap();
+        let remote = Arc::make_mut(next.clusters.get_mut("remote-cluster").unwrap());
         let eps = remote.endpoints.get_mut(&("default".to_string(), "reviews".to_string())).unwrap();
         let mut extra = eps[0].clone();
         extra.address = "127.0.20.24".into();
         eps.push(extra);
-        let local = next.clusters.get_mut("management-plane").unwrap();
+        let local = Arc::make_mut(next.clusters.get_mut("management-plane").unwrap());
         local.endpoints.get_mut(&("default".to_string(), "reviews".to_string())).unwrap()[0].ready = false;
         let snapshot_before = mesh.snapshot();
         let expected = MeshSnapshot::build(next.clone(), &mut LastGood::default());

@@ -144,7 +144,7 @@ pub struct PolicyObject<S> {
 /// Everything sources read, not yet validated.
 #[derive(Debug, Clone, Default)]
 pub struct MeshInputs {
-    pub clusters: BTreeMap<String, ClusterState>,
+    pub clusters: BTreeMap<String, Arc<ClusterState>>,
     pub traffic_policies: Vec<PolicyObject<api::TrafficPolicySpec>>,
     pub virtual_meshes: Vec<PolicyObject<api::VirtualMeshSpec>>,
     pub access_policies: Vec<PolicyObject<api::AccessControlPolicySpec>>,
@@ -155,7 +155,7 @@ pub struct MeshInputs {
 /// The immutable, validated mesh that translation reads.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MeshSnapshot {
-    pub clusters: BTreeMap<String, ClusterState>,
+    pub clusters: BTreeMap<String, Arc<ClusterState>>,
     /// Cluster → the clusters it shares a virtual mesh with (itself included).
     pub mesh_peers: BTreeMap<String, BTreeSet<String>>,
     /// Policies that apply, oldest first.
@@ -292,7 +292,7 @@ impl MeshSnapshot {
 
 /// A VirtualMesh's `meshes[]` name clusters directly, or by Service Mesh Hub's
 /// discovered-mesh names (`istio-istio-system-<cluster>`).
-fn mesh_ref_to_cluster(name: &str, clusters: &BTreeMap<String, ClusterState>) -> Option<String> {
+fn mesh_ref_to_cluster(name: &str, clusters: &BTreeMap<String, Arc<ClusterState>>) -> Option<String> {
     if clusters.contains_key(name) {
         return Some(name.to_string());
     }
@@ -320,7 +320,7 @@ fn mesh_trust(inputs: &MeshInputs) -> BTreeMap<String, MeshTrust> {
     out
 }
 
-fn network_gateways(clusters: &BTreeMap<String, ClusterState>) -> BTreeMap<String, Vec<GatewayAddress>> {
+fn network_gateways(clusters: &BTreeMap<String, Arc<ClusterState>>) -> BTreeMap<String, Vec<GatewayAddress>> {
     let mut out: BTreeMap<String, Vec<GatewayAddress>> = BTreeMap::new();
     for svc in clusters.values().flat_map(|c| c.services.values()) {
         let Some(network) = svc.labels.get(k8s::NETWORK_LABEL).filter(|n| !n.is_empty()) else { continue };

@@ -63,7 +63,7 @@ pub struct SourceMemory {
     stamps: HashMap<PathBuf, (u64, u64, std::time::SystemTime)>,
     /// Each cluster folder's state, its read errors and the stamps it was
     /// built from: a folder whose files did not change is not rebuilt.
-    clusters: HashMap<String, (Vec<(PathBuf, Option<FileStamp>)>, crate::model::ClusterState, Vec<String>)>,
+    clusters: HashMap<String, (Vec<(PathBuf, Option<FileStamp>)>, Arc<crate::model::ClusterState>, Vec<String>)>,
     first_seen_ms: HashMap<(String, String, String), i64>,
     generations: HashMap<(String, String, String), (String, i64)>,
 }
@@ -296,6 +296,7 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
 
     for (name, objects) in &cluster_objects {
         let (state, errors) = cluster_state(name, objects);
+        let state = Arc::new(state);
         inputs.errors.extend(errors.iter().cloned());
         let stamps = cluster_stamps.remove(name).unwrap_or_default();
         memory.clusters.insert(name.clone(), (stamps, state.clone(), errors));

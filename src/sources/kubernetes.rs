@@ -286,7 +286,7 @@ pub async fn run(
     }
 
     let mut watches: HashMap<String, ClusterWatch> = HashMap::new();
-    let mut states: BTreeMap<String, ClusterState> = BTreeMap::new();
+    let mut states: BTreeMap<String, Arc<ClusterState>> = BTreeMap::new();
     let mut errors: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut published_once = false;
     // The KubernetesCluster watch reports only after its initial list.
@@ -371,7 +371,7 @@ pub async fn run(
                     ("Namespace".to_string(), objects.namespaces.len()),
                 ]);
                 let (state, errs) = cluster_state(name, &objects);
-                states.insert(name.clone(), state);
+                states.insert(name.clone(), Arc::new(state));
                 errors.insert(name.clone(), errs);
                 health.update(name, |h| {
                     h.objects = counts;
