@@ -59,6 +59,10 @@ struct Plane {
 }
 
 async fn start_plane(send_timeout: Duration) -> Plane {
+    start_plane_with(XdsServerConfig { push_concurrency: 8, send_timeout, stream_buffer: 2, ..Default::default() }).await
+}
+
+async fn start_plane_with(config: XdsServerConfig) -> Plane {
     let metrics = Arc::new(Metrics::new());
     let (notifier, changes) = ChangeNotifier::channel();
     let provider = Arc::new(PerClusterResources { sets: Default::default(), notifier });
@@ -71,7 +75,7 @@ async fn start_plane(send_timeout: Duration) -> Plane {
         registry.clone(),
         metrics.clone(),
         push_rx,
-        XdsServerConfig { push_concurrency: 8, send_timeout, stream_buffer: 2, ..Default::default() },
+        config,
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
@@ -184,34 +188,61 @@ async fn a_proxy_whose_config_did_not_change_gets_nothing() {
 
 #[tokio::test]
 async fn a_client_that_never_acks_or_disconnects_mid_push_costs_only_itself() {
-    let plane = start_plane(Duration::from_millis(500)).await;
+    let reply_wait_limit = Duration::from_secs(1);
+    let plane = start_plane_with(XdsServerConfig {
+        push_concurrency: 8,
+        send_timeout: Duration::from_millis(500),
+        stream_buffer: 2,
+        reply_wait_limit,
+        ..Default::default()
+    })
+    .await;
     plane.provider.set_clusters("c1", &["a"]);
     // Each proxy has its own connection, as each Envoy does.
     let connect = || async { Channel::from_shared(plane.addr.clone()).unwrap().connect().await.unwrap() };
     let mut good = Ads::open(connect().await, cds_request(Some(node("good", "c1")), "", "")).await.unwrap();
     let r = good.next().await.unwrap();
     good.ack(&r).await;
-    // Never ACKs and never reads: it is pushed to until HTTP/2 flow control and its
-    // buffer are full, then dropped after the send timeout.
+    // Never ACKs and never reads.
     let silent = Ads::open(connect().await, cds_request(Some(node("silent", "c1")), "", "")).await.unwrap();
     // Disconnects right after its first response.
     let mut leaver = Ads::open(connect().await, cds_request(Some(node("leaver", "c1")), "", "")).await.unwrap();
     leaver.next().await.unwrap();
     drop(leaver);
-    // Ten pushes of 512 KiB: more than the silent proxy's HTTP/2 stream window
-    // (2 MiB in hyper's client) plus the server's bounded buffers can hold.
+    let registry = plane.registry.clone();
+    let silent_responses = || {
+        let conn = registry.all().into_iter().find(|c| c.node.id == "silent")?;
+        let status = conn.view.status(std::time::Instant::now());
+        status.iter().find(|t| t.type_short == "CDS")?.sent_nonce.as_ref()?.parse::<u64>().ok()
+    };
+    // Pushes of 512 KiB each.
     let pad = "x".repeat(256 * 1024);
-    for i in 0..10 {
+    let mut push = |i: usize| {
         let names = [format!("c{i}-a-{pad}"), format!("c{i}-b-{pad}")];
         plane.provider.set_clusters("c1", &[names[0].as_str(), names[1].as_str()]);
-        let push = good.next().await.unwrap();
-        assert_eq!(push.resources.len(), 2, "the well-behaved proxy keeps getting every push");
-        good.ack(&push).await;
+    };
+    let started = std::time::Instant::now();
+    for i in 0..10 {
+        push(i);
+        let r = good.next().await.unwrap();
+        assert_eq!(r.resources.len(), 2, "the well-behaved proxy keeps getting every push");
+        good.ack(&r).await;
     }
-    let registry = plane.registry.clone();
-    tokio::time::timeout(Duration::from_secs(20), async {
+    // The silent proxy has not answered its first response: pushes wait for
+    // the reply (one more per elapsed wait limit), nothing queues up for it.
+    let allowed = 1 + (started.elapsed().as_secs_f64() / reply_wait_limit.as_secs_f64()).ceil() as u64;
+    let sent = silent_responses().expect("the silent proxy is still connected");
+    assert!(sent <= allowed && sent < 10, "{sent} responses to a proxy that never replied (allowed {allowed})");
+    // Past the wait limit it is pushed to again; as it does not read, HTTP/2
+    // flow control and the bounded buffers fill and the send timeout drops it.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let mut i = 10;
         while registry.all().iter().any(|c| c.node.id == "silent" || c.node.id == "leaver") {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            push(i);
+            i += 1;
+            let r = good.next().await.unwrap();
+            assert_eq!(r.resources.len(), 2);
+            good.ack(&r).await;
         }
     })
     .await

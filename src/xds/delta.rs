@@ -78,6 +78,8 @@ pub struct DeltaStream {
     watches: BTreeMap<ResourceType, DeltaWatch>,
     only_type: Option<ResourceType>,
     nonce_counter: u64,
+    /// How long a push waits for the reply to the last response of its type.
+    reply_wait_limit: std::time::Duration,
 }
 
 impl DeltaStream {
@@ -86,6 +88,7 @@ impl DeltaStream {
             watches: BTreeMap::new(),
             only_type: None,
             nonce_counter: 0,
+            reply_wait_limit: super::status::REPLY_WAIT_LIMIT,
         }
     }
 
@@ -94,7 +97,15 @@ impl DeltaStream {
             watches: BTreeMap::new(),
             only_type: Some(ty),
             nonce_counter: 0,
+            reply_wait_limit: super::status::REPLY_WAIT_LIMIT,
         }
+    }
+
+    /// How long a push waits for the reply to the last response of its type
+    /// (`REPLY_WAIT_LIMIT` unless set).
+    pub fn with_reply_wait_limit(mut self, limit: std::time::Duration) -> Self {
+        self.reply_wait_limit = limit;
+        self
     }
 
     pub fn on_request(
@@ -226,7 +237,7 @@ impl DeltaStream {
             let Some(change_at) = watch.pending else {
                 continue;
             };
-            if held_back || watch.ledger.awaiting_reply(now) {
+            if held_back || watch.ledger.awaiting_reply(now, self.reply_wait_limit) {
                 // Only a real difference holds the later types back.
                 held_back |= watch.held.version
                     != resources.view(ty, (!watch.wildcard).then_some(&watch.explicit)).version;

@@ -39,6 +39,9 @@ pub struct XdsServerConfig {
     /// timeout closes its connection.
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// A push waits this long at most for the reply to the last response of
+    /// its type before it is sent anyway.
+    pub reply_wait_limit: Duration,
 }
 
 impl Default for XdsServerConfig {
@@ -49,6 +52,7 @@ impl Default for XdsServerConfig {
             stream_buffer: 8,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            reply_wait_limit: super::status::REPLY_WAIT_LIMIT,
         }
     }
 }
@@ -112,7 +116,8 @@ impl XdsServer {
         let machine = match only {
             Some(ty) => SotwStream::new_single(ty),
             None => SotwStream::new_ads(),
-        };
+        }
+        .with_reply_wait_limit(self.inner.config.reply_wait_limit);
         self.start(Arc::new(Mutex::new(machine)), requests)
     }
 
@@ -124,7 +129,8 @@ impl XdsServer {
         let machine = match only {
             Some(ty) => DeltaStream::new_single(ty),
             None => DeltaStream::new_ads(),
-        };
+        }
+        .with_reply_wait_limit(self.inner.config.reply_wait_limit);
         self.start(Arc::new(Mutex::new(machine)), requests)
     }
 }

@@ -156,6 +156,8 @@ pub struct SotwStream {
     watches: BTreeMap<ResourceType, SotwWatch>,
     only_type: Option<ResourceType>,
     nonce_counter: u64,
+    /// How long a push waits for the reply to the last response of its type.
+    reply_wait_limit: std::time::Duration,
 }
 
 /// Types whose SotW responses may carry only the resources that changed
@@ -172,6 +174,7 @@ impl SotwStream {
             watches: BTreeMap::new(),
             only_type: None,
             nonce_counter: 0,
+            reply_wait_limit: super::status::REPLY_WAIT_LIMIT,
         }
     }
 
@@ -181,7 +184,15 @@ impl SotwStream {
             watches: BTreeMap::new(),
             only_type: Some(ty),
             nonce_counter: 0,
+            reply_wait_limit: super::status::REPLY_WAIT_LIMIT,
         }
+    }
+
+    /// How long a push waits for the reply to the last response of its type
+    /// (`REPLY_WAIT_LIMIT` unless set).
+    pub fn with_reply_wait_limit(mut self, limit: std::time::Duration) -> Self {
+        self.reply_wait_limit = limit;
+        self
     }
 
     fn check_type(&self, type_url: &str) -> Result<ResourceType, ProtocolError> {
@@ -316,7 +327,7 @@ impl SotwStream {
             if watch.pending.is_none() && !warm {
                 continue;
             }
-            if held_back || watch.ledger.awaiting_reply(now) {
+            if held_back || watch.ledger.awaiting_reply(now, self.reply_wait_limit) {
                 held_back = true;
                 continue;
             }

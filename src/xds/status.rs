@@ -33,8 +33,9 @@ impl SyncState {
     }
 }
 
-/// How long a push waits for the reply to the previous response of its type
-/// before it is sent anyway (a client that never replies still gets config).
+/// How long a push waits, by default, for the reply to the previous response
+/// of its type before it is sent anyway (a client that never replies still
+/// gets config, and one that also stops reading meets the send timeout).
 pub const REPLY_WAIT_LIMIT: Duration = Duration::from_secs(10);
 
 /// A response that was sent: what, when, and which config change caused it.
@@ -104,18 +105,18 @@ impl TypeLedger {
     }
 
     /// True while our last response has neither been ACKed nor NACKed, for at
-    /// most `REPLY_WAIT_LIMIT`. Pushes wait for the reply (one response per type
+    /// most `limit` (`REPLY_WAIT_LIMIT` by default). Pushes wait for the reply (one response per type
     /// in flight, as go-control-plane paces): a proxy that reads slower than
     /// config changes then gets them merged into one response, instead of a
     /// queue of responses that holds memory in the server and that the proxy
     /// must work through before it sees the latest config.
-    pub fn awaiting_reply(&self, now: Instant) -> bool {
+    pub fn awaiting_reply(&self, now: Instant, limit: Duration) -> bool {
         let Some(sent) = &self.sent else {
             return false;
         };
         let replied = self.acked.as_ref().is_some_and(|a| a.nonce == sent.nonce)
             || self.error.as_ref().is_some_and(|e| e.nonce == sent.nonce);
-        !replied && now.saturating_duration_since(sent.at) < REPLY_WAIT_LIMIT
+        !replied && now.saturating_duration_since(sent.at) < limit
     }
 
     pub fn record_sent(&mut self, nonce: String, version: String, now: Instant, change_at: Option<Instant>) {
@@ -199,17 +200,17 @@ mod tests {
     fn awaiting_reply_until_ack_or_nack_or_the_limit() {
         let now = Instant::now();
         let mut l = TypeLedger::default();
-        assert!(!l.awaiting_reply(now), "nothing sent");
+        assert!(!l.awaiting_reply(now, REPLY_WAIT_LIMIT), "nothing sent");
         l.record_sent("1".into(), "v1".into(), now, None);
-        assert!(l.awaiting_reply(now));
+        assert!(l.awaiting_reply(now, REPLY_WAIT_LIMIT));
         assert_eq!(l.on_reply("0", None, now), Reply::Stale);
-        assert!(l.awaiting_reply(now), "a stale nonce is not a reply");
-        assert!(!l.awaiting_reply(now + REPLY_WAIT_LIMIT), "waits at most the limit");
+        assert!(l.awaiting_reply(now, REPLY_WAIT_LIMIT), "a stale nonce is not a reply");
+        assert!(!l.awaiting_reply(now + REPLY_WAIT_LIMIT, REPLY_WAIT_LIMIT), "waits at most the limit");
         l.on_reply("1", None, now);
-        assert!(!l.awaiting_reply(now), "ACKed");
+        assert!(!l.awaiting_reply(now, REPLY_WAIT_LIMIT), "ACKed");
         l.record_sent("2".into(), "v2".into(), now, None);
-        assert!(l.awaiting_reply(now));
+        assert!(l.awaiting_reply(now, REPLY_WAIT_LIMIT));
         l.on_reply("2", Some("bad"), now);
-        assert!(!l.awaiting_reply(now), "NACKed");
+        assert!(!l.awaiting_reply(now, REPLY_WAIT_LIMIT), "NACKed");
     }
 }
