@@ -596,18 +596,8 @@ mod tests {
     #[test]
     fn cluster_change_resends_endpoints_after_it() {
         let now = Instant::now();
-        let mut s = DeltaStream::new_ads();
         let res = set(&[("a", 1)], &[("a", 1)]);
-        ack_all(&mut s, &res, now, |s| {
-            s.on_request(&req(ResourceType::Cluster, &[], &[], ""), &res, now)
-                .unwrap()
-                .responses
-        });
-        ack_all(&mut s, &res, now, |s| {
-            s.on_request(&req(ResourceType::Endpoint, &["a"], &[], ""), &res, now)
-                .unwrap()
-                .responses
-        });
+        let mut s = synced_to_clusters_and_endpoints_of_a(&res, now);
         let push = s
             .on_push(&set(&[("a", 2)], &[("a", 1)]), now, now)
             .responses;
@@ -617,6 +607,16 @@ mod tests {
             .collect();
         assert_eq!(types, [ResourceType::Cluster, ResourceType::Endpoint]);
         assert_eq!(names(&push[1]), ["a"]);
+    }
+
+    /// An ADS stream subscribed to every cluster and to the endpoints of "a",
+    /// with both responses ACKed.
+    fn synced_to_clusters_and_endpoints_of_a(res: &ResourceSet, now: Instant) -> DeltaStream {
+        let mut s = DeltaStream::new_ads();
+        for (ty, names) in [(ResourceType::Cluster, &[][..]), (ResourceType::Endpoint, &["a"][..])] {
+            ack_all(&mut s, res, now, |s| s.on_request(&req(ty, names, &[], ""), res, now).unwrap().responses);
+        }
+        s
     }
 
     /// Sends what `f` returns back as ACKs (and the ACKs' answers, until none).
@@ -682,18 +682,8 @@ mod tests {
     #[test]
     fn clusters_waiting_for_their_ack_hold_back_endpoints_then_rewarm_them() {
         let now = Instant::now();
-        let mut s = DeltaStream::new_ads();
         let res = set(&[("a", 1)], &[("a", 1)]);
-        ack_all(&mut s, &res, now, |s| {
-            s.on_request(&req(ResourceType::Cluster, &[], &[], ""), &res, now)
-                .unwrap()
-                .responses
-        });
-        ack_all(&mut s, &res, now, |s| {
-            s.on_request(&req(ResourceType::Endpoint, &["a"], &[], ""), &res, now)
-                .unwrap()
-                .responses
-        });
+        let mut s = synced_to_clusters_and_endpoints_of_a(&res, now);
         let cds = s.on_push(&set(&[("a", 2)], &[("a", 1)]), now, now).responses;
         assert_eq!(cds.len(), 2, "clusters, then endpoints for warming");
         let eds_nonce = cds[1].nonce.clone();
