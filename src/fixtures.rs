@@ -26,8 +26,8 @@ pub fn service_name(i: usize) -> String {
 fn endpoint(cluster: usize, service: usize, i: usize) -> Endpoint {
     Endpoint {
         address: format!("10.{}.{}.{}", cluster, (service * 10 + i) / 250 % 250, (service * 10 + i) % 250 + 1),
-        ports: [("http".to_string(), 8080)].into(),
-        labels: [("app".to_string(), service_name(service)), ("version".to_string(), format!("v{}", i % 3 + 1))].into(),
+        ports: std::sync::Arc::new([("http".to_string(), 8080)].into()),
+        labels: std::sync::Arc::new([("app".to_string(), service_name(service)), ("version".to_string(), format!("v{}", i % 3 + 1))].into()),
         ready: true,
         locality: Locality { region: format!("region-{cluster}"), zone: format!("zone-{}", i % 2) },
         network: String::new(),

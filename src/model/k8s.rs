@@ -29,8 +29,54 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub struct ClusterObjects {
     pub services: Vec<Arc<Service>>,
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
-    pub pods: Vec<Arc<Pod>>,
+    pub pods: Vec<Arc<PodSummary>>,
     pub namespaces: Vec<Arc<Namespace>>,
+}
+
+/// What [`cluster_state`] reads from a Pod, kept instead of the Pod itself: a
+/// parsed `Pod` is ≈4 KB (its spec and status inline, containers and all),
+/// and a mesh keeps one per endpoint (30,000 in the scale fixture: ≈130 MB).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PodSummary {
+    pub namespace: String,
+    pub name: Option<String>,
+    pub labels: Arc<BTreeMap<String, String>>,
+    pub service_account: Option<String>,
+    pub pod_ip: Option<String>,
+    /// The Ready condition, when the status has one.
+    pub ready: Option<bool>,
+    /// (name, containerPort) of every container port, for named target ports.
+    pub container_ports: Vec<(Option<String>, i32)>,
+}
+
+impl From<&Pod> for PodSummary {
+    fn from(pod: &Pod) -> Self {
+        let status = pod.status.as_ref();
+        PodSummary {
+            namespace: ns_of(&pod.metadata),
+            name: pod.metadata.name.clone(),
+            labels: Arc::new(pod.metadata.labels.clone().unwrap_or_default()),
+            service_account: pod.spec.as_ref().and_then(|s| s.service_account_name.clone()),
+            pod_ip: status.and_then(|s| s.pod_ip.clone()).filter(|ip| !ip.is_empty()),
+            ready: status
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+                .map(|c| c.status == "True"),
+            container_ports: pod
+                .spec
+                .iter()
+                .flat_map(|s| s.containers.iter())
+                .flat_map(|c| c.ports.iter().flatten())
+                .map(|p| (p.name.clone(), p.container_port))
+                .collect(),
+        }
+    }
+}
+
+impl From<Pod> for PodSummary {
+    fn from(pod: Pod) -> Self {
+        PodSummary::from(&pod)
+    }
 }
 
 fn ns_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
@@ -109,19 +155,20 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
         );
     }
 
-    let pods: HashMap<(String, String), &Pod> = objects
+    let pods: HashMap<(&str, &str), &PodSummary> = objects
         .pods
         .iter()
-        .filter_map(|p| Some(((ns_of(&p.metadata), p.metadata.name.clone()?), &**p)))
+        .filter_map(|p| Some(((p.namespace.as_str(), p.name.as_deref()?), &**p)))
         .collect();
-    let pod_facts = |pod: Option<&Pod>| -> (BTreeMap<String, String>, String, Option<String>) {
+    let no_labels = Arc::new(BTreeMap::new());
+    let pod_facts = |pod: Option<&PodSummary>| -> (Arc<BTreeMap<String, String>>, String, Option<String>) {
         match pod {
             Some(p) => (
-                p.metadata.labels.clone().unwrap_or_default(),
-                p.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()),
-                p.metadata.name.clone(),
+                p.labels.clone(),
+                p.service_account.clone().unwrap_or_else(|| "default".into()),
+                p.name.clone(),
             ),
-            None => (BTreeMap::new(), "default".into(), None),
+            None => (no_labels.clone(), "default".into(), None),
         }
     };
 
@@ -146,19 +193,21 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
         if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
             continue; // FQDN slices are not routable by address
         }
-        let ports: BTreeMap<String, u16> = slice
-            .ports
-            .iter()
-            .flatten()
-            .filter_map(|p| Some((p.name.clone().unwrap_or_default(), u16::try_from(p.port?).ok()?)))
-            .collect();
+        let ports: Arc<BTreeMap<String, u16>> = Arc::new(
+            slice
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| Some((p.name.clone().unwrap_or_default(), u16::try_from(p.port?).ok()?)))
+                .collect(),
+        );
         for ep in &slice.endpoints {
             let Some(address) = ep.addresses.first().cloned() else { continue };
             let pod = ep
                 .target_ref
                 .as_ref()
                 .filter(|r| r.kind.as_deref().unwrap_or("Pod") == "Pod")
-                .and_then(|r| pods.get(&(r.namespace.clone().unwrap_or_else(|| namespace.clone()), r.name.clone()?)).copied());
+                .and_then(|r| pods.get(&(r.namespace.as_deref().unwrap_or(&namespace), r.name.as_deref()?)).copied());
             let (labels, service_account, pod_name) = pod_facts(pod);
             let network = labels.get(NETWORK_LABEL).cloned().unwrap_or_else(|| state.network.clone());
             let mesh_tls = labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio");
@@ -184,26 +233,13 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
         }
         let targets = &target_ports[key];
         let mut eps = Vec::new();
-        for pod in objects.pods.iter().filter(|p| ns_of(&p.metadata) == key.0) {
-            let labels = pod.metadata.labels.clone().unwrap_or_default();
-            if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+        for pod in objects.pods.iter().filter(|p| p.namespace == key.0) {
+            if !selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v)) {
                 continue;
             }
-            let status = pod.status.clone().unwrap_or_default();
-            let Some(address) = status.pod_ip.clone().filter(|ip| !ip.is_empty()) else { continue };
-            let ready = status
-                .conditions
-                .as_ref()
-                .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-                .map(|c| c.status == "True")
-                .unwrap_or(true);
-            let container_ports: Vec<(Option<String>, i32)> = pod
-                .spec
-                .iter()
-                .flat_map(|s| s.containers.iter())
-                .flat_map(|c| c.ports.iter().flatten())
-                .map(|p| (p.name.clone(), p.container_port))
-                .collect();
+            let Some(address) = pod.pod_ip.clone() else { continue };
+            let ready = pod.ready.unwrap_or(true);
+            let container_ports = &pod.container_ports;
             let mut ports = BTreeMap::new();
             for (sp, target) in targets {
                 let port = match target {
@@ -218,12 +254,12 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
                     ports.insert(sp.name.clone(), port);
                 }
             }
-            let (labels, service_account, pod_name) = pod_facts(Some(pod));
+            let (labels, service_account, pod_name) = pod_facts(Some(&**pod));
             let network = labels.get(NETWORK_LABEL).cloned().unwrap_or_else(|| state.network.clone());
             let mesh_tls = labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio");
             eps.push(Endpoint {
                 address,
-                ports,
+                ports: Arc::new(ports),
                 labels,
                 ready,
                 locality: Locality::default(),
@@ -273,9 +309,12 @@ endpoints:
 "#,
             )],
             pods: vec![
-                parse("metadata: {name: reviews-v1-1, namespace: default, labels: {app: reviews, version: v1}}\nspec: {serviceAccountName: bookinfo-reviews, containers: [{name: c}]}"),
-                parse("metadata: {name: reviews-v2-1, namespace: default, labels: {app: reviews, version: v2}}\nspec: {containers: [{name: c}]}"),
-            ],
+                parse::<Pod>("metadata: {name: reviews-v1-1, namespace: default, labels: {app: reviews, version: v1}}\nspec: {serviceAccountName: bookinfo-reviews, containers: [{name: c}]}"),
+                parse::<Pod>("metadata: {name: reviews-v2-1, namespace: default, labels: {app: reviews, version: v2}}\nspec: {containers: [{name: c}]}"),
+            ]
+            .into_iter()
+            .map(|p| Arc::new(PodSummary::from(p)))
+            .collect(),
             namespaces: vec![parse("metadata: {name: istio-system, labels: {topology.istio.io/network: net1}}")],
         };
         let (state, errors) = cluster_state("c1", &objects);
@@ -298,9 +337,12 @@ endpoints:
                 "metadata: {name: ratings}\nspec: {selector: {app: ratings}, ports: [{name: http, port: 9080, targetPort: web}]}",
             )],
             pods: vec![
-                parse("metadata: {name: ratings-1, labels: {app: ratings, version: v1}}\nspec: {containers: [{name: c, ports: [{name: web, containerPort: 8080}]}]}\nstatus: {podIP: 127.0.0.5}"),
-                parse("metadata: {name: other, labels: {app: other}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 127.0.0.6}"),
-            ],
+                parse::<Pod>("metadata: {name: ratings-1, labels: {app: ratings, version: v1}}\nspec: {containers: [{name: c, ports: [{name: web, containerPort: 8080}]}]}\nstatus: {podIP: 127.0.0.5}"),
+                parse::<Pod>("metadata: {name: other, labels: {app: other}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 127.0.0.6}"),
+            ]
+            .into_iter()
+            .map(|p| Arc::new(PodSummary::from(p)))
+            .collect(),
             ..Default::default()
         };
         let (state, errors) = cluster_state("c1", &objects);

@@ -95,10 +95,12 @@ pub struct Locality {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Endpoint {
     pub address: String,
-    /// Service port name → the port on this endpoint.
-    pub ports: BTreeMap<String, u16>,
-    /// The labels of the Pod behind it (subsets select on these).
-    pub labels: BTreeMap<String, String>,
+    /// Service port name → the port on this endpoint (shared by the
+    /// endpoints of one EndpointSlice).
+    pub ports: Arc<BTreeMap<String, u16>>,
+    /// The labels of the Pod behind it (subsets select on these), shared
+    /// with the source's copy of the Pod.
+    pub labels: Arc<BTreeMap<String, String>>,
     pub ready: bool,
     pub locality: Locality,
     pub network: String,

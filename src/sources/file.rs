@@ -21,7 +21,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::model::api::{AccessControlPolicySpec, NETWORKING_GROUP_VERSION, TrafficPolicySpec, VirtualMeshSpec};
-use crate::model::k8s::{ClusterObjects, cluster_state};
+use crate::model::k8s::{ClusterObjects, PodSummary, cluster_state};
 use crate::model::{MeshInputs, PolicyObject};
 
 /// The folder of mesh objects inside a config dir.
@@ -190,7 +190,7 @@ fn parse_file(path: &Path, in_mesh_dir: bool) -> Result<FileObjects, String> {
         } else {
             match (kind, api_version) {
                 ("Service", "v1") => out.cluster.services.push(typed::<Service>(doc).map_err(|e| what(&format!("{id}): {e}")))?.into()),
-                ("Pod", "v1") => out.cluster.pods.push(typed::<Pod>(doc).map_err(|e| what(&format!("{id}): {e}")))?.into()),
+                ("Pod", "v1") => out.cluster.pods.push(Arc::new(PodSummary::from(typed::<Pod>(doc).map_err(|e| what(&format!("{id}): {e}")))?))),
                 ("Namespace", "v1") => out.cluster.namespaces.push(typed::<Namespace>(doc).map_err(|e| what(&format!("{id}): {e}")))?.into()),
                 ("EndpointSlice", "discovery.k8s.io/v1") => {
                     out.cluster.endpoint_slices.push(typed::<EndpointSlice>(doc).map_err(|e| what(&format!("{id}): {e}")))?.into())

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::model::api::{AccessControlPolicy, KubernetesCluster, TrafficPolicy, VirtualMesh};
-use crate::model::k8s::{ClusterObjects, cluster_state};
+use crate::model::k8s::{ClusterObjects, PodSummary, cluster_state};
 use crate::model::{ClusterState, MeshInputs, PolicyObject};
 
 /// What is known about one registered cluster's watches.
@@ -112,7 +112,7 @@ impl ClusterWatch {
         ClusterObjects {
             services: self.services.state(),
             endpoint_slices: self.slices.state(),
-            pods: self.pods.state(),
+            pods: self.pods.state().iter().map(|p| Arc::new(PodSummary::from(&**p))).collect(),
             namespaces: self.namespaces.state(),
         }
     }

@@ -183,6 +183,17 @@ impl ResourceSet {
         &self.by_type[ty.index()].by_name
     }
 
+    /// True when both sets hold the very same map of `ty` (shared by the
+    /// [`ResourceInterner`], or one set was cloned from the other).
+    pub fn shares_type(&self, other: &ResourceSet, ty: ResourceType) -> bool {
+        Arc::ptr_eq(&self.by_type[ty.index()], &other.by_type[ty.index()])
+    }
+
+    /// Takes `from`'s map of `ty` (shared, with its views).
+    pub fn share_type_from(&mut self, from: &ResourceSet, ty: ResourceType) {
+        self.by_type[ty.index()] = from.by_type[ty.index()].clone();
+    }
+
     pub fn get(&self, ty: ResourceType, name: &str) -> Option<&Arc<Resource>> {
         self.by_type[ty.index()].by_name.get(name)
     }
