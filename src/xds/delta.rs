@@ -274,6 +274,7 @@ impl DeltaStream {
         let watch = self.watches.get_mut(&ty)?;
         let current = resources.view(ty, (!watch.wildcard).then_some(&watch.explicit));
         let from_held = watch.reported.is_none();
+        let changes = from_held.then(|| current.changes_since(&watch.held));
         let (updated, mut removed): (Vec<&Arc<Resource>>, Vec<String>) = match watch.reported.take()
         {
             // Reconnected: the client holds what it reported.
@@ -290,8 +291,8 @@ impl DeltaStream {
                     .collect(),
             ),
             None => {
-                let (updated, removed) = current.diff(&watch.held);
-                (updated, removed.into_iter().map(str::to_string).collect())
+                let changes = changes.as_ref().expect("from the held view");
+                (changes.updated.iter().collect(), changes.removed.clone())
             }
         };
         // Explicit names that do not exist are reported removed (once). Without
@@ -328,8 +329,8 @@ impl DeltaStream {
                 watch.told_absent.insert(name.clone());
             }
         }
-        let entries = if from_held {
-            current.changes_since(&watch.held, EntryKind::Delta, &updated)
+        let entries = if let Some(changes) = &changes {
+            current.change_entries(changes, EntryKind::Delta)
         } else if updated.len() == current.len() {
             current.delta_entries()
         } else {

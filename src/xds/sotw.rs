@@ -361,11 +361,11 @@ impl SotwStream {
             && watch.ledger.sent.is_some()
             && watch.ledger.error.is_none()
         {
-            let (updated, removed) = view.diff(&watch.sent);
+            let changes = view.changes_since(&watch.sent);
             // Nothing can say "removed" in SotW EDS: removals send everything.
-            if removed.is_empty() {
-                let entries = view.changes_since(&watch.sent, EntryKind::Sotw, &updated);
-                body = Some((entries, updated.len()));
+            if changes.removed.is_empty() {
+                let entries = view.change_entries(&changes, EntryKind::Sotw);
+                body = Some((entries, changes.updated.len()));
             }
         }
         let (entries, count) = body.unwrap_or_else(|| (view.sotw_entries(), view.len()));

@@ -70,9 +70,9 @@ pub struct ResourceView {
     pub resources: Vec<Arc<Resource>>,
     sotw: OnceLock<Bytes>,
     delta: OnceLock<Bytes>,
-    /// Encodings of what changed since an older view, per older view: every
-    /// stream that holds the same older view is sent the same bytes.
-    changes: Mutex<Vec<ChangeEncoding>>,
+    /// What changed since an older view, per older view: every stream that
+    /// holds the same older view is sent the same bytes.
+    changes: Mutex<Vec<CachedChanges>>,
 }
 
 /// Which message's `resources` entries an encoding is.
@@ -82,15 +82,26 @@ pub enum EntryKind {
     Delta,
 }
 
-struct ChangeEncoding {
-    since: Weak<ResourceView>,
-    kind: EntryKind,
-    entries: Bytes,
+/// What changed from an older view to a newer one, shared by every stream
+/// that held the older view.
+#[derive(Debug)]
+pub struct ViewChanges {
+    /// New or changed resources, in name order.
+    pub updated: Vec<Arc<Resource>>,
+    /// Names the older view had and the newer one has not, in name order.
+    pub removed: Vec<String>,
+    sotw: OnceLock<Bytes>,
+    delta: OnceLock<Bytes>,
 }
 
-/// Change encodings kept per view: streams hold a handful of distinct older
-/// views at a time (one per push they are behind by).
-const CHANGE_ENCODINGS_KEPT: usize = 16;
+struct CachedChanges {
+    since: Weak<ResourceView>,
+    changes: Arc<ViewChanges>,
+}
+
+/// Changes kept per view: streams hold a handful of distinct older views at
+/// a time (one per push they are behind by).
+const CHANGES_KEPT: usize = 16;
 
 impl std::fmt::Debug for ResourceView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -150,46 +161,68 @@ impl ResourceView {
             .clone()
     }
 
-    /// `updated` (what `self.diff(since)` returned) as entries of `kind`,
-    /// encoded once per older view: a push that changes a few resources is
-    /// sent to thousands of streams, and a stream that is several pushes
-    /// behind gets what those pushes changed — each a copy of its own had
-    /// held gigabytes under endpoint churn at 5,000 proxies.
-    pub fn changes_since(
-        &self,
-        since: &Arc<ResourceView>,
-        kind: EntryKind,
-        updated: &[&Arc<Resource>],
-    ) -> Bytes {
-        if updated.len() == self.resources.len() {
+    /// What changed since an older view (see [`diff`](Self::diff)), computed
+    /// once per older view and encoded once per kind: a push that changes a
+    /// few resources is sent to thousands of streams that hold the same older
+    /// view, and a stream several pushes behind gets what those pushes
+    /// changed. (Per stream, the diff had been the largest cost of an endpoint
+    /// push at 5,000 proxies, and the encodings, each a copy of its own, had
+    /// held gigabytes under endpoint churn.)
+    pub fn changes_since(&self, since: &Arc<ResourceView>) -> Arc<ViewChanges> {
+        if std::ptr::eq(self, Arc::as_ptr(since)) {
+            static NONE: OnceLock<Arc<ViewChanges>> = OnceLock::new();
+            return NONE
+                .get_or_init(|| {
+                    Arc::new(ViewChanges {
+                        updated: Vec::new(),
+                        removed: Vec::new(),
+                        sotw: OnceLock::new(),
+                        delta: OnceLock::new(),
+                    })
+                })
+                .clone();
+        }
+        let mut cache = self.changes.lock().expect("change cache lock");
+        if let Some(found) = cache
+            .iter()
+            .find(|c| std::ptr::eq(c.since.as_ptr(), Arc::as_ptr(since)))
+        {
+            return found.changes.clone();
+        }
+        let (updated, removed) = self.diff(since);
+        let changes = Arc::new(ViewChanges {
+            updated: updated.into_iter().cloned().collect(),
+            removed: removed.into_iter().map(str::to_string).collect(),
+            sotw: OnceLock::new(),
+            delta: OnceLock::new(),
+        });
+        // (A `Weak` keeps its allocation, so a cached address is never reused
+        // by another view; dead older views are dropped to free their entries.)
+        cache.retain(|c| c.since.strong_count() > 0);
+        if cache.len() >= CHANGES_KEPT {
+            cache.remove(0);
+        }
+        cache.push(CachedChanges {
+            since: Arc::downgrade(since),
+            changes: changes.clone(),
+        });
+        changes
+    }
+
+    /// `changes`' updated resources as entries of `kind`: the view's own
+    /// encoding when everything changed.
+    pub fn change_entries(&self, changes: &ViewChanges, kind: EntryKind) -> Bytes {
+        if changes.updated.len() == self.resources.len() {
             return match kind {
                 EntryKind::Sotw => self.sotw_entries(),
                 EntryKind::Delta => self.delta_entries(),
             };
         }
-        let mut cache = self.changes.lock().expect("change encodings lock");
-        if let Some(found) = cache
-            .iter()
-            .find(|c| c.kind == kind && std::ptr::eq(c.since.as_ptr(), Arc::as_ptr(since)))
-        {
-            return found.entries.clone();
-        }
-        let entries = match kind {
-            EntryKind::Sotw => sotw_entries(updated.iter().copied()),
-            EntryKind::Delta => delta_entries(updated.iter().copied()),
+        let (cell, encode): (_, fn(&[Arc<Resource>]) -> Bytes) = match kind {
+            EntryKind::Sotw => (&changes.sotw, |r| sotw_entries(r.iter())),
+            EntryKind::Delta => (&changes.delta, |r| delta_entries(r.iter())),
         };
-        // (A `Weak` keeps its allocation, so a cached address is never reused
-        // by another view; dead older views are dropped to free their entries.)
-        cache.retain(|c| c.since.strong_count() > 0);
-        if cache.len() >= CHANGE_ENCODINGS_KEPT {
-            cache.remove(0);
-        }
-        cache.push(ChangeEncoding {
-            since: Arc::downgrade(since),
-            kind,
-            entries: entries.clone(),
-        });
-        entries
+        cell.get_or_init(|| encode(&changes.updated)).clone()
     }
 
     /// What `self` has that `held` lacks or holds at another version, and the
@@ -412,11 +445,9 @@ mod tests {
         let v1 = Arc::new(ResourceView::new(vec![a.clone(), b.clone(), c.clone()]));
         let v2 = Arc::new(ResourceView::new(vec![a.clone(), res("b", 2), c.clone()]));
         let v3 = ResourceView::new(vec![a.clone(), v2.resources[1].clone(), res("c", 2)]);
-        let encode = |since: &Arc<ResourceView>, kind| {
-            let (updated, _) = v3.diff(since);
-            v3.changes_since(since, kind, &updated)
-        };
-        // Two streams that hold v1 get the same bytes; one that holds v2 its own.
+        let encode = |since: &Arc<ResourceView>, kind| v3.change_entries(&v3.changes_since(since), kind);
+        // Two streams that hold v1 get the same changes and bytes; one that holds v2 its own.
+        assert!(Arc::ptr_eq(&v3.changes_since(&v1), &v3.changes_since(&v1)));
         let from_v1 = encode(&v1, EntryKind::Sotw);
         assert!(std::ptr::eq(from_v1.as_ptr(), encode(&v1, EntryKind::Sotw).as_ptr()));
         let decoded = DiscoveryResponse::decode(from_v1.clone()).unwrap();
