@@ -246,28 +246,35 @@ where
 pub struct ChunkedBuf {
     chunks: VecDeque<Bytes>,
     remaining: usize,
-    /// What is held is one buffer of its own (nothing received since `compact`).
-    compacted: bool,
+    /// The last `received` chunks are slices of someone else's buffers
+    /// (received since the last `compact`).
+    received: usize,
 }
 
 impl ChunkedBuf {
     pub fn push(&mut self, chunk: Bytes) {
         if !chunk.is_empty() {
-            self.compacted = false;
+            self.received += 1;
             self.remaining += chunk.len();
             self.chunks.push_back(chunk);
         }
     }
 
-    /// Copies what is held into one buffer of its own (the chunks it copied
-    /// from can go).
+    /// Copies the chunks received since the last call into one buffer of
+    /// their own (the buffers they were slices of can go). Each byte is
+    /// copied once: copying everything held each time had made a large
+    /// message that arrives in many reads cost quadratic copying (the load
+    /// generator spent ≈40% of its CPU there during a sync).
     fn compact(&mut self) {
-        if self.remaining == 0 || self.compacted {
+        let fresh = self.received.min(self.chunks.len());
+        self.received = 0;
+        if fresh == 0 {
             return;
         }
-        self.compacted = true;
-        let mut own = BytesMut::with_capacity(self.remaining);
-        for chunk in self.chunks.drain(..) {
+        let start = self.chunks.len() - fresh;
+        let len: usize = self.chunks.range(start..).map(Bytes::len).sum();
+        let mut own = BytesMut::with_capacity(len);
+        for chunk in self.chunks.drain(start..) {
             own.extend_from_slice(&chunk);
         }
         self.chunks.push_back(own.freeze());
@@ -614,6 +621,19 @@ mod tests {
         let mut rest = buf.split_to(2);
         assert_eq!((rest.remaining(), buf.remaining()), (2, 0));
         assert_eq!(&rest.copy_to_bytes(2)[..], b"ij");
+        // A message arriving over many reads: each compaction copies only
+        // what came since the last one (what was compacted stays put).
+        let mut growing = ChunkedBuf::default();
+        growing.push(Bytes::from_static(b"abc"));
+        growing.push(Bytes::from_static(b"de"));
+        growing.compact();
+        let kept = growing.chunks[0].as_ptr();
+        growing.push(Bytes::from_static(b"fg"));
+        growing.compact();
+        growing.compact();
+        assert_eq!(growing.chunks.len(), 2);
+        assert_eq!(growing.chunks[0].as_ptr(), kept, "not copied again");
+        assert_eq!(&growing.copy_to_bytes(7)[..], b"abcdefg");
         // A compressed message is refused with a clear status.
         let chunk: Vec<Result<Frame<Bytes>, Infallible>> =
             vec![Ok(Frame::data(Bytes::from_static(&[1, 0, 0, 0, 0])))];
