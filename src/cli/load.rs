@@ -309,7 +309,9 @@ fn changes_in(
     markers: &std::collections::HashMap<Vec<u8>, usize>,
     mut found: impl FnMut(usize),
 ) {
-    for p in memchr::memmem::find_iter(payload, b"10.200.") {
+    static PREFIX: std::sync::OnceLock<memchr::memmem::Finder<'static>> = std::sync::OnceLock::new();
+    let prefix = PREFIX.get_or_init(|| memchr::memmem::Finder::new(b"10.200."));
+    for p in prefix.find_iter(payload) {
         if p < 2 || payload[p - 2] != 0x12 {
             continue;
         }

@@ -13,7 +13,7 @@ use envoy_types::pb::google::rpc::Status;
 
 use super::resources::{Resource, ResourceSet, ResourceType};
 use super::status::{Reply, TypeLedger, TypeStatus};
-use super::view::{EntryKind, NameSet, ResourceView, intern_names, same_names};
+use super::view::{EntryKind, NameSet, ResourceView, intern_request_names, same_names};
 use super::wire::SotwResponse;
 
 /// A SotW `DiscoveryRequest` as the server reads it: the same wire format,
@@ -71,9 +71,7 @@ impl Subscription {
             (Some(Subscription::Explicit(cur)), _) if same_names(cur, names) => {
                 Subscription::Explicit(cur.clone())
             }
-            (_, _) => Subscription::Explicit(intern_names(
-                names.iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect(),
-            )),
+            (_, _) => Subscription::Explicit(intern_request_names(names)),
         }
     }
 
