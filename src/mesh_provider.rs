@@ -249,38 +249,6 @@ impl MeshResources {
     }
 }
 
-impl MeshResources {
-    /// [`patch_endpoints_shared`] and interning, done once per shared EDS map:
-    /// the other scopes that held the same map take the patched one. (Per
-    /// scope, patching and interning 3,100 assignments had cost 2–3 ms: 60–100 ms
-    /// per endpoint change at 30 scopes, before the push.)
-    fn patch_endpoints_once(
-        &self,
-        snapshot: &MeshSnapshot,
-        scope: &ProxyScope,
-        set: &ResourceSet,
-        changed: &BTreeSet<ServiceKey>,
-        memo: &mut EndpointMemo,
-        maps: &mut PatchedMaps,
-    ) -> ResourceSet {
-        let gateway = scope.role == crate::xds::node::ProxyRole::Gateway;
-        let key = (scope.cluster.clone(), translate::client_network(snapshot, scope).to_string());
-        if !gateway
-            && let Some((_, after)) = maps.done.get(&key).and_then(|d| d.iter().find(|(before, _)| before.shares_type(set, ResourceType::Endpoint)))
-        {
-            let mut next = set.clone();
-            next.share_type_from(after, ResourceType::Endpoint);
-            return next;
-        }
-        let mut patched = patch_endpoints_shared(snapshot, scope, set, changed, memo);
-        self.interner.share_types(&mut patched, &[ResourceType::Endpoint]);
-        if !gateway {
-            maps.done.entry(key).or_default().push((set.clone(), patched.clone()));
-        }
-        patched
-    }
-}
-
 fn log_policy_changes(old: &MeshSnapshot, new: &MeshSnapshot) {
     for (id, st) in &new.policy_status {
         if old.policy_status.get(id) == Some(st) {
@@ -325,6 +293,36 @@ impl ResourceProvider for MeshResources {
 }
 
 impl MeshResources {
+    /// [`patch_endpoints_shared`] and interning, done once per shared EDS map:
+    /// the other scopes that held the same map take the patched one. (Per
+    /// scope, patching and interning 3,100 assignments had cost 2–3 ms: 60–100 ms
+    /// per endpoint change at 30 scopes, before the push.)
+    fn patch_endpoints_once(
+        &self,
+        snapshot: &MeshSnapshot,
+        scope: &ProxyScope,
+        set: &ResourceSet,
+        changed: &BTreeSet<ServiceKey>,
+        memo: &mut EndpointMemo,
+        maps: &mut PatchedMaps,
+    ) -> ResourceSet {
+        let gateway = scope.role == crate::xds::node::ProxyRole::Gateway;
+        let key = (scope.cluster.clone(), translate::client_network(snapshot, scope).to_string());
+        if !gateway
+            && let Some((_, after)) = maps.done.get(&key).and_then(|d| d.iter().find(|(before, _)| before.shares_type(set, ResourceType::Endpoint)))
+        {
+            let mut next = set.clone();
+            next.share_type_from(after, ResourceType::Endpoint);
+            return next;
+        }
+        let mut patched = patch_endpoints_shared(snapshot, scope, set, changed, memo);
+        self.interner.share_types(&mut patched, &[ResourceType::Endpoint]);
+        if !gateway {
+            maps.done.entry(key).or_default().push((set.clone(), patched.clone()));
+        }
+        patched
+    }
+
     /// One scope's resources: translation, its secrets, shared with equal ones.
     fn build_set(&self, snapshot: &MeshSnapshot, scope: &ProxyScope) -> Arc<ResourceSet> {
         self.translations.fetch_add(1, Ordering::Relaxed);

@@ -255,11 +255,11 @@ impl ResourceView {
                 EntryKind::Delta => self.delta_entries(),
             };
         }
-        let (cell, encode): (_, fn(&[Arc<Resource>]) -> Bytes) = match kind {
-            EntryKind::Sotw => (&changes.sotw, |r| sotw_entries(r.iter())),
-            EntryKind::Delta => (&changes.delta, |r| delta_entries(r.iter())),
-        };
-        cell.get_or_init(|| encode(&changes.updated)).clone()
+        match kind {
+            EntryKind::Sotw => changes.sotw.get_or_init(|| sotw_entries(changes.updated.iter())),
+            EntryKind::Delta => changes.delta.get_or_init(|| delta_entries(changes.updated.iter())),
+        }
+        .clone()
     }
 
     /// What `self` has that `held` lacks or holds at another version, and the
