@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use futures::Stream;
 use futures::StreamExt;
 use prost::Message;
@@ -16,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::debounce::PushTrigger;
-use super::delta::DeltaStream;
+use super::delta::{DeltaRequest, DeltaStream};
 use super::node::ProxyNode;
 use super::provider::ResourceProvider;
 use super::registry::{ConnectionRegistry, ProxyConnection, StreamView};
@@ -124,7 +123,7 @@ impl XdsServer {
     pub fn stream_delta(
         &self,
         only: Option<ResourceType>,
-        requests: RequestStream<DeltaDiscoveryRequest>,
+        requests: RequestStream<DeltaRequest>,
     ) -> ResponseStream<DeltaResponse> {
         let machine = match only {
             Some(ty) => DeltaStream::new_single(ty),
@@ -177,15 +176,15 @@ impl Machine for Arc<Mutex<SotwStream>> {
 }
 
 impl Machine for Arc<Mutex<DeltaStream>> {
-    type Req = DeltaDiscoveryRequest;
+    type Req = DeltaRequest;
     type Resp = DeltaResponse;
     const MODE: &'static str = "delta";
-    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+    fn node(req: &DeltaRequest) -> Option<&Node> {
         req.node.as_ref()
     }
     fn on_request(
         &self,
-        req: &DeltaDiscoveryRequest,
+        req: &DeltaRequest,
         res: &ResourceSet,
         now: Instant,
     ) -> Result<Step<DeltaResponse>, ProtocolError> {

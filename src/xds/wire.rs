@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryResponse,
+    DeltaDiscoveryResponse, DiscoveryResponse,
 };
 use http_body::Frame;
 use prost::Message;
@@ -21,6 +21,7 @@ use tonic::Status;
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::server::NamedService;
 
+use super::delta::DeltaRequest;
 use super::resources::ResourceType;
 use super::server::{ResponseStream, XdsServer};
 use super::view::put_string_field;
@@ -458,7 +459,7 @@ where
             let requests = Box::pin(GrpcMessages::<B, super::sotw::SotwRequest>::new(body));
             tonic::body::Body::new(GrpcResponseBody::new(server.stream_sotw(only, requests)))
         } else if method.starts_with("Delta") {
-            let requests = Box::pin(GrpcMessages::<B, DeltaDiscoveryRequest>::new(body));
+            let requests = Box::pin(GrpcMessages::<B, DeltaRequest>::new(body));
             tonic::body::Body::new(GrpcResponseBody::new(server.stream_delta(only, requests)))
         } else {
             let status = Status::unimplemented(format!(
