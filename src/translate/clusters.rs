@@ -22,7 +22,9 @@ pub fn ads_config_source() -> ConfigSource {
     }
 }
 
-/// An EDS cluster named `name` (its EDS service name is the same); with
+/// An EDS cluster named `name` (no EDS service name: Envoy then asks EDS for
+/// the cluster's own name, and each of a fleet's thousands of clusters per
+/// proxy is ≈60 bytes smaller than with the name repeated); with
 /// `mtls = (sni, trust domain)`, mTLS to endpoints marked `tlsMode: istio`; with
 /// Istio's 10 s connect timeout, least-request balancing and, if a policy asks,
 /// outlier detection (`consecutiveErrors` → consecutive 5xx).
@@ -31,7 +33,7 @@ pub fn eds_cluster(name: &str, outlier: Option<&Outlier>, mtls: Option<(&str, &s
         transport_socket_matches: mtls.map(|(sni, trust_domain)| super::tls::outbound_socket_matches(sni, trust_domain)).unwrap_or_default(),
         name: name.to_string(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
-        eds_cluster_config: Some(EdsClusterConfig { eds_config: Some(ads_config_source()), service_name: name.to_string() }),
+        eds_cluster_config: Some(EdsClusterConfig { eds_config: Some(ads_config_source()), service_name: String::new() }),
         connect_timeout: Some(pb_duration(Duration::from_secs(10))),
         lb_policy: LbPolicy::LeastRequest as i32,
         outlier_detection: outlier.map(|o| OutlierDetection {

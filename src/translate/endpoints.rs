@@ -26,7 +26,9 @@ pub fn socket_address(ip: &str, port: u16) -> Address {
 fn lb_endpoint(ip: &str, port: u16, weight: u32, metadata: Option<envoy_types::pb::envoy::config::core::v3::Metadata>) -> LbEndpoint {
     LbEndpoint {
         host_identifier: Some(HostIdentifier::Endpoint(Endpoint { address: Some(socket_address(ip, port)), ..Default::default() })),
-        load_balancing_weight: Some(UInt32Value { value: weight }),
+        // Envoy's default weight is 1: only other weights (a gateway standing
+        // for several endpoints) are sent — 4 bytes less per endpoint.
+        load_balancing_weight: (weight != 1).then_some(UInt32Value { value: weight }),
         metadata,
         ..Default::default()
     }
