@@ -275,7 +275,7 @@ where
         let message = response.headers().get("grpc-message").and_then(|m| m.to_str().ok()).unwrap_or("");
         anyhow::bail!("gRPC status {status:?}: {message}");
     }
-    Ok(GrpcMessages::new(response.into_body()))
+    Ok(GrpcMessages::holding_chunks(response.into_body()))
 }
 
 /// (RSS in MiB, CPU seconds) of a process, from /proc.
