@@ -455,6 +455,19 @@ mod tests {
         })
     }
 
+    /// The seed example's productpage sidecar configuration.
+    fn productpage_sidecar() -> crate::xds::resources::ResourceSet {
+        let snapshot = crate::cli::mesh::offline_snapshot(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/bookinfo"
+        )))
+        .unwrap();
+        translate(
+            &snapshot,
+            &ProxyScope::sidecar("management-plane", "default", &[("app", "productpage")]),
+        )
+    }
+
     /// What the load generator decodes from the wire.
     fn view(r: &DiscoveryResponse) -> SotwResponseView {
         SotwResponseView::decode(r.encode_to_vec().as_slice()).unwrap()
@@ -462,15 +475,7 @@ mod tests {
 
     #[test]
     fn subscribes_like_envoy_and_acks_everything() {
-        let snapshot = crate::cli::mesh::offline_snapshot(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/examples/bookinfo"
-        )))
-        .unwrap();
-        let set = translate(
-            &snapshot,
-            &ProxyScope::sidecar("management-plane", "default", &[("app", "productpage")]),
-        );
+        let set = productpage_sidecar();
         let now = Instant::now();
         let mut p = SimulatedProxy::new(
             Node {
@@ -507,15 +512,7 @@ mod tests {
     #[test]
     fn proxies_given_the_same_clusters_share_one_name_set_and_subscribe_to_what_is_new() {
         use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource as DeltaResource};
-        let snapshot = crate::cli::mesh::offline_snapshot(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/examples/bookinfo"
-        )))
-        .unwrap();
-        let set = translate(
-            &snapshot,
-            &ProxyScope::sidecar("management-plane", "default", &[("app", "productpage")]),
-        );
+        let set = productpage_sidecar();
         let clusters: Vec<_> = set.of_type(ResourceType::Cluster).values().collect();
         let delta_response = |clusters: &[&Arc<crate::xds::resources::Resource>], nonce: &str| {
             let r = DeltaDiscoveryResponse {
