@@ -217,7 +217,7 @@ async fn a_client_that_never_acks_or_disconnects_mid_push_costs_only_itself() {
     };
     // Pushes of 512 KiB each.
     let pad = "x".repeat(256 * 1024);
-    let mut push = |i: usize| {
+    let push = |i: usize| {
         let names = [format!("c{i}-a-{pad}"), format!("c{i}-b-{pad}")];
         plane.provider.set_clusters("c1", &[names[0].as_str(), names[1].as_str()]);
     };
