@@ -150,8 +150,8 @@ pub fn eds_cluster_names_of(payloads: &[&[u8]]) -> NameSet {
     names
 }
 
-/// EDS cluster names in a CDS response.
-pub fn eds_cluster_names<'a>(payloads: impl Iterator<Item = &'a [u8]>) -> BTreeSet<String> {
+/// EDS cluster names in a CDS response (read afresh; see [`eds_cluster_names_of`]).
+fn eds_cluster_names<'a>(payloads: impl Iterator<Item = &'a [u8]>) -> BTreeSet<String> {
     payloads
         .filter_map(|p| ClusterHead::decode(p).ok())
         .filter(|c| c.discovery_type == Some(DiscoveryType::Eds as i32))
