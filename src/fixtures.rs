@@ -108,9 +108,12 @@ pub fn churn_endpoint(inputs: &mut MeshInputs, cluster: usize, service: usize, s
     }
 }
 
+/// What every [`changed_address`] starts with (no other fixture address does).
+pub const CHANGED_ADDRESS_PREFIX: &str = "10.200.";
+
 /// The address a change at `step` gives a service's first endpoint (unique per step).
 pub fn changed_address(step: usize) -> String {
-    format!("10.200.{}.{}", step / 250 % 250, step % 250 + 1)
+    format!("{CHANGED_ADDRESS_PREFIX}{}.{}", step / 250 % 250, step % 250 + 1)
 }
 
 /// Writes a config dir of the same shape as [`scale_inputs`]: one file per

@@ -15,8 +15,10 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use envoy_types::pb::google::rpc::Status;
-use bytes::Bytes;
 use prost::Message;
+
+pub mod scan;
+pub use scan::ScannedResponse;
 
 use crate::xds::resources::ResourceType;
 // Proxies of one scope get equal name sets: one copy (the load generator
@@ -32,71 +34,6 @@ const TYPES: [ResourceType; 4] = [
 
 fn index(ty: ResourceType) -> Option<usize> {
     TYPES.iter().position(|t| *t == ty)
-}
-
-/// A `DiscoveryResponse` as the simulated proxy reads it: the payloads are
-/// slices of the received buffer (no per-resource copy or allocation), and
-/// the fields it does not read are skipped. Same wire format, so
-/// `encoded_len` is the size it had on the wire.
-#[derive(Clone, PartialEq, Message)]
-pub struct SotwResponseView {
-    #[prost(string, tag = "1")]
-    pub version_info: String,
-    #[prost(message, repeated, tag = "2")]
-    pub resources: Vec<AnyView>,
-    #[prost(string, tag = "4")]
-    pub type_url: String,
-    #[prost(string, tag = "5")]
-    pub nonce: String,
-}
-
-/// A `google.protobuf.Any`, as slices of the received buffer.
-#[derive(Clone, PartialEq, Message)]
-pub struct AnyView {
-    #[prost(bytes = "bytes", tag = "1")]
-    pub type_url: Bytes,
-    #[prost(bytes = "bytes", tag = "2")]
-    pub value: Bytes,
-}
-
-/// A `DeltaDiscoveryResponse` as the simulated proxy reads it (see [`SotwResponseView`]).
-#[derive(Clone, PartialEq, Message)]
-pub struct DeltaResponseView {
-    #[prost(string, tag = "1")]
-    pub system_version_info: String,
-    #[prost(message, repeated, tag = "2")]
-    pub resources: Vec<DeltaResourceView>,
-    #[prost(string, tag = "4")]
-    pub type_url: String,
-    #[prost(string, tag = "5")]
-    pub nonce: String,
-    #[prost(string, repeated, tag = "6")]
-    pub removed_resources: Vec<String>,
-}
-
-/// A delta `Resource` (name, version, body), as slices of the received buffer.
-#[derive(Clone, PartialEq, Message)]
-pub struct DeltaResourceView {
-    #[prost(bytes = "bytes", tag = "1")]
-    pub version: Bytes,
-    #[prost(message, optional, tag = "2")]
-    pub resource: Option<AnyView>,
-    #[prost(bytes = "bytes", tag = "3")]
-    pub name: Bytes,
-}
-
-impl SotwResponseView {
-    /// The encoded resources.
-    pub fn payloads(&self) -> impl Iterator<Item = &[u8]> {
-        self.resources.iter().map(|a| &a.value[..])
-    }
-}
-
-impl DeltaResponseView {
-    /// The encoded resources.
-    pub fn payloads(&self) -> impl Iterator<Item = &[u8]> {
-        self.resources.iter().filter_map(|r| r.resource.as_ref()).map(|a| &a.value[..])
-    }
 }
 
 /// The parts of a `Cluster` the simulated proxy reads (decoding only these
@@ -262,10 +199,10 @@ impl SimulatedProxy {
     /// The requests a response causes: its ACK (or NACK), then new subscriptions.
     pub fn sotw_on_response(
         &mut self,
-        r: &SotwResponseView,
+        r: &ScannedResponse,
         now: Instant,
     ) -> Vec<DiscoveryRequest> {
-        let Some((ty, nack)) = self.receive(&r.type_url, r.encoded_len(), now) else {
+        let Some((ty, nack)) = self.receive(&r.type_url, r.encoded_len, now) else {
             return Vec::new();
         };
         let subscribed = |names: &BTreeSet<String>| names.iter().cloned().collect::<Vec<_>>();
@@ -293,7 +230,7 @@ impl SimulatedProxy {
         });
         match ty {
             ResourceType::Cluster => {
-                let eds = eds_cluster_names_of(&r.payloads().collect::<Vec<_>>());
+                let eds = eds_cluster_names_of(&r.payloads.iter().map(|p| &p[..]).collect::<Vec<_>>());
                 if !std::sync::Arc::ptr_eq(&self.eds_names, &eds) || !self.requested[1] {
                     self.eds_names = eds;
                     self.requested[1] = true;
@@ -312,7 +249,7 @@ impl SimulatedProxy {
                 });
             }
             ResourceType::Listener => {
-                let rds = rds_names(r.payloads());
+                let rds = rds_names(r.payloads.iter().map(|p| &p[..]));
                 if *self.rds_names != rds || !self.requested[3] {
                     self.rds_names = intern_names(rds);
                     self.requested[3] = true;
@@ -341,10 +278,10 @@ impl SimulatedProxy {
 
     pub fn delta_on_response(
         &mut self,
-        r: &DeltaResponseView,
+        r: &ScannedResponse,
         now: Instant,
     ) -> Vec<DeltaDiscoveryRequest> {
-        let Some((ty, nack)) = self.receive(&r.type_url, r.encoded_len(), now) else {
+        let Some((ty, nack)) = self.receive(&r.type_url, r.encoded_len, now) else {
             return Vec::new();
         };
         let mut out = vec![DeltaDiscoveryRequest {
@@ -359,7 +296,7 @@ impl SimulatedProxy {
         }];
         match ty {
             ResourceType::Cluster => {
-                let eds = eds_cluster_names_of(&r.payloads().collect::<Vec<_>>());
+                let eds = eds_cluster_names_of(&r.payloads.iter().map(|p| &p[..]).collect::<Vec<_>>());
                 let new: Vec<String> = if std::sync::Arc::ptr_eq(&self.eds_names, &eds) {
                     Vec::new()
                 } else {
@@ -400,7 +337,7 @@ impl SimulatedProxy {
                 });
             }
             ResourceType::Listener => {
-                let new: Vec<String> = rds_names(r.payloads())
+                let new: Vec<String> = rds_names(r.payloads.iter().map(|p| &p[..]))
                     .into_iter()
                     .filter(|n| !self.rds_names.contains(n))
                     .collect();
@@ -445,7 +382,7 @@ mod tests {
         ty: ResourceType,
         set: &crate::xds::resources::ResourceSet,
         nonce: &str,
-    ) -> SotwResponseView {
+    ) -> ScannedResponse {
         view(&DiscoveryResponse {
             version_info: format!("v-{nonce}"),
             resources: set.of_type(ty).values().map(|r| r.body()).collect(),
@@ -468,9 +405,9 @@ mod tests {
         )
     }
 
-    /// What the load generator decodes from the wire.
-    fn view(r: &DiscoveryResponse) -> SotwResponseView {
-        SotwResponseView::decode(r.encode_to_vec().as_slice()).unwrap()
+    /// What the load generator reads from the wire.
+    fn view(r: &DiscoveryResponse) -> ScannedResponse {
+        scan::scan_all(scan::Flavor::Sotw, b"10.200.", &scan::grpc_framed(r)).unwrap().remove(0)
     }
 
     #[test]
@@ -524,7 +461,7 @@ mod tests {
                 nonce: nonce.into(),
                 ..Default::default()
             };
-            DeltaResponseView::decode(r.encode_to_vec().as_slice()).unwrap()
+            scan::scan_all(scan::Flavor::Delta, b"10.200.", &scan::grpc_framed(&r)).unwrap().remove(0)
         };
         let now = Instant::now();
         let mut proxies: Vec<SimulatedProxy> = (0..2)

@@ -161,14 +161,10 @@ impl WireMessage for DeltaResponse {
 /// and `bytes` fields are slices of the chunks. (Assembling one had cost a
 /// fresh allocation per large message — a SotW EDS request names every
 /// cluster; a CDS response is a megabyte — and most of its time in the
-/// kernel zeroing the new pages.) The server reads requests with it; the load
-/// generator reads responses with it.
+/// kernel zeroing the new pages.) The server reads requests with it.
 pub struct GrpcMessages<B, Req> {
     body: Pin<Box<B>>,
     received: ChunkedBuf,
-    /// Copy a partial message's chunks out of the HTTP/2 read buffers while
-    /// waiting for the rest (see `poll_next`).
-    compact_partial: bool,
     _req: PhantomData<fn() -> Req>,
 }
 
@@ -177,18 +173,8 @@ impl<B, Req> GrpcMessages<B, Req> {
         GrpcMessages {
             body: Box::pin(body),
             received: ChunkedBuf::default(),
-            compact_partial: true,
             _req: PhantomData,
         }
-    }
-
-    /// Keeps a partial message's chunks as the slices of the read buffers
-    /// they arrived in. For a reader that always reads on (the load
-    /// generator): copying each response once more had been most of its
-    /// memory traffic during a sync, and the buffers are released as soon as
-    /// the message is whole.
-    pub fn holding_chunks(body: B) -> Self {
-        GrpcMessages { compact_partial: false, ..Self::new(body) }
     }
 }
 
@@ -245,9 +231,7 @@ where
                     // the HTTP/2 read buffers its chunks are slices of (each
                     // pins up to 64 KiB; thousands of streams with a partial
                     // SotW ACK each had pinned gigabytes under churn).
-                    if this.compact_partial {
-                        this.received.compact();
-                    }
+                    this.received.compact();
                     return Poll::Pending;
                 }
             }
@@ -651,21 +635,20 @@ mod tests {
         assert_eq!(growing.chunks[0].as_ptr(), kept, "not copied again");
         assert_eq!(&growing.copy_to_bytes(7)[..], b"abcdefg");
         // While waiting for the rest of a message the server copies what it
-        // has out of the read buffers; the load generator keeps the slices.
-        for (messages, compacted) in [(GrpcMessages::<_, DiscoveryRequest>::new as fn(_) -> _, true), (GrpcMessages::holding_chunks, false)] {
-            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
-            let mut partial = messages(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
-            let (head, tail) = twice.split_at(1000);
-            let head = Bytes::copy_from_slice(head);
-            tx.send(Ok(Frame::data(head.clone()))).await.unwrap();
-            assert!(futures::poll!(partial.next()).is_pending());
-            assert_eq!(partial.received.chunks[0].as_ptr() != head.as_ptr(), compacted);
-            tx.send(Ok(Frame::data(Bytes::copy_from_slice(tail)))).await.unwrap();
-            drop(tx);
-            assert_eq!(partial.next().await.unwrap().unwrap(), req);
-            assert_eq!(partial.next().await.unwrap().unwrap(), req);
-            assert!(partial.next().await.is_none());
-        }
+        // has out of the read buffers.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+        let mut partial =
+            GrpcMessages::<_, DiscoveryRequest>::new(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
+        let (head, tail) = twice.split_at(1000);
+        let head = Bytes::copy_from_slice(head);
+        tx.send(Ok(Frame::data(head.clone()))).await.unwrap();
+        assert!(futures::poll!(partial.next()).is_pending());
+        assert_ne!(partial.received.chunks[0].as_ptr(), head.as_ptr(), "compacted");
+        tx.send(Ok(Frame::data(Bytes::copy_from_slice(tail)))).await.unwrap();
+        drop(tx);
+        assert_eq!(partial.next().await.unwrap().unwrap(), req);
+        assert_eq!(partial.next().await.unwrap().unwrap(), req);
+        assert!(partial.next().await.is_none());
         // A compressed message is refused with a clear status.
         let chunk: Vec<Result<Frame<Bytes>, Infallible>> =
             vec![Ok(Frame::data(Bytes::from_static(&[1, 0, 0, 0, 0])))];
