@@ -7,7 +7,6 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
-use envoy_types::pb::envoy::config::cluster::v3::cluster::DiscoveryType;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::listener::v3::{Listener, filter::ConfigType};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -36,70 +35,30 @@ fn index(ty: ResourceType) -> Option<usize> {
     TYPES.iter().position(|t| *t == ty)
 }
 
-/// The parts of a `Cluster` the simulated proxy reads (decoding only these
-/// keeps the load generator's own CPU out of the measurements).
-#[derive(Clone, PartialEq, Message)]
-struct ClusterHead {
-    #[prost(string, tag = "1")]
-    name: String,
-    /// `type` (oneof `cluster_discovery_type`).
-    #[prost(int32, optional, tag = "2")]
-    discovery_type: Option<i32>,
-    #[prost(message, optional, tag = "3")]
-    eds_cluster_config: Option<EdsConfigHead>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct EdsConfigHead {
-    #[prost(string, tag = "2")]
-    service_name: String,
-}
-
-/// The EDS cluster names in a CDS response, interned. Proxies of one scope
-/// receive the same clusters: the names are read once per distinct set of
-/// payloads (found by a hash of their bytes) and shared. Reading 3,100
-/// clusters into a fresh name set per proxy had been a fifth of the load
-/// generator's CPU during a sync — CPU taken from the control plane it
-/// measures on the same cores.
-pub fn eds_cluster_names_of(payloads: &[&[u8]]) -> NameSet {
+/// The EDS cluster names of a CDS response, interned. Proxies of one scope
+/// receive the same clusters: the set is built once per distinct list (found
+/// by a hash of the list's bytes) and shared. Building 3,100 names into a
+/// fresh set per proxy had been a fifth of the load generator's CPU during a
+/// sync — CPU taken from the control plane it measures on the same cores.
+pub fn eds_cluster_names_of(names: &scan::EdsClusterNames) -> NameSet {
     use std::hash::Hasher;
     static SEEN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<(u64, usize, usize), NameSet>>> =
         std::sync::OnceLock::new();
     const KEPT: usize = 256;
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    let mut total = 0;
-    for p in payloads {
-        hasher.write_usize(p.len());
-        hasher.write(p);
-        total += p.len();
-    }
-    let key = (hasher.finish(), payloads.len(), total);
+    hasher.write(names.as_bytes());
+    let key = (hasher.finish(), names.len(), names.as_bytes().len());
     let seen = SEEN.get_or_init(Default::default);
     if let Some(names) = seen.lock().expect("seen names lock").get(&key) {
         return names.clone();
     }
-    let names = intern_names(eds_cluster_names(payloads.iter().copied()));
+    let set = intern_names(names.iter().map(|n| n.into_owned()).collect());
     let mut seen = seen.lock().expect("seen names lock");
     if seen.len() >= KEPT {
         seen.clear();
     }
-    seen.insert(key, names.clone());
-    names
-}
-
-/// EDS cluster names in a CDS response (read afresh; see [`eds_cluster_names_of`]).
-fn eds_cluster_names<'a>(payloads: impl Iterator<Item = &'a [u8]>) -> BTreeSet<String> {
-    payloads
-        .filter_map(|p| ClusterHead::decode(p).ok())
-        .filter(|c| c.discovery_type == Some(DiscoveryType::Eds as i32))
-        .map(|c| {
-            c.eds_cluster_config
-                .as_ref()
-                .map(|e| e.service_name.clone())
-                .filter(|n| !n.is_empty())
-                .unwrap_or(c.name)
-        })
-        .collect()
+    seen.insert(key, set.clone());
+    set
 }
 
 /// Route configuration names the listeners' HTTP connection managers ask for over RDS.
@@ -230,7 +189,7 @@ impl SimulatedProxy {
         });
         match ty {
             ResourceType::Cluster => {
-                let eds = eds_cluster_names_of(&r.payloads.iter().map(|p| &p[..]).collect::<Vec<_>>());
+                let eds = eds_cluster_names_of(&r.eds_clusters);
                 if !std::sync::Arc::ptr_eq(&self.eds_names, &eds) || !self.requested[1] {
                     self.eds_names = eds;
                     self.requested[1] = true;
@@ -249,7 +208,7 @@ impl SimulatedProxy {
                 });
             }
             ResourceType::Listener => {
-                let rds = rds_names(r.payloads.iter().map(|p| &p[..]));
+                let rds = rds_names(r.listeners.iter().map(|p| &p[..]));
                 if *self.rds_names != rds || !self.requested[3] {
                     self.rds_names = intern_names(rds);
                     self.requested[3] = true;
@@ -296,7 +255,7 @@ impl SimulatedProxy {
         }];
         match ty {
             ResourceType::Cluster => {
-                let eds = eds_cluster_names_of(&r.payloads.iter().map(|p| &p[..]).collect::<Vec<_>>());
+                let eds = eds_cluster_names_of(&r.eds_clusters);
                 let new: Vec<String> = if std::sync::Arc::ptr_eq(&self.eds_names, &eds) {
                     Vec::new()
                 } else {
@@ -337,7 +296,7 @@ impl SimulatedProxy {
                 });
             }
             ResourceType::Listener => {
-                let new: Vec<String> = rds_names(r.payloads.iter().map(|p| &p[..]))
+                let new: Vec<String> = rds_names(r.listeners.iter().map(|p| &p[..]))
                     .into_iter()
                     .filter(|n| !self.rds_names.contains(n))
                     .collect();

@@ -1,11 +1,11 @@
 //! The load generator's reader of xDS responses (sans-IO). It walks a gRPC
 //! response body chunk by chunk as the chunks arrive and keeps only what a
 //! simulated proxy reads: the response's version, type and nonce, the names
-//! a delta response removes, the encoded clusters and listeners (the proxy
-//! subscribes from them), and the change-marking addresses in endpoint
-//! assignments. Everything else — most of the bytes: the assignments
-//! themselves, the route configurations — is read past, and each chunk is let
-//! go as soon as it has been read.
+//! a delta response removes, the EDS clusters' names and the encoded
+//! listeners (the proxy subscribes from them), and the change-marking
+//! addresses in endpoint assignments. Everything else — most of the bytes:
+//! the clusters' and assignments' bodies, the route configurations — is read
+//! past, and each chunk is let go as soon as it has been read.
 //!
 //! (Assembling every 1–1.5 MB response whole, as prost views over the chunks,
 //! had kept ≈8 GB of receive buffers alive at 10,000 proxies, and the
@@ -39,8 +39,10 @@ pub struct ScannedResponse {
     pub removed_resources: Vec<String>,
     /// How many resources the response carried.
     pub resources: usize,
-    /// The encoded clusters and listeners, in order (other types' bodies are not kept).
-    pub payloads: Vec<Bytes>,
+    /// The names of the EDS clusters among the resources, in order.
+    pub eds_clusters: EdsClusterNames,
+    /// The encoded listeners, in order (other types' bodies are not kept).
+    pub listeners: Vec<Bytes>,
     /// Every `SocketAddress.address` in the endpoint assignments that starts with the marker prefix.
     pub marked_addresses: Vec<Bytes>,
     /// The message's size on the wire (without gRPC's 5-byte prefix).
@@ -73,7 +75,8 @@ enum Target {
     Nonce,
     Removed,
     AnyTypeUrl,
-    KeptPayload,
+    ClusterPayload,
+    ListenerPayload,
     EndpointPayload,
 }
 
@@ -240,7 +243,8 @@ impl ResponseScanner {
             (Level::DeltaResource, _, 2) => Action::Descend(Level::Any),
             (Level::Any, _, 1) => Action::Gather(Target::AnyTypeUrl),
             (Level::Any, _, 2) => match self.any_type {
-                Some(ResourceType::Cluster | ResourceType::Listener) => Action::Gather(Target::KeptPayload),
+                Some(ResourceType::Cluster) => Action::Gather(Target::ClusterPayload),
+                Some(ResourceType::Listener) => Action::Gather(Target::ListenerPayload),
                 Some(ResourceType::Endpoint) => Action::Gather(Target::EndpointPayload),
                 _ => Action::Skip,
             },
@@ -260,7 +264,12 @@ impl ResponseScanner {
             Target::AnyTypeUrl => {
                 self.any_type = std::str::from_utf8(&bytes).ok().and_then(ResourceType::from_type_url);
             }
-            Target::KeptPayload => self.current.payloads.push(bytes),
+            Target::ClusterPayload => {
+                if let Some(name) = eds_name(&bytes) {
+                    self.current.eds_clusters.push(name);
+                }
+            }
+            Target::ListenerPayload => self.current.listeners.push(bytes),
             Target::EndpointPayload => {
                 // Each marker that starts a `SocketAddress.address` field (key
                 // 0x12, then its length), taken whole: `10.200.0.5` is not
@@ -369,6 +378,123 @@ enum Action {
     Skip,
 }
 
+/// Names, one after another in one buffer (each after its length as a
+/// little-endian `u32`): a CDS response's EDS cluster names without a
+/// `String` each. Equal lists are equal bytes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EdsClusterNames {
+    bytes: Vec<u8>,
+    count: usize,
+}
+
+impl EdsClusterNames {
+    pub fn push(&mut self, name: &[u8]) {
+        self.bytes.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        self.bytes.extend_from_slice(name);
+        self.count += 1;
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The whole list as bytes (to hash or compare).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The names (a name that is not UTF-8 is read lossily).
+    pub fn iter(&self) -> impl Iterator<Item = std::borrow::Cow<'_, str>> {
+        let mut rest = &self.bytes[..];
+        std::iter::from_fn(move || {
+            let (len, tail) = rest.split_first_chunk::<4>()?;
+            let (name, tail) = tail.split_at(u32::from_le_bytes(*len) as usize);
+            rest = tail;
+            Some(String::from_utf8_lossy(name))
+        })
+    }
+}
+
+/// The name a `Cluster` (encoded) asks EDS for — its `eds_cluster_config.service_name`,
+/// else its own `name` — or `None` when it is not an EDS cluster or does not parse.
+pub fn eds_name(cluster: &[u8]) -> Option<&[u8]> {
+    const EDS: u64 = 3; // envoy.config.cluster.v3.Cluster.DiscoveryType.EDS
+    let mut name: &[u8] = &[];
+    let mut service_name: &[u8] = &[];
+    let mut eds = false;
+    for field in Fields(cluster) {
+        match field? {
+            (1, Field::Bytes(b)) => name = b,
+            (2, Field::Varint(t)) => eds = t == EDS,
+            (3, Field::Bytes(config)) => {
+                for inner in Fields(config) {
+                    if let (2, Field::Bytes(b)) = inner? {
+                        service_name = b;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    eds.then_some(if service_name.is_empty() { name } else { service_name })
+}
+
+enum Field<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+    Fixed,
+}
+
+/// The fields of an encoded message; `None` once it does not parse.
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = Option<(u64, Field<'a>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        fn varint(buf: &mut &[u8]) -> Option<u64> {
+            let mut value = 0u64;
+            for i in 0..10 {
+                let (&b, rest) = buf.split_first()?;
+                *buf = rest;
+                value |= u64::from(b & 0x7f) << (7 * i);
+                if b & 0x80 == 0 {
+                    return Some(value);
+                }
+            }
+            None
+        }
+        if self.0.is_empty() {
+            return None;
+        }
+        let mut buf = self.0;
+        let parsed = (|| {
+            let key = varint(&mut buf)?;
+            let field = match key & 7 {
+                0 => Field::Varint(varint(&mut buf)?),
+                1 | 5 => {
+                    buf = buf.get(if key & 7 == 1 { 8 } else { 4 }..)?;
+                    Field::Fixed
+                }
+                2 => {
+                    let len = usize::try_from(varint(&mut buf)?).ok()?;
+                    let (bytes, rest) = (buf.get(..len)?, &buf[len..]);
+                    buf = rest;
+                    Field::Bytes(bytes)
+                }
+                _ => return None,
+            };
+            Some((key >> 3, field))
+        })();
+        self.0 = if parsed.is_some() { buf } else { &[] };
+        Some(parsed)
+    }
+}
+
 /// Scans whole gRPC-framed messages at once (tests and tools).
 pub fn scan_all(flavor: Flavor, marker_prefix: &'static [u8], framed: &[u8]) -> Result<Vec<ScannedResponse>, ScanError> {
     let mut scanner = ResponseScanner::new(flavor, marker_prefix);
@@ -393,6 +519,7 @@ pub fn grpc_framed(message: &impl prost::Message) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::DiscoveryType;
     use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
     use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, LbEndpoint, LocalityLbEndpoints, lb_endpoint};
     use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse, Resource};
@@ -400,6 +527,18 @@ mod tests {
     use prost::Message;
 
     const MARK: &[u8] = b"10.200.";
+
+    fn cluster(name: &str, ty: DiscoveryType, service_name: &str) -> Vec<u8> {
+        use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster::ClusterDiscoveryType, cluster::EdsClusterConfig};
+        Cluster {
+            name: name.into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(ty as i32)),
+            eds_cluster_config: Some(EdsClusterConfig { service_name: service_name.into(), ..Default::default() }),
+            connect_timeout: Some(envoy_types::pb::google::protobuf::Duration { seconds: 10, nanos: 0 }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
 
     fn any(ty: ResourceType, value: Vec<u8>) -> Any {
         Any { type_url: ty.type_url().into(), value }
@@ -459,7 +598,11 @@ mod tests {
     fn state_of_the_world_responses_keep_clusters_and_listeners_and_report_markers() {
         let cds = DiscoveryResponse {
             version_info: "v1".into(),
-            resources: vec![any(ResourceType::Cluster, b"cluster-a".to_vec()), any(ResourceType::Cluster, b"cluster-b".to_vec())],
+            resources: vec![
+                any(ResourceType::Cluster, cluster("a", DiscoveryType::Eds, "")),
+                any(ResourceType::Cluster, cluster("b", DiscoveryType::StrictDns, "")),
+                any(ResourceType::Cluster, cluster("c", DiscoveryType::Eds, "c-endpoints")),
+            ],
             canary: true,
             type_url: ResourceType::Cluster.type_url().into(),
             nonce: "n1".into(),
@@ -487,14 +630,14 @@ mod tests {
         let got = same_however_split(Flavor::Sotw, &framed);
         assert_eq!(got.len(), 4);
         assert_eq!((got[0].version_info.as_str(), got[0].nonce.as_str(), got[0].type_url.as_str()), ("v1", "n1", cds.type_url.as_str()));
-        assert_eq!(got[0].payloads, [Bytes::from_static(b"cluster-a"), Bytes::from_static(b"cluster-b")]);
-        assert_eq!((got[0].resources, got[0].encoded_len), (2, cds.encoded_len()));
-        assert!(got[1].payloads.is_empty(), "assignments are read past, not kept");
+        assert_eq!(got[0].eds_clusters.iter().collect::<Vec<_>>(), ["a", "c-endpoints"], "EDS clusters' names, not a DNS cluster's");
+        assert_eq!((got[0].resources, got[0].encoded_len), (3, cds.encoded_len()));
+        assert!(got[1].listeners.is_empty() && got[1].eds_clusters.is_empty(), "assignments are read past, not kept");
         assert_eq!(
             got[1].marked_addresses,
             [Bytes::from_static(b"10.200.0.50"), Bytes::from_static(b"10.200.0.5"), Bytes::from_static(b"10.200.1.7")]
         );
-        assert_eq!((got[2].resources, got[2].payloads.len(), got[2].encoded_len), (1, 0, rds.encoded_len()));
+        assert_eq!((got[2].resources, got[2].listeners.len(), got[2].encoded_len), (1, 0, rds.encoded_len()));
         assert_eq!(got[3], ScannedResponse { type_url: empty.type_url.clone(), encoded_len: empty.encoded_len(), ..Default::default() });
     }
 
@@ -517,7 +660,7 @@ mod tests {
         };
         let framed = [grpc_framed(&lds), grpc_framed(&eds)].concat();
         let got = same_however_split(Flavor::Delta, &framed);
-        assert_eq!(got[0].payloads, [Bytes::from_static(b"listener")]);
+        assert_eq!(got[0].listeners, [Bytes::from_static(b"listener")]);
         assert_eq!(got[0].removed_resources, ["gone-1", "gone-2"]);
         assert_eq!((got[0].version_info.as_str(), got[0].nonce.as_str()), ("s", "7"));
         assert_eq!(got[1].marked_addresses, [Bytes::from_static(b"10.200.3.4")]);
