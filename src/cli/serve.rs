@@ -102,7 +102,8 @@ pub struct ServeArgs {
     /// is used (a provided CA), one generated is written there. Without it CAs live in memory.
     #[arg(long)]
     pub ca_dir: Option<PathBuf>,
-    /// Push after config has been quiet this long (istiod's PILOT_DEBOUNCE_AFTER).
+    /// Changes that follow a push within this long are merged and pushed after config has been
+    /// quiet this long (istiod's PILOT_DEBOUNCE_AFTER); a change after a quiet period is pushed at once.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     pub debounce_after: Duration,
     /// ...but no later than this after the first change (istiod's PILOT_DEBOUNCE_MAX is 10s; pushes here

@@ -33,6 +33,13 @@ pub struct PushTrigger {
 }
 
 /// The debounce state machine: feed it changes and ticks, it says when to push.
+///
+/// A change that comes after a quiet period (nothing pending, no push for
+/// `quiet`) is pushed at once: waiting gains nothing when no burst is under
+/// way, and it had been a tenth of an endpoint change's latency at 10,000
+/// proxies. Changes that follow a push within `quiet` are merged as istiod
+/// merges them: pushed after `quiet` without a new one, or `max` after the
+/// first.
 #[derive(Debug)]
 pub struct Debouncer {
     config: DebounceConfig,
@@ -40,15 +47,21 @@ pub struct Debouncer {
     last: Option<Instant>,
     merged: u64,
     generation: u64,
+    last_push: Option<Instant>,
+    /// The pending change came after a quiet period: due at once.
+    at_once: bool,
 }
 
 impl Debouncer {
     pub fn new(config: DebounceConfig) -> Self {
-        Debouncer { config, first: None, last: None, merged: 0, generation: 0 }
+        Debouncer { config, first: None, last: None, merged: 0, generation: 0, last_push: None, at_once: false }
     }
 
     /// A change happened at `at`.
     pub fn on_change(&mut self, at: Instant) {
+        if self.first.is_none() && self.last_push.is_none_or(|pushed| at >= pushed + self.config.quiet) {
+            self.at_once = true;
+        }
         self.first = Some(self.first.map_or(at, |f| f.min(at)));
         self.last = Some(self.last.map_or(at, |l| l.max(at)));
         self.merged += 1;
@@ -57,6 +70,9 @@ impl Debouncer {
     /// When the pending push is due, if one is pending.
     pub fn deadline(&self) -> Option<Instant> {
         let (first, last) = (self.first?, self.last?);
+        if self.at_once {
+            return Some(first);
+        }
         Some((last + self.config.quiet).min(first + self.config.max))
     }
 
@@ -72,6 +88,8 @@ impl Debouncer {
             merged_changes: std::mem::take(&mut self.merged),
         };
         self.last = None;
+        self.last_push = Some(now);
+        self.at_once = false;
         Some(trigger)
     }
 }
@@ -115,23 +133,34 @@ mod tests {
     }
 
     #[test]
-    fn fires_after_quiet_period() {
+    fn a_change_after_quiet_is_pushed_at_once_and_what_follows_is_merged() {
         let t0 = Instant::now();
         let mut d = Debouncer::new(DebounceConfig { quiet: ms(100), max: ms(1000) });
         assert_eq!(d.deadline(), None);
         d.on_change(t0);
-        d.on_change(t0 + ms(50));
-        assert_eq!(d.deadline(), Some(t0 + ms(150)));
-        assert_eq!(d.poll(t0 + ms(149)), None);
-        let p = d.poll(t0 + ms(150)).unwrap();
-        assert_eq!((p.generation, p.change_at, p.merged_changes), (1, t0, 2));
+        assert_eq!(d.deadline(), Some(t0), "nothing under way: no wait");
+        let p = d.poll(t0).unwrap();
+        assert_eq!((p.generation, p.change_at, p.merged_changes), (1, t0, 1));
         assert_eq!(d.deadline(), None, "nothing pending after a push");
+        // A burst right after it is merged: pushed after quiet.
+        d.on_change(t0 + ms(10));
+        d.on_change(t0 + ms(60));
+        assert_eq!(d.deadline(), Some(t0 + ms(160)));
+        assert_eq!(d.poll(t0 + ms(159)), None);
+        let p = d.poll(t0 + ms(160)).unwrap();
+        assert_eq!((p.generation, p.change_at, p.merged_changes), (2, t0 + ms(10), 2));
+        // Quiet again: the next change goes at once.
+        d.on_change(t0 + ms(300));
+        assert_eq!(d.poll(t0 + ms(300)).map(|p| p.generation), Some(3));
     }
 
     #[test]
     fn a_steady_stream_of_changes_is_capped_by_max() {
         let t0 = Instant::now();
         let mut d = Debouncer::new(DebounceConfig { quiet: ms(100), max: ms(1000) });
+        // A push a moment ago: what follows is a burst.
+        d.on_change(t0 - ms(1));
+        d.poll(t0 - ms(1)).unwrap();
         let mut fired = None;
         for i in 0..30 {
             let now = t0 + ms(i * 50);
