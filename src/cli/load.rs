@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::fixtures::{cluster_name, service_name, service_yaml};
 use crate::loadgen::scan::{Flavor, ResponseScanner};
-use crate::loadgen::{ScannedResponse, SimulatedProxy, percentiles};
+use crate::loadgen::{Outgoing, ScannedResponse, SimulatedProxy, percentiles};
 
 const SOTW_ADS_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 const DELTA_ADS_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
@@ -195,7 +195,7 @@ async fn run_proxy(
     };
     if delta {
         let (tx, rx) = mpsc::channel(16);
-        tx.send(proxy.delta_start()).await?;
+        tx.send(Outgoing::own(proxy.delta_start())).await?;
         let mut stream = open_stream(&mut channel, &uri, DELTA_ADS_PATH, Flavor::Delta, rx).await?;
         while let Some(resp) = stream.next().await.transpose()? {
             let now = Instant::now();
@@ -207,7 +207,7 @@ async fn run_proxy(
         }
     } else {
         let (tx, rx) = mpsc::channel(16);
-        tx.send(proxy.sotw_start()).await?;
+        tx.send(Outgoing::own(proxy.sotw_start())).await?;
         let mut stream = open_stream(&mut channel, &uri, SOTW_ADS_PATH, Flavor::Sotw, rx).await?;
         while let Some(resp) = stream.next().await.transpose()? {
             let now = Instant::now();
@@ -232,21 +232,15 @@ async fn open_stream<Req>(
     uri: &str,
     path: &str,
     flavor: Flavor,
-    requests: mpsc::Receiver<Req>,
+    requests: mpsc::Receiver<Outgoing<Req>>,
 ) -> anyhow::Result<ScannedResponses<tonic::body::Body>>
 where
-    Req: prost::Message + Send + 'static,
+    Req: prost::Message + Default + Send + 'static,
 {
-    use bytes::BufMut;
     use tonic::client::GrpcService;
     use tonic::codegen::http;
-    let frames = ReceiverStream::new(requests).map(|m: Req| {
-        let len = m.encoded_len();
-        let mut buf = bytes::BytesMut::with_capacity(5 + len);
-        buf.put_u8(0);
-        buf.put_u32(len as u32);
-        m.encode(&mut buf).expect("capacity reserved");
-        Ok::<_, std::convert::Infallible>(http_body::Frame::data(buf.freeze()))
+    let frames = futures::StreamExt::flat_map(ReceiverStream::new(requests), |r: Outgoing<Req>| {
+        futures::stream::iter(r.frames().map(|data| Ok::<_, std::convert::Infallible>(http_body::Frame::data(data))))
     });
     let request = http::Request::builder()
         .method(http::Method::POST)

@@ -106,6 +106,9 @@ pub struct ResponseScanner {
     levels: Vec<(Level, usize)>,
     /// The type of the `Any` being read, once its type URL has been.
     any_type: Option<ResourceType>,
+    /// The type of the current message's first resource read whole (a
+    /// response's resources are all of its type: a client rejects others).
+    message_type: Option<ResourceType>,
     current: ScannedResponse,
 }
 
@@ -121,6 +124,7 @@ impl ResponseScanner {
             pos: 0,
             levels: Vec::new(),
             any_type: None,
+            message_type: None,
             current: ScannedResponse::default(),
         }
     }
@@ -156,6 +160,7 @@ impl ResponseScanner {
                     self.levels.clear();
                     self.levels.push((Level::Response, len));
                     self.current = ScannedResponse { encoded_len: len, ..Default::default() };
+                    self.message_type = None;
                     self.step = Step::Key;
                 }
                 Step::Key => {
@@ -172,6 +177,9 @@ impl ResponseScanner {
                         self.step = Step::Prefix;
                         return Ok(Some(std::mem::take(&mut self.current)));
                     };
+                    if level == Level::Response && self.whole_resource(end)? {
+                        continue;
+                    }
                     let Some((key, key_len)) = self.peek_varint(0)? else { return Ok(None) };
                     let (field, wire_type) = (key >> 3, key & 7);
                     match wire_type {
@@ -261,31 +269,101 @@ impl ResponseScanner {
             Target::TypeUrl => self.current.type_url = text(&bytes)?,
             Target::Nonce => self.current.nonce = text(&bytes)?,
             Target::Removed => self.current.removed_resources.push(text(&bytes)?),
-            Target::AnyTypeUrl => {
-                self.any_type = std::str::from_utf8(&bytes).ok().and_then(ResourceType::from_type_url);
-            }
+            Target::AnyTypeUrl => self.any_type = type_of(&bytes),
             Target::ClusterPayload => {
                 if let Some(name) = eds_name(&bytes) {
                     self.current.eds_clusters.push(name);
                 }
             }
             Target::ListenerPayload => self.current.listeners.push(bytes),
-            Target::EndpointPayload => {
-                // Each marker that starts a `SocketAddress.address` field (key
-                // 0x12, then its length), taken whole: `10.200.0.5` is not
-                // reported inside `10.200.0.50`.
-                for p in self.markers.find_iter(&bytes) {
-                    if p < 2 || bytes[p - 2] != 0x12 {
-                        continue;
-                    }
-                    let end = p + bytes[p - 1] as usize;
-                    if end <= bytes.len() {
-                        self.current.marked_addresses.push(bytes.slice(p..end));
-                    }
-                }
-            }
+            Target::EndpointPayload => self.find_markers(&bytes, &bytes),
         }
         Ok(())
+    }
+
+    /// Each marker in `payload` (a slice of `owner`) that starts a
+    /// `SocketAddress.address` field (key 0x12, then its length), taken
+    /// whole: `10.200.0.5` is not reported inside `10.200.0.50`.
+    fn find_markers(&mut self, payload: &[u8], owner: &Bytes) {
+        for p in self.markers.find_iter(payload) {
+            if p < 2 || payload[p - 2] != 0x12 {
+                continue;
+            }
+            let end = p + payload[p - 1] as usize;
+            if end <= payload.len() {
+                self.current.marked_addresses.push(owner.slice_ref(&payload[p..end]));
+            }
+        }
+    }
+
+    /// The usual case, read straight from the first chunk: a whole resource
+    /// is in it. `false` (nothing read) when it is not; the step by step
+    /// walk then reads it.
+    fn whole_resource(&mut self, end: usize) -> Result<bool, ScanError> {
+        let Some(front) = self.chunks.front() else { return Ok(false) };
+        let mut buf = &front[..];
+        let (Some(key), Some(len)) = (slice_varint(&mut buf), slice_varint(&mut buf)) else { return Ok(false) };
+        let len = len as usize;
+        if key != (2 << 3 | 2) || buf.len() < len {
+            return Ok(false);
+        }
+        let head = front.len() - buf.len();
+        if self.pos + head + len > end {
+            return Err(ScanError::Malformed("a field runs past what contains it"));
+        }
+        let chunk = self.chunks.pop_front().expect("looked at above");
+        let resource = &chunk[head..head + len];
+        let any = match (self.message_type, self.flavor) {
+            // Most resources: assignments, read for markers only, and route
+            // configurations, not read — no need to walk their fields.
+            (Some(ResourceType::Endpoint), _) => {
+                self.find_markers(resource, &chunk);
+                None
+            }
+            (Some(ResourceType::Route), _) => None,
+            (_, Flavor::Sotw) => Some(resource),
+            (_, Flavor::Delta) => {
+                let mut any = None;
+                for field in Fields(resource) {
+                    if let (2, Field::Bytes(b)) = field.ok_or(ScanError::Malformed("a resource does not parse"))? {
+                        any = Some(b);
+                    }
+                }
+                any
+            }
+        };
+        if let Some(any) = any {
+            let (mut type_url, mut value): (&[u8], &[u8]) = (&[], &[]);
+            for field in Fields(any) {
+                match field.ok_or(ScanError::Malformed("a resource does not parse"))? {
+                    (1, Field::Bytes(b)) => type_url = b,
+                    (2, Field::Bytes(b)) => value = b,
+                    _ => {}
+                }
+            }
+            let ty = type_of(type_url);
+            self.message_type = self.message_type.or(ty);
+            match ty {
+                Some(ResourceType::Cluster) => {
+                    if let Some(name) = eds_name(value) {
+                        self.current.eds_clusters.push(name);
+                    }
+                }
+                Some(ResourceType::Listener) => self.current.listeners.push(chunk.slice_ref(value)),
+                Some(ResourceType::Endpoint) => self.find_markers(value, &chunk),
+                _ => {}
+            }
+        }
+        self.current.resources += 1;
+        let consumed = head + len;
+        self.buffered -= consumed;
+        self.pos += consumed;
+        if consumed < chunk.len() {
+            let mut rest = chunk;
+            rest.advance(consumed);
+            self.chunks.push_front(rest);
+        }
+        Ok(true)
     }
 
     /// A varint starting `offset` bytes into what is buffered: (value, its length), or `None` until it has all arrived.
@@ -372,6 +450,27 @@ impl ResponseScanner {
     }
 }
 
+/// The types whose bodies the simulated proxy reads, by type URL (compared as bytes).
+fn type_of(type_url: &[u8]) -> Option<ResourceType> {
+    [ResourceType::Endpoint, ResourceType::Cluster, ResourceType::Listener, ResourceType::Route]
+        .into_iter()
+        .find(|t| t.type_url().as_bytes() == type_url)
+}
+
+/// A varint at the start of `buf` (advancing it), or `None` when `buf` ends first or it is too long.
+fn slice_varint(buf: &mut &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    for i in 0..10 {
+        let (&b, rest) = buf.split_first()?;
+        *buf = rest;
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
 enum Action {
     Gather(Target),
     Descend(Level),
@@ -456,18 +555,7 @@ impl<'a> Iterator for Fields<'a> {
     type Item = Option<(u64, Field<'a>)>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        fn varint(buf: &mut &[u8]) -> Option<u64> {
-            let mut value = 0u64;
-            for i in 0..10 {
-                let (&b, rest) = buf.split_first()?;
-                *buf = rest;
-                value |= u64::from(b & 0x7f) << (7 * i);
-                if b & 0x80 == 0 {
-                    return Some(value);
-                }
-            }
-            None
-        }
+        let varint = slice_varint;
         if self.0.is_empty() {
             return None;
         }
