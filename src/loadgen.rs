@@ -237,11 +237,10 @@ impl SimulatedProxy {
             return Vec::new();
         };
         let mut out = Vec::new();
-        let no_names = NameSet::default();
         let names = match ty {
-            ResourceType::Endpoint => &self.eds_names,
-            ResourceType::Route => &self.rds_names,
-            _ => &no_names,
+            ResourceType::Endpoint => Some(&self.eds_names),
+            ResourceType::Route => Some(&self.rds_names),
+            _ => None,
         };
         let ack = DiscoveryRequest {
             version_info: if nack {
@@ -258,10 +257,13 @@ impl SimulatedProxy {
             }),
             ..Default::default()
         };
-        out.push(Outgoing::naming(ack, names, SOTW_RESOURCE_NAMES));
-        let subscribe = |ty: ResourceType, names: &NameSet| {
-            let message = DiscoveryRequest { type_url: ty.type_url().into(), ..Default::default() };
-            Outgoing::naming(message, names, SOTW_RESOURCE_NAMES)
+        let naming = |message: DiscoveryRequest, names: Option<&NameSet>| match names {
+            Some(names) => Outgoing::naming(message, names, SOTW_RESOURCE_NAMES),
+            None => Outgoing::own(message),
+        };
+        out.push(naming(ack, names));
+        let subscribe = |ty: ResourceType, names: Option<&NameSet>| {
+            naming(DiscoveryRequest { type_url: ty.type_url().into(), ..Default::default() }, names)
         };
         match ty {
             ResourceType::Cluster => {
@@ -269,19 +271,19 @@ impl SimulatedProxy {
                 if !std::sync::Arc::ptr_eq(&self.eds_names, &eds) || !self.requested[1] {
                     self.eds_names = eds;
                     self.requested[1] = true;
-                    out.push(subscribe(ResourceType::Endpoint, &self.eds_names));
+                    out.push(subscribe(ResourceType::Endpoint, Some(&self.eds_names)));
                 }
             }
             ResourceType::Endpoint if !self.requested[2] => {
                 self.requested[2] = true;
-                out.push(subscribe(ResourceType::Listener, &NameSet::default()));
+                out.push(subscribe(ResourceType::Listener, None));
             }
             ResourceType::Listener => {
                 let rds = rds_names(r.listeners.iter().map(|p| &p[..]));
                 if *self.rds_names != rds || !self.requested[3] {
                     self.rds_names = intern_names(rds);
                     self.requested[3] = true;
-                    out.push(subscribe(ResourceType::Route, &self.rds_names));
+                    out.push(subscribe(ResourceType::Route, Some(&self.rds_names)));
                 }
             }
             _ => {}

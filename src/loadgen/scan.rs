@@ -459,16 +459,7 @@ fn type_of(type_url: &[u8]) -> Option<ResourceType> {
 
 /// A varint at the start of `buf` (advancing it), or `None` when `buf` ends first or it is too long.
 fn slice_varint(buf: &mut &[u8]) -> Option<u64> {
-    let mut value = 0u64;
-    for i in 0..10 {
-        let (&b, rest) = buf.split_first()?;
-        *buf = rest;
-        value |= u64::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            return Some(value);
-        }
-    }
-    None
+    prost::encoding::decode_varint(buf).ok()
 }
 
 enum Action {
