@@ -13,11 +13,10 @@
 //! generator's CPU — on the two cores it shares with the control plane it
 //! measures.)
 
-use std::collections::VecDeque;
-
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 
 use crate::xds::resources::ResourceType;
+use crate::xds::wire::ChunkedBuf;
 
 /// Which ADS response message the body carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,8 +96,7 @@ enum Step {
 pub struct ResponseScanner {
     flavor: Flavor,
     markers: memchr::memmem::Finder<'static>,
-    chunks: VecDeque<Bytes>,
-    buffered: usize,
+    received: ChunkedBuf,
     step: Step,
     /// Bytes of the current message read so far.
     pos: usize,
@@ -118,8 +116,7 @@ impl ResponseScanner {
         ResponseScanner {
             flavor,
             markers: memchr::memmem::Finder::new(marker_prefix),
-            chunks: VecDeque::new(),
-            buffered: 0,
+            received: ChunkedBuf::default(),
             step: Step::Prefix,
             pos: 0,
             levels: Vec::new(),
@@ -130,15 +127,12 @@ impl ResponseScanner {
     }
 
     pub fn push(&mut self, chunk: Bytes) {
-        if !chunk.is_empty() {
-            self.buffered += chunk.len();
-            self.chunks.push_back(chunk);
-        }
+        self.received.push(chunk);
     }
 
     /// Between messages, with nothing left over.
     pub fn is_idle(&self) -> bool {
-        self.step == Step::Prefix && self.buffered == 0
+        self.step == Step::Prefix && self.received.remaining() == 0
     }
 
     /// Reads on through what has arrived; a response once its last byte has.
@@ -146,11 +140,7 @@ impl ResponseScanner {
         loop {
             match self.step {
                 Step::Prefix => {
-                    if self.buffered < 5 {
-                        return Ok(None);
-                    }
-                    let mut prefix = [0u8; 5];
-                    self.copy_prefix(&mut prefix);
+                    let Some(prefix) = self.received.peek_prefix() else { return Ok(None) };
                     self.discard(5);
                     if prefix[0] != 0 {
                         return Err(ScanError::Compressed);
@@ -220,7 +210,7 @@ impl ResponseScanner {
                     }
                 }
                 Step::Skipping(n) => {
-                    let k = n.min(self.buffered);
+                    let k = n.min(self.received.remaining());
                     self.discard(k);
                     if k < n {
                         self.step = Step::Skipping(n - k);
@@ -229,7 +219,7 @@ impl ResponseScanner {
                     self.step = Step::Key;
                 }
                 Step::Gathering(target, len) => {
-                    if self.buffered < len {
+                    if self.received.remaining() < len {
                         return Ok(None);
                     }
                     let bytes = self.take(len);
@@ -300,19 +290,20 @@ impl ResponseScanner {
     /// is in it. `false` (nothing read) when it is not; the step by step
     /// walk then reads it.
     fn whole_resource(&mut self, end: usize) -> Result<bool, ScanError> {
-        let Some(front) = self.chunks.front() else { return Ok(false) };
-        let mut buf = &front[..];
+        let mut buf = self.received.chunk();
+        let whole = buf.len();
         let (Some(key), Some(len)) = (slice_varint(&mut buf), slice_varint(&mut buf)) else { return Ok(false) };
         let len = len as usize;
         if key != (2 << 3 | 2) || buf.len() < len {
             return Ok(false);
         }
-        let head = front.len() - buf.len();
+        let head = whole - buf.len();
         if self.pos + head + len > end {
             return Err(ScanError::Malformed("a field runs past what contains it"));
         }
-        let chunk = self.chunks.pop_front().expect("looked at above");
-        let resource = &chunk[head..head + len];
+        // (Within the first chunk: a slice of it, not a copy.)
+        let chunk = self.take(head + len).slice(head..);
+        let resource = &chunk[..];
         let any = match (self.message_type, self.flavor) {
             // Most resources: assignments, read for markers only, and route
             // configurations, not read — no need to walk their fields.
@@ -355,14 +346,6 @@ impl ResponseScanner {
             }
         }
         self.current.resources += 1;
-        let consumed = head + len;
-        self.buffered -= consumed;
-        self.pos += consumed;
-        if consumed < chunk.len() {
-            let mut rest = chunk;
-            rest.advance(consumed);
-            self.chunks.push_front(rest);
-        }
         Ok(true)
     }
 
@@ -371,7 +354,7 @@ impl ResponseScanner {
         let mut value = 0u64;
         let mut skip = offset;
         let mut len = 0;
-        for chunk in &self.chunks {
+        for chunk in self.received.slices() {
             if skip >= chunk.len() {
                 skip -= chunk.len();
                 continue;
@@ -391,62 +374,16 @@ impl ResponseScanner {
         Ok(None)
     }
 
-    fn copy_prefix(&self, out: &mut [u8]) {
-        let mut filled = 0;
-        for chunk in &self.chunks {
-            let n = (out.len() - filled).min(chunk.len());
-            out[filled..filled + n].copy_from_slice(&chunk[..n]);
-            filled += n;
-            if filled == out.len() {
-                break;
-            }
-        }
-    }
-
     /// Drops `n` buffered bytes (all there).
-    fn discard(&mut self, mut n: usize) {
-        self.buffered -= n;
+    fn discard(&mut self, n: usize) {
+        self.received.advance(n);
         self.pos += n;
-        while n > 0 {
-            let front = self.chunks.front_mut().expect("discarding only what is buffered");
-            if front.len() <= n {
-                n -= front.len();
-                self.chunks.pop_front();
-            } else {
-                front.advance(n);
-                n = 0;
-            }
-        }
     }
 
     /// Takes `n` buffered bytes (all there): a slice of the chunk when they are in one, else a copy.
     fn take(&mut self, n: usize) -> Bytes {
-        let front = self.chunks.front_mut().expect("taking only what is buffered");
-        if front.len() >= n {
-            let out = front.split_to(n);
-            if front.is_empty() {
-                self.chunks.pop_front();
-            }
-            self.buffered -= n;
-            self.pos += n;
-            return out;
-        }
-        let mut out = BytesMut::with_capacity(n);
-        let mut left = n;
-        while left > 0 {
-            let front = self.chunks.front_mut().expect("taking only what is buffered");
-            let k = left.min(front.len());
-            out.extend_from_slice(&front[..k]);
-            left -= k;
-            if k == front.len() {
-                self.chunks.pop_front();
-            } else {
-                front.advance(k);
-            }
-        }
-        self.buffered -= n;
         self.pos += n;
-        out.freeze()
+        self.received.copy_to_bytes(n)
     }
 }
 

@@ -280,8 +280,13 @@ impl ChunkedBuf {
         self.chunks.push_back(own.freeze());
     }
 
+    /// The received bytes, chunk by chunk, in order.
+    pub fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        self.chunks.iter().map(|c| &c[..])
+    }
+
     /// The first five bytes (a gRPC message prefix), if received.
-    fn peek_prefix(&self) -> Option<[u8; 5]> {
+    pub fn peek_prefix(&self) -> Option<[u8; 5]> {
         if self.remaining < 5 {
             return None;
         }
