@@ -43,23 +43,30 @@ fn index(ty: ResourceType) -> Option<usize> {
 /// sync — CPU taken from the control plane it measures on the same cores.
 pub fn eds_cluster_names_of(names: &scan::EdsClusterNames) -> NameSet {
     use std::hash::Hasher;
-    static SEEN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<(u64, usize, usize), NameSet>>> =
-        std::sync::OnceLock::new();
-    const KEPT: usize = 256;
+    static SEEN: Recent<(u64, usize, usize), NameSet> = std::sync::OnceLock::new();
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     hasher.write(names.as_bytes());
     let key = (hasher.finish(), names.len(), names.as_bytes().len());
-    let seen = SEEN.get_or_init(Default::default);
-    if let Some(names) = seen.lock().expect("seen names lock").get(&key) {
-        return names.clone();
+    recall(&SEEN, key, || intern_names(names.iter().map(|n| n.into_owned()).collect()))
+}
+
+/// Values the load generator's proxies share, by key, kept for the most recent keys.
+type Recent<K, V> = std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<K, V>>>;
+
+/// The value kept for `key`, else `make`'s, kept (at most 256: then all are dropped and kept afresh).
+fn recall<K: std::hash::Hash + Eq, V: Clone>(recent: &Recent<K, V>, key: K, make: impl FnOnce() -> V) -> V {
+    const KEPT: usize = 256;
+    let recent = recent.get_or_init(Default::default);
+    if let Some(value) = recent.lock().expect("recent values lock").get(&key) {
+        return value.clone();
     }
-    let set = intern_names(names.iter().map(|n| n.into_owned()).collect());
-    let mut seen = seen.lock().expect("seen names lock");
-    if seen.len() >= KEPT {
-        seen.clear();
+    let value = make();
+    let mut recent = recent.lock().expect("recent values lock");
+    if recent.len() >= KEPT {
+        recent.clear();
     }
-    seen.insert(key, set.clone());
-    set
+    recent.insert(key, value.clone());
+    value
 }
 
 /// Route configuration names the listeners' HTTP connection managers ask for over RDS.
@@ -122,25 +129,16 @@ impl<M: Message + Default> Outgoing<M> {
 /// The names of `set` encoded as the repeated string field `field`, once per
 /// set and field (kept for the most recent sets).
 fn encoded_names(set: &NameSet, field: u32) -> Bytes {
-    type Encoded = std::collections::HashMap<(usize, u32), (NameSet, Bytes)>;
-    static ENCODED: std::sync::OnceLock<std::sync::Mutex<Encoded>> = std::sync::OnceLock::new();
-    const KEPT: usize = 256;
+    static ENCODED: Recent<(usize, u32), (NameSet, Bytes)> = std::sync::OnceLock::new();
     // (The set is kept with its encoding, so its address is not reused while the entry lives.)
     let key = (std::sync::Arc::as_ptr(set) as usize, field);
-    let encoded = ENCODED.get_or_init(Default::default);
-    if let Some((_, bytes)) = encoded.lock().expect("encoded names lock").get(&key) {
-        return bytes.clone();
-    }
-    let mut buf = Vec::new();
-    for name in set.iter() {
-        prost::encoding::string::encode(field, name, &mut buf);
-    }
-    let bytes = Bytes::from(buf);
-    let mut encoded = encoded.lock().expect("encoded names lock");
-    if encoded.len() >= KEPT {
-        encoded.clear();
-    }
-    encoded.insert(key, (set.clone(), bytes.clone()));
+    let (_, bytes) = recall(&ENCODED, key, || {
+        let mut buf = Vec::new();
+        for name in set.iter() {
+            prost::encoding::string::encode(field, name, &mut buf);
+        }
+        (set.clone(), Bytes::from(buf))
+    });
     bytes
 }
 

@@ -74,9 +74,8 @@ enum Target {
     Nonce,
     Removed,
     AnyTypeUrl,
-    ClusterPayload,
-    ListenerPayload,
-    EndpointPayload,
+    /// The body of a resource of this type.
+    Body(ResourceType),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,9 +240,9 @@ impl ResponseScanner {
             (Level::DeltaResource, _, 2) => Action::Descend(Level::Any),
             (Level::Any, _, 1) => Action::Gather(Target::AnyTypeUrl),
             (Level::Any, _, 2) => match self.any_type {
-                Some(ResourceType::Cluster) => Action::Gather(Target::ClusterPayload),
-                Some(ResourceType::Listener) => Action::Gather(Target::ListenerPayload),
-                Some(ResourceType::Endpoint) => Action::Gather(Target::EndpointPayload),
+                Some(ty @ (ResourceType::Cluster | ResourceType::Listener | ResourceType::Endpoint)) => {
+                    Action::Gather(Target::Body(ty))
+                }
                 _ => Action::Skip,
             },
             _ => Action::Skip,
@@ -260,15 +259,23 @@ impl ResponseScanner {
             Target::Nonce => self.current.nonce = text(&bytes)?,
             Target::Removed => self.current.removed_resources.push(text(&bytes)?),
             Target::AnyTypeUrl => self.any_type = type_of(&bytes),
-            Target::ClusterPayload => {
-                if let Some(name) = eds_name(&bytes) {
+            Target::Body(ty) => self.read_body(ty, &bytes, &bytes),
+        }
+        Ok(())
+    }
+
+    /// What the proxy reads of a resource's body `value` (a slice of `owner`).
+    fn read_body(&mut self, ty: ResourceType, value: &[u8], owner: &Bytes) {
+        match ty {
+            ResourceType::Cluster => {
+                if let Some(name) = eds_name(value) {
                     self.current.eds_clusters.push(name);
                 }
             }
-            Target::ListenerPayload => self.current.listeners.push(bytes),
-            Target::EndpointPayload => self.find_markers(&bytes, &bytes),
+            ResourceType::Listener => self.current.listeners.push(owner.slice_ref(value)),
+            ResourceType::Endpoint => self.find_markers(value, owner),
+            _ => {}
         }
-        Ok(())
     }
 
     /// Each marker in `payload` (a slice of `owner`) that starts a
@@ -334,15 +341,8 @@ impl ResponseScanner {
             }
             let ty = type_of(type_url);
             self.message_type = self.message_type.or(ty);
-            match ty {
-                Some(ResourceType::Cluster) => {
-                    if let Some(name) = eds_name(value) {
-                        self.current.eds_clusters.push(name);
-                    }
-                }
-                Some(ResourceType::Listener) => self.current.listeners.push(chunk.slice_ref(value)),
-                Some(ResourceType::Endpoint) => self.find_markers(value, &chunk),
-                _ => {}
+            if let Some(ty) = ty {
+                self.read_body(ty, value, &chunk);
             }
         }
         self.current.resources += 1;
