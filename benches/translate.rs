@@ -14,7 +14,7 @@ use meshpilot::model::{MeshSnapshot, ServiceKey};
 use meshpilot::translate::{ProxyScope, translate};
 
 fn bench(c: &mut Criterion) {
-    let spec = ScaleSpec { services: 1000, clusters: 3, endpoints: 10, policies: 100 };
+    let spec = ScaleSpec { services: 1000, clusters: 3, endpoints: 10, policies: 100, sidecars: false };
     let inputs = scale_inputs(spec);
     let snapshot = MeshSnapshot::build(inputs.clone(), &mut LastGood::default());
     let scope = ProxyScope::sidecar(&cluster_name(0), "ns-0", &[("app", "client")]);

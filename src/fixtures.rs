@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::api::{MultiDestination, ResourceRef, ServiceRefs, ServiceSelector, TrafficPolicySpec, VirtualMeshSpec, WeightedDestination};
+use crate::model::api::{MultiDestination, ResourceRef, ServiceRefs, ServiceSelector, SidecarEgress, SidecarSpec, TrafficPolicySpec, VirtualMeshSpec, WeightedDestination};
 use crate::model::{ClusterState, Endpoint, Locality, MeshInputs, PolicyObject, Service, ServiceKey, ServicePort};
 
 #[derive(Debug, Clone, Copy)]
@@ -13,6 +13,26 @@ pub struct ScaleSpec {
     pub endpoints: usize,
     /// TrafficPolicies, each shifting one service of cluster 0 half to its v1 subset, half to the next cluster.
     pub policies: usize,
+    /// One Istio Sidecar per namespace importing that namespace's services
+    /// (`./*`, Istio's usual first step at scale); without, every proxy sees
+    /// every service.
+    pub sidecars: bool,
+}
+
+/// The namespaces services are spread over (`ns-<i % 10>`).
+pub const NAMESPACES: usize = 10;
+
+/// `ns-<i>`'s Sidecar: import the namespace's own services.
+fn namespace_sidecar(ns: usize) -> PolicyObject<SidecarSpec> {
+    PolicyObject {
+        namespace: format!("ns-{ns}"),
+        name: "default".into(),
+        generation: Some(1),
+        created_ms: 0,
+        origin: "fixtures".into(),
+        spec: SidecarSpec { egress: vec![SidecarEgress { hosts: vec!["./*".into()], ..Default::default() }], ..Default::default() },
+        parse_errors: vec![],
+    }
 }
 
 pub fn cluster_name(i: usize) -> String {
@@ -94,6 +114,9 @@ pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
             parse_errors: vec![],
         });
     }
+    if spec.sidecars {
+        inputs.sidecars = (0..NAMESPACES).map(namespace_sidecar).collect();
+    }
     inputs
 }
 
@@ -148,7 +171,15 @@ pub fn write_config_dir(dir: &std::path::Path, spec: ScaleSpec) -> std::io::Resu
             let _ = writeln!(policies, "    - {{destination: {{cluster: {}, name: {svc}, namespace: {ns}}}, weight: 50}}", cluster_name(1));
         }
     }
-    std::fs::write(dir.join("mesh/traffic-policies.yaml"), policies)
+    std::fs::write(dir.join("mesh/traffic-policies.yaml"), policies)?;
+    if spec.sidecars {
+        let mut sidecars = String::new();
+        for ns in 0..NAMESPACES {
+            let _ = write!(sidecars, "---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: ns-{ns}}}\nspec:\n  egress:\n  - hosts: [\"./*\"]\n");
+        }
+        std::fs::write(dir.join("mesh/sidecars.yaml"), sidecars)?;
+    }
+    Ok(())
 }
 
 /// One service's manifests in one cluster; `step` > 0 moves its first endpoint (churn).
@@ -188,7 +219,7 @@ mod tests {
     #[test]
     fn a_written_config_dir_loads_as_the_same_mesh() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = ScaleSpec { services: 12, clusters: 3, endpoints: 4, policies: 5 };
+        let spec = ScaleSpec { services: 12, clusters: 3, endpoints: 4, policies: 5, sidecars: true };
         write_config_dir(dir.path(), spec).unwrap();
         let mut memory = crate::sources::file::SourceMemory::default();
         let inputs = crate::sources::file::load_config_dir(dir.path(), &mut memory).unwrap();
@@ -206,8 +237,15 @@ mod tests {
             }
         }
         assert_eq!(inputs.traffic_policies.len(), 5);
+        assert_eq!(inputs.sidecars.len(), NAMESPACES);
         let snapshot = crate::model::MeshSnapshot::build(inputs, &mut Default::default());
         assert!(snapshot.policy_status.values().all(|s| s.state == crate::model::PolicyState::Accepted), "{:?}", snapshot.policy_status);
+        assert!(snapshot.mesh_object_status.values().all(|s| s.state == crate::model::PolicyState::Accepted), "{:?}", snapshot.mesh_object_status);
+        // A proxy in ns-3 sees ns-3's services (of every cluster) and nothing else.
+        let scope = crate::translate::ProxyScope::sidecar(&cluster_name(0), "ns-3", &[]);
+        let set = crate::translate::translate(&snapshot, &scope);
+        let clusters = set.of_type(crate::xds::resources::ResourceType::Cluster);
+        assert!(!clusters.is_empty() && clusters.keys().all(|n| n.contains(".ns-3.")), "{:?}", clusters.keys());
         // Churn: one rewritten file changes one endpoint, and only its cluster is rebuilt.
         std::fs::write(dir.path().join("cluster-1/svc-00003.yaml"), service_yaml(1, 3, 4, 7)).unwrap();
         let again = crate::sources::file::load_config_dir(dir.path(), &mut memory).unwrap();

@@ -51,6 +51,7 @@ pub enum SnapshotChange {
 pub fn classify_change(old: &MeshSnapshot, new: &MeshSnapshot) -> SnapshotChange {
     if old.mesh_peers != new.mesh_peers
         || old.applied != new.applied
+        || old.sidecars != new.sidecars
         || old.clusters.len() != new.clusters.len()
         || old.policy_status != new.policy_status
     {
@@ -464,6 +465,36 @@ mod tests {
     }
 
     #[test]
+    fn a_sidecar_change_retranslates_the_proxies_it_scopes() {
+        let (notifier, mut changes) = ChangeNotifier::channel();
+        let mesh = MeshResources::new(notifier);
+        mesh.update(inputs());
+        let _ = changes.try_recv();
+        let n = node("management-plane", "productpage");
+        let ratings = "outbound|9080||ratings.default.svc.cluster.local";
+        assert!(mesh.resources_for(&n).get(ResourceType::Cluster, ratings).is_some());
+        let mut scoped = inputs();
+        scoped.sidecars.push(crate::model::PolicyObject {
+            namespace: "default".into(),
+            name: "productpage".into(),
+            generation: Some(1),
+            created_ms: 0,
+            origin: "test".into(),
+            spec: crate::model::api::SidecarSpec {
+                workload_selector: Some(crate::model::api::SidecarWorkloadSelector { labels: [("app".to_string(), "productpage".to_string())].into() }),
+                egress: vec![crate::model::api::SidecarEgress { hosts: vec!["./reviews.default.svc.cluster.local".into()], ..Default::default() }],
+                ..Default::default()
+            },
+            parse_errors: Vec::new(),
+        });
+        mesh.update(scoped);
+        assert!(changes.try_recv().is_ok(), "a Sidecar change pushes");
+        let after = mesh.resources_for(&n);
+        assert!(after.get(ResourceType::Cluster, ratings).is_none());
+        assert!(after.get(ResourceType::Cluster, "outbound|9080||reviews.default.svc.cluster.local").is_some());
+    }
+
+    #[test]
     fn a_full_change_translates_the_served_scopes_before_it_is_published() {
         let (notifier, mut changes) = ChangeNotifier::channel();
         let mesh = MeshResources::new(notifier);
@@ -502,7 +533,7 @@ mod tests {
     fn streams_reading_during_endpoint_changes_never_translate() {
         use crate::fixtures::{ScaleSpec, churn_endpoint, scale_inputs};
         let mesh = MeshResources::new(ChangeNotifier::channel().0);
-        let mut inputs = scale_inputs(ScaleSpec { services: 300, clusters: 2, endpoints: 5, policies: 10 });
+        let mut inputs = scale_inputs(ScaleSpec { services: 300, clusters: 2, endpoints: 5, policies: 10, sidecars: false });
         mesh.update(inputs.clone());
         let proxy = ProxyNode { namespace: "ns-1".into(), ..node("cluster-0", "svc-00001") };
         let first = mesh.resources_for(&proxy);

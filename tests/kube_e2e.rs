@@ -378,6 +378,35 @@ async fn seed_scenario_against_two_real_clusters() {
     // Fields read but not yet in effect are reported, never silently ignored.
     let vm = mgmt.kubectl(&["get", "virtualmesh", "virtual-mesh", "-n", "service-mesh-hub", "-o", "jsonpath={.status.translationStatus.state} {.status.notYetSupported}"]);
     assert!(vm.starts_with("ACCEPTED ") && vm.contains("spec.certificateAuthority.builtin.{ttlDays,rsaKeySizeBytes,orgName}: not yet supported"), "{vm}");
+    // Istio's Sidecar narrows what productpage is configured for: only reviews
+    // (and the remote v3 its policy shifts to), not details or ratings.
+    let sidecar = "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: productpage, namespace: default}\nspec:\n  workloadSelector: {labels: {app: productpage}}\n  egress:\n  - hosts: [\"./reviews.default.svc.cluster.local\"]\n";
+    mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(sidecar)).unwrap();
+    let sidecar_state = || mgmt.kubectl(&["get", "sidecars.networking.istio.io", "productpage", "-n", "default", "-o", "jsonpath={.status.translationStatus.state} {.status.observedGeneration} {.status.translationStatus.message}"]);
+    wait_for("Sidecar productpage ACCEPTED", Duration::from_secs(30), || async { sidecar_state().starts_with("ACCEPTED 1").then_some(()) }).await;
+    let envoy_clusters = || async { envoy.admin_get("/config_dump?resource=dynamic_active_clusters").await };
+    wait_for("ratings and details gone from productpage's Envoy", Duration::from_secs(30), || async {
+        let c = envoy_clusters().await;
+        (!c.contains("ratings.default") && !c.contains("details.default")).then_some(())
+    })
+    .await;
+    assert_eq!(envoy_reviews_weights(&envoy).await, weights, "the split is untouched by scoping");
+    assert!(envoy_endpoints(&envoy, &v3_cluster).await.contains(&v3_addr));
+    // A host that is not namespace/dnsName: INVALID, naming the field; the last good scope keeps serving.
+    mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&sidecar.replace("./reviews.default.svc.cluster.local", "reviews"))).unwrap();
+    let state = wait_for("Sidecar productpage INVALID", Duration::from_secs(30), || async {
+        let s = sidecar_state();
+        s.starts_with("INVALID 2").then_some(s)
+    })
+    .await;
+    assert!(state.contains("spec.egress[0].hosts[0]") && state.contains("keeps serving"), "{state}");
+    assert!(!envoy_clusters().await.contains("ratings.default"), "the last good Sidecar keeps serving");
+    mgmt.kubectl(&["delete", "sidecars.networking.istio.io", "productpage", "-n", "default"]);
+    wait_for("ratings back in productpage's Envoy", Duration::from_secs(30), || async {
+        envoy_clusters().await.contains("ratings.default").then_some(())
+    })
+    .await;
+
     // mTLS: the sidecar got its SPIFFE certificate and the mesh root over SDS.
     let secrets = envoy.admin_get("/config_dump?resource=dynamic_active_secrets").await;
     assert!(secrets.contains("\"name\": \"default\"") && secrets.contains("\"name\": \"ROOTCA\""), "{secrets}");

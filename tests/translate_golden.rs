@@ -65,6 +65,51 @@ fn golden_seed_scenario_reaches_clients_in_the_other_cluster_too() {
     check_golden("bookinfo-remote-ratings", &to_json(&translate(&snapshot("examples/bookinfo"), &scope)));
 }
 
+/// The seed scenario with an Istio Sidecar: productpage imports only
+/// `reviews`, and still gets the remote v3 its TrafficPolicy shifts to.
+const PRODUCTPAGE_SIDECAR: &str = "apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: productpage, namespace: default}
+spec:
+  workloadSelector: {labels: {app: productpage}}
+  egress:
+  - hosts: [\"./reviews.default.svc.cluster.local\"]
+";
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn golden_a_sidecar_narrows_productpage_to_what_it_imports_and_its_policy_destinations() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&root().join("examples/bookinfo"), dir.path());
+    std::fs::write(dir.path().join("mesh/sidecar.yaml"), PRODUCTPAGE_SIDECAR).unwrap();
+    let s = offline_snapshot(dir.path()).unwrap();
+    let status: Vec<String> = s.mesh_object_status.iter().filter(|(id, _)| id.kind == "Sidecar").map(|(id, st)| format!("{id} {:?}", st.state)).collect();
+    assert_eq!(status, ["Sidecar default/productpage Accepted"]);
+    let set = to_json(&translate(&s, &productpage()));
+    check_golden("bookinfo-productpage-sidecar", &set);
+    let clusters: Vec<&str> = set["CDS"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    // The remote reviews: not imported as a host of its own, but the policy's 75% goes there.
+    assert!(clusters.contains(&"outbound|9080||reviews.default.svc.remote-cluster.global"), "{clusters:?}");
+    let vhosts: Vec<&str> = set["RDS"].as_array().unwrap().iter().flat_map(|rc| rc["virtualHosts"].as_array().unwrap()).map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(vhosts, ["reviews.default.svc.cluster.local:9080"]);
+    assert!(clusters.iter().all(|c| c.contains("|reviews.")), "only reviews and its policy's destinations: {clusters:?}");
+    // Workloads the Sidecar does not select still see the whole mesh.
+    let details = ProxyScope::sidecar("management-plane", "default", &[("app", "details")]);
+    let whole = to_json(&translate(&s, &details));
+    assert!(whole["CDS"].as_array().unwrap().iter().any(|c| c["name"].as_str().unwrap().contains("|ratings.")));
+}
+
 #[test]
 fn golden_every_action_local_and_remote_subsets() {
     let s = snapshot("tests/testdata/rich");

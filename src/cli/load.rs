@@ -88,6 +88,28 @@ pub struct LoadArgs {
     /// Print one markdown table row per measurement too.
     #[arg(long)]
     pub markdown: bool,
+    /// The config dir has the per-namespace Sidecars of `fixtures --sidecars`:
+    /// a change must reach only the proxies in its service's namespace.
+    #[arg(long)]
+    pub sidecars: bool,
+}
+
+/// Which proxies a change to a fixture service must reach: every one, or
+/// (with per-namespace Sidecars) those in the service's namespace.
+#[derive(Debug, Clone, Copy)]
+struct Reach {
+    scoped: bool,
+    proxy_namespaces: usize,
+}
+
+impl Reach {
+    fn of(args: &LoadArgs) -> Reach {
+        Reach { scoped: args.sidecars, proxy_namespaces: args.namespaces.max(1) }
+    }
+
+    fn reaches(&self, proxy: usize, service: usize) -> bool {
+        !self.scoped || proxy % self.proxy_namespaces == service % crate::fixtures::NAMESPACES
+    }
 }
 
 #[derive(Default)]
@@ -331,15 +353,20 @@ pub fn process_usage(pid: u32) -> Option<(f64, f64)> {
 /// all under 10.200/16, which no fixture endpoint uses) → the change's index.
 type Markers = Arc<std::sync::RwLock<std::collections::HashMap<Vec<u8>, usize>>>;
 
-/// For each change (from `first` on), each proxy's first delivery that carried it.
+/// For each change (marker index, when, service), each proxy's first
+/// delivery that carried it (proxies it must reach only).
 fn latencies(
-    changes: &[(usize, Instant)],
+    changes: &[(usize, Instant, usize)],
     deliveries: &[std::collections::BTreeMap<usize, Instant>],
+    reach: Reach,
 ) -> (Vec<f64>, usize) {
     let mut out = Vec::new();
     let mut missing = 0;
-    for delivered in deliveries {
-        for (idx, at) in changes {
+    for (proxy, delivered) in deliveries.iter().enumerate() {
+        for (idx, at, service) in changes {
+            if !reach.reaches(proxy, *service) {
+                continue;
+            }
             match delivered.get(idx) {
                 Some(t) => out.push(t.saturating_duration_since(*at).as_secs_f64() * 1000.0),
                 None => missing += 1,
@@ -557,10 +584,14 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         write_atomically(&path, &edited)?;
         let changed_at = Instant::now();
         let deadline = changed_at + args.settle;
+        // The first policy is on svc-00000.
+        let reach = Reach::of(&args);
         let deliveries = loop {
             let deliveries: Vec<Vec<Instant>> = records
                 .iter()
-                .map(|r| r.lock().expect("record lock").rds_at.clone())
+                .enumerate()
+                .filter(|(proxy, _)| reach.reaches(*proxy, 0))
+                .map(|(_, r)| r.lock().expect("record lock").rds_at.clone())
                 .collect();
             if Instant::now() > deadline
                 || deliveries
@@ -625,14 +656,17 @@ async fn measure_endpoint_changes(
             .join(format!("{}.yaml", service_name(s)));
         write_atomically(&path, &service_yaml(c, s, args.endpoints, *step))
             .with_context(|| format!("writing {}", path.display()))?;
-        changes.push((idx, Instant::now()));
+        changes.push((idx, Instant::now(), s));
     }
-    let last = changes.last().map(|c| c.0).unwrap_or_default();
+    let reach = Reach::of(args);
+    let (last, last_service) = changes.last().map(|c| (c.0, c.2)).unwrap_or_default();
     let deadline = Instant::now() + args.settle;
     while Instant::now() < deadline
         && !records
             .iter()
-            .all(|r| r.lock().expect("record lock").delivered.contains_key(&last))
+            .enumerate()
+            .filter(|(proxy, _)| reach.reaches(*proxy, last_service))
+            .all(|(_, r)| r.lock().expect("record lock").delivered.contains_key(&last))
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -640,7 +674,7 @@ async fn measure_endpoint_changes(
         .iter()
         .map(|r| r.lock().expect("record lock").delivered.clone())
         .collect();
-    let (mut lat, missing) = latencies(&changes, &deliveries);
+    let (mut lat, missing) = latencies(&changes, &deliveries, reach);
     let bytes_after: u64 = records
         .iter()
         .map(|r| r.lock().expect("record lock").bytes)
@@ -713,18 +747,24 @@ mod tests {
     fn each_change_is_matched_to_the_delivery_that_carried_it() {
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
-        let changes = [(0, ms(0)), (1, ms(100))];
+        let changes = [(0, ms(0), 0), (1, ms(100), 1)];
         let deliveries = vec![
             [(0, ms(50)), (1, ms(300))].into(),
             [(1, ms(120))].into(),
             Default::default(),
         ];
-        let (lat, missing) = latencies(&changes, &deliveries);
+        let everyone = Reach { scoped: false, proxy_namespaces: 10 };
+        let (lat, missing) = latencies(&changes, &deliveries, everyone);
         assert_eq!(lat, vec![50.0, 200.0, 20.0]);
         assert_eq!(
             missing, 3,
             "the second proxy never got change 0, the third got nothing"
         );
+        // With per-namespace Sidecars, proxy i (ns-<i % 2>) must get only its namespace's changes.
+        let scoped = Reach { scoped: true, proxy_namespaces: 2 };
+        let (lat, missing) = latencies(&changes, &deliveries, scoped);
+        assert_eq!(lat, vec![50.0, 20.0]);
+        assert_eq!(missing, 1, "only the third proxy (ns-0) missed its change 0");
         let (lat, missing) = first_after(ms(100), &[vec![ms(50), ms(130)], vec![ms(20)]]);
         assert_eq!((lat, missing), (vec![30.0], 1));
     }

@@ -113,6 +113,10 @@ pub struct FixturesArgs {
     pub endpoints: usize,
     #[arg(long, default_value_t = 100)]
     pub policies: usize,
+    /// Also write one Istio Sidecar per namespace importing only that
+    /// namespace's services (`./*`): every proxy sees a tenth of the mesh.
+    #[arg(long)]
+    pub sidecars: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -257,7 +261,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bootstrap(args) => run_bootstrap(args),
         Command::Crds(args) => run_crds(args),
         Command::Fixtures(a) => {
-            let spec = crate::fixtures::ScaleSpec { services: a.services, clusters: a.clusters, endpoints: a.endpoints, policies: a.policies };
+            let spec = crate::fixtures::ScaleSpec { services: a.services, clusters: a.clusters, endpoints: a.endpoints, policies: a.policies, sidecars: a.sidecars };
             crate::fixtures::write_config_dir(&a.out, spec).with_context(|| format!("writing {}", a.out.display()))?;
             println!("wrote {}: {} services x {} clusters x {} endpoints, {} TrafficPolicies", a.out.display(), a.services, a.clusters, a.endpoints, a.policies.min(a.services));
             Ok(())

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 pub const NETWORKING_GROUP_VERSION: &str = "networking.zephyr.solo.io/v1alpha1";
 pub const DISCOVERY_GROUP_VERSION: &str = "discovery.zephyr.solo.io/v1alpha1";
+/// The apiVersions Istio serves `Sidecar` under.
+pub const ISTIO_NETWORKING_VERSIONS: [&str; 3] = ["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"];
 
 /// `{name, namespace, cluster}` — a service in a registered cluster.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema, Default)]
@@ -314,6 +316,54 @@ pub struct ServiceAccountRefs {
     pub service_accounts: Vec<ResourceRef>,
 }
 
+/// Istio's `Sidecar` (`networking.istio.io/v1`): which services a sidecar
+/// imports. A proxy is configured for the services its Sidecar's
+/// `egress[].hosts` name (`namespace/dnsName`, `*` and `.` as in Istio), plus
+/// whatever their TrafficPolicies route to; without a Sidecar it sees every
+/// service of its virtual mesh. Istio's other fields are accepted and
+/// reported as not yet supported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default, CustomResource)]
+#[kube(group = "networking.istio.io", version = "v1", kind = "Sidecar", namespaced, status = "PolicyObjectStatus")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SidecarSpec {
+    pub workload_selector: Option<SidecarWorkloadSelector>,
+    #[serde(default)]
+    pub egress: Vec<SidecarEgress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_value")]
+    pub ingress: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_value")]
+    pub outbound_traffic_policy: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_value")]
+    pub inbound_connection_pool: Option<serde_json::Value>,
+}
+
+/// `Sidecar.spec.workloadSelector`: the pods (in the Sidecar's namespace) it applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SidecarWorkloadSelector {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `Sidecar.spec.egress[]`: hosts to import (`port`, `bind` and
+/// `captureMode` are accepted, not yet supported).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SidecarEgress {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_value")]
+    pub port: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture_mode: Option<String>,
+}
+
 /// `KubernetesCluster.spec` (`discovery.zephyr.solo.io/v1alpha1`): a
 /// registered cluster and where its kubeconfig is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default, CustomResource)]
@@ -396,6 +446,11 @@ pub struct ConflictError {
 /// A bool (v0.4) or an enum string (v0.5): a structural schema that keeps either.
 fn bool_or_string(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({ "nullable": true, "x-kubernetes-preserve-unknown-fields": true })
+}
+
+/// Any JSON (Istio fields meshpilot keeps but does not act on): a structural schema that keeps it.
+fn any_value(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "x-kubernetes-preserve-unknown-fields": true })
 }
 
 /// Parses a proto3 JSON duration (`"1.5s"`) or a human one (`"100ms"`, `"2m"`).

@@ -6,7 +6,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 use serde_json::Value;
 
-use super::api::{AccessControlPolicy, KubernetesCluster, TrafficPolicy, VirtualMesh};
+use super::api::{AccessControlPolicy, ISTIO_NETWORKING_VERSIONS, KubernetesCluster, Sidecar, TrafficPolicy, VirtualMesh};
 
 /// Every CRD meshpilot reads, with the file name it is kept under.
 pub fn all_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
@@ -15,7 +15,22 @@ pub fn all_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
         ("virtualmeshes.networking.zephyr.solo.io.yaml", VirtualMesh::crd()),
         ("accesscontrolpolicies.networking.zephyr.solo.io.yaml", AccessControlPolicy::crd()),
         ("kubernetesclusters.discovery.zephyr.solo.io.yaml", KubernetesCluster::crd()),
+        ("sidecars.networking.istio.io.yaml", sidecar_crd()),
     ]
+}
+
+/// Istio's Sidecar, served under every version Istio serves it (v1 stored),
+/// so that it can stand in for Istio's own CRD and existing objects still read.
+fn sidecar_crd() -> CustomResourceDefinition {
+    let mut crd = Sidecar::crd();
+    let stored = crd.spec.versions[0].clone();
+    for api_version in &ISTIO_NETWORKING_VERSIONS[1..] {
+        let mut v = stored.clone();
+        v.name = api_version.rsplit('/').next().expect("group/version").to_string();
+        v.storage = false;
+        crd.spec.versions.push(v);
+    }
+    crd
 }
 
 /// `additionalProperties: false` (from `deny_unknown_fields`) is not allowed

@@ -8,6 +8,7 @@ pub mod crd;
 pub mod describe;
 pub mod k8s;
 pub mod policy;
+pub mod sidecar;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -150,6 +151,7 @@ pub struct MeshInputs {
     pub traffic_policies: Vec<PolicyObject<api::TrafficPolicySpec>>,
     pub virtual_meshes: Vec<PolicyObject<api::VirtualMeshSpec>>,
     pub access_policies: Vec<PolicyObject<api::AccessControlPolicySpec>>,
+    pub sidecars: Vec<PolicyObject<api::SidecarSpec>>,
     /// Objects that could not be read (file, document, field, reason).
     pub errors: Vec<String>,
 }
@@ -162,7 +164,10 @@ pub struct MeshSnapshot {
     pub mesh_peers: BTreeMap<String, BTreeSet<String>>,
     /// Policies that apply, oldest first.
     pub applied: Vec<Arc<AppliedPolicy>>,
-    /// The workload label keys any applied policy's source selector reads.
+    /// Sidecars in effect (egress scoping), oldest first.
+    pub sidecars: Vec<Arc<sidecar::SidecarScope>>,
+    /// The workload label keys translation reads: applied policies' source
+    /// selectors and Sidecars' workload selectors.
     pub source_label_keys: BTreeSet<String>,
     /// Network → its east-west gateways' addresses (Services labelled
     /// `topology.istio.io/network` with an external address).
@@ -171,12 +176,12 @@ pub struct MeshSnapshot {
     /// certificateAuthority); clusters not listed have no mTLS.
     pub trust: BTreeMap<String, MeshTrust>,
     pub policy_status: BTreeMap<PolicyId, PolicyStatus>,
-    /// VirtualMeshes and AccessControlPolicies: read, and what of them is not yet in effect.
+    /// VirtualMeshes, AccessControlPolicies and Sidecars: read, and what of them is not yet in effect.
     pub mesh_object_status: BTreeMap<MeshObjectId, MeshObjectStatus>,
     pub input_errors: Vec<String>,
 }
 
-/// A VirtualMesh or AccessControlPolicy: `kind namespace/name`.
+/// A VirtualMesh, AccessControlPolicy or Sidecar: `kind namespace/name`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct MeshObjectId {
     pub kind: String,
@@ -250,6 +255,8 @@ impl MeshSnapshot {
             let note = "AccessControlPolicy: not yet supported (policies are read and validated; access is not enforced yet)".to_string();
             object_status("AccessControlPolicy", acp, vec![note])
         }));
+        let (sidecars, sidecar_status) = sidecar::resolve(&inputs.sidecars, &mut last_good.sidecars);
+        mesh_object_status.extend(sidecar_status);
         let trust = mesh_trust(&inputs);
         let gateways = network_gateways(&inputs.clusters);
         let mut snapshot = MeshSnapshot {
@@ -258,6 +265,7 @@ impl MeshSnapshot {
             gateways,
             trust,
             applied: Vec::new(),
+            sidecars,
             source_label_keys: BTreeSet::new(),
             policy_status: BTreeMap::new(),
             mesh_object_status,
@@ -265,6 +273,7 @@ impl MeshSnapshot {
         };
         let (applied, status) = policy::resolve(&snapshot, &inputs.traffic_policies, last_good);
         snapshot.source_label_keys = applied.iter().flat_map(|p| p.rules.iter()).flat_map(|r| r.source.labels.keys().cloned()).collect();
+        snapshot.source_label_keys.extend(snapshot.sidecars.iter().flat_map(|s| s.selector.iter().flat_map(|l| l.keys().cloned())));
         snapshot.applied = applied;
         snapshot.policy_status = status;
         snapshot

@@ -215,6 +215,7 @@ pub struct AppliedPolicy {
 #[derive(Debug, Default, Clone)]
 pub struct LastGood {
     accepted: HashMap<PolicyId, Arc<AppliedPolicy>>,
+    pub(crate) sidecars: super::sidecar::LastGoodSidecars,
 }
 
 /// Where a destination's traffic goes on a listener port (see [`ResolvedDestination::port`]).

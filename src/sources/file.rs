@@ -1,7 +1,7 @@
 //! The file source (local mode): `DIR/<cluster>/` holds that cluster's
 //! Kubernetes manifests (Service, EndpointSlice, Pod, Namespace; anything else
 //! is skipped), `DIR/mesh/` the mesh objects (VirtualMesh, TrafficPolicy,
-//! AccessControlPolicy). Files are YAML (several documents allowed, `kind:
+//! AccessControlPolicy, and Istio's Sidecar). Files are YAML (several documents allowed, `kind:
 //! List` too) or JSON. The folder is watched; every change reloads it.
 //!
 //! Bad input never costs the last good configuration: a file that does not
@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::model::api::{AccessControlPolicySpec, NETWORKING_GROUP_VERSION, TrafficPolicySpec, VirtualMeshSpec};
+use crate::model::api::{AccessControlPolicySpec, ISTIO_NETWORKING_VERSIONS, NETWORKING_GROUP_VERSION, SidecarSpec, TrafficPolicySpec, VirtualMeshSpec};
 use crate::model::k8s::{ClusterObjects, PodSummary, cluster_state};
 use crate::model::{MeshInputs, PolicyObject};
 
@@ -50,6 +50,7 @@ struct FileObjects {
     traffic_policies: Vec<PolicyObject<TrafficPolicySpec>>,
     virtual_meshes: Vec<PolicyObject<VirtualMeshSpec>>,
     access_policies: Vec<PolicyObject<AccessControlPolicySpec>>,
+    sidecars: Vec<PolicyObject<SidecarSpec>>,
 }
 
 /// What the source remembers between loads: each file's last good parse,
@@ -166,12 +167,16 @@ fn parse_file(path: &Path, in_mesh_dir: bool) -> Result<FileObjects, String> {
         let meta = meta_of(doc).map_err(|e| format!("{shown}: document {} ({kind}): {e}", i + 1))?;
         let id = format!("{}/{}", meta.namespace, meta.name);
         if in_mesh_dir {
-            if !matches!(kind, "TrafficPolicy" | "VirtualMesh" | "AccessControlPolicy") {
+            if !matches!(kind, "TrafficPolicy" | "VirtualMesh" | "AccessControlPolicy" | "Sidecar") {
                 tracing::debug!(file = %shown, kind, "skipping an object meshpilot does not read in mesh/");
                 continue;
             }
             let mut parse_errors = Vec::new();
-            if api_version != NETWORKING_GROUP_VERSION {
+            if kind == "Sidecar" {
+                if !ISTIO_NETWORKING_VERSIONS.contains(&api_version) {
+                    parse_errors.push(format!("apiVersion: {api_version:?} is not one of {}", ISTIO_NETWORKING_VERSIONS.join(", ")));
+                }
+            } else if api_version != NETWORKING_GROUP_VERSION {
                 parse_errors.push(format!("apiVersion: {api_version:?} is not {NETWORKING_GROUP_VERSION}"));
             }
             let spec_doc = doc.get("spec").cloned().unwrap_or(Value::Object(Default::default()));
@@ -198,6 +203,7 @@ fn parse_file(path: &Path, in_mesh_dir: bool) -> Result<FileObjects, String> {
             match kind {
                 "TrafficPolicy" => policy!(traffic_policies, TrafficPolicySpec),
                 "VirtualMesh" => policy!(virtual_meshes, VirtualMeshSpec),
+                "Sidecar" => policy!(sidecars, SidecarSpec),
                 _ => policy!(access_policies, AccessControlPolicySpec),
             }
         } else {
@@ -208,7 +214,7 @@ fn parse_file(path: &Path, in_mesh_dir: bool) -> Result<FileObjects, String> {
                 ("EndpointSlice", "discovery.k8s.io/v1") => {
                     out.cluster.endpoint_slices.push(typed::<EndpointSlice>(doc).map_err(|e| what(&format!("{id}): {e}")))?.into())
                 }
-                ("TrafficPolicy" | "VirtualMesh" | "AccessControlPolicy", _) => {
+                ("TrafficPolicy" | "VirtualMesh" | "AccessControlPolicy" | "Sidecar", _) => {
                     return Err(format!("{shown}: document {}: {kind} {id} belongs in {MESH_DIR}/, not in a cluster's folder", i + 1));
                 }
                 _ => tracing::debug!(file = %shown, kind, "skipping an object meshpilot does not read"),
@@ -300,6 +306,7 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
                 mesh_objects.traffic_policies.extend(objects.traffic_policies);
                 mesh_objects.virtual_meshes.extend(objects.virtual_meshes);
                 mesh_objects.access_policies.extend(objects.access_policies);
+                mesh_objects.sidecars.extend(objects.sidecars);
             } else {
                 let c = cluster_objects.get_mut(&name).expect("inserted above");
                 c.services.extend(objects.cluster.services);
@@ -354,6 +361,9 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
     for p in &mut mesh_objects.access_policies {
         fill("AccessControlPolicy", &p.namespace, &p.name, &mut p.created_ms, &mut p.generation, spec_hash(&p.spec));
     }
+    for p in &mut mesh_objects.sidecars {
+        fill("Sidecar", &p.namespace, &p.name, &mut p.created_ms, &mut p.generation, spec_hash(&p.spec));
+    }
     memory.first_seen_ms.retain(|k, _| live.contains(k));
     memory.generations.retain(|k, _| live.contains(k));
     let mut seen = std::collections::HashSet::new();
@@ -363,6 +373,7 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
     inputs.traffic_policies = mesh_objects.traffic_policies;
     inputs.virtual_meshes = mesh_objects.virtual_meshes;
     inputs.access_policies = mesh_objects.access_policies;
+    inputs.sidecars = mesh_objects.sidecars;
     Ok(inputs)
 }
 

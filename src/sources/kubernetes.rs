@@ -27,7 +27,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::model::api::{AccessControlPolicy, KubernetesCluster, TrafficPolicy, VirtualMesh};
+use crate::model::api::{AccessControlPolicy, KubernetesCluster, Sidecar, TrafficPolicy, VirtualMesh};
 use crate::model::k8s::{ClusterObjects, PodSummary, cluster_state};
 use crate::model::{ClusterState, MeshInputs, PolicyObject};
 
@@ -84,6 +84,8 @@ fn now_unix() -> u64 {
 
 /// The health entry of the management cluster's mesh-object watches.
 pub const MESH_OBJECTS: &str = "mesh-objects";
+/// The mesh object kinds watched (TrafficPolicy, VirtualMesh, AccessControlPolicy, Sidecar).
+const MESH_KINDS: u64 = 4;
 
 #[derive(Debug)]
 enum Dirty {
@@ -265,6 +267,7 @@ pub async fn run(
     let traffic_policies = mesh_store(ApiResource::erase::<TrafficPolicy>(&()), "TrafficPolicy", &mut mesh_tasks);
     let virtual_meshes = mesh_store(ApiResource::erase::<VirtualMesh>(&()), "VirtualMesh", &mut mesh_tasks);
     let access_policies = mesh_store(ApiResource::erase::<AccessControlPolicy>(&()), "AccessControlPolicy", &mut mesh_tasks);
+    let sidecars = mesh_store(ApiResource::erase::<Sidecar>(&()), "Sidecar", &mut mesh_tasks);
 
     let (registrations, reg_writer) = reflector::store::<KubernetesCluster>();
     let reg_api = Api::<KubernetesCluster>::namespaced(management.clone(), &options.registration_namespace);
@@ -384,7 +387,7 @@ pub async fn run(
         // so that sidecars never see a half-read mesh.
         let health_now = health.clusters();
         let clusters_settled = watches.keys().all(|name| health_now.iter().any(|h| &h.name == name && (h.synced || h.stale)));
-        let mesh_synced = health.mesh_synced() || health_now.iter().any(|h| h.name == MESH_OBJECTS && h.lists >= 3);
+        let mesh_synced = health.mesh_synced() || health_now.iter().any(|h| h.name == MESH_OBJECTS && h.lists >= MESH_KINDS);
         if mesh_synced && !health.mesh_synced() {
             health.update(MESH_OBJECTS, |h| h.synced = true);
             health.mesh_synced.store(true, std::sync::atomic::Ordering::Release);
@@ -398,6 +401,7 @@ pub async fn run(
         inputs.traffic_policies = traffic_policies.state().iter().map(|o| policy_object(o, &mgmt)).collect();
         inputs.virtual_meshes = virtual_meshes.state().iter().map(|o| policy_object(o, &mgmt)).collect();
         inputs.access_policies = access_policies.state().iter().map(|o| policy_object(o, &mgmt)).collect();
+        inputs.sidecars = sidecars.state().iter().map(|o| policy_object(o, &mgmt)).collect();
         apply(inputs);
     }
     Ok(())

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::mesh_provider::MeshResources;
-use crate::model::api::{AccessControlPolicy, ApprovalStatus, ConflictError, NETWORKING_GROUP_VERSION, PolicyObjectStatus, TrafficPolicy, VirtualMesh};
+use crate::model::api::{AccessControlPolicy, ApprovalStatus, ConflictError, NETWORKING_GROUP_VERSION, PolicyObjectStatus, Sidecar, TrafficPolicy, VirtualMesh};
 use crate::model::{MeshObjectId, MeshObjectStatus, PolicyId, PolicyState, PolicyStatus};
 
 pub const FIELD_MANAGER: &str = "meshpilot";
@@ -178,10 +178,11 @@ pub async fn run_status_writer(client: Client, cfg: LeaseConfig, resources: Arc<
             }
             let ar = match id.kind.as_str() {
                 "VirtualMesh" => ApiResource::erase::<VirtualMesh>(&()),
+                "Sidecar" => ApiResource::erase::<Sidecar>(&()),
                 _ => ApiResource::erase::<AccessControlPolicy>(&()),
             };
             let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &id.namespace, &ar);
-            let patch = json!({ "apiVersion": NETWORKING_GROUP_VERSION, "kind": id.kind, "status": body });
+            let patch = json!({ "apiVersion": ar.api_version, "kind": id.kind, "status": body });
             match api.patch_status(&id.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await {
                 Ok(_) => {
                     written_objects.insert(id.clone(), body);

@@ -9,6 +9,8 @@
 //! - another cluster's services as `name.ns.svc.<cluster>.global`, and under
 //!   the Kubernetes names too when C has no service of that name (the first
 //!   such cluster by name);
+//! - narrowed, when a Sidecar applies to the proxy, to the services its
+//!   egress hosts import (plus whatever their policies route to);
 //! - one loopback listener per port (explicit mode), RDS named by port, a
 //!   virtual host per service and port, an EDS cluster per service port and
 //!   per subset a policy names. TrafficPolicies on a service shape its routes
@@ -122,8 +124,23 @@ pub fn is_network_gateway(svc: &Service) -> bool {
     svc.labels.get(crate::model::k8s::NETWORK_LABEL).is_some_and(|n| !n.is_empty())
 }
 
-/// The services a proxy in `scope.cluster` can reach, its own cluster first.
+/// The services a proxy in `scope.cluster` can reach, its own cluster first:
+/// every service of its virtual mesh, or what its Sidecar imports. (A
+/// policy's destinations outside that come with the routes that use them.)
 pub fn reachable_services<'a>(snapshot: &'a MeshSnapshot, scope: &ProxyScope) -> Vec<ServiceView<'a>> {
+    let mut views = mesh_services(snapshot, scope);
+    if let Some(sidecar) = crate::model::sidecar::sidecar_for(&snapshot.sidecars, &scope.namespace, &scope.labels) {
+        views.retain(|v| {
+            let kubernetes_name = v.aliases.then(|| format!("{}.{}.svc.cluster.local", v.service.key.name, v.service.key.namespace));
+            let hosts: Vec<&str> = [Some(v.host.as_str()), kubernetes_name.as_deref()].into_iter().flatten().collect();
+            sidecar.imports(&v.service.key.namespace, &hosts)
+        });
+    }
+    views
+}
+
+/// Every service of the proxy's virtual mesh, its own cluster first.
+fn mesh_services<'a>(snapshot: &'a MeshSnapshot, scope: &ProxyScope) -> Vec<ServiceView<'a>> {
     let peers = snapshot.peers_of(&scope.cluster);
     let mut views = Vec::new();
     let mut aliased: BTreeSet<(String, String)> = BTreeSet::new();
