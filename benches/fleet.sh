@@ -2,12 +2,15 @@
 # The fleet benchmark: a synthetic mesh (default 1,000 services x 3 clusters x
 # 10 endpoints, 100 TrafficPolicies), `meshpilot serve --config-dir` on it
 # (release build), then `meshpilot load` at each fleet size, SotW and delta:
-# initial sync, endpoint churn, one TrafficPolicy change. Prints a markdown
+# initial sync, endpoint churn, one TrafficPolicy change; then 10,000
+# proxies again with per-namespace Istio Sidecars. Prints a markdown
 # table (paste it into docs/performance.md with the machine it ran on).
 #
 #   benches/fleet.sh [PROXIES...]          default: 1000 5000 10000
 #   CHURN_RATE=100 CHURN_SECONDS=30 MODES="sotw delta" benches/fleet.sh 100 500
 #   SERVE_ARGS="--debounce-max 500ms" benches/fleet.sh 1000     (extra flags for serve)
+#   SCOPED_SIZES="1000 10000" benches/fleet.sh   fleet sizes also run with per-namespace
+#                                                Sidecars (default 10000; "" for none)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=("${@:-1000 5000 10000}")
@@ -27,24 +30,39 @@ echo "mesh: ${SERVICES} services x ${CLUSTERS} clusters x ${ENDPOINTS} endpoints
 echo
 echo "| mode | proxies | measurement | initial sync | control-plane RSS MiB | CPU s | p50 ms | p90 ms | p99 ms | max ms | MiB sent |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
+# run_point MODE PROXIES [--sidecars]: one fixture, one serve, one load run.
+run_point() {
+  local mode=$1 n=$2 scoped=("${@:3}") label=$1
+  [[ ${#scoped[@]} -gt 0 ]] && label="$mode, Sidecar ./*"
+  rm -rf "$work/mesh"
+  "$bin" fixtures --out "$work/mesh" --services "$SERVICES" --clusters "$CLUSTERS" --endpoints "$ENDPOINTS" --policies "$POLICIES" "${scoped[@]}" >&2
+  port=$((20000 + RANDOM % 20000))
+  # shellcheck disable=SC2086
+  # The load generator shares the cores and can be starved past serve's 10 s
+  # HTTP/2 ping timeout (real Envoys answer at once): that closed a third of
+  # the streams at 3,000 proxies. The benchmark waits longer for pings.
+  "$bin" serve --config-dir "$work/mesh" --xds-addr "127.0.0.1:$port" --admin-addr "127.0.0.1:$((port + 1))" ${SERVE_ARGS:---keepalive-timeout 120s} > "$work/serve.log" 2>&1 &
+  server=$!
+  for _ in $(seq 1 240); do curl -sf "127.0.0.1:$((port + 1))/readyz" > /dev/null && break; sleep 0.5; done
+  delta=(); [[ "$mode" == delta ]] && delta=(--delta)
+  "$bin" load --xds-addr "127.0.0.1:$port" --proxies "$n" "${delta[@]}" --pid "$server" --sync-timeout "$SYNC_TIMEOUT" \
+    --config-dir "$work/mesh" --services "$SERVICES" --endpoints "$ENDPOINTS" "${scoped[@]}" \
+    --endpoint-change --churn-rate "$CHURN_RATE" --churn-duration "${CHURN_SECONDS}s" --policy-change --markdown 2> "$work/load.err" \
+    | grep '^|' | sed "s#^| $mode |#| $label |#" || echo "| $label | $n | failed: $(tail -n 1 "$work/load.err") | | | | | | | | |"
+  kill "$server" 2>/dev/null || true
+  wait "$server" 2>/dev/null || true
+}
 for mode in $MODES; do
   for n in "${SIZES[@]}"; do
-    rm -rf "$work/mesh"
-    "$bin" fixtures --out "$work/mesh" --services "$SERVICES" --clusters "$CLUSTERS" --endpoints "$ENDPOINTS" --policies "$POLICIES" >&2
-    port=$((20000 + RANDOM % 20000))
-    # shellcheck disable=SC2086
-    # The load generator shares the cores and can be starved past serve's 10 s
-    # HTTP/2 ping timeout (real Envoys answer at once): that closed a third of
-    # the streams at 3,000 proxies. The benchmark waits longer for pings.
-    "$bin" serve --config-dir "$work/mesh" --xds-addr "127.0.0.1:$port" --admin-addr "127.0.0.1:$((port + 1))" ${SERVE_ARGS:---keepalive-timeout 120s} > "$work/serve.log" 2>&1 &
-    server=$!
-    for _ in $(seq 1 240); do curl -sf "127.0.0.1:$((port + 1))/readyz" > /dev/null && break; sleep 0.5; done
-    delta=(); [[ "$mode" == delta ]] && delta=(--delta)
-    "$bin" load --xds-addr "127.0.0.1:$port" --proxies "$n" "${delta[@]}" --pid "$server" --sync-timeout "$SYNC_TIMEOUT" \
-      --config-dir "$work/mesh" --services "$SERVICES" --endpoints "$ENDPOINTS" \
-      --endpoint-change --churn-rate "$CHURN_RATE" --churn-duration "${CHURN_SECONDS}s" --policy-change --markdown 2> "$work/load.err" \
-      | grep '^|' || echo "| $mode | $n | failed: $(tail -n 1 "$work/load.err") | | | | | | | | |"
-    kill "$server" 2>/dev/null || true
-    wait "$server" 2>/dev/null || true
+    run_point "$mode" "$n"
+  done
+done
+# The same mesh with Istio's usual scoping (one Sidecar per namespace
+# importing ./*): each proxy sees a tenth of it, and a change reaches the
+# proxies of its namespace.
+read -r -a SCOPED <<< "${SCOPED_SIZES-10000}"
+for mode in $MODES; do
+  for n in "${SCOPED[@]}"; do
+    run_point "$mode" "$n" --sidecars
   done
 done
