@@ -153,6 +153,14 @@ async fn validate_exits_non_zero_with_the_policy_field_and_reason() {
     assert_eq!(bad.status.code(), Some(1), "{out}");
     assert!(out.contains("service-mesh-hub/simple") && out.contains("INVALID"), "{out}");
     assert!(out.contains("spec.trafficShift.destinations[2].subset: {version=v7} matches no pod of reviews.default.management-plane"), "{out}");
+    // An Istio Sidecar whose host is not namespace/dnsName: named by field.
+    let sidecar = "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: productpage, namespace: default}\nspec:\n  egress:\n  - hosts: [\"./*\", \"reviews\"]\n";
+    std::fs::write(config.join("mesh/sidecar.yaml"), sidecar).unwrap();
+    let bad = std::process::Command::new(support::meshpilot_bin()).arg("validate").arg(&config).output().unwrap();
+    let out = String::from_utf8_lossy(&bad.stdout);
+    assert_eq!(bad.status.code(), Some(1), "{out}");
+    assert!(out.contains("Sidecar default/productpage: INVALID"), "{out}");
+    assert!(out.contains("spec.egress[0].hosts[1]: \"reviews\" is not namespace/dnsName"), "{out}");
 }
 
 /// The README's main job: `meshpilot demo` brings up the seed scenario and prints the live split.

@@ -10,6 +10,7 @@ use std::process::Command;
 
 use meshpilot::cli::mesh::offline_snapshot;
 use meshpilot::model::MeshSnapshot;
+use meshpilot::sources::file::{SourceMemory, load_config_dir};
 use meshpilot::translate::{ProxyScope, translate};
 use meshpilot::xds::codec;
 use meshpilot::xds::resources::{ResourceSet, ResourceType};
@@ -76,24 +77,16 @@ spec:
   - hosts: [\"./reviews.default.svc.cluster.local\"]
 ";
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &to.join(entry.file_name()));
-        } else {
-            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-        }
-    }
-}
-
 #[test]
 fn golden_a_sidecar_narrows_productpage_to_what_it_imports_and_its_policy_destinations() {
+    // The Sidecar read from a config dir of its own, added to the seed's inputs.
     let dir = tempfile::tempdir().unwrap();
-    copy_dir(&root().join("examples/bookinfo"), dir.path());
+    std::fs::create_dir(dir.path().join("mesh")).unwrap();
     std::fs::write(dir.path().join("mesh/sidecar.yaml"), PRODUCTPAGE_SIDECAR).unwrap();
-    let s = offline_snapshot(dir.path()).unwrap();
+    let load = |d: &std::path::Path| load_config_dir(d, &mut SourceMemory::default()).unwrap();
+    let mut inputs = load(&root().join("examples/bookinfo"));
+    inputs.sidecars = load(dir.path()).sidecars;
+    let s = MeshSnapshot::build(inputs, &mut Default::default());
     let status: Vec<String> = s.mesh_object_status.iter().filter(|(id, _)| id.kind == "Sidecar").map(|(id, st)| format!("{id} {:?}", st.state)).collect();
     assert_eq!(status, ["Sidecar default/productpage Accepted"]);
     let set = to_json(&translate(&s, &productpage()));

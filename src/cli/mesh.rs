@@ -60,6 +60,18 @@ pub fn validation_report(snapshot: &MeshSnapshot) -> (String, bool) {
         }
         ok &= st.state == PolicyState::Accepted;
     }
+    // VirtualMeshes and AccessControlPolicies are listed when they are not
+    // accepted; Sidecars always (they change what proxies are configured for).
+    for (id, st) in &snapshot.mesh_object_status {
+        if id.kind != "Sidecar" && st.state == PolicyState::Accepted {
+            continue;
+        }
+        out.push_str(&format!("{id}: {}\n", st.state));
+        for m in st.messages.iter().chain(&st.not_yet_supported) {
+            out.push_str(&format!("  {m}\n"));
+        }
+        ok &= st.state == PolicyState::Accepted;
+    }
     let clusters: Vec<String> = snapshot
         .clusters
         .values()
