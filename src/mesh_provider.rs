@@ -24,8 +24,9 @@ pub struct MeshResources {
     /// the cache together wait for the first one's result instead of each
     /// translating the same thing.
     translating: DashMap<ProxyScope, Arc<Mutex<()>>>,
-    /// Scopes served since the last full change: a full change translates
-    /// them again before it is published (see `update`).
+    /// Scopes served since the last full change, with all their labels: a
+    /// full change translates them again (narrowed to its label keys) before
+    /// it is published (see `update`).
     served: DashMap<ProxyScope, ()>,
     /// Equal resources (and whole equal maps, with their encodings) of
     /// different scopes are one copy.
@@ -202,7 +203,11 @@ impl MeshResources {
         // streams on a miss had run the scopes one after another on runtime
         // workers, blocking them: ≈4–5 s at 1,000 proxies for 30 scopes.)
         let retranslated = (change == SnapshotChange::Full).then(|| {
-            let scopes: Vec<ProxyScope> = self.served.iter().map(|e| e.key().clone()).collect();
+            // Served scopes are kept with all their labels and narrowed to the
+            // new snapshot's keys here: a policy or Sidecar that reads a new
+            // label key splits them as the streams' lookups will.
+            let scopes: BTreeSet<ProxyScope> = self.served.iter().map(|e| narrowed(e.key().clone(), &snapshot)).collect();
+            let scopes: Vec<ProxyScope> = scopes.into_iter().collect();
             self.served.clear();
             self.translate_scopes(&snapshot, &scopes)
         });
@@ -275,16 +280,22 @@ fn log_policy_changes(old: &MeshSnapshot, new: &MeshSnapshot) {
     }
 }
 
+/// Translation reads a proxy's labels only through policies' source selectors
+/// and Sidecars' workload selectors: proxies that differ only in other labels
+/// share one translation.
+fn narrowed(mut scope: ProxyScope, snapshot: &MeshSnapshot) -> ProxyScope {
+    scope.labels.retain(|k, _| snapshot.source_label_keys.contains(k));
+    scope
+}
+
 impl ResourceProvider for MeshResources {
     fn resources_for(&self, proxy: &ProxyNode) -> Arc<ResourceSet> {
         let (generation, snapshot) = self.current.read().expect("snapshot lock").clone();
-        let mut scope = ProxyScope::of(proxy);
-        // Translation reads a proxy's labels only through policies' source
-        // selectors: proxies that differ only in other labels share one translation.
-        scope.labels.retain(|k, _| snapshot.source_label_keys.contains(k));
-        if !self.served.contains_key(&scope) {
-            self.served.insert(scope.clone(), ());
+        let full = ProxyScope::of(proxy);
+        if !self.served.contains_key(&full) {
+            self.served.insert(full.clone(), ());
         }
+        let scope = narrowed(full, &snapshot);
         // (An entry newer than the generation read above is as good.)
         if let Some(e) = self.cache.get(&scope)
             && e.0 >= generation
@@ -496,10 +507,22 @@ mod tests {
             },
             parse_errors: Vec::new(),
         });
+        let details = node("management-plane", "details");
+        let _ = mesh.resources_for(&details);
         mesh.update(scoped);
         assert!(changes.try_recv().is_ok(), "a Sidecar change pushes");
+        // The selector reads a label no policy read before: productpage and
+        // details (one scope until now) are translated apart, before the push.
+        let generation = mesh.current.read().unwrap().0;
+        for (proxy, scoped) in [(&n, true), (&details, false)] {
+            let scope = narrowed(ProxyScope::of(proxy), &mesh.snapshot());
+            let cached = mesh.cache.get(&scope).map(|e| (e.0, e.1.clone())).expect("translated in update");
+            assert_eq!(cached.0, generation);
+            let set = mesh.resources_for(proxy);
+            assert!(Arc::ptr_eq(&set, &cached.1), "the push is a cache hit");
+            assert_eq!(set.get(ResourceType::Cluster, ratings).is_none(), scoped);
+        }
         let after = mesh.resources_for(&n);
-        assert!(after.get(ResourceType::Cluster, ratings).is_none());
         assert!(after.get(ResourceType::Cluster, "outbound|9080||reviews.default.svc.cluster.local").is_some());
     }
 
@@ -518,8 +541,7 @@ mod tests {
         assert!(changes.try_recv().is_ok());
         // Already translated for the new snapshot when the push is announced.
         let generation = mesh.current.read().unwrap().0;
-        let mut scope = ProxyScope::of(&served);
-        scope.labels.retain(|k, _| mesh.snapshot().source_label_keys.contains(k));
+        let scope = narrowed(ProxyScope::of(&served), &mesh.snapshot());
         let cached = mesh.cache.get(&scope).map(|e| (e.0, e.1.clone())).expect("translated in update");
         assert_eq!(cached.0, generation);
         assert!(!Arc::ptr_eq(&cached.1, &first));

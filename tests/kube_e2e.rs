@@ -400,6 +400,12 @@ async fn seed_scenario_against_two_real_clusters() {
     })
     .await;
     assert!(state.contains("spec.egress[0].hosts[0]") && state.contains("keeps serving"), "{state}");
+    // A later change reaching Envoy is the barrier: anything the INVALID
+    // Sidecar had pushed would have arrived before it.
+    remote.kubectl(&["delete", "pod", "reviews-v3", "-n", "default", "--wait=false"]);
+    wait_for("v3's endpoint gone again", Duration::from_secs(10), || async { envoy_endpoints(&envoy, &v3_cluster).await.is_empty().then_some(()) }).await;
+    remote.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("reviews-v3.yaml", &rc_prefix))).unwrap();
+    wait_for("v3's endpoint back again", Duration::from_secs(10), || async { envoy_endpoints(&envoy, &v3_cluster).await.contains(&v3_addr).then_some(()) }).await;
     assert!(!envoy_clusters().await.contains("ratings.default"), "the last good Sidecar keeps serving");
     mgmt.kubectl(&["delete", "sidecars.networking.istio.io", "productpage", "-n", "default"]);
     wait_for("ratings back in productpage's Envoy", Duration::from_secs(30), || async {

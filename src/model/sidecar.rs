@@ -3,14 +3,16 @@
 //! Without a Sidecar a proxy sees every service of its virtual mesh (at 1,000
 //! services × 3 clusters that is ≈2.4 MB of xDS per proxy). A Sidecar's
 //! `egress[].hosts` (`namespace/dnsName`) narrow it the way Istio does:
-//! `./*` the Sidecar's own namespace, `*/reviews.default.svc.cluster.local`
-//! one host in any namespace, `ns/*.example.com` a suffix, `~/*` nothing.
+//! `./*` the proxy's own namespace, `*/reviews.default.svc.cluster.local`
+//! one host in any namespace, `ns/*.example.com` a suffix, `~/*` nothing; a
+//! namespace named explicitly is matched by its own entries only, not by the
+//! `*/…` ones (Istio's rule); no egress at all imports `*/*`.
 //! What a proxy picks, as in Istio: a Sidecar in its namespace whose
 //! `workloadSelector` matches its labels, else its namespace's Sidecar
 //! without a selector, else the mesh-wide one (no selector, in
 //! [`ROOT_NAMESPACE`]); the oldest wins where several qualify.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -27,7 +29,9 @@ pub const ROOT_NAMESPACE: &str = "istio-system";
 pub enum NamespaceMatch {
     /// `*`
     Any,
-    /// A namespace (`.` is resolved to the Sidecar's own).
+    /// `.`: the namespace of the proxy being configured (for a Sidecar in
+    /// the proxy's namespace, its own; for the mesh-wide one, each proxy's).
+    Own,
     Named(String),
     /// `~`: imports nothing.
     Nothing,
@@ -51,14 +55,18 @@ pub struct ImportedHost {
 }
 
 impl ImportedHost {
-    /// Whether a service in `namespace`, called by any of `hosts`, is imported.
-    pub fn imports(&self, namespace: &str, hosts: &[&str]) -> bool {
-        let ns = match &self.namespace {
-            NamespaceMatch::Any => true,
-            NamespaceMatch::Named(n) => n == namespace,
-            NamespaceMatch::Nothing => false,
-        };
-        ns && hosts.iter().any(|h| match &self.host {
+    /// The namespace this entry names, for a proxy in `proxy_namespace`
+    /// (`None` for `*` and `~`).
+    fn names_namespace<'a>(&'a self, proxy_namespace: &'a str) -> Option<&'a str> {
+        match &self.namespace {
+            NamespaceMatch::Own => Some(proxy_namespace),
+            NamespaceMatch::Named(n) => Some(n),
+            NamespaceMatch::Any | NamespaceMatch::Nothing => None,
+        }
+    }
+
+    fn matches_host(&self, hosts: &[&str]) -> bool {
+        hosts.iter().any(|h| match &self.host {
             HostMatch::Any => true,
             HostMatch::Suffix(s) => h.len() > s.len() && h.ends_with(s.as_str()),
             HostMatch::Exact(e) => e == h,
@@ -79,9 +87,15 @@ pub struct SidecarScope {
 }
 
 impl SidecarScope {
-    /// Whether a service in `namespace`, called by any of `hosts`, is imported.
-    pub fn imports(&self, namespace: &str, hosts: &[&str]) -> bool {
-        self.imports.iter().any(|i| i.imports(namespace, hosts))
+    /// Whether a proxy in `proxy_namespace` imports a service in
+    /// `service_namespace` called by any of `hosts`. Entries naming the
+    /// service's namespace decide alone; only without one do `*/…` entries.
+    pub fn imports(&self, proxy_namespace: &str, service_namespace: &str, hosts: &[&str]) -> bool {
+        let mut named = self.imports.iter().filter(|i| i.names_namespace(proxy_namespace) == Some(service_namespace)).peekable();
+        if named.peek().is_some() {
+            return named.any(|i| i.matches_host(hosts));
+        }
+        self.imports.iter().filter(|i| i.namespace == NamespaceMatch::Any).any(|i| i.matches_host(hosts))
     }
 }
 
@@ -98,13 +112,13 @@ pub fn sidecar_for<'a>(sidecars: &'a [Arc<SidecarScope>], namespace: &str, label
 }
 
 /// Parses one `egress[].hosts` entry.
-fn imported_host(own_namespace: &str, raw: &str) -> Result<ImportedHost, String> {
+fn imported_host(raw: &str) -> Result<ImportedHost, String> {
     let Some((ns, dns)) = raw.split_once('/') else {
         return Err(format!("{raw:?} is not namespace/dnsName (for example \"./*\", \"istio-system/*\" or \"*/reviews.default.svc.cluster.local\")"));
     };
     let namespace = match ns {
         "*" => NamespaceMatch::Any,
-        "." => NamespaceMatch::Named(own_namespace.to_string()),
+        "." => NamespaceMatch::Own,
         "~" => NamespaceMatch::Nothing,
         "" => return Err(format!("{raw:?}: the namespace before '/' is empty (use \"*\", \".\", \"~\" or a namespace)")),
         n if n.contains('*') => return Err(format!("{raw:?}: a namespace is \"*\" or a name, not a pattern")),
@@ -126,16 +140,20 @@ fn imported_host(own_namespace: &str, raw: &str) -> Result<ImportedHost, String>
 pub fn validate(object: &PolicyObject<SidecarSpec>) -> Result<SidecarScope, Vec<String>> {
     let mut errors = object.parse_errors.clone();
     let spec = &object.spec;
-    if errors.is_empty() && spec.egress.is_empty() {
-        errors.push("spec.egress: at least one entry with hosts is required (meshpilot reads a Sidecar's egress hosts)".to_string());
+    if spec.workload_selector.as_ref().is_some_and(|s| s.labels.is_empty()) {
+        errors.push("spec.workloadSelector.labels: must not be empty (leave workloadSelector out for a namespace-wide Sidecar)".to_string());
     }
     let mut imports = Vec::new();
+    if spec.egress.is_empty() {
+        // Istio's default egress.
+        imports.push(ImportedHost { namespace: NamespaceMatch::Any, host: HostMatch::Any });
+    }
     for (i, egress) in spec.egress.iter().enumerate() {
         if egress.hosts.is_empty() {
             errors.push(format!("spec.egress[{i}].hosts: at least one namespace/dnsName is required"));
         }
         for (j, raw) in egress.hosts.iter().enumerate() {
-            match imported_host(&object.namespace, raw) {
+            match imported_host(raw) {
                 Ok(h) => imports.push(h),
                 Err(e) => errors.push(format!("spec.egress[{i}].hosts[{j}]: {e}")),
             }
@@ -190,7 +208,7 @@ pub fn resolve(
     order.sort_by(|a, b| (a.created_ms, &a.namespace, &a.name).cmp(&(b.created_ms, &b.namespace, &b.name)));
     let mut in_effect = Vec::new();
     let mut statuses = Vec::new();
-    let mut seen = Vec::new();
+    let mut seen = HashSet::new();
     for object in order {
         let key = (object.namespace.clone(), object.name.clone());
         let id = MeshObjectId { kind: "Sidecar".into(), namespace: key.0.clone(), name: key.1.clone() };
@@ -217,7 +235,7 @@ pub fn resolve(
                 MeshObjectStatus { state: PolicyState::Invalid, observed_generation: object.generation, messages, not_yet_supported: Vec::new() }
             }
         };
-        seen.push(key);
+        seen.insert(key);
         statuses.push((id, status));
     }
     last_good.retain(|k, _| seen.contains(k));
@@ -252,13 +270,45 @@ mod tests {
     #[test]
     fn hosts_match_like_istio() {
         let s = validate(&sidecar("default", "s", 0, None, &["./*", "*/ratings.other.svc.cluster.local", "shared/*.svc.cluster-2.global", "~/*"])).unwrap();
-        assert!(s.imports("default", &["reviews.default.svc.cluster.local"]));
-        assert!(!s.imports("other", &["reviews.other.svc.cluster.local"]));
-        assert!(s.imports("other", &["ratings.other.svc.cluster.local"]));
-        assert!(s.imports("shared", &["db.shared.svc.cluster-2.global"]));
-        assert!(!s.imports("shared", &["db.shared.svc.cluster.local"]));
+        let imports = |ns: &str, hosts: &[&str]| s.imports("default", ns, hosts);
+        assert!(imports("default", &["reviews.default.svc.cluster.local"]));
+        assert!(!imports("other", &["reviews.other.svc.cluster.local"]));
+        assert!(imports("other", &["ratings.other.svc.cluster.local"]));
+        assert!(imports("shared", &["db.shared.svc.cluster-2.global"]));
+        assert!(!imports("shared", &["db.shared.svc.cluster.local"]));
         // A Kubernetes alias of a remote-only service imports it under its local name too.
-        assert!(s.imports("other", &["ratings.other.svc.cluster-2.global", "ratings.other.svc.cluster.local"]));
+        assert!(imports("other", &["ratings.other.svc.cluster-2.global", "ratings.other.svc.cluster.local"]));
+    }
+
+    #[test]
+    fn a_namespace_named_explicitly_is_decided_by_its_own_entries_only() {
+        // Istio: `*/…` entries do not apply to a namespace that has entries of its own.
+        let s = validate(&sidecar("default", "s", 0, None, &["*/*", "payments/ledger.payments.svc.cluster.local"])).unwrap();
+        assert!(s.imports("default", "shop", &["cart.shop.svc.cluster.local"]));
+        assert!(s.imports("default", "payments", &["ledger.payments.svc.cluster.local"]));
+        assert!(!s.imports("default", "payments", &["cards.payments.svc.cluster.local"]));
+    }
+
+    #[test]
+    fn the_mesh_wide_dot_means_each_proxys_own_namespace() {
+        let objects = [sidecar(ROOT_NAMESPACE, "default", 0, None, &["./*", "istio-system/*"])];
+        let (in_effect, _) = resolve(&objects, &mut LastGoodSidecars::new());
+        let s = sidecar_for(&in_effect, "shop", &BTreeMap::new()).expect("the mesh-wide Sidecar");
+        assert!(s.imports("shop", "shop", &["cart.shop.svc.cluster.local"]));
+        assert!(s.imports("shop", ROOT_NAMESPACE, &["istiod.istio-system.svc.cluster.local"]));
+        assert!(!s.imports("shop", "payments", &["ledger.payments.svc.cluster.local"]));
+        assert!(s.imports("payments", "payments", &["ledger.payments.svc.cluster.local"]));
+    }
+
+    #[test]
+    fn no_egress_imports_everything_and_an_empty_selector_is_refused() {
+        let mut s = sidecar("default", "s", 0, None, &[]);
+        s.spec.egress.clear();
+        let scope = validate(&s).unwrap();
+        assert!(scope.imports("default", "anywhere", &["x.anywhere.svc.cluster.local"]));
+        s.spec.workload_selector = Some(SidecarWorkloadSelector::default());
+        let errors = validate(&s).unwrap_err();
+        assert!(errors.iter().any(|e| e.starts_with("spec.workloadSelector.labels: must not be empty")), "{errors:?}");
     }
 
     #[test]

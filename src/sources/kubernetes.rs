@@ -48,6 +48,8 @@ pub struct ClusterHealth {
     pub last_event_unix: Option<u64>,
     /// How many complete lists (initial and re-lists) the watches did.
     pub lists: u64,
+    /// The kinds whose watch has completed a list (synced means all of them).
+    pub listed: std::collections::BTreeSet<String>,
     pub watch_errors: u64,
     /// Kinds whose watch is currently failing.
     pub failing: Vec<String>,
@@ -84,8 +86,8 @@ fn now_unix() -> u64 {
 
 /// The health entry of the management cluster's mesh-object watches.
 pub const MESH_OBJECTS: &str = "mesh-objects";
-/// The mesh object kinds watched (TrafficPolicy, VirtualMesh, AccessControlPolicy, Sidecar).
-const MESH_KINDS: u64 = 4;
+/// The mesh object kinds watched in the management cluster.
+const MESH_KINDS: [&str; 4] = ["TrafficPolicy", "VirtualMesh", "AccessControlPolicy", "Sidecar"];
 
 #[derive(Debug)]
 enum Dirty {
@@ -171,6 +173,7 @@ async fn reflect<K>(
                     retry = RETRY_FIRST;
                     health.update(&cluster, |h| {
                         h.lists += 1;
+                        h.listed.insert(kind.to_string());
                         h.failing.retain(|k| k != kind);
                         h.stale = !h.failing.is_empty();
                         h.last_event_unix = Some(now_unix());
@@ -267,7 +270,24 @@ pub async fn run(
     let traffic_policies = mesh_store(ApiResource::erase::<TrafficPolicy>(&()), "TrafficPolicy", &mut mesh_tasks);
     let virtual_meshes = mesh_store(ApiResource::erase::<VirtualMesh>(&()), "VirtualMesh", &mut mesh_tasks);
     let access_policies = mesh_store(ApiResource::erase::<AccessControlPolicy>(&()), "AccessControlPolicy", &mut mesh_tasks);
-    let sidecars = mesh_store(ApiResource::erase::<Sidecar>(&()), "Sidecar", &mut mesh_tasks);
+    // Istio's Sidecar is optional: without its CRD (or read access), Sidecars
+    // are not read and every proxy sees its whole virtual mesh.
+    let sidecar_resource = ApiResource::erase::<Sidecar>(&());
+    let sidecars = match Api::<DynamicObject>::all_with(management.clone(), &sidecar_resource).list(&kube::api::ListParams::default().limit(1)).await {
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 403 => {
+            tracing::warn!(
+                code = e.code,
+                error = %e.message,
+                "Sidecars (networking.istio.io/v1) cannot be read, so proxies are not scoped: install deploy/crds/sidecars.networking.istio.io.yaml and deploy/rbac.yaml, then restart"
+            );
+            health.update(MESH_OBJECTS, |h| {
+                h.listed.insert("Sidecar".to_string());
+            });
+            reflector::store::Writer::<DynamicObject>::new(sidecar_resource).as_reader()
+        }
+        // Anything else (the API server is away): the watch retries like the others.
+        _ => mesh_store(sidecar_resource, "Sidecar", &mut mesh_tasks),
+    };
 
     let (registrations, reg_writer) = reflector::store::<KubernetesCluster>();
     let reg_api = Api::<KubernetesCluster>::namespaced(management.clone(), &options.registration_namespace);
@@ -378,7 +398,7 @@ pub async fn run(
                 errors.insert(name.clone(), errs);
                 health.update(name, |h| {
                     h.objects = counts;
-                    h.synced = h.lists >= CLUSTER_KINDS.len() as u64 || h.synced;
+                    h.synced = CLUSTER_KINDS.iter().all(|k| h.listed.contains(*k)) || h.synced;
                 });
             }
         }
@@ -387,7 +407,7 @@ pub async fn run(
         // so that sidecars never see a half-read mesh.
         let health_now = health.clusters();
         let clusters_settled = watches.keys().all(|name| health_now.iter().any(|h| &h.name == name && (h.synced || h.stale)));
-        let mesh_synced = health.mesh_synced() || health_now.iter().any(|h| h.name == MESH_OBJECTS && h.lists >= MESH_KINDS);
+        let mesh_synced = health.mesh_synced() || health_now.iter().any(|h| h.name == MESH_OBJECTS && MESH_KINDS.iter().all(|k| h.listed.contains(*k)));
         if mesh_synced && !health.mesh_synced() {
             health.update(MESH_OBJECTS, |h| h.synced = true);
             health.mesh_synced.store(true, std::sync::atomic::Ordering::Release);
@@ -415,6 +435,7 @@ fn start_cluster(client: Client, name: &str, fingerprint: String, health: &Sourc
     let (namespaces, w4) = reflector::store();
     health.update(name, |h| {
         h.lists = 0;
+        h.listed.clear();
         h.failing.clear();
     });
     tasks.spawn(reflect(Api::<Service>::all(client.clone()), w1, name.into(), "Service", health.clone(), dirty.clone()));

@@ -131,9 +131,13 @@ pub fn reachable_services<'a>(snapshot: &'a MeshSnapshot, scope: &ProxyScope) ->
     let mut views = mesh_services(snapshot, scope);
     if let Some(sidecar) = crate::model::sidecar::sidecar_for(&snapshot.sidecars, &scope.namespace, &scope.labels) {
         views.retain(|v| {
+            // Its host as this proxy sees it, its `.global` host (the same
+            // from every cluster: one Sidecar serves proxies in all of them),
+            // and its Kubernetes name when that name leads here.
+            let global = names::global_host(&v.service.key);
             let kubernetes_name = v.aliases.then(|| format!("{}.{}.svc.cluster.local", v.service.key.name, v.service.key.namespace));
-            let hosts: Vec<&str> = [Some(v.host.as_str()), kubernetes_name.as_deref()].into_iter().flatten().collect();
-            sidecar.imports(&v.service.key.namespace, &hosts)
+            let hosts: Vec<&str> = [Some(v.host.as_str()), Some(global.as_str()), kubernetes_name.as_deref()].into_iter().flatten().collect();
+            sidecar.imports(&scope.namespace, &v.service.key.namespace, &hosts)
         });
     }
     views
