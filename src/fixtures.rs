@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::api::{MultiDestination, ResourceRef, ServiceRefs, ServiceSelector, SidecarEgress, SidecarSpec, TrafficPolicySpec, VirtualMeshSpec, WeightedDestination};
+use crate::model::api::{MultiDestination, ResourceRef, ServiceRefs, ServiceSelector, SidecarSpec, TrafficPolicySpec, VirtualMeshSpec, WeightedDestination};
 use crate::model::{ClusterState, Endpoint, Locality, MeshInputs, PolicyObject, Service, ServiceKey, ServicePort};
 
 #[derive(Debug, Clone, Copy)]
@@ -24,15 +24,7 @@ pub const NAMESPACES: usize = 10;
 
 /// `ns-<i>`'s Sidecar: import the namespace's own services.
 fn namespace_sidecar(ns: usize) -> PolicyObject<SidecarSpec> {
-    PolicyObject {
-        namespace: format!("ns-{ns}"),
-        name: "default".into(),
-        generation: Some(1),
-        created_ms: 0,
-        origin: "fixtures".into(),
-        spec: SidecarSpec { egress: vec![SidecarEgress { hosts: vec!["./*".into()], ..Default::default() }], ..Default::default() },
-        parse_errors: vec![],
-    }
+    crate::model::sidecar::sidecar_object(&format!("ns-{ns}"), "default", "fixtures", None, &["./*"])
 }
 
 pub fn cluster_name(i: usize) -> String {

@@ -494,19 +494,8 @@ mod tests {
         let ratings = "outbound|9080||ratings.default.svc.cluster.local";
         assert!(mesh.resources_for(&n).get(ResourceType::Cluster, ratings).is_some());
         let mut scoped = inputs();
-        scoped.sidecars.push(crate::model::PolicyObject {
-            namespace: "default".into(),
-            name: "productpage".into(),
-            generation: Some(1),
-            created_ms: 0,
-            origin: "test".into(),
-            spec: crate::model::api::SidecarSpec {
-                workload_selector: Some(crate::model::api::SidecarWorkloadSelector { labels: [("app".to_string(), "productpage".to_string())].into() }),
-                egress: vec![crate::model::api::SidecarEgress { hosts: vec!["./reviews.default.svc.cluster.local".into()], ..Default::default() }],
-                ..Default::default()
-            },
-            parse_errors: Vec::new(),
-        });
+        let selector: &[(&str, &str)] = &[("app", "productpage")];
+        scoped.sidecars.push(crate::model::sidecar::sidecar_object("default", "productpage", "test", Some(selector), &["./reviews.default.svc.cluster.local"]));
         let details = node("management-plane", "details");
         let _ = mesh.resources_for(&details);
         mesh.update(scoped);

@@ -111,6 +111,25 @@ pub fn sidecar_for<'a>(sidecars: &'a [Arc<SidecarScope>], namespace: &str, label
         .map(|s| s.as_ref())
 }
 
+/// A Sidecar object as a source gives it (generation 1): one egress entry
+/// with `hosts`, selecting `selector`'s labels if any. For fixtures and tests.
+pub fn sidecar_object(namespace: &str, name: &str, origin: &str, selector: Option<&[(&str, &str)]>, hosts: &[&str]) -> PolicyObject<SidecarSpec> {
+    use super::api::{SidecarEgress, SidecarWorkloadSelector};
+    PolicyObject {
+        namespace: namespace.into(),
+        name: name.into(),
+        generation: Some(1),
+        created_ms: 0,
+        origin: origin.into(),
+        spec: SidecarSpec {
+            workload_selector: selector.map(|l| SidecarWorkloadSelector { labels: l.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }),
+            egress: vec![SidecarEgress { hosts: hosts.iter().map(|h| h.to_string()).collect(), ..Default::default() }],
+            ..Default::default()
+        },
+        parse_errors: Vec::new(),
+    }
+}
+
 /// Parses one `egress[].hosts` entry.
 fn imported_host(raw: &str) -> Result<ImportedHost, String> {
     let Some((ns, dns)) = raw.split_once('/') else {
@@ -248,19 +267,7 @@ mod tests {
     use crate::model::api::{SidecarEgress, SidecarWorkloadSelector};
 
     fn sidecar(ns: &str, name: &str, created_ms: i64, selector: Option<&[(&str, &str)]>, hosts: &[&str]) -> PolicyObject<SidecarSpec> {
-        PolicyObject {
-            namespace: ns.into(),
-            name: name.into(),
-            generation: Some(1),
-            created_ms,
-            origin: "test".into(),
-            spec: SidecarSpec {
-                workload_selector: selector.map(|l| SidecarWorkloadSelector { labels: l.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }),
-                egress: vec![SidecarEgress { hosts: hosts.iter().map(|h| h.to_string()).collect(), ..Default::default() }],
-                ..Default::default()
-            },
-            parse_errors: Vec::new(),
-        }
+        PolicyObject { created_ms, ..sidecar_object(ns, name, "test", selector, hosts) }
     }
 
     fn labels(l: &[(&str, &str)]) -> BTreeMap<String, String> {
