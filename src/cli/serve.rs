@@ -24,7 +24,8 @@ use crate::xds::server::{XdsServer, XdsServerConfig};
 /// Connections the kernel may hold for the xDS listener before they are
 /// accepted: a whole fleet reconnects at once after a restart, and an overflow
 /// makes some of them fail (SYN cookies) instead of waiting. Capped by
-/// `net.core.somaxconn`.
+/// `net.core.somaxconn`. (A thread of its own accepts, so the queue drains
+/// even when every core is busy: `xds::accept_on_own_thread`.)
 const XDS_ACCEPT_BACKLOG: u32 = 8192;
 
 /// `TcpListener::bind` with a chosen accept backlog (tokio's is 1024).
