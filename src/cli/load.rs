@@ -498,14 +498,13 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         .filter_map(|r| r.lock().expect("record lock").synced_at)
         .map(|t| t.duration_since(start).as_secs_f64())
         .collect();
-    synced_secs.sort_by(f64::total_cmp);
-    let at = |q: f64| synced_secs.get(((synced_secs.len() as f64 * q).ceil() as usize).saturating_sub(1)).copied().unwrap_or(f64::NAN);
+    let (half, p99) = percentiles(&mut synced_secs).map_or((f64::NAN, f64::NAN), |(p50, _, p99, _)| (p50, p99));
     println!(
         "{mode}: {} proxies, {} SYNCED in {sync_secs:.1}s (half by {:.1}s, 99% by {:.1}s){}; {:.1} MiB sent; {rejects} NACKs; control plane RSS {:.0} MiB, CPU {:.1}s",
         args.proxies,
         if synced_all { "all" } else { "NOT all" },
-        at(0.5),
-        at(0.99),
+        half,
+        p99,
         match records.iter().map(|r| r.lock().expect("record lock").reconnects).sum::<u64>() {
             0 => String::new(),
             n => {

@@ -600,6 +600,11 @@ fn conflicts(candidate: &AppliedPolicy, applied: &[Arc<AppliedPolicy>]) -> Vec<S
     out
 }
 
+/// The message an INVALID object gets while its last accepted version serves.
+pub fn last_accepted_keeps_serving(generation: Option<i64>) -> String {
+    format!("the last accepted version{} keeps serving", generation.map(|g| format!(" (generation {g})")).unwrap_or_default())
+}
+
 /// Validates every policy, oldest first, and decides what applies.
 pub fn resolve(
     snapshot: &MeshSnapshot,
@@ -632,10 +637,7 @@ pub fn resolve(
                 if state == PolicyState::Accepted {
                     last_good.accepted.insert(id.clone(), c.clone());
                 } else {
-                    messages.push(format!(
-                        "the last accepted version{} keeps serving",
-                        c.generation.map(|g| format!(" (generation {g})")).unwrap_or_default()
-                    ));
+                    messages.push(last_accepted_keeps_serving(c.generation));
                 }
                 applied.push(c);
             } else if state == PolicyState::Accepted {

@@ -245,10 +245,7 @@ pub fn resolve(
             }
             Err(mut messages) => {
                 if let Some(kept) = last_good.get(&key) {
-                    messages.push(format!(
-                        "the last accepted version{} keeps serving",
-                        kept.generation.map(|g| format!(" (generation {g})")).unwrap_or_default()
-                    ));
+                    messages.push(super::policy::last_accepted_keeps_serving(kept.generation));
                     in_effect.push(kept.clone());
                 }
                 MeshObjectStatus { state: PolicyState::Invalid, observed_generation: object.generation, messages, not_yet_supported: Vec::new() }

@@ -135,7 +135,7 @@ pub fn reachable_services<'a>(snapshot: &'a MeshSnapshot, scope: &ProxyScope) ->
             // from every cluster: one Sidecar serves proxies in all of them),
             // and its Kubernetes name when that name leads here.
             let global = names::global_host(&v.service.key);
-            let kubernetes_name = v.aliases.then(|| format!("{}.{}.svc.cluster.local", v.service.key.name, v.service.key.namespace));
+            let kubernetes_name = v.aliases.then(|| names::kubernetes_host(&v.service.key));
             let hosts: Vec<&str> = [Some(v.host.as_str()), Some(global.as_str()), kubernetes_name.as_deref()].into_iter().flatten().collect();
             sidecar.imports(&scope.namespace, &v.service.key.namespace, &hosts)
         });

@@ -12,10 +12,15 @@ use crate::model::ServiceKey;
 /// `name.ns.svc.<cluster>.global` (Service Mesh Hub's multicluster DNS name).
 pub fn host(client_cluster: &str, service: &ServiceKey) -> String {
     if service.cluster == client_cluster {
-        format!("{}.{}.svc.cluster.local", service.name, service.namespace)
+        kubernetes_host(service)
     } else {
         global_host(service)
     }
+}
+
+/// `name.ns.svc.cluster.local`: the service's Kubernetes name, in whichever cluster.
+pub fn kubernetes_host(service: &ServiceKey) -> String {
+    format!("{}.{}.svc.cluster.local", service.name, service.namespace)
 }
 
 /// `name.ns.svc.<cluster>.global`: a service of a given cluster, from anywhere in the mesh.
