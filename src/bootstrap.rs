@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use serde_json::{Value, json};
 
-use crate::xds::node::ProxyRole;
+use crate::xds::node::{InterceptionMode, ProxyRole};
 
 /// Name of the static cluster that reaches meshpilot.
 pub const XDS_CLUSTER: &str = "meshpilot-xds";
@@ -26,6 +26,8 @@ pub struct BootstrapOptions {
     pub delta: bool,
     /// Where outbound listeners bind (`OUTBOUND_BIND` metadata).
     pub outbound_bind: Option<String>,
+    /// `INTERCEPTION_MODE` (unset: meshpilot's default, `NONE` with an outbound bind, else `REDIRECT`).
+    pub interception: Option<InterceptionMode>,
     /// The workload's identity (`SERVICE_ACCOUNT`), addresses (`INSTANCE_IPS`)
     /// and where the application listens (`APP_ADDRESS`).
     pub service_account: Option<String>,
@@ -52,6 +54,13 @@ pub fn bootstrap(opts: &BootstrapOptions) -> Value {
     }
     if let Some(bind) = &opts.outbound_bind {
         metadata["OUTBOUND_BIND"] = json!(bind);
+    }
+    if let Some(mode) = opts.interception {
+        metadata["INTERCEPTION_MODE"] = json!(match mode {
+            InterceptionMode::Redirect => "REDIRECT",
+            InterceptionMode::Tproxy => "TPROXY",
+            InterceptionMode::None => "NONE",
+        });
     }
     if let Some(sa) = &opts.service_account {
         metadata["SERVICE_ACCOUNT"] = json!(sa);
@@ -131,6 +140,7 @@ mod tests {
             admin_port: 15000,
             delta: false,
             outbound_bind: Some("127.0.0.2".into()),
+            interception: None,
             service_account: Some("bookinfo-productpage".into()),
             instance_ips: vec!["10.10.0.10".into()],
             app_address: None,

@@ -63,9 +63,11 @@ pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
                 (ns.clone(), svc.clone()),
                 Service {
                     key: ServiceKey::new(&name, &ns, &svc),
-                    ports: vec![ServicePort { name: "http".into(), port: 9080, protocol: "TCP".into() }],
+                    ports: vec![ServicePort::named("http", 9080)],
                     labels: [("app".to_string(), svc.clone())].into(),
                     cluster_ip: None,
+                    headless: false,
+                    excluded_ports: Vec::new(),
                     external_addresses: Vec::new(),
                 },
             );

@@ -415,6 +415,7 @@ mod tests {
             role: crate::xds::node::ProxyRole::Sidecar,
             labels: [("app".to_string(), app.to_string())].into(),
             outbound_bind: None,
+            interception: crate::xds::node::InterceptionMode::None,
             service_account: "default".into(),
             instance_ips: Vec::new(),
             app_address: None,

@@ -17,7 +17,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::bootstrap::{BootstrapOptions, bootstrap};
-use crate::xds::node::ProxyRole;
+use crate::xds::node::{InterceptionMode, ProxyRole};
 
 #[derive(Debug, Parser)]
 #[command(name = "meshpilot", version, about = "An Envoy xDS control plane for cross-cluster routing")]
@@ -189,12 +189,24 @@ pub struct BootstrapArgs {
     /// Give each proxy on one machine its own loopback address.
     #[arg(long)]
     pub outbound_bind: Option<String>,
+    /// How the pod's traffic reaches the sidecar (Istio's INTERCEPTION_MODE): `redirect`
+    /// (iptables capture to 15001/15006, Istio's layout) or `none` (explicit loopback
+    /// listeners the application calls). Default: none with --outbound-bind, else redirect.
+    #[arg(long, value_enum)]
+    pub interception: Option<InterceptionArg>,
     /// Use incremental (delta) xDS.
     #[arg(long)]
     pub delta: bool,
     /// Write here instead of stdout.
     #[arg(long, short)]
     pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum InterceptionArg {
+    Redirect,
+    Tproxy,
+    None,
 }
 
 /// Parses `k=v,k2=v2` labels.
@@ -236,6 +248,11 @@ fn run_bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
         admin_port: args.admin_port,
         delta: args.delta,
         outbound_bind: args.outbound_bind,
+        interception: args.interception.map(|i| match i {
+            InterceptionArg::Redirect => InterceptionMode::Redirect,
+            InterceptionArg::Tproxy => InterceptionMode::Tproxy,
+            InterceptionArg::None => InterceptionMode::None,
+        }),
         service_account: args.service_account,
         instance_ips: args.instance_ips,
         app_address: args.app_address,

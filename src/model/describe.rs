@@ -16,6 +16,9 @@ pub struct ServiceDescription {
     pub service: String,
     pub exists: bool,
     pub ports: Vec<u16>,
+    /// Per port: its protocol and why (Istio's rules), or why it is left out.
+    #[serde(default)]
+    pub port_protocols: Vec<String>,
     pub endpoints: usize,
     pub ready_endpoints: usize,
     /// Policies naming this service, with their state.
@@ -131,6 +134,13 @@ pub fn describe_service(snapshot: &MeshSnapshot, key: &ServiceKey) -> ServiceDes
         service: shown,
         exists: svc.is_some(),
         ports: svc.map(|s| s.ports.iter().map(|p| p.port).collect()).unwrap_or_default(),
+        port_protocols: svc
+            .map(|s| {
+                let served = s.ports.iter().map(|p| format!("{}: {} ({})", p.port, p.protocol.as_str(), p.protocol_reason));
+                let headless = s.headless.then(|| "headless: clients reach its pods at their own addresses".to_string());
+                served.chain(headless).chain(s.excluded_ports.iter().cloned()).collect()
+            })
+            .unwrap_or_default(),
         endpoints: eps.len(),
         ready_endpoints: eps.iter().filter(|e| e.ready).count(),
         policies,
@@ -147,6 +157,9 @@ pub fn render(d: &ServiceDescription) -> String {
     }
     let ports: Vec<String> = d.ports.iter().map(u16::to_string).collect();
     let _ = writeln!(out, "service {}  ports {}  endpoints {} ({} ready)", d.service, ports.join(","), d.endpoints, d.ready_endpoints);
+    for p in &d.port_protocols {
+        let _ = writeln!(out, "  port {p}");
+    }
     let _ = writeln!(out, "\npolicies:");
     if d.policies.is_empty() {
         let _ = writeln!(out, "  (none)");

@@ -116,11 +116,9 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
                 errors.push(format!("Service {namespace}/{svc_name} in cluster {name}: spec.ports[{i}].port {} is out of range", p.port));
                 continue;
             };
-            let sp = ServicePort {
-                name: p.name.clone().unwrap_or_default(),
-                port,
-                protocol: p.app_protocol.clone().unwrap_or_else(|| p.protocol.clone().unwrap_or_else(|| "TCP".into())),
-            };
+            let port_name = p.name.clone().unwrap_or_default();
+            let (protocol, protocol_reason) = super::protocol::port_protocol(&port_name, p.app_protocol.as_deref(), p.protocol.as_deref());
+            let sp = ServicePort { name: port_name, port, protocol, protocol_reason };
             targets.push((sp.clone(), p.target_port.clone()));
             ports.push(sp);
         }
@@ -138,6 +136,8 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
                 key: ServiceKey::new(name, &namespace, &svc_name),
                 ports,
                 labels: svc.metadata.labels.clone().unwrap_or_default(),
+                headless: spec.cluster_ip.as_deref() == Some("None"),
+                excluded_ports: Vec::new(),
                 cluster_ip: spec.cluster_ip.filter(|ip| !ip.is_empty() && ip != "None"),
                 external_addresses: spec
                     .external_ips
@@ -154,6 +154,8 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
             },
         );
     }
+
+    exclude_colliding_ports(name, &mut state, &mut errors);
 
     let pods: HashMap<(&str, &str), &PodSummary> = objects
         .pods
@@ -277,6 +279,57 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
         eps.sort_by(|a, b| (&a.address, &a.pod).cmp(&(&b.address, &b.pod)));
     }
     (state, errors)
+}
+
+/// The ports a sidecar keeps for itself (Istio's 15000–15090: admin, 15001
+/// outbound, 15006 inbound, 15020/15021 health, 15090 stats).
+pub const SIDECAR_PORTS: std::ops::RangeInclusive<u16> = 15000..=15090;
+
+/// Leaves out of sidecars the Service ports they cannot serve: a port in the
+/// sidecar's own range, and a ClusterIP and port two Services claim (which one
+/// a connection meant cannot be told). Each is named in `errors` and in the
+/// Service's `excluded_ports`; every other port keeps working. East-west
+/// gateway Services (15021, 15443, …) are not called by sidecars and are kept.
+fn exclude_colliding_ports(cluster: &str, state: &mut ClusterState, errors: &mut Vec<String>) {
+    let mut claims: HashMap<(String, u16), Vec<(String, String)>> = HashMap::new();
+    for (key, svc) in &state.services {
+        if let Some(ip) = &svc.cluster_ip {
+            for p in &svc.ports {
+                claims.entry((ip.clone(), p.port)).or_default().push(key.clone());
+            }
+        }
+    }
+    for (key, svc) in state.services.iter_mut() {
+        if svc.labels.contains_key(NETWORK_LABEL) {
+            continue;
+        }
+        let (ns, name) = key;
+        let mut notes = Vec::new();
+        svc.ports.retain(|p| {
+            let why = if SIDECAR_PORTS.contains(&p.port) {
+                Some(format!("port {} collides with the sidecar's own ports (15000-15090)", p.port))
+            } else {
+                svc.cluster_ip.as_ref().and_then(|ip| {
+                    let owners = &claims[&(ip.clone(), p.port)];
+                    (owners.len() > 1).then(|| {
+                        let others: Vec<String> = owners.iter().filter(|o| *o != key).map(|(n, s)| format!("{n}/{s}")).collect();
+                        format!("port {} on ClusterIP {ip} is also claimed by Service {}", p.port, others.join(", "))
+                    })
+                })
+            };
+            match why {
+                Some(why) => {
+                    notes.push(format!("{why}; left out of sidecars"));
+                    false
+                }
+                None => true,
+            }
+        });
+        for n in &notes {
+            errors.push(format!("Service {ns}/{name} in cluster {cluster}: {n}"));
+        }
+        svc.excluded_ports = notes;
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod crd;
 pub mod describe;
 pub mod k8s;
 pub mod policy;
+pub mod protocol;
 pub mod sidecar;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -44,7 +45,18 @@ pub struct ServicePort {
     /// The port's name ("" when the Service has a single unnamed port).
     pub name: String,
     pub port: u16,
-    pub protocol: String,
+    /// Istio's rules: `appProtocol`, else the name's prefix, else detected.
+    pub protocol: protocol::Protocol,
+    /// Why it got that protocol (for `describe service`).
+    pub protocol_reason: String,
+}
+
+impl ServicePort {
+    /// A port named `name`, its protocol by Istio's rules.
+    pub fn named(name: &str, port: u16) -> ServicePort {
+        let (protocol, protocol_reason) = protocol::port_protocol(name, None, None);
+        ServicePort { name: name.into(), port, protocol, protocol_reason }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -53,6 +65,10 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     pub labels: BTreeMap<String, String>,
     pub cluster_ip: Option<String>,
+    /// `clusterIP: None`: clients reach its pods by their own addresses.
+    pub headless: bool,
+    /// Ports left out of sidecars' configuration, and why (for `describe service`).
+    pub excluded_ports: Vec<String>,
     /// Addresses reachable from outside the cluster (`spec.externalIPs`,
     /// `status.loadBalancer.ingress[].ip`): an east-west gateway's addresses.
     pub external_addresses: Vec<String>,

@@ -418,6 +418,31 @@ fn select_services(snapshot: &MeshSnapshot, spec: &TrafficPolicySpec, errors: &m
 
 /// Validates one policy against the mesh and resolves it into rules.
 /// Errors are `field: reason` messages.
+/// HTTP-only fields on a service none of whose ports is HTTP (by Istio's
+/// protocol rules) cannot apply: on TCP only `trafficShift` and
+/// `outlierDetection` do. Named per field and service.
+fn check_http_only_actions(snapshot: &MeshSnapshot, spec: &TrafficPolicySpec, selected: &[ServiceKey], errors: &mut Vec<String>) {
+    let set = [
+        ("spec.httpRequestMatchers", !spec.http_request_matchers.is_empty()),
+        ("spec.faultInjection", spec.fault_injection.is_some()),
+        ("spec.requestTimeout", spec.request_timeout.is_some()),
+        ("spec.retries", spec.retries.is_some()),
+        ("spec.corsPolicy", spec.cors_policy.is_some()),
+        ("spec.mirror", spec.mirror.is_some()),
+        ("spec.headerManipulation", spec.header_manipulation.is_some()),
+    ];
+    for key in selected {
+        let Some(svc) = snapshot.service(key) else { continue };
+        if svc.ports.is_empty() || svc.ports.iter().any(|p| p.protocol.has_http_routes()) {
+            continue;
+        }
+        let ports: Vec<String> = svc.ports.iter().map(|p| format!("{} ({})", p.port, p.protocol.as_str())).collect();
+        for (field, _) in set.iter().filter(|(_, on)| *on) {
+            errors.push(format!("{field}: HTTP-only, but {key} serves no HTTP port ({}); on TCP only trafficShift and outlierDetection apply", ports.join(", ")));
+        }
+    }
+}
+
 pub fn validate(snapshot: &MeshSnapshot, policy: &PolicyObject<TrafficPolicySpec>) -> Result<AppliedPolicy, Vec<String>> {
     if !policy.parse_errors.is_empty() {
         return Err(policy.parse_errors.clone());
@@ -555,6 +580,8 @@ pub fn validate(snapshot: &MeshSnapshot, policy: &PolicyObject<TrafficPolicySpec
                 Some(Outlier { consecutive_errors: o.consecutive_errors.unwrap_or(5), interval, base_ejection_time });
         }
     }
+
+    check_http_only_actions(snapshot, spec, &selected, &mut errors);
 
     if actions == Actions::default() && errors.is_empty() {
         errors.push("spec: sets no action (trafficShift, faultInjection, requestTimeout, retries, corsPolicy, mirror, headerManipulation or outlierDetection)".into());

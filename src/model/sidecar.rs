@@ -84,6 +84,9 @@ pub struct SidecarScope {
     /// `workloadSelector.labels`; `None` for the namespace-wide Sidecar.
     pub selector: Option<BTreeMap<String, String>>,
     pub imports: Vec<ImportedHost>,
+    /// `outboundTrafficPolicy.mode: REGISTRY_ONLY`: a captured proxy refuses
+    /// destinations outside what it imports (Istio's default is `ALLOW_ANY`).
+    pub registry_only: bool,
 }
 
 impl SidecarScope {
@@ -178,10 +181,25 @@ pub fn validate(object: &PolicyObject<SidecarSpec>) -> Result<SidecarScope, Vec<
             }
         }
     }
+    let registry_only = match spec.outbound_traffic_policy.as_ref().map(|p| p.get("mode")) {
+        None | Some(None) => false,
+        Some(Some(mode)) => match mode.as_str() {
+            Some("ALLOW_ANY") => false,
+            Some("REGISTRY_ONLY") => true,
+            _ => {
+                errors.push(format!("spec.outboundTrafficPolicy.mode: {mode} is not ALLOW_ANY or REGISTRY_ONLY"));
+                false
+            }
+        },
+    };
+    if let Some(other) = spec.outbound_traffic_policy.as_ref().and_then(|p| p.as_object()).and_then(|o| o.keys().find(|k| *k != "mode" && *k != "egressProxy")) {
+        errors.push(format!("spec.outboundTrafficPolicy.{other}: unknown field (Istio's are mode and egressProxy)"));
+    }
     if !errors.is_empty() {
         return Err(errors);
     }
     Ok(SidecarScope {
+        registry_only,
         namespace: object.namespace.clone(),
         name: object.name.clone(),
         generation: object.generation,
@@ -194,12 +212,12 @@ pub fn validate(object: &PolicyObject<SidecarSpec>) -> Result<SidecarScope, Vec<
 /// Fields of a Sidecar that meshpilot accepts but does not act on.
 fn not_yet_supported(spec: &SidecarSpec) -> Vec<String> {
     let mut out = Vec::new();
-    let note = |field: &str| format!("{field}: not yet supported (meshpilot reads workloadSelector and egress[].hosts)");
+    let note = |field: &str| format!("{field}: not yet supported (meshpilot reads workloadSelector, egress[].hosts and outboundTrafficPolicy.mode)");
     if spec.ingress.is_some() {
         out.push(note("spec.ingress"));
     }
-    if spec.outbound_traffic_policy.is_some() {
-        out.push(note("spec.outboundTrafficPolicy"));
+    if spec.outbound_traffic_policy.as_ref().is_some_and(|p| p.get("egressProxy").is_some()) {
+        out.push(note("spec.outboundTrafficPolicy.egressProxy"));
     }
     if spec.inbound_connection_pool.is_some() {
         out.push(note("spec.inboundConnectionPool"));
@@ -360,13 +378,24 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_outbound_traffic_policy_mode_is_named() {
+        let mut s = sidecar("default", "s", 1, None, &["./*"]);
+        s.spec.outbound_traffic_policy = Some(serde_json::json!({"mode": "DENY"}));
+        let errors = validate(&s).unwrap_err();
+        assert!(errors.iter().any(|e| e == "spec.outboundTrafficPolicy.mode: \"DENY\" is not ALLOW_ANY or REGISTRY_ONLY"), "{errors:?}");
+        s.spec.outbound_traffic_policy = Some(serde_json::json!({"mode": "ALLOW_ANY"}));
+        assert!(!validate(&s).unwrap().registry_only);
+    }
+
+    #[test]
     fn fields_meshpilot_does_not_act_on_are_reported() {
         let mut s = sidecar("default", "s", 1, None, &["./*"]);
         s.spec.egress[0].port = Some(serde_json::json!({"number": 9080}));
-        s.spec.outbound_traffic_policy = Some(serde_json::json!({"mode": "REGISTRY_ONLY"}));
-        let (_, statuses) = resolve(&[s], &mut LastGoodSidecars::new());
+        s.spec.outbound_traffic_policy = Some(serde_json::json!({"mode": "REGISTRY_ONLY", "egressProxy": {"host": "egress"}}));
+        let (in_effect, statuses) = resolve(std::slice::from_ref(&s), &mut LastGoodSidecars::new());
+        assert!(in_effect[0].registry_only);
         let notes = &statuses[0].1.not_yet_supported;
-        assert!(notes.iter().any(|n| n.starts_with("spec.outboundTrafficPolicy: not yet supported")), "{notes:?}");
+        assert!(notes.iter().any(|n| n.starts_with("spec.outboundTrafficPolicy.egressProxy: not yet supported")), "{notes:?}");
         assert!(notes.iter().any(|n| n.starts_with("spec.egress[0].port: not yet supported")), "{notes:?}");
     }
 }

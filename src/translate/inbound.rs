@@ -1,29 +1,50 @@
-//! A sidecar's inbound side (mTLS mode): for every port its workload serves
-//! (the endpoints at the proxy's `INSTANCE_IPS`), a listener on that address
-//! and port that terminates mTLS, requires a client certificate from the
-//! mesh's root, tells the application who called (`x-forwarded-client-cert`
-//! with the caller's SPIFFE URI) and forwards to the application at
-//! `APP_ADDRESS` (explicit mode: the application listens there).
+//! A sidecar's inbound side, for every port its workload serves (the
+//! endpoints at the proxy's `INSTANCE_IPS`).
+//!
+//! Captured (Istio's layout): iptables sends every inbound connection to
+//! 15006, where `virtualInbound` (original-destination listener filter) has
+//! one filter chain per served port — mTLS required when the workload's
+//! VirtualMesh has a CA, plaintext otherwise — leading to `inbound|<port>||`,
+//! which connects to the application at the original destination from
+//! 127.0.0.6 (so Istio's iptables rules let it through). Ports no Service
+//! declares pass through to the application the same way.
+//!
+//! Explicit (mTLS only): a listener on each (address, port) that forwards to
+//! the application at `APP_ADDRESS`.
+//!
+//! HTTP ports terminate HTTP and tell the application who called
+//! (`x-forwarded-client-cert` with the caller's SPIFFE URI); other ports are
+//! `tcp_proxy`.
 
 use super::any;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster::ClusterDiscoveryType, cluster::DiscoveryType};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint::HostIdentifier};
-use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter::ConfigType};
+use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, FilterChainMatch, Listener, filter::ConfigType};
+use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier as TcpTo;
 use envoy_types::pb::envoy::config::route::v3::{Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, http_connection_manager::{ForwardClientCertDetails, RouteSpecifier, SetCurrentClientCertDetails}, http_filter,
 };
-use envoy_types::pb::google::protobuf::BoolValue;
+use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 
+use super::clusters::{INBOUND_PASSTHROUGH_CLUSTER, INBOUND_SOURCE_ADDRESS, original_dst_cluster, with_http2};
 use super::endpoints::socket_address;
-use super::listeners::{HCM_FILTER, ROUTER_FILTER};
+use super::listeners::{HCM_FILTER, ROUTER_FILTER, tcp_proxy};
+use super::outbound::{ANY_ADDRESS, listener_filter};
 use super::routes::pb_duration;
 use super::{ProxyScope, tls};
 use crate::model::MeshSnapshot;
+use crate::model::protocol::{Layout, Protocol};
+
+/// Istio's inbound capture listener and its port (`ProxyInboundListenPort`).
+pub const VIRTUAL_INBOUND: &str = "virtualInbound";
+pub const VIRTUAL_INBOUND_PORT: u16 = 15006;
+pub const ORIGINAL_DST_FILTER: &str = "envoy.filters.listener.original_dst";
 
 /// Istio's inbound cluster name.
 pub fn inbound_cluster_name(port: u16) -> String {
@@ -42,7 +63,90 @@ pub fn served_ports(snapshot: &MeshSnapshot, scope: &ProxyScope) -> BTreeSet<(St
     out
 }
 
+/// The ports the proxy's workload serves (endpoint ports at its `INSTANCE_IPS`)
+/// and the protocol of the Service port each serves (the first by service name).
+pub fn served_protocols(snapshot: &MeshSnapshot, scope: &ProxyScope) -> BTreeMap<u16, Protocol> {
+    let mut out = BTreeMap::new();
+    let Some(state) = snapshot.clusters.get(&scope.cluster) else { return out };
+    for (key, eps) in &state.endpoints {
+        let Some(svc) = state.services.get(key) else { continue };
+        for ep in eps.iter().filter(|e| scope.instance_ips.iter().any(|ip| *ip == e.address)) {
+            for sp in &svc.ports {
+                if let Some(port) = ep.ports.get(&sp.name) {
+                    out.entry(*port).or_insert(sp.protocol);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `virtualInbound` on 0.0.0.0:15006: a chain per served port (mTLS when
+/// `mtls`), and what no Service declares on to the application as it came.
+pub fn virtual_inbound(ports: &BTreeMap<u16, Protocol>, mtls: bool, transparent: bool) -> Listener {
+    let mut filter_chains: Vec<FilterChain> = ports
+        .iter()
+        .filter(|(_, p)| p.layout() != Layout::None)
+        .map(|(port, protocol)| {
+            let filter = if protocol.layout() == Layout::Http {
+                inbound_http_filter(&format!("inbound_0.0.0.0_{port}"), *port)
+            } else {
+                tcp_proxy(inbound_cluster_name(*port), TcpTo::Cluster(inbound_cluster_name(*port)))
+            };
+            FilterChain {
+                name: format!("{ANY_ADDRESS}_{port}"),
+                filter_chain_match: Some(FilterChainMatch { destination_port: Some(UInt32Value { value: u32::from(*port) }), ..Default::default() }),
+                filters: vec![filter],
+                transport_socket: mtls.then(tls::inbound_transport_socket),
+                ..Default::default()
+            }
+        })
+        .collect();
+    filter_chains.push(FilterChain {
+        name: "InboundPassthroughFilterChain".into(),
+        filters: vec![tcp_proxy(INBOUND_PASSTHROUGH_CLUSTER.into(), TcpTo::Cluster(INBOUND_PASSTHROUGH_CLUSTER.into()))],
+        ..Default::default()
+    });
+    Listener {
+        name: VIRTUAL_INBOUND.into(),
+        address: Some(socket_address(ANY_ADDRESS, VIRTUAL_INBOUND_PORT)),
+        listener_filters: vec![listener_filter(ORIGINAL_DST_FILTER, any(&OriginalDst::default()))],
+        filter_chains,
+        transparent: transparent.then_some(BoolValue { value: true }),
+        traffic_direction: envoy_types::pb::envoy::config::core::v3::TrafficDirection::Inbound as i32,
+        ..Default::default()
+    }
+}
+
+/// `inbound|<port>||` of a captured sidecar: the application at the
+/// connection's original destination, connected from 127.0.0.6; HTTP/2 kept
+/// for `http2`/`grpc` ports.
+pub fn captured_inbound_cluster(port: u16, protocol: Protocol) -> Cluster {
+    let c = original_dst_cluster(&inbound_cluster_name(port), Some(INBOUND_SOURCE_ADDRESS));
+    if protocol.http2_upstream() { with_http2(c) } else { c }
+}
+
+/// `InboundPassthroughCluster`: a port no Service declares, as it came, from 127.0.0.6.
+pub fn inbound_passthrough_cluster() -> Cluster {
+    original_dst_cluster(INBOUND_PASSTHROUGH_CLUSTER, Some(INBOUND_SOURCE_ADDRESS))
+}
+
 pub fn inbound_listener(address: &str, port: u16) -> Listener {
+    Listener {
+        name: format!("{address}_{port}"),
+        address: Some(socket_address(address, port)),
+        filter_chains: vec![FilterChain {
+            filters: vec![inbound_http_filter(&format!("inbound_{address}_{port}"), port)],
+            transport_socket: Some(tls::inbound_transport_socket()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The inbound HTTP connection manager: every request to `inbound|<port>||`,
+/// the caller's certificate URI in `x-forwarded-client-cert`.
+fn inbound_http_filter(stat_prefix: &str, port: u16) -> Filter {
     let route_config = RouteConfiguration {
         name: format!("inbound|{port}"),
         virtual_hosts: vec![VirtualHost {
@@ -63,7 +167,7 @@ pub fn inbound_listener(address: &str, port: u16) -> Listener {
         ..Default::default()
     };
     let hcm = HttpConnectionManager {
-        stat_prefix: format!("inbound_{address}_{port}"),
+        stat_prefix: stat_prefix.to_string(),
         route_specifier: Some(RouteSpecifier::RouteConfig(route_config)),
         http_filters: vec![HttpFilter {
             name: ROUTER_FILTER.into(),
@@ -74,16 +178,7 @@ pub fn inbound_listener(address: &str, port: u16) -> Listener {
         set_current_client_cert_details: Some(SetCurrentClientCertDetails { uri: true, ..Default::default() }),
         ..Default::default()
     };
-    Listener {
-        name: format!("{address}_{port}"),
-        address: Some(socket_address(address, port)),
-        filter_chains: vec![FilterChain {
-            filters: vec![Filter { name: HCM_FILTER.into(), config_type: Some(ConfigType::TypedConfig(any(&hcm))) }],
-            transport_socket: Some(tls::inbound_transport_socket()),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+    Filter { name: HCM_FILTER.into(), config_type: Some(ConfigType::TypedConfig(any(&hcm))) }
 }
 
 /// `inbound|<port>||`: the application itself.

@@ -11,10 +11,15 @@
 //!   such cluster by name);
 //! - narrowed, when a Sidecar applies to the proxy, to the services its
 //!   egress hosts import (plus whatever their policies route to);
-//! - one loopback listener per port (explicit mode), RDS named by port, a
-//!   virtual host per service and port, an EDS cluster per service port and
-//!   per subset a policy names. TrafficPolicies on a service shape its routes
-//!   for every client in every cluster that reaches it.
+//! - captured (Istio's `REDIRECT`/`TPROXY`, the default): `virtualOutbound`
+//!   on 15001, `0.0.0.0_<port>` HTTP listeners, per-destination TCP/TLS
+//!   listeners, Passthrough/BlackHole, `virtualInbound` on 15006 (`outbound.rs`,
+//!   `inbound.rs`); explicit (`NONE`): one loopback HTTP listener per port;
+//! - RDS named by port, a virtual host per HTTP service and port, an EDS
+//!   cluster per service port and per subset a policy names (a headless
+//!   service of the proxy's own cluster: its original destination).
+//!   TrafficPolicies on a service shape its routes (or its `tcp_proxy`) for
+//!   every client in every cluster that reaches it.
 
 pub mod clusters;
 pub mod endpoints;
@@ -22,6 +27,7 @@ pub mod gateway;
 pub mod inbound;
 pub mod listeners;
 pub mod names;
+pub mod outbound;
 pub mod routes;
 pub mod tls;
 
@@ -31,7 +37,7 @@ use serde::Serialize;
 
 use crate::model::policy::Outlier;
 use crate::model::{MeshSnapshot, MeshTrust, Service, ServiceKey};
-use crate::xds::node::{ProxyNode, ProxyRole};
+use crate::xds::node::{InterceptionMode, ProxyNode, ProxyRole};
 use crate::xds::resources::{Resource, ResourceSet, ResourceType};
 
 /// A message as a protobuf `Any` (typed configs inside resources).
@@ -51,7 +57,9 @@ pub struct ProxyScope {
     pub namespace: String,
     pub network: String,
     pub labels: BTreeMap<String, String>,
-    /// Address the outbound listeners bind to (`OUTBOUND_BIND` metadata).
+    /// How its traffic reaches it: captured by iptables, or sent to `outbound_bind`.
+    pub interception: InterceptionMode,
+    /// Address the outbound listeners bind to (`OUTBOUND_BIND` metadata; explicit layout only).
     pub outbound_bind: String,
     /// The workload's identity and addresses, and where its application listens (inbound, mTLS).
     pub service_account: String,
@@ -67,6 +75,7 @@ impl ProxyScope {
             namespace: node.namespace.clone(),
             network: node.network.clone(),
             labels: node.labels.clone(),
+            interception: node.interception,
             outbound_bind: node.outbound_bind.clone().unwrap_or_else(|| DEFAULT_OUTBOUND_BIND.to_string()),
             service_account: node.service_account.clone(),
             instance_ips: node.instance_ips.clone(),
@@ -74,6 +83,7 @@ impl ProxyScope {
         }
     }
 
+    /// A sidecar of the explicit layout (`INTERCEPTION_MODE: NONE`, loopback listeners).
     pub fn sidecar(cluster: &str, namespace: &str, labels: &[(&str, &str)]) -> ProxyScope {
         ProxyScope {
             role: ProxyRole::Sidecar,
@@ -81,10 +91,23 @@ impl ProxyScope {
             namespace: namespace.into(),
             network: String::new(),
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            interception: InterceptionMode::None,
             outbound_bind: DEFAULT_OUTBOUND_BIND.into(),
             service_account: "default".into(),
             instance_ips: Vec::new(),
             app_address: DEFAULT_APP_ADDRESS.into(),
+        }
+    }
+}
+
+impl ProxyScope {
+    /// A sidecar of an Istio-injected pod (iptables `REDIRECT`) at `instance_ip`.
+    pub fn captured_sidecar(cluster: &str, namespace: &str, labels: &[(&str, &str)], service_account: &str, instance_ip: &str) -> ProxyScope {
+        ProxyScope {
+            interception: InterceptionMode::Redirect,
+            service_account: service_account.into(),
+            instance_ips: vec![instance_ip.into()],
+            ..ProxyScope::sidecar(cluster, namespace, labels)
         }
     }
 }
@@ -193,43 +216,92 @@ fn outlier_by_service(snapshot: &MeshSnapshot) -> BTreeMap<ServiceKey, Outlier> 
     out
 }
 
+/// What a captured proxy does with destinations outside the mesh: its Sidecar's
+/// `outboundTrafficPolicy.mode`, Istio's `ALLOW_ANY` by default.
+pub fn unmatched_policy(snapshot: &MeshSnapshot, scope: &ProxyScope) -> routes::Unmatched {
+    match crate::model::sidecar::sidecar_for(&snapshot.sidecars, &scope.namespace, &scope.labels) {
+        Some(s) if s.registry_only => routes::Unmatched::RegistryOnly,
+        _ => routes::Unmatched::AllowAny,
+    }
+}
+
+/// The Envoy cluster of one target: EDS (mTLS to `tlsMode: istio`
+/// endpoints when client and service share a CA), or, for a headless
+/// service of the client's own cluster, its original destination (a client
+/// dials the pod it means); HTTP/2 kept for `http2`/`grpc` ports.
+fn target_cluster(snapshot: &MeshSnapshot, scope: &ProxyScope, t: &ClusterTarget, outliers: &BTreeMap<ServiceKey, Outlier>) -> envoy_types::pb::envoy::config::cluster::v3::Cluster {
+    let service = snapshot.service(&t.service);
+    let trust = mtls_between(snapshot, &scope.cluster, &t.service.cluster);
+    let sni = trust.map(|_| names::outbound_sni(t.port, &names::subset_name(&t.subset), &names::host(&t.service.cluster, &t.service)));
+    let mtls = trust.zip(sni.as_deref()).map(|(tr, sni)| (sni, tr.trust_domain.as_str()));
+    let headless_here = service.is_some_and(|s| s.headless) && t.service.cluster == scope.cluster && scope.interception.captured();
+    let cluster = if headless_here {
+        let mut c = clusters::original_dst_cluster(&t.name, None);
+        // No endpoint metadata to match on: the pods of a mesh with a CA get mTLS outright.
+        if let Some((sni, trust_domain)) = mtls {
+            c.transport_socket = tls::outbound_socket_matches(sni, trust_domain).into_iter().next().and_then(|m| m.transport_socket);
+        }
+        c
+    } else {
+        clusters::eds_cluster(&t.name, outliers.get(&t.service), mtls)
+    };
+    let http2 = service.and_then(|s| s.port(t.port)).is_some_and(|p| p.protocol.http2_upstream());
+    if http2 { clusters::with_http2(cluster) } else { cluster }
+}
+
 /// Translates everything a proxy needs except its certificates (SDS, added
-/// by the provider): a sidecar's outbound side and, with mTLS, its inbound
-/// side; a gateway's SNI passthrough.
+/// by the provider): a sidecar's outbound side and its inbound side
+/// (captured: always; explicit: with mTLS); a gateway's SNI passthrough.
 pub fn translate(snapshot: &MeshSnapshot, scope: &ProxyScope) -> ResourceSet {
     if scope.role == ProxyRole::Gateway {
         return gateway::translate_gateway(snapshot, scope);
     }
     let mut set = ResourceSet::new();
+    let captured = scope.interception.captured();
+    let unmatched = unmatched_policy(snapshot, scope);
     let views = reachable_services(snapshot, scope);
-    let (route_configs, mut targets) = routes::route_configurations(snapshot, scope, &views);
+    let (route_configs, mut targets) = routes::route_configurations(snapshot, scope, &views, captured.then_some(unmatched));
     for v in &views {
-        for p in &v.service.ports {
+        for p in v.service.ports.iter().filter(|p| p.protocol.layout() != crate::model::protocol::Layout::None) {
             let t = ClusterTarget::new(&scope.cluster, &v.service.key, p.port, &BTreeMap::new());
             targets.insert(t.name.clone(), t);
         }
     }
-    let outliers = outlier_by_service(snapshot);
-    for t in targets.values() {
-        let trust = mtls_between(snapshot, &scope.cluster, &t.service.cluster);
-        let sni = trust.map(|_| names::outbound_sni(t.port, &names::subset_name(&t.subset), &names::host(&t.service.cluster, &t.service)));
-        let mtls = trust.zip(sni.as_deref()).map(|(tr, sni)| (sni, tr.trust_domain.as_str()));
-        let cluster = clusters::eds_cluster(&t.name, outliers.get(&t.service), mtls);
-        set.insert(ResourceType::Cluster, Resource::from_message(t.name.clone(), &cluster));
-        let cla = endpoints::load_assignment(snapshot, t, scope);
-        set.insert(ResourceType::Endpoint, Resource::from_message(t.name.clone(), &cla));
-    }
-    if snapshot.trust.contains_key(&scope.cluster) {
-        for (address, port) in inbound::served_ports(snapshot, scope) {
-            let l = inbound::inbound_listener(&address, port);
-            set.insert(ResourceType::Listener, Resource::from_message(l.name.clone(), &l));
-            let c = inbound::inbound_cluster(&scope.app_address, port);
+    let mut listeners = Vec::new();
+    if captured {
+        listeners = outbound::captured_listeners(snapshot, scope, &views, unmatched, &mut targets);
+        for c in [clusters::original_dst_cluster(clusters::PASSTHROUGH_CLUSTER, None), clusters::blackhole_cluster(), inbound::inbound_passthrough_cluster()] {
             set.insert(ResourceType::Cluster, Resource::from_message(c.name.clone(), &c));
         }
+        let served = inbound::served_protocols(snapshot, scope);
+        let mtls = snapshot.trust.contains_key(&scope.cluster);
+        listeners.push(inbound::virtual_inbound(&served, mtls, scope.interception == InterceptionMode::Tproxy));
+        for (port, protocol) in served.iter().filter(|(_, p)| p.layout() != crate::model::protocol::Layout::None) {
+            let c = inbound::captured_inbound_cluster(*port, *protocol);
+            set.insert(ResourceType::Cluster, Resource::from_message(c.name.clone(), &c));
+        }
+    } else {
+        // Explicit: a loopback listener per HTTP port (TCP needs capture: no destination address to tell services apart).
+        let ports: BTreeSet<u16> = route_configs.iter().filter_map(|rc| rc.name.parse().ok()).collect();
+        listeners.extend(ports.into_iter().map(|port| listeners::outbound_http_listener(&scope.outbound_bind, port)));
+        if snapshot.trust.contains_key(&scope.cluster) {
+            for (address, port) in inbound::served_ports(snapshot, scope) {
+                listeners.push(inbound::inbound_listener(&address, port));
+                let c = inbound::inbound_cluster(&scope.app_address, port);
+                set.insert(ResourceType::Cluster, Resource::from_message(c.name.clone(), &c));
+            }
+        }
     }
-    let ports: BTreeSet<u16> = views.iter().flat_map(|v| v.service.ports.iter().map(|p| p.port)).collect();
-    for port in ports {
-        let l = listeners::outbound_http_listener(&scope.outbound_bind, port);
+    let outliers = outlier_by_service(snapshot);
+    for t in targets.values() {
+        let cluster = target_cluster(snapshot, scope, t, &outliers);
+        if cluster.eds_cluster_config.is_some() {
+            let cla = endpoints::load_assignment(snapshot, t, scope);
+            set.insert(ResourceType::Endpoint, Resource::from_message(t.name.clone(), &cla));
+        }
+        set.insert(ResourceType::Cluster, Resource::from_message(t.name.clone(), &cluster));
+    }
+    for l in listeners {
         set.insert(ResourceType::Listener, Resource::from_message(l.name.clone(), &l));
     }
     for rc in route_configs {

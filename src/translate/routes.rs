@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption, RuntimeFractionalPercent, header_value_option::HeaderAppendAction};
 use envoy_types::pb::envoy::config::route::v3::{
-    HeaderMatcher, QueryParameterMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+    DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
     header_matcher::HeaderMatchSpecifier, query_parameter_matcher::QueryParameterMatchSpecifier, route::Action,
     route_action::{ClusterSpecifier, RequestMirrorPolicy}, route_match::PathSpecifier, weighted_cluster::ClusterWeight,
 };
 use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{FaultDelay, fault_delay::FaultDelaySecifier};
 use envoy_types::pb::envoy::extensions::filters::http::cors::v3::CorsPolicy;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{FaultAbort, HttpFault, fault_abort::ErrorType};
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent::DenominatorType};
@@ -248,17 +249,89 @@ fn vhost_routes(
     routes
 }
 
-/// Every port's RouteConfiguration, and the clusters their routes use.
+/// Where a captured sidecar sends what no service matches (Istio's `outboundTrafficPolicy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmatched {
+    /// `ALLOW_ANY`: on to the original destination (`PassthroughCluster`).
+    AllowAny,
+    /// `REGISTRY_ONLY`: refused (`BlackHoleCluster`; HTTP gets a 502).
+    RegistryOnly,
+}
+
+/// Istio's last virtual host of a captured sidecar's route configurations:
+/// `allow_any` (`*` → PassthroughCluster) or `block_all` (`*` → 502).
+fn unmatched_vhost(unmatched: Unmatched) -> VirtualHost {
+    let all = RouteMatch { path_specifier: Some(PathSpecifier::Prefix("/".into())), ..Default::default() };
+    let (name, action) = match unmatched {
+        Unmatched::AllowAny => (
+            "allow_any",
+            Action::Route(RouteAction {
+                cluster_specifier: Some(ClusterSpecifier::Cluster(super::clusters::PASSTHROUGH_CLUSTER.into())),
+                timeout: Some(pb_duration(Duration::ZERO)),
+                ..Default::default()
+            }),
+        ),
+        Unmatched::RegistryOnly => ("block_all", Action::DirectResponse(DirectResponseAction { status: 502, ..Default::default() })),
+    };
+    VirtualHost {
+        name: name.into(),
+        domains: vec!["*".into()],
+        routes: vec![Route { name: name.into(), r#match: Some(all), action: Some(action), ..Default::default() }],
+        ..Default::default()
+    }
+}
+
+/// The `tcp_proxy` destination of a TCP (or TLS, or undetected) service port
+/// for this client: a policy's `trafficShift` as weighted clusters (request
+/// matchers and HTTP actions do not apply to TCP), else the service itself.
+pub fn tcp_destination(
+    snapshot: &MeshSnapshot,
+    scope: &ProxyScope,
+    view: &ServiceView<'_>,
+    port: u16,
+    targets: &mut BTreeMap<String, ClusterTarget>,
+) -> tcp_proxy::ClusterSpecifier {
+    let rules = policy::rules_for(&snapshot.applied, &view.service.key);
+    let shift = rules
+        .iter()
+        .filter(|(_, r)| r.matchers.is_empty() && r.source.matches(&scope.namespace, &scope.labels))
+        .find_map(|(_, r)| r.actions.traffic_shift.as_ref());
+    let mut target = |service: &crate::model::ServiceKey, dport: u16, subset: &BTreeMap<String, String>| {
+        let t = ClusterTarget::new(&scope.cluster, service, dport, subset);
+        let name = t.name.clone();
+        targets.entry(name.clone()).or_insert(t);
+        name
+    };
+    let mut weighted: Vec<tcp_proxy::weighted_cluster::ClusterWeight> = Vec::new();
+    for d in shift.into_iter().flatten().filter(|d| d.weight > 0) {
+        let Some(dport) = policy::destination_port(snapshot, &d.service, d.port, port) else { continue };
+        let name = target(&d.service, dport, &d.subset);
+        match weighted.iter_mut().find(|w| w.name == name) {
+            Some(w) => w.weight += d.weight,
+            None => weighted.push(tcp_proxy::weighted_cluster::ClusterWeight { name, weight: d.weight, ..Default::default() }),
+        }
+    }
+    match weighted.len() {
+        0 => tcp_proxy::ClusterSpecifier::Cluster(target(&view.service.key, port, &BTreeMap::new())),
+        1 => tcp_proxy::ClusterSpecifier::Cluster(weighted.remove(0).name),
+        _ => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster { clusters: weighted }),
+    }
+}
+
+/// Every HTTP port's RouteConfiguration (ports whose services speak HTTP or
+/// are detected), and the clusters their routes use; a captured sidecar's end
+/// with the virtual host for everything else (`unmatched`).
 pub fn route_configurations(
     snapshot: &MeshSnapshot,
     scope: &ProxyScope,
     views: &[ServiceView<'_>],
+    unmatched: Option<Unmatched>,
 ) -> (Vec<RouteConfiguration>, BTreeMap<String, ClusterTarget>) {
     let mut targets = BTreeMap::new();
     let mut by_port: BTreeMap<u16, Vec<VirtualHost>> = BTreeMap::new();
     let mut used: BTreeMap<u16, HashSet<String>> = BTreeMap::new();
     for v in views {
-        for p in &v.service.ports {
+        for p in v.service.ports.iter().filter(|p| p.protocol.has_http_routes()) {
             let used = used.entry(p.port).or_default();
             let cluster_ip = if v.service.key.cluster == scope.cluster { v.service.cluster_ip.as_deref() } else { None };
             let domains: Vec<String> = names::domains(&v.service.key, &v.host, v.aliases, &scope.namespace, cluster_ip)
@@ -281,6 +354,7 @@ pub fn route_configurations(
         .into_iter()
         .map(|(port, mut vhosts)| {
             vhosts.sort_by(|a, b| a.name.cmp(&b.name));
+            vhosts.extend(unmatched.map(unmatched_vhost));
             RouteConfiguration {
                 name: names::route_config_name(port),
                 virtual_hosts: vhosts,

@@ -14,6 +14,24 @@ pub enum ProxyRole {
     Gateway,
 }
 
+/// How the proxy's traffic reaches it (Istio's `INTERCEPTION_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum InterceptionMode {
+    /// iptables REDIRECT to 15001 (outbound) and 15006 (inbound): Istio's injected pods.
+    Redirect,
+    /// iptables TPROXY: the same listeners, marked transparent.
+    Tproxy,
+    /// No capture: the application calls the sidecar's loopback listeners (`OUTBOUND_BIND`).
+    None,
+}
+
+impl InterceptionMode {
+    pub fn captured(self) -> bool {
+        self != InterceptionMode::None
+    }
+}
+
 /// A connected proxy's identity and the scope its configuration depends on.
 ///
 /// Metadata keys follow Istio's injected sidecars (`CLUSTER_ID`, `NAMESPACE`,
@@ -29,6 +47,8 @@ pub struct ProxyNode {
     pub labels: BTreeMap<String, String>,
     /// Where outbound listeners bind (`OUTBOUND_BIND` metadata; loopback by default).
     pub outbound_bind: Option<String>,
+    /// `INTERCEPTION_MODE`; without it, `NONE` when `OUTBOUND_BIND` is set, else `REDIRECT` (Istio's default).
+    pub interception: InterceptionMode,
     /// The workload's service account (`SERVICE_ACCOUNT`; "default").
     pub service_account: String,
     /// The workload's addresses (`INSTANCE_IPS`, comma-separated): inbound listeners bind here.
@@ -70,7 +90,7 @@ impl ProxyNode {
         let empty = Struct::default();
         let meta = node.metadata.as_ref().unwrap_or(&empty);
         let bad = |field, expected| NodeError::BadMetadata { id: node.id.clone(), field, expected };
-        for key in ["CLUSTER_ID", "NAMESPACE", "NETWORK", "ROLE", "OUTBOUND_BIND", "SERVICE_ACCOUNT", "INSTANCE_IPS", "APP_ADDRESS"] {
+        for key in ["CLUSTER_ID", "NAMESPACE", "NETWORK", "ROLE", "OUTBOUND_BIND", "SERVICE_ACCOUNT", "INSTANCE_IPS", "APP_ADDRESS", "INTERCEPTION_MODE"] {
             if has_non_string(meta, key) {
                 return Err(bad(
                     match key {
@@ -81,6 +101,7 @@ impl ProxyNode {
                         "SERVICE_ACCOUNT" => "SERVICE_ACCOUNT",
                         "INSTANCE_IPS" => "INSTANCE_IPS",
                         "APP_ADDRESS" => "APP_ADDRESS",
+                        "INTERCEPTION_MODE" => "INTERCEPTION_MODE",
                         _ => "ROLE",
                     },
                     "a string",
@@ -127,6 +148,15 @@ impl ProxyNode {
             Some(envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentVersion(v)) => v.clone(),
             None => String::new(),
         };
+        let outbound_bind = string_field(meta, "OUTBOUND_BIND").filter(|s| !s.is_empty());
+        let interception = match string_field(meta, "INTERCEPTION_MODE").as_deref() {
+            Some("REDIRECT") => InterceptionMode::Redirect,
+            Some("TPROXY") => InterceptionMode::Tproxy,
+            Some("NONE") => InterceptionMode::None,
+            Some(_) => return Err(bad("INTERCEPTION_MODE", "\"REDIRECT\", \"TPROXY\" or \"NONE\"")),
+            None if outbound_bind.is_some() => InterceptionMode::None,
+            None => InterceptionMode::Redirect,
+        };
         Ok(ProxyNode {
             id: node.id.clone(),
             cluster: string_field(meta, "CLUSTER_ID").unwrap_or_else(|| node.cluster.clone()),
@@ -134,7 +164,8 @@ impl ProxyNode {
             network: string_field(meta, "NETWORK").unwrap_or_default(),
             role,
             labels,
-            outbound_bind: string_field(meta, "OUTBOUND_BIND").filter(|s| !s.is_empty()),
+            outbound_bind,
+            interception,
             service_account: string_field(meta, "SERVICE_ACCOUNT").filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into()),
             instance_ips: string_field(meta, "INSTANCE_IPS")
                 .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
@@ -168,6 +199,23 @@ mod tests {
         assert_eq!(p.network, "net1");
         assert_eq!(p.labels["app"], "productpage");
         assert_eq!(p.role, ProxyRole::Sidecar);
+    }
+
+    #[test]
+    fn interception_is_istios_redirect_unless_the_proxy_binds_explicitly_or_says_otherwise() {
+        let node = |pairs: &[(&str, &str)]| {
+            let mut meta = Struct::default();
+            for (k, v) in pairs {
+                meta.fields.insert(k.to_string(), s(v));
+            }
+            ProxyNode::from_node(Some(&Node { id: "p".into(), metadata: Some(meta), ..Default::default() }))
+        };
+        assert_eq!(node(&[]).unwrap().interception, InterceptionMode::Redirect);
+        assert_eq!(node(&[("OUTBOUND_BIND", "127.0.0.2")]).unwrap().interception, InterceptionMode::None);
+        assert_eq!(node(&[("INTERCEPTION_MODE", "TPROXY")]).unwrap().interception, InterceptionMode::Tproxy);
+        assert_eq!(node(&[("INTERCEPTION_MODE", "NONE")]).unwrap().interception, InterceptionMode::None);
+        let err = node(&[("INTERCEPTION_MODE", "iptables")]).unwrap_err().to_string();
+        assert!(err.contains("INTERCEPTION_MODE"), "{err}");
     }
 
     #[test]
