@@ -1,4 +1,6 @@
-//! A minimal HTTP/1.1 GET client for the admin API (hyper).
+//! A minimal HTTP client for the admin API (hyper), and the sampler behind
+//! `meshpilot sample`: many requests (HTTP/1.1, cleartext HTTP/2, gRPC) or
+//! TCP connections, each answer counted with what the backend saw.
 
 use anyhow::Context;
 use http_body_util::{BodyExt, Empty};
@@ -43,33 +45,119 @@ pub async fn count_answers(addr: &str, host: &str, path: &str, n: usize, concurr
 /// body's first line, `HTTP <status>` or `error: …`) and the `x-peer-cert`
 /// header (what `meshpilot echo` saw in `x-forwarded-client-cert`).
 pub async fn answers_with_peers(addr: &str, host: &str, path: &str, n: usize, concurrency: usize) -> Vec<(String, String)> {
+    sample(addr, Some(host), path, n, concurrency, SampleProtocol::Http).await.into_iter().map(|a| (a.answer, a.peer)).collect()
+}
+
+/// How `meshpilot sample` talks to the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SampleProtocol {
+    /// HTTP/1.1 GETs.
+    Http,
+    /// Cleartext HTTP/2 GETs (prior knowledge).
+    H2c,
+    /// gRPC unary calls (HTTP/2, `application/grpc`, the answer in a gRPC message, `grpc-status` in the trailers).
+    Grpc,
+    /// TCP connections: the answer is what the server writes before it closes.
+    Tcp,
+}
+
+/// One request's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The body's first line (or gRPC message, or TCP line); `HTTP <status>`, `grpc-status <n>` or `error: …` otherwise.
+    pub answer: String,
+    /// `x-peer-cert`: what `meshpilot echo` saw in `x-forwarded-client-cert`.
+    pub peer: String,
+    /// `x-seen-version`: the HTTP version the backend saw.
+    pub version: String,
+}
+
+impl Answer {
+    fn failed(what: String) -> Answer {
+        Answer { answer: what, peer: String::new(), version: String::new() }
+    }
+}
+
+fn header(resp: &hyper::HeaderMap, name: &str) -> String {
+    resp.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+}
+
+/// `n` requests to `addr` (at most `concurrency` at once, kept-alive
+/// connections for HTTP), each answer with what the backend saw. `host`
+/// overrides the Host / `:authority` (default: `addr`, as a pod's client sends it).
+pub async fn sample(addr: &str, host: Option<&str>, path: &str, n: usize, concurrency: usize, protocol: SampleProtocol) -> Vec<Answer> {
     use futures::StreamExt;
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    use http_body_util::Full;
+    if protocol == SampleProtocol::Tcp {
+        return futures::stream::iter(0..n).map(|_| tcp_answer(addr)).buffer_unordered(concurrency.max(1)).collect().await;
+    }
+    let http2 = protocol != SampleProtocol::Http;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(http2).build_http();
+    let grpc = protocol == SampleProtocol::Grpc;
+    let path = if grpc && path == "/" { "/meshpilot.Echo/Who" } else { path };
     let uri: Option<hyper::Uri> = format!("http://{addr}{path}").parse().ok();
     futures::stream::iter(0..n)
         .map(|_| {
             let client = client.clone();
             let uri = uri.clone();
             async move {
-                let Some(uri) = uri else { return (format!("error: bad address {addr:?}"), String::new()) };
-                let req = match hyper::Request::get(uri).header(hyper::header::HOST, host).body(Empty::new()) {
+                let Some(uri) = uri else { return Answer::failed(format!("error: bad address {addr:?}")) };
+                let mut req = if grpc {
+                    hyper::Request::post(uri).header("content-type", "application/grpc").header("te", "trailers")
+                } else {
+                    hyper::Request::get(uri)
+                };
+                if let Some(host) = host {
+                    req = req.header(hyper::header::HOST, host);
+                }
+                let body = if grpc { Full::new(super::echo::grpc_frame(b"")) } else { Full::new(Bytes::new()) };
+                let req = match req.body(body) {
                     Ok(r) => r,
-                    Err(e) => return (format!("error: {e}"), String::new()),
+                    Err(e) => return Answer::failed(format!("error: {e}")),
                 };
                 match client.request(req).await {
                     Ok(resp) if resp.status() == 200 => {
-                        let peer = resp.headers().get("x-peer-cert").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-                        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                        (String::from_utf8_lossy(&body).trim().to_string(), peer)
+                        let (peer, version) = (header(resp.headers(), "x-peer-cert"), header(resp.headers(), "x-seen-version"));
+                        let head_status = header(resp.headers(), "grpc-status");
+                        let collected = match resp.into_body().collect().await {
+                            Ok(c) => c,
+                            Err(e) => return Answer::failed(format!("error: {e}")),
+                        };
+                        let status = collected.trailers().map(|t| header(t, "grpc-status")).filter(|s| !s.is_empty()).unwrap_or(head_status);
+                        let body = collected.to_bytes();
+                        let answer = if !grpc {
+                            String::from_utf8_lossy(&body).trim().to_string()
+                        } else if status != "0" {
+                            format!("grpc-status {status}")
+                        } else {
+                            String::from_utf8_lossy(body.get(5..).unwrap_or_default()).trim().to_string()
+                        };
+                        Answer { answer, peer, version }
                     }
-                    Ok(resp) => (format!("HTTP {}", resp.status().as_u16()), String::new()),
-                    Err(e) => (format!("error: {e}"), String::new()),
+                    Ok(resp) => Answer::failed(format!("HTTP {}", resp.status().as_u16())),
+                    Err(e) => Answer::failed(format!("error: {e}")),
                 }
             }
         })
         .buffer_unordered(concurrency.max(1))
         .collect::<Vec<_>>()
         .await
+}
+
+async fn tcp_answer(addr: &str) -> Answer {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut conn = tokio::net::TcpStream::connect(addr).await?;
+        let mut buf = Vec::new();
+        conn.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
+        Ok(Ok(buf)) if buf.is_empty() => Answer::failed("error: closed without an answer".into()),
+        Ok(Ok(buf)) => Answer { answer: String::from_utf8_lossy(&buf).trim().to_string(), peer: String::new(), version: String::new() },
+        Ok(Err(e)) => Answer::failed(format!("error: {e}")),
+        Err(_) => Answer::failed("error: no answer in 10s".into()),
+    }
 }
 
 /// GET over a Unix socket (an Envoy admin page served there); the body.

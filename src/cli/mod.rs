@@ -64,9 +64,12 @@ pub struct SampleArgs {
     /// Where to send the requests (the application's side of a sidecar), HOST:PORT.
     #[arg(long)]
     pub to: String,
-    /// The Host header (the service called).
+    /// The Host header (the service called); default: what --to names, as a pod's client sends it.
     #[arg(long)]
-    pub host: String,
+    pub host: Option<String>,
+    /// http (HTTP/1.1), h2c (cleartext HTTP/2), grpc (unary calls) or tcp (connections).
+    #[arg(long, value_enum, default_value = "http")]
+    pub protocol: http::SampleProtocol,
     #[arg(long, default_value = "/")]
     pub path: String,
     #[arg(long, default_value_t = 100)]
@@ -79,17 +82,19 @@ pub struct SampleArgs {
 }
 
 async fn run_sample(args: SampleArgs) -> anyhow::Result<()> {
-    let answers = http::answers_with_peers(&args.to, &args.host, &args.path, args.count, args.concurrency).await;
+    let answers = http::sample(&args.to, args.host.as_deref(), &args.path, args.count, args.concurrency, args.protocol).await;
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut peers: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
-    for (answer, peer) in answers {
-        *counts.entry(answer.clone()).or_default() += 1;
+    let mut versions: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for a in answers {
+        *counts.entry(a.answer.clone()).or_default() += 1;
         // x-forwarded-client-cert: `By=…;Hash=…;URI=spiffe://…` — keep the caller's URI.
-        let uri = peer.split(';').find_map(|kv| kv.strip_prefix("URI=")).unwrap_or("").to_string();
-        peers.entry(answer).or_default().insert(uri);
+        let uri = a.peer.split(';').find_map(|kv| kv.strip_prefix("URI=")).unwrap_or("").to_string();
+        peers.entry(a.answer.clone()).or_default().insert(uri);
+        versions.entry(a.answer).or_default().insert(a.version);
     }
     if args.json {
-        println!("{}", serde_json::json!({ "answers": counts, "peers": peers }));
+        println!("{}", serde_json::json!({ "answers": counts, "peers": peers, "versions": versions }));
     } else {
         let total: usize = counts.values().sum();
         for (answer, n) in &counts {
