@@ -221,25 +221,32 @@ fn static_bootstrap(set: &Value) -> Value {
             let mut c = c.clone();
             let name = c["name"].clone();
             let obj = c.as_object_mut().unwrap();
-            obj.remove("edsClusterConfig");
+            if obj.remove("edsClusterConfig").is_none() {
+                return c; // ORIGINAL_DST and static clusters stand as they are
+            }
             obj.insert("type".into(), json!("STATIC"));
             let cla = eds.iter().find(|e| e["clusterName"] == name).cloned().unwrap_or(json!({"clusterName": name}));
             obj.insert("loadAssignment".into(), cla);
             c
         })
         .collect();
-    let routes = set["RDS"].as_array().unwrap();
+    let no_routes = Vec::new();
+    let routes = set["RDS"].as_array().unwrap_or(&no_routes);
     let listeners: Vec<Value> = set["LDS"]
         .as_array()
         .unwrap()
         .iter()
         .map(|l| {
             let mut l = l.clone();
-            let hcm = &mut l["filterChains"][0]["filters"][0]["typedConfig"];
-            let name = hcm["rds"]["routeConfigName"].clone();
-            let rc = routes.iter().find(|r| r["name"] == name).cloned().unwrap();
-            hcm.as_object_mut().unwrap().remove("rds");
-            hcm.as_object_mut().unwrap().insert("routeConfig".into(), rc);
+            for chain in l["filterChains"].as_array_mut().unwrap() {
+                for filter in chain["filters"].as_array_mut().unwrap() {
+                    let config = &mut filter["typedConfig"];
+                    let Some(name) = config.get("rds").map(|r| r["routeConfigName"].clone()) else { continue };
+                    let rc = routes.iter().find(|r| r["name"] == name).cloned().unwrap();
+                    config.as_object_mut().unwrap().remove("rds");
+                    config.as_object_mut().unwrap().insert("routeConfig".into(), rc);
+                }
+            }
             l
         })
         .collect();
@@ -315,4 +322,104 @@ fn without_a_ca_another_networks_endpoints_are_left_out() {
     let eds = set["EDS"].as_array().unwrap();
     let v3 = eds.iter().find(|c| c["clusterName"] == "outbound|9080||reviews.default.svc.remote-cluster.global").unwrap();
     assert!(v3.get("endpoints").is_none_or(|e| e.as_array().unwrap().is_empty()), "{v3}");
+}
+
+/// An Istio-injected pod of examples/bookinfo-captured (iptables REDIRECT).
+fn captured(app: &str, version: &str, sa: &str, ip: &str) -> ProxyScope {
+    ProxyScope::captured_sidecar("management-plane", "default", &[("app", app), ("version", version)], sa, ip)
+}
+
+#[test]
+fn golden_captured_sidecars_outbound_and_inbound() {
+    let s = snapshot("examples/bookinfo-captured");
+    check_golden("captured-productpage", &to_json(&translate(&s, &captured("productpage", "v1", "bookinfo-productpage", "10.10.0.10"))));
+    check_golden("captured-greeter", &to_json(&translate(&s, &captured("greeter", "v1", "greeter", "10.10.0.41"))));
+}
+
+fn names_of<'a>(set: &'a Value, ty: &str) -> Vec<&'a str> {
+    set[ty].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect()
+}
+
+fn listener<'a>(set: &'a Value, name: &str) -> &'a Value {
+    set["LDS"].as_array().unwrap().iter().find(|l| l["name"] == name).unwrap_or_else(|| panic!("no listener {name}"))
+}
+
+#[test]
+fn a_captured_sidecar_has_istios_listeners() {
+    let s = snapshot("examples/bookinfo-captured");
+    let set = to_json(&translate(&s, &captured("productpage", "v1", "bookinfo-productpage", "10.10.0.10")));
+    assert_eq!(
+        names_of(&set, "LDS"),
+        ["0.0.0.0_7070", "0.0.0.0_8080", "0.0.0.0_9080", "10.96.0.30_9000", "virtualInbound", "virtualOutbound"]
+    );
+    let outbound = listener(&set, "virtualOutbound");
+    assert_eq!(outbound["address"]["socketAddress"], json!({"address": "0.0.0.0", "portValue": 15001}));
+    assert_eq!(outbound["useOriginalDst"], true);
+    assert_eq!(outbound["filterChains"][0]["filters"][0]["typedConfig"]["cluster"], "PassthroughCluster");
+    let http = listener(&set, "0.0.0.0_9080");
+    assert_eq!(http["bindToPort"], false);
+    assert_eq!(http["filterChains"][0]["filters"][0]["typedConfig"]["rds"]["routeConfigName"], "9080");
+    // The TCP service: its ClusterIP, shifted 50/50 across clusters by tcp_proxy weighted clusters.
+    let tcp = &listener(&set, "10.96.0.30_9000")["filterChains"][0]["filters"][0]["typedConfig"];
+    assert_eq!(
+        tcp["weightedClusters"]["clusters"],
+        json!([{"name": "outbound|9000||tcp-echo.default.svc.cluster.local", "weight": 50}, {"name": "outbound|9000||tcp-echo.default.svc.remote-cluster.global", "weight": 50}])
+    );
+    // The seed split is unchanged; unmatched Hosts pass through.
+    let vh = route(&set, "9080", "reviews.default.svc.cluster.local:9080");
+    assert_eq!(vh["domains"], json!(["reviews.default.svc.cluster.local", "reviews", "reviews.default", "reviews.default.svc", "10.96.0.20"]));
+    assert_eq!(vh["routes"][0]["route"]["weightedClusters"]["clusters"].as_array().unwrap().len(), 3);
+    let last = set["RDS"].as_array().unwrap().iter().find(|r| r["name"] == "9080").unwrap()["virtualHosts"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!((last["name"].as_str(), last["routes"][0]["route"]["cluster"].as_str()), (Some("allow_any"), Some("PassthroughCluster")));
+    // gRPC keeps HTTP/2 upstream; HTTP/1.1 does not.
+    let cds = set["CDS"].as_array().unwrap();
+    let cluster = |n: &str| cds.iter().find(|c| c["name"] == n).unwrap_or_else(|| panic!("no cluster {n}")).clone();
+    let h2 = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+    assert!(cluster("outbound|7070||greeter.default.svc.cluster.local")["typedExtensionProtocolOptions"][h2]["explicitHttpConfig"]["http2ProtocolOptions"].is_object());
+    assert!(cluster("outbound|8080||greeter.default.svc.cluster.local").get("typedExtensionProtocolOptions").is_none());
+    assert_eq!(cluster("PassthroughCluster")["type"], "ORIGINAL_DST");
+    assert_eq!(cluster("BlackHoleCluster")["type"], "STATIC");
+    // Inbound: productpage serves 9080, mTLS required, to the application from 127.0.0.6.
+    let inbound = listener(&set, "virtualInbound");
+    assert_eq!(inbound["address"]["socketAddress"]["portValue"], 15006);
+    assert_eq!(inbound["listenerFilters"][0]["name"], "envoy.filters.listener.original_dst");
+    let chain = &inbound["filterChains"][0];
+    assert_eq!(chain["filterChainMatch"]["destinationPort"], 9080);
+    assert_eq!(chain["transportSocket"]["typedConfig"]["requireClientCertificate"], true);
+    let app = cluster("inbound|9080||");
+    assert_eq!(app["type"], "ORIGINAL_DST");
+    assert_eq!(app["upstreamBindConfig"]["sourceAddress"]["address"], "127.0.0.6");
+}
+
+#[test]
+fn a_registry_only_sidecar_refuses_what_it_does_not_import() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("mesh")).unwrap();
+    let sidecar = "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: default}\nspec:\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n";
+    std::fs::write(dir.path().join("mesh/sidecar.yaml"), sidecar).unwrap();
+    let load = |d: &std::path::Path| load_config_dir(d, &mut SourceMemory::default()).unwrap();
+    let mut inputs = load(&root().join("examples/bookinfo-captured"));
+    inputs.sidecars = load(dir.path()).sidecars;
+    let s = MeshSnapshot::build(inputs, &mut Default::default());
+    let set = to_json(&translate(&s, &captured("productpage", "v1", "bookinfo-productpage", "10.10.0.10")));
+    assert_eq!(listener(&set, "virtualOutbound")["filterChains"][0]["filters"][0]["typedConfig"]["cluster"], "BlackHoleCluster");
+    let rc = set["RDS"].as_array().unwrap().iter().find(|r| r["name"] == "9080").unwrap();
+    let last = rc["virtualHosts"].as_array().unwrap().last().unwrap();
+    assert_eq!((last["name"].as_str(), last["routes"][0]["directResponse"]["status"].as_u64()), (Some("block_all"), Some(502)));
+}
+
+#[test]
+fn envoy_accepts_the_captured_layout() {
+    let Some(envoy) = support::envoy_or_skip("envoy_accepts_the_captured_layout") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // Without the CA: SDS over ADS needs a live control plane (the real-Envoy e2e covers mTLS).
+    let mut s = snapshot("examples/bookinfo-captured");
+    s.trust.clear();
+    for (i, scope) in [captured("productpage", "v1", "bookinfo-productpage", "10.10.0.10"), captured("greeter", "v1", "greeter", "10.10.0.41")].iter().enumerate() {
+        let bootstrap = static_bootstrap(&to_json(&translate(&s, scope)));
+        let path = dir.path().join(format!("captured-{i}.json"));
+        std::fs::write(&path, serde_json::to_string_pretty(&bootstrap).unwrap()).unwrap();
+        let out = Command::new(&envoy).args(["--mode", "validate", "-c"]).arg(&path).args(["-l", "error"]).output().unwrap();
+        assert!(out.status.success(), "envoy rejected {}:\n{}{}", path.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
 }
