@@ -11,6 +11,8 @@
 //! across is the gateway's address. The control plane stays in the root
 //! namespace and is reached over a Unix socket.
 
+pub mod pods;
+
 use std::process::Command;
 
 #[derive(Debug, thiserror::Error)]

@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod demo;
+pub mod demo_captured;
 pub mod demo_multinet;
 pub mod echo;
 pub mod http;
