@@ -11,13 +11,15 @@
 #   SERVE_ARGS="--debounce-max 500ms" benches/fleet.sh 1000     (extra flags for serve)
 #   SCOPED_SIZES="1000 10000" benches/fleet.sh   fleet sizes also run with per-namespace
 #                                                Sidecars (default 10000; "" for none)
+#   INTERCEPTION=NONE benches/fleet.sh      the explicit loopback layout instead of Istio's
+#                                                captured one (REDIRECT, the default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=("${@:-1000 5000 10000}")
 read -r -a SIZES <<< "${SIZES[*]}"
 SERVICES="${SERVICES:-1000}" CLUSTERS="${CLUSTERS:-3}" ENDPOINTS="${ENDPOINTS:-10}" POLICIES="${POLICIES:-100}"
 CHURN_RATE="${CHURN_RATE:-100}" CHURN_SECONDS="${CHURN_SECONDS:-30}" MODES="${MODES:-sotw delta}"
-SYNC_TIMEOUT="${SYNC_TIMEOUT:-300s}"
+SYNC_TIMEOUT="${SYNC_TIMEOUT:-300s}" INTERCEPTION="${INTERCEPTION:-REDIRECT}"
 cargo build --release --locked --bin meshpilot >&2
 bin="$PWD/target/release/meshpilot"
 work="$(mktemp -d)"
@@ -26,7 +28,7 @@ if [[ "$(cat /proc/sys/net/core/somaxconn)" -lt 8192 ]]; then
   echo "note: net.core.somaxconn is $(cat /proc/sys/net/core/somaxconn): the xDS accept backlog (8192) is capped to it; sysctl -w net.core.somaxconn=65535 for the 10,000-proxy points" >&2
 fi
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u +%F)"
-echo "mesh: ${SERVICES} services x ${CLUSTERS} clusters x ${ENDPOINTS} endpoints, ${POLICIES} TrafficPolicies"
+echo "mesh: ${SERVICES} services x ${CLUSTERS} clusters x ${ENDPOINTS} endpoints, ${POLICIES} TrafficPolicies; proxies' INTERCEPTION_MODE ${INTERCEPTION}"
 echo
 echo "| mode | proxies | measurement | initial sync | control-plane RSS MiB | CPU s | p50 ms | p90 ms | p99 ms | max ms | MiB sent |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
@@ -45,7 +47,7 @@ run_point() {
   server=$!
   for _ in $(seq 1 240); do curl -sf "127.0.0.1:$((port + 1))/readyz" > /dev/null && break; sleep 0.5; done
   delta=(); [[ "$mode" == delta ]] && delta=(--delta)
-  "$bin" load --xds-addr "127.0.0.1:$port" --proxies "$n" "${delta[@]}" --pid "$server" --sync-timeout "$SYNC_TIMEOUT" \
+  "$bin" load --xds-addr "127.0.0.1:$port" --proxies "$n" "${delta[@]}" --interception "$INTERCEPTION" --pid "$server" --sync-timeout "$SYNC_TIMEOUT" \
     --config-dir "$work/mesh" --services "$SERVICES" --endpoints "$ENDPOINTS" "${scoped[@]}" \
     --endpoint-change --churn-rate "$CHURN_RATE" --churn-duration "${CHURN_SECONDS}s" --policy-change --markdown 2> "$work/load.err" \
     | grep '^|' | sed "s#^| $mode |#| $label |#" || echo "| $label | $n | failed: $(tail -n 1 "$work/load.err") | | | | | | | | |"

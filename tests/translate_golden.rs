@@ -423,3 +423,73 @@ fn envoy_accepts_the_captured_layout() {
         assert!(out.status.success(), "envoy rejected {}:\n{}{}", path.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// examples/bookinfo-captured plus `extra` files (path under the config dir, contents).
+fn captured_with(extra: &[(&str, &str)]) -> MeshSnapshot {
+    let dir = tempfile::tempdir().unwrap();
+    meshpilot::cli::demo::copy_dir(&root().join("examples/bookinfo-captured"), dir.path()).unwrap();
+    for (path, text) in extra {
+        std::fs::write(dir.path().join(path), text).unwrap();
+    }
+    offline_snapshot(dir.path()).unwrap()
+}
+
+#[test]
+fn a_headless_service_is_reached_at_the_pod_address_the_client_dialled() {
+    let db = "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: default}\nspec: {clusterIP: None, selector: {app: db}, ports: [{name: tcp-db, port: 5432}]}\n---\n\
+apiVersion: v1\nkind: Pod\nmetadata: {name: db-0, namespace: default, labels: {app: db, security.istio.io/tlsMode: istio}}\n\
+spec: {containers: [{name: db, ports: [{containerPort: 5432}]}]}\nstatus: {podIP: 10.10.0.51}\n";
+    let s = captured_with(&[("management-plane/db.yaml", db)]);
+    let set = to_json(&translate(&s, &captured("productpage", "v1", "bookinfo-productpage", "10.10.0.10")));
+    let l = listener(&set, "10.10.0.51_5432");
+    assert_eq!(l["filterChains"][0]["filters"][0]["typedConfig"]["cluster"], "outbound|5432||db.default.svc.cluster.local");
+    let cds = set["CDS"].as_array().unwrap();
+    let c = cds.iter().find(|c| c["name"] == "outbound|5432||db.default.svc.cluster.local").unwrap();
+    assert_eq!(c["type"], "ORIGINAL_DST");
+    assert_eq!(c["transportSocket"]["typedConfig"]["sni"], "outbound_.5432_._.db.default.svc.cluster.local", "mTLS outright: no endpoint metadata to match");
+    assert!(set["EDS"].as_array().unwrap().iter().all(|e| e["clusterName"] != c["name"]), "no EDS for an original-destination cluster");
+}
+
+#[test]
+fn colliding_ports_are_left_out_with_a_message_and_the_rest_keeps_working() {
+    let clash = "apiVersion: v1\nkind: Service\nmetadata: {name: clash, namespace: default}\nspec: {clusterIP: 10.96.0.30, ports: [{name: tcp, port: 9000}, {name: http, port: 9100}]}\n---\n\
+apiVersion: v1\nkind: Service\nmetadata: {name: sidecar-port, namespace: default}\nspec: {clusterIP: 10.96.0.60, ports: [{name: http, port: 15001}]}\n";
+    let s = captured_with(&[("management-plane/clash.yaml", clash)]);
+    let errors = s.input_errors.join("\n");
+    assert!(errors.contains("Service default/clash in cluster management-plane: port 9000 on ClusterIP 10.96.0.30 is also claimed by Service default/tcp-echo; left out of sidecars"), "{errors}");
+    assert!(errors.contains("Service default/tcp-echo in cluster management-plane: port 9000 on ClusterIP 10.96.0.30 is also claimed by Service default/clash"), "{errors}");
+    assert!(errors.contains("Service default/sidecar-port in cluster management-plane: port 15001 collides with the sidecar's own ports (15000-15090)"), "{errors}");
+    let set = to_json(&translate(&s, &captured("productpage", "v1", "bookinfo-productpage", "10.10.0.10")));
+    let listeners = names_of(&set, "LDS");
+    assert!(!listeners.contains(&"10.96.0.30_9000") && !listeners.contains(&"0.0.0.0_15001"), "{listeners:?}");
+    assert!(listeners.contains(&"0.0.0.0_9100") && listeners.contains(&"0.0.0.0_9080"), "{listeners:?}");
+    let d = meshpilot::model::describe::describe_service(&s, &meshpilot::model::ServiceKey::new("management-plane", "default", "clash"));
+    assert!(d.port_protocols.iter().any(|p| p.contains("also claimed by Service default/tcp-echo")), "{:?}", d.port_protocols);
+}
+
+#[test]
+fn http_only_actions_on_a_tcp_service_make_the_policy_invalid() {
+    let policy = "apiVersion: networking.zephyr.solo.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: tcp-timeout, namespace: service-mesh-hub}\n\
+spec:\n  destinationSelector: {serviceRefs: {services: [{cluster: management-plane, name: tcp-echo, namespace: default}]}}\n  requestTimeout: 1s\n";
+    let s = captured_with(&[("mesh/tcp-timeout.yaml", policy)]);
+    let (_, status) = s.policy_status.iter().find(|(id, _)| id.name == "tcp-timeout").unwrap();
+    assert_eq!(status.state, meshpilot::model::PolicyState::Invalid);
+    assert!(status.messages.iter().any(|m| m.starts_with("spec.requestTimeout: HTTP-only, but tcp-echo.default.management-plane serves no HTTP port (9000 (TCP))")), "{:?}", status.messages);
+}
+
+#[test]
+fn an_unknown_port_name_is_tcp_and_describe_says_why() {
+    let web = "apiVersion: v1\nkind: Service\nmetadata: {name: legacy, namespace: default}\nspec: {clusterIP: 10.96.0.70, ports: [{name: web, port: 8000}, {port: 8001}]}\n";
+    let s = captured_with(&[("management-plane/legacy.yaml", web)]);
+    let set = to_json(&translate(&s, &captured("productpage", "v1", "bookinfo-productpage", "10.10.0.10")));
+    let tcp = listener(&set, "10.96.0.70_8000");
+    assert_eq!(tcp["filterChains"][0]["filters"][0]["name"], "envoy.filters.network.tcp_proxy", "never a broken HTTP listener");
+    // The unnamed port is detected: HTTP inspector, HTTP routes for HTTP, tcp_proxy otherwise.
+    let detected = listener(&set, "10.96.0.70_8001");
+    assert_eq!(detected["listenerFilters"][0]["name"], "envoy.filters.listener.http_inspector");
+    assert_eq!(detected["filterChains"][0]["filterChainMatch"]["applicationProtocols"], json!(["http/1.0", "http/1.1", "h2c"]));
+    assert_eq!(detected["filterChains"][1]["filters"][0]["name"], "envoy.filters.network.tcp_proxy");
+    let d = meshpilot::model::describe::describe_service(&s, &meshpilot::model::ServiceKey::new("management-plane", "default", "legacy"));
+    assert!(d.port_protocols[0].contains("8000: TCP (port name \"web\" has no protocol prefix Istio knows"), "{:?}", d.port_protocols);
+    assert!(d.port_protocols[1].contains("8001: detected"), "{:?}", d.port_protocols);
+}

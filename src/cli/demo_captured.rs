@@ -306,3 +306,55 @@ impl CapturedMesh {
         self.children.check_alive()
     }
 }
+
+/// `meshpilot demo --multi-network` as root: the captured pods of
+/// examples/bookinfo-captured, productpage calling `http://reviews:9080/`.
+pub async fn run(args: super::demo::DemoArgs) -> anyhow::Result<()> {
+    let me = std::env::current_exe().context("finding the meshpilot binary")?;
+    let example = if args.example == Path::new("examples/bookinfo") { PathBuf::from("examples/bookinfo-captured") } else { args.example.clone() };
+    let work = super::demo::tempfile_dir()?.join("captured");
+    let snapshot = offline_snapshot(&example)?;
+    let (report, _) = super::mesh::validation_report(&snapshot);
+    println!(
+        "== two networks as Linux network namespaces, one per pod: Istio's iptables rules capture every pod's traffic \
+         (REDIRECT to 15001 out, 15006 in), Envoy runs as uid {PROXY_UID}, applications listen on 0.0.0.0 and call services by name; \
+         only the east-west gateway crosses the networks"
+    );
+    println!("== {} (copied to {})\n{report}", example.display(), work.join("config").display());
+    let mut mesh = CapturedMesh::start(&me, &example, &args.envoy, &work, &args.xds_addr, &args.admin_addr, &["--debounce-after", "20ms"]).await?;
+    println!("\n$ meshpilot proxy-status\n{}", super::status::render_status_table(&mesh.syncz().await));
+    let client = mesh.pod(&args.client_app)?.clone();
+    let port = snapshot
+        .service(&crate::model::ServiceKey::new(&client.cluster, &client.namespace, &args.target))
+        .and_then(|s| s.ports.first())
+        .map_or(9080, |p| p.port);
+    let to = format!("{}:{port}", args.target);
+    println!(
+        "\n{}'s calls: GET http://{to}/ from its pod (no proxy address in the application); every hop mTLS, remote calls through the east-west gateway.\nEdit {} while this runs to move the split.\n",
+        args.client_app,
+        mesh.config.join("mesh").display()
+    );
+    // Envoy may still be warming clusters right after its ACK: wait until the target answers at all.
+    let started = std::time::Instant::now();
+    while mesh.sample(&client, &to, "http", 20).map(|s| s.answers.keys().any(|k| k.starts_with("error"))).unwrap_or(true) {
+        mesh.check_alive()?;
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "{to} did not answer {} within 30 s; logs in {}", client.name, work.join("logs").display());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let gateway_admin = mesh.gateway_admin.clone();
+    let sample = |n: usize| -> anyhow::Result<(BTreeMap<String, usize>, BTreeMap<String, Vec<String>>)> {
+        let s = mesh.sample(&client, &to, "http", n)?;
+        Ok((s.answers, s.peers.into_iter().map(|(k, v)| (k, v.into_iter().collect())).collect()))
+    };
+    let totals = super::demo_multinet::report_traffic(&args, sample, gateway_admin.as_deref(), || Ok(())).await?;
+    mesh.check_alive()?;
+    println!("\ntotal {} requests: {}", totals.values().sum::<usize>(), super::demo::share_line(&totals));
+    let logs = work.join("logs");
+    drop(mesh);
+    if args.keep {
+        println!("logs: {}", logs.display());
+    } else {
+        let _ = std::fs::remove_dir_all(work.parent().unwrap_or(&work));
+    }
+    Ok(())
+}

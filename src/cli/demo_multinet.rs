@@ -50,7 +50,58 @@ fn side_addresses(ip: &str) -> (String, String) {
     (format!("127.1.{z}.{w}"), format!("127.2.{z}.{w}"))
 }
 
+/// Samples the client's calls every two seconds for `args.duration` (or
+/// until Ctrl-C) and prints each window's shares, the callers the backends
+/// saw and the gateway's connections so far; returns the totals.
+pub(crate) async fn report_traffic(
+    args: &DemoArgs,
+    mut sample: impl FnMut(usize) -> anyhow::Result<(BTreeMap<String, usize>, BTreeMap<String, Vec<String>>)>,
+    gateway_admin: Option<&Path>,
+    mut check_alive: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<BTreeMap<String, usize>> {
+    let mut totals: BTreeMap<String, usize> = BTreeMap::new();
+    let started = Instant::now();
+    let per_window = (args.rate * 2).max(1);
+    loop {
+        let tick = Instant::now();
+        let (counts, peers) = sample(per_window)?;
+        for (k, v) in &counts {
+            *totals.entry(k.clone()).or_default() += v;
+        }
+        let gateway_cx = match gateway_admin {
+            Some(path) => http::get_unix(path, "/stats?filter=upstream_cx_total").await.unwrap_or_default()
+                .lines()
+                .filter(|l| l.starts_with("cluster.outbound_."))
+                .filter_map(|l| l.rsplit(": ").next()?.trim().parse::<u64>().ok())
+                .sum::<u64>(),
+            None => 0,
+        };
+        let callers: Vec<String> = peers.values().flatten().filter(|p| !p.is_empty()).cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        println!(
+            "[{:>4.0}s] {:>4} requests  {}   (backends saw caller {}; gateway connections so far {gateway_cx})",
+            started.elapsed().as_secs_f64(),
+            per_window,
+            share_line(&counts),
+            if callers.is_empty() { "-".to_string() } else { callers.join(", ") }
+        );
+        check_alive()?;
+        if !args.duration.is_zero() && started.elapsed() >= args.duration {
+            break;
+        }
+        if let Some(rest) = Duration::from_secs(2).checked_sub(tick.elapsed()) {
+            tokio::select! {
+                _ = tokio::time::sleep(rest) => {}
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+    }
+    Ok(totals)
+}
+
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if crate::netns::pods::available() {
+        return super::demo_captured::run(args).await;
+    }
     let me = std::env::current_exe().context("finding the meshpilot binary")?;
     let example = if args.example == Path::new("examples/bookinfo") { PathBuf::from("examples/bookinfo-multinet") } else { args.example.clone() };
     let work = tempfile_dir()?;
@@ -213,42 +264,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         Ok((serde_json::from_value(v["answers"].clone())?, serde_json::from_value(v["peers"].clone())?))
     };
-    let mut totals: BTreeMap<String, usize> = BTreeMap::new();
-    let started = Instant::now();
-    let per_window = (args.rate * 2).max(1);
-    loop {
-        let tick = Instant::now();
-        let (counts, peers) = sample(per_window)?;
-        for (k, v) in &counts {
-            *totals.entry(k.clone()).or_default() += v;
-        }
-        let gateway_cx = match &gateway_admin {
-            Some(path) => http::get_unix(path, "/stats?filter=upstream_cx_total").await.unwrap_or_default()
-                .lines()
-                .filter(|l| l.starts_with("cluster.outbound_."))
-                .filter_map(|l| l.rsplit(": ").next()?.trim().parse::<u64>().ok())
-                .sum::<u64>(),
-            None => 0,
-        };
-        let callers: Vec<String> = peers.values().flatten().filter(|p| !p.is_empty()).cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        println!(
-            "[{:>4.0}s] {:>4} requests  {}   (backends saw caller {}; gateway connections so far {gateway_cx})",
-            started.elapsed().as_secs_f64(),
-            per_window,
-            share_line(&counts),
-            if callers.is_empty() { "-".to_string() } else { callers.join(", ") }
-        );
-        children.check_alive()?;
-        if !args.duration.is_zero() && started.elapsed() >= args.duration {
-            break;
-        }
-        if let Some(rest) = Duration::from_secs(2).checked_sub(tick.elapsed()) {
-            tokio::select! {
-                _ = tokio::time::sleep(rest) => {}
-                _ = tokio::signal::ctrl_c() => break,
-            }
-        }
-    }
+    let totals = report_traffic(&args, sample, gateway_admin.as_deref(), || children.check_alive()).await?;
     println!("\ntotal {} requests: {}", totals.values().sum::<usize>(), share_line(&totals));
     drop(children);
     drop(topology);

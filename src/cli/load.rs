@@ -52,6 +52,9 @@ pub struct LoadArgs {
     /// ...and applications (label app=svc-<i>).
     #[arg(long, default_value_t = 1000)]
     pub apps: usize,
+    /// The proxies' INTERCEPTION_MODE: REDIRECT (Istio's captured layout) or NONE (explicit loopback listeners).
+    #[arg(long, default_value = "REDIRECT", value_parser = ["REDIRECT", "TPROXY", "NONE"])]
+    pub interception: String,
     /// Fraction of proxies that NACK their first listener response.
     #[arg(long, default_value_t = 0.0)]
     pub nack_fraction: f64,
@@ -148,6 +151,7 @@ fn node_for(i: usize, args: &LoadArgs) -> Node {
         "NAMESPACE".into(),
         string_value(&format!("ns-{}", i % args.namespaces.max(1))),
     );
+    meta.fields.insert("INTERCEPTION_MODE".into(), string_value(&args.interception));
     meta.fields.insert(
         "LABELS".into(),
         Value {
