@@ -121,6 +121,63 @@ where
     }
 }
 
+/// Starts `meshpilot serve` on `config` with xDS also on the Unix socket
+/// `xds_socket` (reachable from other network namespaces) and waits for its `/readyz`.
+pub(crate) async fn start_serving(
+    children: &mut Children,
+    me: &Path,
+    config: &Path,
+    xds_socket: &Path,
+    (xds_addr, admin_addr): (&str, &str),
+    extra: &[&str],
+    logs: &Path,
+) -> anyhow::Result<()> {
+    children.spawn(
+        "meshpilot",
+        Command::new(me)
+            .args(["serve", "--config-dir"])
+            .arg(config)
+            .arg("--xds-socket")
+            .arg(xds_socket)
+            .args(["--xds-addr", xds_addr, "--admin-addr", admin_addr])
+            .args(extra)
+            .env("MESHPILOT_LOG", "info,meshpilot=debug"),
+        logs,
+    )?;
+    wait_until("meshpilot to be ready", Duration::from_secs(30), children, || async {
+        matches!(http::get(admin_addr, "/readyz").await, Ok((200, _)))
+    })
+    .await
+}
+
+/// Writes a proxy's bootstrap (`meshpilot bootstrap --node-id <node>
+/// <bootstrap_args> --admin-socket <admin> -o <bootstrap>`) and starts
+/// `envoy` (an Envoy command, placed where the proxy runs) on it.
+pub(crate) fn start_proxy(
+    children: &mut Children,
+    me: &Path,
+    mut envoy: Command,
+    node: &str,
+    bootstrap_args: &[String],
+    (bootstrap, admin): (&Path, &Path),
+    logs: &Path,
+) -> anyhow::Result<()> {
+    let status = Command::new(me)
+        .args(["bootstrap", "--node-id", node])
+        .args(bootstrap_args)
+        .arg("--admin-socket")
+        .arg(admin)
+        .arg("-o")
+        .arg(bootstrap)
+        .status()?;
+    anyhow::ensure!(status.success(), "meshpilot bootstrap failed for {node}");
+    children.spawn(
+        &format!("envoy-{node}"),
+        envoy.arg("-c").arg(bootstrap).args(["--disable-hot-restart", "--concurrency", "1", "-l", "warning"]),
+        logs,
+    )
+}
+
 pub(crate) fn share_line(counts: &BTreeMap<String, usize>) -> String {
     let total: usize = counts.values().sum();
     counts

@@ -11,12 +11,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
 
-use super::demo::{Children, copy_dir, wait_until};
+use super::demo::{Children, copy_dir, start_proxy, start_serving, wait_until};
 use super::http;
 use super::mesh::offline_snapshot;
 use crate::admin::SyncStatus;
@@ -153,22 +152,7 @@ impl CapturedMesh {
 
         let mut children = Children(Vec::new());
         let xds_socket = work.join("xds.sock");
-        children.spawn(
-            "meshpilot",
-            Command::new(&me)
-                .args(["serve", "--config-dir"])
-                .arg(&config)
-                .arg("--xds-socket")
-                .arg(&xds_socket)
-                .args(["--xds-addr", xds_addr, "--admin-addr", admin_addr])
-                .args(serve_args)
-                .env("MESHPILOT_LOG", "info,meshpilot=debug"),
-            &logs,
-        )?;
-        wait_until("meshpilot to be ready", Duration::from_secs(30), &mut children, || async {
-            matches!(http::get(admin_addr, "/readyz").await, Ok((200, _)))
-        })
-        .await?;
+        start_serving(&mut children, &me, &config, &xds_socket, (xds_addr, admin_addr), serve_args, &logs).await?;
         // Envoy runs as the proxy user: the socket, the binary and its own folder must be theirs to use.
         chmod(&xds_socket, 0o666)?;
         let proxy_envoy = pods::envoy_for_proxy_user(envoy, work)?;
@@ -182,26 +166,13 @@ impl CapturedMesh {
             p.admin = dir.join("admin.sock");
             let bootstrap = dir.join("envoy-rev.json");
             let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            let status = Command::new(&me)
-                .args(["bootstrap", "--node-id", &p.node, "--cluster", &p.cluster, "--namespace", &p.namespace, "--interception", "redirect"])
-                .args(["--labels", &labels.join(","), "--service-account", &p.service_account, "--instance-ip", &p.address, "--xds-addr", &xds])
-                .arg("--admin-socket")
-                .arg(&p.admin)
-                .arg("-o")
-                .arg(&bootstrap)
-                .status()?;
-            anyhow::ensure!(status.success(), "meshpilot bootstrap failed for {}", p.node);
-            children.spawn(
-                &format!("envoy-{}", p.name),
-                PodNetwork::command(&p.netns, Some(PROXY_UID), &proxy_envoy).arg("-c").arg(&bootstrap).args([
-                    "--disable-hot-restart",
-                    "--concurrency",
-                    "1",
-                    "-l",
-                    "warning",
-                ]),
-                &logs,
-            )?;
+            let bootstrap_args = [
+                "--cluster", &p.cluster, "--namespace", &p.namespace, "--interception", "redirect", "--labels", &labels.join(","),
+                "--service-account", &p.service_account, "--instance-ip", &p.address, "--xds-addr", &xds,
+            ]
+            .map(String::from);
+            let envoy = PodNetwork::command(&p.netns, Some(PROXY_UID), &proxy_envoy);
+            start_proxy(&mut children, &me, envoy, &p.node, &bootstrap_args, (&bootstrap, &p.admin), &logs)?;
             proxies.push(p.node.clone());
             for (port, tcp) in &p.ports {
                 let mut cmd = PodNetwork::command(&p.netns, None, &me);
@@ -222,20 +193,12 @@ impl CapturedMesh {
             let node = format!("{}.{}", gw.service.name, gw.service.namespace);
             let admin = work.join(format!("{node}.admin"));
             let bootstrap = work.join(format!("{node}.json"));
-            let status = Command::new(&me)
-                .args(["bootstrap", "--node-id", &node, "--cluster", &gw.service.cluster, "--namespace", &gw.service.namespace, "--role", "gateway"])
-                .args(["--instance-ip", &gw.address, "--labels", &format!("app={}", gw.service.name), "--xds-addr", &xds])
-                .arg("--admin-socket")
-                .arg(&admin)
-                .arg("-o")
-                .arg(&bootstrap)
-                .status()?;
-            anyhow::ensure!(status.success(), "meshpilot bootstrap failed for {node}");
-            children.spawn(
-                &format!("envoy-{node}"),
-                PodNetwork::command(&ns, None, envoy).arg("-c").arg(&bootstrap).args(["--disable-hot-restart", "--concurrency", "1", "-l", "warning"]),
-                &logs,
-            )?;
+            let (svc, app) = (&gw.service, format!("app={}", gw.service.name));
+            let bootstrap_args = [
+                "--cluster", &svc.cluster, "--namespace", &svc.namespace, "--role", "gateway", "--instance-ip", &gw.address, "--labels", &app, "--xds-addr", &xds,
+            ]
+            .map(String::from);
+            start_proxy(&mut children, &me, PodNetwork::command(&ns, None, envoy), &node, &bootstrap_args, (&bootstrap, &admin), &logs)?;
             proxies.push(node);
             gateway_admin.get_or_insert(admin);
         }

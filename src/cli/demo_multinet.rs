@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::demo::{Children, DemoArgs, copy_dir, share_line, tempfile_dir, wait_until};
+use super::demo::{Children, DemoArgs, copy_dir, share_line, start_proxy, start_serving, tempfile_dir, wait_until};
 use super::http;
 use super::mesh::{offline_snapshot, validation_report};
 use crate::admin::SyncStatus;
@@ -139,20 +139,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let mut children = Children(Vec::new());
     let xds_socket = work.join("xds.sock");
-    children.spawn(
-        "meshpilot",
-        Command::new(&me)
-            .args(["serve", "--config-dir"])
-            .arg(&config)
-            .arg("--xds-socket")
-            .arg(&xds_socket)
-            .args(["--xds-addr", &args.xds_addr, "--admin-addr", &args.admin_addr, "--debounce-after", "20ms"]),
-        &logs,
-    )?;
-    wait_until("meshpilot to be ready", Duration::from_secs(20), &mut children, || async {
-        matches!(http::get(&args.admin_addr, "/readyz").await, Ok((200, _)))
-    })
-    .await?;
+    let addrs = (args.xds_addr.as_str(), args.admin_addr.as_str());
+    start_serving(&mut children, &me, &config, &xds_socket, addrs, &["--debounce-after", "20ms"], &logs).await?;
 
     // One sidecar per pod (the client's sends the traffic), one echo per backend, one gateway per network.
     let mut proxies = Vec::new();
@@ -161,22 +149,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let start_envoy = |children: &mut Children, place: &Place, node: &str, cluster: &str, ns: &str, extra: Vec<String>| -> anyhow::Result<PathBuf> {
         let admin = work.join(format!("{node}.admin"));
         let bootstrap = work.join(format!("{node}.json"));
-        let status = Command::new(&me)
-            .args(["bootstrap", "--node-id", node, "--cluster", cluster, "--namespace", ns])
-            .arg("--xds-addr")
-            .arg(format!("unix:{}", xds_socket.display()))
-            .arg("--admin-socket")
-            .arg(&admin)
-            .args(&extra)
-            .arg("-o")
-            .arg(&bootstrap)
-            .status()?;
-        anyhow::ensure!(status.success(), "meshpilot bootstrap failed for {node}");
-        children.spawn(
-            &format!("envoy-{node}"),
-            place.command(&args.envoy).arg("-c").arg(&bootstrap).args(["--disable-hot-restart", "--concurrency", "1", "-l", "warning"]),
-            &logs,
-        )?;
+        let mut bootstrap_args: Vec<String> = ["--cluster", cluster, "--namespace", ns].map(String::from).into();
+        bootstrap_args.extend(["--xds-addr".to_string(), format!("unix:{}", xds_socket.display())]);
+        bootstrap_args.extend(extra);
+        start_proxy(children, &me, place.command(&args.envoy), node, &bootstrap_args, (&bootstrap, &admin), &logs)?;
         Ok(admin)
     };
     for (cluster, state) in &snapshot.clusters {
