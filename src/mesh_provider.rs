@@ -71,11 +71,30 @@ pub fn classify_change(old: &MeshSnapshot, new: &MeshSnapshot) -> SnapshotChange
         let keys: BTreeSet<&(String, String)> = o.endpoints.keys().chain(n.endpoints.keys()).collect();
         for k in keys {
             if o.endpoints.get(k) != n.endpoints.get(k) {
+                // A headless service's pods are listeners of their own (`<pod IP>_<port>`), not only EDS.
+                if n.services.get(k).is_some_and(|s| s.headless) {
+                    return SnapshotChange::Full;
+                }
                 changed.insert(ServiceKey::new(name, &k.0, &k.1));
             }
         }
     }
     if changed.is_empty() { SnapshotChange::None } else { SnapshotChange::Endpoints(changed) }
+}
+
+/// The addresses of the endpoints of `changed` services that differ between
+/// `old` and `new` (added, removed, or changed in ports, labels or
+/// readiness): a proxy at one of them serves other ports now, so its inbound
+/// side changes too, not only EDS.
+pub fn changed_workload_addresses(old: &MeshSnapshot, new: &MeshSnapshot, changed: &BTreeSet<ServiceKey>) -> std::collections::HashSet<String> {
+    let mut out = std::collections::HashSet::new();
+    for key in changed {
+        let (before, after) = (old.endpoints(key), new.endpoints(key));
+        for e in before.iter().filter(|e| !after.contains(e)).chain(after.iter().filter(|e| !before.contains(e))) {
+            out.insert(e.address.clone());
+        }
+    }
+    out
 }
 
 /// Endpoint resources already built during one update, shared by every scope
@@ -216,9 +235,19 @@ impl MeshResources {
             SnapshotChange::Endpoints(changed) => {
                 let mut memo = EndpointMemo::new();
                 let mut maps = PatchedMaps::default();
+                let moved = changed_workload_addresses(&old, &snapshot, changed);
                 self.cache
                     .iter()
-                    .map(|e| (e.key().clone(), Arc::new(self.patch_endpoints_once(&snapshot, e.key(), &e.value().1, changed, &mut memo, &mut maps))))
+                    .map(|e| {
+                        let scope = e.key();
+                        // The workload behind this proxy changed: its inbound listeners and clusters did too.
+                        let set = if scope.instance_ips.iter().any(|ip| moved.contains(ip)) {
+                            self.build_set(&snapshot, scope)
+                        } else {
+                            Arc::new(self.patch_endpoints_once(&snapshot, scope, &e.value().1, changed, &mut memo, &mut maps))
+                        };
+                        (scope.clone(), set)
+                    })
                     .collect()
             }
             SnapshotChange::Full => retranslated.unwrap_or_default(),
@@ -463,6 +492,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_captured_proxys_own_endpoint_appearing_gives_it_its_inbound_side() {
+        let (notifier, mut changes) = ChangeNotifier::channel();
+        let mesh = MeshResources::new(notifier);
+        // productpage's sidecar connects before its pod is an endpoint (not ready yet).
+        let mut starting = inputs();
+        let local = Arc::make_mut(starting.clusters.get_mut("management-plane").unwrap());
+        let ip = local.endpoints[&("default".to_string(), "productpage".to_string())][0].address.clone();
+        local.endpoints.remove(&("default".to_string(), "productpage".to_string()));
+        mesh.update(starting);
+        let _ = changes.try_recv();
+        let proxy = ProxyNode { interception: crate::xds::node::InterceptionMode::Redirect, instance_ips: vec![ip], ..node("management-plane", "productpage") };
+        assert!(mesh.resources_for(&proxy).get(ResourceType::Cluster, "inbound|9080||").is_none());
+        mesh.update(inputs());
+        assert!(changes.try_recv().is_ok());
+        let after = mesh.resources_for(&proxy);
+        assert!(after.get(ResourceType::Cluster, "inbound|9080||").is_some(), "the pod's port is served once it is an endpoint");
+        assert_eq!(*after, translate::translate(&mesh.snapshot(), &ProxyScope::of(&proxy)));
     }
 
     #[test]

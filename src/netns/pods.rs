@@ -21,7 +21,8 @@ use super::NetnsError;
 
 /// Istio's nat rules for an injected pod in REDIRECT mode, as
 /// `istio-iptables -p 15001 -z 15006 -u 1337 -g 1337 -m REDIRECT -i '*' -b '*' -d 15090,15021,15020`
-/// writes them (iptables-restore format; the injector's defaults): inbound TCP
+/// writes them at the pinned Istio (iptables-restore format, the excluded
+/// inbound ports as one multiport rule; the injector's defaults): inbound TCP
 /// to 15006 except the sidecar's own ports, outbound TCP to 15001 except the
 /// proxy's own (uid/gid 1337) and 127.0.0.1, and the inbound clusters'
 /// 127.0.0.6 source let through.
@@ -35,9 +36,7 @@ pub const ISTIO_REDIRECT_RULES: &str = "\
 -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
 -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
 -A PREROUTING -p tcp -j ISTIO_INBOUND
--A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN
--A ISTIO_INBOUND -p tcp --dport 15021 -j RETURN
--A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN
+-A ISTIO_INBOUND -p tcp -m multiport --dports 15090,15021,15020 -j RETURN
 -A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
 -A OUTPUT -j ISTIO_OUTPUT
 -A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN
