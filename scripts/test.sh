@@ -8,5 +8,7 @@ ENVOY_BIN="$(scripts/setup.sh | tail -n 1)"
 KUBEENV_BIN="$(e2e/build.sh | tail -n 1)"
 export ENVOY_BIN KUBEENV_BIN MESHPILOT_REQUIRE_ENVOY=1 MESHPILOT_REQUIRE_E2E=1
 command -v kubectl >/dev/null || { echo "scripts/test.sh: kubectl is required for the Kubernetes e2e" >&2; exit 1; }
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
 cargo build --all-targets --locked
 cargo test --locked --all-targets

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::api::{MultiDestination, ResourceRef, ServiceRefs, ServiceSelector, SidecarSpec, TrafficPolicySpec, VirtualMeshSpec, WeightedDestination};
+use crate::model::api::{
+    MultiDestination, ResourceRef, ServiceRefs, ServiceSelector, SidecarSpec, TrafficPolicySpec, VirtualMeshSpec, WeightedDestination,
+};
 use crate::model::{ClusterState, Endpoint, Locality, MeshInputs, PolicyObject, Service, ServiceKey, ServicePort};
 
 #[derive(Debug, Clone, Copy)]
@@ -90,7 +92,8 @@ pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
     for p in 0..spec.policies.min(spec.services) {
         let ns = format!("ns-{}", p % 10);
         let r = |c: usize| ResourceRef { name: service_name(p), namespace: ns.clone(), cluster: cluster_name(c) };
-        let mut dests = vec![WeightedDestination { destination: r(0), weight: 50, subset: [("version".to_string(), "v1".to_string())].into(), port: None }];
+        let mut dests =
+            vec![WeightedDestination { destination: r(0), weight: 50, subset: [("version".to_string(), "v1".to_string())].into(), port: None }];
         if spec.clusters > 1 {
             dests.push(WeightedDestination { destination: r(1), weight: 50, subset: BTreeMap::new(), port: None });
         }
@@ -147,7 +150,9 @@ pub fn write_config_dir(dir: &std::path::Path, spec: ScaleSpec) -> std::io::Resu
             std::fs::write(cdir.join(format!("{}.yaml", service_name(s))), service_yaml(c, s, spec.endpoints, 0))?;
         }
     }
-    let mut vm = String::from("apiVersion: networking.zephyr.solo.io/v1alpha1\nkind: VirtualMesh\nmetadata: {name: all, namespace: service-mesh-hub}\nspec:\n  meshes:\n");
+    let mut vm = String::from(
+        "apiVersion: networking.zephyr.solo.io/v1alpha1\nkind: VirtualMesh\nmetadata: {name: all, namespace: service-mesh-hub}\nspec:\n  meshes:\n",
+    );
     for c in 0..spec.clusters {
         let _ = writeln!(vm, "  - name: {}", cluster_name(c));
     }
@@ -169,7 +174,10 @@ pub fn write_config_dir(dir: &std::path::Path, spec: ScaleSpec) -> std::io::Resu
     if spec.sidecars {
         let mut sidecars = String::new();
         for ns in 0..NAMESPACES {
-            let _ = write!(sidecars, "---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: ns-{ns}}}\nspec:\n  egress:\n  - hosts: [\"./*\"]\n");
+            let _ = write!(
+                sidecars,
+                "---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: ns-{ns}}}\nspec:\n  egress:\n  - hosts: [\"./*\"]\n"
+            );
         }
         std::fs::write(dir.join("mesh/sidecars.yaml"), sidecars)?;
     }

@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
+use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::listener::v3::{Listener, filter::ConfigType};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -14,7 +15,6 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use envoy_types::pb::google::rpc::Status;
-use bytes::Bytes;
 use prost::Message;
 
 pub mod scan;
@@ -25,12 +25,7 @@ use crate::xds::resources::ResourceType;
 // shares the machine; per-proxy copies of 3,100 names were gigabytes at 10,000).
 use crate::xds::view::{NameSet, intern_names};
 
-const TYPES: [ResourceType; 4] = [
-    ResourceType::Cluster,
-    ResourceType::Endpoint,
-    ResourceType::Listener,
-    ResourceType::Route,
-];
+const TYPES: [ResourceType; 4] = [ResourceType::Cluster, ResourceType::Endpoint, ResourceType::Listener, ResourceType::Route];
 
 fn index(ty: ResourceType) -> Option<usize> {
     TYPES.iter().position(|t| *t == ty)
@@ -195,12 +190,7 @@ impl SimulatedProxy {
     }
 
     /// Counts a response and decides its ACK or NACK; `None` for a type it does not know.
-    fn receive(
-        &mut self,
-        type_url: &str,
-        len: usize,
-        now: Instant,
-    ) -> Option<(ResourceType, bool)> {
+    fn receive(&mut self, type_url: &str, len: usize, now: Instant) -> Option<(ResourceType, bool)> {
         self.responses += 1;
         self.bytes += len as u64;
         let ty = ResourceType::from_type_url(type_url)?;
@@ -218,19 +208,11 @@ impl SimulatedProxy {
     /// The first request on the stream.
     pub fn sotw_start(&mut self) -> DiscoveryRequest {
         self.requested[0] = true;
-        DiscoveryRequest {
-            node: Some(self.node.clone()),
-            type_url: ResourceType::Cluster.type_url().into(),
-            ..Default::default()
-        }
+        DiscoveryRequest { node: Some(self.node.clone()), type_url: ResourceType::Cluster.type_url().into(), ..Default::default() }
     }
 
     /// The requests a response causes: its ACK (or NACK), then new subscriptions.
-    pub fn sotw_on_response(
-        &mut self,
-        r: &ScannedResponse,
-        now: Instant,
-    ) -> Vec<Outgoing<DiscoveryRequest>> {
+    pub fn sotw_on_response(&mut self, r: &ScannedResponse, now: Instant) -> Vec<Outgoing<DiscoveryRequest>> {
         let Some((ty, nack)) = self.receive(&r.type_url, r.encoded_len, now) else {
             return Vec::new();
         };
@@ -241,18 +223,10 @@ impl SimulatedProxy {
             _ => None,
         };
         let ack = DiscoveryRequest {
-            version_info: if nack {
-                String::new()
-            } else {
-                r.version_info.clone()
-            },
+            version_info: if nack { String::new() } else { r.version_info.clone() },
             type_url: r.type_url.clone(),
             response_nonce: r.nonce.clone(),
-            error_detail: nack.then(|| Status {
-                code: 3,
-                message: "simulated rejection".into(),
-                ..Default::default()
-            }),
+            error_detail: nack.then(|| Status { code: 3, message: "simulated rejection".into(), ..Default::default() }),
             ..Default::default()
         };
         let naming = |message: DiscoveryRequest, names: Option<&NameSet>| match names {
@@ -260,9 +234,8 @@ impl SimulatedProxy {
             None => Outgoing::own(message),
         };
         out.push(naming(ack, names));
-        let subscribe = |ty: ResourceType, names: Option<&NameSet>| {
-            naming(DiscoveryRequest { type_url: ty.type_url().into(), ..Default::default() }, names)
-        };
+        let subscribe =
+            |ty: ResourceType, names: Option<&NameSet>| naming(DiscoveryRequest { type_url: ty.type_url().into(), ..Default::default() }, names);
         match ty {
             ResourceType::Cluster => {
                 let eds = eds_cluster_names_of(&r.eds_clusters);
@@ -293,29 +266,17 @@ impl SimulatedProxy {
 
     pub fn delta_start(&mut self) -> DeltaDiscoveryRequest {
         self.requested[0] = true;
-        DeltaDiscoveryRequest {
-            node: Some(self.node.clone()),
-            type_url: ResourceType::Cluster.type_url().into(),
-            ..Default::default()
-        }
+        DeltaDiscoveryRequest { node: Some(self.node.clone()), type_url: ResourceType::Cluster.type_url().into(), ..Default::default() }
     }
 
-    pub fn delta_on_response(
-        &mut self,
-        r: &ScannedResponse,
-        now: Instant,
-    ) -> Vec<Outgoing<DeltaDiscoveryRequest>> {
+    pub fn delta_on_response(&mut self, r: &ScannedResponse, now: Instant) -> Vec<Outgoing<DeltaDiscoveryRequest>> {
         let Some((ty, nack)) = self.receive(&r.type_url, r.encoded_len, now) else {
             return Vec::new();
         };
         let mut out = vec![Outgoing::own(DeltaDiscoveryRequest {
             type_url: r.type_url.clone(),
             response_nonce: r.nonce.clone(),
-            error_detail: nack.then(|| Status {
-                code: 3,
-                message: "simulated rejection".into(),
-                ..Default::default()
-            }),
+            error_detail: nack.then(|| Status { code: 3, message: "simulated rejection".into(), ..Default::default() }),
             ..Default::default()
         })];
         match ty {
@@ -334,12 +295,7 @@ impl SimulatedProxy {
                 } else {
                     eds.iter().filter(|n| !self.eds_names.contains(*n)).cloned().collect()
                 };
-                let gone: Vec<String> = r
-                    .removed_resources
-                    .iter()
-                    .filter(|n| self.eds_names.contains(*n))
-                    .cloned()
-                    .collect();
+                let gone: Vec<String> = r.removed_resources.iter().filter(|n| self.eds_names.contains(*n)).cloned().collect();
                 if self.eds_names.is_empty() && gone.is_empty() {
                     self.eds_names = eds;
                 } else if !new.is_empty() || !gone.is_empty() {
@@ -362,16 +318,10 @@ impl SimulatedProxy {
             }
             ResourceType::Endpoint if !self.requested[2] => {
                 self.requested[2] = true;
-                out.push(Outgoing::own(DeltaDiscoveryRequest {
-                    type_url: ResourceType::Listener.type_url().into(),
-                    ..Default::default()
-                }));
+                out.push(Outgoing::own(DeltaDiscoveryRequest { type_url: ResourceType::Listener.type_url().into(), ..Default::default() }));
             }
             ResourceType::Listener => {
-                let new: Vec<String> = rds_names(r.listeners.iter().map(|p| &p[..]))
-                    .into_iter()
-                    .filter(|n| !self.rds_names.contains(n))
-                    .collect();
+                let new: Vec<String> = rds_names(r.listeners.iter().map(|p| &p[..])).into_iter().filter(|n| !self.rds_names.contains(n)).collect();
                 if !new.is_empty() {
                     let mut names = (*self.rds_names).clone();
                     names.extend(new.iter().cloned());
@@ -409,11 +359,7 @@ mod tests {
     use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
     use std::sync::Arc;
 
-    fn response(
-        ty: ResourceType,
-        set: &crate::xds::resources::ResourceSet,
-        nonce: &str,
-    ) -> ScannedResponse {
+    fn response(ty: ResourceType, set: &crate::xds::resources::ResourceSet, nonce: &str) -> ScannedResponse {
         view(&DiscoveryResponse {
             version_info: format!("v-{nonce}"),
             resources: set.of_type(ty).values().map(|r| r.body()).collect(),
@@ -425,15 +371,8 @@ mod tests {
 
     /// The seed example's productpage sidecar configuration.
     fn productpage_sidecar() -> crate::xds::resources::ResourceSet {
-        let snapshot = crate::cli::mesh::offline_snapshot(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/examples/bookinfo"
-        )))
-        .unwrap();
-        translate(
-            &snapshot,
-            &ProxyScope::sidecar("management-plane", "default", &[("app", "productpage")]),
-        )
+        let snapshot = crate::cli::mesh::offline_snapshot(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/bookinfo"))).unwrap();
+        translate(&snapshot, &ProxyScope::sidecar("management-plane", "default", &[("app", "productpage")]))
     }
 
     /// What the load generator reads from the wire.
@@ -445,33 +384,16 @@ mod tests {
     fn subscribes_like_envoy_and_acks_everything() {
         let set = productpage_sidecar();
         let now = Instant::now();
-        let mut p = SimulatedProxy::new(
-            Node {
-                id: "p".into(),
-                ..Default::default()
-            },
-            false,
-        );
+        let mut p = SimulatedProxy::new(Node { id: "p".into(), ..Default::default() }, false);
         assert_eq!(p.sotw_start().type_url, ResourceType::Cluster.type_url());
         let reqs = p.sotw_on_response(&response(ResourceType::Cluster, &set, "1"), now);
         assert_eq!(reqs.len(), 2, "ACK + EDS subscription");
         assert_eq!(reqs[0].message.response_nonce, "1");
-        assert_eq!(
-            reqs[1].to_message().resource_names.len(),
-            set.of_type(ResourceType::Endpoint).len()
-        );
+        assert_eq!(reqs[1].to_message().resource_names.len(), set.of_type(ResourceType::Endpoint).len());
         let reqs = p.sotw_on_response(&response(ResourceType::Endpoint, &set, "2"), now);
-        assert_eq!(
-            reqs[1].message.type_url,
-            ResourceType::Listener.type_url(),
-            "LDS after the clusters warmed"
-        );
+        assert_eq!(reqs[1].message.type_url, ResourceType::Listener.type_url(), "LDS after the clusters warmed");
         let reqs = p.sotw_on_response(&response(ResourceType::Listener, &set, "3"), now);
-        assert_eq!(
-            reqs[1].to_message().resource_names,
-            ["9080"],
-            "RDS for the listener's route config"
-        );
+        assert_eq!(reqs[1].to_message().resource_names, ["9080"], "RDS for the listener's route config");
         assert!(!p.synced());
         p.sotw_on_response(&response(ResourceType::Route, &set, "4"), now);
         assert!(p.synced() && p.synced_at == Some(now));
@@ -495,9 +417,8 @@ mod tests {
             scan::scan_all(scan::Flavor::Delta, b"10.200.", &scan::grpc_framed(&r)).unwrap().remove(0)
         };
         let now = Instant::now();
-        let mut proxies: Vec<SimulatedProxy> = (0..2)
-            .map(|i| SimulatedProxy::new(Node { id: format!("p{i}"), ..Default::default() }, false))
-            .collect();
+        let mut proxies: Vec<SimulatedProxy> =
+            (0..2).map(|i| SimulatedProxy::new(Node { id: format!("p{i}"), ..Default::default() }, false)).collect();
         let (last, first) = clusters.split_last().unwrap();
         let mut encoded_names = Vec::new();
         for p in &mut proxies {
@@ -510,7 +431,7 @@ mod tests {
         assert!(Arc::ptr_eq(&proxies[0].eds_names, &proxies[1].eds_names), "one shared name set");
         assert_eq!(encoded_names[0].as_ptr(), encoded_names[1].as_ptr(), "its names encoded once");
         let reqs = proxies[0].delta_on_response(&delta_response(&[*last], "2"), now);
-        assert_eq!(reqs[1].to_message().resource_names_subscribe, [last.name.clone()], "only the new cluster");
+        assert_eq!(reqs[1].to_message().resource_names_subscribe, std::slice::from_ref(&last.name), "only the new cluster");
         assert_eq!(proxies[0].eds_names.len(), clusters.len());
         let reqs = proxies[0].delta_on_response(&delta_response(&[*last], "3"), now);
         assert_eq!(reqs.len(), 1, "an update of a known cluster is only ACKed");
@@ -519,13 +440,7 @@ mod tests {
     #[test]
     fn a_nacking_proxy_rejects_its_first_listeners() {
         let now = Instant::now();
-        let mut p = SimulatedProxy::new(
-            Node {
-                id: "p".into(),
-                ..Default::default()
-            },
-            true,
-        );
+        let mut p = SimulatedProxy::new(Node { id: "p".into(), ..Default::default() }, true);
         let r = DiscoveryResponse {
             type_url: ResourceType::Listener.type_url().into(),
             nonce: "1".into(),
@@ -534,13 +449,7 @@ mod tests {
         };
         let reqs = p.sotw_on_response(&view(&r), now);
         assert!(reqs[0].message.error_detail.is_some() && reqs[0].message.version_info.is_empty());
-        let reqs = p.sotw_on_response(
-            &view(&DiscoveryResponse {
-                nonce: "2".into(),
-                ..r
-            }),
-            now,
-        );
+        let reqs = p.sotw_on_response(&view(&DiscoveryResponse { nonce: "2".into(), ..r }), now);
         assert!(reqs[0].message.error_detail.is_none());
         assert_eq!(p.rejects, 1);
     }

@@ -143,7 +143,9 @@ pub fn patch_endpoints_shared(
         let key = (scope.cluster.clone(), network.clone(), t.name.clone());
         let resource = memo
             .entry(key)
-            .or_insert_with(|| Arc::new(crate::xds::resources::Resource::from_message(t.name.clone(), &translate::endpoints::load_assignment(snapshot, t, scope))))
+            .or_insert_with(|| {
+                Arc::new(crate::xds::resources::Resource::from_message(t.name.clone(), &translate::endpoints::load_assignment(snapshot, t, scope)))
+            })
             .clone();
         next.insert_shared(ResourceType::Endpoint, resource);
     }
@@ -299,7 +301,9 @@ fn log_policy_changes(old: &MeshSnapshot, new: &MeshSnapshot) {
             continue;
         }
         match st.state {
-            PolicyState::Accepted => tracing::info!(object = %id, generation = ?st.observed_generation, not_yet_supported = ?st.not_yet_supported, "accepted"),
+            PolicyState::Accepted => {
+                tracing::info!(object = %id, generation = ?st.observed_generation, not_yet_supported = ?st.not_yet_supported, "accepted")
+            }
             _ => tracing::warn!(object = %id, state = %st.state, messages = ?st.messages, "not applied as written"),
         }
     }
@@ -505,7 +509,11 @@ mod tests {
         local.endpoints.remove(&("default".to_string(), "productpage".to_string()));
         mesh.update(starting);
         let _ = changes.try_recv();
-        let proxy = ProxyNode { interception: crate::xds::node::InterceptionMode::Redirect, instance_ips: vec![ip], ..node("management-plane", "productpage") };
+        let proxy = ProxyNode {
+            interception: crate::xds::node::InterceptionMode::Redirect,
+            instance_ips: vec![ip],
+            ..node("management-plane", "productpage")
+        };
         assert!(mesh.resources_for(&proxy).get(ResourceType::Cluster, "inbound|9080||").is_none());
         mesh.update(inputs());
         assert!(changes.try_recv().is_ok());
@@ -545,7 +553,13 @@ mod tests {
         assert!(mesh.resources_for(&n).get(ResourceType::Cluster, ratings).is_some());
         let mut scoped = inputs();
         let selector: &[(&str, &str)] = &[("app", "productpage")];
-        scoped.sidecars.push(crate::model::sidecar::sidecar_object("default", "productpage", "test", Some(selector), &["./reviews.default.svc.cluster.local"]));
+        scoped.sidecars.push(crate::model::sidecar::sidecar_object(
+            "default",
+            "productpage",
+            "test",
+            Some(selector),
+            &["./reviews.default.svc.cluster.local"],
+        ));
         let details = node("management-plane", "details");
         let _ = mesh.resources_for(&details);
         mesh.update(scoped);

@@ -71,11 +71,7 @@ impl Metrics {
         let stream_errors = Family::<ReasonLabel, Counter>::default();
         registry.register("xds_stream_errors", "Streams or requests refused, by reason", stream_errors.clone());
         let convergence = Family::<TypeLabel, Histogram>::new_with_constructor(convergence_histogram as fn() -> Histogram);
-        registry.register(
-            "proxy_convergence_seconds",
-            "Time from a config change to the proxy's ACK of the response it caused",
-            convergence.clone(),
-        );
+        registry.register("proxy_convergence_seconds", "Time from a config change to the proxy's ACK of the response it caused", convergence.clone());
         let config_changes = Counter::default();
         registry.register("config_changes", "Config change events received from sources", config_changes.clone());
         let push_triggers = Counter::default();

@@ -38,16 +38,13 @@ fn name_of(ty: ResourceType, json: &serde_json::Value) -> Result<String, &'stati
         ResourceType::Endpoint => &["clusterName", "cluster_name"],
         _ => &["name"],
     };
-    keys.iter()
-        .find_map(|k| json.get(*k).and_then(|v| v.as_str()).filter(|s| !s.is_empty()))
-        .map(str::to_string)
-        .ok_or(keys[0])
+    keys.iter().find_map(|k| json.get(*k).and_then(|v| v.as_str()).filter(|s| !s.is_empty())).map(str::to_string).ok_or(keys[0])
 }
 
 /// Parses a resource file's text; `path` is only used in messages.
 pub fn parse_resources(text: &str, path: &str) -> Result<ResourceSet, ResourceFileError> {
-    let doc: serde_json::Value = serde_yaml_ng::from_str(text)
-        .map_err(|e| ResourceFileError::Syntax { path: path.into(), message: e.to_string() })?;
+    let doc: serde_json::Value =
+        serde_yaml_ng::from_str(text).map_err(|e| ResourceFileError::Syntax { path: path.into(), message: e.to_string() })?;
     let list = match doc.get("resources") {
         Some(serde_json::Value::Array(list)) => list.as_slice(),
         None | Some(serde_json::Value::Null) if doc.is_null() => &[],
@@ -55,8 +52,7 @@ pub fn parse_resources(text: &str, path: &str) -> Result<ResourceSet, ResourceFi
     };
     let mut set = ResourceSet::new();
     for (index, item) in list.iter().enumerate() {
-        let any = codec::json_to_any(item)
-            .map_err(|source| ResourceFileError::Resource { path: path.into(), index, source })?;
+        let any = codec::json_to_any(item).map_err(|source| ResourceFileError::Resource { path: path.into(), index, source })?;
         let ty = ResourceType::from_type_url(&any.type_url).ok_or_else(|| ResourceFileError::NotServed {
             path: path.into(),
             index,
@@ -72,8 +68,7 @@ pub fn parse_resources(text: &str, path: &str) -> Result<ResourceSet, ResourceFi
 }
 
 pub fn load_resource_file(path: &Path) -> Result<ResourceSet, ResourceFileError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ResourceFileError::Read { path: path.display().to_string(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ResourceFileError::Read { path: path.display().to_string(), source })?;
     parse_resources(&text, &path.display().to_string())
 }
 

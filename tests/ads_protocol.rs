@@ -70,13 +70,7 @@ async fn start_plane_with(config: XdsServerConfig) -> Plane {
     let debounce = DebounceConfig { quiet: Duration::from_millis(10), max: Duration::from_secs(1) };
     tokio::spawn(run_debouncer(debounce, changes, push_tx, metrics.clone()));
     let registry = Arc::new(ConnectionRegistry::new());
-    let server = XdsServer::new(
-        provider.clone(),
-        registry.clone(),
-        metrics.clone(),
-        push_rx,
-        config,
-    );
+    let server = XdsServer::new(provider.clone(), registry.clone(), metrics.clone(), push_rx, config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(meshpilot::xds::serve_grpc(listener, server, Csds::new(registry.clone()), std::future::pending()));
@@ -246,7 +240,9 @@ async fn a_client_that_never_acks_or_disconnects_mid_push_costs_only_itself() {
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("stuck and departed proxies are dropped; still open: {:?}", plane.registry.all().iter().map(|c| c.node.id.clone()).collect::<Vec<_>>()));
+    .unwrap_or_else(|_| {
+        panic!("stuck and departed proxies are dropped; still open: {:?}", plane.registry.all().iter().map(|c| c.node.id.clone()).collect::<Vec<_>>())
+    });
     assert!(plane.metrics.encode().contains("meshpilot_xds_stream_errors_total{reason=\"send_timeout\"} 1"));
     assert_eq!(registry.all().iter().map(|c| c.node.id.as_str()).collect::<Vec<_>>(), ["good"]);
     drop(silent);

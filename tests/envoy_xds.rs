@@ -111,22 +111,17 @@ async fn scenario(test: &str, delta: bool) {
 
     // Envoy's own config dump holds what we sent.
     let dump = envoy.admin_get("/config_dump?include_eds").await;
-    for needle in ["listener_http", "http_routes", "\"backend\"", &backend_a.rsplit_once(':').unwrap().1.to_string()] {
+    for needle in ["listener_http", "http_routes", "\"backend\"", backend_a.rsplit_once(':').unwrap().1] {
         assert!(dump.contains(needle), "Envoy config_dump lacks {needle}");
     }
     // meshpilot's view of the same, via the CLI.
-    let out = std::process::Command::new(support::meshpilot_bin())
-        .args(["config-dump", &node_id, "--admin-addr", &mp.admin_addr()])
-        .output()
-        .unwrap();
+    let out =
+        std::process::Command::new(support::meshpilot_bin()).args(["config-dump", &node_id, "--admin-addr", &mp.admin_addr()]).output().unwrap();
     assert!(out.status.success());
     let ours: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let lds = ours["configs"].as_array().unwrap().iter().find(|c| c["type"] == "LDS").unwrap();
     assert_eq!(lds["resources"][0]["resource"]["name"], "listener_http");
-    let out = std::process::Command::new(support::meshpilot_bin())
-        .args(["proxy-status", "--admin-addr", &mp.admin_addr()])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(support::meshpilot_bin()).args(["proxy-status", "--admin-addr", &mp.admin_addr()]).output().unwrap();
     let table = String::from_utf8(out.stdout).unwrap();
     let row = table.lines().find(|l| l.starts_with(&node_id)).expect("proxy in the table");
     assert_eq!(row.matches("SYNCED").count(), 4, "{table}");
@@ -194,12 +189,8 @@ async fn envoy_delta_ads_end_to_end() {
 async fn envoy_accepts_the_bootstrap_unchanged() {
     let Some(envoy_bin) = envoy_or_skip("envoy_accepts_the_bootstrap_unchanged") else { return };
     let dir = tempfile::tempdir().unwrap();
-    for (i, extra) in [
-        vec![],
-        vec!["--delta", "--role", "gateway", "--network", "net2", "--labels", "app=reviews,version=v3"],
-    ]
-    .into_iter()
-    .enumerate()
+    for (i, extra) in
+        [vec![], vec!["--delta", "--role", "gateway", "--network", "net2", "--labels", "app=reviews,version=v3"]].into_iter().enumerate()
     {
         let path = dir.path().join(format!("b{i}.json"));
         let status = std::process::Command::new(support::meshpilot_bin())
@@ -210,11 +201,7 @@ async fn envoy_accepts_the_bootstrap_unchanged() {
             .status()
             .unwrap();
         assert!(status.success());
-        let out = std::process::Command::new(&envoy_bin)
-            .args(["--mode", "validate", "--disable-hot-restart", "-c"])
-            .arg(&path)
-            .output()
-            .unwrap();
+        let out = std::process::Command::new(&envoy_bin).args(["--mode", "validate", "--disable-hot-restart", "-c"]).arg(&path).output().unwrap();
         assert!(out.status.success(), "envoy --mode validate: {}", String::from_utf8_lossy(&out.stderr));
     }
 }

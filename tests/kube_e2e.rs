@@ -110,11 +110,7 @@ impl KubeCluster {
         drop(child.stdin.take());
         let out = child.wait_with_output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        if out.status.success() {
-            Ok(stdout)
-        } else {
-            Err(format!("kubectl {args:?} failed: {}{}", stdout, String::from_utf8_lossy(&out.stderr)))
-        }
+        if out.status.success() { Ok(stdout) } else { Err(format!("kubectl {args:?} failed: {}{}", stdout, String::from_utf8_lossy(&out.stderr))) }
     }
 }
 
@@ -178,10 +174,7 @@ impl KubeMeshpilot {
 
     async fn counter(&self, name: &str) -> f64 {
         let (_, body) = meshpilot::cli::http::get(&self.admin, "/metrics").await.unwrap();
-        body.lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        body.lines().filter(|l| l.starts_with(name) && !l.starts_with('#')).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
     }
 }
 
@@ -219,11 +212,7 @@ fn policy_state(mgmt: &KubeCluster, name: &str) -> (String, String, String) {
         )
         .unwrap_or_default();
     let mut parts = out.splitn(3, '|');
-    (
-        parts.next().unwrap_or("").to_string(),
-        parts.next().unwrap_or("").to_string(),
-        parts.next().unwrap_or("").to_string(),
-    )
+    (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string())
 }
 
 /// The weighted clusters on the reviews route in Envoy's own config dump.
@@ -275,17 +264,29 @@ async fn seed_scenario_against_two_real_clusters() {
     let (a, b) = random_loopback_prefix();
     let outbound_bind = format!("127.{a}.{b}.10");
 
-    let (mgmt, remote) = tokio::join!(
-        KubeCluster::start(&kubeenv, "management-plane", root),
-        KubeCluster::start(&kubeenv, "remote-cluster", root)
-    );
+    let (mgmt, remote) = tokio::join!(KubeCluster::start(&kubeenv, "management-plane", root), KubeCluster::start(&kubeenv, "remote-cluster", root));
     let mut remote = remote;
 
     // Install meshpilot's manifests (CRDs, RBAC, Deployment, Service): proves they are valid.
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     mgmt.kubectl(&["apply", "-k", repo.join("deploy").to_str().unwrap()]);
-    mgmt.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd/trafficpolicies.networking.zephyr.solo.io", "crd/kubernetesclusters.discovery.zephyr.solo.io", "crd/virtualmeshes.networking.zephyr.solo.io"]);
-    let deployment = mgmt.kubectl(&["get", "deployment", "meshpilot", "-n", "service-mesh-hub", "-o", "jsonpath={.spec.template.spec.containers[0].readinessProbe.httpGet.path}"]);
+    mgmt.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/trafficpolicies.networking.zephyr.solo.io",
+        "crd/kubernetesclusters.discovery.zephyr.solo.io",
+        "crd/virtualmeshes.networking.zephyr.solo.io",
+    ]);
+    let deployment = mgmt.kubectl(&[
+        "get",
+        "deployment",
+        "meshpilot",
+        "-n",
+        "service-mesh-hub",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].readinessProbe.httpGet.path}",
+    ]);
     assert_eq!(deployment, "/readyz");
 
     // Register both clusters, least privilege.
@@ -305,7 +306,14 @@ async fn seed_scenario_against_two_real_clusters() {
     mgmt.kubectl(&["apply", "-f", repo.join("examples/bookinfo-multinet/mesh/virtual-mesh.yaml").to_str().unwrap()]);
 
     let meshpilot = KubeMeshpilot::start(root, &mgmt, "replica-a").await;
-    let envoy = Envoy::start_in(&envoy_bin, root, "productpage-v1.default", "management-plane", meshpilot.xds_port, &["--labels", "app=productpage,version=v1", "--outbound-bind", &outbound_bind, "--service-account", "bookinfo-productpage"]);
+    let envoy = Envoy::start_in(
+        &envoy_bin,
+        root,
+        "productpage-v1.default",
+        "management-plane",
+        meshpilot.xds_port,
+        &["--labels", "app=productpage,version=v1", "--outbound-bind", &outbound_bind, "--service-account", "bookinfo-productpage"],
+    );
 
     // The seed's TrafficPolicy, verbatim, with kubectl.
     mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&seed_policy())).unwrap();
@@ -376,13 +384,34 @@ async fn seed_scenario_against_two_real_clusters() {
     .await;
 
     // Fields read but not yet in effect are reported, never silently ignored.
-    let vm = mgmt.kubectl(&["get", "virtualmesh", "virtual-mesh", "-n", "service-mesh-hub", "-o", "jsonpath={.status.translationStatus.state} {.status.notYetSupported}"]);
-    assert!(vm.starts_with("ACCEPTED ") && vm.contains("spec.certificateAuthority.builtin.{ttlDays,rsaKeySizeBytes,orgName}: not yet supported"), "{vm}");
+    let vm = mgmt.kubectl(&[
+        "get",
+        "virtualmesh",
+        "virtual-mesh",
+        "-n",
+        "service-mesh-hub",
+        "-o",
+        "jsonpath={.status.translationStatus.state} {.status.notYetSupported}",
+    ]);
+    assert!(
+        vm.starts_with("ACCEPTED ") && vm.contains("spec.certificateAuthority.builtin.{ttlDays,rsaKeySizeBytes,orgName}: not yet supported"),
+        "{vm}"
+    );
     // Istio's Sidecar narrows what productpage is configured for: only reviews
     // (and the remote v3 its policy shifts to), not details or ratings.
     let sidecar = "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: productpage, namespace: default}\nspec:\n  workloadSelector: {labels: {app: productpage}}\n  egress:\n  - hosts: [\"./reviews.default.svc.cluster.local\"]\n";
     mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(sidecar)).unwrap();
-    let sidecar_state = || mgmt.kubectl(&["get", "sidecars.networking.istio.io", "productpage", "-n", "default", "-o", "jsonpath={.status.translationStatus.state} {.status.observedGeneration} {.status.translationStatus.message}"]);
+    let sidecar_state = || {
+        mgmt.kubectl(&[
+            "get",
+            "sidecars.networking.istio.io",
+            "productpage",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.status.translationStatus.state} {.status.observedGeneration} {.status.translationStatus.message}",
+        ])
+    };
     wait_for("Sidecar productpage ACCEPTED", Duration::from_secs(30), || async { sidecar_state().starts_with("ACCEPTED 1").then_some(()) }).await;
     let envoy_clusters = || async { envoy.admin_get("/config_dump?resource=dynamic_active_clusters").await };
     wait_for("ratings and details gone from productpage's Envoy", Duration::from_secs(30), || async {
@@ -403,9 +432,13 @@ async fn seed_scenario_against_two_real_clusters() {
     // A later change reaching Envoy is the barrier: anything the INVALID
     // Sidecar had pushed would have arrived before it.
     remote.kubectl(&["delete", "pod", "reviews-v3", "-n", "default", "--wait=false"]);
-    wait_for("v3's endpoint gone again", Duration::from_secs(10), || async { envoy_endpoints(&envoy, &v3_cluster).await.is_empty().then_some(()) }).await;
+    wait_for("v3's endpoint gone again", Duration::from_secs(10), || async { envoy_endpoints(&envoy, &v3_cluster).await.is_empty().then_some(()) })
+        .await;
     remote.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("reviews-v3.yaml", &rc_prefix))).unwrap();
-    wait_for("v3's endpoint back again", Duration::from_secs(10), || async { envoy_endpoints(&envoy, &v3_cluster).await.contains(&v3_addr).then_some(()) }).await;
+    wait_for("v3's endpoint back again", Duration::from_secs(10), || async {
+        envoy_endpoints(&envoy, &v3_cluster).await.contains(&v3_addr).then_some(())
+    })
+    .await;
     assert!(!envoy_clusters().await.contains("ratings.default"), "the last good Sidecar keeps serving");
     mgmt.kubectl(&["delete", "sidecars.networking.istio.io", "productpage", "-n", "default"]);
     wait_for("ratings back in productpage's Envoy", Duration::from_secs(30), || async {

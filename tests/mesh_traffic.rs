@@ -44,10 +44,7 @@ async fn rds_version(mp: &Meshpilot, proxy: &str) -> Option<String> {
 
 /// Waits until `proxy` has ACKed a route configuration other than `old`.
 async fn wait_new_routes(mp: &Meshpilot, proxy: &str, old: &str) -> String {
-    wait_for(&format!("{proxy} to ACK new routes"), Duration::from_secs(20), || async {
-        rds_version(mp, proxy).await.filter(|v| v != old)
-    })
-    .await
+    wait_for(&format!("{proxy} to ACK new routes"), Duration::from_secs(20), || async { rds_version(mp, proxy).await.filter(|v| v != old) }).await
 }
 
 async fn policyz(mp: &Meshpilot) -> serde_json::Value {
@@ -76,12 +73,22 @@ async fn seed_split_through_real_envoy_moves_with_the_policy_file() {
     // productpage's sidecar (management-plane) and ratings' sidecar (remote-cluster), each on its pod's address.
     let pp_bind = format!("{mp_net}11");
     let ratings_bind = format!("{rc_net}13");
-    let productpage = Envoy::start_in(&envoy, logs, "productpage-v1-7f9d.default", "management-plane", mp.xds_port, &[
-        "--labels", "app=productpage,version=v1", "--outbound-bind", &pp_bind,
-    ]);
-    let ratings = Envoy::start_in(&envoy, logs, "ratings-v1-8b4f.default", "remote-cluster", mp.xds_port, &[
-        "--labels", "app=ratings,version=v1", "--outbound-bind", &ratings_bind,
-    ]);
+    let productpage = Envoy::start_in(
+        &envoy,
+        logs,
+        "productpage-v1-7f9d.default",
+        "management-plane",
+        mp.xds_port,
+        &["--labels", "app=productpage,version=v1", "--outbound-bind", &pp_bind],
+    );
+    let ratings = Envoy::start_in(
+        &envoy,
+        logs,
+        "ratings-v1-8b4f.default",
+        "remote-cluster",
+        mp.xds_port,
+        &["--labels", "app=ratings,version=v1", "--outbound-bind", &ratings_bind],
+    );
     mp.wait_synced(&productpage.node_id).await;
     mp.wait_synced(&ratings.node_id).await;
     let pp_addr = format!("{pp_bind}:9080");
@@ -104,14 +111,20 @@ async fn seed_split_through_real_envoy_moves_with_the_policy_file() {
     let policy_file = config.join("mesh/traffic-policy.yaml");
     let seed_text = std::fs::read_to_string(&policy_file).unwrap();
     let before = rds_version(&mp, &productpage.node_id).await.unwrap();
-    write_atomically(&policy_file, &seed_text.replace("weight: 75", "weight: 0").replace("weight: 15", "weight: 50").replace("weight: 10", "weight: 50"));
+    write_atomically(
+        &policy_file,
+        &seed_text.replace("weight: 75", "weight: 0").replace("weight: 15", "weight: 50").replace("weight: 10", "weight: 50"),
+    );
     let half_half = wait_new_routes(&mp, &productpage.node_id, &before).await;
     let counts = sample(&pp_addr, "reviews:9080", 2000).await;
     let stat = assert_split(&counts, &[(V1, 50.0), (V2, 50.0)]);
     eprintln!("after the edit: {counts:?} chi-square {stat:.2}");
 
     // 3. A bad edit is INVALID in /debug/policyz, names the field, and the last good split keeps serving.
-    write_atomically(&policy_file, &seed_text.replace("weight: 75", "weight: 0").replace("weight: 15", "weight: 0").replace("weight: 10", "weight: 0"));
+    write_atomically(
+        &policy_file,
+        &seed_text.replace("weight: 75", "weight: 0").replace("weight: 15", "weight: 0").replace("weight: 10", "weight: 0"),
+    );
     let status = wait_for("the bad edit to show INVALID", Duration::from_secs(20), || async {
         let p = policyz(&mp).await;
         let st = p["policies"]["service-mesh-hub/simple"].clone();

@@ -41,7 +41,18 @@ struct Scenario {
 
 impl Scenario {
     #[allow(clippy::too_many_arguments)]
-    fn envoy(&self, ns: &str, node: &str, cluster: &str, role: &str, labels: &str, sa: &str, instance_ip: &str, outbound: &str, app: &str) -> Sidecar {
+    fn envoy(
+        &self,
+        ns: &str,
+        node: &str,
+        cluster: &str,
+        role: &str,
+        labels: &str,
+        sa: &str,
+        instance_ip: &str,
+        outbound: &str,
+        app: &str,
+    ) -> Sidecar {
         let admin = self.dir.join(format!("{node}.admin"));
         let bootstrap = self.dir.join(format!("{node}.json"));
         let status = Command::new(meshpilot_bin())
@@ -132,11 +143,41 @@ async fn seed_scenario_across_isolated_networks() {
     let _v3 = s.echo(&b, "reviews-v3", "127.0.0.23:9080");
     // Sidecars and the gateway.
     let mp = "management-plane";
-    let productpage = s.envoy(&a, "productpage-v1.default", mp, "sidecar", "app=productpage,version=v1", "bookinfo-productpage", "10.10.0.10", "127.0.0.10", "127.0.0.10");
+    let productpage = s.envoy(
+        &a,
+        "productpage-v1.default",
+        mp,
+        "sidecar",
+        "app=productpage,version=v1",
+        "bookinfo-productpage",
+        "10.10.0.10",
+        "127.0.0.10",
+        "127.0.0.10",
+    );
     let r1 = s.envoy(&a, "reviews-v1.default", mp, "sidecar", "app=reviews,version=v1", "bookinfo-reviews", "10.10.0.21", "127.0.1.21", "127.0.0.21");
     let r2 = s.envoy(&a, "reviews-v2.default", mp, "sidecar", "app=reviews,version=v2", "bookinfo-reviews", "10.10.0.22", "127.0.1.22", "127.0.0.22");
-    let r3 = s.envoy(&b, "reviews-v3.default", "remote-cluster", "sidecar", "app=reviews,version=v3", "bookinfo-reviews", "10.20.0.23", "127.0.1.23", "127.0.0.23");
-    let gateway = s.envoy(&b, "istio-eastwestgateway.istio-system", "remote-cluster", "gateway", "app=istio-eastwestgateway", "istio-eastwestgateway", netns::GATEWAY_ADDRESS, "127.0.1.99", "127.0.0.99");
+    let r3 = s.envoy(
+        &b,
+        "reviews-v3.default",
+        "remote-cluster",
+        "sidecar",
+        "app=reviews,version=v3",
+        "bookinfo-reviews",
+        "10.20.0.23",
+        "127.0.1.23",
+        "127.0.0.23",
+    );
+    let gateway = s.envoy(
+        &b,
+        "istio-eastwestgateway.istio-system",
+        "remote-cluster",
+        "gateway",
+        "app=istio-eastwestgateway",
+        "istio-eastwestgateway",
+        netns::GATEWAY_ADDRESS,
+        "127.0.1.99",
+        "127.0.0.99",
+    );
     for proxy in [&productpage, &r1, &r2, &r3, &gateway] {
         let admin = admin.clone();
         wait_for(&format!("{} SYNCED", proxy.node), Duration::from_secs(30), || {
@@ -182,7 +223,11 @@ async fn seed_scenario_across_isolated_networks() {
         .args(["-sk", "--max-time", "5", "--connect-to", &format!("{sni}:443:{}:15443", netns::GATEWAY_ADDRESS), &format!("https://{sni}/")])
         .output()
         .unwrap();
-    assert!(!outsider.status.success() && outsider.stdout.is_empty(), "a client without a certificate got an answer: {}", String::from_utf8_lossy(&outsider.stdout));
+    assert!(
+        !outsider.status.success() && outsider.stdout.is_empty(),
+        "a client without a certificate got an answer: {}",
+        String::from_utf8_lossy(&outsider.stdout)
+    );
 
     // Disaster recovery: the local reviews backends go away; the policy shifts everything to the remote cluster.
     v1.kill();
@@ -221,11 +266,7 @@ async fn seed_scenario_across_isolated_networks() {
 /// The version of the SDS secret `default` Envoy is using.
 async fn workload_cert_version(admin: &Path) -> Option<String> {
     let dump: serde_json::Value = serde_json::from_str(&uds_get(admin, "/config_dump?resource=dynamic_active_secrets").await).ok()?;
-    dump["configs"]
-        .as_array()?
-        .iter()
-        .find(|s| s["name"] == "default")
-        .and_then(|s| s["version_info"].as_str().map(String::from))
+    dump["configs"].as_array()?.iter().find(|s| s["name"] == "default").and_then(|s| s["version_info"].as_str().map(String::from))
 }
 
 /// The README's main job: `meshpilot demo --multi-network` brings the two-network scenario up and prints the split.

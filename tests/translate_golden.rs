@@ -87,14 +87,16 @@ fn golden_a_sidecar_narrows_productpage_to_what_it_imports_and_its_policy_destin
     let mut inputs = load(&root().join("examples/bookinfo"));
     inputs.sidecars = load(dir.path()).sidecars;
     let s = MeshSnapshot::build(inputs, &mut Default::default());
-    let status: Vec<String> = s.mesh_object_status.iter().filter(|(id, _)| id.kind == "Sidecar").map(|(id, st)| format!("{id} {:?}", st.state)).collect();
+    let status: Vec<String> =
+        s.mesh_object_status.iter().filter(|(id, _)| id.kind == "Sidecar").map(|(id, st)| format!("{id} {:?}", st.state)).collect();
     assert_eq!(status, ["Sidecar default/productpage Accepted"]);
     let set = to_json(&translate(&s, &productpage()));
     check_golden("bookinfo-productpage-sidecar", &set);
     let clusters: Vec<&str> = set["CDS"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
     // The remote reviews: not imported as a host of its own, but the policy's 75% goes there.
     assert!(clusters.contains(&"outbound|9080||reviews.default.svc.remote-cluster.global"), "{clusters:?}");
-    let vhosts: Vec<&str> = set["RDS"].as_array().unwrap().iter().flat_map(|rc| rc["virtualHosts"].as_array().unwrap()).map(|v| v["name"].as_str().unwrap()).collect();
+    let vhosts: Vec<&str> =
+        set["RDS"].as_array().unwrap().iter().flat_map(|rc| rc["virtualHosts"].as_array().unwrap()).map(|v| v["name"].as_str().unwrap()).collect();
     assert_eq!(vhosts, ["reviews.default.svc.cluster.local:9080"]);
     assert!(clusters.iter().all(|c| c.contains("|reviews.")), "only reviews and its policy's destinations: {clusters:?}");
     // Workloads the Sidecar does not select still see the whole mesh.
@@ -134,7 +136,12 @@ fn the_seed_split_is_weighted_clusters_with_istio_names() {
     let eds = set["EDS"].as_array().unwrap();
     let addrs = |name: &str| -> Vec<String> {
         let cla = eds.iter().find(|c| c["clusterName"] == name).unwrap_or_else(|| panic!("no EDS {name}"));
-        cla["endpoints"][0]["lbEndpoints"].as_array().unwrap().iter().map(|e| e["endpoint"]["address"]["socketAddress"]["address"].as_str().unwrap().to_string()).collect()
+        cla["endpoints"][0]["lbEndpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["endpoint"]["address"]["socketAddress"]["address"].as_str().unwrap().to_string())
+            .collect()
     };
     assert_eq!(addrs("outbound|9080|version-v1|reviews.default.svc.cluster.local"), ["127.0.10.21"]);
     assert_eq!(addrs("outbound|9080|version-v2|reviews.default.svc.cluster.local"), ["127.0.10.22"]);
@@ -199,7 +206,13 @@ fn envoy_accepts_the_translated_resources() {
         let path = dir.path().join(format!("static-{i}.json"));
         std::fs::write(&path, serde_json::to_string_pretty(&bootstrap).unwrap()).unwrap();
         let out = Command::new(&envoy).args(["--mode", "validate", "-c"]).arg(&path).args(["-l", "error"]).output().unwrap();
-        assert!(out.status.success(), "envoy rejected {}:\n{}{}", path.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "envoy rejected {}:\n{}{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -252,7 +265,6 @@ fn static_bootstrap(set: &Value) -> Value {
         .collect();
     json!({"staticResources": {"clusters": clusters, "listeners": listeners}})
 }
-
 
 fn multinet_productpage() -> ProxyScope {
     let mut s = productpage();
@@ -348,10 +360,7 @@ fn listener<'a>(set: &'a Value, name: &str) -> &'a Value {
 fn a_captured_sidecar_has_istios_listeners() {
     let s = snapshot("examples/bookinfo-captured");
     let set = to_json(&translate(&s, &captured("productpage", "v1", "bookinfo-productpage", "10.10.0.10")));
-    assert_eq!(
-        names_of(&set, "LDS"),
-        ["0.0.0.0_7070", "0.0.0.0_8080", "0.0.0.0_9080", "10.96.0.30_9000", "virtualInbound", "virtualOutbound"]
-    );
+    assert_eq!(names_of(&set, "LDS"), ["0.0.0.0_7070", "0.0.0.0_8080", "0.0.0.0_9080", "10.96.0.30_9000", "virtualInbound", "virtualOutbound"]);
     let outbound = listener(&set, "virtualOutbound");
     assert_eq!(outbound["address"]["socketAddress"], json!({"address": "0.0.0.0", "portValue": 15001}));
     assert_eq!(outbound["useOriginalDst"], true);
@@ -369,7 +378,8 @@ fn a_captured_sidecar_has_istios_listeners() {
     let vh = route(&set, "9080", "reviews.default.svc.cluster.local:9080");
     assert_eq!(vh["domains"], json!(["reviews.default.svc.cluster.local", "reviews", "reviews.default", "reviews.default.svc", "10.96.0.20"]));
     assert_eq!(vh["routes"][0]["route"]["weightedClusters"]["clusters"].as_array().unwrap().len(), 3);
-    let last = set["RDS"].as_array().unwrap().iter().find(|r| r["name"] == "9080").unwrap()["virtualHosts"].as_array().unwrap().last().unwrap().clone();
+    let last =
+        set["RDS"].as_array().unwrap().iter().find(|r| r["name"] == "9080").unwrap()["virtualHosts"].as_array().unwrap().last().unwrap().clone();
     assert_eq!((last["name"].as_str(), last["routes"][0]["route"]["cluster"].as_str()), (Some("allow_any"), Some("PassthroughCluster")));
     // gRPC keeps HTTP/2 upstream; HTTP/1.1 does not.
     let cds = set["CDS"].as_array().unwrap();
@@ -415,12 +425,20 @@ fn envoy_accepts_the_captured_layout() {
     // Without the CA: SDS over ADS needs a live control plane (the real-Envoy e2e covers mTLS).
     let mut s = snapshot("examples/bookinfo-captured");
     s.trust.clear();
-    for (i, scope) in [captured("productpage", "v1", "bookinfo-productpage", "10.10.0.10"), captured("greeter", "v1", "greeter", "10.10.0.41")].iter().enumerate() {
+    for (i, scope) in
+        [captured("productpage", "v1", "bookinfo-productpage", "10.10.0.10"), captured("greeter", "v1", "greeter", "10.10.0.41")].iter().enumerate()
+    {
         let bootstrap = static_bootstrap(&to_json(&translate(&s, scope)));
         let path = dir.path().join(format!("captured-{i}.json"));
         std::fs::write(&path, serde_json::to_string_pretty(&bootstrap).unwrap()).unwrap();
         let out = Command::new(&envoy).args(["--mode", "validate", "-c"]).arg(&path).args(["-l", "error"]).output().unwrap();
-        assert!(out.status.success(), "envoy rejected {}:\n{}{}", path.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "envoy rejected {}:\n{}{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -446,7 +464,10 @@ spec: {containers: [{name: db, ports: [{containerPort: 5432}]}]}\nstatus: {podIP
     let cds = set["CDS"].as_array().unwrap();
     let c = cds.iter().find(|c| c["name"] == "outbound|5432||db.default.svc.cluster.local").unwrap();
     assert_eq!(c["type"], "ORIGINAL_DST");
-    assert_eq!(c["transportSocket"]["typedConfig"]["sni"], "outbound_.5432_._.db.default.svc.cluster.local", "mTLS outright: no endpoint metadata to match");
+    assert_eq!(
+        c["transportSocket"]["typedConfig"]["sni"], "outbound_.5432_._.db.default.svc.cluster.local",
+        "mTLS outright: no endpoint metadata to match"
+    );
     assert!(set["EDS"].as_array().unwrap().iter().all(|e| e["clusterName"] != c["name"]), "no EDS for an original-destination cluster");
 }
 
@@ -457,8 +478,16 @@ apiVersion: v1\nkind: Service\nmetadata: {name: sidecar-port, namespace: default
     let s = captured_with(&[("management-plane/clash.yaml", clash)]);
     let errors = s.input_errors.join("\n");
     assert!(errors.contains("Service default/clash in cluster management-plane: port 9000 on ClusterIP 10.96.0.30 is also claimed by Service default/tcp-echo; left out of sidecars"), "{errors}");
-    assert!(errors.contains("Service default/tcp-echo in cluster management-plane: port 9000 on ClusterIP 10.96.0.30 is also claimed by Service default/clash"), "{errors}");
-    assert!(errors.contains("Service default/sidecar-port in cluster management-plane: port 15001 collides with the sidecar's own ports (15000-15090)"), "{errors}");
+    assert!(
+        errors.contains(
+            "Service default/tcp-echo in cluster management-plane: port 9000 on ClusterIP 10.96.0.30 is also claimed by Service default/clash"
+        ),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("Service default/sidecar-port in cluster management-plane: port 15001 collides with the sidecar's own ports (15000-15090)"),
+        "{errors}"
+    );
     let set = to_json(&translate(&s, &captured("productpage", "v1", "bookinfo-productpage", "10.10.0.10")));
     let listeners = names_of(&set, "LDS");
     assert!(!listeners.contains(&"10.96.0.30_9000") && !listeners.contains(&"0.0.0.0_15001"), "{listeners:?}");
@@ -474,7 +503,14 @@ spec:\n  destinationSelector: {serviceRefs: {services: [{cluster: management-pla
     let s = captured_with(&[("mesh/tcp-timeout.yaml", policy)]);
     let (_, status) = s.policy_status.iter().find(|(id, _)| id.name == "tcp-timeout").unwrap();
     assert_eq!(status.state, meshpilot::model::PolicyState::Invalid);
-    assert!(status.messages.iter().any(|m| m.starts_with("spec.requestTimeout: HTTP-only, but tcp-echo.default.management-plane serves no HTTP port (9000 (TCP))")), "{:?}", status.messages);
+    assert!(
+        status
+            .messages
+            .iter()
+            .any(|m| m.starts_with("spec.requestTimeout: HTTP-only, but tcp-echo.default.management-plane serves no HTTP port (9000 (TCP))")),
+        "{:?}",
+        status.messages
+    );
 }
 
 #[test]

@@ -97,11 +97,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        state.metrics.encode(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode()).into_response()
 }
 
 /// One row of `/debug/syncz`: a connected proxy and each type's sync state.
@@ -171,15 +167,10 @@ fn role_name(node: &ProxyNode) -> String {
 }
 
 pub fn sync_status(conn: &ProxyConnection, now: Instant) -> SyncStatus {
-    let mut types: BTreeMap<String, TypeSync> = [
-        ResourceType::Cluster,
-        ResourceType::Endpoint,
-        ResourceType::Listener,
-        ResourceType::Route,
-    ]
-    .into_iter()
-    .map(|t| (t.short_name().to_string(), not_sent()))
-    .collect();
+    let mut types: BTreeMap<String, TypeSync> = [ResourceType::Cluster, ResourceType::Endpoint, ResourceType::Listener, ResourceType::Route]
+        .into_iter()
+        .map(|t| (t.short_name().to_string(), not_sent()))
+        .collect();
     for st in conn.view.status(now) {
         types.insert(st.type_short.to_string(), st.into());
     }
@@ -217,8 +208,7 @@ async fn config_dump(State(state): State<AdminState>, Query(q): Query<ConfigDump
     let Some(conn) = state.registry.by_node_id(&id) else {
         return (StatusCode::NOT_FOUND, format!("no connected proxy with node id {id:?}\n")).into_response();
     };
-    let wanted: Option<Vec<String>> =
-        q.types.map(|t| t.split(',').map(|s| s.trim().to_ascii_uppercase()).filter(|s| !s.is_empty()).collect());
+    let wanted: Option<Vec<String>> = q.types.map(|t| t.split(',').map(|s| s.trim().to_ascii_uppercase()).filter(|s| !s.is_empty()).collect());
     match config_dump_json(&conn, wanted.as_deref()) {
         Ok(json) => Json(json).into_response(),
         Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot render config: {err}\n")).into_response(),

@@ -124,7 +124,8 @@ fn remote_endpoint(kubeconfig: &Kubeconfig, context: &str, base: Option<&std::pa
         (Some(data), _) => Some(data.clone()),
         (None, Some(path)) => {
             let p = std::path::Path::new(path);
-            let p = if p.is_relative() { base.and_then(|b| b.parent()).map(|d| d.join(p)).unwrap_or_else(|| p.to_path_buf()) } else { p.to_path_buf() };
+            let p =
+                if p.is_relative() { base.and_then(|b| b.parent()).map(|d| d.join(p)).unwrap_or_else(|| p.to_path_buf()) } else { p.to_path_buf() };
             let pem = std::fs::read(&p).with_context(|| format!("reading certificate-authority {}", p.display()))?;
             Some(base64::engine::general_purpose::STANDARD.encode(pem))
         }
@@ -170,10 +171,17 @@ pub async fn register(args: RegisterArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("creating namespace {ns} in {}", args.remote_context))?;
     Api::<ServiceAccount>::namespaced(remote.clone(), ns)
-        .patch(READER_NAME, &ssa, &Patch::Apply(json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": { "name": READER_NAME, "namespace": ns } })))
+        .patch(
+            READER_NAME,
+            &ssa,
+            &Patch::Apply(json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": { "name": READER_NAME, "namespace": ns } })),
+        )
         .await
         .context("creating the reader ServiceAccount")?;
-    Api::<ClusterRole>::all(remote.clone()).patch(READER_NAME, &ssa, &Patch::Apply(reader_cluster_role())).await.context("creating the reader ClusterRole")?;
+    Api::<ClusterRole>::all(remote.clone())
+        .patch(READER_NAME, &ssa, &Patch::Apply(reader_cluster_role()))
+        .await
+        .context("creating the reader ClusterRole")?;
     Api::<ClusterRoleBinding>::all(remote.clone())
         .patch(
             READER_NAME,
@@ -268,7 +276,10 @@ pub async fn register(args: RegisterArgs) -> anyhow::Result<()> {
         .await
         .context("writing the KubernetesCluster")?;
     println!("Registered cluster {name}: KubernetesCluster {mns}/{name}, kubeconfig in Secret {mns}/{name}");
-    println!("  reader identity: ServiceAccount {ns}/{READER_NAME} in {} (ClusterRole {READER_NAME}: read Services, EndpointSlices, Pods, Nodes, Namespaces)", args.remote_context);
+    println!(
+        "  reader identity: ServiceAccount {ns}/{READER_NAME} in {} (ClusterRole {READER_NAME}: read Services, EndpointSlices, Pods, Nodes, Namespaces)",
+        args.remote_context
+    );
     println!("  API server: {server}");
     Ok(())
 }

@@ -180,11 +180,7 @@ pub(crate) fn start_proxy(
 
 pub(crate) fn share_line(counts: &BTreeMap<String, usize>) -> String {
     let total: usize = counts.values().sum();
-    counts
-        .iter()
-        .map(|(k, v)| format!("{k} {:5.1}%", *v as f64 * 100.0 / total.max(1) as f64))
-        .collect::<Vec<_>>()
-        .join("  |  ")
+    counts.iter().map(|(k, v)| format!("{k} {:5.1}%", *v as f64 * 100.0 / total.max(1) as f64)).collect::<Vec<_>>().join("  |  ")
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -228,10 +224,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     children.spawn(
         "meshpilot",
-        Command::new(&me)
-            .args(["serve", "--config-dir"])
-            .arg(&config)
-            .args(["--xds-addr", &args.xds_addr, "--admin-addr", &args.admin_addr]),
+        Command::new(&me).args(["serve", "--config-dir"]).arg(&config).args(["--xds-addr", &args.xds_addr, "--admin-addr", &args.admin_addr]),
         &logs,
     )?;
     let node_id = format!("{client_pod}.{client_ns}");
@@ -272,7 +265,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
 
     let target_key = format!("{}.{client_ns}.{client_cluster}", args.target);
-    let sidecar = format!("{}:{}", client_ep.address, snapshot.service(&crate::model::ServiceKey::new(&client_cluster, &client_ns, &args.target)).and_then(|s| s.ports.first()).map_or(9080, |p| p.port));
+    let sidecar = format!(
+        "{}:{}",
+        client_ep.address,
+        snapshot
+            .service(&crate::model::ServiceKey::new(&client_cluster, &client_ns, &args.target))
+            .and_then(|s| s.ports.first())
+            .map_or(9080, |p| p.port)
+    );
     println!(
         "\n{}'s calls: GET http://{}/ through its sidecar at {sidecar}.\nEdit {} while this runs to move the split (Envoy admin: http://127.0.0.1:{}/).\n",
         args.client_app,

@@ -123,7 +123,15 @@ fn chmod(path: &Path, mode: u32) -> std::io::Result<()> {
 
 impl CapturedMesh {
     /// Starts `example` under `work` with the `meshpilot` binary given; `serve_args` go to `meshpilot serve`.
-    pub async fn start(meshpilot: &Path, example: &Path, envoy: &Path, work: &Path, xds_addr: &str, admin_addr: &str, serve_args: &[&str]) -> anyhow::Result<CapturedMesh> {
+    pub async fn start(
+        meshpilot: &Path,
+        example: &Path,
+        envoy: &Path,
+        work: &Path,
+        xds_addr: &str,
+        admin_addr: &str,
+        serve_args: &[&str],
+    ) -> anyhow::Result<CapturedMesh> {
         anyhow::ensure!(pods::available(), "the captured layout needs root, ip, iptables and setpriv (apt-get install iptables)");
         let me = meshpilot.to_path_buf();
         std::fs::create_dir_all(work)?;
@@ -167,8 +175,20 @@ impl CapturedMesh {
             let bootstrap = dir.join("envoy-rev.json");
             let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let bootstrap_args = [
-                "--cluster", &p.cluster, "--namespace", &p.namespace, "--interception", "redirect", "--labels", &labels.join(","),
-                "--service-account", &p.service_account, "--instance-ip", &p.address, "--xds-addr", &xds,
+                "--cluster",
+                &p.cluster,
+                "--namespace",
+                &p.namespace,
+                "--interception",
+                "redirect",
+                "--labels",
+                &labels.join(","),
+                "--service-account",
+                &p.service_account,
+                "--instance-ip",
+                &p.address,
+                "--xds-addr",
+                &xds,
             ]
             .map(String::from);
             let envoy = PodNetwork::command(&p.netns, Some(PROXY_UID), &proxy_envoy);
@@ -195,7 +215,18 @@ impl CapturedMesh {
             let bootstrap = work.join(format!("{node}.json"));
             let (svc, app) = (&gw.service, format!("app={}", gw.service.name));
             let bootstrap_args = [
-                "--cluster", &svc.cluster, "--namespace", &svc.namespace, "--role", "gateway", "--instance-ip", &gw.address, "--labels", &app, "--xds-addr", &xds,
+                "--cluster",
+                &svc.cluster,
+                "--namespace",
+                &svc.namespace,
+                "--role",
+                "gateway",
+                "--instance-ip",
+                &gw.address,
+                "--labels",
+                &app,
+                "--xds-addr",
+                &xds,
             ]
             .map(String::from);
             start_proxy(&mut children, &me, PodNetwork::command(&ns, None, envoy), &node, &bootstrap_args, (&bootstrap, &admin), &logs)?;
@@ -301,11 +332,16 @@ pub async fn run(args: super::demo::DemoArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     while mesh.sample(&client, &to, "http", 20).map(|s| s.answers.keys().any(|k| k.starts_with("error"))).unwrap_or(true) {
         mesh.check_alive()?;
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "{to} did not answer {} within 30 s; logs in {}", client.name, work.join("logs").display());
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "{to} did not answer {} within 30 s; logs in {}",
+            client.name,
+            work.join("logs").display()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let gateway_admin = mesh.gateway_admin.clone();
-    let sample = |n: usize| -> anyhow::Result<(BTreeMap<String, usize>, BTreeMap<String, Vec<String>>)> {
+    let sample = |n: usize| -> anyhow::Result<super::demo_multinet::Window> {
         let s = mesh.sample(&client, &to, "http", n)?;
         Ok((s.answers, s.peers.into_iter().map(|(k, v)| (k, v.into_iter().collect())).collect()))
     };

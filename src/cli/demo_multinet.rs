@@ -50,12 +50,15 @@ fn side_addresses(ip: &str) -> (String, String) {
     (format!("127.1.{z}.{w}"), format!("127.2.{z}.{w}"))
 }
 
+/// One sample window: answers counted, and the caller identities each backend saw.
+pub(crate) type Window = (BTreeMap<String, usize>, BTreeMap<String, Vec<String>>);
+
 /// Samples the client's calls every two seconds for `args.duration` (or
 /// until Ctrl-C) and prints each window's shares, the callers the backends
 /// saw and the gateway's connections so far; returns the totals.
 pub(crate) async fn report_traffic(
     args: &DemoArgs,
-    mut sample: impl FnMut(usize) -> anyhow::Result<(BTreeMap<String, usize>, BTreeMap<String, Vec<String>>)>,
+    mut sample: impl FnMut(usize) -> anyhow::Result<Window>,
     gateway_admin: Option<&Path>,
     mut check_alive: impl FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<BTreeMap<String, usize>> {
@@ -69,14 +72,17 @@ pub(crate) async fn report_traffic(
             *totals.entry(k.clone()).or_default() += v;
         }
         let gateway_cx = match gateway_admin {
-            Some(path) => http::get_unix(path, "/stats?filter=upstream_cx_total").await.unwrap_or_default()
+            Some(path) => http::get_unix(path, "/stats?filter=upstream_cx_total")
+                .await
+                .unwrap_or_default()
                 .lines()
                 .filter(|l| l.starts_with("cluster.outbound_."))
                 .filter_map(|l| l.rsplit(": ").next()?.trim().parse::<u64>().ok())
                 .sum::<u64>(),
             None => 0,
         };
-        let callers: Vec<String> = peers.values().flatten().filter(|p| !p.is_empty()).cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let callers: Vec<String> =
+            peers.values().flatten().filter(|p| !p.is_empty()).cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         println!(
             "[{:>4.0}s] {:>4} requests  {}   (backends saw caller {}; gateway connections so far {gateway_cx})",
             started.elapsed().as_secs_f64(),
@@ -164,11 +170,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 let labels: Vec<String> = ep.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 let node = format!("{pod}.{}", svc.0);
                 let extra = vec![
-                    "--labels".into(), labels.join(","),
-                    "--service-account".into(), ep.service_account.clone(),
-                    "--instance-ip".into(), ep.address.clone(),
-                    "--outbound-bind".into(), outbound.clone(),
-                    "--app-address".into(), app.clone(),
+                    "--labels".into(),
+                    labels.join(","),
+                    "--service-account".into(),
+                    ep.service_account.clone(),
+                    "--instance-ip".into(),
+                    ep.address.clone(),
+                    "--outbound-bind".into(),
+                    outbound.clone(),
+                    "--app-address".into(),
+                    app.clone(),
                 ];
                 start_envoy(&mut children, &place, &node, cluster, &svc.0, extra)?;
                 proxies.push(node);
@@ -193,7 +204,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 &node,
                 cluster,
                 &gw.service.namespace,
-                vec!["--role".into(), "gateway".into(), "--instance-ip".into(), gw.address.clone(), "--labels".into(), format!("app={}", gw.service.name)],
+                vec![
+                    "--role".into(),
+                    "gateway".into(),
+                    "--instance-ip".into(),
+                    gw.address.clone(),
+                    "--labels".into(),
+                    format!("app={}", gw.service.name),
+                ],
             )?;
             proxies.push(node);
             gateway_admin.get_or_insert(admin);
@@ -231,7 +249,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.target,
         config.join("mesh").display()
     );
-    let sample = |n: usize| -> anyhow::Result<(BTreeMap<String, usize>, BTreeMap<String, Vec<String>>)> {
+    let sample = |n: usize| -> anyhow::Result<Window> {
         let out = client_place
             .command(&me)
             .args(["sample", "--to", &sidecar, "--host", &args.target, "--count", &n.to_string(), "--concurrency", "8", "--json"])

@@ -41,10 +41,7 @@ fn grpc_answer(name: &str) -> Response {
     trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
     let frames = [Ok::<_, Infallible>(Frame::data(grpc_frame(name.as_bytes()))), Ok(Frame::trailers(trailers))];
     let body = Body::new(StreamBody::new(futures::stream::iter(frames)));
-    Response::builder()
-        .header("content-type", "application/grpc")
-        .body(body)
-        .unwrap_or_else(|_| Response::new(Body::empty()))
+    Response::builder().header("content-type", "application/grpc").body(body).unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
 /// The router: every path answers `<name>\n` with `x-backend`, `x-peer-cert`

@@ -21,10 +21,7 @@ pub async fn get_with_host(addr: &str, path: &str, host: Option<&str>) -> anyhow
     if let Some(host) = host {
         req = req.header(hyper::header::HOST, host);
     }
-    let resp = client
-        .request(req.body(Empty::new())?)
-        .await
-        .with_context(|| format!("GET http://{addr}{path}"))?;
+    let resp = client.request(req.body(Empty::new())?).await.with_context(|| format!("GET http://{addr}{path}"))?;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))

@@ -131,40 +131,19 @@ struct Record {
 }
 
 fn string_value(s: &str) -> Value {
-    Value {
-        kind: Some(Kind::StringValue(s.to_string())),
-    }
+    Value { kind: Some(Kind::StringValue(s.to_string())) }
 }
 
 fn node_for(i: usize, args: &LoadArgs) -> Node {
     let mut labels = Struct::default();
-    labels.fields.insert(
-        "app".into(),
-        string_value(&service_name(i % args.apps.max(1))),
-    );
+    labels.fields.insert("app".into(), string_value(&service_name(i % args.apps.max(1))));
     let mut meta = Struct::default();
-    meta.fields.insert(
-        "CLUSTER_ID".into(),
-        string_value(&cluster_name(i % args.clusters.max(1))),
-    );
-    meta.fields.insert(
-        "NAMESPACE".into(),
-        string_value(&format!("ns-{}", i % args.namespaces.max(1))),
-    );
+    meta.fields.insert("CLUSTER_ID".into(), string_value(&cluster_name(i % args.clusters.max(1))));
+    meta.fields.insert("NAMESPACE".into(), string_value(&format!("ns-{}", i % args.namespaces.max(1))));
     meta.fields.insert("INTERCEPTION_MODE".into(), string_value(&args.interception));
-    meta.fields.insert(
-        "LABELS".into(),
-        Value {
-            kind: Some(Kind::StructValue(labels)),
-        },
-    );
+    meta.fields.insert("LABELS".into(), Value { kind: Some(Kind::StructValue(labels)) });
     // Outbound listeners of simulated proxies are never bound; keep one scope per (cluster, ns, app).
-    Node {
-        id: format!("load-{i}"),
-        cluster: cluster_name(i % args.clusters.max(1)),
-        metadata: Some(meta),
-        ..Default::default()
-    }
+    Node { id: format!("load-{i}"), cluster: cluster_name(i % args.clusters.max(1)), metadata: Some(meta), ..Default::default() }
 }
 
 async fn run_proxy(
@@ -315,9 +294,7 @@ where
                 Err(e) => return Poll::Ready(Some(Err(e.into()))),
             }
             if this.ended {
-                return Poll::Ready(
-                    (!this.scanner.is_idle()).then(|| Err(anyhow::anyhow!("the response stream ended inside a message"))),
-                );
+                return Poll::Ready((!this.scanner.is_idle()).then(|| Err(anyhow::anyhow!("the response stream ended inside a message"))));
             }
             match this.body.as_mut().poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -334,17 +311,10 @@ where
     }
 }
 
-
 /// (RSS in MiB, CPU seconds) of a process, from /proc.
 pub fn process_usage(pid: u32) -> Option<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
+    let rss_kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = after.split_whitespace().collect();
@@ -359,11 +329,7 @@ type Markers = Arc<std::sync::RwLock<std::collections::HashMap<Vec<u8>, usize>>>
 
 /// For each change (marker index, when, service), each proxy's first
 /// delivery that carried it (proxies it must reach only).
-fn latencies(
-    changes: &[(usize, Instant, usize)],
-    deliveries: &[std::collections::BTreeMap<usize, Instant>],
-    reach: Reach,
-) -> (Vec<f64>, usize) {
+fn latencies(changes: &[(usize, Instant, usize)], deliveries: &[std::collections::BTreeMap<usize, Instant>], reach: Reach) -> (Vec<f64>, usize) {
     let mut out = Vec::new();
     let mut missing = 0;
     for (proxy, delivered) in deliveries.iter().enumerate() {
@@ -406,23 +372,14 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let uri = format!("http://{}", args.xds_addr);
     let mode = if args.delta { "delta" } else { "sotw" };
     let connect = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
-    let nack_every = if args.nack_fraction > 0.0 {
-        (1.0 / args.nack_fraction).round().max(1.0) as usize
-    } else {
-        usize::MAX
-    };
+    let nack_every = if args.nack_fraction > 0.0 { (1.0 / args.nack_fraction).round().max(1.0) as usize } else { usize::MAX };
     let records: Vec<Arc<Mutex<Record>>> = (0..args.proxies).map(|_| Arc::default()).collect();
     let markers: Markers = Arc::default();
     let usage_before = args.pid.and_then(process_usage);
     let start = Instant::now();
     for (i, record) in records.iter().enumerate() {
         let (node, nack) = (node_for(i, &args), i % nack_every == nack_every - 1);
-        let (uri, record, connect, markers) = (
-            uri.clone(),
-            record.clone(),
-            connect.clone(),
-            markers.clone(),
-        );
+        let (uri, record, connect, markers) = (uri.clone(), record.clone(), connect.clone(), markers.clone());
         let delta = args.delta;
         tokio::spawn(async move {
             // Like Envoy: a failed connection or stream is opened again after a
@@ -445,29 +402,16 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         });
     }
     // Until every proxy that does not NACK is SYNCED (ACKed CDS, EDS, LDS and RDS).
-    let expected = (0..args.proxies)
-        .filter(|i| i % nack_every != nack_every - 1)
-        .count();
+    let expected = (0..args.proxies).filter(|i| i % nack_every != nack_every - 1).count();
     let synced_all = loop {
-        let synced = records
-            .iter()
-            .filter(|r| r.lock().expect("record lock").synced_at.is_some())
-            .count();
-        let failed = records
-            .iter()
-            .filter(|r| r.lock().expect("record lock").error.is_some())
-            .count();
+        let synced = records.iter().filter(|r| r.lock().expect("record lock").synced_at.is_some()).count();
+        let failed = records.iter().filter(|r| r.lock().expect("record lock").error.is_some()).count();
         if synced >= expected {
             break true;
         }
         if start.elapsed() > args.sync_timeout {
-            let first_error = records
-                .iter()
-                .find_map(|r| r.lock().expect("record lock").error.clone())
-                .unwrap_or_default();
-            eprintln!(
-                "timed out: {synced}/{expected} SYNCED, {failed} streams failed (first error: {first_error})"
-            );
+            let first_error = records.iter().find_map(|r| r.lock().expect("record lock").error.clone()).unwrap_or_default();
+            eprintln!("timed out: {synced}/{expected} SYNCED, {failed} streams failed (first error: {first_error})");
             break false;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -478,30 +422,15 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         .max()
         .map(|t| t.duration_since(start).as_secs_f64())
         .unwrap_or(f64::NAN);
-    let bytes = |records: &[Arc<Mutex<Record>>]| {
-        records
-            .iter()
-            .map(|r| r.lock().expect("record lock").bytes)
-            .sum::<u64>()
-    };
+    let bytes = |records: &[Arc<Mutex<Record>>]| records.iter().map(|r| r.lock().expect("record lock").bytes).sum::<u64>();
     let sync_bytes = bytes(&records);
     let usage = args.pid.and_then(process_usage);
-    let cpu = |u: Option<(f64, f64)>| {
-        u.zip(usage_before)
-            .map(|(a, b)| a.1 - b.1)
-            .unwrap_or(f64::NAN)
-    };
-    let rejects: u64 = records
-        .iter()
-        .map(|r| r.lock().expect("record lock").rejects)
-        .sum();
+    let cpu = |u: Option<(f64, f64)>| u.zip(usage_before).map(|(a, b)| a.1 - b.1).unwrap_or(f64::NAN);
+    let rejects: u64 = records.iter().map(|r| r.lock().expect("record lock").rejects).sum();
     // When the fleet got there: a slow tail (a few streams reopened, or
     // connections retried) shows as a last proxy far behind the 99th.
-    let mut synced_secs: Vec<f64> = records
-        .iter()
-        .filter_map(|r| r.lock().expect("record lock").synced_at)
-        .map(|t| t.duration_since(start).as_secs_f64())
-        .collect();
+    let mut synced_secs: Vec<f64> =
+        records.iter().filter_map(|r| r.lock().expect("record lock").synced_at).map(|t| t.duration_since(start).as_secs_f64()).collect();
     let (half, p99) = percentiles(&mut synced_secs).map_or((f64::NAN, f64::NAN), |(p50, _, p99, _)| (p50, p99));
     println!(
         "{mode}: {} proxies, {} SYNCED in {sync_secs:.1}s (half by {:.1}s, 99% by {:.1}s){}; {:.1} MiB sent; {rejects} NACKs; control plane RSS {:.0} MiB, CPU {:.1}s",
@@ -526,16 +455,9 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         usage.map_or(f64::NAN, |u| u.0),
         cpu(usage)
     );
-    let synced_count = records
-        .iter()
-        .filter(|r| r.lock().expect("record lock").synced_at.is_some())
-        .count();
+    let synced_count = records.iter().filter(|r| r.lock().expect("record lock").synced_at.is_some()).count();
     if args.markdown {
-        let what = if synced_all {
-            "initial sync".to_string()
-        } else {
-            format!("initial sync: only {synced_count} of {expected} SYNCED")
-        };
+        let what = if synced_all { "initial sync".to_string() } else { format!("initial sync: only {synced_count} of {expected} SYNCED") };
         println!(
             "| {mode} | {} | {what} | {sync_secs:.1} s | {:.0} | {:.1} | | | | | {:.0} |",
             args.proxies,
@@ -545,41 +467,19 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         );
     }
     if !synced_all {
-        anyhow::bail!(
-            "not every proxy became SYNCED within {:?}",
-            args.sync_timeout
-        );
+        anyhow::bail!("not every proxy became SYNCED within {:?}", args.sync_timeout);
     }
 
     let mut step = 0usize;
     if let Some(dir) = &args.config_dir {
         if args.endpoint_change {
-            measure_endpoint_changes(
-                &args,
-                mode,
-                dir,
-                &records,
-                &markers,
-                &mut step,
-                1,
-                Duration::ZERO,
-                "one endpoint change",
-            )
-            .await?;
+            measure_endpoint_changes(&args, mode, dir, &records, &markers, &mut step, 1, Duration::ZERO, "one endpoint change").await?;
         }
         if args.churn_rate > 0.0 {
-            let what = format!(
-                "endpoint churn {:.0}/s for {:?}",
-                args.churn_rate, args.churn_duration
-            );
-            let count = (args.churn_rate * args.churn_duration.as_secs_f64())
-                .round()
-                .max(1.0) as usize;
+            let what = format!("endpoint churn {:.0}/s for {:?}", args.churn_rate, args.churn_duration);
+            let count = (args.churn_rate * args.churn_duration.as_secs_f64()).round().max(1.0) as usize;
             let every = Duration::from_secs_f64(1.0 / args.churn_rate);
-            measure_endpoint_changes(
-                &args, mode, dir, &records, &markers, &mut step, count, every, &what,
-            )
-            .await?;
+            measure_endpoint_changes(&args, mode, dir, &records, &markers, &mut step, count, every, &what).await?;
         }
     }
     if let Some(dir) = &args.config_dir
@@ -588,8 +488,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         let before = args.pid.and_then(process_usage);
         let bytes_before = bytes(&records);
         let path = dir.join("mesh/traffic-policies.yaml");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let edited = if text.contains("weight: 50, subset") {
             text.replacen("weight: 50, subset", "weight: 70, subset", 1)
         } else {
@@ -607,25 +506,13 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
                 .filter(|(proxy, _)| reach.reaches(*proxy, 0))
                 .map(|(_, r)| r.lock().expect("record lock").rds_at.clone())
                 .collect();
-            if Instant::now() > deadline
-                || deliveries
-                    .iter()
-                    .all(|d| d.last().is_some_and(|t| *t >= changed_at))
-            {
+            if Instant::now() > deadline || deliveries.iter().all(|d| d.last().is_some_and(|t| *t >= changed_at)) {
                 break deliveries;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let (mut lat, missing) = first_after(changed_at, &deliveries);
-        report(
-            &args,
-            mode,
-            "one TrafficPolicy change",
-            &mut lat,
-            missing,
-            before,
-            bytes(&records) - bytes_before,
-        );
+        report(&args, mode, "one TrafficPolicy change", &mut lat, missing, before, bytes(&records) - bytes_before);
     }
     Ok(())
 }
@@ -646,30 +533,21 @@ async fn measure_endpoint_changes(
     what: &str,
 ) -> anyhow::Result<()> {
     let before = args.pid.and_then(process_usage);
-    let bytes_before: u64 = records
-        .iter()
-        .map(|r| r.lock().expect("record lock").bytes)
-        .sum();
+    let bytes_before: u64 = records.iter().map(|r| r.lock().expect("record lock").bytes).sum();
     let mut changes = Vec::new();
     let mut tick = tokio::time::interval(every.max(Duration::from_micros(1)));
     for _ in 0..count {
         tick.tick().await;
         *step += 1;
-        let (c, s) = (
-            *step % args.clusters.max(1),
-            (*step * 7919) % args.services.max(1),
-        );
+        let (c, s) = (*step % args.clusters.max(1), (*step * 7919) % args.services.max(1));
         let idx = {
             let mut m = markers.write().expect("markers lock");
             let idx = m.len();
             m.insert(crate::fixtures::changed_address(*step).into_bytes(), idx);
             idx
         };
-        let path = dir
-            .join(cluster_name(c))
-            .join(format!("{}.yaml", service_name(s)));
-        write_atomically(&path, &service_yaml(c, s, args.endpoints, *step))
-            .with_context(|| format!("writing {}", path.display()))?;
+        let path = dir.join(cluster_name(c)).join(format!("{}.yaml", service_name(s)));
+        write_atomically(&path, &service_yaml(c, s, args.endpoints, *step)).with_context(|| format!("writing {}", path.display()))?;
         changes.push((idx, Instant::now(), s));
     }
     let reach = Reach::of(args);
@@ -684,41 +562,16 @@ async fn measure_endpoint_changes(
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let deliveries: Vec<_> = records
-        .iter()
-        .map(|r| r.lock().expect("record lock").delivered.clone())
-        .collect();
+    let deliveries: Vec<_> = records.iter().map(|r| r.lock().expect("record lock").delivered.clone()).collect();
     let (mut lat, missing) = latencies(&changes, &deliveries, reach);
-    let bytes_after: u64 = records
-        .iter()
-        .map(|r| r.lock().expect("record lock").bytes)
-        .sum();
-    report(
-        args,
-        mode,
-        &format!("{what} ({} changes)", changes.len()),
-        &mut lat,
-        missing,
-        before,
-        bytes_after - bytes_before,
-    );
+    let bytes_after: u64 = records.iter().map(|r| r.lock().expect("record lock").bytes).sum();
+    report(args, mode, &format!("{what} ({} changes)", changes.len()), &mut lat, missing, before, bytes_after - bytes_before);
     Ok(())
 }
 
-fn report(
-    args: &LoadArgs,
-    mode: &str,
-    what: &str,
-    lat: &mut [f64],
-    missing: usize,
-    before: Option<(f64, f64)>,
-    bytes: u64,
-) {
+fn report(args: &LoadArgs, mode: &str, what: &str, lat: &mut [f64], missing: usize, before: Option<(f64, f64)>, bytes: u64) {
     let usage = args.pid.and_then(process_usage);
-    let cpu = usage
-        .zip(before)
-        .map(|(a, b)| a.1 - b.1)
-        .unwrap_or(f64::NAN);
+    let cpu = usage.zip(before).map(|(a, b)| a.1 - b.1).unwrap_or(f64::NAN);
     let rss = usage.map_or(f64::NAN, |u| u.0);
     match percentiles(lat) {
         Some((p50, p90, p99, max)) => {
@@ -728,11 +581,8 @@ fn report(
                 bytes as f64 / 1048576.0
             );
             if args.markdown {
-                let what = if missing > 0 {
-                    format!("{what}; {missing} (proxy, change) pairs not delivered within --settle")
-                } else {
-                    what.to_string()
-                };
+                let what =
+                    if missing > 0 { format!("{what}; {missing} (proxy, change) pairs not delivered within --settle") } else { what.to_string() };
                 println!(
                     "| {mode} | {} | {what} | | {rss:.0} | {cpu:.1} | {p50:.0} | {p90:.0} | {p99:.0} | {max:.0} | {:.0} |",
                     args.proxies,
@@ -762,18 +612,11 @@ mod tests {
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
         let changes = [(0, ms(0), 0), (1, ms(100), 1)];
-        let deliveries = vec![
-            [(0, ms(50)), (1, ms(300))].into(),
-            [(1, ms(120))].into(),
-            Default::default(),
-        ];
+        let deliveries = vec![[(0, ms(50)), (1, ms(300))].into(), [(1, ms(120))].into(), Default::default()];
         let everyone = Reach { scoped: false, proxy_namespaces: 10 };
         let (lat, missing) = latencies(&changes, &deliveries, everyone);
         assert_eq!(lat, vec![50.0, 200.0, 20.0]);
-        assert_eq!(
-            missing, 3,
-            "the second proxy never got change 0, the third got nothing"
-        );
+        assert_eq!(missing, 3, "the second proxy never got change 0, the third got nothing");
         // With per-namespace Sidecars, proxy i (ns-<i % 2>) must get only its namespace's changes.
         let scoped = Reach { scoped: true, proxy_namespaces: 2 };
         let (lat, missing) = latencies(&changes, &deliveries, scoped);

@@ -100,7 +100,15 @@ async fn run_sample(args: SampleArgs) -> anyhow::Result<()> {
         let total: usize = counts.values().sum();
         for (answer, n) in &counts {
             let who: Vec<&String> = peers[answer].iter().filter(|p| !p.is_empty()).collect();
-            println!("{answer:<24} {n:>6}  {:>5.1}%  {}", 100.0 * *n as f64 / total.max(1) as f64, if who.is_empty() { "(no client certificate seen)".to_string() } else { format!("caller {}", who.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")) });
+            println!(
+                "{answer:<24} {n:>6}  {:>5.1}%  {}",
+                100.0 * *n as f64 / total.max(1) as f64,
+                if who.is_empty() {
+                    "(no client certificate seen)".to_string()
+                } else {
+                    format!("caller {}", who.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "))
+                }
+            );
         }
     }
     Ok(())
@@ -284,9 +292,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bootstrap(args) => run_bootstrap(args),
         Command::Crds(args) => run_crds(args),
         Command::Fixtures(a) => {
-            let spec = crate::fixtures::ScaleSpec { services: a.services, clusters: a.clusters, endpoints: a.endpoints, policies: a.policies, sidecars: a.sidecars };
+            let spec = crate::fixtures::ScaleSpec {
+                services: a.services,
+                clusters: a.clusters,
+                endpoints: a.endpoints,
+                policies: a.policies,
+                sidecars: a.sidecars,
+            };
             crate::fixtures::write_config_dir(&a.out, spec).with_context(|| format!("writing {}", a.out.display()))?;
-            println!("wrote {}: {} services x {} clusters x {} endpoints, {} TrafficPolicies", a.out.display(), a.services, a.clusters, a.endpoints, a.policies.min(a.services));
+            println!(
+                "wrote {}: {} services x {} clusters x {} endpoints, {} TrafficPolicies",
+                a.out.display(),
+                a.services,
+                a.clusters,
+                a.endpoints,
+                a.policies.min(a.services)
+            );
             Ok(())
         }
         Command::Validate(args) => {

@@ -8,14 +8,14 @@ use anyhow::Context;
 use tokio::sync::watch;
 
 use crate::admin::{AdminState, serve_admin};
-use crate::metrics::Metrics;
-use crate::static_resources::{load_resource_file, watch_resource_file};
-use crate::xds::csds::Csds;
-use crate::xds::debounce::{DebounceConfig, run_debouncer};
 use crate::mesh_provider::MeshResources;
+use crate::metrics::Metrics;
 use crate::sources::file::{SourceMemory, load_config_dir, watch_config_dir};
 use crate::sources::kubernetes::{self, KubeSourceOptions, SourceHealth};
 use crate::sources::kubernetes_status::{LeaseConfig, run_status_writer};
+use crate::static_resources::{load_resource_file, watch_resource_file};
+use crate::xds::csds::Csds;
+use crate::xds::debounce::{DebounceConfig, run_debouncer};
 use crate::xds::provider::{ChangeNotifier, ResourceProvider, SharedResources};
 use crate::xds::registry::ConnectionRegistry;
 use crate::xds::resources::ResourceSet;
@@ -153,7 +153,9 @@ async fn kube_client(path: Option<&std::path::Path>, context: Option<String>) ->
             kube::Config::from_custom_kubeconfig(kc, &options).await?
         }
         None if options.context.is_some() => kube::Config::from_kubeconfig(&options).await?,
-        None => kube::Config::infer().await.context("finding the management cluster (no --kubeconfig, $KUBECONFIG, ~/.kube/config or in-cluster config)")?,
+        None => kube::Config::infer()
+            .await
+            .context("finding the management cluster (no --kubeconfig, $KUBECONFIG, ~/.kube/config or in-cluster config)")?,
     };
     config.read_timeout = None;
     Ok(kube::Client::try_from(config)?)
@@ -220,8 +222,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             resources.update(inputs);
             let sink = resources.clone();
             _dir_watcher = Some(
-                watch_config_dir(dir.clone(), memory, move |inputs| sink.update(inputs))
-                    .with_context(|| format!("watching {}", dir.display()))?,
+                watch_config_dir(dir.clone(), memory, move |inputs| sink.update(inputs)).with_context(|| format!("watching {}", dir.display()))?,
             );
             mesh = Some(resources.clone());
             resources
@@ -277,9 +278,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let xds_listener = bind_with_backlog(&args.xds_addr, XDS_ACCEPT_BACKLOG, args.xds_send_buffer)
         .await
         .with_context(|| format!("binding --xds-addr {}", args.xds_addr))?;
-    let admin_listener = tokio::net::TcpListener::bind(&args.admin_addr)
-        .await
-        .with_context(|| format!("binding --admin-addr {}", args.admin_addr))?;
+    let admin_listener =
+        tokio::net::TcpListener::bind(&args.admin_addr).await.with_context(|| format!("binding --admin-addr {}", args.admin_addr))?;
     tracing::info!(xds = ?xds_listener.local_addr().ok(), admin = ?admin_listener.local_addr().ok(), "meshpilot serving");
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -296,11 +296,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let grpc = tokio::spawn(crate::xds::serve_grpc(xds_listener, server, Csds::new(registry.clone()), stopped(stop_rx.clone())));
-    let admin = tokio::spawn(serve_admin(
-        admin_listener,
-        AdminState { registry, metrics, provider, mesh, clusters: cluster_health },
-        stopped(stop_rx),
-    ));
+    let admin =
+        tokio::spawn(serve_admin(admin_listener, AdminState { registry, metrics, provider, mesh, clusters: cluster_health }, stopped(stop_rx)));
 
     shutdown_signal().await;
     tracing::info!("shutting down: closing xDS streams");

@@ -240,9 +240,7 @@ impl ResponseScanner {
             (Level::DeltaResource, _, 2) => Action::Descend(Level::Any),
             (Level::Any, _, 1) => Action::Gather(Target::AnyTypeUrl),
             (Level::Any, _, 2) => match self.any_type {
-                Some(ty @ (ResourceType::Cluster | ResourceType::Listener | ResourceType::Endpoint)) => {
-                    Action::Gather(Target::Body(ty))
-                }
+                Some(ty @ (ResourceType::Cluster | ResourceType::Listener | ResourceType::Endpoint)) => Action::Gather(Target::Body(ty)),
                 _ => Action::Skip,
             },
             _ => Action::Skip,
@@ -250,9 +248,7 @@ impl ResponseScanner {
     }
 
     fn gathered(&mut self, target: Target, bytes: Bytes) -> Result<(), ScanError> {
-        let text = |b: &Bytes| {
-            std::str::from_utf8(b).map(str::to_string).map_err(|_| ScanError::Malformed("a string field is not UTF-8"))
-        };
+        let text = |b: &Bytes| std::str::from_utf8(b).map(str::to_string).map_err(|_| ScanError::Malformed("a string field is not UTF-8"));
         match target {
             Target::Version => self.current.version_info = text(&bytes)?,
             Target::TypeUrl => self.current.type_url = text(&bytes)?,
@@ -567,17 +563,12 @@ mod tests {
                 lb_endpoints: addresses
                     .iter()
                     .map(|a| LbEndpoint {
-                        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(
-                            envoy_types::pb::envoy::config::endpoint::v3::Endpoint {
-                                address: Some(Address {
-                                    address: Some(address::Address::SocketAddress(SocketAddress {
-                                        address: a.to_string(),
-                                        ..Default::default()
-                                    })),
-                                }),
-                                ..Default::default()
-                            },
-                        )),
+                        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(envoy_types::pb::envoy::config::endpoint::v3::Endpoint {
+                            address: Some(Address {
+                                address: Some(address::Address::SocketAddress(SocketAddress { address: a.to_string(), ..Default::default() })),
+                            }),
+                            ..Default::default()
+                        })),
                         ..Default::default()
                     })
                     .collect(),

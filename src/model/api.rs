@@ -279,7 +279,14 @@ pub struct VirtualMeshSpec {
 
 /// `AccessControlPolicy.spec` (accepted; enforcement comes later).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default, CustomResource)]
-#[kube(group = "networking.zephyr.solo.io", version = "v1alpha1", kind = "AccessControlPolicy", namespaced, status = "PolicyObjectStatus", shortname = "acp")]
+#[kube(
+    group = "networking.zephyr.solo.io",
+    version = "v1alpha1",
+    kind = "AccessControlPolicy",
+    namespaced,
+    status = "PolicyObjectStatus",
+    shortname = "acp"
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AccessControlPolicySpec {
     pub source_selector: Option<IdentitySelector>,

@@ -58,10 +58,7 @@ impl From<&Pod> for PodSummary {
             labels: Arc::new(pod.metadata.labels.clone().unwrap_or_default()),
             service_account: pod.spec.as_ref().and_then(|s| s.service_account_name.clone()),
             pod_ip: status.and_then(|s| s.pod_ip.clone()).filter(|ip| !ip.is_empty()),
-            ready: status
-                .and_then(|s| s.conditions.as_ref())
-                .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-                .map(|c| c.status == "True"),
+            ready: status.and_then(|s| s.conditions.as_ref()).and_then(|cs| cs.iter().find(|c| c.type_ == "Ready")).map(|c| c.status == "True"),
             container_ports: pod
                 .spec
                 .iter()
@@ -83,6 +80,9 @@ fn ns_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> S
     meta.namespace.clone().unwrap_or_else(|| "default".to_string())
 }
 
+/// A Service port and the `targetPort` it names (for endpoints derived from Pods).
+type TargetPort = (ServicePort, Option<IntOrString>);
+
 /// Builds a cluster's services and endpoints; problems (a slice for an unknown
 /// service, a Service without ports) are returned as messages naming the object.
 pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec<String>) {
@@ -100,7 +100,7 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
         .unwrap_or_default();
 
     // Target ports per service, for endpoints derived from Pods.
-    let mut target_ports: HashMap<(String, String), Vec<(ServicePort, Option<IntOrString>)>> = HashMap::new();
+    let mut target_ports: HashMap<(String, String), Vec<TargetPort>> = HashMap::new();
     let mut selectors: HashMap<(String, String), BTreeMap<String, String>> = HashMap::new();
     for svc in &objects.services {
         let Some(svc_name) = svc.metadata.name.clone() else {
@@ -157,19 +157,12 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
 
     exclude_colliding_ports(name, &mut state, &mut errors);
 
-    let pods: HashMap<(&str, &str), &PodSummary> = objects
-        .pods
-        .iter()
-        .filter_map(|p| Some(((p.namespace.as_str(), p.name.as_deref()?), &**p)))
-        .collect();
+    let pods: HashMap<(&str, &str), &PodSummary> =
+        objects.pods.iter().filter_map(|p| Some(((p.namespace.as_str(), p.name.as_deref()?), &**p))).collect();
     let no_labels = Arc::new(BTreeMap::new());
     let pod_facts = |pod: Option<&PodSummary>| -> (Arc<BTreeMap<String, String>>, String, Option<String>) {
         match pod {
-            Some(p) => (
-                p.labels.clone(),
-                p.service_account.clone().unwrap_or_else(|| "default".into()),
-                p.name.clone(),
-            ),
+            Some(p) => (p.labels.clone(), p.service_account.clone().unwrap_or_else(|| "default".into()), p.name.clone()),
             None => (no_labels.clone(), "default".into(), None),
         }
     };
@@ -179,30 +172,20 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
         let namespace = ns_of(&slice.metadata);
         let slice_name = slice.metadata.name.clone().unwrap_or_else(|| format!("#{si}"));
         let Some(svc_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).cloned() else {
-            errors.push(format!(
-                "EndpointSlice {namespace}/{slice_name} in cluster {name}: metadata.labels has no {SERVICE_NAME_LABEL}; ignored"
-            ));
+            errors.push(format!("EndpointSlice {namespace}/{slice_name} in cluster {name}: metadata.labels has no {SERVICE_NAME_LABEL}; ignored"));
             continue;
         };
         let key = (namespace.clone(), svc_name.clone());
         if !state.services.contains_key(&key) {
-            errors.push(format!(
-                "EndpointSlice {namespace}/{slice_name} in cluster {name}: Service {namespace}/{svc_name} does not exist; ignored"
-            ));
+            errors.push(format!("EndpointSlice {namespace}/{slice_name} in cluster {name}: Service {namespace}/{svc_name} does not exist; ignored"));
             continue;
         }
         has_slices.insert(key.clone());
         if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
             continue; // FQDN slices are not routable by address
         }
-        let ports: Arc<BTreeMap<String, u16>> = Arc::new(
-            slice
-                .ports
-                .iter()
-                .flatten()
-                .filter_map(|p| Some((p.name.clone().unwrap_or_default(), u16::try_from(p.port?).ok()?)))
-                .collect(),
-        );
+        let ports: Arc<BTreeMap<String, u16>> =
+            Arc::new(slice.ports.iter().flatten().filter_map(|p| Some((p.name.clone().unwrap_or_default(), u16::try_from(p.port?).ok()?))).collect());
         for ep in &slice.endpoints {
             let Some(address) = ep.addresses.first().cloned() else { continue };
             let pod = ep
@@ -247,10 +230,9 @@ pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec
                 let port = match target {
                     None => Some(sp.port),
                     Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
-                    Some(IntOrString::String(n)) => container_ports
-                        .iter()
-                        .find(|(cn, _)| cn.as_deref() == Some(n.as_str()))
-                        .and_then(|(_, p)| u16::try_from(*p).ok()),
+                    Some(IntOrString::String(n)) => {
+                        container_ports.iter().find(|(cn, _)| cn.as_deref() == Some(n.as_str())).and_then(|(_, p)| u16::try_from(*p).ok())
+                    }
                 };
                 if let Some(port) = port {
                     ports.insert(sp.name.clone(), port);

@@ -262,11 +262,8 @@ impl MeshSnapshot {
     /// in `last_good` across calls) and builds the snapshot.
     pub fn build(inputs: MeshInputs, last_good: &mut policy::LastGood) -> MeshSnapshot {
         let mesh_peers = mesh_peers(&inputs);
-        let mut mesh_object_status: BTreeMap<MeshObjectId, MeshObjectStatus> = inputs
-            .virtual_meshes
-            .iter()
-            .map(|vm| object_status("VirtualMesh", vm, virtual_mesh_unsupported(&vm.spec)))
-            .collect();
+        let mut mesh_object_status: BTreeMap<MeshObjectId, MeshObjectStatus> =
+            inputs.virtual_meshes.iter().map(|vm| object_status("VirtualMesh", vm, virtual_mesh_unsupported(&vm.spec))).collect();
         mesh_object_status.extend(inputs.access_policies.iter().map(|acp| {
             let note = "AccessControlPolicy: not yet supported (policies are read and validated; access is not enforced yet)".to_string();
             object_status("AccessControlPolicy", acp, vec![note])
@@ -337,10 +334,8 @@ fn mesh_trust(inputs: &MeshInputs) -> BTreeMap<String, MeshTrust> {
         }
         for m in &vm.spec.meshes {
             if let Some(cluster) = mesh_ref_to_cluster(&m.name, &inputs.clusters) {
-                out.entry(cluster).or_insert_with(|| MeshTrust {
-                    virtual_mesh: format!("{}/{}", vm.namespace, vm.name),
-                    trust_domain: TRUST_DOMAIN.to_string(),
-                });
+                out.entry(cluster)
+                    .or_insert_with(|| MeshTrust { virtual_mesh: format!("{}/{}", vm.namespace, vm.name), trust_domain: TRUST_DOMAIN.to_string() });
             }
         }
     }
@@ -364,11 +359,9 @@ fn network_gateways(clusters: &BTreeMap<String, Arc<ClusterState>>) -> BTreeMap<
 }
 
 fn mesh_peers(inputs: &MeshInputs) -> BTreeMap<String, BTreeSet<String>> {
-    let mut peers: BTreeMap<String, BTreeSet<String>> =
-        inputs.clusters.keys().map(|c| (c.clone(), [c.clone()].into())).collect();
+    let mut peers: BTreeMap<String, BTreeSet<String>> = inputs.clusters.keys().map(|c| (c.clone(), [c.clone()].into())).collect();
     for vm in &inputs.virtual_meshes {
-        let members: BTreeSet<String> =
-            vm.spec.meshes.iter().filter_map(|m| mesh_ref_to_cluster(&m.name, &inputs.clusters)).collect();
+        let members: BTreeSet<String> = vm.spec.meshes.iter().filter_map(|m| mesh_ref_to_cluster(&m.name, &inputs.clusters)).collect();
         for m in &members {
             peers.entry(m.clone()).or_default().extend(members.iter().cloned());
         }

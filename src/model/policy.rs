@@ -91,8 +91,7 @@ impl SourceMatch {
     }
 
     pub fn matches(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
-        (self.namespaces.is_empty() || self.namespaces.iter().any(|n| n == namespace))
-            && self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+        (self.namespaces.is_empty() || self.namespaces.iter().any(|n| n == namespace)) && self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
     }
 }
 
@@ -293,13 +292,7 @@ fn check_matcher(m: &HttpMatcher, field: &str, errors: &mut Vec<String>) {
 
 /// Resolves a `{name, namespace, cluster}` reference to a service the selected
 /// services' clients can reach.
-fn resolve_ref(
-    snapshot: &MeshSnapshot,
-    r: &api::ResourceRef,
-    selected: &[ServiceKey],
-    field: &str,
-    errors: &mut Vec<String>,
-) -> Option<ServiceKey> {
+fn resolve_ref(snapshot: &MeshSnapshot, r: &api::ResourceRef, selected: &[ServiceKey], field: &str, errors: &mut Vec<String>) -> Option<ServiceKey> {
     let mut missing = Vec::new();
     for (what, v) in [("name", &r.name), ("namespace", &r.namespace), ("cluster", &r.cluster)] {
         if v.is_empty() {
@@ -438,7 +431,10 @@ fn check_http_only_actions(snapshot: &MeshSnapshot, spec: &TrafficPolicySpec, se
         }
         let ports: Vec<String> = svc.ports.iter().map(|p| format!("{} ({})", p.port, p.protocol.as_str())).collect();
         for (field, _) in set.iter().filter(|(_, on)| *on) {
-            errors.push(format!("{field}: HTTP-only, but {key} serves no HTTP port ({}); on TCP only trafficShift and outlierDetection apply", ports.join(", ")));
+            errors.push(format!(
+                "{field}: HTTP-only, but {key} serves no HTTP port ({}); on TCP only trafficShift and outlierDetection apply",
+                ports.join(", ")
+            ));
         }
     }
 }
@@ -554,7 +550,12 @@ pub fn validate(snapshot: &MeshSnapshot, policy: &PolicyObject<TrafficPolicySpec
     }
 
     if let Some(h) = &spec.header_manipulation {
-        let names = h.remove_request_headers.iter().chain(&h.remove_response_headers).chain(h.append_request_headers.keys()).chain(h.append_response_headers.keys());
+        let names = h
+            .remove_request_headers
+            .iter()
+            .chain(&h.remove_response_headers)
+            .chain(h.append_request_headers.keys())
+            .chain(h.append_response_headers.keys());
         for n in names {
             if n.is_empty() || n.starts_with(':') || n.eq_ignore_ascii_case("host") {
                 errors.push(format!("spec.headerManipulation: header {n:?} cannot be changed"));
@@ -567,7 +568,8 @@ pub fn validate(snapshot: &MeshSnapshot, policy: &PolicyObject<TrafficPolicySpec
         if spec.source_selector.as_ref().is_some_and(|s| !SourceMatch::from_selector(Some(s)).is_everyone()) {
             errors.push("spec.outlierDetection: requires an empty sourceSelector (it applies to every client)".into());
         }
-        let interval = o.interval.as_ref().map_or(Some(Duration::from_secs(10)), |s| parse_min_duration(s, "spec.outlierDetection.interval", &mut errors));
+        let interval =
+            o.interval.as_ref().map_or(Some(Duration::from_secs(10)), |s| parse_min_duration(s, "spec.outlierDetection.interval", &mut errors));
         let base = o
             .base_ejection_time
             .as_ref()
@@ -576,8 +578,7 @@ pub fn validate(snapshot: &MeshSnapshot, policy: &PolicyObject<TrafficPolicySpec
             errors.push("spec.outlierDetection.consecutiveErrors: must be at least 1".into());
         }
         if let (Some(interval), Some(base_ejection_time)) = (interval, base) {
-            actions.outlier_detection =
-                Some(Outlier { consecutive_errors: o.consecutive_errors.unwrap_or(5), interval, base_ejection_time });
+            actions.outlier_detection = Some(Outlier { consecutive_errors: o.consecutive_errors.unwrap_or(5), interval, base_ejection_time });
         }
     }
 
@@ -592,12 +593,7 @@ pub fn validate(snapshot: &MeshSnapshot, policy: &PolicyObject<TrafficPolicySpec
     let source = SourceMatch::from_selector(spec.source_selector.as_ref());
     let rules = selected
         .into_iter()
-        .map(|service| ServiceRule {
-            service,
-            source: source.clone(),
-            matchers: spec.http_request_matchers.clone(),
-            actions: actions.clone(),
-        })
+        .map(|service| ServiceRule { service, source: source.clone(), matchers: spec.http_request_matchers.clone(), actions: actions.clone() })
         .collect();
     Ok(AppliedPolicy { id: policy.id(), generation: policy.generation, created_ms: policy.created_ms, rules })
 }
@@ -614,10 +610,7 @@ fn conflicts(candidate: &AppliedPolicy, applied: &[Arc<AppliedPolicy>]) -> Vec<S
         for older in applied {
             for other in older.rules.iter().filter(|o| o.same_target(rule)) {
                 for field in rule.actions.conflicting_fields(&other.actions) {
-                    out.push(format!(
-                        "spec.{field}: conflicts with TrafficPolicy {} on service {} (the older policy wins)",
-                        older.id, rule.service
-                    ));
+                    out.push(format!("spec.{field}: conflicts with TrafficPolicy {} on service {} (the older policy wins)", older.id, rule.service));
                 }
             }
         }
@@ -639,7 +632,7 @@ pub fn resolve(
     last_good: &mut LastGood,
 ) -> (Vec<Arc<AppliedPolicy>>, BTreeMap<PolicyId, PolicyStatus>) {
     let mut order: Vec<&PolicyObject<TrafficPolicySpec>> = policies.iter().collect();
-    order.sort_by(|a, b| (a.created_ms, a.id()).cmp(&(b.created_ms, b.id())));
+    order.sort_by_key(|a| (a.created_ms, a.id()));
     let mut applied: Vec<Arc<AppliedPolicy>> = Vec::new();
     let mut status = BTreeMap::new();
     for p in order {
@@ -652,10 +645,7 @@ pub fn resolve(
             Err(errors) => (last_good.accepted.get(&id).cloned(), errors, PolicyState::Invalid),
         };
         let mut serving = None;
-        let mut services: Vec<String> = candidate
-            .iter()
-            .flat_map(|c| c.rules.iter().map(|r| r.service.to_string()))
-            .collect();
+        let mut services: Vec<String> = candidate.iter().flat_map(|c| c.rules.iter().map(|r| r.service.to_string())).collect();
         services.dedup();
         if let Some(c) = candidate {
             let clashes = conflicts(&c, &applied);
@@ -767,30 +757,61 @@ mod tests {
     #[test]
     fn invalid_policies_name_the_field_and_the_reason() {
         let cases = [
-            (shift("{destination: {cluster: remote-cluster, name: reviewz, namespace: default}, weight: 1}"),
-             "spec.trafficShift.destinations[0].destination: service reviewz.default.remote-cluster does not exist"),
-            (shift("{destination: {cluster: nowhere, name: reviews, namespace: default}, weight: 1}"),
-             "spec.trafficShift.destinations[0].destination: cluster \"nowhere\" is not registered"),
-            (shift("{destination: {cluster: management-plane, name: reviews, namespace: default}, weight: 1, subset: {version: v9}}"),
-             "spec.trafficShift.destinations[0].subset: {version=v9} matches no pod of reviews.default.management-plane"),
-            (shift("{destination: {cluster: management-plane, name: reviews, namespace: default}, weight: 0}"),
-             "spec.trafficShift.destinations: the weights add up to 0"),
-            (shift("{destination: {cluster: management-plane, name: reviews, namespace: default}, weight: 1, port: 9999}"),
-             "spec.trafficShift.destinations[0].port: reviews.default.management-plane has no port 9999"),
-            (shift("{destination: {name: reviews, namespace: default}, weight: 1}"),
-             "spec.trafficShift.destinations[0].destination: cluster is required"),
-            ("destinationSelector: {serviceRefs: {services: [{cluster: management-plane, name: nope, namespace: default}]}}\nrequestTimeout: 1s".into(),
-             "spec.destinationSelector.serviceRefs.services[0]: service nope.default.management-plane does not exist"),
-            ("destinationSelector: {matcher: {labels: {app: nope}}}\nrequestTimeout: 1s".into(),
-             "spec.destinationSelector.matcher: selects no service"),
-            ("destinationSelector: {matcher: {}, serviceRefs: {services: []}}\nrequestTimeout: 1s".into(),
-             "spec.destinationSelector: set either matcher or serviceRefs, not both"),
+            (
+                shift("{destination: {cluster: remote-cluster, name: reviewz, namespace: default}, weight: 1}"),
+                "spec.trafficShift.destinations[0].destination: service reviewz.default.remote-cluster does not exist",
+            ),
+            (
+                shift("{destination: {cluster: nowhere, name: reviews, namespace: default}, weight: 1}"),
+                "spec.trafficShift.destinations[0].destination: cluster \"nowhere\" is not registered",
+            ),
+            (
+                shift("{destination: {cluster: management-plane, name: reviews, namespace: default}, weight: 1, subset: {version: v9}}"),
+                "spec.trafficShift.destinations[0].subset: {version=v9} matches no pod of reviews.default.management-plane",
+            ),
+            (
+                shift("{destination: {cluster: management-plane, name: reviews, namespace: default}, weight: 0}"),
+                "spec.trafficShift.destinations: the weights add up to 0",
+            ),
+            (
+                shift("{destination: {cluster: management-plane, name: reviews, namespace: default}, weight: 1, port: 9999}"),
+                "spec.trafficShift.destinations[0].port: reviews.default.management-plane has no port 9999",
+            ),
+            (
+                shift("{destination: {name: reviews, namespace: default}, weight: 1}"),
+                "spec.trafficShift.destinations[0].destination: cluster is required",
+            ),
+            (
+                "destinationSelector: {serviceRefs: {services: [{cluster: management-plane, name: nope, namespace: default}]}}\nrequestTimeout: 1s"
+                    .into(),
+                "spec.destinationSelector.serviceRefs.services[0]: service nope.default.management-plane does not exist",
+            ),
+            (
+                "destinationSelector: {matcher: {labels: {app: nope}}}\nrequestTimeout: 1s".into(),
+                "spec.destinationSelector.matcher: selects no service",
+            ),
+            (
+                "destinationSelector: {matcher: {}, serviceRefs: {services: []}}\nrequestTimeout: 1s".into(),
+                "spec.destinationSelector: set either matcher or serviceRefs, not both",
+            ),
             (format!("{SEL}requestTimeout: soon"), "spec.requestTimeout: \"soon\" is not a duration"),
             (format!("{SEL}retries: {{attempts: -1}}"), "spec.retries.attempts: -1 is negative"),
-            (format!("{SEL}faultInjection: {{abort: {{httpStatus: 99}}, percentage: 50}}"), "spec.faultInjection.abort.httpStatus: 99 is not an HTTP status"),
-            (format!("{SEL}faultInjection: {{delay: {{fixedDelay: 1s}}, percentage: 150}}"), "spec.faultInjection.percentage: 150 is not between 0 and 100"),
-            (format!("{SEL}httpRequestMatchers: [{{regex: '(unclosed'}}]\nrequestTimeout: 1s"), "spec.httpRequestMatchers[0].regex: \"(unclosed\" is not a valid regular expression"),
-            (format!("{SEL}httpRequestMatchers: [{{method: {{method: FETCH}}}}]\nrequestTimeout: 1s"), "spec.httpRequestMatchers[0].method.method: \"FETCH\" is not one of"),
+            (
+                format!("{SEL}faultInjection: {{abort: {{httpStatus: 99}}, percentage: 50}}"),
+                "spec.faultInjection.abort.httpStatus: 99 is not an HTTP status",
+            ),
+            (
+                format!("{SEL}faultInjection: {{delay: {{fixedDelay: 1s}}, percentage: 150}}"),
+                "spec.faultInjection.percentage: 150 is not between 0 and 100",
+            ),
+            (
+                format!("{SEL}httpRequestMatchers: [{{regex: '(unclosed'}}]\nrequestTimeout: 1s"),
+                "spec.httpRequestMatchers[0].regex: \"(unclosed\" is not a valid regular expression",
+            ),
+            (
+                format!("{SEL}httpRequestMatchers: [{{method: {{method: FETCH}}}}]\nrequestTimeout: 1s"),
+                "spec.httpRequestMatchers[0].method.method: \"FETCH\" is not one of",
+            ),
             (format!("{SEL}sourceSelector: {{namespaces: [a]}}\noutlierDetection: {{}}"), "spec.outlierDetection: requires an empty sourceSelector"),
             (SEL.to_string(), "spec: sets no action"),
         ];
@@ -807,7 +828,8 @@ mod tests {
     fn a_destination_outside_the_virtual_mesh_is_rejected() {
         let mut inputs = bookinfo();
         inputs.virtual_meshes.clear();
-        inputs.traffic_policies = vec![policy("p", 1, &shift("{destination: {cluster: remote-cluster, name: reviews, namespace: default}, weight: 1}"))];
+        inputs.traffic_policies =
+            vec![policy("p", 1, &shift("{destination: {cluster: remote-cluster, name: reviews, namespace: default}, weight: 1}"))];
         let s = MeshSnapshot::build(inputs, &mut LastGood::default());
         let st = status(&s, "p");
         assert_eq!(st.state, PolicyState::Invalid);

@@ -192,7 +192,9 @@ pub fn validate(object: &PolicyObject<SidecarSpec>) -> Result<SidecarScope, Vec<
             }
         },
     };
-    if let Some(other) = spec.outbound_traffic_policy.as_ref().and_then(|p| p.as_object()).and_then(|o| o.keys().find(|k| *k != "mode" && *k != "egressProxy")) {
+    if let Some(other) =
+        spec.outbound_traffic_policy.as_ref().and_then(|p| p.as_object()).and_then(|o| o.keys().find(|k| *k != "mode" && *k != "egressProxy"))
+    {
         errors.push(format!("spec.outboundTrafficPolicy.{other}: unknown field (Istio's are mode and egressProxy)"));
     }
     if !errors.is_empty() {
@@ -291,7 +293,8 @@ mod tests {
 
     #[test]
     fn hosts_match_like_istio() {
-        let s = validate(&sidecar("default", "s", 0, None, &["./*", "*/ratings.other.svc.cluster.local", "shared/*.svc.cluster-2.global", "~/*"])).unwrap();
+        let s = validate(&sidecar("default", "s", 0, None, &["./*", "*/ratings.other.svc.cluster.local", "shared/*.svc.cluster-2.global", "~/*"]))
+            .unwrap();
         let imports = |ns: &str, hosts: &[&str]| s.imports("default", ns, hosts);
         assert!(imports("default", &["reviews.default.svc.cluster.local"]));
         assert!(!imports("other", &["reviews.other.svc.cluster.local"]));

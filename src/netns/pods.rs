@@ -100,8 +100,7 @@ fn hosts_dir(ns: &str) -> PathBuf {
 
 /// Whether pods with capture can be made here: root, `ip`, `iptables-restore`, `setpriv`.
 pub fn available() -> bool {
-    super::available()
-        && ["iptables-restore", "setpriv"].iter().all(|p| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()))
+    super::available() && ["iptables-restore", "setpriv"].iter().all(|p| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()))
 }
 
 impl PodNetwork {
@@ -140,7 +139,10 @@ impl PodNetwork {
     /// A pod at `address` (its network's /24), with `hosts` as its
     /// `/etc/hosts`, captured by Istio's rules when `capture`. Returns its namespace.
     pub fn add_pod(&mut self, address: &str, hosts: &str, capture: bool) -> Result<String, NetnsError> {
-        let router = self.router_of(address).cloned().ok_or_else(|| NetnsError::Ip { args: format!("pod {address}"), stderr: "no network for this address".into() })?;
+        let router = self
+            .router_of(address)
+            .cloned()
+            .ok_or_else(|| NetnsError::Ip { args: format!("pod {address}"), stderr: "no network for this address".into() })?;
         let ns = format!("p{}-{}", self.pods.len(), self.id);
         ip(&["netns", "add", &ns])?;
         self.pods.insert(address.to_string(), ns.clone());
@@ -164,7 +166,11 @@ impl PodNetwork {
     /// and the link address the first network's router reaches it on (no capture).
     pub fn add_gateway(&mut self, pod_address: &str, first_network: &str) -> Result<String, NetnsError> {
         let ns = self.add_pod(pod_address, "", false)?;
-        let router = self.routers.get(first_network).cloned().ok_or_else(|| NetnsError::Ip { args: format!("network {first_network}"), stderr: "unknown network".into() })?;
+        let router = self
+            .routers
+            .get(first_network)
+            .cloned()
+            .ok_or_else(|| NetnsError::Ip { args: format!("network {first_network}"), stderr: "unknown network".into() })?;
         let (inner, outer) = (format!("g{}", self.id), format!("l{}", self.id));
         ip(&["link", "add", &inner, "netns", &ns, "type", "veth", "peer", "name", &outer, "netns", &router])?;
         ip(&["-n", &ns, "addr", "add", &format!("{GATEWAY_LINK_ADDRESS}/24"), "dev", &inner])?;
@@ -233,7 +239,11 @@ pub fn real_envoy_binary(envoy: &Path) -> std::io::Result<PathBuf> {
     let out = Command::new(python).args(["-c", "import envoy, os; print(os.path.dirname(envoy.__file__))"]).output()?;
     let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let bin = Path::new(&dir).join("_bin/envoy");
-    if bin.is_file() { Ok(bin) } else { Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("no Envoy binary behind {}", envoy.display()))) }
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("no Envoy binary behind {}", envoy.display())))
+    }
 }
 
 /// A copy of Envoy that the proxy user can run (root's home is not theirs to read).

@@ -20,7 +20,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::model::api::{AccessControlPolicySpec, ISTIO_NETWORKING_VERSIONS, NETWORKING_GROUP_VERSION, SidecarSpec, TrafficPolicySpec, VirtualMeshSpec};
+use crate::model::api::{
+    AccessControlPolicySpec, ISTIO_NETWORKING_VERSIONS, NETWORKING_GROUP_VERSION, SidecarSpec, TrafficPolicySpec, VirtualMeshSpec,
+};
 use crate::model::k8s::{ClusterObjects, PodSummary, cluster_state};
 use crate::model::{MeshInputs, PolicyObject};
 
@@ -56,6 +58,9 @@ struct FileObjects {
 /// What the source remembers between loads: each file's last good parse,
 /// when each policy was first seen (its age, when it has no
 /// creationTimestamp) and its spec generations (when it has no generation).
+/// A cluster folder as last built: its files' stamps, its state, its read errors.
+type BuiltCluster = (Vec<(PathBuf, Option<FileStamp>)>, Arc<crate::model::ClusterState>, Vec<String>);
+
 #[derive(Debug, Default)]
 pub struct SourceMemory {
     files: HashMap<PathBuf, FileObjects>,
@@ -64,7 +69,7 @@ pub struct SourceMemory {
     stamps: HashMap<PathBuf, (u64, u64, std::time::SystemTime)>,
     /// Each cluster folder's state, its read errors and the stamps it was
     /// built from: a folder whose files did not change is not rebuilt.
-    clusters: HashMap<String, (Vec<(PathBuf, Option<FileStamp>)>, Arc<crate::model::ClusterState>, Vec<String>)>,
+    clusters: HashMap<String, BuiltCluster>,
     first_seen_ms: HashMap<(String, String, String), i64>,
     generations: HashMap<(String, String, String), (String, i64)>,
 }
@@ -246,10 +251,7 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
         }
         if !entry.is_dir() {
             if is_manifest(&entry) {
-                inputs.errors.push(format!(
-                    "{}: files belong in DIR/<cluster>/ or DIR/{MESH_DIR}/; ignored",
-                    entry.display()
-                ));
+                inputs.errors.push(format!("{}: files belong in DIR/<cluster>/ or DIR/{MESH_DIR}/; ignored", entry.display()));
             }
             continue;
         }
@@ -294,11 +296,7 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
                 }
                 Err(e) => {
                     let kept = memory.files.get(&file).cloned();
-                    inputs.errors.push(if kept.is_some() {
-                        format!("{e} (the file's last good contents keep serving)")
-                    } else {
-                        e
-                    });
+                    inputs.errors.push(if kept.is_some() { format!("{e} (the file's last good contents keep serving)") } else { e });
                     kept.unwrap_or_default()
                 }
             };
@@ -423,7 +421,8 @@ pub fn watch_config_dir(
 mod tests {
     use super::*;
 
-    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews}\nspec: {selector: {app: reviews}, ports: [{name: http, port: 9080}]}\n";
+    const SVC: &str =
+        "apiVersion: v1\nkind: Service\nmetadata: {name: reviews}\nspec: {selector: {app: reviews}, ports: [{name: http, port: 9080}]}\n";
     const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: r1, labels: {app: reviews, version: v1}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 127.0.0.9}\n";
     const POLICY: &str = "apiVersion: networking.zephyr.solo.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p, namespace: service-mesh-hub}\nspec:\n  destinationSelector: {serviceRefs: {services: [{cluster: c1, name: reviews, namespace: default}]}}\n  trafficShift: {destinations: [{destination: {cluster: c1, name: reviews, namespace: default}, weight: 1}]}\n";
 
@@ -490,7 +489,11 @@ mod tests {
         let inputs = load_config_dir(dir.path(), &mut memory).unwrap();
         let p = &inputs.traffic_policies[0];
         assert_eq!(p.parse_errors.len(), 1);
-        assert!(p.parse_errors[0].starts_with("spec.trafficShift.destinations[0].wieght: unknown field `wieght`, expected one of"), "{:?}", p.parse_errors);
+        assert!(
+            p.parse_errors[0].starts_with("spec.trafficShift.destinations[0].wieght: unknown field `wieght`, expected one of"),
+            "{:?}",
+            p.parse_errors
+        );
         assert_eq!(p.generation, Some(2), "a changed spec is a new generation");
         assert_eq!(p.created_ms, first.traffic_policies[0].created_ms, "age is kept across edits");
     }

@@ -273,7 +273,8 @@ pub async fn run(
     // Istio's Sidecar is optional: without its CRD (or read access), Sidecars
     // are not read and every proxy sees its whole virtual mesh.
     let sidecar_resource = ApiResource::erase::<Sidecar>(&());
-    let sidecars = match Api::<DynamicObject>::all_with(management.clone(), &sidecar_resource).list(&kube::api::ListParams::default().limit(1)).await {
+    let sidecars = match Api::<DynamicObject>::all_with(management.clone(), &sidecar_resource).list(&kube::api::ListParams::default().limit(1)).await
+    {
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 403 => {
             tracing::warn!(
                 code = e.code,
@@ -328,7 +329,8 @@ pub async fn run(
             for kc in wanted {
                 let name = kc.name_any();
                 live.push(name.clone());
-                let secret_ns = kc.spec.secret_ref.namespace.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| options.registration_namespace.clone());
+                let secret_ns =
+                    kc.spec.secret_ref.namespace.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| options.registration_namespace.clone());
                 let secret_name = kc.spec.secret_ref.name.clone();
                 let secret = match Api::<Secret>::namespaced(management.clone(), &secret_ns).get_opt(&secret_name).await {
                     Ok(Some(s)) => s,
@@ -407,12 +409,14 @@ pub async fn run(
         // so that sidecars never see a half-read mesh.
         let health_now = health.clusters();
         let clusters_settled = watches.keys().all(|name| health_now.iter().any(|h| &h.name == name && (h.synced || h.stale)));
-        let mesh_synced = health.mesh_synced() || health_now.iter().any(|h| h.name == MESH_OBJECTS && MESH_KINDS.iter().all(|k| h.listed.contains(*k)));
+        let mesh_synced =
+            health.mesh_synced() || health_now.iter().any(|h| h.name == MESH_OBJECTS && MESH_KINDS.iter().all(|k| h.listed.contains(*k)));
         if mesh_synced && !health.mesh_synced() {
             health.update(MESH_OBJECTS, |h| h.synced = true);
             health.mesh_synced.store(true, std::sync::atomic::Ordering::Release);
         }
-        if !published_once && !(registrations_listed && clusters_settled && mesh_synced) {
+        let everything_listed = registrations_listed && clusters_settled && mesh_synced;
+        if !published_once && !everything_listed {
             continue;
         }
         published_once = true;

@@ -13,14 +13,16 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 use tokio::sync::watch;
 
 use crate::mesh_provider::MeshResources;
-use crate::model::api::{AccessControlPolicy, ApprovalStatus, ConflictError, NETWORKING_GROUP_VERSION, PolicyObjectStatus, Sidecar, TrafficPolicy, VirtualMesh};
+use crate::model::api::{
+    AccessControlPolicy, ApprovalStatus, ConflictError, NETWORKING_GROUP_VERSION, PolicyObjectStatus, Sidecar, TrafficPolicy, VirtualMesh,
+};
 use crate::model::{MeshObjectId, MeshObjectStatus, PolicyId, PolicyState, PolicyStatus};
 
 pub const FIELD_MANAGER: &str = "meshpilot";

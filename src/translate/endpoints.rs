@@ -53,8 +53,11 @@ fn assignment(name: &str, by_locality: BTreeMap<MeshLocality, Vec<LbEndpoint>>) 
         endpoints: by_locality
             .into_iter()
             .map(|(loc, lb_endpoints)| LocalityLbEndpoints {
-                locality: (loc.region.len() + loc.zone.len() > 0)
-                    .then(|| Locality { region: loc.region.clone(), zone: loc.zone.clone(), ..Default::default() }),
+                locality: (loc.region.len() + loc.zone.len() > 0).then(|| Locality {
+                    region: loc.region.clone(),
+                    zone: loc.zone.clone(),
+                    ..Default::default()
+                }),
                 lb_endpoints,
                 ..Default::default()
             })
@@ -84,10 +87,12 @@ pub fn load_assignment(snapshot: &MeshSnapshot, target: &ClusterTarget, scope: &
     if mtls {
         for (network, count) in other_networks {
             for gw in snapshot.gateways.get(network).into_iter().flatten() {
-                by_locality
-                    .entry(MeshLocality::default())
-                    .or_default()
-                    .push(lb_endpoint(&gw.address, gw.port, count, Some(tls::mtls_endpoint_metadata(network))));
+                by_locality.entry(MeshLocality::default()).or_default().push(lb_endpoint(
+                    &gw.address,
+                    gw.port,
+                    count,
+                    Some(tls::mtls_endpoint_metadata(network)),
+                ));
             }
         }
     }

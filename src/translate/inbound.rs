@@ -23,13 +23,17 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster::ClusterDiscoveryType, cluster::DiscoveryType};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint::HostIdentifier};
 use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, FilterChainMatch, Listener, filter::ConfigType};
-use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
-use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier as TcpTo;
-use envoy_types::pb::envoy::config::route::v3::{Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier};
-use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, HttpFilter, http_connection_manager::{ForwardClientCertDetails, RouteSpecifier, SetCurrentClientCertDetails}, http_filter,
+use envoy_types::pb::envoy::config::route::v3::{
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier,
 };
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter,
+    http_connection_manager::{ForwardClientCertDetails, RouteSpecifier, SetCurrentClientCertDetails},
+    http_filter,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier as TcpTo;
 use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 
 use super::clusters::{INBOUND_PASSTHROUGH_CLUSTER, INBOUND_SOURCE_ADDRESS, original_dst_cluster, with_http2};
@@ -56,7 +60,7 @@ pub fn served_ports(snapshot: &MeshSnapshot, scope: &ProxyScope) -> BTreeSet<(St
     let mut out = BTreeSet::new();
     let Some(state) = snapshot.clusters.get(&scope.cluster) else { return out };
     for ep in state.endpoints.values().flatten() {
-        if scope.instance_ips.iter().any(|ip| *ip == ep.address) {
+        if scope.instance_ips.contains(&ep.address) {
             out.extend(ep.ports.values().map(|p| (ep.address.clone(), *p)));
         }
     }
@@ -70,7 +74,7 @@ pub fn served_protocols(snapshot: &MeshSnapshot, scope: &ProxyScope) -> BTreeMap
     let Some(state) = snapshot.clusters.get(&scope.cluster) else { return out };
     for (key, eps) in &state.endpoints {
         let Some(svc) = state.services.get(key) else { continue };
-        for ep in eps.iter().filter(|e| scope.instance_ips.iter().any(|ip| *ip == e.address)) {
+        for ep in eps.iter().filter(|e| scope.instance_ips.contains(&e.address)) {
             for sp in &svc.ports {
                 if let Some(port) = ep.ports.get(&sp.name) {
                     out.entry(*port).or_insert(sp.protocol);
@@ -192,7 +196,10 @@ pub fn inbound_cluster(app_address: &str, port: u16) -> Cluster {
             cluster_name: name,
             endpoints: vec![LocalityLbEndpoints {
                 lb_endpoints: vec![LbEndpoint {
-                    host_identifier: Some(HostIdentifier::Endpoint(Endpoint { address: Some(socket_address(app_address, port)), ..Default::default() })),
+                    host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                        address: Some(socket_address(app_address, port)),
+                        ..Default::default()
+                    })),
                     ..Default::default()
                 }],
                 ..Default::default()

@@ -229,7 +229,12 @@ pub fn unmatched_policy(snapshot: &MeshSnapshot, scope: &ProxyScope) -> routes::
 /// endpoints when client and service share a CA), or, for a headless
 /// service of the client's own cluster, its original destination (a client
 /// dials the pod it means); HTTP/2 kept for `http2`/`grpc` ports.
-fn target_cluster(snapshot: &MeshSnapshot, scope: &ProxyScope, t: &ClusterTarget, outliers: &BTreeMap<ServiceKey, Outlier>) -> envoy_types::pb::envoy::config::cluster::v3::Cluster {
+fn target_cluster(
+    snapshot: &MeshSnapshot,
+    scope: &ProxyScope,
+    t: &ClusterTarget,
+    outliers: &BTreeMap<ServiceKey, Outlier>,
+) -> envoy_types::pb::envoy::config::cluster::v3::Cluster {
     let service = snapshot.service(&t.service);
     let trust = mtls_between(snapshot, &scope.cluster, &t.service.cluster);
     let sni = trust.map(|_| names::outbound_sni(t.port, &names::subset_name(&t.subset), &names::host(&t.service.cluster, &t.service)));
@@ -270,7 +275,11 @@ pub fn translate(snapshot: &MeshSnapshot, scope: &ProxyScope) -> ResourceSet {
     let mut listeners = Vec::new();
     if captured {
         listeners = outbound::captured_listeners(snapshot, scope, &views, unmatched, &mut targets);
-        for c in [clusters::original_dst_cluster(clusters::PASSTHROUGH_CLUSTER, None), clusters::blackhole_cluster(), inbound::inbound_passthrough_cluster()] {
+        for c in [
+            clusters::original_dst_cluster(clusters::PASSTHROUGH_CLUSTER, None),
+            clusters::blackhole_cluster(),
+            inbound::inbound_passthrough_cluster(),
+        ] {
             set.insert(ResourceType::Cluster, Resource::from_message(c.name.clone(), &c));
         }
         let served = inbound::served_protocols(snapshot, scope);

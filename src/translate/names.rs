@@ -11,11 +11,7 @@ use crate::model::ServiceKey;
 /// cluster's services are `name.ns.svc.cluster.local`, another cluster's are
 /// `name.ns.svc.<cluster>.global` (Service Mesh Hub's multicluster DNS name).
 pub fn host(client_cluster: &str, service: &ServiceKey) -> String {
-    if service.cluster == client_cluster {
-        kubernetes_host(service)
-    } else {
-        global_host(service)
-    }
+    if service.cluster == client_cluster { kubernetes_host(service) } else { global_host(service) }
 }
 
 /// `name.ns.svc.cluster.local`: the service's Kubernetes name, in whichever cluster.
@@ -33,10 +29,7 @@ pub fn global_host(service: &ServiceKey) -> String {
 /// are safe in cluster names and SNI.
 pub fn subset_name(labels: &BTreeMap<String, String>) -> String {
     let raw: Vec<String> = labels.iter().map(|(k, v)| format!("{k}-{v}")).collect();
-    raw.join("_")
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '-' })
-        .collect()
+    raw.join("_").chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '-' }).collect()
 }
 
 /// Istio's `BuildSubsetKey`: `outbound|<port>|<subset>|<host>`.
@@ -95,7 +88,10 @@ mod tests {
         assert_eq!(subset_name(&v1), "version-v1");
         let odd: BTreeMap<String, String> = [("app.kubernetes.io/version".to_string(), "1 2".to_string())].into();
         assert_eq!(subset_name(&odd), "app.kubernetes.io-version-1-2");
-        assert_eq!(outbound_cluster(9080, "version-v1", "reviews.default.svc.cluster.local"), "outbound|9080|version-v1|reviews.default.svc.cluster.local");
+        assert_eq!(
+            outbound_cluster(9080, "version-v1", "reviews.default.svc.cluster.local"),
+            "outbound|9080|version-v1|reviews.default.svc.cluster.local"
+        );
         assert_eq!(outbound_sni(9080, "", "r.d.svc.cluster.local"), "outbound_.9080_._.r.d.svc.cluster.local");
         let local = ServiceKey::new("c", "default", "reviews");
         assert_eq!(

@@ -130,12 +130,7 @@ fn dialed_addresses(snapshot: &MeshSnapshot, view: &ServiceView<'_>, port: u16) 
         return svc.cluster_ip.iter().map(|ip| (ip.clone(), port)).collect();
     }
     let Some(name) = svc.port(port).map(|p| p.name.as_str()) else { return Vec::new() };
-    snapshot
-        .endpoints(&svc.key)
-        .iter()
-        .filter(|e| e.ready)
-        .filter_map(|e| Some((e.address.clone(), *e.ports.get(name)?)))
-        .collect()
+    snapshot.endpoints(&svc.key).iter().filter(|e| e.ready).filter_map(|e| Some((e.address.clone(), *e.ports.get(name)?))).collect()
 }
 
 /// Every outbound listener of a captured sidecar, and the clusters their `tcp_proxy`s use.

@@ -7,22 +7,27 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption, RuntimeFractionalPercent, header_value_option::HeaderAppendAction};
 use envoy_types::pb::envoy::config::route::v3::{
-    DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
-    header_matcher::HeaderMatchSpecifier, query_parameter_matcher::QueryParameterMatchSpecifier, route::Action,
-    route_action::{ClusterSpecifier, RequestMirrorPolicy}, route_match::PathSpecifier, weighted_cluster::ClusterWeight,
+    DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+    WeightedCluster,
+    header_matcher::HeaderMatchSpecifier,
+    query_parameter_matcher::QueryParameterMatchSpecifier,
+    route::Action,
+    route_action::{ClusterSpecifier, RequestMirrorPolicy},
+    route_match::PathSpecifier,
+    weighted_cluster::ClusterWeight,
 };
 use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{FaultDelay, fault_delay::FaultDelaySecifier};
 use envoy_types::pb::envoy::extensions::filters::http::cors::v3::CorsPolicy;
-use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{FaultAbort, HttpFault, fault_abort::ErrorType};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent::DenominatorType};
 use envoy_types::pb::google::protobuf::{BoolValue, Duration as PbDuration, UInt32Value};
 
 use super::{ClusterTarget, ProxyScope, ServiceView, names};
+use crate::model::MeshSnapshot;
 use crate::model::api::HttpMatcher;
 use crate::model::policy::{self, Actions, Fault};
-use crate::model::MeshSnapshot;
 
 pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 pub const CORS_FILTER: &str = "envoy.filters.http.cors";
@@ -342,12 +347,7 @@ pub fn route_configurations(
                 continue;
             }
             let routes = vhost_routes(snapshot, scope, v, p.port, &mut targets);
-            by_port.entry(p.port).or_default().push(VirtualHost {
-                name: format!("{}:{}", v.host, p.port),
-                domains,
-                routes,
-                ..Default::default()
-            });
+            by_port.entry(p.port).or_default().push(VirtualHost { name: format!("{}:{}", v.host, p.port), domains, routes, ..Default::default() });
         }
     }
     let configs = by_port

@@ -69,7 +69,10 @@ pub fn outbound_socket_matches(sni: &str, trust_domain: &str) -> Vec<TransportSo
         TransportSocketMatch {
             name: "tlsMode-istio".into(),
             r#match: Some(string_struct(&[("tlsMode", "istio")])),
-            transport_socket: Some(TransportSocket { name: TLS_SOCKET.into(), config_type: Some(transport_socket::ConfigType::TypedConfig(any(&tls))) }),
+            transport_socket: Some(TransportSocket {
+                name: TLS_SOCKET.into(),
+                config_type: Some(transport_socket::ConfigType::TypedConfig(any(&tls))),
+            }),
         },
         TransportSocketMatch {
             name: "tlsMode-disabled".into(),
@@ -93,9 +96,7 @@ pub fn inbound_transport_socket() -> TransportSocket {
 }
 
 pub fn string_struct(pairs: &[(&str, &str)]) -> Struct {
-    Struct {
-        fields: pairs.iter().map(|(k, v)| (k.to_string(), Value { kind: Some(Kind::StringValue(v.to_string())) })).collect(),
-    }
+    Struct { fields: pairs.iter().map(|(k, v)| (k.to_string(), Value { kind: Some(Kind::StringValue(v.to_string())) })).collect() }
 }
 
 /// Endpoint metadata that selects the mTLS transport socket.

@@ -22,10 +22,7 @@ use sha2::{Digest, Sha256};
 /// The file descriptor set shipped inside envoy-types 0.7.7 (`src/generated/types.bin`).
 static DESCRIPTOR_SET: &[u8] = include_bytes!("../../proto/envoy-types-0.7.7.descriptor.bin");
 
-static POOL: LazyLock<DescriptorPool> = LazyLock::new(|| {
-    DescriptorPool::decode(DESCRIPTOR_SET).expect("embedded Envoy descriptor set is valid")
-});
-
+static POOL: LazyLock<DescriptorPool> = LazyLock::new(|| DescriptorPool::decode(DESCRIPTOR_SET).expect("embedded Envoy descriptor set is valid"));
 
 /// Errors converting between JSON and Envoy protobuf messages.
 #[derive(Debug, thiserror::Error)]
@@ -58,28 +55,19 @@ fn type_name_of(type_url: &str) -> &str {
 }
 
 fn descriptor(type_name: &str) -> Result<MessageDescriptor, CodecError> {
-    pool()
-        .get_message_by_name(type_name)
-        .ok_or_else(|| CodecError::UnknownType(type_name.to_string()))
+    pool().get_message_by_name(type_name).ok_or_else(|| CodecError::UnknownType(type_name.to_string()))
 }
 
 /// Parses proto3 JSON of the named message type into its wire encoding.
 pub fn json_to_bytes(type_name: &str, json: &serde_json::Value) -> Result<Vec<u8>, CodecError> {
     let desc = descriptor(type_name)?;
-    let msg = DynamicMessage::deserialize(desc, json).map_err(|source| CodecError::Json {
-        type_name: type_name.to_string(),
-        source,
-    })?;
+    let msg = DynamicMessage::deserialize(desc, json).map_err(|source| CodecError::Json { type_name: type_name.to_string(), source })?;
     Ok(msg.encode_to_vec())
 }
 
 /// Parses a JSON object carrying `"@type"` (as Envoy's own configs do) into an `Any`.
 pub fn json_to_any(json: &serde_json::Value) -> Result<Any, CodecError> {
-    let type_url = json
-        .get("@type")
-        .and_then(|t| t.as_str())
-        .ok_or(CodecError::MissingType)?
-        .to_string();
+    let type_url = json.get("@type").and_then(|t| t.as_str()).ok_or(CodecError::MissingType)?.to_string();
     let mut body = json.clone();
     if let Some(obj) = body.as_object_mut() {
         obj.remove("@type");
@@ -92,16 +80,8 @@ pub fn json_to_any(json: &serde_json::Value) -> Result<Any, CodecError> {
 pub fn any_to_json(any: &Any) -> Result<serde_json::Value, CodecError> {
     let type_name = type_name_of(&any.type_url);
     let desc = descriptor(type_name)?;
-    let msg = DynamicMessage::decode(desc, any.value.as_slice()).map_err(|source| {
-        CodecError::Decode {
-            type_name: type_name.to_string(),
-            source,
-        }
-    })?;
-    let mut json = serde_json::to_value(&msg).map_err(|source| CodecError::Json {
-        type_name: type_name.to_string(),
-        source,
-    })?;
+    let msg = DynamicMessage::decode(desc, any.value.as_slice()).map_err(|source| CodecError::Decode { type_name: type_name.to_string(), source })?;
+    let mut json = serde_json::to_value(&msg).map_err(|source| CodecError::Json { type_name: type_name.to_string(), source })?;
     if let Some(obj) = json.as_object_mut() {
         obj.insert("@type".into(), serde_json::Value::String(any.type_url.clone()));
     }
@@ -263,15 +243,7 @@ mod tests {
     }
 
     fn cluster_with_metadata(keys: &[&str]) -> Cluster {
-        let fields = keys
-            .iter()
-            .map(|k| {
-                (
-                    k.to_string(),
-                    PbValue { kind: Some(Kind::StringValue(format!("v-{k}"))) },
-                )
-            })
-            .collect();
+        let fields = keys.iter().map(|k| (k.to_string(), PbValue { kind: Some(Kind::StringValue(format!("v-{k}"))) })).collect();
         let mut filter_metadata = std::collections::HashMap::new();
         filter_metadata.insert("istio".to_string(), Struct { fields });
         filter_metadata.insert("meshpilot".to_string(), Struct::default());
@@ -300,11 +272,7 @@ mod tests {
             let fields = keys.iter().map(|k| (k.clone(), PbValue { kind: Some(Kind::NumberValue(k.len() as f64)) })).collect();
             let mut typed_filter_metadata = std::collections::HashMap::new();
             typed_filter_metadata.insert("meshpilot".to_string(), pack_any(Struct { fields }));
-            pack_any(Cluster {
-                name: "c".into(),
-                metadata: Some(Metadata { typed_filter_metadata, ..Default::default() }),
-                ..Default::default()
-            })
+            pack_any(Cluster { name: "c".into(), metadata: Some(Metadata { typed_filter_metadata, ..Default::default() }), ..Default::default() })
         };
         let keys: Vec<String> = (0..32).map(|i| format!("k{i}")).collect();
         let backward: Vec<String> = keys.iter().rev().cloned().collect();

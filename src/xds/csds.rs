@@ -5,12 +5,11 @@ use std::time::{Instant, SystemTime};
 
 use envoy_types::pb::envoy::admin::v3::{ClientResourceStatus, UpdateFailureState};
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::r#type::matcher::v3::{NodeMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::envoy::service::status::v3::{
-    ClientConfig, ClientStatusRequest, ClientStatusResponse, ConfigStatus,
-    client_config::GenericXdsConfig,
+    ClientConfig, ClientStatusRequest, ClientStatusResponse, ConfigStatus, client_config::GenericXdsConfig,
     client_status_discovery_service_server::ClientStatusDiscoveryService,
 };
+use envoy_types::pb::envoy::r#type::matcher::v3::{NodeMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::google::protobuf::Timestamp;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -79,9 +78,7 @@ fn client_config(conn: &ProxyConnection, exclude_contents: bool) -> ClientConfig
         let error_state = st.last_error.as_ref().map(|details| UpdateFailureState {
             details: details.clone(),
             version_info: st.sent_version.clone().unwrap_or_default(),
-            last_update_attempt: st
-                .last_error_age_seconds
-                .map(|age| timestamp(wall - std::time::Duration::from_secs_f64(age))),
+            last_update_attempt: st.last_error_age_seconds.map(|age| timestamp(wall - std::time::Duration::from_secs_f64(age))),
             ..Default::default()
         });
         for resource in sent.get(&ty).map(|(_, r)| r.as_slice()).unwrap_or_default() {
@@ -126,10 +123,7 @@ impl ClientStatusDiscoveryService for Csds {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn fetch_client_status(
-        &self,
-        request: Request<ClientStatusRequest>,
-    ) -> Result<Response<ClientStatusResponse>, Status> {
+    async fn fetch_client_status(&self, request: Request<ClientStatusRequest>) -> Result<Response<ClientStatusResponse>, Status> {
         Ok(Response::new(self.client_status(request.get_ref())))
     }
 }

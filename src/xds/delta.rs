@@ -90,13 +90,7 @@ impl DeltaWatch {
             return;
         }
         if names.iter().any(|n| self.held.get(n).is_some()) {
-            let kept = self
-                .held
-                .resources
-                .iter()
-                .filter(|r| !names.contains(&r.name))
-                .cloned()
-                .collect();
+            let kept = self.held.resources.iter().filter(|r| !names.contains(&r.name)).cloned().collect();
             self.held = Arc::new(ResourceView::new(kept));
         }
         if let Some(reported) = &mut self.reported {
@@ -118,21 +112,11 @@ pub struct DeltaStream {
 
 impl DeltaStream {
     pub fn new_ads() -> Self {
-        DeltaStream {
-            watches: BTreeMap::new(),
-            only_type: None,
-            nonce_counter: 0,
-            reply_wait_limit: super::status::REPLY_WAIT_LIMIT,
-        }
+        DeltaStream { watches: BTreeMap::new(), only_type: None, nonce_counter: 0, reply_wait_limit: super::status::REPLY_WAIT_LIMIT }
     }
 
     pub fn new_single(ty: ResourceType) -> Self {
-        DeltaStream {
-            watches: BTreeMap::new(),
-            only_type: Some(ty),
-            nonce_counter: 0,
-            reply_wait_limit: super::status::REPLY_WAIT_LIMIT,
-        }
+        DeltaStream { watches: BTreeMap::new(), only_type: Some(ty), nonce_counter: 0, reply_wait_limit: super::status::REPLY_WAIT_LIMIT }
     }
 
     /// How long a push waits for the reply to the last response of its type
@@ -142,14 +126,8 @@ impl DeltaStream {
         self
     }
 
-    pub fn on_request(
-        &mut self,
-        req: &DeltaRequest,
-        resources: &ResourceSet,
-        now: Instant,
-    ) -> Result<Step<DeltaResponse>, ProtocolError> {
-        let ty = ResourceType::from_type_url(&req.type_url)
-            .ok_or_else(|| ProtocolError::UnknownType(req.type_url.clone()))?;
+    pub fn on_request(&mut self, req: &DeltaRequest, resources: &ResourceSet, now: Instant) -> Result<Step<DeltaResponse>, ProtocolError> {
+        let ty = ResourceType::from_type_url(&req.type_url).ok_or_else(|| ProtocolError::UnknownType(req.type_url.clone()))?;
         if let Some(only) = self.only_type
             && only != ty
         {
@@ -160,34 +138,23 @@ impl DeltaStream {
         let watch = self.watches.entry(ty).or_default();
         let error = req.error_detail.as_ref().map(|e| e.message.as_str());
         match watch.ledger.on_reply(&req.response_nonce, error, now) {
-            Reply::Stale => step.events.push(StreamEvent::StaleNonce {
-                ty,
-                nonce: req.response_nonce.clone(),
-            }),
+            Reply::Stale => step.events.push(StreamEvent::StaleNonce { ty, nonce: req.response_nonce.clone() }),
             Reply::Nack { message } => step.events.push(StreamEvent::Nacked { ty, message }),
             Reply::Ack { latency } => step.events.push(StreamEvent::Acked { ty, latency }),
             Reply::Initial => {}
         }
         // Subscription changes are honoured even with a stale nonce.
-        let changed_subscription =
-            !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty();
+        let changed_subscription = !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty();
         if first {
             if !req.initial_resource_versions.is_empty() {
-                watch.reported = Some(
-                    req.initial_resource_versions
-                        .iter()
-                        .map(|(n, v)| (n.clone(), v.clone()))
-                        .collect(),
-                );
+                watch.reported = Some(req.initial_resource_versions.iter().map(|(n, v)| (n.clone(), v.clone())).collect());
             }
             // Legacy wildcard: the first request names nothing.
             if req.resource_names_subscribe.is_empty() {
                 watch.wildcard = true;
             }
         }
-        let first_names_only = first
-            && req.resource_names_unsubscribe.is_empty()
-            && !req.resource_names_subscribe.iter().any(|n| &n[..] == b"*");
+        let first_names_only = first && req.resource_names_unsubscribe.is_empty() && !req.resource_names_subscribe.iter().any(|n| &n[..] == b"*");
         if changed_subscription && first_names_only {
             // A stream's first subscription to names only: the interned set
             // another stream of the fleet already named, when there is one.
@@ -218,14 +185,7 @@ impl DeltaStream {
             }
             if !watch.wildcard {
                 // What is no longer subscribed is no longer held (and not reported removed).
-                forget.extend(
-                    watch
-                        .held
-                        .resources
-                        .iter()
-                        .filter(|r| !explicit.contains(&r.name))
-                        .map(|r| r.name.clone()),
-                );
+                forget.extend(watch.held.resources.iter().filter(|r| !explicit.contains(&r.name)).map(|r| r.name.clone()));
             }
             watch.explicit = intern_names(explicit);
             watch.forget(&forget);
@@ -237,8 +197,7 @@ impl DeltaStream {
             step.responses.push(resp);
             if cds {
                 self.rewarm_endpoints(now);
-                if let Some(eds) = self.respond(ResourceType::Endpoint, resources, now, None, false)
-                {
+                if let Some(eds) = self.respond(ResourceType::Endpoint, resources, now, None, false) {
                     step.responses.push(eds);
                 }
             }
@@ -251,19 +210,11 @@ impl DeltaStream {
     /// A type whose last response the client has not answered yet waits (see
     /// `TypeLedger::awaiting_reply`), and gets this change merged with any
     /// later ones when the client does.
-    pub fn on_push(
-        &mut self,
-        resources: &ResourceSet,
-        change_at: Instant,
-        now: Instant,
-    ) -> Step<DeltaResponse> {
+    pub fn on_push(&mut self, resources: &ResourceSet, change_at: Instant, now: Instant) -> Step<DeltaResponse> {
         for watch in self.watches.values_mut() {
             watch.pending.get_or_insert(change_at);
         }
-        Step {
-            responses: self.send_pending(resources, now),
-            events: Vec::new(),
-        }
+        Step { responses: self.send_pending(resources, now), events: Vec::new() }
     }
 
     /// Sends, in push order, the differences of every type with a change not
@@ -281,8 +232,7 @@ impl DeltaStream {
             };
             if held_back || watch.ledger.awaiting_reply(now, self.reply_wait_limit) {
                 // Only a real difference holds the later types back.
-                held_back |= watch.held.version
-                    != resources.view(ty, (!watch.wildcard).then_some(&watch.explicit)).version;
+                held_back |= watch.held.version != resources.view(ty, (!watch.wildcard).then_some(&watch.explicit)).version;
                 continue;
             }
             if let Some(resp) = self.respond(ty, resources, now, Some(change_at), false) {
@@ -305,32 +255,16 @@ impl DeltaStream {
         }
     }
 
-    fn respond(
-        &mut self,
-        ty: ResourceType,
-        resources: &ResourceSet,
-        now: Instant,
-        change_at: Option<Instant>,
-        force: bool,
-    ) -> Option<DeltaResponse> {
+    fn respond(&mut self, ty: ResourceType, resources: &ResourceSet, now: Instant, change_at: Option<Instant>, force: bool) -> Option<DeltaResponse> {
         let watch = self.watches.get_mut(&ty)?;
         let current = resources.view(ty, (!watch.wildcard).then_some(&watch.explicit));
         let from_held = watch.reported.is_none();
         let changes = from_held.then(|| current.changes_since(&watch.held));
-        let (updated, mut removed): (Vec<&Arc<Resource>>, Vec<String>) = match watch.reported.take()
-        {
+        let (updated, mut removed): (Vec<&Arc<Resource>>, Vec<String>) = match watch.reported.take() {
             // Reconnected: the client holds what it reported.
             Some(reported) => (
-                current
-                    .resources
-                    .iter()
-                    .filter(|r| reported.get(&r.name) != Some(&r.version))
-                    .collect(),
-                reported
-                    .keys()
-                    .filter(|n| current.get(n).is_none())
-                    .cloned()
-                    .collect(),
+                current.resources.iter().filter(|r| reported.get(&r.name) != Some(&r.version)).collect(),
+                reported.keys().filter(|n| current.get(n).is_none()).cloned().collect(),
             ),
             None => {
                 let changes = changes.as_ref().expect("from the held view");
@@ -339,17 +273,10 @@ impl DeltaStream {
         };
         // Explicit names that do not exist are reported removed (once). Without
         // the wildcard the view has one resource per existing explicit name.
-        let some_absent = if watch.wildcard {
-            !watch.explicit.is_empty()
-        } else {
-            current.len() < watch.explicit.len()
-        };
+        let some_absent = if watch.wildcard { !watch.explicit.is_empty() } else { current.len() < watch.explicit.len() };
         if some_absent {
             for name in watch.explicit.iter() {
-                if current.get(name).is_none()
-                    && watch.held.get(name).is_none()
-                    && !watch.told_absent.contains(name)
-                {
+                if current.get(name).is_none() && watch.held.get(name).is_none() && !watch.told_absent.contains(name) {
                     removed.push(name.clone());
                 }
             }
@@ -382,9 +309,7 @@ impl DeltaStream {
         self.nonce_counter += 1;
         let nonce = self.nonce_counter.to_string();
         let system_version = current.version.clone();
-        watch
-            .ledger
-            .record_sent(nonce.clone(), system_version.clone(), now, change_at);
+        watch.ledger.record_sent(nonce.clone(), system_version.clone(), now, change_at);
         watch.held = current;
         Some(DeltaResponse {
             system_version_info: system_version,
@@ -397,10 +322,7 @@ impl DeltaStream {
     }
 
     pub fn status(&self, now: Instant) -> Vec<TypeStatus> {
-        self.watches
-            .iter()
-            .map(|(ty, w)| w.ledger.view(*ty, w.held.len(), now))
-            .collect()
+        self.watches.iter().map(|(ty, w)| w.ledger.view(*ty, w.held.len(), now)).collect()
     }
 
     /// What the client should hold now, per type.
@@ -428,18 +350,13 @@ mod tests {
         for (c, v) in clusters {
             let cl = Cluster {
                 name: c.to_string(),
-                per_connection_buffer_limit_bytes: Some(
-                    envoy_types::pb::google::protobuf::UInt32Value { value: *v as u32 },
-                ),
+                per_connection_buffer_limit_bytes: Some(envoy_types::pb::google::protobuf::UInt32Value { value: *v as u32 }),
                 ..Default::default()
             };
             s.insert(ResourceType::Cluster, Resource::from_message(*c, &cl));
         }
         for (e, v) in endpoints {
-            let cla = ClusterLoadAssignment {
-                cluster_name: format!("{e}-{v}"),
-                ..Default::default()
-            };
+            let cla = ClusterLoadAssignment { cluster_name: format!("{e}-{v}"), ..Default::default() };
             s.insert(ResourceType::Endpoint, Resource::from_message(*e, &cla));
         }
         s
@@ -456,22 +373,11 @@ mod tests {
     }
 
     fn nack(ty: ResourceType, nonce: &str, message: &str) -> DeltaRequest {
-        DeltaRequest {
-            error_detail: Some(Status {
-                code: 3,
-                message: message.into(),
-                details: vec![],
-            }),
-            ..req(ty, &[], &[], nonce)
-        }
+        DeltaRequest { error_detail: Some(Status { code: 3, message: message.into(), details: vec![] }), ..req(ty, &[], &[], nonce) }
     }
 
     fn names(r: &DeltaResponse) -> Vec<String> {
-        r.to_message()
-            .resources
-            .iter()
-            .map(|r| r.name.clone())
-            .collect()
+        r.to_message().resources.iter().map(|r| r.name.clone()).collect()
     }
 
     #[test]
@@ -496,38 +402,18 @@ mod tests {
     fn wildcard_initial_ack_and_change_sends_only_the_difference() {
         let now = Instant::now();
         let mut s = DeltaStream::new_ads();
-        let r = s
-            .on_request(
-                &req(ResourceType::Cluster, &[], &[], ""),
-                &set(&[("a", 1), ("b", 1)], &[]),
-                now,
-            )
-            .unwrap()
-            .responses
-            .remove(0);
+        let r = s.on_request(&req(ResourceType::Cluster, &[], &[], ""), &set(&[("a", 1), ("b", 1)], &[]), now).unwrap().responses.remove(0);
         assert_eq!(names(&r), ["a", "b"]);
-        let ack = s
-            .on_request(
-                &req(ResourceType::Cluster, &[], &[], &r.nonce),
-                &set(&[("a", 1), ("b", 1)], &[]),
-                now,
-            )
-            .unwrap();
+        let ack = s.on_request(&req(ResourceType::Cluster, &[], &[], &r.nonce), &set(&[("a", 1), ("b", 1)], &[]), now).unwrap();
         assert!(ack.responses.is_empty());
         assert_eq!(s.status(now)[0].state, SyncState::Synced);
         // b changes, a is deleted, c is added.
-        let push = s
-            .on_push(&set(&[("b", 2), ("c", 1)], &[]), now, now)
-            .responses;
+        let push = s.on_push(&set(&[("b", 2), ("c", 1)], &[]), now, now).responses;
         assert_eq!(push.len(), 1);
         assert_eq!(names(&push[0]), ["b", "c"]);
         assert_eq!(push[0].removed_resources, ["a"]);
         // Nothing changed: nothing sent.
-        assert!(
-            s.on_push(&set(&[("b", 2), ("c", 1)], &[]), now, now)
-                .responses
-                .is_empty()
-        );
+        assert!(s.on_push(&set(&[("b", 2), ("c", 1)], &[]), now, now).responses.is_empty());
     }
 
     #[test]
@@ -535,24 +421,16 @@ mod tests {
         let now = Instant::now();
         let res = set(&[("a", 1), ("b", 1)], &[]);
         let mut s = DeltaStream::new_ads();
-        let first = s
-            .on_request(&req(ResourceType::Cluster, &[], &[], ""), &res, now)
-            .unwrap()
-            .responses
-            .remove(0);
+        let first = s.on_request(&req(ResourceType::Cluster, &[], &[], ""), &res, now).unwrap().responses.remove(0);
         let version_a = first.to_message().resources[0].version.clone();
         let mut s2 = DeltaStream::new_ads();
         let mut r = req(ResourceType::Cluster, &[], &[], "");
         r.initial_resource_versions.insert("a".into(), version_a);
-        r.initial_resource_versions
-            .insert("gone".into(), "x".into());
+        r.initial_resource_versions.insert("gone".into(), "x".into());
         let resp = s2.on_request(&r, &res, now).unwrap().responses.remove(0);
         assert_eq!(names(&resp), ["b"], "a is already current");
         assert_eq!(resp.removed_resources, ["gone"]);
-        assert_eq!(
-            resp.system_version_info, first.system_version_info,
-            "the client holds the same set as before"
-        );
+        assert_eq!(resp.system_version_info, first.system_version_info, "the client holds the same set as before");
         assert_eq!(s2.status(now)[0].resource_count, 2);
     }
 
@@ -561,48 +439,23 @@ mod tests {
         let now = Instant::now();
         let mut s = DeltaStream::new_ads();
         let res = set(&[], &[("a", 1)]);
-        let r = s
-            .on_request(
-                &req(ResourceType::Endpoint, &["a", "b"], &[], ""),
-                &res,
-                now,
-            )
-            .unwrap()
-            .responses
-            .remove(0);
+        let r = s.on_request(&req(ResourceType::Endpoint, &["a", "b"], &[], ""), &res, now).unwrap().responses.remove(0);
         assert_eq!(names(&r), ["a"]);
-        assert_eq!(
-            r.removed_resources,
-            ["b"],
-            "a subscribed name that does not exist is reported removed"
-        );
-        s.on_request(&req(ResourceType::Endpoint, &[], &[], &r.nonce), &res, now)
-            .unwrap();
+        assert_eq!(r.removed_resources, ["b"], "a subscribed name that does not exist is reported removed");
+        s.on_request(&req(ResourceType::Endpoint, &[], &[], &r.nonce), &res, now).unwrap();
         // b appears.
         let res2 = set(&[], &[("a", 1), ("b", 1)]);
         let push = s.on_push(&res2, now, now).responses;
         assert_eq!(names(&push[0]), ["b"]);
         assert!(push[0].removed_resources.is_empty());
         // Re-subscribing to a held name resends it, even with a stale nonce.
-        let step = s
-            .on_request(
-                &req(ResourceType::Endpoint, &["a"], &[], "stale"),
-                &res2,
-                now,
-            )
-            .unwrap();
+        let step = s.on_request(&req(ResourceType::Endpoint, &["a"], &[], "stale"), &res2, now).unwrap();
         assert!(matches!(step.events[0], StreamEvent::StaleNonce { .. }));
         assert_eq!(names(&step.responses[0]), ["a"]);
         // Unsubscribing stops updates for it.
-        let step = s
-            .on_request(&req(ResourceType::Endpoint, &[], &["a"], ""), &res2, now)
-            .unwrap();
+        let step = s.on_request(&req(ResourceType::Endpoint, &[], &["a"], ""), &res2, now).unwrap();
         assert!(step.responses.is_empty());
-        assert!(
-            s.on_push(&set(&[], &[("a", 9), ("b", 1)]), now, now)
-                .responses
-                .is_empty()
-        );
+        assert!(s.on_push(&set(&[], &[("a", 9), ("b", 1)]), now, now).responses.is_empty());
     }
 
     #[test]
@@ -610,26 +463,13 @@ mod tests {
         let now = Instant::now();
         let mut s = DeltaStream::new_ads();
         let res = set(&[("a", 1)], &[]);
-        s.on_request(&req(ResourceType::Cluster, &["*", "a"], &[], ""), &res, now)
-            .unwrap();
-        let step = s
-            .on_request(&req(ResourceType::Cluster, &[], &["a"], ""), &res, now)
-            .unwrap();
-        assert_eq!(
-            names(&step.responses[0]),
-            ["a"],
-            "still covered by the wildcard: answered"
-        );
+        s.on_request(&req(ResourceType::Cluster, &["*", "a"], &[], ""), &res, now).unwrap();
+        let step = s.on_request(&req(ResourceType::Cluster, &[], &["a"], ""), &res, now).unwrap();
+        assert_eq!(names(&step.responses[0]), ["a"], "still covered by the wildcard: answered");
         // Leaving the wildcard removes what is no longer subscribed.
-        let step = s
-            .on_request(&req(ResourceType::Cluster, &[], &["*"], ""), &res, now)
-            .unwrap();
+        let step = s.on_request(&req(ResourceType::Cluster, &[], &["*"], ""), &res, now).unwrap();
         assert!(step.responses.is_empty());
-        assert!(
-            s.on_push(&set(&[("a", 2)], &[]), now, now)
-                .responses
-                .is_empty()
-        );
+        assert!(s.on_push(&set(&[("a", 2)], &[]), now, now).responses.is_empty());
     }
 
     #[test]
@@ -637,17 +477,9 @@ mod tests {
         let now = Instant::now();
         let mut s = DeltaStream::new_ads();
         let res = set(&[("a", 1)], &[]);
-        let r = s
-            .on_request(&req(ResourceType::Cluster, &[], &[], ""), &res, now)
-            .unwrap()
-            .responses
-            .remove(0);
+        let r = s.on_request(&req(ResourceType::Cluster, &[], &[], ""), &res, now).unwrap().responses.remove(0);
         let mut n = req(ResourceType::Cluster, &[], &[], &r.nonce);
-        n.error_detail = Some(Status {
-            code: 3,
-            message: "bad".into(),
-            details: vec![],
-        });
+        n.error_detail = Some(Status { code: 3, message: "bad".into(), details: vec![] });
         let step = s.on_request(&n, &res, now).unwrap();
         assert!(step.responses.is_empty());
         assert_eq!(s.status(now)[0].state, SyncState::Error);
@@ -659,13 +491,8 @@ mod tests {
         let now = Instant::now();
         let res = set(&[("a", 1)], &[("a", 1)]);
         let mut s = synced_to_clusters_and_endpoints_of_a(&res, now);
-        let push = s
-            .on_push(&set(&[("a", 2)], &[("a", 1)]), now, now)
-            .responses;
-        let types: Vec<_> = push
-            .iter()
-            .map(|r| ResourceType::from_type_url(&r.type_url).unwrap())
-            .collect();
+        let push = s.on_push(&set(&[("a", 2)], &[("a", 1)]), now, now).responses;
+        let types: Vec<_> = push.iter().map(|r| ResourceType::from_type_url(r.type_url).unwrap()).collect();
         assert_eq!(types, [ResourceType::Cluster, ResourceType::Endpoint]);
         assert_eq!(names(&push[1]), ["a"]);
     }
@@ -681,15 +508,10 @@ mod tests {
     }
 
     /// Sends what `f` returns back as ACKs (and the ACKs' answers, until none).
-    fn ack_all(
-        s: &mut DeltaStream,
-        res: &ResourceSet,
-        now: Instant,
-        f: impl FnOnce(&mut DeltaStream) -> Vec<DeltaResponse>,
-    ) {
+    fn ack_all(s: &mut DeltaStream, res: &ResourceSet, now: Instant, f: impl FnOnce(&mut DeltaStream) -> Vec<DeltaResponse>) {
         let mut todo = f(s);
         while let Some(r) = todo.pop() {
-            let ty = ResourceType::from_type_url(&r.type_url).unwrap();
+            let ty = ResourceType::from_type_url(r.type_url).unwrap();
             todo.extend(s.on_request(&req(ty, &[], &[], &r.nonce), res, now).unwrap().responses);
         }
     }
@@ -700,11 +522,7 @@ mod tests {
         let ms = |n| t0 + std::time::Duration::from_millis(n);
         let mut s = DeltaStream::new_ads();
         let res = set(&[("a", 1), ("b", 1)], &[("a", 1), ("b", 1)]);
-        ack_all(&mut s, &res, t0, |s| {
-            s.on_request(&req(ResourceType::Endpoint, &["a", "b"], &[], ""), &res, t0)
-                .unwrap()
-                .responses
-        });
+        ack_all(&mut s, &res, t0, |s| s.on_request(&req(ResourceType::Endpoint, &["a", "b"], &[], ""), &res, t0).unwrap().responses);
         // First change: sent at once.
         let one = set(&[("a", 1), ("b", 1)], &[("a", 2), ("b", 1)]);
         let first = s.on_push(&one, ms(10), ms(10)).responses;
@@ -717,20 +535,15 @@ mod tests {
         assert!(s.on_push(&three, ms(30), ms(30)).responses.is_empty());
         assert_eq!(s.status(ms(30))[0].state, SyncState::Stale);
         // A stale nonce is not the answer.
-        let stale = s
-            .on_request(&req(ResourceType::Endpoint, &[], &[], "0"), &three, ms(35))
-            .unwrap();
+        let stale = s.on_request(&req(ResourceType::Endpoint, &[], &[], "0"), &three, ms(35)).unwrap();
         assert!(stale.responses.is_empty());
         // The ACK: one response with both later changes, timed from the first of them.
-        let step = s
-            .on_request(&req(ResourceType::Endpoint, &[], &[], &first[0].nonce), &three, ms(40))
-            .unwrap();
+        let step = s.on_request(&req(ResourceType::Endpoint, &[], &[], &first[0].nonce), &three, ms(40)).unwrap();
         assert_eq!(step.responses.len(), 1);
         assert_eq!(names(&step.responses[0]), ["a", "b"]);
         assert_eq!(s.watches[&ResourceType::Endpoint].ledger.sent.as_ref().unwrap().change_at, Some(ms(20)));
         // A NACK also answers: the next change goes out at once.
-        s.on_request(&nack(ResourceType::Endpoint, &step.responses[0].nonce, "no"), &three, ms(50))
-            .unwrap();
+        s.on_request(&nack(ResourceType::Endpoint, &step.responses[0].nonce, "no"), &three, ms(50)).unwrap();
         let four = set(&[("a", 1), ("b", 1)], &[("a", 4), ("b", 2)]);
         assert_eq!(s.on_push(&four, ms(60), ms(60)).responses.len(), 1);
         // A client that never answers still gets the next change after the limit.
@@ -748,20 +561,13 @@ mod tests {
         let cds = s.on_push(&set(&[("a", 2)], &[("a", 1)]), now, now).responses;
         assert_eq!(cds.len(), 2, "clusters, then endpoints for warming");
         let eds_nonce = cds[1].nonce.clone();
-        s.on_request(&req(ResourceType::Endpoint, &[], &[], &eds_nonce), &res, now)
-            .unwrap();
+        s.on_request(&req(ResourceType::Endpoint, &[], &[], &eds_nonce), &res, now).unwrap();
         // Clusters and endpoints change while the CDS response is unanswered:
         // endpoints wait behind clusters.
         let next = set(&[("a", 3)], &[("a", 2)]);
         assert!(s.on_push(&next, now, now).responses.is_empty());
-        let step = s
-            .on_request(&req(ResourceType::Cluster, &[], &[], &cds[0].nonce), &next, now)
-            .unwrap();
-        let types: Vec<_> = step
-            .responses
-            .iter()
-            .map(|r| ResourceType::from_type_url(&r.type_url).unwrap())
-            .collect();
+        let step = s.on_request(&req(ResourceType::Cluster, &[], &[], &cds[0].nonce), &next, now).unwrap();
+        let types: Vec<_> = step.responses.iter().map(|r| ResourceType::from_type_url(r.type_url).unwrap()).collect();
         assert_eq!(types, [ResourceType::Cluster, ResourceType::Endpoint]);
         assert_eq!(names(&step.responses[1]), ["a"]);
     }

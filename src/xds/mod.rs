@@ -20,9 +20,7 @@ use std::net::SocketAddr;
 
 use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_server::ClientStatusDiscoveryServiceServer;
 
-use wire::{
-    AdsService, CdsService, EdsService, LdsService, MAX_MESSAGE_BYTES, RdsService, SdsService,
-};
+use wire::{AdsService, CdsService, EdsService, LdsService, MAX_MESSAGE_BYTES, RdsService, SdsService};
 
 /// Serves ADS, the per-type services and CSDS on `listener` until `shutdown`
 /// resolves. Connections are accepted on a thread of their own
@@ -92,13 +90,7 @@ pub async fn serve_grpc_unix(
     csds: csds::Csds,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    serve_grpc_incoming(
-        tokio_stream::wrappers::UnixListenerStream::new(listener),
-        server,
-        csds,
-        shutdown,
-    )
-    .await
+    serve_grpc_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener), server, csds, shutdown).await
 }
 
 async fn serve_grpc_incoming<S, IO>(
@@ -109,12 +101,7 @@ async fn serve_grpc_incoming<S, IO>(
 ) -> Result<(), tonic::transport::Error>
 where
     S: futures::Stream<Item = std::io::Result<IO>> + Send + 'static,
-    IO: tonic::transport::server::Connected
-        + tokio::io::AsyncRead
-        + tokio::io::AsyncWrite
-        + Send
-        + Unpin
-        + 'static,
+    IO: tonic::transport::server::Connected + tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
     tonic::transport::Server::builder()
         // Requests a proxy has sent but the server has not read yet wait in
@@ -132,10 +119,7 @@ where
         .add_service(LdsService(server.clone()))
         .add_service(RdsService(server.clone()))
         .add_service(SdsService(server))
-        .add_service(
-            ClientStatusDiscoveryServiceServer::new(csds)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+        .add_service(ClientStatusDiscoveryServiceServer::new(csds).max_encoding_message_size(MAX_MESSAGE_BYTES))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

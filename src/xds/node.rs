@@ -90,7 +90,9 @@ impl ProxyNode {
         let empty = Struct::default();
         let meta = node.metadata.as_ref().unwrap_or(&empty);
         let bad = |field, expected| NodeError::BadMetadata { id: node.id.clone(), field, expected };
-        for key in ["CLUSTER_ID", "NAMESPACE", "NETWORK", "ROLE", "OUTBOUND_BIND", "SERVICE_ACCOUNT", "INSTANCE_IPS", "APP_ADDRESS", "INTERCEPTION_MODE"] {
+        for key in
+            ["CLUSTER_ID", "NAMESPACE", "NETWORK", "ROLE", "OUTBOUND_BIND", "SERVICE_ACCOUNT", "INSTANCE_IPS", "APP_ADDRESS", "INTERCEPTION_MODE"]
+        {
             if has_non_string(meta, key) {
                 return Err(bad(
                     match key {
@@ -140,11 +142,9 @@ impl ProxyNode {
             })
             .unwrap_or_else(|| "default".to_string());
         let envoy_version = match &node.user_agent_version_type {
-            Some(envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentBuildVersion(b)) => b
-                .version
-                .as_ref()
-                .map(|v| format!("{}.{}.{}", v.major_number, v.minor_number, v.patch))
-                .unwrap_or_default(),
+            Some(envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentBuildVersion(b)) => {
+                b.version.as_ref().map(|v| format!("{}.{}.{}", v.major_number, v.minor_number, v.patch)).unwrap_or_default()
+            }
             Some(envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentVersion(v)) => v.clone(),
             None => String::new(),
         };

@@ -47,11 +47,7 @@ pub struct SharedResources {
 
 impl SharedResources {
     pub fn new(notifier: ChangeNotifier) -> Self {
-        SharedResources {
-            current: std::sync::RwLock::new(Arc::new(ResourceSet::new())),
-            ready: false.into(),
-            notifier,
-        }
+        SharedResources { current: std::sync::RwLock::new(Arc::new(ResourceSet::new())), ready: false.into(), notifier }
     }
 
     /// Replaces the set; proxies are pushed only if it differs.

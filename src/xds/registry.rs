@@ -89,10 +89,6 @@ impl ConnectionRegistry {
 
     /// The newest stream of the proxy with this node id.
     pub fn by_node_id(&self, id: &str) -> Option<Arc<ProxyConnection>> {
-        self.conns
-            .iter()
-            .filter(|e| e.value().node.id == id)
-            .max_by_key(|e| e.value().conn_id)
-            .map(|e| e.value().clone())
+        self.conns.iter().filter(|e| e.value().node.id == id).max_by_key(|e| e.value().conn_id).map(|e| e.value().clone())
     }
 }

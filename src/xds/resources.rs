@@ -26,25 +26,16 @@ pub enum ResourceType {
 
 impl ResourceType {
     /// CDS → EDS → LDS → RDS → SDS: the order of every push on ADS.
-    pub const PUSH_ORDER: [ResourceType; 5] = [
-        ResourceType::Cluster,
-        ResourceType::Endpoint,
-        ResourceType::Listener,
-        ResourceType::Route,
-        ResourceType::Secret,
-    ];
+    pub const PUSH_ORDER: [ResourceType; 5] =
+        [ResourceType::Cluster, ResourceType::Endpoint, ResourceType::Listener, ResourceType::Route, ResourceType::Secret];
 
     pub fn type_url(self) -> &'static str {
         match self {
             ResourceType::Cluster => "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-            ResourceType::Endpoint => {
-                "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-            }
+            ResourceType::Endpoint => "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
             ResourceType::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
             ResourceType::Route => "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
-            ResourceType::Secret => {
-                "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
-            }
+            ResourceType::Secret => "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
         }
     }
 
@@ -91,32 +82,18 @@ pub struct Resource {
 
 impl std::fmt::Debug for Resource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Resource")
-            .field("name", &self.name)
-            .field("version", &self.version)
-            .field("bytes", &self.encoded.len())
-            .finish()
+        f.debug_struct("Resource").field("name", &self.name).field("version", &self.version).field("bytes", &self.encoded.len()).finish()
     }
 }
 
 impl Resource {
     pub fn from_any(name: impl Into<String>, body: Any) -> Self {
         let version = codec::canonical_hash(&body);
-        Resource {
-            name: name.into(),
-            version,
-            encoded: Bytes::from(body.encode_to_vec()),
-        }
+        Resource { name: name.into(), version, encoded: Bytes::from(body.encode_to_vec()) }
     }
 
     pub fn from_message<M: Message + Name>(name: impl Into<String>, msg: &M) -> Self {
-        Self::from_any(
-            name,
-            Any {
-                type_url: M::type_url(),
-                value: msg.encode_to_vec(),
-            },
-        )
+        Self::from_any(name, Any { type_url: M::type_url(), value: msg.encode_to_vec() })
     }
 
     /// The resource as an `Any` (decoded from its encoding: for dumps and tests, not the hot path).
@@ -212,21 +189,15 @@ impl ResourceSet {
         let all = self.of_type(ty);
         let views = &self.by_type[ty.index()].views;
         match names {
-            None => views.get_or_compute(ViewKey::All(ty), || {
-                ResourceView::new(all.values().cloned().collect())
+            None => views.get_or_compute(ViewKey::All(ty), || ResourceView::new(all.values().cloned().collect())),
+            Some(names) => views.get_or_compute(ViewKey::Names(ty, names.clone()), || {
+                let picked = if names.len() * 4 < all.len() {
+                    names.iter().filter_map(|n| all.get(n)).cloned().collect()
+                } else {
+                    all.iter().filter(|(n, _)| names.contains(*n)).map(|(_, r)| r.clone()).collect()
+                };
+                ResourceView::new(picked)
             }),
-            Some(names) => views
-                .get_or_compute(ViewKey::Names(ty, names.clone()), || {
-                    let picked = if names.len() * 4 < all.len() {
-                        names.iter().filter_map(|n| all.get(n)).cloned().collect()
-                    } else {
-                        all.iter()
-                            .filter(|(n, _)| names.contains(*n))
-                            .map(|(_, r)| r.clone())
-                            .collect()
-                    };
-                    ResourceView::new(picked)
-                }),
         }
     }
 }
@@ -329,35 +300,19 @@ mod tests {
         for ty in ResourceType::PUSH_ORDER {
             assert_eq!(ResourceType::from_type_url(ty.type_url()), Some(ty));
         }
-        assert_eq!(
-            ResourceType::from_type_url("type.googleapis.com/nope"),
-            None
-        );
-        let names: Vec<_> = ResourceType::PUSH_ORDER
-            .iter()
-            .map(|t| t.short_name())
-            .collect();
+        assert_eq!(ResourceType::from_type_url("type.googleapis.com/nope"), None);
+        let names: Vec<_> = ResourceType::PUSH_ORDER.iter().map(|t| t.short_name()).collect();
         assert_eq!(names, ["CDS", "EDS", "LDS", "RDS", "SDS"]);
-        assert_eq!(
-            ResourceType::Cluster.type_url(),
-            <Cluster as Name>::type_url(),
-            "our type URL matches envoy-types'"
-        );
+        assert_eq!(ResourceType::Cluster.type_url(), <Cluster as Name>::type_url(), "our type URL matches envoy-types'");
     }
 
     #[test]
     fn same_content_same_version() {
-        let c = Cluster {
-            name: "a".into(),
-            ..Default::default()
-        };
+        let c = Cluster { name: "a".into(), ..Default::default() };
         let a = Resource::from_message("a", &c);
         let b = Resource::from_message("a", &c.clone());
         assert_eq!(a.version, b.version);
-        let c2 = Cluster {
-            name: "b".into(),
-            ..Default::default()
-        };
+        let c2 = Cluster { name: "b".into(), ..Default::default() };
         assert_ne!(a.version, Resource::from_message("a", &c2).version);
         let set1 = [Arc::new(a.clone())];
         let set2 = [Arc::new(b)];

@@ -80,38 +80,21 @@ impl XdsServer {
         config: XdsServerConfig,
     ) -> Self {
         let permits = Semaphore::new(config.push_concurrency.max(1));
-        XdsServer {
-            inner: Arc::new(Inner {
-                provider,
-                registry,
-                metrics,
-                pushes,
-                permits,
-                config,
-            }),
-        }
+        XdsServer { inner: Arc::new(Inner { provider, registry, metrics, pushes, permits, config }) }
     }
 
     pub fn config(&self) -> &XdsServerConfig {
         &self.inner.config
     }
 
-    fn start<M: Machine>(
-        &self,
-        machine: M,
-        requests: RequestStream<M::Req>,
-    ) -> ResponseStream<M::Resp> {
+    fn start<M: Machine>(&self, machine: M, requests: RequestStream<M::Req>) -> ResponseStream<M::Resp> {
         let (tx, rx) = mpsc::channel(self.inner.config.stream_buffer.max(1));
         let inner = self.inner.clone();
         tokio::spawn(async move { run_stream(inner, machine, requests, tx).await });
         Box::pin(ReceiverStream::new(rx))
     }
 
-    pub fn stream_sotw(
-        &self,
-        only: Option<ResourceType>,
-        requests: RequestStream<SotwRequest>,
-    ) -> ResponseStream<SotwResponse> {
+    pub fn stream_sotw(&self, only: Option<ResourceType>, requests: RequestStream<SotwRequest>) -> ResponseStream<SotwResponse> {
         let machine = match only {
             Some(ty) => SotwStream::new_single(ty),
             None => SotwStream::new_ads(),
@@ -120,11 +103,7 @@ impl XdsServer {
         self.start(Arc::new(Mutex::new(machine)), requests)
     }
 
-    pub fn stream_delta(
-        &self,
-        only: Option<ResourceType>,
-        requests: RequestStream<DeltaRequest>,
-    ) -> ResponseStream<DeltaResponse> {
+    pub fn stream_delta(&self, only: Option<ResourceType>, requests: RequestStream<DeltaRequest>) -> ResponseStream<DeltaResponse> {
         let machine = match only {
             Some(ty) => DeltaStream::new_single(ty),
             None => DeltaStream::new_ads(),
@@ -144,12 +123,7 @@ trait Machine: StreamView + Clone + Sized + Send + Sync + 'static {
     type Resp: WireMessage;
     const MODE: &'static str;
     fn node(req: &Self::Req) -> Option<&Node>;
-    fn on_request(
-        &self,
-        req: &Self::Req,
-        res: &ResourceSet,
-        now: Instant,
-    ) -> Result<Step<Self::Resp>, ProtocolError>;
+    fn on_request(&self, req: &Self::Req, res: &ResourceSet, now: Instant) -> Result<Step<Self::Resp>, ProtocolError>;
     fn on_push(&self, res: &ResourceSet, change_at: Instant, now: Instant) -> Step<Self::Resp>;
 }
 
@@ -160,18 +134,11 @@ impl Machine for Arc<Mutex<SotwStream>> {
     fn node(req: &SotwRequest) -> Option<&Node> {
         req.node.as_ref()
     }
-    fn on_request(
-        &self,
-        req: &SotwRequest,
-        res: &ResourceSet,
-        now: Instant,
-    ) -> Result<Step<SotwResponse>, ProtocolError> {
+    fn on_request(&self, req: &SotwRequest, res: &ResourceSet, now: Instant) -> Result<Step<SotwResponse>, ProtocolError> {
         self.lock().expect("stream lock").on_request(req, res, now)
     }
     fn on_push(&self, res: &ResourceSet, change_at: Instant, now: Instant) -> Step<SotwResponse> {
-        self.lock()
-            .expect("stream lock")
-            .on_push(res, change_at, now)
+        self.lock().expect("stream lock").on_push(res, change_at, now)
     }
 }
 
@@ -182,18 +149,11 @@ impl Machine for Arc<Mutex<DeltaStream>> {
     fn node(req: &DeltaRequest) -> Option<&Node> {
         req.node.as_ref()
     }
-    fn on_request(
-        &self,
-        req: &DeltaRequest,
-        res: &ResourceSet,
-        now: Instant,
-    ) -> Result<Step<DeltaResponse>, ProtocolError> {
+    fn on_request(&self, req: &DeltaRequest, res: &ResourceSet, now: Instant) -> Result<Step<DeltaResponse>, ProtocolError> {
         self.lock().expect("stream lock").on_request(req, res, now)
     }
     fn on_push(&self, res: &ResourceSet, change_at: Instant, now: Instant) -> Step<DeltaResponse> {
-        self.lock()
-            .expect("stream lock")
-            .on_push(res, change_at, now)
+        self.lock().expect("stream lock").on_push(res, change_at, now)
     }
 }
 
@@ -216,13 +176,7 @@ struct ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.inner.registry.remove(self.conn_id);
-        self.inner
-            .metrics
-            .connected_proxies
-            .get_or_create(&ModeLabel {
-                mode: self.mode.into(),
-            })
-            .dec();
+        self.inner.metrics.connected_proxies.get_or_create(&ModeLabel { mode: self.mode.into() }).dec();
     }
 }
 
@@ -231,20 +185,12 @@ enum SendError {
     TimedOut,
 }
 
-async fn send_all<M: Machine>(
-    inner: &Inner,
-    tx: &mpsc::Sender<Result<M::Resp, Status>>,
-    responses: Vec<M::Resp>,
-) -> Result<(), SendError> {
+async fn send_all<M: Machine>(inner: &Inner, tx: &mpsc::Sender<Result<M::Resp, Status>>, responses: Vec<M::Resp>) -> Result<(), SendError> {
     for resp in responses {
         let short = ResourceType::from_type_url(resp.type_url()).map_or("?", |t| t.short_name());
         let label = TypeLabel::new(short);
         inner.metrics.pushes.get_or_create(&label).inc();
-        inner
-            .metrics
-            .push_bytes
-            .get_or_create(&label)
-            .inc_by(resp.encoded_len() as u64);
+        inner.metrics.push_bytes.get_or_create(&label).inc_by(resp.encoded_len() as u64);
         match tokio::time::timeout(inner.config.send_timeout, tx.send(Ok(resp))).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(SendError::Closed),
@@ -259,39 +205,22 @@ fn record_events(inner: &Inner, node: &ProxyNode, events: &[StreamEvent]) {
         match event {
             StreamEvent::Acked { ty, latency } => {
                 if let Some(latency) = latency {
-                    inner
-                        .metrics
-                        .convergence
-                        .get_or_create(&TypeLabel::new(ty.short_name()))
-                        .observe(latency.as_secs_f64());
+                    inner.metrics.convergence.get_or_create(&TypeLabel::new(ty.short_name())).observe(latency.as_secs_f64());
                 }
             }
             StreamEvent::Nacked { ty, message } => {
-                inner
-                    .metrics
-                    .rejects
-                    .get_or_create(&TypeLabel::new(ty.short_name()))
-                    .inc();
+                inner.metrics.rejects.get_or_create(&TypeLabel::new(ty.short_name())).inc();
                 tracing::warn!(proxy = %node.id, r#type = %ty, error = %message, "proxy rejected config (NACK)");
             }
             StreamEvent::StaleNonce { ty, nonce } => {
-                inner
-                    .metrics
-                    .expired_nonces
-                    .get_or_create(&TypeLabel::new(ty.short_name()))
-                    .inc();
+                inner.metrics.expired_nonces.get_or_create(&TypeLabel::new(ty.short_name())).inc();
                 tracing::debug!(proxy = %node.id, r#type = %ty, nonce, "ignoring request with stale nonce");
             }
         }
     }
 }
 
-async fn run_stream<M: Machine>(
-    inner: Arc<Inner>,
-    machine: M,
-    mut requests: RequestStream<M::Req>,
-    tx: mpsc::Sender<Result<M::Resp, Status>>,
-) {
+async fn run_stream<M: Machine>(inner: Arc<Inner>, machine: M, mut requests: RequestStream<M::Req>, tx: mpsc::Sender<Result<M::Resp, Status>>) {
     // The first request names the proxy.
     let first = match requests.next().await {
         Some(Ok(req)) => req,
@@ -306,25 +235,13 @@ async fn run_stream<M: Machine>(
         Err(err) => {
             inner.metrics.stream_error("bad_node");
             tracing::warn!(error = %err, "refusing xDS stream");
-            let _ = tx
-                .send(Err(Status::invalid_argument(err.to_string())))
-                .await;
+            let _ = tx.send(Err(Status::invalid_argument(err.to_string()))).await;
             return;
         }
     };
     let conn_id = inner.registry.next_id();
-    inner
-        .metrics
-        .connected_proxies
-        .get_or_create(&ModeLabel {
-            mode: M::MODE.into(),
-        })
-        .inc();
-    let _guard = ConnectionGuard {
-        inner: inner.clone(),
-        conn_id,
-        mode: M::MODE,
-    };
+    inner.metrics.connected_proxies.get_or_create(&ModeLabel { mode: M::MODE.into() }).inc();
+    let _guard = ConnectionGuard { inner: inner.clone(), conn_id, mode: M::MODE };
     inner.registry.insert(Arc::new(ProxyConnection {
         conn_id,
         node: node.clone(),
@@ -340,11 +257,7 @@ async fn run_stream<M: Machine>(
     let mut next = Some(first);
     let end = loop {
         let (responses, events) = if let Some(req) = next.take() {
-            let permit = inner
-                .permits
-                .acquire()
-                .await
-                .expect("semaphore never closed");
+            let permit = inner.permits.acquire().await.expect("semaphore never closed");
             let resources = inner.provider.resources_for(&node);
             let result = machine.on_request(&req, &resources, Instant::now());
             drop(permit);
@@ -390,9 +303,7 @@ async fn run_stream<M: Machine>(
             Err(SendError::TimedOut) => {
                 inner.metrics.stream_error("send_timeout");
                 tracing::warn!(proxy = %node.id, timeout = ?inner.config.send_timeout, "proxy is not reading its responses; closing its stream");
-                let _ = tx.try_send(Err(Status::deadline_exceeded(
-                    "responses were not read in time",
-                )));
+                let _ = tx.try_send(Err(Status::deadline_exceeded("responses were not read in time")));
                 break "send timeout";
             }
         }

@@ -65,12 +65,8 @@ impl Subscription {
             return Subscription::Wildcard;
         }
         match (current, names.is_empty()) {
-            (None, true) | (Some(Subscription::LegacyWildcard), true) => {
-                Subscription::LegacyWildcard
-            }
-            (Some(Subscription::Explicit(cur)), _) if same_names(cur, names) => {
-                Subscription::Explicit(cur.clone())
-            }
+            (None, true) | (Some(Subscription::LegacyWildcard), true) => Subscription::LegacyWildcard,
+            (Some(Subscription::Explicit(cur)), _) if same_names(cur, names) => Subscription::Explicit(cur.clone()),
             (_, _) => Subscription::Explicit(intern_request_names(names)),
         }
     }
@@ -78,12 +74,8 @@ impl Subscription {
     /// True when `next` covers a name this one did not.
     fn added_by(&self, next: &Subscription) -> bool {
         match (self, next) {
-            (Subscription::Explicit(_), Subscription::LegacyWildcard | Subscription::Wildcard) => {
-                true
-            }
-            (Subscription::Explicit(old), Subscription::Explicit(new)) => {
-                !Arc::ptr_eq(old, new) && !new.is_subset(old)
-            }
+            (Subscription::Explicit(_), Subscription::LegacyWildcard | Subscription::Wildcard) => true,
+            (Subscription::Explicit(old), Subscription::Explicit(new)) => !Arc::ptr_eq(old, new) && !new.is_subset(old),
             _ => false,
         }
     }
@@ -92,18 +84,9 @@ impl Subscription {
 /// Something the IO layer should know about (for logs and metrics).
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
-    Acked {
-        ty: ResourceType,
-        latency: Option<std::time::Duration>,
-    },
-    Nacked {
-        ty: ResourceType,
-        message: String,
-    },
-    StaleNonce {
-        ty: ResourceType,
-        nonce: String,
-    },
+    Acked { ty: ResourceType, latency: Option<std::time::Duration> },
+    Nacked { ty: ResourceType, message: String },
+    StaleNonce { ty: ResourceType, nonce: String },
 }
 
 /// The result of one input: responses to send, in order, and events.
@@ -115,10 +98,7 @@ pub struct Step<R> {
 
 impl<R> Default for Step<R> {
     fn default() -> Self {
-        Step {
-            responses: Vec::new(),
-            events: Vec::new(),
-        }
+        Step { responses: Vec::new(), events: Vec::new() }
     }
 }
 
@@ -128,10 +108,7 @@ pub enum ProtocolError {
     #[error("unknown type URL {0:?}")]
     UnknownType(String),
     #[error("type {got} requested on a stream that serves only {only}")]
-    WrongType {
-        got: ResourceType,
-        only: ResourceType,
-    },
+    WrongType { got: ResourceType, only: ResourceType },
 }
 
 #[derive(Debug, Clone)]
@@ -168,22 +145,12 @@ fn incremental_in_sotw(ty: ResourceType) -> bool {
 impl SotwStream {
     /// An ADS stream (every type).
     pub fn new_ads() -> Self {
-        SotwStream {
-            watches: BTreeMap::new(),
-            only_type: None,
-            nonce_counter: 0,
-            reply_wait_limit: super::status::REPLY_WAIT_LIMIT,
-        }
+        SotwStream { watches: BTreeMap::new(), only_type: None, nonce_counter: 0, reply_wait_limit: super::status::REPLY_WAIT_LIMIT }
     }
 
     /// A single-type stream (`StreamClusters`, `StreamEndpoints`, ...).
     pub fn new_single(ty: ResourceType) -> Self {
-        SotwStream {
-            watches: BTreeMap::new(),
-            only_type: Some(ty),
-            nonce_counter: 0,
-            reply_wait_limit: super::status::REPLY_WAIT_LIMIT,
-        }
+        SotwStream { watches: BTreeMap::new(), only_type: Some(ty), nonce_counter: 0, reply_wait_limit: super::status::REPLY_WAIT_LIMIT }
     }
 
     /// How long a push waits for the reply to the last response of its type
@@ -194,8 +161,7 @@ impl SotwStream {
     }
 
     fn check_type(&self, type_url: &str) -> Result<ResourceType, ProtocolError> {
-        let ty = ResourceType::from_type_url(type_url)
-            .ok_or_else(|| ProtocolError::UnknownType(type_url.to_string()))?;
+        let ty = ResourceType::from_type_url(type_url).ok_or_else(|| ProtocolError::UnknownType(type_url.to_string()))?;
         match self.only_type {
             Some(only) if only != ty => Err(ProtocolError::WrongType { got: ty, only }),
             _ => Ok(ty),
@@ -203,12 +169,7 @@ impl SotwStream {
     }
 
     /// Handles one request from the client against the current resources.
-    pub fn on_request(
-        &mut self,
-        req: &SotwRequest,
-        resources: &ResourceSet,
-        now: Instant,
-    ) -> Result<Step<SotwResponse>, ProtocolError> {
+    pub fn on_request(&mut self, req: &SotwRequest, resources: &ResourceSet, now: Instant) -> Result<Step<SotwResponse>, ProtocolError> {
         let ty = self.check_type(&req.type_url)?;
         let mut step = Step::default();
         let error = req.error_detail.as_ref().map(|e| e.message.as_str());
@@ -220,10 +181,7 @@ impl SotwStream {
         };
         match reply {
             Reply::Stale => {
-                step.events.push(StreamEvent::StaleNonce {
-                    ty,
-                    nonce: req.response_nonce.clone(),
-                });
+                step.events.push(StreamEvent::StaleNonce { ty, nonce: req.response_nonce.clone() });
                 return Ok(step);
             }
             Reply::Nack { message } => {
@@ -255,8 +213,7 @@ impl SotwStream {
                 types.push(ResourceType::Endpoint);
             }
             for t in types {
-                step.responses
-                    .push(self.respond(t, resources, now, None, false));
+                step.responses.push(self.respond(t, resources, now, None, false));
             }
         } else if narrowed
             && let Some(w) = self.watches.get_mut(&ty)
@@ -264,13 +221,7 @@ impl SotwStream {
         {
             // Names dropped from an explicit subscription: forget them so a later
             // re-subscription is answered.
-            let kept = w
-                .sent
-                .resources
-                .iter()
-                .filter(|r| names.contains(&r.name))
-                .cloned()
-                .collect();
+            let kept = w.sent.resources.iter().filter(|r| names.contains(&r.name)).cloned().collect();
             w.sent = Arc::new(ResourceView::new(kept));
         }
         step.responses.extend(self.send_pending(resources, now));
@@ -282,12 +233,7 @@ impl SotwStream {
     /// type yet (see `TypeLedger::awaiting_reply`): then the change is sent,
     /// merged with any later ones, when it does.
     /// `change_at` is when the change behind this push first happened.
-    pub fn on_push(
-        &mut self,
-        resources: &ResourceSet,
-        change_at: Instant,
-        now: Instant,
-    ) -> Step<SotwResponse> {
+    pub fn on_push(&mut self, resources: &ResourceSet, change_at: Instant, now: Instant) -> Step<SotwResponse> {
         for ty in ResourceType::PUSH_ORDER {
             let Some(watch) = self.watches.get_mut(&ty) else {
                 continue;
@@ -297,10 +243,7 @@ impl SotwStream {
                 watch.pending.get_or_insert(change_at);
             }
         }
-        Step {
-            responses: self.send_pending(resources, now),
-            events: Vec::new(),
-        }
+        Step { responses: self.send_pending(resources, now), events: Vec::new() }
     }
 
     /// Sends, in push order, every type with a change not sent yet whose last
@@ -338,27 +281,13 @@ impl SotwStream {
 
     /// Sends the view of `ty`; with `only_changes`, a type that allows it gets
     /// only the resources that differ from what the client holds.
-    fn respond(
-        &mut self,
-        ty: ResourceType,
-        resources: &ResourceSet,
-        now: Instant,
-        change_at: Option<Instant>,
-        only_changes: bool,
-    ) -> SotwResponse {
+    fn respond(&mut self, ty: ResourceType, resources: &ResourceSet, now: Instant, change_at: Option<Instant>, only_changes: bool) -> SotwResponse {
         self.nonce_counter += 1;
         let nonce = self.nonce_counter.to_string();
-        let watch = self
-            .watches
-            .get_mut(&ty)
-            .expect("respond only for watched types");
+        let watch = self.watches.get_mut(&ty).expect("respond only for watched types");
         let view = resources.view(ty, watch.subscription.names());
         let mut body = None;
-        if only_changes
-            && incremental_in_sotw(ty)
-            && watch.ledger.sent.is_some()
-            && watch.ledger.error.is_none()
-        {
+        if only_changes && incremental_in_sotw(ty) && watch.ledger.sent.is_some() && watch.ledger.error.is_none() {
             let changes = view.changes_since(&watch.sent);
             // Nothing can say "removed" in SotW EDS: removals send everything.
             if changes.removed.is_empty() {
@@ -375,9 +304,7 @@ impl SotwStream {
             nonce: nonce.clone(),
         };
         let change_at = change_at.or(watch.pending);
-        watch
-            .ledger
-            .record_sent(nonce, view.version.clone(), now, change_at);
+        watch.ledger.record_sent(nonce, view.version.clone(), now, change_at);
         watch.sent = view;
         watch.always_respond = false;
         watch.pending = None;
@@ -391,10 +318,7 @@ impl SotwStream {
 
     /// The sync status of every type this stream has requested.
     pub fn status(&self, now: Instant) -> Vec<TypeStatus> {
-        self.watches
-            .iter()
-            .map(|(ty, w)| w.ledger.view(*ty, w.sent.len(), now))
-            .collect()
+        self.watches.iter().map(|(ty, w)| w.ledger.view(*ty, w.sent.len(), now)).collect()
     }
 
     /// What was last sent, per type.
@@ -423,22 +347,10 @@ mod tests {
     fn set(clusters: &[&str], endpoints: &[(&str, u32)]) -> ResourceSet {
         let mut s = ResourceSet::new();
         for c in clusters {
-            s.insert(
-                ResourceType::Cluster,
-                Resource::from_message(
-                    *c,
-                    &Cluster {
-                        name: c.to_string(),
-                        ..Default::default()
-                    },
-                ),
-            );
+            s.insert(ResourceType::Cluster, Resource::from_message(*c, &Cluster { name: c.to_string(), ..Default::default() }));
         }
         for (e, port) in endpoints {
-            let cla = ClusterLoadAssignment {
-                cluster_name: format!("{e}:{port}"),
-                ..Default::default()
-            };
+            let cla = ClusterLoadAssignment { cluster_name: format!("{e}:{port}"), ..Default::default() };
             s.insert(ResourceType::Endpoint, Resource::from_message(*e, &cla));
         }
         s
@@ -455,14 +367,7 @@ mod tests {
     }
 
     fn nack(ty: ResourceType, nonce: &str, msg: &str) -> SotwRequest {
-        SotwRequest {
-            error_detail: Some(Status {
-                code: 3,
-                message: msg.into(),
-                details: vec![],
-            }),
-            ..req(ty, &[], nonce, "")
-        }
+        SotwRequest { error_detail: Some(Status { code: 3, message: msg.into(), details: vec![] }), ..req(ty, &[], nonce, "") }
     }
 
     #[test]
@@ -495,35 +400,15 @@ mod tests {
         let now = Instant::now();
         let res = set(&["a", "b"], &[]);
         let mut s = SotwStream::new_ads();
-        let step = s
-            .on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now)
-            .unwrap();
+        let step = s.on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now).unwrap();
         assert_eq!(step.responses.len(), 1);
         let r = &step.responses[0];
         assert_eq!(names(r), 2);
-        assert_eq!(
-            s.subscription(ResourceType::Cluster),
-            Some(&Subscription::LegacyWildcard)
-        );
-        let ack = s
-            .on_request(
-                &req(ResourceType::Cluster, &[], &r.nonce, &r.version_info),
-                &res,
-                now,
-            )
-            .unwrap();
+        assert_eq!(s.subscription(ResourceType::Cluster), Some(&Subscription::LegacyWildcard));
+        let ack = s.on_request(&req(ResourceType::Cluster, &[], &r.nonce, &r.version_info), &res, now).unwrap();
         assert!(ack.responses.is_empty(), "an ACK is not answered");
-        assert!(matches!(
-            ack.events[0],
-            StreamEvent::Acked {
-                ty: ResourceType::Cluster,
-                ..
-            }
-        ));
-        assert_eq!(
-            s.status(now)[0].state,
-            super::super::status::SyncState::Synced
-        );
+        assert!(matches!(ack.events[0], StreamEvent::Acked { ty: ResourceType::Cluster, .. }));
+        assert_eq!(s.status(now)[0].state, super::super::status::SyncState::Synced);
     }
 
     #[test]
@@ -531,42 +416,18 @@ mod tests {
         let now = Instant::now();
         let res = set(&["a"], &[]);
         let mut s = SotwStream::new_ads();
-        let r = s
-            .on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now)
-            .unwrap()
-            .responses
-            .remove(0);
-        let step = s
-            .on_request(
-                &nack(ResourceType::Cluster, &r.nonce, "invalid cluster a"),
-                &res,
-                now,
-            )
-            .unwrap();
+        let r = s.on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now).unwrap().responses.remove(0);
+        let step = s.on_request(&nack(ResourceType::Cluster, &r.nonce, "invalid cluster a"), &res, now).unwrap();
         assert!(step.responses.is_empty());
-        assert_eq!(
-            step.events,
-            vec![StreamEvent::Nacked {
-                ty: ResourceType::Cluster,
-                message: "invalid cluster a".into()
-            }]
-        );
+        assert_eq!(step.events, vec![StreamEvent::Nacked { ty: ResourceType::Cluster, message: "invalid cluster a".into() }]);
         let st = &s.status(now)[0];
         assert_eq!(st.state, super::super::status::SyncState::Error);
         assert_eq!(st.last_error.as_deref(), Some("invalid cluster a"));
         // A fixed config is pushed and its ACK clears the error.
         let fixed = set(&["a", "b"], &[]);
         let r2 = s.on_push(&fixed, now, now).responses.remove(0);
-        s.on_request(
-            &req(ResourceType::Cluster, &[], &r2.nonce, &r2.version_info),
-            &fixed,
-            now,
-        )
-        .unwrap();
-        assert_eq!(
-            s.status(now)[0].state,
-            super::super::status::SyncState::Synced
-        );
+        s.on_request(&req(ResourceType::Cluster, &[], &r2.nonce, &r2.version_info), &fixed, now).unwrap();
+        assert_eq!(s.status(now)[0].state, super::super::status::SyncState::Synced);
     }
 
     #[test]
@@ -574,36 +435,19 @@ mod tests {
         let now = Instant::now();
         let res = set(&["a"], &[]);
         let mut s = SotwStream::new_ads();
-        let r1 = s
-            .on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now)
-            .unwrap()
-            .responses
-            .remove(0);
+        let r1 = s.on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now).unwrap().responses.remove(0);
         // The client has not answered r1: a push waits (at most REPLY_WAIT_LIMIT).
         assert!(s.on_push(&set(&["a", "b"], &[]), now, now).responses.is_empty());
         let later = now + super::super::status::REPLY_WAIT_LIMIT;
-        let r2 = s
-            .on_push(&set(&["a", "b"], &[]), now, later)
-            .responses
-            .remove(0);
+        let r2 = s.on_push(&set(&["a", "b"], &[]), now, later).responses.remove(0);
         assert_ne!(r1.nonce, r2.nonce);
         // The ACK of the first response arrives after the second was sent: stale.
-        let step = s
-            .on_request(
-                &req(ResourceType::Cluster, &[], &r1.nonce, &r1.version_info),
-                &res,
-                now,
-            )
-            .unwrap();
+        let step = s.on_request(&req(ResourceType::Cluster, &[], &r1.nonce, &r1.version_info), &res, now).unwrap();
         assert!(step.responses.is_empty());
         assert!(matches!(step.events[0], StreamEvent::StaleNonce { .. }));
-        assert_eq!(
-            s.status(now)[0].state,
-            super::super::status::SyncState::Stale
-        );
+        assert_eq!(s.status(now)[0].state, super::super::status::SyncState::Stale);
         // A NACK with a stale nonce is not recorded either.
-        s.on_request(&nack(ResourceType::Cluster, &r1.nonce, "old"), &res, now)
-            .unwrap();
+        s.on_request(&nack(ResourceType::Cluster, &r1.nonce, "old"), &res, now).unwrap();
         assert_eq!(s.status(now)[0].last_error, None);
     }
 
@@ -612,49 +456,18 @@ mod tests {
         let now = Instant::now();
         let mut s = SotwStream::new_ads();
         let res = set(&[], &[("a", 1)]);
-        let r = s
-            .on_request(&req(ResourceType::Endpoint, &["a", "b"], "", ""), &res, now)
-            .unwrap()
-            .responses
-            .remove(0);
+        let r = s.on_request(&req(ResourceType::Endpoint, &["a", "b"], "", ""), &res, now).unwrap().responses.remove(0);
         assert_eq!(names(&r), 1, "only what exists is sent");
-        s.on_request(
-            &req(
-                ResourceType::Endpoint,
-                &["a", "b"],
-                &r.nonce,
-                &r.version_info,
-            ),
-            &res,
-            now,
-        )
-        .unwrap();
+        s.on_request(&req(ResourceType::Endpoint, &["a", "b"], &r.nonce, &r.version_info), &res, now).unwrap();
         // "b" appears later: it is pushed without being asked again.
         let res2 = set(&[], &[("a", 1), ("b", 1)]);
         let push = s.on_push(&res2, now, now);
         assert_eq!(push.responses.len(), 1);
-        assert_eq!(
-            names(&push.responses[0]),
-            1,
-            "an EDS push carries only what changed"
-        );
-        assert_eq!(
-            push.responses[0].to_message().resources,
-            vec![res2.get(ResourceType::Endpoint, "b").unwrap().body()]
-        );
+        assert_eq!(names(&push.responses[0]), 1, "an EDS push carries only what changed");
+        assert_eq!(push.responses[0].to_message().resources, vec![res2.get(ResourceType::Endpoint, "b").unwrap().body()]);
         // An unrelated resource appearing does not cause a push.
         let r = &push.responses[0];
-        s.on_request(
-            &req(
-                ResourceType::Endpoint,
-                &["a", "b"],
-                &r.nonce,
-                &r.version_info,
-            ),
-            &res2,
-            now,
-        )
-        .unwrap();
+        s.on_request(&req(ResourceType::Endpoint, &["a", "b"], &r.nonce, &r.version_info), &res2, now).unwrap();
         let res3 = set(&[], &[("a", 1), ("b", 1), ("c", 1)]);
         assert!(s.on_push(&res3, now, now).responses.is_empty());
     }
@@ -664,51 +477,18 @@ mod tests {
         let now = Instant::now();
         let mut s = SotwStream::new_ads();
         let res = set(&[], &[("a", 1), ("b", 1)]);
-        let r = s
-            .on_request(&req(ResourceType::Endpoint, &["*"], "", ""), &res, now)
-            .unwrap()
-            .responses
-            .remove(0);
+        let r = s.on_request(&req(ResourceType::Endpoint, &["*"], "", ""), &res, now).unwrap().responses.remove(0);
         assert_eq!(names(&r), 2);
-        assert_eq!(
-            s.subscription(ResourceType::Endpoint),
-            Some(&Subscription::Wildcard)
-        );
+        assert_eq!(s.subscription(ResourceType::Endpoint), Some(&Subscription::Wildcard));
         // Narrowing to explicit names adds nothing: no response needed.
-        let step = s
-            .on_request(
-                &req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info),
-                &res,
-                now,
-            )
-            .unwrap();
+        let step = s.on_request(&req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info), &res, now).unwrap();
         assert!(step.responses.is_empty());
         // After an explicit subscription, an empty list means unsubscribe everything.
-        s.on_request(
-            &req(ResourceType::Endpoint, &[], &r.nonce, &r.version_info),
-            &res,
-            now,
-        )
-        .unwrap();
-        assert_eq!(
-            s.subscription(ResourceType::Endpoint),
-            Some(&Subscription::Explicit(Arc::new(
-                std::collections::BTreeSet::new()
-            )))
-        );
-        assert!(
-            s.on_push(&set(&[], &[("a", 2)]), now, now)
-                .responses
-                .is_empty()
-        );
+        s.on_request(&req(ResourceType::Endpoint, &[], &r.nonce, &r.version_info), &res, now).unwrap();
+        assert_eq!(s.subscription(ResourceType::Endpoint), Some(&Subscription::Explicit(Arc::new(std::collections::BTreeSet::new()))));
+        assert!(s.on_push(&set(&[], &[("a", 2)]), now, now).responses.is_empty());
         // Subscribing again to "a" is answered.
-        let step = s
-            .on_request(
-                &req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info),
-                &res,
-                now,
-            )
-            .unwrap();
+        let step = s.on_request(&req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info), &res, now).unwrap();
         assert_eq!(step.responses.len(), 1);
     }
 
@@ -718,81 +498,31 @@ mod tests {
         let mut s = SotwStream::new_ads();
         let res = set(&["a"], &[("a", 1)]);
         for ty in [ResourceType::Listener, ResourceType::Cluster] {
-            let r = s
-                .on_request(&req(ty, &[], "", ""), &res, now)
-                .unwrap()
-                .responses
-                .remove(0);
-            s.on_request(&req(ty, &[], &r.nonce, &r.version_info), &res, now)
-                .unwrap();
+            let r = s.on_request(&req(ty, &[], "", ""), &res, now).unwrap().responses.remove(0);
+            s.on_request(&req(ty, &[], &r.nonce, &r.version_info), &res, now).unwrap();
         }
-        let r = s
-            .on_request(&req(ResourceType::Endpoint, &["a"], "", ""), &res, now)
-            .unwrap()
-            .responses
-            .remove(0);
-        s.on_request(
-            &req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info),
-            &res,
-            now,
-        )
-        .unwrap();
+        let r = s.on_request(&req(ResourceType::Endpoint, &["a"], "", ""), &res, now).unwrap().responses.remove(0);
+        s.on_request(&req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info), &res, now).unwrap();
         // Only the cluster changes: CDS, then EDS for warming, and not LDS.
         let changed = set(&["a", "b"], &[("a", 1)]);
         let push = s.on_push(&changed, now, now);
-        let types: Vec<_> = push
-            .responses
-            .iter()
-            .map(|r| ResourceType::from_type_url(&r.type_url).unwrap())
-            .collect();
+        let types: Vec<_> = push.responses.iter().map(|r| ResourceType::from_type_url(r.type_url).unwrap()).collect();
         assert_eq!(types, [ResourceType::Cluster, ResourceType::Endpoint]);
         // The EDS request that follows a CDS update is answered even though its names did not change.
         let eds = &push.responses[1];
-        let step = s
-            .on_request(
-                &req(
-                    ResourceType::Endpoint,
-                    &["a"],
-                    &eds.nonce,
-                    &eds.version_info,
-                ),
-                &changed,
-                now,
-            )
-            .unwrap();
-        assert!(
-            step.responses.is_empty(),
-            "the warming EDS was already sent in the push"
-        );
+        let step = s.on_request(&req(ResourceType::Endpoint, &["a"], &eds.nonce, &eds.version_info), &changed, now).unwrap();
+        assert!(step.responses.is_empty(), "the warming EDS was already sent in the push");
         let cds_nonce = &push.responses[0].nonce;
-        s.on_request(&req(ResourceType::Cluster, &[], cds_nonce, ""), &changed, now)
-            .unwrap();
-        let cds = s
-            .on_push(&set(&["a", "b", "c"], &[("a", 1)]), now, now)
-            .responses;
+        s.on_request(&req(ResourceType::Cluster, &[], cds_nonce, ""), &changed, now).unwrap();
+        let cds = s.on_push(&set(&["a", "b", "c"], &[("a", 1)]), now, now).responses;
         assert_eq!(cds.len(), 2);
         // Envoy's EDS re-request after the CDS update, carrying the CDS-era nonce, is stale;
         // after it ACKs, nothing further is owed.
         let last = &cds[1];
-        let step = s
-            .on_request(
-                &req(
-                    ResourceType::Endpoint,
-                    &["a"],
-                    &last.nonce,
-                    &last.version_info,
-                ),
-                &changed,
-                now,
-            )
-            .unwrap();
+        let step = s.on_request(&req(ResourceType::Endpoint, &["a"], &last.nonce, &last.version_info), &changed, now).unwrap();
         assert!(step.responses.is_empty());
         // No change at all: nothing is sent.
-        assert!(
-            s.on_push(&set(&["a", "b", "c"], &[("a", 1)]), now, now)
-                .responses
-                .is_empty()
-        );
+        assert!(s.on_push(&set(&["a", "b", "c"], &[("a", 1)]), now, now).responses.is_empty());
     }
 
     #[test]
@@ -800,21 +530,10 @@ mod tests {
         let now = Instant::now();
         let mut s = SotwStream::new_ads();
         let res = set(&["a"], &[("a", 1)]);
-        let r = s
-            .on_request(&req(ResourceType::Endpoint, &["a"], "", ""), &res, now)
-            .unwrap()
-            .responses
-            .remove(0);
-        s.on_request(
-            &req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info),
-            &res,
-            now,
-        )
-        .unwrap();
+        let r = s.on_request(&req(ResourceType::Endpoint, &["a"], "", ""), &res, now).unwrap().responses.remove(0);
+        s.on_request(&req(ResourceType::Endpoint, &["a"], &r.nonce, &r.version_info), &res, now).unwrap();
         // A CDS (re)subscription: CDS answered, and EDS too.
-        let step = s
-            .on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now)
-            .unwrap();
+        let step = s.on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now).unwrap();
         assert_eq!(step.responses.len(), 2);
     }
 
@@ -823,26 +542,11 @@ mod tests {
         let now = Instant::now();
         let res = set(&["a"], &[]);
         let mut s = SotwStream::new_ads();
-        let r = s
-            .on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now)
-            .unwrap()
-            .responses
-            .remove(0);
+        let r = s.on_request(&req(ResourceType::Cluster, &[], "", ""), &res, now).unwrap().responses.remove(0);
         // A new stream: the client sends its last version and no nonce.
         let mut s2 = SotwStream::new_ads();
-        let r2 = s2
-            .on_request(
-                &req(ResourceType::Cluster, &[], "", &r.version_info),
-                &res,
-                now,
-            )
-            .unwrap()
-            .responses
-            .remove(0);
-        assert_eq!(
-            r2.version_info, r.version_info,
-            "same config, same version on every stream"
-        );
+        let r2 = s2.on_request(&req(ResourceType::Cluster, &[], "", &r.version_info), &res, now).unwrap().responses.remove(0);
+        assert_eq!(r2.version_info, r.version_info, "same config, same version on every stream");
     }
 
     #[test]
@@ -852,14 +556,8 @@ mod tests {
         let mut s = SotwStream::new_single(ResourceType::Cluster);
         let mut bad = req(ResourceType::Cluster, &[], "", "");
         bad.type_url = "type.googleapis.com/nope".into();
-        assert!(matches!(
-            s.on_request(&bad, &res, now),
-            Err(ProtocolError::UnknownType(_))
-        ));
-        assert!(matches!(
-            s.on_request(&req(ResourceType::Listener, &[], "", ""), &res, now),
-            Err(ProtocolError::WrongType { .. })
-        ));
+        assert!(matches!(s.on_request(&bad, &res, now), Err(ProtocolError::UnknownType(_))));
+        assert!(matches!(s.on_request(&req(ResourceType::Listener, &[], "", ""), &res, now), Err(ProtocolError::WrongType { .. })));
     }
 
     #[test]
@@ -870,8 +568,7 @@ mod tests {
         let eds = ResourceType::Endpoint;
         let res = set(&[], &[("a", 1), ("b", 1)]);
         let r = s.on_request(&req(eds, &["a", "b"], "", ""), &res, t0).unwrap().responses;
-        s.on_request(&req(eds, &["a", "b"], &r[0].nonce, &r[0].version_info), &res, t0)
-            .unwrap();
+        s.on_request(&req(eds, &["a", "b"], &r[0].nonce, &r[0].version_info), &res, t0).unwrap();
         // First change: sent at once, only the changed assignment.
         let first = s.on_push(&set(&[], &[("a", 2), ("b", 1)]), ms(10), ms(10)).responses;
         assert_eq!(first.iter().map(names).collect::<Vec<_>>(), [1]);
@@ -880,18 +577,14 @@ mod tests {
         let three = set(&[], &[("a", 3), ("b", 2)]);
         assert!(s.on_push(&three, ms(30), ms(30)).responses.is_empty());
         // The ACK: one response carrying both, timed from the first of them.
-        let step = s
-            .on_request(&req(eds, &["a", "b"], &first[0].nonce, &first[0].version_info), &three, ms(40))
-            .unwrap();
+        let step = s.on_request(&req(eds, &["a", "b"], &first[0].nonce, &first[0].version_info), &three, ms(40)).unwrap();
         assert_eq!(step.responses.iter().map(names).collect::<Vec<_>>(), [2]);
         assert_eq!(step.responses[0].version_info, three.view(eds, None).version);
         assert_eq!(s.watches[&eds].ledger.sent.as_ref().unwrap().change_at, Some(ms(20)));
         // Changed and changed back while waiting: nothing owed after the ACK.
         let four = set(&[], &[("a", 4), ("b", 2)]);
         assert!(s.on_push(&four, ms(50), ms(50)).responses.is_empty());
-        let step = s
-            .on_request(&req(eds, &["a", "b"], &step.responses[0].nonce, ""), &three, ms(60))
-            .unwrap();
+        let step = s.on_request(&req(eds, &["a", "b"], &step.responses[0].nonce, ""), &three, ms(60)).unwrap();
         assert!(step.responses.is_empty());
         // A NACK answers too: a change waiting for it is sent, in full.
         let sent = s.on_push(&four, ms(70), ms(70)).responses;
@@ -907,29 +600,18 @@ mod tests {
         let now = Instant::now();
         let mut s = SotwStream::new_ads();
         let res = set(&["a"], &[("a", 1)]);
-        for (ty, names) in [
-            (ResourceType::Cluster, &[][..]),
-            (ResourceType::Endpoint, &["a"][..]),
-            (ResourceType::Listener, &[][..]),
-        ] {
+        for (ty, names) in [(ResourceType::Cluster, &[][..]), (ResourceType::Endpoint, &["a"][..]), (ResourceType::Listener, &[][..])] {
             let r = s.on_request(&req(ty, names, "", ""), &res, now).unwrap().responses;
             s.on_request(&req(ty, names, &r[0].nonce, ""), &res, now).unwrap();
         }
         let cds = s.on_push(&set(&["a", "b"], &[("a", 1)]), now, now).responses;
         assert_eq!(cds.len(), 2, "clusters, then endpoints for warming");
-        s.on_request(&req(ResourceType::Endpoint, &["a"], &cds[1].nonce, ""), &res, now)
-            .unwrap();
+        s.on_request(&req(ResourceType::Endpoint, &["a"], &cds[1].nonce, ""), &res, now).unwrap();
         // Clusters and endpoints change while the CDS response is unanswered.
         let next = set(&["a", "b", "c"], &[("a", 2)]);
         assert!(s.on_push(&next, now, now).responses.is_empty());
-        let step = s
-            .on_request(&req(ResourceType::Cluster, &[], &cds[0].nonce, ""), &next, now)
-            .unwrap();
-        let types: Vec<_> = step
-            .responses
-            .iter()
-            .map(|r| ResourceType::from_type_url(&r.type_url).unwrap())
-            .collect();
+        let step = s.on_request(&req(ResourceType::Cluster, &[], &cds[0].nonce, ""), &next, now).unwrap();
+        let types: Vec<_> = step.responses.iter().map(|r| ResourceType::from_type_url(r.type_url).unwrap()).collect();
         assert_eq!(types, [ResourceType::Cluster, ResourceType::Endpoint]);
     }
 }

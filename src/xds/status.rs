@@ -88,11 +88,7 @@ impl TypeLedger {
         };
         match error {
             Some(message) => {
-                self.error = Some(NackRecord {
-                    nonce: nonce.to_string(),
-                    message: message.to_string(),
-                    at: now,
-                });
+                self.error = Some(NackRecord { nonce: nonce.to_string(), message: message.to_string(), at: now });
                 Reply::Nack { message: message.to_string() }
             }
             None => {
@@ -114,8 +110,7 @@ impl TypeLedger {
         let Some(sent) = &self.sent else {
             return false;
         };
-        let replied = self.acked.as_ref().is_some_and(|a| a.nonce == sent.nonce)
-            || self.error.as_ref().is_some_and(|e| e.nonce == sent.nonce);
+        let replied = self.acked.as_ref().is_some_and(|a| a.nonce == sent.nonce) || self.error.as_ref().is_some_and(|e| e.nonce == sent.nonce);
         !replied && now.saturating_duration_since(sent.at) < limit
     }
 

