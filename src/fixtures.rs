@@ -37,9 +37,14 @@ pub fn service_name(i: usize) -> String {
     format!("svc-{i:05}")
 }
 
+/// The address of endpoint `i` of service `service` in cluster `cluster` (its pod's IP).
+pub fn endpoint_address(cluster: usize, service: usize, i: usize) -> String {
+    format!("10.{}.{}.{}", cluster, (service * 10 + i) / 250 % 250, (service * 10 + i) % 250 + 1)
+}
+
 fn endpoint(cluster: usize, service: usize, i: usize) -> Endpoint {
     Endpoint {
-        address: format!("10.{}.{}.{}", cluster, (service * 10 + i) / 250 % 250, (service * 10 + i) % 250 + 1),
+        address: endpoint_address(cluster, service, i),
         ports: std::sync::Arc::new([("http".to_string(), 8080)].into()),
         labels: std::sync::Arc::new([("app".to_string(), service_name(service)), ("version".to_string(), format!("v{}", i % 3 + 1))].into()),
         ready: true,

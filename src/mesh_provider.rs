@@ -316,9 +316,8 @@ fn log_policy_changes(old: &MeshSnapshot, new: &MeshSnapshot) {
 /// Translation reads a proxy's labels only through policies' source selectors
 /// and Sidecars' workload selectors: proxies that differ only in other labels
 /// share one translation.
-fn narrowed(mut scope: ProxyScope, snapshot: &MeshSnapshot) -> ProxyScope {
-    scope.labels.retain(|k, _| snapshot.source_label_keys.contains(k));
-    scope
+fn narrowed(scope: ProxyScope, snapshot: &MeshSnapshot) -> ProxyScope {
+    scope.resolved(snapshot)
 }
 
 impl ResourceProvider for MeshResources {
@@ -520,6 +519,29 @@ mod tests {
         let after = mesh.resources_for(&proxy);
         assert!(after.get(ResourceType::Cluster, "inbound|9080||").is_some(), "the pod's port is served once it is an endpoint");
         assert_eq!(*after, translate::translate(&mesh.snapshot(), &ProxyScope::of(&proxy)));
+    }
+
+    #[test]
+    fn captured_replicas_at_different_addresses_share_one_translation() {
+        let (notifier, _changes) = ChangeNotifier::channel();
+        let mesh = MeshResources::new(notifier);
+        mesh.update(inputs());
+        let snapshot = mesh.snapshot();
+        let reviews = &snapshot.clusters["management-plane"].endpoints[&("default".to_string(), "reviews".to_string())];
+        let replica = |i: usize| ProxyNode {
+            id: format!("reviews-{i}"),
+            interception: crate::xds::node::InterceptionMode::Redirect,
+            instance_ips: vec![reviews[i].address.clone()],
+            ..node("management-plane", "reviews")
+        };
+        let (a, b) = (mesh.resources_for(&replica(0)), mesh.resources_for(&replica(1)));
+        assert!(Arc::ptr_eq(&a, &b), "one translation for both replicas");
+        assert!(a.get(ResourceType::Cluster, "inbound|9080||").is_some(), "each serves 9080");
+        assert_eq!(*a, translate::translate(&snapshot, &ProxyScope::of(&replica(0))), "the same resources as translating its own addresses");
+        // A proxy at an address that serves nothing is another scope (no inbound port).
+        let idle = ProxyNode { instance_ips: vec!["10.255.0.1".into()], ..replica(0) };
+        let other = mesh.resources_for(&idle);
+        assert!(!Arc::ptr_eq(&a, &other) && other.get(ResourceType::Cluster, "inbound|9080||").is_none());
     }
 
     #[test]

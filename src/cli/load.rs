@@ -55,6 +55,10 @@ pub struct LoadArgs {
     /// The proxies' INTERCEPTION_MODE: REDIRECT (Istio's captured layout) or NONE (explicit loopback listeners).
     #[arg(long, default_value = "REDIRECT", value_parser = ["REDIRECT", "TPROXY", "NONE"])]
     pub interception: String,
+    /// Each proxy is one of the fixture's pods, as Istio's agent says: INSTANCE_IPS is that pod's
+    /// address (an endpoint of its app's service; needs --endpoints as the fixture has them).
+    #[arg(long)]
+    pub instance_ips: bool,
     /// Fraction of proxies that NACK their first listener response.
     #[arg(long, default_value_t = 0.0)]
     pub nack_fraction: f64,
@@ -141,6 +145,11 @@ fn node_for(i: usize, args: &LoadArgs) -> Node {
     meta.fields.insert("CLUSTER_ID".into(), string_value(&cluster_name(i % args.clusters.max(1))));
     meta.fields.insert("NAMESPACE".into(), string_value(&format!("ns-{}", i % args.namespaces.max(1))));
     meta.fields.insert("INTERCEPTION_MODE".into(), string_value(&args.interception));
+    if args.instance_ips {
+        let (apps, clusters) = (args.apps.max(1), args.clusters.max(1));
+        let pod = crate::fixtures::endpoint_address(i % clusters, i % apps, (i / apps) % args.endpoints.max(1));
+        meta.fields.insert("INSTANCE_IPS".into(), string_value(&pod));
+    }
     meta.fields.insert("LABELS".into(), Value { kind: Some(Kind::StructValue(labels)) });
     // Outbound listeners of simulated proxies are never bound; keep one scope per (cluster, ns, app).
     Node { id: format!("load-{i}"), cluster: cluster_name(i % args.clusters.max(1)), metadata: Some(meta), ..Default::default() }

@@ -192,6 +192,11 @@ pub struct MeshSnapshot {
     /// certificateAuthority); clusters not listed have no mTLS.
     pub trust: BTreeMap<String, MeshTrust>,
     pub policy_status: BTreeMap<PolicyId, PolicyStatus>,
+    /// Cluster → workload address → the ports it serves and each one's
+    /// protocol (from the Service port it backs; the first by service name).
+    /// A captured sidecar's inbound side depends on this, not on its address.
+    #[serde(skip)]
+    pub workload_ports: BTreeMap<String, std::collections::HashMap<String, BTreeMap<u16, protocol::Protocol>>>,
     /// VirtualMeshes, AccessControlPolicies and Sidecars: read, and what of them is not yet in effect.
     pub mesh_object_status: BTreeMap<MeshObjectId, MeshObjectStatus>,
     pub input_errors: Vec<String>,
@@ -272,6 +277,7 @@ impl MeshSnapshot {
         mesh_object_status.extend(sidecar_status);
         let trust = mesh_trust(&inputs);
         let gateways = network_gateways(&inputs.clusters);
+        let workload_ports = workload_ports(&inputs.clusters);
         let mut snapshot = MeshSnapshot {
             clusters: inputs.clusters,
             mesh_peers,
@@ -281,6 +287,7 @@ impl MeshSnapshot {
             sidecars,
             source_label_keys: BTreeSet::new(),
             policy_status: BTreeMap::new(),
+            workload_ports,
             mesh_object_status,
             input_errors: inputs.errors,
         };
@@ -338,6 +345,28 @@ fn mesh_trust(inputs: &MeshInputs) -> BTreeMap<String, MeshTrust> {
                     .or_insert_with(|| MeshTrust { virtual_mesh: format!("{}/{}", vm.namespace, vm.name), trust_domain: TRUST_DOMAIN.to_string() });
             }
         }
+    }
+    out
+}
+
+fn workload_ports(
+    clusters: &BTreeMap<String, Arc<ClusterState>>,
+) -> BTreeMap<String, std::collections::HashMap<String, BTreeMap<u16, protocol::Protocol>>> {
+    let mut out = BTreeMap::new();
+    for (name, state) in clusters {
+        let mut by_address: std::collections::HashMap<String, BTreeMap<u16, protocol::Protocol>> = std::collections::HashMap::new();
+        for (key, eps) in &state.endpoints {
+            let Some(svc) = state.services.get(key) else { continue };
+            for ep in eps {
+                let ports = by_address.entry(ep.address.clone()).or_default();
+                for sp in &svc.ports {
+                    if let Some(port) = ep.ports.get(&sp.name) {
+                        ports.entry(*port).or_insert(sp.protocol);
+                    }
+                }
+            }
+        }
+        out.insert(name.clone(), by_address);
     }
     out
 }

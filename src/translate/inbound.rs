@@ -67,19 +67,18 @@ pub fn served_ports(snapshot: &MeshSnapshot, scope: &ProxyScope) -> BTreeSet<(St
     out
 }
 
-/// The ports the proxy's workload serves (endpoint ports at its `INSTANCE_IPS`)
-/// and the protocol of the Service port each serves (the first by service name).
+/// The ports the proxy's workload serves and the protocol of the Service port
+/// each serves: the endpoint ports at its `INSTANCE_IPS`, or, for a scope
+/// whose addresses were resolved already (`ProxyScope::served`), those.
 pub fn served_protocols(snapshot: &MeshSnapshot, scope: &ProxyScope) -> BTreeMap<u16, Protocol> {
+    if scope.instance_ips.is_empty() {
+        return scope.served.clone();
+    }
     let mut out = BTreeMap::new();
-    let Some(state) = snapshot.clusters.get(&scope.cluster) else { return out };
-    for (key, eps) in &state.endpoints {
-        let Some(svc) = state.services.get(key) else { continue };
-        for ep in eps.iter().filter(|e| scope.instance_ips.contains(&e.address)) {
-            for sp in &svc.ports {
-                if let Some(port) = ep.ports.get(&sp.name) {
-                    out.entry(*port).or_insert(sp.protocol);
-                }
-            }
+    let Some(by_address) = snapshot.workload_ports.get(&scope.cluster) else { return out };
+    for ports in scope.instance_ips.iter().filter_map(|ip| by_address.get(ip)) {
+        for (port, protocol) in ports {
+            out.entry(*port).or_insert(*protocol);
         }
     }
     out

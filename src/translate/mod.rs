@@ -65,6 +65,10 @@ pub struct ProxyScope {
     pub service_account: String,
     pub instance_ips: Vec<String>,
     pub app_address: String,
+    /// A captured sidecar's served ports and protocols, resolved from its
+    /// `INSTANCE_IPS` by [`ProxyScope::resolved`] (which then drops the
+    /// addresses): replicas serving the same ports share one translation.
+    pub served: BTreeMap<u16, crate::model::protocol::Protocol>,
 }
 
 impl ProxyScope {
@@ -80,6 +84,7 @@ impl ProxyScope {
             service_account: node.service_account.clone(),
             instance_ips: node.instance_ips.clone(),
             app_address: node.app_address.clone().unwrap_or_else(|| DEFAULT_APP_ADDRESS.to_string()),
+            served: BTreeMap::new(),
         }
     }
 
@@ -96,7 +101,23 @@ impl ProxyScope {
             service_account: "default".into(),
             instance_ips: Vec::new(),
             app_address: DEFAULT_APP_ADDRESS.into(),
+            served: BTreeMap::new(),
         }
+    }
+
+    /// The scope with what decides its resources only: labels narrowed to the
+    /// keys some policy or Sidecar reads, and — for a captured sidecar, whose
+    /// inbound side depends on the ports its workload serves, not on where —
+    /// its addresses replaced by those ports. (Each Istio-style proxy's own
+    /// `INSTANCE_IPS` had made it a scope of its own: a full translation per
+    /// proxy at sync and on every change.)
+    pub fn resolved(mut self, snapshot: &MeshSnapshot) -> ProxyScope {
+        self.labels.retain(|k, _| snapshot.source_label_keys.contains(k));
+        if self.role == ProxyRole::Sidecar && self.interception.captured() && !self.instance_ips.is_empty() {
+            self.served = inbound::served_protocols(snapshot, &self);
+            self.instance_ips.clear();
+        }
+        self
     }
 }
 
