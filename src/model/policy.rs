@@ -257,6 +257,11 @@ fn check_regex(re: &str, field: &str, errors: &mut Vec<String>) {
     }
 }
 
+/// RFC 7230 `tchar`, the characters of an HTTP header name.
+fn is_header_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 const METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
 
 fn check_matcher(m: &HttpMatcher, field: &str, errors: &mut Vec<String>) {
@@ -471,8 +476,16 @@ pub fn validate(snapshot: &MeshSnapshot, policy: &PolicyObject<TrafficPolicySpec
             }
             dests.push(ResolvedDestination { service: key, subset: d.subset.clone(), port, weight: d.weight });
         }
-        if !shift.destinations.is_empty() && shift.destinations.iter().map(|d| u64::from(d.weight)).sum::<u64>() == 0 {
+        let total: u64 = shift.destinations.iter().map(|d| u64::from(d.weight)).sum();
+        if !shift.destinations.is_empty() && total == 0 {
             errors.push("spec.trafficShift.destinations: the weights add up to 0; at least one must be positive".into());
+        }
+        // Envoy refuses a route whose weighted clusters add up past u32 (and
+        // with it the whole route configuration of the port, every service on it).
+        if total > u64::from(u32::MAX) {
+            errors.push(format!(
+                "spec.trafficShift.destinations: the weights add up to {total}, more than Envoy accepts (4294967295); weights are relative, use smaller ones"
+            ));
         }
         actions.traffic_shift = Some(dests);
     }
@@ -559,6 +572,14 @@ pub fn validate(snapshot: &MeshSnapshot, policy: &PolicyObject<TrafficPolicySpec
         for n in names {
             if n.is_empty() || n.starts_with(':') || n.eq_ignore_ascii_case("host") {
                 errors.push(format!("spec.headerManipulation: header {n:?} cannot be changed"));
+            } else if !n.bytes().all(is_header_name_byte) {
+                // Envoy's HTTP_HEADER_NAME rule: RFC 7230 token characters only.
+                errors.push(format!("spec.headerManipulation: {n:?} is not an HTTP header name (letters, digits and !#$%&'*+-.^_`|~ only)"));
+            }
+        }
+        for (field, map) in [("appendRequestHeaders", &h.append_request_headers), ("appendResponseHeaders", &h.append_response_headers)] {
+            for (k, v) in map.iter().filter(|(_, v)| v.bytes().any(|b| matches!(b, 0 | b'\r' | b'\n'))) {
+                errors.push(format!("spec.headerManipulation.{field}[{k:?}]: {v:?} contains a NUL, CR or LF, which Envoy refuses in a header value"));
             }
         }
         actions.header_manipulation = Some(h.clone());
@@ -814,6 +835,20 @@ mod tests {
             ),
             (format!("{SEL}sourceSelector: {{namespaces: [a]}}\noutlierDetection: {{}}"), "spec.outlierDetection: requires an empty sourceSelector"),
             (SEL.to_string(), "spec: sets no action"),
+            (
+                shift(
+                    "{destination: {cluster: management-plane, name: reviews, namespace: default}, weight: 4294967295}, {destination: {cluster: remote-cluster, name: reviews, namespace: default}, weight: 4294967295}",
+                ),
+                "spec.trafficShift.destinations: the weights add up to 8589934590, more than Envoy accepts (4294967295)",
+            ),
+            (
+                format!("{SEL}headerManipulation: {{appendRequestHeaders: {{'x bad': v}}}}"),
+                "spec.headerManipulation: \"x bad\" is not an HTTP header name",
+            ),
+            (
+                format!("{SEL}headerManipulation: {{appendResponseHeaders: {{x-ok: \"a\\nb\"}}}}"),
+                "spec.headerManipulation.appendResponseHeaders[\"x-ok\"]: \"a\\nb\" contains a NUL, CR or LF",
+            ),
         ];
         for (spec, want) in cases {
             let s = build(vec![policy("bad", 1, &spec)], &mut LastGood::default());
