@@ -25,7 +25,7 @@ pub struct MeshResources {
     /// translating the same thing.
     translating: DashMap<ProxyScope, Arc<Mutex<()>>>,
     /// Scopes served since the last full change, with all their labels: a
-    /// full change translates them again (narrowed to its label keys) before
+    /// full change translates them again (resolved against its selectors) before
     /// it is published (see `update`).
     served: DashMap<ProxyScope, ()>,
     /// Equal resources (and whole equal maps, with their encodings) of
@@ -314,8 +314,8 @@ fn log_policy_changes(old: &MeshSnapshot, new: &MeshSnapshot) {
 }
 
 /// Translation reads a proxy's labels only through policies' source selectors
-/// and Sidecars' workload selectors: proxies that differ only in other labels
-/// share one translation.
+/// and Sidecars' workload selectors: proxies that differ only in labels (or
+/// label values) no selector asks for share one translation.
 fn narrowed(scope: ProxyScope, snapshot: &MeshSnapshot) -> ProxyScope {
     scope.resolved(snapshot)
 }

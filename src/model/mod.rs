@@ -182,9 +182,11 @@ pub struct MeshSnapshot {
     pub applied: Vec<Arc<AppliedPolicy>>,
     /// Sidecars in effect (egress scoping), oldest first.
     pub sidecars: Vec<Arc<sidecar::SidecarScope>>,
-    /// The workload label keys translation reads: applied policies' source
-    /// selectors and Sidecars' workload selectors.
-    pub source_label_keys: BTreeSet<String>,
+    /// The workload labels translation reads, key → the values some selector
+    /// asks for (applied policies' source selectors and Sidecars' workload
+    /// selectors, all equality matches): a proxy label outside these changes
+    /// no match, so proxies that differ only there share one translation.
+    pub source_labels: BTreeMap<String, BTreeSet<String>>,
     /// Network → its east-west gateways' addresses (Services labelled
     /// `topology.istio.io/network` with an external address).
     pub gateways: BTreeMap<String, Vec<GatewayAddress>>,
@@ -285,15 +287,17 @@ impl MeshSnapshot {
             trust,
             applied: Vec::new(),
             sidecars,
-            source_label_keys: BTreeSet::new(),
+            source_labels: BTreeMap::new(),
             policy_status: BTreeMap::new(),
             workload_ports,
             mesh_object_status,
             input_errors: inputs.errors,
         };
         let (applied, status) = policy::resolve(&snapshot, &inputs.traffic_policies, last_good);
-        snapshot.source_label_keys = applied.iter().flat_map(|p| p.rules.iter()).flat_map(|r| r.source.labels.keys().cloned()).collect();
-        snapshot.source_label_keys.extend(snapshot.sidecars.iter().flat_map(|s| s.selector.iter().flat_map(|l| l.keys().cloned())));
+        let selected = applied.iter().flat_map(|p| p.rules.iter()).flat_map(|r| r.source.labels.iter());
+        for (k, v) in selected.chain(snapshot.sidecars.iter().flat_map(|s| s.selector.iter().flatten())) {
+            snapshot.source_labels.entry(k.clone()).or_default().insert(v.clone());
+        }
         snapshot.applied = applied;
         snapshot.policy_status = status;
         snapshot

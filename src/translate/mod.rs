@@ -106,13 +106,13 @@ impl ProxyScope {
     }
 
     /// The scope with what decides its resources only: labels narrowed to the
-    /// keys some policy or Sidecar reads, and — for a captured sidecar, whose
+    /// (key, value) pairs some policy or Sidecar selects on, and — for a captured sidecar, whose
     /// inbound side depends on the ports its workload serves, not on where —
     /// its addresses replaced by those ports. (Each Istio-style proxy's own
     /// `INSTANCE_IPS` had made it a scope of its own: a full translation per
     /// proxy at sync and on every change.)
     pub fn resolved(mut self, snapshot: &MeshSnapshot) -> ProxyScope {
-        self.labels.retain(|k, _| snapshot.source_label_keys.contains(k));
+        self.labels.retain(|k, v| snapshot.source_labels.get(k).is_some_and(|values| values.contains(v)));
         if self.role == ProxyRole::Sidecar && self.interception.captured() && !self.instance_ips.is_empty() {
             self.served = inbound::served_protocols(snapshot, &self);
             self.instance_ips.clear();
@@ -371,4 +371,19 @@ pub fn parse_cluster_name(snapshot: &MeshSnapshot, client_cluster: &str, name: &
             .map(|d| d.subset.clone())?
     };
     Some(ClusterTarget { name: name.to_string(), service, port, subset: subset_labels })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scope_keeps_only_the_label_values_some_selector_asks_for() {
+        let mut snapshot = MeshSnapshot::default();
+        snapshot.source_labels.insert("app".into(), ["productpage".to_string()].into());
+        let resolved = |app: &str| ProxyScope::sidecar("c", "default", &[("app", app), ("version", "v1")]).resolved(&snapshot).labels;
+        assert_eq!(resolved("productpage"), BTreeMap::from([("app".to_string(), "productpage".to_string())]));
+        // Any other app matches no selector either way: one scope for all of them.
+        assert!(resolved("details").is_empty() && resolved("svc-0999").is_empty());
+    }
 }
