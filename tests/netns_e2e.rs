@@ -120,7 +120,7 @@ async fn seed_scenario_across_isolated_networks() {
 
     // The control plane, in the root namespace, on a copy of the example.
     let config = dir.join("config");
-    meshpilot::cli::demo::copy_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/bookinfo-multinet"), &config).unwrap();
+    meshpilot::cli::demo_support::copy_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/bookinfo-multinet"), &config).unwrap();
     let xds_socket = dir.join("xds.sock");
     let admin = format!("127.0.0.1:{}", free_port());
     let mut cmd = Command::new(meshpilot_bin());

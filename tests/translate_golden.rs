@@ -445,7 +445,7 @@ fn envoy_accepts_the_captured_layout() {
 /// examples/bookinfo-captured plus `extra` files (path under the config dir, contents).
 fn captured_with(extra: &[(&str, &str)]) -> MeshSnapshot {
     let dir = tempfile::tempdir().unwrap();
-    meshpilot::cli::demo::copy_dir(&root().join("examples/bookinfo-captured"), dir.path()).unwrap();
+    meshpilot::cli::demo_support::copy_dir(&root().join("examples/bookinfo-captured"), dir.path()).unwrap();
     for (path, text) in extra {
         std::fs::write(dir.path().join(path), text).unwrap();
     }

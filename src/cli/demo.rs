@@ -7,12 +7,13 @@
 //! it runs and watch the split move.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use super::demo_support::{Children, copy_dir, share_line, tempfile_dir, wait_until};
 use super::http;
 use super::mesh::{offline_snapshot, validation_report};
 use crate::admin::SyncStatus;
@@ -55,138 +56,7 @@ pub struct DemoArgs {
     pub multi_network: bool,
 }
 
-/// Child processes, killed when dropped (also on errors and Ctrl-C).
-pub(crate) struct Children(pub(crate) Vec<(String, Child)>);
-
-impl Children {
-    pub(crate) fn spawn(&mut self, name: &str, cmd: &mut Command, logs: &Path) -> anyhow::Result<()> {
-        let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
-        self.0.push((name.to_string(), child));
-        Ok(())
-    }
-
-    pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
-        for (name, child) in &mut self.0 {
-            if let Some(status) = child.try_wait()? {
-                anyhow::bail!("{name} exited ({status}); see its log");
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-pub fn copy_dir(src: &Path, dst: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dst)?;
-    for entry in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
-        let entry = entry?;
-        let to = dst.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &to)?;
-        } else {
-            std::fs::copy(entry.path(), to)?;
-        }
-    }
-    Ok(())
-}
-
-/// Polls `check` every 100 ms until it is true (a readiness signal), or fails after `timeout`.
-pub(crate) async fn wait_until<F, Fut>(what: &str, timeout: Duration, children: &mut Children, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return Ok(());
-        }
-        children.check_alive()?;
-        anyhow::ensure!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Starts `meshpilot serve` on `config` with xDS also on the Unix socket
-/// `xds_socket` (reachable from other network namespaces) and waits for its `/readyz`.
-pub(crate) async fn start_serving(
-    children: &mut Children,
-    me: &Path,
-    config: &Path,
-    xds_socket: &Path,
-    (xds_addr, admin_addr): (&str, &str),
-    extra: &[&str],
-    logs: &Path,
-) -> anyhow::Result<()> {
-    children.spawn(
-        "meshpilot",
-        Command::new(me)
-            .args(["serve", "--config-dir"])
-            .arg(config)
-            .arg("--xds-socket")
-            .arg(xds_socket)
-            .args(["--xds-addr", xds_addr, "--admin-addr", admin_addr])
-            .args(extra)
-            .env("MESHPILOT_LOG", "info,meshpilot=debug"),
-        logs,
-    )?;
-    wait_until("meshpilot to be ready", Duration::from_secs(30), children, || async {
-        matches!(http::get(admin_addr, "/readyz").await, Ok((200, _)))
-    })
-    .await
-}
-
-/// Writes a proxy's bootstrap (`meshpilot bootstrap --node-id <node>
-/// <bootstrap_args> --admin-socket <admin> -o <bootstrap>`) and starts
-/// `envoy` (an Envoy command, placed where the proxy runs) on it.
-pub(crate) fn start_proxy(
-    children: &mut Children,
-    me: &Path,
-    mut envoy: Command,
-    node: &str,
-    bootstrap_args: &[String],
-    (bootstrap, admin): (&Path, &Path),
-    logs: &Path,
-) -> anyhow::Result<()> {
-    let status = Command::new(me)
-        .args(["bootstrap", "--node-id", node])
-        .args(bootstrap_args)
-        .arg("--admin-socket")
-        .arg(admin)
-        .arg("-o")
-        .arg(bootstrap)
-        .status()?;
-    anyhow::ensure!(status.success(), "meshpilot bootstrap failed for {node}");
-    children.spawn(
-        &format!("envoy-{node}"),
-        envoy.arg("-c").arg(bootstrap).args(["--disable-hot-restart", "--concurrency", "1", "-l", "warning"]),
-        logs,
-    )
-}
-
-pub(crate) fn share_line(counts: &BTreeMap<String, usize>) -> String {
-    let total: usize = counts.values().sum();
-    counts.iter().map(|(k, v)| format!("{k} {:5.1}%", *v as f64 * 100.0 / total.max(1) as f64)).collect::<Vec<_>>().join("  |  ")
-}
-
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    if args.multi_network {
-        return super::demo_multinet::run(args).await;
-    }
     let me = std::env::current_exe().context("finding the meshpilot binary")?;
     let work = tempfile_dir()?;
     let config = work.join("config");
@@ -323,10 +193,4 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&work);
     }
     Ok(())
-}
-
-pub(crate) fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("meshpilot-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }

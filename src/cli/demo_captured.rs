@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::demo::{Children, copy_dir, start_proxy, start_serving, wait_until};
+use super::demo_support::{Children, Window, copy_dir, report_traffic, share_line, start_proxy, start_serving, tempfile_dir, wait_until};
 use super::http;
 use super::mesh::offline_snapshot;
 use crate::admin::SyncStatus;
@@ -306,7 +306,7 @@ impl CapturedMesh {
 pub async fn run(args: super::demo::DemoArgs) -> anyhow::Result<()> {
     let me = std::env::current_exe().context("finding the meshpilot binary")?;
     let example = if args.example == Path::new("examples/bookinfo") { PathBuf::from("examples/bookinfo-captured") } else { args.example.clone() };
-    let work = super::demo::tempfile_dir()?.join("captured");
+    let work = tempfile_dir()?.join("captured");
     let snapshot = offline_snapshot(&example)?;
     let (report, _) = super::mesh::validation_report(&snapshot);
     println!(
@@ -341,13 +341,13 @@ pub async fn run(args: super::demo::DemoArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let gateway_admin = mesh.gateway_admin.clone();
-    let sample = |n: usize| -> anyhow::Result<super::demo_multinet::Window> {
+    let sample = |n: usize| -> anyhow::Result<Window> {
         let s = mesh.sample(&client, &to, "http", n)?;
         Ok((s.answers, s.peers.into_iter().map(|(k, v)| (k, v.into_iter().collect())).collect()))
     };
-    let totals = super::demo_multinet::report_traffic(&args, sample, gateway_admin.as_deref(), || Ok(())).await?;
+    let totals = report_traffic((args.duration, args.rate), sample, gateway_admin.as_deref(), || Ok(())).await?;
     mesh.check_alive()?;
-    println!("\ntotal {} requests: {}", totals.values().sum::<usize>(), super::demo::share_line(&totals));
+    println!("\ntotal {} requests: {}", totals.values().sum::<usize>(), share_line(&totals));
     let logs = work.join("logs");
     drop(mesh);
     if args.keep {

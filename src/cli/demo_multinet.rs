@@ -9,14 +9,14 @@
 //! counted per destination, with the identity each backend saw and the
 //! gateway's connection count.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 
-use super::demo::{Children, DemoArgs, copy_dir, share_line, start_proxy, start_serving, tempfile_dir, wait_until};
+use super::demo::DemoArgs;
+use super::demo_support::{Children, Window, copy_dir, report_traffic, share_line, start_proxy, start_serving, tempfile_dir, wait_until};
 use super::http;
 use super::mesh::{offline_snapshot, validation_report};
 use crate::admin::SyncStatus;
@@ -48,60 +48,6 @@ fn side_addresses(ip: &str) -> (String, String) {
     let o: Vec<&str> = ip.split('.').collect();
     let (z, w) = (o.get(2).copied().unwrap_or("0"), o.get(3).copied().unwrap_or("1"));
     (format!("127.1.{z}.{w}"), format!("127.2.{z}.{w}"))
-}
-
-/// One sample window: answers counted, and the caller identities each backend saw.
-pub(crate) type Window = (BTreeMap<String, usize>, BTreeMap<String, Vec<String>>);
-
-/// Samples the client's calls every two seconds for `args.duration` (or
-/// until Ctrl-C) and prints each window's shares, the callers the backends
-/// saw and the gateway's connections so far; returns the totals.
-pub(crate) async fn report_traffic(
-    args: &DemoArgs,
-    mut sample: impl FnMut(usize) -> anyhow::Result<Window>,
-    gateway_admin: Option<&Path>,
-    mut check_alive: impl FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<BTreeMap<String, usize>> {
-    let mut totals: BTreeMap<String, usize> = BTreeMap::new();
-    let started = Instant::now();
-    let per_window = (args.rate * 2).max(1);
-    loop {
-        let tick = Instant::now();
-        let (counts, peers) = sample(per_window)?;
-        for (k, v) in &counts {
-            *totals.entry(k.clone()).or_default() += v;
-        }
-        let gateway_cx = match gateway_admin {
-            Some(path) => http::get_unix(path, "/stats?filter=upstream_cx_total")
-                .await
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| l.starts_with("cluster.outbound_."))
-                .filter_map(|l| l.rsplit(": ").next()?.trim().parse::<u64>().ok())
-                .sum::<u64>(),
-            None => 0,
-        };
-        let callers: Vec<String> =
-            peers.values().flatten().filter(|p| !p.is_empty()).cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        println!(
-            "[{:>4.0}s] {:>4} requests  {}   (backends saw caller {}; gateway connections so far {gateway_cx})",
-            started.elapsed().as_secs_f64(),
-            per_window,
-            share_line(&counts),
-            if callers.is_empty() { "-".to_string() } else { callers.join(", ") }
-        );
-        check_alive()?;
-        if !args.duration.is_zero() && started.elapsed() >= args.duration {
-            break;
-        }
-        if let Some(rest) = Duration::from_secs(2).checked_sub(tick.elapsed()) {
-            tokio::select! {
-                _ = tokio::time::sleep(rest) => {}
-                _ = tokio::signal::ctrl_c() => break,
-            }
-        }
-    }
-    Ok(totals)
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -258,7 +204,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         Ok((serde_json::from_value(v["answers"].clone())?, serde_json::from_value(v["peers"].clone())?))
     };
-    let totals = report_traffic(&args, sample, gateway_admin.as_deref(), || children.check_alive()).await?;
+    let totals = report_traffic((args.duration, args.rate), sample, gateway_admin.as_deref(), || children.check_alive()).await?;
     println!("\ntotal {} requests: {}", totals.values().sum::<usize>(), share_line(&totals));
     drop(children);
     drop(topology);

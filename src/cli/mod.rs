@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod demo;
 pub mod demo_captured;
 pub mod demo_multinet;
+pub mod demo_support;
 pub mod echo;
 pub mod http;
 pub mod load;
@@ -328,6 +329,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     Command::ProxyStatus(args) => status::proxy_status(args).await,
                     Command::ConfigDump(args) => status::config_dump(args).await,
                     Command::Describe(what) => mesh::describe(what).await,
+                    Command::Demo(args) if args.multi_network => demo_multinet::run(args).await,
                     Command::Demo(args) => demo::run(args).await,
                     Command::Echo(args) => {
                         init_tracing();
