@@ -8,17 +8,14 @@ use envoy_types::pb::envoy::config::cluster::v3::{
     Cluster, OutlierDetection,
     cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
 };
-use envoy_types::pb::envoy::config::core::v3::{
-    AggregatedConfigSource, ApiVersion, BindConfig, ConfigSource, Http2ProtocolOptions, SocketAddress, config_source::ConfigSourceSpecifier,
-    socket_address::PortSpecifier,
-};
+use envoy_types::pb::envoy::config::core::v3::{BindConfig, Http2ProtocolOptions, SocketAddress, socket_address::PortSpecifier};
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options::ExplicitHttpConfig, http_protocol_options::UpstreamProtocolOptions,
     http_protocol_options::explicit_http_config::ProtocolConfig,
 };
 use envoy_types::pb::google::protobuf::UInt32Value;
 
-use super::routes::pb_duration;
+use super::proto::{ads_config_source, pb_duration};
 use crate::model::policy::Outlier;
 
 /// Istio's cluster for traffic to an address outside the mesh (`ALLOW_ANY`): its original destination.
@@ -73,16 +70,6 @@ pub fn with_http2(mut cluster: Cluster) -> Cluster {
     };
     cluster.typed_extension_protocol_options.insert("envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(), super::any(&options));
     cluster
-}
-
-/// `{ads: {}}`, V3, no initial fetch timeout (Istio's EDS config source).
-pub fn ads_config_source() -> ConfigSource {
-    ConfigSource {
-        config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
-        resource_api_version: ApiVersion::V3 as i32,
-        initial_fetch_timeout: Some(pb_duration(Duration::ZERO)),
-        ..Default::default()
-    }
 }
 
 /// An EDS cluster named `name` (no EDS service name: Envoy then asks EDS for

@@ -6,22 +6,13 @@
 
 use std::collections::BTreeMap;
 
-use envoy_types::pb::envoy::config::core::v3::{Address, Locality, SocketAddress, address, socket_address::PortSpecifier};
+use envoy_types::pb::envoy::config::core::v3::Locality;
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint::HostIdentifier};
 use envoy_types::pb::google::protobuf::UInt32Value;
 
+use super::proto::socket_address;
 use super::{ClusterTarget, ProxyScope, tls};
 use crate::model::{Endpoint as MeshEndpoint, Locality as MeshLocality, MeshSnapshot};
-
-pub fn socket_address(ip: &str, port: u16) -> Address {
-    Address {
-        address: Some(address::Address::SocketAddress(SocketAddress {
-            address: ip.to_string(),
-            port_specifier: Some(PortSpecifier::PortValue(u32::from(port))),
-            ..Default::default()
-        })),
-    }
-}
 
 fn lb_endpoint(ip: &str, port: u16, weight: u32, metadata: Option<envoy_types::pb::envoy::config::core::v3::Metadata>) -> LbEndpoint {
     LbEndpoint {

@@ -14,7 +14,8 @@ use envoy_types::pb::envoy::config::listener::v3::{
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy::ClusterSpecifier};
 
-use super::endpoints::{gateway_load_assignment, socket_address};
+use super::endpoints::gateway_load_assignment;
+use super::proto::socket_address;
 use super::{ClusterTarget, ProxyScope, clusters, names};
 use crate::model::{DEFAULT_GATEWAY_PORT, MeshSnapshot, ServiceKey};
 use crate::xds::resources::{Resource, ResourceSet, ResourceType};

@@ -37,10 +37,10 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_pro
 use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 
 use super::clusters::{INBOUND_PASSTHROUGH_CLUSTER, INBOUND_SOURCE_ADDRESS, original_dst_cluster, with_http2};
-use super::endpoints::socket_address;
 use super::listeners::{HCM_FILTER, ROUTER_FILTER, tcp_proxy};
 use super::outbound::{ANY_ADDRESS, listener_filter};
-use super::routes::pb_duration;
+use super::proto::pb_duration;
+use super::proto::socket_address;
 use super::{ProxyScope, tls};
 use crate::model::MeshSnapshot;
 use crate::model::protocol::{Layout, Protocol};

@@ -14,9 +14,9 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::google::protobuf::Any;
 
-use super::clusters::ads_config_source;
-use super::endpoints::socket_address;
 use super::names;
+use super::proto::ads_config_source;
+use super::proto::socket_address;
 use super::routes::{CORS_FILTER, FAULT_FILTER};
 
 pub const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";

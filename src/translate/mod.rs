@@ -28,6 +28,7 @@ pub mod inbound;
 pub mod listeners;
 pub mod names;
 pub mod outbound;
+pub mod proto;
 pub mod routes;
 pub mod tls;
 
@@ -39,11 +40,7 @@ use crate::model::policy::Outlier;
 use crate::model::{MeshSnapshot, MeshTrust, Service, ServiceKey};
 use crate::xds::node::{InterceptionMode, ProxyNode, ProxyRole};
 use crate::xds::resources::{Resource, ResourceSet, ResourceType};
-
-/// A message as a protobuf `Any` (typed configs inside resources).
-pub(crate) fn any<M: prost::Message + prost::Name>(m: &M) -> envoy_types::pb::google::protobuf::Any {
-    envoy_types::pb::google::protobuf::Any { type_url: M::type_url(), value: m.encode_to_vec() }
-}
+pub(crate) use proto::any;
 
 /// The loopback address outbound listeners bind to unless the proxy says otherwise.
 pub const DEFAULT_OUTBOUND_BIND: &str = "127.0.0.1";

@@ -20,8 +20,8 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_pro
 use envoy_types::pb::google::protobuf::BoolValue;
 
 use super::clusters::{BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER};
-use super::endpoints::socket_address;
 use super::listeners::{http_connection_manager, tcp_proxy};
+use super::proto::socket_address;
 use super::routes::{Unmatched, tcp_destination};
 use super::{ClusterTarget, ProxyScope, ServiceView, any, names};
 use crate::model::MeshSnapshot;

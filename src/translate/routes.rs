@@ -1,7 +1,7 @@
 //! RDS: one RouteConfiguration per port, a virtual host per service on it,
 //! routes from the TrafficPolicies that apply to this client.
 
-use super::any;
+use super::proto::{any, pb_duration};
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{FaultAbort, H
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent::DenominatorType};
-use envoy_types::pb::google::protobuf::{BoolValue, Duration as PbDuration, UInt32Value};
+use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 
 use super::{ClusterTarget, ProxyScope, ServiceView, names};
 use crate::model::MeshSnapshot;
@@ -33,10 +33,6 @@ pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 pub const CORS_FILTER: &str = "envoy.filters.http.cors";
 /// Istio's default retry conditions.
 const RETRY_ON: &str = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
-
-pub fn pb_duration(d: Duration) -> PbDuration {
-    PbDuration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
-}
 
 fn exact(s: &str) -> StringMatcher {
     StringMatcher { match_pattern: Some(MatchPattern::Exact(s.to_string())), ..Default::default() }

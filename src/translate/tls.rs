@@ -15,7 +15,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::google::protobuf::{BoolValue, Struct, Value, value::Kind};
 
-use super::clusters::ads_config_source;
+use super::proto::ads_config_source;
 
 /// Istio's SDS name of the workload certificate.
 pub const WORKLOAD_SECRET: &str = "default";
