@@ -48,6 +48,23 @@ pub enum SnapshotChange {
     Full,
 }
 
+/// The scope a connected proxy's node describes (before it is resolved against a snapshot).
+pub fn scope_of(node: &ProxyNode) -> ProxyScope {
+    ProxyScope {
+        role: node.role,
+        cluster: node.cluster.clone(),
+        namespace: node.namespace.clone(),
+        network: node.network.clone(),
+        labels: node.labels.clone(),
+        interception: node.interception,
+        outbound_bind: node.outbound_bind.clone().unwrap_or_else(|| translate::DEFAULT_OUTBOUND_BIND.to_string()),
+        service_account: node.service_account.clone(),
+        instance_ips: node.instance_ips.clone(),
+        app_address: node.app_address.clone().unwrap_or_else(|| translate::DEFAULT_APP_ADDRESS.to_string()),
+        served: std::collections::BTreeMap::new(),
+    }
+}
+
 /// Compares what translation reads.
 pub fn classify_change(old: &MeshSnapshot, new: &MeshSnapshot) -> SnapshotChange {
     if old.mesh_peers != new.mesh_peers
@@ -323,7 +340,7 @@ fn narrowed(scope: ProxyScope, snapshot: &MeshSnapshot) -> ProxyScope {
 impl ResourceProvider for MeshResources {
     fn resources_for(&self, proxy: &ProxyNode) -> Arc<ResourceSet> {
         let (generation, snapshot) = self.current.read().expect("snapshot lock").clone();
-        let full = ProxyScope::of(proxy);
+        let full = scope_of(proxy);
         if !self.served.contains_key(&full) {
             self.served.insert(full.clone(), ());
         }
@@ -486,7 +503,7 @@ mod tests {
         assert!(changes.try_recv().is_ok(), "an endpoint change is pushed");
         for (i, n) in nodes.iter().enumerate() {
             let patched = mesh.resources_for(n);
-            let full = translate::translate(&mesh.snapshot(), &ProxyScope::of(n));
+            let full = translate::translate(&mesh.snapshot(), &scope_of(n));
             assert_eq!(*patched, full, "patched EDS equals a full translation for {}", n.id);
             assert_ne!(*patched, *before[i]);
             for ty in [ResourceType::Cluster, ResourceType::Listener, ResourceType::Route] {
@@ -518,7 +535,7 @@ mod tests {
         assert!(changes.try_recv().is_ok());
         let after = mesh.resources_for(&proxy);
         assert!(after.get(ResourceType::Cluster, "inbound|9080||").is_some(), "the pod's port is served once it is an endpoint");
-        assert_eq!(*after, translate::translate(&mesh.snapshot(), &ProxyScope::of(&proxy)));
+        assert_eq!(*after, translate::translate(&mesh.snapshot(), &scope_of(&proxy)));
     }
 
     #[test]
@@ -537,7 +554,7 @@ mod tests {
         let (a, b) = (mesh.resources_for(&replica(0)), mesh.resources_for(&replica(1)));
         assert!(Arc::ptr_eq(&a, &b), "one translation for both replicas");
         assert!(a.get(ResourceType::Cluster, "inbound|9080||").is_some(), "each serves 9080");
-        assert_eq!(*a, translate::translate(&snapshot, &ProxyScope::of(&replica(0))), "the same resources as translating its own addresses");
+        assert_eq!(*a, translate::translate(&snapshot, &scope_of(&replica(0))), "the same resources as translating its own addresses");
         // A proxy at an address that serves nothing is another scope (no inbound port).
         let idle = ProxyNode { instance_ips: vec!["10.255.0.1".into()], ..replica(0) };
         let other = mesh.resources_for(&idle);
@@ -590,7 +607,7 @@ mod tests {
         // details (one scope until now) are translated apart, before the push.
         let generation = mesh.current.read().unwrap().0;
         for (proxy, scoped) in [(&n, true), (&details, false)] {
-            let scope = narrowed(ProxyScope::of(proxy), &mesh.snapshot());
+            let scope = narrowed(scope_of(proxy), &mesh.snapshot());
             let cached = mesh.cache.get(&scope).map(|e| (e.0, e.1.clone())).expect("translated in update");
             assert_eq!(cached.0, generation);
             let set = mesh.resources_for(proxy);
@@ -616,7 +633,7 @@ mod tests {
         assert!(changes.try_recv().is_ok());
         // Already translated for the new snapshot when the push is announced.
         let generation = mesh.current.read().unwrap().0;
-        let scope = narrowed(ProxyScope::of(&served), &mesh.snapshot());
+        let scope = narrowed(scope_of(&served), &mesh.snapshot());
         let cached = mesh.cache.get(&scope).map(|e| (e.0, e.1.clone())).expect("translated in update");
         assert_eq!(cached.0, generation);
         assert!(!Arc::ptr_eq(&cached.1, &first));

@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 
 use super::policy::{self, PolicyId, PolicyStatus, ResolvedDestination};
 use super::{MeshSnapshot, ServiceKey};
-use crate::translate::names;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -61,7 +60,7 @@ fn dest_lines(dests: &[ResolvedDestination]) -> Vec<DestinationLine> {
         .iter()
         .map(|d| DestinationLine {
             destination: d.service.to_string() + &d.port.map(|p| format!(":{p}")).unwrap_or_default(),
-            subset: names::subset_name(&d.subset),
+            subset: super::subset_name(&d.subset),
             weight: d.weight,
             percent: if total == 0 { 0.0 } else { (d.weight as f64) * 100.0 / total as f64 },
         })

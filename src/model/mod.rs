@@ -9,6 +9,7 @@ pub mod describe;
 pub mod k8s;
 pub mod policy;
 pub mod protocol;
+pub mod proxy;
 pub mod sidecar;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,6 +19,14 @@ use std::sync::Arc;
 use serde::Serialize;
 
 pub use policy::{AppliedPolicy, PolicyId, PolicyState, PolicyStatus};
+
+/// A subset's name from its labels: sorted `key-value` pairs joined by `_`
+/// (the seed's DestinationRule subset names), restricted to characters that
+/// are safe in cluster names and SNI.
+pub fn subset_name(labels: &BTreeMap<String, String>) -> String {
+    let raw: Vec<String> = labels.iter().map(|(k, v)| format!("{k}-{v}")).collect();
+    raw.join("_").chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '-' }).collect()
+}
 
 /// A service in one cluster.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

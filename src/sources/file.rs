@@ -231,7 +231,9 @@ fn parse_file(path: &Path, in_mesh_dir: bool) -> Result<FileObjects, String> {
 
 fn spec_hash(v: &impl serde::Serialize) -> String {
     let bytes = serde_json::to_vec(v).unwrap_or_default();
-    crate::xds::codec::short_hex(&Sha256::digest(&bytes))
+    let digest = Sha256::digest(&bytes);
+    // The first 8 bytes in hex, as the xDS versions are shown.
+    format!("{:016x}", u64::from_be_bytes(digest[..8].try_into().expect("a SHA-256 digest has 32 bytes")))
 }
 
 /// Reads the whole folder into [`MeshInputs`].

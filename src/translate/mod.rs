@@ -37,8 +37,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use crate::model::policy::Outlier;
+use crate::model::proxy::{InterceptionMode, ProxyRole};
 use crate::model::{MeshSnapshot, MeshTrust, Service, ServiceKey};
-use crate::xds::node::{InterceptionMode, ProxyNode, ProxyRole};
 use crate::xds::resources::{Resource, ResourceSet, ResourceType};
 pub(crate) use proto::any;
 
@@ -69,22 +69,6 @@ pub struct ProxyScope {
 }
 
 impl ProxyScope {
-    pub fn of(node: &ProxyNode) -> ProxyScope {
-        ProxyScope {
-            role: node.role,
-            cluster: node.cluster.clone(),
-            namespace: node.namespace.clone(),
-            network: node.network.clone(),
-            labels: node.labels.clone(),
-            interception: node.interception,
-            outbound_bind: node.outbound_bind.clone().unwrap_or_else(|| DEFAULT_OUTBOUND_BIND.to_string()),
-            service_account: node.service_account.clone(),
-            instance_ips: node.instance_ips.clone(),
-            app_address: node.app_address.clone().unwrap_or_else(|| DEFAULT_APP_ADDRESS.to_string()),
-            served: BTreeMap::new(),
-        }
-    }
-
     /// A sidecar of the explicit layout (`INTERCEPTION_MODE: NONE`, loopback listeners).
     pub fn sidecar(cluster: &str, namespace: &str, labels: &[(&str, &str)]) -> ProxyScope {
         ProxyScope {

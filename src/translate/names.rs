@@ -3,8 +3,6 @@
 //! so Envoy stats and tooling look familiar; another cluster's service is
 //! named by its `.global` host, so the name says which cluster it is.
 
-use std::collections::BTreeMap;
-
 use crate::model::ServiceKey;
 
 /// The host of `service` as a proxy in `client_cluster` sees it: its own
@@ -24,13 +22,7 @@ pub fn global_host(service: &ServiceKey) -> String {
     format!("{}.{}.svc.{}.global", service.name, service.namespace, service.cluster)
 }
 
-/// A subset's name from its labels: sorted `key-value` pairs joined by `_`
-/// (the seed's DestinationRule subset names), restricted to characters that
-/// are safe in cluster names and SNI.
-pub fn subset_name(labels: &BTreeMap<String, String>) -> String {
-    let raw: Vec<String> = labels.iter().map(|(k, v)| format!("{k}-{v}")).collect();
-    raw.join("_").chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '-' }).collect()
-}
+pub use crate::model::subset_name;
 
 /// Istio's `BuildSubsetKey`: `outbound|<port>|<subset>|<host>`.
 pub fn outbound_cluster(port: u16, subset: &str, host: &str) -> String {
@@ -78,6 +70,7 @@ pub fn domains(service: &ServiceKey, host: &str, aliases: bool, client_namespace
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn istio_shaped_names() {

@@ -6,31 +6,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use serde::Serialize;
 
-/// The proxy role: an application sidecar or an east-west gateway.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProxyRole {
-    Sidecar,
-    Gateway,
-}
-
-/// How the proxy's traffic reaches it (Istio's `INTERCEPTION_MODE`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum InterceptionMode {
-    /// iptables REDIRECT to 15001 (outbound) and 15006 (inbound): Istio's injected pods.
-    Redirect,
-    /// iptables TPROXY: the same listeners, marked transparent.
-    Tproxy,
-    /// No capture: the application calls the sidecar's loopback listeners (`OUTBOUND_BIND`).
-    None,
-}
-
-impl InterceptionMode {
-    pub fn captured(self) -> bool {
-        self != InterceptionMode::None
-    }
-}
+pub use crate::model::proxy::{InterceptionMode, ProxyRole};
 
 /// A connected proxy's identity and the scope its configuration depends on.
 ///
