@@ -201,19 +201,16 @@ fn envoy_accepts_the_translated_resources() {
     let dir = tempfile::tempdir().unwrap();
     let s = snapshot("tests/testdata/rich");
     for (i, scope) in [productpage(), ProxyScope::sidecar("remote-cluster", "default", &[("app", "ratings")])].iter().enumerate() {
-        let set = to_json(&translate(&s, scope));
-        let bootstrap = static_bootstrap(&set);
-        let path = dir.path().join(format!("static-{i}.json"));
-        std::fs::write(&path, serde_json::to_string_pretty(&bootstrap).unwrap()).unwrap();
-        let out = Command::new(&envoy).args(["--mode", "validate", "-c"]).arg(&path).args(["-l", "error"]).output().unwrap();
-        assert!(
-            out.status.success(),
-            "envoy rejected {}:\n{}{}",
-            path.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        envoy_validates(&envoy, &dir.path().join(format!("static-{i}.json")), &to_json(&translate(&s, scope)));
     }
+}
+
+/// Writes `set` as a static bootstrap to `path` and asserts `envoy --mode validate` accepts it.
+fn envoy_validates(envoy: &std::path::Path, path: &std::path::Path, set: &Value) {
+    std::fs::write(path, serde_json::to_string_pretty(&static_bootstrap(set)).unwrap()).unwrap();
+    let out = Command::new(envoy).args(["--mode", "validate", "-c"]).arg(path).args(["-l", "error"]).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "envoy rejected {}:\n{stdout}{stderr}", path.display());
 }
 
 fn static_bootstrap(set: &Value) -> Value {
@@ -428,17 +425,7 @@ fn envoy_accepts_the_captured_layout() {
     for (i, scope) in
         [captured("productpage", "v1", "bookinfo-productpage", "10.10.0.10"), captured("greeter", "v1", "greeter", "10.10.0.41")].iter().enumerate()
     {
-        let bootstrap = static_bootstrap(&to_json(&translate(&s, scope)));
-        let path = dir.path().join(format!("captured-{i}.json"));
-        std::fs::write(&path, serde_json::to_string_pretty(&bootstrap).unwrap()).unwrap();
-        let out = Command::new(&envoy).args(["--mode", "validate", "-c"]).arg(&path).args(["-l", "error"]).output().unwrap();
-        assert!(
-            out.status.success(),
-            "envoy rejected {}:\n{}{}",
-            path.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        envoy_validates(&envoy, &dir.path().join(format!("captured-{i}.json")), &to_json(&translate(&s, scope)));
     }
 }
 
