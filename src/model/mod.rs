@@ -11,6 +11,7 @@ pub mod policy;
 pub mod protocol;
 pub mod proxy;
 pub mod sidecar;
+pub mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

@@ -20,6 +20,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::api::{self, HttpMatcher, TrafficPolicySpec, WorkloadSelector};
+pub use super::state::{PolicyState, last_accepted_keeps_serving};
 use super::{MeshSnapshot, PolicyObject, ServiceKey};
 
 /// A TrafficPolicy's identity: `namespace/name`.
@@ -32,24 +33,6 @@ pub struct PolicyId {
 impl fmt::Display for PolicyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum PolicyState {
-    Accepted,
-    Invalid,
-    Conflict,
-}
-
-impl fmt::Display for PolicyState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            PolicyState::Accepted => "ACCEPTED",
-            PolicyState::Invalid => "INVALID",
-            PolicyState::Conflict => "CONFLICT",
-        })
     }
 }
 
@@ -639,11 +622,6 @@ fn conflicts(candidate: &AppliedPolicy, applied: &[Arc<AppliedPolicy>]) -> Vec<S
     out.sort();
     out.dedup();
     out
-}
-
-/// The message an INVALID object gets while its last accepted version serves.
-pub fn last_accepted_keeps_serving(generation: Option<i64>) -> String {
-    format!("the last accepted version{} keeps serving", generation.map(|g| format!(" (generation {g})")).unwrap_or_default())
 }
 
 /// Validates every policy, oldest first, and decides what applies.

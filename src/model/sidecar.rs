@@ -18,7 +18,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::api::SidecarSpec;
-use super::policy::PolicyState;
+use super::state::{PolicyState, last_accepted_keeps_serving};
 use super::{MeshObjectId, MeshObjectStatus, PolicyObject};
 
 /// Istio's default root namespace: a Sidecar there without a selector is the mesh-wide default.
@@ -265,7 +265,7 @@ pub fn resolve(
             }
             Err(mut messages) => {
                 if let Some(kept) = last_good.get(&key) {
-                    messages.push(super::policy::last_accepted_keeps_serving(kept.generation));
+                    messages.push(last_accepted_keeps_serving(kept.generation));
                     in_effect.push(kept.clone());
                 }
                 MeshObjectStatus { state: PolicyState::Invalid, observed_generation: object.generation, messages, not_yet_supported: Vec::new() }
