@@ -11,6 +11,7 @@ pub mod provider;
 pub mod registry;
 pub mod resources;
 pub mod server;
+pub mod services;
 pub mod sotw;
 pub mod status;
 pub mod view;
@@ -20,7 +21,8 @@ use std::net::SocketAddr;
 
 use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_server::ClientStatusDiscoveryServiceServer;
 
-use wire::{AdsService, CdsService, EdsService, LdsService, MAX_MESSAGE_BYTES, RdsService, SdsService};
+use services::{AdsService, CdsService, EdsService, LdsService, RdsService, SdsService};
+use wire::MAX_MESSAGE_BYTES;
 
 /// Serves ADS, the per-type services and CSDS on `listener` until `shutdown`
 /// resolves. Connections are accepted on a thread of their own

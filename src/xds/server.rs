@@ -113,7 +113,7 @@ impl XdsServer {
     }
 }
 
-pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+pub use super::wire::ResponseStream;
 /// The requests of one stream, decoded.
 pub type RequestStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 

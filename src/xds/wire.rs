@@ -1,11 +1,10 @@
 //! The gRPC wire edge: discovery responses that carry already-encoded
 //! resources (shared `Bytes` from a [`ResourceView`](super::view::ResourceView)),
 //! the HTTP/2 body that streams them without copying them per stream, and the
-//! tonic services for ADS and the per-type discovery services (SotW and delta
-//! on each).
+//! reading of request bodies message by message. (The tonic services that
+//! use them are in `services.rs`.)
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -16,13 +15,12 @@ use http_body::Frame;
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint};
 use tonic::Status;
-use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
-use tonic::server::NamedService;
+use tonic::codegen::{Body, StdError, http};
 
-use super::delta::DeltaRequest;
-use super::resources::ResourceType;
-use super::server::{ResponseStream, XdsServer};
 use super::view::put_string_field;
+
+/// A stream of responses to one xDS stream's requests.
+pub type ResponseStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// A response the server writes itself: the per-stream fields before and
 /// after the shared, already-encoded resource entries.
@@ -418,76 +416,12 @@ impl<R: WireMessage> http_body::Body for GrpcResponseBody<R> {
 /// Largest request accepted (gRPC's 4 MB default is too small for big meshes).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// Routes one discovery service's methods: `Stream*` is SotW, `Delta*` is
-/// delta, anything else (the REST-style `Fetch*`) is unimplemented.
-fn route<B>(server: XdsServer, only: Option<ResourceType>, req: http::Request<B>) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
-where
-    B: Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    let method = req.uri().path().rsplit('/').next().unwrap_or_default().to_string();
-    Box::pin(async move {
-        let body = req.into_body();
-        let response_body = if method.starts_with("Stream") {
-            let requests = Box::pin(GrpcMessages::<B, super::sotw::SotwRequest>::new(body));
-            tonic::body::Body::new(GrpcResponseBody::new(server.stream_sotw(only, requests)))
-        } else if method.starts_with("Delta") {
-            let requests = Box::pin(GrpcMessages::<B, DeltaRequest>::new(body));
-            tonic::body::Body::new(GrpcResponseBody::new(server.stream_delta(only, requests)))
-        } else {
-            let status = Status::unimplemented(format!("{method} is not served; use a gRPC stream (ADS recommended)"));
-            return Ok(status.into_http());
-        };
-        let mut response = http::Response::new(response_body);
-        response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
-        Ok(response)
-    })
-}
-
-macro_rules! discovery_service {
-    ($(#[$doc:meta])* $name:ident, $service:literal, $only:expr) => {
-        $(#[$doc])*
-        #[derive(Clone)]
-        pub struct $name(pub XdsServer);
-
-        impl NamedService for $name {
-            const NAME: &'static str = $service;
-        }
-
-        impl<B> Service<http::Request<B>> for $name
-        where
-            B: Body + Send + 'static,
-            B::Error: Into<StdError> + Send + 'static,
-        {
-            type Response = http::Response<tonic::body::Body>;
-            type Error = Infallible;
-            type Future = BoxFuture<Self::Response, Self::Error>;
-
-            fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-                Poll::Ready(Ok(()))
-            }
-
-            fn call(&mut self, req: http::Request<B>) -> Self::Future {
-                route(self.0.clone(), $only, req)
-            }
-        }
-    };
-}
-
-discovery_service!(
-    /// ADS: every type on one stream.
-    AdsService, "envoy.service.discovery.v3.AggregatedDiscoveryService", None
-);
-discovery_service!(CdsService, "envoy.service.cluster.v3.ClusterDiscoveryService", Some(ResourceType::Cluster));
-discovery_service!(EdsService, "envoy.service.endpoint.v3.EndpointDiscoveryService", Some(ResourceType::Endpoint));
-discovery_service!(LdsService, "envoy.service.listener.v3.ListenerDiscoveryService", Some(ResourceType::Listener));
-discovery_service!(RdsService, "envoy.service.route.v3.RouteDiscoveryService", Some(ResourceType::Route));
-discovery_service!(SdsService, "envoy.service.secret.v3.SecretDiscoveryService", Some(ResourceType::Secret));
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::xds::resources::ResourceType;
     use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use std::convert::Infallible;
 
     #[test]
     fn responses_encode_as_the_generated_messages() {
