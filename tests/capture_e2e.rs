@@ -11,6 +11,7 @@
 //!   mTLS, every backend seeing productpage's SPIFFE id (inbound through 15006);
 //! - a raw TCP service shifted 50/50 across the two clusters;
 //! - gRPC through the sidecar with HTTP/2 end to end, HTTP/1.1 on another port;
+//! - an undeclared port detected as HTTP by Envoy's HTTP inspector;
 //! - a remote service by its `.global` name;
 //! - an address outside the mesh reached under ALLOW_ANY, refused under REGISTRY_ONLY;
 //! - the iptables counters: traffic really was captured, out and in.
@@ -93,6 +94,14 @@ async fn istio_injected_pods_captured_by_iptables() {
     let http1 = mesh.sample(&productpage, "greeter:8080", "http", 200).unwrap();
     assert_eq!(http1.answers, BTreeMap::from([("greeter-v1".to_string(), 200)]));
     assert_eq!(http1.versions["greeter-v1"], BTreeSet::from(["HTTP/1.1".to_string()]));
+
+    // An undeclared port: the HTTP inspector sees HTTP and routes it (through legacy's sidecar, mTLS).
+    let detected = answering(&mesh, "productpage", "legacy:7000", "http", &["legacy-v1"]).await;
+    assert_eq!(detected.peers["legacy-v1"], BTreeSet::from([String::new()]), "inbound on a detected port is tcp_proxy: no XFCC");
+    let (pp_admin, listener) = (productpage.admin.clone(), "10.96.0.50_7000");
+    let stats = meshpilot::cli::http::get_unix(&pp_admin, "/stats?filter=outbound_10.96.0.50_7000.downstream_rq_total").await.unwrap_or_default();
+    let routed: u64 = stats.lines().filter_map(|l| l.rsplit(": ").next()?.trim().parse::<u64>().ok()).sum();
+    assert!(routed > 0, "{listener}'s HTTP chain (HTTP detected) counted no request: {stats}");
 
     // Outside the mesh: a server on network A's router, which no Service names.
     let (outside_ns, outside_ip) = mesh.outside(&productpage.address).unwrap();

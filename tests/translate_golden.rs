@@ -357,7 +357,10 @@ fn listener<'a>(set: &'a Value, name: &str) -> &'a Value {
 fn a_captured_sidecar_has_istios_listeners() {
     let s = snapshot("examples/bookinfo-captured");
     let set = to_json(&translate(&s, &captured("productpage", "v1", "bookinfo-productpage", "10.10.0.10")));
-    assert_eq!(names_of(&set, "LDS"), ["0.0.0.0_7070", "0.0.0.0_8080", "0.0.0.0_9080", "10.96.0.30_9000", "virtualInbound", "virtualOutbound"]);
+    assert_eq!(
+        names_of(&set, "LDS"),
+        ["0.0.0.0_7000", "0.0.0.0_7070", "0.0.0.0_8080", "0.0.0.0_9080", "10.96.0.30_9000", "10.96.0.50_7000", "virtualInbound", "virtualOutbound"]
+    );
     let outbound = listener(&set, "virtualOutbound");
     assert_eq!(outbound["address"]["socketAddress"], json!({"address": "0.0.0.0", "portValue": 15001}));
     assert_eq!(outbound["useOriginalDst"], true);
@@ -502,8 +505,8 @@ spec:\n  destinationSelector: {serviceRefs: {services: [{cluster: management-pla
 
 #[test]
 fn an_unknown_port_name_is_tcp_and_describe_says_why() {
-    let web = "apiVersion: v1\nkind: Service\nmetadata: {name: legacy, namespace: default}\nspec: {clusterIP: 10.96.0.70, ports: [{name: web, port: 8000}, {port: 8001}]}\n";
-    let s = captured_with(&[("management-plane/legacy.yaml", web)]);
+    let web = "apiVersion: v1\nkind: Service\nmetadata: {name: oldweb, namespace: default}\nspec: {clusterIP: 10.96.0.70, ports: [{name: web, port: 8000}, {port: 8001}]}\n";
+    let s = captured_with(&[("management-plane/oldweb.yaml", web)]);
     let set = to_json(&translate(&s, &captured("productpage", "v1", "bookinfo-productpage", "10.10.0.10")));
     let tcp = listener(&set, "10.96.0.70_8000");
     assert_eq!(tcp["filterChains"][0]["filters"][0]["name"], "envoy.filters.network.tcp_proxy", "never a broken HTTP listener");
@@ -512,7 +515,7 @@ fn an_unknown_port_name_is_tcp_and_describe_says_why() {
     assert_eq!(detected["listenerFilters"][0]["name"], "envoy.filters.listener.http_inspector");
     assert_eq!(detected["filterChains"][0]["filterChainMatch"]["applicationProtocols"], json!(["http/1.0", "http/1.1", "h2c"]));
     assert_eq!(detected["filterChains"][1]["filters"][0]["name"], "envoy.filters.network.tcp_proxy");
-    let d = meshpilot::model::describe::describe_service(&s, &meshpilot::model::ServiceKey::new("management-plane", "default", "legacy"));
+    let d = meshpilot::model::describe::describe_service(&s, &meshpilot::model::ServiceKey::new("management-plane", "default", "oldweb"));
     assert!(d.port_protocols[0].contains("8000: TCP (port name \"web\" has no protocol prefix Istio knows"), "{:?}", d.port_protocols);
     assert!(d.port_protocols[1].contains("8001: detected"), "{:?}", d.port_protocols);
 }
