@@ -13,6 +13,8 @@
 #                                                Sidecars (default 10000; "" for none)
 #   INTERCEPTION=NONE benches/fleet.sh      the explicit loopback layout instead of Istio's
 #                                                captured one (REDIRECT, the default)
+#   INSTANCE_IPS=1 benches/fleet.sh         Istio-like proxies: each one of the fixture's pods,
+#                                                with that pod's INSTANCE_IPS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=("${@:-1000 5000 10000}")
@@ -47,7 +49,8 @@ run_point() {
   server=$!
   for _ in $(seq 1 240); do curl -sf "127.0.0.1:$((port + 1))/readyz" > /dev/null && break; sleep 0.5; done
   delta=(); [[ "$mode" == delta ]] && delta=(--delta)
-  "$bin" load --xds-addr "127.0.0.1:$port" --proxies "$n" "${delta[@]}" --interception "$INTERCEPTION" --pid "$server" --sync-timeout "$SYNC_TIMEOUT" \
+  pods=(); [[ -n "${INSTANCE_IPS:-}" ]] && pods=(--instance-ips)
+  "$bin" load --xds-addr "127.0.0.1:$port" --proxies "$n" "${delta[@]}" --interception "$INTERCEPTION" "${pods[@]}" --pid "$server" --sync-timeout "$SYNC_TIMEOUT" \
     --config-dir "$work/mesh" --services "$SERVICES" --endpoints "$ENDPOINTS" "${scoped[@]}" \
     --endpoint-change --churn-rate "$CHURN_RATE" --churn-duration "${CHURN_SECONDS}s" --policy-change --markdown 2> "$work/load.err" \
     | grep '^|' | sed "s#^| $mode |#| $label |#" || echo "| $label | $n | failed: $(tail -n 1 "$work/load.err") | | | | | | | | |"
