@@ -244,7 +244,7 @@ impl MeshResources {
             // Served scopes are kept with all their labels and narrowed to the
             // new snapshot's keys here: a policy or Sidecar that reads a new
             // label key splits them as the streams' lookups will.
-            let scopes: BTreeSet<ProxyScope> = self.served.iter().map(|e| narrowed(e.key().clone(), &snapshot)).collect();
+            let scopes: BTreeSet<ProxyScope> = self.served.iter().map(|e| e.key().clone().resolved(&snapshot)).collect();
             let scopes: Vec<ProxyScope> = scopes.into_iter().collect();
             self.served.clear();
             self.translate_scopes(&snapshot, &scopes)
@@ -330,13 +330,6 @@ fn log_policy_changes(old: &MeshSnapshot, new: &MeshSnapshot) {
     }
 }
 
-/// Translation reads a proxy's labels only through policies' source selectors
-/// and Sidecars' workload selectors: proxies that differ only in labels (or
-/// label values) no selector asks for share one translation.
-fn narrowed(scope: ProxyScope, snapshot: &MeshSnapshot) -> ProxyScope {
-    scope.resolved(snapshot)
-}
-
 impl ResourceProvider for MeshResources {
     fn resources_for(&self, proxy: &ProxyNode) -> Arc<ResourceSet> {
         let (generation, snapshot) = self.current.read().expect("snapshot lock").clone();
@@ -344,7 +337,7 @@ impl ResourceProvider for MeshResources {
         if !self.served.contains_key(&full) {
             self.served.insert(full.clone(), ());
         }
-        let scope = narrowed(full, &snapshot);
+        let scope = full.resolved(&snapshot);
         // (An entry newer than the generation read above is as good.)
         if let Some(e) = self.cache.get(&scope)
             && e.0 >= generation
@@ -607,7 +600,7 @@ mod tests {
         // details (one scope until now) are translated apart, before the push.
         let generation = mesh.current.read().unwrap().0;
         for (proxy, scoped) in [(&n, true), (&details, false)] {
-            let scope = narrowed(scope_of(proxy), &mesh.snapshot());
+            let scope = scope_of(proxy).resolved(&mesh.snapshot());
             let cached = mesh.cache.get(&scope).map(|e| (e.0, e.1.clone())).expect("translated in update");
             assert_eq!(cached.0, generation);
             let set = mesh.resources_for(proxy);
@@ -633,7 +626,7 @@ mod tests {
         assert!(changes.try_recv().is_ok());
         // Already translated for the new snapshot when the push is announced.
         let generation = mesh.current.read().unwrap().0;
-        let scope = narrowed(scope_of(&served), &mesh.snapshot());
+        let scope = scope_of(&served).resolved(&mesh.snapshot());
         let cached = mesh.cache.get(&scope).map(|e| (e.0, e.1.clone())).expect("translated in update");
         assert_eq!(cached.0, generation);
         assert!(!Arc::ptr_eq(&cached.1, &first));

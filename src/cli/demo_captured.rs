@@ -86,7 +86,9 @@ fn pods_of(snapshot: &MeshSnapshot) -> Vec<Pod> {
     let mut by_address: BTreeMap<String, Pod> = BTreeMap::new();
     for (cluster, state) in &snapshot.clusters {
         for (key, eps) in &state.endpoints {
-            let Some(svc) = state.services.get(key) else { continue };
+            if !state.services.contains_key(key) {
+                continue;
+            }
             for ep in eps.iter().filter(|e| e.mesh_tls) {
                 let name = ep.pod.clone().unwrap_or_else(|| format!("{}-{}", key.1, ep.address));
                 let pod = by_address.entry(ep.address.clone()).or_insert_with(|| Pod {
@@ -101,11 +103,8 @@ fn pods_of(snapshot: &MeshSnapshot) -> Vec<Pod> {
                     netns: String::new(),
                     admin: PathBuf::new(),
                 });
-                for sp in &svc.ports {
-                    if let Some(port) = ep.ports.get(&sp.name) {
-                        pod.ports.insert(*port, sp.protocol.layout() == Layout::Tcp);
-                    }
-                }
+                let served = snapshot.workload_ports.get(cluster).and_then(|w| w.get(&ep.address)).into_iter().flatten();
+                pod.ports.extend(served.map(|(port, protocol)| (*port, protocol.layout() == Layout::Tcp)));
             }
         }
     }

@@ -153,13 +153,15 @@ pub fn captured_listeners(
             if matches!(layout, Layout::Http | Layout::None) {
                 continue;
             }
+            let stat = names::outbound_cluster(p.port, "", &v.host);
+            // One destination per service port, however many pod addresses a headless service has.
+            let mut destination = None;
             for (ip, port) in dialed_addresses(snapshot, v, p.port) {
                 let key = (ip.clone(), port);
                 if by_address.contains_key(&key) {
                     continue;
                 }
-                let to = tcp_destination(snapshot, scope, v, p.port, targets);
-                let stat = names::outbound_cluster(p.port, "", &v.host);
+                let to = destination.get_or_insert_with(|| tcp_destination(snapshot, scope, v, p.port, targets)).clone();
                 let listener = match layout {
                     Layout::Tcp => tcp_listener(&ip, port, &stat, to),
                     Layout::Tls => {
