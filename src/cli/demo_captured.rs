@@ -304,7 +304,12 @@ impl CapturedMesh {
 /// examples/bookinfo-captured, productpage calling `http://reviews:9080/`.
 pub async fn run(args: super::demo::DemoArgs) -> anyhow::Result<()> {
     let me = std::env::current_exe().context("finding the meshpilot binary")?;
-    let example = if args.example == Path::new("examples/bookinfo") { PathBuf::from("examples/bookinfo-captured") } else { args.example.clone() };
+    // The two-network example has no ClusterIPs for pods to call by name: its captured twin stands in for it.
+    let example = if [Path::new("examples/bookinfo"), Path::new("examples/bookinfo-multinet")].contains(&args.example.as_path()) {
+        PathBuf::from("examples/bookinfo-captured")
+    } else {
+        args.example.clone()
+    };
     let work = tempfile_dir()?.join("captured");
     let snapshot = offline_snapshot(&example)?;
     let (report, _) = super::mesh::validation_report(&snapshot);
