@@ -25,7 +25,8 @@ use crate::xds::resources::ResourceType;
 // shares the machine; per-proxy copies of 3,100 names were gigabytes at 10,000).
 use crate::xds::view::{NameSet, intern_names};
 
-const TYPES: [ResourceType; 4] = [ResourceType::Cluster, ResourceType::Endpoint, ResourceType::Listener, ResourceType::Route];
+const TYPES: [ResourceType; 5] =
+    [ResourceType::Cluster, ResourceType::Endpoint, ResourceType::Listener, ResourceType::Route, ResourceType::VirtualHost];
 
 fn index(ty: ResourceType) -> Option<usize> {
     TYPES.iter().position(|t| *t == ty)
@@ -148,9 +149,10 @@ pub struct SimulatedProxy {
     pub node: Node,
     /// NACK the first listener response (then ACK later ones).
     pub nack_listeners: bool,
-    acked: [bool; 4],
+    /// Per type of `TYPES`; VHDS counts as ACKed until a delta stream subscribes to it.
+    acked: [bool; 5],
     nacked_once: bool,
-    requested: [bool; 4],
+    requested: [bool; 5],
     eds_names: NameSet,
     rds_names: NameSet,
     pub synced_at: Option<Instant>,
@@ -164,9 +166,9 @@ impl SimulatedProxy {
         SimulatedProxy {
             node,
             nack_listeners,
-            acked: [false; 4],
+            acked: [false, false, false, false, true],
             nacked_once: false,
-            requested: [false; 4],
+            requested: [false; 5],
             eds_names: Default::default(),
             rds_names: Default::default(),
             synced_at: None,
@@ -266,6 +268,8 @@ impl SimulatedProxy {
 
     pub fn delta_start(&mut self) -> DeltaDiscoveryRequest {
         self.requested[0] = true;
+        // Subscribes to VHDS with its first route configurations (as Envoy does for `vhds` ones).
+        self.acked[4] = false;
         DeltaDiscoveryRequest { node: Some(self.node.clone()), type_url: ResourceType::Cluster.type_url().into(), ..Default::default() }
     }
 
@@ -331,10 +335,26 @@ impl SimulatedProxy {
                     self.requested[3] = true;
                     out.push(Outgoing::own(DeltaDiscoveryRequest {
                         type_url: ResourceType::Route.type_url().into(),
+                        resource_names_subscribe: new.clone(),
+                        ..Default::default()
+                    }));
+                }
+                if self.requested[4] && !new.is_empty() {
+                    out.push(Outgoing::own(DeltaDiscoveryRequest {
+                        type_url: ResourceType::VirtualHost.type_url().into(),
                         resource_names_subscribe: new,
                         ..Default::default()
                     }));
                 }
+            }
+            ResourceType::Route if !self.requested[4] => {
+                // Envoy subscribes to a `vhds` configuration's virtual hosts by its name.
+                self.requested[4] = true;
+                out.push(Outgoing::own(DeltaDiscoveryRequest {
+                    type_url: ResourceType::VirtualHost.type_url().into(),
+                    resource_names_subscribe: self.rds_names.iter().cloned().collect(),
+                    ..Default::default()
+                }));
             }
             _ => {}
         }

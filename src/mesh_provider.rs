@@ -62,6 +62,7 @@ pub fn scope_of(node: &ProxyNode) -> ProxyScope {
         instance_ips: node.instance_ips.clone(),
         app_address: node.app_address.clone().unwrap_or_else(|| translate::DEFAULT_APP_ADDRESS.to_string()),
         served: std::collections::BTreeMap::new(),
+        vhds: node.delta_ads,
     }
 }
 
@@ -462,6 +463,7 @@ mod tests {
             instance_ips: Vec::new(),
             app_address: None,
             envoy_version: String::new(),
+            delta_ads: false,
         }
     }
 
@@ -643,6 +645,60 @@ mod tests {
         assert_eq!(mesh.cache.len(), 1);
         let _ = mesh.resources_for(&other);
         assert_eq!(mesh.cache.len(), 2);
+    }
+
+    /// Syncs a delta ADS stream as Envoy does (CDS and LDS wildcard, EDS and
+    /// RDS by name, VHDS by route configuration name), ACKing every response.
+    fn synced_delta_stream(res: &ResourceSet, now: std::time::Instant) -> crate::xds::delta::DeltaStream {
+        use crate::xds::delta::{DeltaRequest, DeltaStream};
+        let mut stream = DeltaStream::new_ads();
+        let names = |ty: ResourceType| res.of_type(ty).keys().map(|n| bytes::Bytes::copy_from_slice(n.as_bytes())).collect::<Vec<_>>();
+        for (ty, subscribe) in [
+            (ResourceType::Cluster, Vec::new()),
+            (ResourceType::Endpoint, names(ResourceType::Endpoint)),
+            (ResourceType::Listener, Vec::new()),
+            (ResourceType::Route, names(ResourceType::Route)),
+            (ResourceType::VirtualHost, names(ResourceType::Route)),
+        ] {
+            let request = DeltaRequest { type_url: ty.type_url().into(), resource_names_subscribe: subscribe, ..Default::default() };
+            for response in stream.on_request(&request, res, now).unwrap().responses {
+                let ack = DeltaRequest { type_url: response.type_url.into(), response_nonce: response.nonce.clone(), ..Default::default() };
+                assert!(stream.on_request(&ack, res, now).unwrap().responses.is_empty());
+            }
+        }
+        stream
+    }
+
+    #[test]
+    fn a_weight_change_sends_a_delta_ads_proxy_only_the_changed_virtual_host() {
+        use crate::fixtures::{ScaleSpec, scale_inputs};
+        let mesh = MeshResources::new(ChangeNotifier::channel().0);
+        let mut inputs = scale_inputs(ScaleSpec { services: 1000, clusters: 3, endpoints: 2, policies: 20, sidecars: false });
+        mesh.update(inputs.clone());
+        let now = std::time::Instant::now();
+        let mut sent_for_one_change = Vec::new();
+        for cluster in ["cluster-0", "cluster-1"] {
+            let proxy = ProxyNode { delta_ads: true, interception: crate::xds::node::InterceptionMode::Redirect, ..node(cluster, "svc-00001") };
+            let before = mesh.resources_for(&proxy);
+            assert_eq!(before.of_type(ResourceType::VirtualHost).len(), 3000 + 1, "every service's virtual host, and allow_any");
+            assert!(before.of_type(ResourceType::Route).values().all(|r| r.encoded_any().len() < 200), "route configurations carry no hosts");
+            sent_for_one_change.push((proxy, synced_delta_stream(&before, now)));
+        }
+        // shift-0 (svc-00000 of cluster-0): 50/50 becomes 70/50.
+        let shift = inputs.traffic_policies[0].spec.traffic_shift.as_mut().unwrap();
+        shift.destinations[0].weight = 70;
+        mesh.update(inputs);
+        for (proxy, mut stream) in sent_for_one_change {
+            let after = mesh.resources_for(&proxy);
+            let pushed = stream.on_push(&after, now, now).responses;
+            let sent: Vec<_> = pushed.iter().flat_map(|r| r.to_message().resources).map(|r| r.name).collect();
+            let host = if proxy.cluster == "cluster-0" { "svc-00000.ns-0.svc.cluster.local" } else { "svc-00000.ns-0.svc.cluster-0.global" };
+            assert_eq!(sent, [format!("9080/{host}:9080")], "{}: only the changed virtual host", proxy.cluster);
+            assert!(pushed.iter().all(|r| r.type_url == ResourceType::VirtualHost.type_url() && r.removed_resources.is_empty()));
+            let bytes: usize = pushed.iter().map(|r| r.resources.len()).sum();
+            let whole_port: usize = after.of_type(ResourceType::VirtualHost).values().map(|r| r.encoded_any().len()).sum();
+            assert!(bytes < 2048, "{}: {bytes} bytes sent for one weight (the port's hosts: {whole_port})", proxy.cluster);
+        }
     }
 
     #[test]

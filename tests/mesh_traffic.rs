@@ -36,10 +36,18 @@ fn write_atomically(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-async fn rds_version(mp: &Meshpilot, proxy: &str) -> Option<String> {
+/// The ACKed version of `ty` at `proxy`, when SYNCED.
+async fn acked_version(mp: &Meshpilot, proxy: &str, ty: &str) -> Option<String> {
     let s = mp.syncz().await.into_iter().find(|s| s.proxy == proxy)?;
-    let rds = s.types.get("RDS")?;
-    (rds.state == "SYNCED").then(|| rds.acked_version.clone()).flatten()
+    let t = s.types.get(ty)?;
+    (t.state == "SYNCED").then(|| t.acked_version.clone()).flatten()
+}
+
+/// The proxy's routes as ACKed: RDS, and over delta ADS its virtual hosts (VHDS) too.
+async fn rds_version(mp: &Meshpilot, proxy: &str) -> Option<String> {
+    let rds = acked_version(mp, proxy, "RDS").await?;
+    let s = mp.syncz().await.into_iter().find(|s| s.proxy == proxy)?;
+    if s.types.contains_key("VHDS") { Some(format!("{rds}+{}", acked_version(mp, proxy, "VHDS").await?)) } else { Some(rds) }
 }
 
 /// Waits until `proxy` has ACKed a route configuration other than `old`.
@@ -58,7 +66,20 @@ const V3: &str = "reviews-v3-7d99";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_split_through_real_envoy_moves_with_the_policy_file() {
-    let Some(envoy) = envoy_or_skip("seed_split_through_real_envoy_moves_with_the_policy_file") else { return };
+    seed_split("seed_split_through_real_envoy_moves_with_the_policy_file", false).await;
+}
+
+/// The same over delta ADS, where each port's virtual hosts come over VHDS:
+/// an edit of one service's policy sends that virtual host, and the route
+/// configurations themselves stay as Envoy ACKed them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_split_over_delta_ads_and_vhds_moves_with_the_policy_file() {
+    seed_split("seed_split_over_delta_ads_and_vhds_moves_with_the_policy_file", true).await;
+}
+
+async fn seed_split(test: &str, delta: bool) {
+    let Some(envoy) = envoy_or_skip(test) else { return };
+    let transport: &[&str] = if delta { &["--delta"] } else { &[] };
     let tmp = tempfile::tempdir().unwrap();
     let logs = tmp.path();
     let config = logs.join("config");
@@ -79,7 +100,7 @@ async fn seed_split_through_real_envoy_moves_with_the_policy_file() {
         "productpage-v1-7f9d.default",
         "management-plane",
         mp.xds_port,
-        &["--labels", "app=productpage,version=v1", "--outbound-bind", &pp_bind],
+        &[&["--labels", "app=productpage,version=v1", "--outbound-bind", &pp_bind], transport].concat(),
     );
     let ratings = Envoy::start_in(
         &envoy,
@@ -87,7 +108,7 @@ async fn seed_split_through_real_envoy_moves_with_the_policy_file() {
         "ratings-v1-8b4f.default",
         "remote-cluster",
         mp.xds_port,
-        &["--labels", "app=ratings,version=v1", "--outbound-bind", &ratings_bind],
+        &[&["--labels", "app=ratings,version=v1", "--outbound-bind", &ratings_bind], transport].concat(),
     );
     mp.wait_synced(&productpage.node_id).await;
     mp.wait_synced(&ratings.node_id).await;
@@ -111,11 +132,18 @@ async fn seed_split_through_real_envoy_moves_with_the_policy_file() {
     let policy_file = config.join("mesh/traffic-policy.yaml");
     let seed_text = std::fs::read_to_string(&policy_file).unwrap();
     let before = rds_version(&mp, &productpage.node_id).await.unwrap();
+    let rds_before = acked_version(&mp, &productpage.node_id, "RDS").await.unwrap();
     write_atomically(
         &policy_file,
         &seed_text.replace("weight: 75", "weight: 0").replace("weight: 15", "weight: 50").replace("weight: 10", "weight: 50"),
     );
     let half_half = wait_new_routes(&mp, &productpage.node_id, &before).await;
+    if delta {
+        // Only the virtual host moved: the route configurations are the ones Envoy had.
+        assert_eq!(acked_version(&mp, &productpage.node_id, "RDS").await.unwrap(), rds_before, "RDS unchanged over VHDS");
+        let dump = productpage.admin_get("/config_dump").await;
+        assert!(dump.contains("\"vhds\""), "Envoy holds route configurations with VHDS");
+    }
     let counts = sample(&pp_addr, "reviews:9080", 2000).await;
     let stat = assert_split(&counts, &[(V1, 50.0), (V2, 50.0)]);
     eprintln!("after the edit: {counts:?} chi-square {stat:.2}");

@@ -200,7 +200,7 @@ async fn run_proxy(
                     }
                 }
             }
-            Some(ResourceType::Route) => rec.rds_at.push(now),
+            Some(ResourceType::Route | ResourceType::VirtualHost) => rec.rds_at.push(now),
             _ => {}
         }
         rec.synced_at = rec.synced_at.or(proxy.synced_at);

@@ -314,7 +314,7 @@ impl ResponseScanner {
                 self.find_markers(resource, &chunk);
                 None
             }
-            (Some(ResourceType::Route), _) => None,
+            (Some(ResourceType::Route | ResourceType::VirtualHost), _) => None,
             (_, Flavor::Sotw) => Some(resource),
             (_, Flavor::Delta) => {
                 let mut any = None;
@@ -385,7 +385,7 @@ impl ResponseScanner {
 
 /// The types whose bodies the simulated proxy reads, by type URL (compared as bytes).
 fn type_of(type_url: &[u8]) -> Option<ResourceType> {
-    [ResourceType::Endpoint, ResourceType::Cluster, ResourceType::Listener, ResourceType::Route]
+    [ResourceType::Endpoint, ResourceType::Cluster, ResourceType::Listener, ResourceType::Route, ResourceType::VirtualHost]
         .into_iter()
         .find(|t| t.type_url().as_bytes() == type_url)
 }

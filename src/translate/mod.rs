@@ -66,6 +66,10 @@ pub struct ProxyScope {
     /// `INSTANCE_IPS` by [`ProxyScope::resolved`] (which then drops the
     /// addresses): replicas serving the same ports share one translation.
     pub served: BTreeMap<u16, crate::model::protocol::Protocol>,
+    /// Its stream is delta ADS: each route configuration's virtual hosts go
+    /// as VHDS resources of their own, so a change to one service's routes
+    /// sends that service's virtual host, not the port's whole configuration.
+    pub vhds: bool,
 }
 
 impl ProxyScope {
@@ -83,6 +87,7 @@ impl ProxyScope {
             instance_ips: Vec::new(),
             app_address: DEFAULT_APP_ADDRESS.into(),
             served: BTreeMap::new(),
+            vhds: false,
         }
     }
 
@@ -316,7 +321,11 @@ pub fn translate(snapshot: &MeshSnapshot, scope: &ProxyScope) -> ResourceSet {
         set.insert(ResourceType::Listener, Resource::from_message(l.name.clone(), &l));
     }
     for rc in route_configs {
+        let (rc, virtual_hosts) = if scope.vhds { routes::over_vhds(rc) } else { (rc, Vec::new()) };
         set.insert(ResourceType::Route, Resource::from_message(rc.name.clone(), &rc));
+        for vh in virtual_hosts {
+            set.insert(ResourceType::VirtualHost, Resource::from_message(vh.name.clone(), &vh));
+        }
     }
     set
 }

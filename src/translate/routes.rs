@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption, RuntimeFractionalPercent, header_value_option::HeaderAppendAction};
 use envoy_types::pb::envoy::config::route::v3::{
-    DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+    DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, Vhds, VirtualHost,
     WeightedCluster,
     header_matcher::HeaderMatchSpecifier,
     query_parameter_matcher::QueryParameterMatchSpecifier,
@@ -317,6 +317,19 @@ pub fn tcp_destination(
         1 => tcp_proxy::ClusterSpecifier::Cluster(weighted.remove(0).name),
         _ => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster { clusters: weighted }),
     }
+}
+
+/// `rc` for VHDS: the configuration without its virtual hosts, which Envoy
+/// subscribes to by the configuration's name (delta ADS), and each virtual
+/// host as a resource named `<configuration>/<virtual host>` (Envoy's naming
+/// convention; the name is the virtual host's own `name`, which Envoy keys it by).
+pub fn over_vhds(mut rc: RouteConfiguration) -> (RouteConfiguration, Vec<VirtualHost>) {
+    let mut virtual_hosts = std::mem::take(&mut rc.virtual_hosts);
+    for vh in &mut virtual_hosts {
+        vh.name = format!("{}/{}", rc.name, vh.name);
+    }
+    rc.vhds = Some(Vhds { config_source: Some(super::proto::ads_config_source()) });
+    (rc, virtual_hosts)
 }
 
 /// Every HTTP port's RouteConfiguration (ports whose services speak HTTP or

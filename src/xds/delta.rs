@@ -121,6 +121,11 @@ impl DeltaStream {
 
     /// How long a push waits for the reply to the last response of its type
     /// (`REPLY_WAIT_LIMIT` unless set).
+    /// Delta ADS (every type on one stream), where VHDS can ride along.
+    pub fn is_aggregated(&self) -> bool {
+        self.only_type.is_none()
+    }
+
     pub fn with_reply_wait_limit(mut self, limit: std::time::Duration) -> Self {
         self.reply_wait_limit = limit;
         self
@@ -185,7 +190,9 @@ impl DeltaStream {
             }
             if !watch.wildcard {
                 // What is no longer subscribed is no longer held (and not reported removed).
-                forget.extend(watch.held.resources.iter().filter(|r| !explicit.contains(&r.name)).map(|r| r.name.clone()));
+                let subscribed =
+                    |name: &str| explicit.contains(name) || (ty.namespaced() && explicit.contains(crate::xds::resources::namespace_of(name)));
+                forget.extend(watch.held.resources.iter().filter(|r| !subscribed(&r.name)).map(|r| r.name.clone()));
             }
             watch.explicit = intern_names(explicit);
             watch.forget(&forget);
@@ -273,7 +280,14 @@ impl DeltaStream {
         };
         // Explicit names that do not exist are reported removed (once). Without
         // the wildcard the view has one resource per existing explicit name.
-        let some_absent = if watch.wildcard { !watch.explicit.is_empty() } else { current.len() < watch.explicit.len() };
+        // A namespaced subscription (VHDS) names a namespace, never a resource.
+        let some_absent = if ty.namespaced() {
+            false
+        } else if watch.wildcard {
+            !watch.explicit.is_empty()
+        } else {
+            current.len() < watch.explicit.len()
+        };
         if some_absent {
             for name in watch.explicit.iter() {
                 if current.get(name).is_none() && watch.held.get(name).is_none() && !watch.told_absent.contains(name) {

@@ -33,6 +33,9 @@ pub struct ProxyNode {
     pub app_address: Option<String>,
     /// Envoy's build version as it reports it (`user_agent_build_version`), for display.
     pub envoy_version: String,
+    /// Set by the server, not the node: the stream is delta ADS, so its route
+    /// configurations can take their virtual hosts over VHDS.
+    pub delta_ads: bool,
 }
 
 /// Why a node was refused.
@@ -148,6 +151,7 @@ impl ProxyNode {
                 .unwrap_or_default(),
             app_address: string_field(meta, "APP_ADDRESS").filter(|s| !s.is_empty()),
             envoy_version,
+            delta_ads: false,
         })
     }
 }

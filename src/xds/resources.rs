@@ -21,13 +21,17 @@ pub enum ResourceType {
     Endpoint,
     Listener,
     Route,
+    /// VHDS: a route configuration's virtual hosts one by one, named
+    /// `<route configuration>/<host>`, over delta ADS only (Envoy subscribes
+    /// by the route configuration's name and gets every host under it).
+    VirtualHost,
     Secret,
 }
 
 impl ResourceType {
-    /// CDS → EDS → LDS → RDS → SDS: the order of every push on ADS.
-    pub const PUSH_ORDER: [ResourceType; 5] =
-        [ResourceType::Cluster, ResourceType::Endpoint, ResourceType::Listener, ResourceType::Route, ResourceType::Secret];
+    /// CDS → EDS → LDS → RDS → VHDS → SDS: the order of every push on ADS.
+    pub const PUSH_ORDER: [ResourceType; 6] =
+        [ResourceType::Cluster, ResourceType::Endpoint, ResourceType::Listener, ResourceType::Route, ResourceType::VirtualHost, ResourceType::Secret];
 
     pub fn type_url(self) -> &'static str {
         match self {
@@ -35,6 +39,7 @@ impl ResourceType {
             ResourceType::Endpoint => "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
             ResourceType::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
             ResourceType::Route => "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+            ResourceType::VirtualHost => "type.googleapis.com/envoy.config.route.v3.VirtualHost",
             ResourceType::Secret => "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
         }
     }
@@ -50,6 +55,7 @@ impl ResourceType {
             ResourceType::Endpoint => "EDS",
             ResourceType::Listener => "LDS",
             ResourceType::Route => "RDS",
+            ResourceType::VirtualHost => "VHDS",
             ResourceType::Secret => "SDS",
         }
     }
@@ -57,6 +63,12 @@ impl ResourceType {
     /// LDS and CDS responses carry the full state in SotW: an absent resource is deleted.
     pub fn requires_full_state(self) -> bool {
         matches!(self, ResourceType::Cluster | ResourceType::Listener)
+    }
+
+    /// Subscribed to by namespace (Envoy's `use_namespace_matching`): the
+    /// name `X` stands for every resource named `X/<anything>`.
+    pub fn namespaced(self) -> bool {
+        self == ResourceType::VirtualHost
     }
 
     fn index(self) -> usize {
@@ -114,7 +126,7 @@ type ByName = BTreeMap<String, Arc<Resource>>;
 /// take of it ([`ResourceSet::view`]) are computed once per set.
 #[derive(Debug, Default, Clone)]
 pub struct ResourceSet {
-    by_type: [Arc<TypeMap>; 5],
+    by_type: [Arc<TypeMap>; 6],
 }
 
 /// One type's resources by name, and the views taken of them. Sets whose
@@ -190,6 +202,10 @@ impl ResourceSet {
         let views = &self.by_type[ty.index()].views;
         match names {
             None => views.get_or_compute(ViewKey::All(ty), || ResourceView::new(all.values().cloned().collect())),
+            Some(names) if ty.namespaced() => views.get_or_compute(ViewKey::Names(ty, names.clone()), || {
+                let picked = all.iter().filter(|(n, _)| names.contains(*n) || names.contains(namespace_of(n))).map(|(_, r)| r.clone()).collect();
+                ResourceView::new(picked)
+            }),
             Some(names) => views.get_or_compute(ViewKey::Names(ty, names.clone()), || {
                 let picked = if names.len() * 4 < all.len() {
                     names.iter().filter_map(|n| all.get(n)).cloned().collect()
@@ -200,6 +216,11 @@ impl ResourceSet {
             }),
         }
     }
+}
+
+/// The namespace of a namespaced resource name: what precedes its last `/`.
+pub fn namespace_of(name: &str) -> &str {
+    name.rsplit_once('/').map_or("", |(ns, _)| ns)
 }
 
 /// Makes equal resources of different sets one shared copy. Proxies of
@@ -302,7 +323,7 @@ mod tests {
         }
         assert_eq!(ResourceType::from_type_url("type.googleapis.com/nope"), None);
         let names: Vec<_> = ResourceType::PUSH_ORDER.iter().map(|t| t.short_name()).collect();
-        assert_eq!(names, ["CDS", "EDS", "LDS", "RDS", "SDS"]);
+        assert_eq!(names, ["CDS", "EDS", "LDS", "RDS", "VHDS", "SDS"]);
         assert_eq!(ResourceType::Cluster.type_url(), <Cluster as Name>::type_url(), "our type URL matches envoy-types'");
     }
 

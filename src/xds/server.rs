@@ -122,6 +122,8 @@ trait Machine: StreamView + Clone + Sized + Send + Sync + 'static {
     type Req: Message + Send + 'static;
     type Resp: WireMessage;
     const MODE: &'static str;
+    /// Delta ADS: route configurations may take their virtual hosts over VHDS.
+    fn delta_ads(&self) -> bool;
     fn node(req: &Self::Req) -> Option<&Node>;
     fn on_request(&self, req: &Self::Req, res: &ResourceSet, now: Instant) -> Result<Step<Self::Resp>, ProtocolError>;
     fn on_push(&self, res: &ResourceSet, change_at: Instant, now: Instant) -> Step<Self::Resp>;
@@ -131,6 +133,9 @@ impl Machine for Arc<Mutex<SotwStream>> {
     type Req = SotwRequest;
     type Resp = SotwResponse;
     const MODE: &'static str = "sotw";
+    fn delta_ads(&self) -> bool {
+        false
+    }
     fn node(req: &SotwRequest) -> Option<&Node> {
         req.node.as_ref()
     }
@@ -146,6 +151,9 @@ impl Machine for Arc<Mutex<DeltaStream>> {
     type Req = DeltaRequest;
     type Resp = DeltaResponse;
     const MODE: &'static str = "delta";
+    fn delta_ads(&self) -> bool {
+        self.lock().expect("stream lock").is_aggregated()
+    }
     fn node(req: &DeltaRequest) -> Option<&Node> {
         req.node.as_ref()
     }
@@ -231,7 +239,7 @@ async fn run_stream<M: Machine>(inner: Arc<Inner>, machine: M, mut requests: Req
         }
     };
     let node = match ProxyNode::from_node(M::node(&first)) {
-        Ok(node) => node,
+        Ok(node) => ProxyNode { delta_ads: machine.delta_ads(), ..node },
         Err(err) => {
             inner.metrics.stream_error("bad_node");
             tracing::warn!(error = %err, "refusing xDS stream");

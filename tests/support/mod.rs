@@ -137,14 +137,16 @@ impl Meshpilot {
         }
     }
 
-    /// Waits until `proxy` is connected and CDS, EDS, LDS and RDS are all SYNCED.
+    /// Waits until `proxy` is connected and CDS, EDS, LDS and RDS (and VHDS,
+    /// when it subscribed to it) are all SYNCED.
     pub async fn wait_synced(&self, proxy: &str) -> SyncStatus {
         let what = format!("{proxy} SYNCED on CDS/EDS/LDS/RDS");
         wait_for(&what, Duration::from_secs(30), || async {
-            self.syncz()
-                .await
-                .into_iter()
-                .find(|s| s.proxy == proxy && ["CDS", "EDS", "LDS", "RDS"].iter().all(|t| s.types.get(*t).is_some_and(|x| x.state == "SYNCED")))
+            self.syncz().await.into_iter().find(|s| {
+                s.proxy == proxy
+                    && ["CDS", "EDS", "LDS", "RDS"].iter().all(|t| s.types.get(*t).is_some_and(|x| x.state == "SYNCED"))
+                    && s.types.get("VHDS").is_none_or(|x| x.state == "SYNCED")
+            })
         })
         .await
     }
