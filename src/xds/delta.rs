@@ -486,6 +486,39 @@ mod tests {
         assert!(s.on_push(&set(&[("a", 2)], &[]), now, now).responses.is_empty());
     }
 
+    fn virtual_hosts(hosts: &[(&str, u32)]) -> ResourceSet {
+        let mut s = ResourceSet::new();
+        for (name, v) in hosts {
+            let vh = envoy_types::pb::envoy::config::route::v3::VirtualHost {
+                name: name.to_string(),
+                domains: vec![format!("d{v}")],
+                ..Default::default()
+            };
+            s.insert(ResourceType::VirtualHost, Resource::from_message(*name, &vh));
+        }
+        s
+    }
+
+    #[test]
+    fn vhds_subscribes_by_route_configuration_name_and_gets_its_hosts() {
+        let now = Instant::now();
+        let mut s = DeltaStream::new_ads();
+        let res = virtual_hosts(&[("9080/a:9080", 1), ("9080/b:9080", 1), ("80/c:80", 1)]);
+        let r = s.on_request(&req(ResourceType::VirtualHost, &["9080"], &[], ""), &res, now).unwrap().responses.remove(0);
+        assert_eq!(names(&r), ["9080/a:9080", "9080/b:9080"], "the namespace's hosts, not another port's");
+        assert!(r.removed_resources.is_empty(), "the namespace itself is never reported absent");
+        s.on_request(&req(ResourceType::VirtualHost, &[], &[], &r.nonce), &res, now).unwrap();
+        // One host changes, one goes: only those.
+        let changed = virtual_hosts(&[("9080/a:9080", 2), ("80/c:80", 2)]);
+        let pushed = s.on_push(&changed, now, now).responses.remove(0);
+        assert_eq!(names(&pushed), ["9080/a:9080"]);
+        assert_eq!(pushed.removed_resources, ["9080/b:9080"]);
+        s.on_request(&req(ResourceType::VirtualHost, &[], &[], &pushed.nonce), &changed, now).unwrap();
+        // Leaving the namespace: nothing more is sent for it.
+        assert!(s.on_request(&req(ResourceType::VirtualHost, &[], &["9080"], ""), &changed, now).unwrap().responses.is_empty());
+        assert!(s.on_push(&virtual_hosts(&[("9080/a:9080", 3)]), now, now).responses.is_empty());
+    }
+
     #[test]
     fn nack_is_recorded() {
         let now = Instant::now();
