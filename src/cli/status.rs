@@ -34,12 +34,20 @@ pub fn render_status_table(rows: &[SyncStatus]) -> String {
     for row in rows {
         let mut line = vec![row.proxy.clone(), row.cluster.clone(), row.mode.clone()];
         for col in COLUMNS {
-            let state = row.types.get(col).map(|t| t.state.clone()).unwrap_or_else(|| "NOT SENT".into());
-            if let Some(err) = row.types.get(col).and_then(|t| t.last_error.as_ref()) {
+            let mut state = row.types.get(col).map(|t| t.state.clone()).unwrap_or_else(|| "NOT SENT".into());
+            // Over delta ADS the routes' virtual hosts come by VHDS: the RDS cell tells when they lag.
+            if col == "RDS"
+                && let Some(vhds) = row.types.get("VHDS").filter(|v| v.state != "SYNCED")
+            {
+                state = format!("{state} (VHDS {})", vhds.state);
+            }
+            line.push(state);
+        }
+        for col in COLUMNS.iter().chain(&["VHDS"]) {
+            if let Some(err) = row.types.get(*col).and_then(|t| t.last_error.as_ref()) {
                 let one_line = err.split_whitespace().collect::<Vec<_>>().join(" ");
                 errors.push(format!("{} {col}: {one_line}", row.proxy));
             }
-            line.push(state);
         }
         line.push(row.envoy_version.clone());
         table.push(line);
@@ -127,5 +135,36 @@ mod tests {
         assert!(lines[1].contains("SYNCED") && lines[1].contains("ERROR"));
         assert!(out.contains("productpage-1 LDS: Error adding/updating listener(s) x"));
         assert_eq!(urlencode("a b/c"), "a%20b%2Fc");
+    }
+
+    #[test]
+    fn a_rejected_virtual_host_shows_in_the_rds_cell_and_the_nack_list() {
+        let ok = TypeSync {
+            state: "SYNCED".into(),
+            sent_version: None,
+            sent_nonce: None,
+            acked_version: None,
+            acked_nonce: None,
+            sent_age_seconds: None,
+            last_error: None,
+            last_error_age_seconds: None,
+            resource_count: 1,
+        };
+        let bad = TypeSync { state: "ERROR".into(), last_error: Some("weights exceed 4294967295".into()), ..ok.clone() };
+        let types = ["CDS", "LDS", "EDS", "RDS"].iter().map(|t| (t.to_string(), ok.clone())).chain([("VHDS".into(), bad)]).collect();
+        let row = SyncStatus {
+            proxy: "productpage-1".into(),
+            cluster: "management-plane".into(),
+            namespace: "default".into(),
+            role: "sidecar".into(),
+            mode: "delta".into(),
+            conn_id: 1,
+            connected_at_unix: 0.0,
+            envoy_version: "1.40.0".into(),
+            types,
+        };
+        let out = render_status_table(&[row]);
+        assert!(out.lines().nth(1).unwrap().contains("SYNCED (VHDS ERROR)"), "{out}");
+        assert!(out.contains("productpage-1 VHDS: weights exceed 4294967295"), "{out}");
     }
 }
