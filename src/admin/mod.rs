@@ -144,7 +144,8 @@ impl From<TypeStatus> for TypeSync {
     }
 }
 
-fn not_sent() -> TypeSync {
+/// A type never sent (also the base of test rows).
+pub(crate) fn not_sent() -> TypeSync {
     TypeSync {
         state: SyncState::NotSent.as_str().to_string(),
         sent_version: None,

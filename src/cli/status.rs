@@ -102,19 +102,13 @@ mod tests {
     use super::*;
     use crate::admin::TypeSync;
 
+    fn synced() -> TypeSync {
+        TypeSync { state: "SYNCED".into(), resource_count: 1, ..crate::admin::not_sent() }
+    }
+
     #[test]
     fn table_has_istioctl_columns_and_lists_nacks() {
-        let ok = TypeSync {
-            state: "SYNCED".into(),
-            sent_version: None,
-            sent_nonce: None,
-            acked_version: None,
-            acked_nonce: None,
-            sent_age_seconds: None,
-            last_error: None,
-            last_error_age_seconds: None,
-            resource_count: 1,
-        };
+        let ok = synced();
         let mut bad = ok.clone();
         bad.state = "ERROR".into();
         bad.last_error = Some("Error adding/updating listener(s) x".into());
@@ -139,17 +133,7 @@ mod tests {
 
     #[test]
     fn a_rejected_virtual_host_shows_in_the_rds_cell_and_the_nack_list() {
-        let ok = TypeSync {
-            state: "SYNCED".into(),
-            sent_version: None,
-            sent_nonce: None,
-            acked_version: None,
-            acked_nonce: None,
-            sent_age_seconds: None,
-            last_error: None,
-            last_error_age_seconds: None,
-            resource_count: 1,
-        };
+        let ok = synced();
         let bad = TypeSync { state: "ERROR".into(), last_error: Some("weights exceed 4294967295".into()), ..ok.clone() };
         let types = ["CDS", "LDS", "EDS", "RDS"].iter().map(|t| (t.to_string(), ok.clone())).chain([("VHDS".into(), bad)]).collect();
         let row = SyncStatus {
