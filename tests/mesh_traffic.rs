@@ -36,18 +36,22 @@ fn write_atomically(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// The ACKed version of `ty` at `proxy`, when SYNCED.
-async fn acked_version(mp: &Meshpilot, proxy: &str, ty: &str) -> Option<String> {
-    let s = mp.syncz().await.into_iter().find(|s| s.proxy == proxy)?;
-    let t = s.types.get(ty)?;
+/// The ACKed version of `ty` in one proxy's sync status, when SYNCED.
+fn synced_version(status: &meshpilot::admin::SyncStatus, ty: &str) -> Option<String> {
+    let t = status.types.get(ty)?;
     (t.state == "SYNCED").then(|| t.acked_version.clone()).flatten()
 }
 
-/// The proxy's routes as ACKed: RDS, and over delta ADS its virtual hosts (VHDS) too.
+/// The ACKed version of `ty` at `proxy`, when SYNCED.
+async fn acked_version(mp: &Meshpilot, proxy: &str, ty: &str) -> Option<String> {
+    synced_version(&mp.syncz().await.into_iter().find(|s| s.proxy == proxy)?, ty)
+}
+
+/// The proxy's routes as ACKed: RDS, and over delta ADS its virtual hosts (VHDS) too (one read of its status).
 async fn rds_version(mp: &Meshpilot, proxy: &str) -> Option<String> {
-    let rds = acked_version(mp, proxy, "RDS").await?;
-    let s = mp.syncz().await.into_iter().find(|s| s.proxy == proxy)?;
-    if s.types.contains_key("VHDS") { Some(format!("{rds}+{}", acked_version(mp, proxy, "VHDS").await?)) } else { Some(rds) }
+    let status = mp.syncz().await.into_iter().find(|s| s.proxy == proxy)?;
+    let rds = synced_version(&status, "RDS")?;
+    if status.types.contains_key("VHDS") { Some(format!("{rds}+{}", synced_version(&status, "VHDS")?)) } else { Some(rds) }
 }
 
 /// Waits until `proxy` has ACKed a route configuration other than `old`.

@@ -5,7 +5,7 @@
 //! a fixture folder's files) and a TrafficPolicy change.
 //!
 //! Latency of a change = from the moment the file was written to the first
-//! response of the affected type (EDS for endpoints, RDS for a policy) each
+//! response of the affected type (EDS for endpoints, RDS or VHDS for a policy) each
 //! proxy receives after it; the simulated proxy ACKs at once. It includes the
 //! file watch, the debounce window and the push.
 

@@ -119,13 +119,13 @@ impl DeltaStream {
         DeltaStream { watches: BTreeMap::new(), only_type: Some(ty), nonce_counter: 0, reply_wait_limit: super::status::REPLY_WAIT_LIMIT }
     }
 
-    /// How long a push waits for the reply to the last response of its type
-    /// (`REPLY_WAIT_LIMIT` unless set).
     /// Delta ADS (every type on one stream), where VHDS can ride along.
     pub fn is_aggregated(&self) -> bool {
         self.only_type.is_none()
     }
 
+    /// How long a push waits for the reply to the last response of its type
+    /// (`REPLY_WAIT_LIMIT` unless set).
     pub fn with_reply_wait_limit(mut self, limit: std::time::Duration) -> Self {
         self.reply_wait_limit = limit;
         self
@@ -190,9 +190,7 @@ impl DeltaStream {
             }
             if !watch.wildcard {
                 // What is no longer subscribed is no longer held (and not reported removed).
-                let subscribed =
-                    |name: &str| explicit.contains(name) || (ty.namespaced() && explicit.contains(crate::xds::resources::namespace_of(name)));
-                forget.extend(watch.held.resources.iter().filter(|r| !subscribed(&r.name)).map(|r| r.name.clone()));
+                forget.extend(watch.held.resources.iter().filter(|r| !ty.subscription_covers(&explicit, &r.name)).map(|r| r.name.clone()));
             }
             watch.explicit = intern_names(explicit);
             watch.forget(&forget);

@@ -71,6 +71,12 @@ impl ResourceType {
         self == ResourceType::VirtualHost
     }
 
+    /// True when an explicit subscription to `names` covers the resource
+    /// `name`: by its name, or for a namespaced type by its namespace.
+    pub fn subscription_covers(self, names: &std::collections::BTreeSet<String>, name: &str) -> bool {
+        names.contains(name) || (self.namespaced() && names.contains(namespace_of(name)))
+    }
+
     fn index(self) -> usize {
         self as usize
     }
@@ -203,7 +209,7 @@ impl ResourceSet {
         match names {
             None => views.get_or_compute(ViewKey::All(ty), || ResourceView::new(all.values().cloned().collect())),
             Some(names) if ty.namespaced() => views.get_or_compute(ViewKey::Names(ty, names.clone()), || {
-                let picked = all.iter().filter(|(n, _)| names.contains(*n) || names.contains(namespace_of(n))).map(|(_, r)| r.clone()).collect();
+                let picked = all.iter().filter(|(n, _)| ty.subscription_covers(names, n)).map(|(_, r)| r.clone()).collect();
                 ResourceView::new(picked)
             }),
             Some(names) => views.get_or_compute(ViewKey::Names(ty, names.clone()), || {
