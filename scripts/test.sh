@@ -11,4 +11,11 @@ command -v kubectl >/dev/null || { echo "scripts/test.sh: kubectl is required fo
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo build --all-targets --locked
-cargo test --locked --all-targets
+# Every test bounds its own waits; this bounds the whole run well inside CI's
+# 90 minutes (a full run takes about 10), so a hang ends with the binary named.
+status=0
+timeout --kill-after=30 2400 cargo test --locked --all-targets || status=$?
+if [ "$status" = 124 ] || [ "$status" = 137 ]; then
+    echo "scripts/test.sh: the tests did not finish within 40 minutes; the binary running last (above) hung" >&2
+fi
+exit "$status"

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use meshpilot::cli::demo_captured::{CapturedMesh, Sampled};
 use meshpilot::netns::pods::{self, PodNetwork};
-use support::{Proc, assert_split, envoy_or_skip, free_port, meshpilot_bin, require_e2e, wait_for};
+use support::{Proc, Watchdog, assert_split, envoy_or_skip, free_port, meshpilot_bin, require_e2e, wait_for};
 
 const PRODUCTPAGE_ID: &str = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage";
 
@@ -54,6 +54,7 @@ async fn istio_injected_pods_captured_by_iptables() {
     let Some(envoy) = envoy_or_skip("istio_injected_pods_captured_by_iptables") else { return };
     let tmp = tempfile::Builder::new().prefix("mpc").tempdir_in("/tmp").unwrap();
     let work = tmp.path().join("mesh");
+    let _watchdog = Watchdog::arm("istio_injected_pods_captured_by_iptables", Duration::from_secs(600), &work.join("logs"));
     let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/bookinfo-captured");
     let admin = format!("127.0.0.1:{}", free_port());
     let xds = format!("127.0.0.1:{}", free_port());

@@ -2,6 +2,8 @@
 //! `meshpilot sample`: many requests (HTTP/1.1, cleartext HTTP/2, gRPC) or
 //! TCP connections, each answer counted with what the backend saw.
 
+use std::time::Duration;
+
 use anyhow::Context;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
@@ -42,7 +44,7 @@ pub async fn count_answers(addr: &str, host: &str, path: &str, n: usize, concurr
 /// body's first line, `HTTP <status>` or `error: …`) and the `x-peer-cert`
 /// header (what `meshpilot echo` saw in `x-forwarded-client-cert`).
 pub async fn answers_with_peers(addr: &str, host: &str, path: &str, n: usize, concurrency: usize) -> Vec<(String, String)> {
-    sample(addr, Some(host), path, n, concurrency, SampleProtocol::Http).await.into_iter().map(|a| (a.answer, a.peer)).collect()
+    sample(addr, Some(host), path, (n, concurrency), SampleProtocol::Http, SAMPLE_WITHIN).await.into_iter().map(|a| (a.answer, a.peer)).collect()
 }
 
 /// How `meshpilot sample` talks to the destination.
@@ -82,11 +84,45 @@ fn header(resp: &hyper::HeaderMap, name: &str) -> String {
 /// `n` requests to `addr` (at most `concurrency` at once, kept-alive
 /// connections for HTTP), each answer with what the backend saw. `host`
 /// overrides the Host / `:authority` (default: `addr`, as a pod's client sends it).
-pub async fn sample(addr: &str, host: Option<&str>, path: &str, n: usize, concurrency: usize, protocol: SampleProtocol) -> Vec<Answer> {
+/// Each request gets [`REQUEST_TIMEOUT`]; whatever has not been sent
+/// when `within` has passed is counted as `error: not sent within …`, so a
+/// path that holds connections open costs a bounded time, never a hang.
+pub async fn sample(
+    addr: &str,
+    host: Option<&str>,
+    path: &str,
+    (n, concurrency): (usize, usize),
+    protocol: SampleProtocol,
+    within: Duration,
+) -> Vec<Answer> {
     use futures::StreamExt;
+    let requests = requests(addr, host, path, n, protocol);
+    let timed = requests.map(|answer| async move {
+        tokio::time::timeout(REQUEST_TIMEOUT, answer).await.unwrap_or_else(|_| Answer::failed(format!("error: no answer in {REQUEST_TIMEOUT:?}")))
+    });
+    let mut answers: Vec<Answer> = timed.buffer_unordered(concurrency.max(1)).take_until(tokio::time::sleep(within)).collect().await;
+    let unsent = n - answers.len();
+    answers.extend((0..unsent).map(|_| Answer::failed(format!("error: not sent within {within:?}"))));
+    answers
+}
+
+/// How long a whole sample may take unless told otherwise.
+pub const SAMPLE_WITHIN: Duration = Duration::from_secs(60);
+
+/// How long one sampled request or connection may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn requests<'a>(
+    addr: &'a str,
+    host: Option<&'a str>,
+    path: &'a str,
+    n: usize,
+    protocol: SampleProtocol,
+) -> futures::stream::BoxStream<'a, futures::future::BoxFuture<'a, Answer>> {
+    use futures::{FutureExt, StreamExt};
     use http_body_util::Full;
     if protocol == SampleProtocol::Tcp {
-        return futures::stream::iter(0..n).map(|_| tcp_answer(addr)).buffer_unordered(concurrency.max(1)).collect().await;
+        return futures::stream::iter(0..n).map(move |_| tcp_answer(addr).boxed()).boxed();
     }
     let http2 = protocol != SampleProtocol::Http;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(http2).build_http();
@@ -94,7 +130,7 @@ pub async fn sample(addr: &str, host: Option<&str>, path: &str, n: usize, concur
     let path = if grpc && path == "/" { "/meshpilot.Echo/Who" } else { path };
     let uri: Option<hyper::Uri> = format!("http://{addr}{path}").parse().ok();
     futures::stream::iter(0..n)
-        .map(|_| {
+        .map(move |_| {
             let client = client.clone();
             let uri = uri.clone();
             async move {
@@ -135,10 +171,9 @@ pub async fn sample(addr: &str, host: Option<&str>, path: &str, n: usize, concur
                     Err(e) => Answer::failed(format!("error: {e}")),
                 }
             }
+            .boxed()
         })
-        .buffer_unordered(concurrency.max(1))
-        .collect::<Vec<_>>()
-        .await
+        .boxed()
 }
 
 async fn tcp_answer(addr: &str) -> Answer {
@@ -149,11 +184,10 @@ async fn tcp_answer(addr: &str) -> Answer {
         conn.read_to_end(&mut buf).await?;
         Ok::<_, std::io::Error>(buf)
     };
-    match tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
-        Ok(Ok(buf)) if buf.is_empty() => Answer::failed("error: closed without an answer".into()),
-        Ok(Ok(buf)) => Answer { answer: String::from_utf8_lossy(&buf).trim().to_string(), peer: String::new(), version: String::new() },
-        Ok(Err(e)) => Answer::failed(format!("error: {e}")),
-        Err(_) => Answer::failed("error: no answer in 10s".into()),
+    match read.await {
+        Ok(buf) if buf.is_empty() => Answer::failed("error: closed without an answer".into()),
+        Ok(buf) => Answer { answer: String::from_utf8_lossy(&buf).trim().to_string(), peer: String::new(), version: String::new() },
+        Err(e) => Answer::failed(format!("error: {e}")),
     }
 }
 

@@ -78,13 +78,16 @@ pub struct SampleArgs {
     pub count: usize,
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
+    /// Stop sending after this long (each request also has 10 s); what was not sent counts as an error.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub within: std::time::Duration,
     /// Print JSON: {"answers": {answer: count}, "peers": {answer: [caller identities]}}.
     #[arg(long)]
     pub json: bool,
 }
 
 async fn run_sample(args: SampleArgs) -> anyhow::Result<()> {
-    let answers = http::sample(&args.to, args.host.as_deref(), &args.path, args.count, args.concurrency, args.protocol).await;
+    let answers = http::sample(&args.to, args.host.as_deref(), &args.path, (args.count, args.concurrency), args.protocol, args.within).await;
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut peers: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
     let mut versions: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();

@@ -45,6 +45,61 @@ impl Drop for Proc {
     }
 }
 
+/// Bounds a real-process test: if it has not finished within `limit`, the
+/// tails of every `*.log` under `logs` are written to the terminal (past
+/// libtest's capture) and the test process exits, so a hang shows where it
+/// was instead of running into CI's limit. A test that panics gets the same
+/// tails with its failure.
+pub struct Watchdog {
+    logs: PathBuf,
+    done: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl Watchdog {
+    pub fn arm(test: &str, limit: Duration, logs: &Path) -> Watchdog {
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let (test, dir) = (test.to_string(), logs.to_path_buf());
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(limit) {
+                let report = format!("\nWATCHDOG: {test} did not finish within {limit:?}\n{}", log_tails(&dir));
+                if let Ok(mut tty) = std::fs::OpenOptions::new().write(true).open("/dev/stderr") {
+                    use std::io::Write;
+                    let _ = tty.write_all(report.as_bytes());
+                }
+                // The children (Envoys, meshpilot, apps) go with the test; Drop will not run.
+                let _ = Command::new("pkill").args(["-KILL", "-P", &std::process::id().to_string()]).status();
+                std::process::exit(101);
+            }
+        });
+        Watchdog { logs: logs.to_path_buf(), done: Some(done) }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", log_tails(&self.logs));
+        }
+        if let Some(done) = self.done.take() {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// The last 40 lines of every `*.log` in `dir`.
+pub fn log_tails(dir: &Path) -> String {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    files.retain(|p| p.extension().is_some_and(|e| e == "log"));
+    files.sort();
+    let mut out = String::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        out.push_str(&format!("--- {} (last 40 lines)\n{}\n", f.display(), lines[lines.len().saturating_sub(40)..].join("\n")));
+    }
+    out
+}
+
 pub fn meshpilot_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_meshpilot"))
 }
