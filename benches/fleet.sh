@@ -15,6 +15,7 @@
 #                                                captured one (REDIRECT, the default)
 #   INSTANCE_IPS=1 benches/fleet.sh         Istio-like proxies: each one of the fixture's pods,
 #                                                with that pod's INSTANCE_IPS
+#   SERVE_LOGS=DIR RUST_LOG=meshpilot=debug benches/fleet.sh   keep each point's serve log in DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=("${@:-1000 5000 10000}")
@@ -26,6 +27,7 @@ cargo build --release --locked --bin meshpilot >&2
 bin="$PWD/target/release/meshpilot"
 work="$(mktemp -d)"
 trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
+[[ -n "${SERVE_LOGS:-}" ]] && mkdir -p "$SERVE_LOGS"
 if [[ "$(cat /proc/sys/net/core/somaxconn)" -lt 8192 ]]; then
   echo "note: net.core.somaxconn is $(cat /proc/sys/net/core/somaxconn): the xDS accept backlog (8192) is capped to it; sysctl -w net.core.somaxconn=65535 for the 10,000-proxy points" >&2
 fi
@@ -56,6 +58,8 @@ run_point() {
     | grep '^|' | sed "s#^| $mode |#| $label |#" || echo "| $label | $n | failed: $(tail -n 1 "$work/load.err") | | | | | | | | |"
   kill "$server" 2>/dev/null || true
   wait "$server" 2>/dev/null || true
+  [[ -n "${SERVE_LOGS:-}" ]] && cp "$work/serve.log" "$SERVE_LOGS/serve-${label//[^a-zA-Z]/_}-$n.log"
+  true
 }
 for mode in $MODES; do
   for n in "${SIZES[@]}"; do

@@ -1,8 +1,9 @@
 //! Translation cost at fleet scale: 1,000 services × 3 clusters × 10 endpoints
 //! (100 TrafficPolicies), for one sidecar: a full translation (explicit
 //! loopback layout and Istio's captured one), and the incremental cost of one
-//! endpoint change (EDS-only patch of a cached set). Prints each layout's
-//! per-proxy size by type.
+//! endpoint change (EDS-only patch of a cached set) and of one weight change
+//! (a translation that finds the pieces it did not touch in the last
+//! snapshot's memo). Prints each layout's per-proxy size by type.
 //!
 //! `cargo bench --bench translate`; numbers and the machine go in docs/performance.md.
 
@@ -13,7 +14,8 @@ use meshpilot::fixtures::{ScaleSpec, churn_endpoint, cluster_name, scale_inputs,
 use meshpilot::mesh_provider::patch_endpoints;
 use meshpilot::model::policy::LastGood;
 use meshpilot::model::{MeshSnapshot, ServiceKey};
-use meshpilot::translate::{ProxyScope, translate};
+use meshpilot::translate::memo::{EndpointSeed, Memo, TranslationMemo};
+use meshpilot::translate::{ProxyScope, client_network, translate, translate_with};
 use meshpilot::xds::resources::{ResourceSet, ResourceType};
 
 /// `CDS 1,234 KiB (3,001) …`: encoded bytes and resources per type.
@@ -52,6 +54,23 @@ fn bench(c: &mut Criterion) {
     let changed = MeshSnapshot::build(changed_inputs, &mut LastGood::default());
     let keys: BTreeSet<ServiceKey> = [ServiceKey::new(&cluster_name(1), "ns-0", &service_name(0))].into();
     g.bench_function("endpoint_change_eds_patch", |b| b.iter(|| patch_endpoints(&changed, &scope, &full, &keys)));
+
+    // One weight: what the provider does per scope on a policy change.
+    let mut shifted_inputs = inputs.clone();
+    shifted_inputs.traffic_policies[0].spec.traffic_shift.as_mut().expect("a shift").destinations[0].weight += 20;
+    let shifted = MeshSnapshot::build(shifted_inputs, &mut LastGood::default());
+    let vhds_scope = ProxyScope { vhds: true, ..captured_scope.clone() };
+    // Per scope, as the provider does it: the memo the last snapshot's
+    // translations filled (the same one, kept across policy changes) and
+    // the assignments of the cached set.
+    for (name, scope) in [("weight_change_with_memo", &scope), ("weight_change_with_memo_captured_vhds", &vhds_scope)] {
+        let memo = TranslationMemo::default();
+        let before = translate_with(&snapshot, scope, &Memo::of(&memo, 1));
+        let network = client_network(&snapshot, scope).to_string();
+        let seed: EndpointSeed = [((scope.cluster.clone(), network), before.of_type(ResourceType::Endpoint).clone().into_iter().collect())].into();
+        g.bench_function(name, |b| b.iter(|| translate_with(&shifted, scope, &Memo { endpoints: Some(&seed), ..Memo::of(&memo, 2) })));
+    }
+    g.bench_function("weight_change_captured_vhds_without_memo", |b| b.iter(|| translate(&shifted, &vhds_scope)));
     g.finish();
 }
 

@@ -12,13 +12,23 @@ use dashmap::DashMap;
 use crate::ca::WorkloadCertificates;
 use crate::model::policy::{LastGood, PolicyState};
 use crate::model::{MeshInputs, MeshSnapshot, ServiceKey};
+use crate::translate::memo::{EndpointSeed, Memo, TranslationMemo};
 use crate::translate::{self, ProxyScope};
 use crate::xds::node::ProxyNode;
 use crate::xds::provider::{ChangeNotifier, ResourceProvider};
 use crate::xds::resources::{ResourceInterner, ResourceSet, ResourceType};
 
+/// What streams read together: a generation, its snapshot, and the memo
+/// valid for that snapshot's services (a translation of one snapshot must
+/// never add to another's memo).
+struct Published {
+    generation: u64,
+    snapshot: Arc<MeshSnapshot>,
+    memo: Arc<TranslationMemo>,
+}
+
 pub struct MeshResources {
-    current: RwLock<(u64, Arc<MeshSnapshot>)>,
+    current: RwLock<Published>,
     cache: DashMap<ProxyScope, (u64, Arc<ResourceSet>)>,
     /// One translation per scope at a time: the streams of a scope that miss
     /// the cache together wait for the first one's result instead of each
@@ -45,7 +55,18 @@ pub enum SnapshotChange {
     None,
     /// Only these services' endpoints changed.
     Endpoints(BTreeSet<ServiceKey>),
+    /// Policies or Sidecars changed (and these services' endpoints); the
+    /// services, networks and meshes did not: every scope is translated
+    /// again, from the pieces built for the last snapshot where they still apply.
+    Config(BTreeSet<ServiceKey>),
     Full,
+}
+
+impl SnapshotChange {
+    /// Whether every scope is translated again.
+    pub fn retranslates(&self) -> bool {
+        matches!(self, SnapshotChange::Config(_) | SnapshotChange::Full)
+    }
 }
 
 /// The scope a connected proxy's node describes (before it is resolved against a snapshot).
@@ -68,14 +89,10 @@ pub fn scope_of(node: &ProxyNode) -> ProxyScope {
 
 /// Compares what translation reads.
 pub fn classify_change(old: &MeshSnapshot, new: &MeshSnapshot) -> SnapshotChange {
-    if old.mesh_peers != new.mesh_peers
-        || old.applied != new.applied
-        || old.sidecars != new.sidecars
-        || old.clusters.len() != new.clusters.len()
-        || old.policy_status != new.policy_status
-    {
+    if old.mesh_peers != new.mesh_peers || old.trust != new.trust || old.gateways != new.gateways || old.clusters.len() != new.clusters.len() {
         return SnapshotChange::Full;
     }
+    let config = old.applied != new.applied || old.sidecars != new.sidecars || old.policy_status != new.policy_status;
     let mut changed = BTreeSet::new();
     for (name, o) in &old.clusters {
         let Some(n) = new.clusters.get(name) else { return SnapshotChange::Full };
@@ -97,7 +114,11 @@ pub fn classify_change(old: &MeshSnapshot, new: &MeshSnapshot) -> SnapshotChange
             }
         }
     }
-    if changed.is_empty() { SnapshotChange::None } else { SnapshotChange::Endpoints(changed) }
+    match (config, changed.is_empty()) {
+        (true, _) => SnapshotChange::Config(changed),
+        (false, true) => SnapshotChange::None,
+        (false, false) => SnapshotChange::Endpoints(changed),
+    }
 }
 
 /// The addresses of the endpoints of `changed` services that differ between
@@ -178,7 +199,7 @@ impl MeshResources {
     pub fn with_certificates(notifier: ChangeNotifier, certs: Arc<WorkloadCertificates>) -> Self {
         MeshResources {
             certs,
-            current: RwLock::new((0, Arc::new(MeshSnapshot::default()))),
+            current: RwLock::new(Published { generation: 0, snapshot: Arc::new(MeshSnapshot::default()), memo: Default::default() }),
             cache: DashMap::new(),
             translating: DashMap::new(),
             served: DashMap::new(),
@@ -219,7 +240,7 @@ impl MeshResources {
     }
 
     pub fn snapshot(&self) -> Arc<MeshSnapshot> {
-        self.current.read().expect("snapshot lock").1.clone()
+        self.current.read().expect("snapshot lock").snapshot.clone()
     }
 
     /// Takes a new load from the sources: validates, swaps the snapshot, and
@@ -231,7 +252,10 @@ impl MeshResources {
             Arc::new(MeshSnapshot::build(inputs, &mut last_good))
         };
         let built = started.elapsed();
-        let old = self.snapshot();
+        let (old_generation, old, old_memo) = {
+            let cur = self.current.read().expect("snapshot lock");
+            (cur.generation, cur.snapshot.clone(), cur.memo.clone())
+        };
         log_policy_changes(&old, &snapshot);
         let change = classify_change(&old, &snapshot);
         let classified = started.elapsed();
@@ -241,47 +265,64 @@ impl MeshResources {
         // old config, and the push finds every set ready. (Translating in the
         // streams on a miss had run the scopes one after another on runtime
         // workers, blocking them: ≈4–5 s at 1,000 proxies for 30 scopes.)
-        let retranslated = (change == SnapshotChange::Full).then(|| {
+        // When only policies or Sidecars changed, the virtual hosts and
+        // clusters they did not touch come from the memo, and endpoint
+        // assignments from the cached sets, instead of being built again.
+        // (Updates run one at a time: this is the generation published below.)
+        let generation = old_generation + 1;
+        let memo = match change {
+            SnapshotChange::Full => Arc::new(TranslationMemo::default()),
+            _ => old_memo,
+        };
+        let retranslated = change.retranslates().then(|| {
             // Served scopes are kept with all their labels and narrowed to the
             // new snapshot's keys here: a policy or Sidecar that reads a new
             // label key splits them as the streams' lookups will.
             let scopes: BTreeSet<ProxyScope> = self.served.iter().map(|e| e.key().clone().resolved(&snapshot)).collect();
             let scopes: Vec<ProxyScope> = scopes.into_iter().collect();
             self.served.clear();
-            self.translate_scopes(&snapshot, &scopes)
+            let seed = match &change {
+                SnapshotChange::Config(changed) => Some(self.endpoint_seed((old_generation, &old), changed)),
+                _ => None,
+            };
+            let sets = self.translate_scopes(&snapshot, &scopes, &Memo { endpoints: seed.as_ref(), ..Memo::of(&memo, generation) });
+            // What this change replaced (an old weight's virtual host) goes.
+            memo.sweep(generation);
+            sets
         });
         // An endpoint change patches the cached sets, also before publishing.
         let patched: Vec<(ProxyScope, Arc<ResourceSet>)> = match &change {
             SnapshotChange::Endpoints(changed) => {
-                let mut memo = EndpointMemo::new();
+                let mut memo_eds = EndpointMemo::new();
                 let mut maps = PatchedMaps::default();
                 let moved = changed_workload_addresses(&old, &snapshot, changed);
+                let memo = Memo::of(&memo, generation);
                 self.cache
                     .iter()
                     .map(|e| {
                         let scope = e.key();
                         // The workload behind this proxy changed: its inbound listeners and clusters did too.
                         let set = if scope.instance_ips.iter().any(|ip| moved.contains(ip)) {
-                            self.build_set(&snapshot, scope)
+                            self.build_set(&snapshot, scope, &memo)
                         } else {
-                            Arc::new(self.patch_endpoints_once(&snapshot, scope, &e.value().1, changed, &mut memo, &mut maps))
+                            Arc::new(self.patch_endpoints_once(&snapshot, scope, &e.value().1, changed, &mut memo_eds, &mut maps))
                         };
                         (scope.clone(), set)
                     })
                     .collect()
             }
-            SnapshotChange::Full => retranslated.unwrap_or_default(),
+            SnapshotChange::Full | SnapshotChange::Config(_) => retranslated.unwrap_or_default(),
             SnapshotChange::None => Vec::new(),
         };
         // The new generation and its sets appear together (under the snapshot
         // lock): a stream that reads the new generation finds its set ready.
         // (Publishing the generation first had let the requests that came in
         // between, ACKs under churn, miss and translate whole scopes again.)
-        let generation = {
+        {
             let mut cur = self.current.write().expect("snapshot lock");
-            cur.0 += 1;
-            cur.1 = snapshot.clone();
-            let generation = cur.0;
+            cur.generation = generation;
+            cur.snapshot = snapshot.clone();
+            cur.memo = memo;
             if change == SnapshotChange::None {
                 for mut e in self.cache.iter_mut() {
                     e.value_mut().0 = generation;
@@ -290,11 +331,10 @@ impl MeshResources {
             for (scope, set) in patched {
                 self.cache.insert(scope, (generation, set));
             }
-            if change == SnapshotChange::Full {
+            if change.retranslates() {
                 self.cache.retain(|_, e| e.0 == generation);
             }
-            generation
-        };
+        }
         tracing::debug!(build = ?built, classify = ?(classified - built), cache = ?(started.elapsed() - classified), "snapshot updated");
         let was_ready = self.ready.swap(true, Ordering::AcqRel);
         if change != SnapshotChange::None || !was_ready {
@@ -333,7 +373,10 @@ fn log_policy_changes(old: &MeshSnapshot, new: &MeshSnapshot) {
 
 impl ResourceProvider for MeshResources {
     fn resources_for(&self, proxy: &ProxyNode) -> Arc<ResourceSet> {
-        let (generation, snapshot) = self.current.read().expect("snapshot lock").clone();
+        let (generation, snapshot, memo) = {
+            let cur = self.current.read().expect("snapshot lock");
+            (cur.generation, cur.snapshot.clone(), cur.memo.clone())
+        };
         let full = scope_of(proxy);
         if !self.served.contains_key(&full) {
             self.served.insert(full.clone(), ());
@@ -348,7 +391,7 @@ impl ResourceProvider for MeshResources {
         let gate = self.translating.entry(scope.clone()).or_default().clone();
         // (Not moved off the runtime with block_in_place: the extra threads it
         // starts cost more memory than the waiting costs time; measured.)
-        self.translate_once(&gate, scope, generation, &snapshot)
+        self.translate_once(&gate, scope, generation, &snapshot, &memo)
     }
 
     fn is_ready(&self) -> bool {
@@ -387,17 +430,44 @@ impl MeshResources {
         patched
     }
 
+    /// The endpoint assignments of the cached sets of generation `old` (a
+    /// late translation of an older one may be cached too, and is skipped)
+    /// whose services' endpoints are not in `changed`: still exact for a
+    /// snapshot that changed only policies or Sidecars. Scopes sharing a map
+    /// are read once.
+    fn endpoint_seed(&self, (generation, old): (u64, &MeshSnapshot), changed: &BTreeSet<ServiceKey>) -> EndpointSeed {
+        let mut seed = EndpointSeed::new();
+        let mut read: std::collections::HashSet<(String, String, usize)> = std::collections::HashSet::new();
+        for e in self.cache.iter() {
+            let scope = e.key();
+            if scope.role == crate::xds::node::ProxyRole::Gateway || e.value().0 != generation {
+                continue;
+            }
+            let network = translate::client_network(old, scope).to_string();
+            let map = e.value().1.of_type(ResourceType::Endpoint);
+            if !read.insert((scope.cluster.clone(), network.clone(), std::ptr::from_ref(map) as usize)) {
+                continue;
+            }
+            let hosts: std::collections::HashSet<String> = changed.iter().map(|k| translate::names::host(&scope.cluster, k)).collect();
+            let of_client = seed.entry((scope.cluster.clone(), network)).or_default();
+            for (name, r) in map.iter().filter(|(name, _)| name.rsplit('|').next().is_some_and(|h| !hosts.contains(h))) {
+                of_client.entry(name.clone()).or_insert_with(|| r.clone());
+            }
+        }
+        seed
+    }
+
     /// One scope's resources: translation, its secrets, shared with equal ones.
-    fn build_set(&self, snapshot: &MeshSnapshot, scope: &ProxyScope) -> Arc<ResourceSet> {
+    fn build_set(&self, snapshot: &MeshSnapshot, scope: &ProxyScope, memo: &Memo<'_>) -> Arc<ResourceSet> {
         self.translations.fetch_add(1, Ordering::Relaxed);
-        let mut set = translate::translate(snapshot, scope);
+        let mut set = translate::translate_with(snapshot, scope, memo);
         self.add_secrets(snapshot, scope, &mut set);
         self.interner.share(&mut set);
         Arc::new(set)
     }
 
     /// Translates `scopes` on as many threads as there are cores.
-    fn translate_scopes(&self, snapshot: &MeshSnapshot, scopes: &[ProxyScope]) -> Vec<(ProxyScope, Arc<ResourceSet>)> {
+    fn translate_scopes(&self, snapshot: &MeshSnapshot, scopes: &[ProxyScope], memo: &Memo<'_>) -> Vec<(ProxyScope, Arc<ResourceSet>)> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(scopes.len());
         let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
@@ -406,7 +476,7 @@ impl MeshResources {
                     s.spawn(|| {
                         let mut out = Vec::new();
                         while let Some(scope) = scopes.get(next.fetch_add(1, Ordering::Relaxed)) {
-                            out.push((scope.clone(), self.build_set(snapshot, scope)));
+                            out.push((scope.clone(), self.build_set(snapshot, scope, memo)));
                         }
                         out
                     })
@@ -416,14 +486,21 @@ impl MeshResources {
         })
     }
 
-    fn translate_once(&self, gate: &Mutex<()>, scope: ProxyScope, generation: u64, snapshot: &MeshSnapshot) -> Arc<ResourceSet> {
+    fn translate_once(
+        &self,
+        gate: &Mutex<()>,
+        scope: ProxyScope,
+        generation: u64,
+        snapshot: &MeshSnapshot,
+        memo: &TranslationMemo,
+    ) -> Arc<ResourceSet> {
         let _translating = gate.lock().expect("translation gate");
         if let Some(e) = self.cache.get(&scope)
             && e.0 >= generation
         {
             return e.1.clone();
         }
-        let set = self.build_set(snapshot, &scope);
+        let set = self.build_set(snapshot, &scope, &Memo::of(memo, generation));
         // A newer snapshot may have landed meanwhile; never overwrite a newer entry.
         let mut entry = self.cache.entry(scope).or_insert((generation, set.clone()));
         if entry.0 <= generation {
@@ -600,7 +677,7 @@ mod tests {
         assert!(changes.try_recv().is_ok(), "a Sidecar change pushes");
         // The selector reads a label no policy read before: productpage and
         // details (one scope until now) are translated apart, before the push.
-        let generation = mesh.current.read().unwrap().0;
+        let generation = mesh.current.read().unwrap().generation;
         for (proxy, scoped) in [(&n, true), (&details, false)] {
             let scope = scope_of(proxy).resolved(&mesh.snapshot());
             let cached = mesh.cache.get(&scope).map(|e| (e.0, e.1.clone())).expect("translated in update");
@@ -627,7 +704,7 @@ mod tests {
         mesh.update(no_policy.clone());
         assert!(changes.try_recv().is_ok());
         // Already translated for the new snapshot when the push is announced.
-        let generation = mesh.current.read().unwrap().0;
+        let generation = mesh.current.read().unwrap().generation;
         let scope = scope_of(&served).resolved(&mesh.snapshot());
         let cached = mesh.cache.get(&scope).map(|e| (e.0, e.1.clone())).expect("translated in update");
         assert_eq!(cached.0, generation);
@@ -698,6 +775,65 @@ mod tests {
             let bytes: usize = pushed.iter().map(|r| r.resources.len()).sum();
             let whole_port: usize = after.of_type(ResourceType::VirtualHost).values().map(|r| r.encoded_any().len()).sum();
             assert!(bytes < 2048, "{}: {bytes} bytes sent for one weight (the port's hosts: {whole_port})", proxy.cluster);
+        }
+    }
+
+    #[test]
+    fn a_policy_change_builds_only_the_pieces_it_touched_and_the_same_resources_as_a_fresh_translation() {
+        use crate::fixtures::{ScaleSpec, churn_endpoint, scale_inputs};
+        use crate::xds::node::InterceptionMode;
+        let mesh = MeshResources::new(ChangeNotifier::channel().0);
+        let mut inputs = scale_inputs(ScaleSpec { services: 300, clusters: 3, endpoints: 2, policies: 20, sidecars: false });
+        mesh.update(inputs.clone());
+        // SotW and delta ADS, explicit and captured, in two clusters and namespaces.
+        let proxies: Vec<ProxyNode> = [("cluster-0", "svc-00001", false), ("cluster-1", "svc-00002", true), ("cluster-2", "svc-00003", true)]
+            .into_iter()
+            .flat_map(|(cluster, app, delta)| {
+                let explicit = ProxyNode { delta_ads: delta, ..node(cluster, app) };
+                let captured = ProxyNode { interception: InterceptionMode::Redirect, namespace: "ns-3".into(), ..explicit.clone() };
+                [explicit, captured]
+            })
+            .collect();
+        for p in &proxies {
+            let _ = mesh.resources_for(p);
+        }
+        // One weight, and in the same update one endpoint of another service.
+        inputs.traffic_policies[0].spec.traffic_shift.as_mut().unwrap().destinations[0].weight = 70;
+        churn_endpoint(&mut inputs, 1, 7, 1);
+        let (old, expected) = (mesh.snapshot(), MeshSnapshot::build(inputs.clone(), &mut LastGood::default()));
+        assert_eq!(classify_change(&old, &expected), SnapshotChange::Config([ServiceKey::new("cluster-1", "ns-7", "svc-00007")].into()));
+        let memo = mesh.current.read().unwrap().memo.clone();
+        let before = memo.built().read();
+        mesh.update(inputs.clone());
+        assert!(Arc::ptr_eq(&memo, &mesh.current.read().unwrap().memo), "the memo outlives a policy change");
+        let after = memo.built().read();
+        let (hosts, clusters, endpoints) = (after.0 - before.0, after.1 - before.1, after.2 - before.2);
+        let fresh = MeshResources::new(ChangeNotifier::channel().0);
+        fresh.update(inputs);
+        // Per scope: the shifted service's virtual host; the assignments of
+        // the changed endpoints and of subsets (built again: a subset's name
+        // does not name its labels); nothing else.
+        let scopes = proxies.len() as u64;
+        assert!(hosts <= scopes, "{hosts} virtual hosts built for one weight across {scopes} scopes");
+        assert_eq!(clusters, 0, "no cluster changed");
+        let rebuilt = |p: &ProxyNode| {
+            let set = fresh.resources_for(p);
+            let names = set.of_type(ResourceType::Endpoint).keys();
+            names
+                .filter(|n| {
+                    !n.contains("||") || n.ends_with("|svc-00007.ns-7.svc.cluster-1.global") || n.ends_with("|svc-00007.ns-7.svc.cluster.local")
+                })
+                .count()
+        };
+        let at_most: usize = proxies.iter().map(rebuilt).sum();
+        assert!(endpoints as usize <= at_most, "{endpoints} endpoint assignments built, {at_most} expected at most");
+        let whole: usize = proxies.iter().map(|p| fresh.resources_for(p).of_type(ResourceType::Endpoint).len()).sum();
+        assert!(endpoints as usize * 10 < whole, "{endpoints} of {whole} assignments built");
+        for p in &proxies {
+            let (incremental, whole) = (mesh.resources_for(p), fresh.resources_for(p));
+            for ty in ResourceType::PUSH_ORDER.into_iter().filter(|t| *t != ResourceType::Secret) {
+                assert_eq!(incremental.of_type(ty), whole.of_type(ty), "{} {}: {ty}", p.cluster, p.id);
+            }
         }
     }
 

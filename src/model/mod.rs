@@ -197,6 +197,10 @@ pub struct MeshSnapshot {
     /// selectors, all equality matches): a proxy label outside these changes
     /// no match, so proxies that differ only there share one translation.
     pub source_labels: BTreeMap<String, BTreeSet<String>>,
+    /// The services some applied policy has rules for (most have none: they
+    /// skip the walk over every policy, per service and scope).
+    #[serde(skip)]
+    pub ruled_services: std::collections::HashSet<ServiceKey>,
     /// Network → its east-west gateways' addresses (Services labelled
     /// `topology.istio.io/network` with an external address).
     pub gateways: BTreeMap<String, Vec<GatewayAddress>>,
@@ -298,6 +302,7 @@ impl MeshSnapshot {
             applied: Vec::new(),
             sidecars,
             source_labels: BTreeMap::new(),
+            ruled_services: Default::default(),
             policy_status: BTreeMap::new(),
             workload_ports,
             mesh_object_status,
@@ -308,9 +313,18 @@ impl MeshSnapshot {
         for (k, v) in selected.chain(snapshot.sidecars.iter().flat_map(|s| s.selector.iter().flatten())) {
             snapshot.source_labels.entry(k.clone()).or_default().insert(v.clone());
         }
+        snapshot.ruled_services = applied.iter().flat_map(|p| p.rules.iter().map(|r| r.service.clone())).collect();
         snapshot.applied = applied;
         snapshot.policy_status = status;
         snapshot
+    }
+
+    /// [`policy::rules_for`] `service` among the applied policies.
+    pub fn rules_for(&self, service: &ServiceKey) -> Vec<(Vec<&PolicyId>, policy::ServiceRule)> {
+        if !self.ruled_services.contains(service) {
+            return Vec::new();
+        }
+        policy::rules_for(&self.applied, service)
     }
 
     pub fn service(&self, key: &ServiceKey) -> Option<&Service> {

@@ -116,7 +116,7 @@ pub struct MirrorTo {
     pub percentage: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Outlier {
     pub consecutive_errors: u32,
     pub interval: Duration,

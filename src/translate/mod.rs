@@ -26,6 +26,7 @@ pub mod endpoints;
 pub mod gateway;
 pub mod inbound;
 pub mod listeners;
+pub mod memo;
 pub mod names;
 pub mod outbound;
 pub mod proto;
@@ -195,7 +196,7 @@ fn mesh_services<'a>(snapshot: &'a MeshSnapshot, scope: &ProxyScope) -> Vec<Serv
 }
 
 /// One Envoy cluster a proxy needs: a service port, optionally narrowed to a subset.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ClusterTarget {
     pub name: String,
     pub service: ServiceKey,
@@ -265,6 +266,12 @@ fn target_cluster(
 /// by the provider): a sidecar's outbound side and its inbound side
 /// (captured: always; explicit: with mTLS); a gateway's SNI passthrough.
 pub fn translate(snapshot: &MeshSnapshot, scope: &ProxyScope) -> ResourceSet {
+    translate_with(snapshot, scope, &memo::Memo::none())
+}
+
+/// [`translate`], taking the virtual hosts, clusters and endpoint
+/// assignments built alike before from `memo` (the same resources, fewer built).
+pub fn translate_with(snapshot: &MeshSnapshot, scope: &ProxyScope, memo: &memo::Memo<'_>) -> ResourceSet {
     if scope.role == ProxyRole::Gateway {
         return gateway::translate_gateway(snapshot, scope);
     }
@@ -272,7 +279,7 @@ pub fn translate(snapshot: &MeshSnapshot, scope: &ProxyScope) -> ResourceSet {
     let captured = scope.interception.captured();
     let unmatched = unmatched_policy(snapshot, scope);
     let views = reachable_services(snapshot, scope);
-    let (route_configs, mut targets) = routes::route_configurations(snapshot, scope, &views, captured.then_some(unmatched));
+    let (route_configs, mut targets) = routes::route_configurations(snapshot, scope, &views, captured.then_some(unmatched), memo);
     for v in &views {
         for p in v.service.ports.iter().filter(|p| p.protocol.layout() != crate::model::protocol::Layout::None) {
             let t = ClusterTarget::new(&scope.cluster, &v.service.key, p.port, &BTreeMap::new());
@@ -298,7 +305,7 @@ pub fn translate(snapshot: &MeshSnapshot, scope: &ProxyScope) -> ResourceSet {
         }
     } else {
         // Explicit: a loopback listener per HTTP port (TCP needs capture: no destination address to tell services apart).
-        let ports: BTreeSet<u16> = route_configs.iter().filter_map(|rc| rc.name.parse().ok()).collect();
+        let ports: BTreeSet<u16> = route_configs.iter().map(|r| r.port).collect();
         listeners.extend(ports.into_iter().map(|port| listeners::outbound_http_listener(&scope.outbound_bind, port)));
         if snapshot.trust.contains_key(&scope.cluster) {
             for (address, port) in inbound::served_ports(snapshot, scope) {
@@ -309,22 +316,30 @@ pub fn translate(snapshot: &MeshSnapshot, scope: &ProxyScope) -> ResourceSet {
         }
     }
     let outliers = outlier_by_service(snapshot);
-    for t in targets.values() {
-        let cluster = target_cluster(snapshot, scope, t, &outliers);
-        if cluster.eds_cluster_config.is_some() {
-            let cla = endpoints::load_assignment(snapshot, t, scope);
-            set.insert(ResourceType::Endpoint, Resource::from_message(t.name.clone(), &cla));
+    let seed = memo.endpoint_seed(&scope.cluster, client_network(snapshot, scope));
+    for t in targets.into_values() {
+        let key = memo::ClusterKey { client_cluster: scope.cluster.clone(), captured, outlier: outliers.get(&t.service).cloned(), target: t };
+        let (cluster, eds) = memo.cluster(&key, || {
+            let cluster = target_cluster(snapshot, scope, &key.target, &outliers);
+            (std::sync::Arc::new(Resource::from_message(key.target.name.clone(), &cluster)), cluster.eds_cluster_config.is_some())
+        });
+        let t = key.target;
+        if eds {
+            let cla = memo.endpoints(seed, &t, || Resource::from_message(t.name.clone(), &endpoints::load_assignment(snapshot, &t, scope)));
+            set.insert_shared(ResourceType::Endpoint, cla);
         }
-        set.insert(ResourceType::Cluster, Resource::from_message(t.name.clone(), &cluster));
+        set.insert_shared(ResourceType::Cluster, cluster);
     }
     for l in listeners {
         set.insert(ResourceType::Listener, Resource::from_message(l.name.clone(), &l));
     }
-    for rc in route_configs {
-        let (rc, virtual_hosts) = if scope.vhds { routes::over_vhds(rc) } else { (rc, Vec::new()) };
+    for routes in route_configs {
+        let rc = routes.configuration(scope.vhds);
         set.insert(ResourceType::Route, Resource::from_message(rc.name.clone(), &rc));
-        for vh in virtual_hosts {
-            set.insert(ResourceType::VirtualHost, Resource::from_message(vh.name.clone(), &vh));
+        if scope.vhds {
+            for vh in routes.virtual_host_resources() {
+                set.insert_shared(ResourceType::VirtualHost, vh);
+            }
         }
     }
     set

@@ -3,6 +3,7 @@
 
 use super::proto::{any, pb_duration};
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption, RuntimeFractionalPercent, header_value_option::HeaderAppendAction};
@@ -24,10 +25,12 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, s
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent::DenominatorType};
 use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 
+use super::memo::{Memo, VirtualHostKey};
 use super::{ClusterTarget, ProxyScope, ServiceView, names};
 use crate::model::MeshSnapshot;
 use crate::model::api::HttpMatcher;
 use crate::model::policy::{self, Actions, Fault};
+use crate::xds::resources::Resource;
 
 pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 pub const CORS_FILTER: &str = "envoy.filters.http.cors";
@@ -219,24 +222,16 @@ fn build_route(
     route
 }
 
-/// The routes of one virtual host: policy routes with request matchers first
-/// (oldest policy first), then the catch-all.
+/// The routes of one virtual host from its rule `groups`: policy routes with
+/// request matchers first (oldest policy first), then the catch-all.
 fn vhost_routes(
     snapshot: &MeshSnapshot,
     scope: &ProxyScope,
     view: &ServiceView<'_>,
     port: u16,
+    groups: Vec<(Vec<HttpMatcher>, Actions)>,
     targets: &mut BTreeMap<String, ClusterTarget>,
 ) -> Vec<Route> {
-    let rules = policy::rules_for(&snapshot.applied, &view.service.key);
-    // Rules for this client, merged per matcher list, in order of first appearance.
-    let mut groups: Vec<(Vec<HttpMatcher>, Actions)> = Vec::new();
-    for (_, r) in rules.iter().filter(|(_, r)| r.source.matches(&scope.namespace, &scope.labels)) {
-        match groups.iter_mut().find(|(m, _)| *m == r.matchers) {
-            Some((_, a)) => a.merge_from(&r.actions),
-            None => groups.push((r.matchers.clone(), r.actions.clone())),
-        }
-    }
     let (mut specific, catch_all): (Vec<_>, Vec<_>) = groups.into_iter().partition(|(m, _)| !m.is_empty());
     let default_actions = catch_all.into_iter().next().map(|(_, a)| a).unwrap_or_default();
     let mut routes = Vec::new();
@@ -292,7 +287,7 @@ pub fn tcp_destination(
     port: u16,
     targets: &mut BTreeMap<String, ClusterTarget>,
 ) -> tcp_proxy::ClusterSpecifier {
-    let rules = policy::rules_for(&snapshot.applied, &view.service.key);
+    let rules = snapshot.rules_for(&view.service.key);
     let shift = rules
         .iter()
         .filter(|(_, r)| r.matchers.is_empty() && r.source.matches(&scope.namespace, &scope.labels))
@@ -319,32 +314,103 @@ pub fn tcp_destination(
     }
 }
 
-/// `rc` for VHDS: the configuration without its virtual hosts, which Envoy
-/// subscribes to by the configuration's name (delta ADS), and each virtual
-/// host as a resource named `<configuration>/<virtual host>` (Envoy's naming
-/// convention; the name is the virtual host's own `name`, which Envoy keys it by).
-pub fn over_vhds(mut rc: RouteConfiguration) -> (RouteConfiguration, Vec<VirtualHost>) {
-    let mut virtual_hosts = std::mem::take(&mut rc.virtual_hosts);
-    for vh in &mut virtual_hosts {
-        vh.name = format!("{}/{}", rc.name, vh.name);
-    }
-    rc.vhds = Some(Vhds { config_source: Some(super::proto::ads_config_source()) });
-    (rc, virtual_hosts)
+/// One service port's virtual host as built for a client, with the
+/// clusters its routes use (shared by every scope that builds it alike; see `memo`).
+#[derive(Debug)]
+pub struct BuiltVirtualHost {
+    pub vhost: VirtualHost,
+    pub targets: Vec<ClusterTarget>,
+    /// Its VHDS resource, encoded the first time a delta ADS scope needs it.
+    vhds: std::sync::OnceLock<Arc<Resource>>,
 }
 
-/// Every HTTP port's RouteConfiguration (ports whose services speak HTTP or
-/// are detected), and the clusters their routes use; a captured sidecar's end
-/// with the virtual host for everything else (`unmatched`).
+impl BuiltVirtualHost {
+    pub fn new(vhost: VirtualHost, targets: Vec<ClusterTarget>) -> BuiltVirtualHost {
+        BuiltVirtualHost { vhost, targets, vhds: std::sync::OnceLock::new() }
+    }
+
+    /// The virtual host as a VHDS resource of route configuration `configuration`:
+    /// named `<configuration>/<virtual host>` (Envoy's naming convention; the
+    /// name is also the virtual host's own `name`, which Envoy keys it by).
+    pub fn vhds_resource(&self, configuration: &str) -> Arc<Resource> {
+        self.vhds.get_or_init(|| Arc::new(vhds_resource(configuration, self.vhost.clone()))).clone()
+    }
+}
+
+fn vhds_resource(configuration: &str, mut vh: VirtualHost) -> Resource {
+    vh.name = format!("{configuration}/{}", vh.name);
+    Resource::from_message(vh.name.clone(), &vh)
+}
+
+/// One HTTP port's routing: its services' virtual hosts (by name), and for
+/// a captured sidecar the last one, for everything else.
+pub struct PortRoutes {
+    pub port: u16,
+    pub hosts: Vec<Arc<BuiltVirtualHost>>,
+    pub unmatched: Option<Unmatched>,
+}
+
+impl PortRoutes {
+    pub fn name(&self) -> String {
+        names::route_config_name(self.port)
+    }
+
+    /// The port's RouteConfiguration: with every virtual host, or, over VHDS,
+    /// with none (Envoy subscribes to them by the configuration's name, delta ADS).
+    pub fn configuration(&self, vhds: bool) -> RouteConfiguration {
+        let mut rc = RouteConfiguration {
+            name: self.name(),
+            validate_clusters: Some(BoolValue { value: false }),
+            ignore_port_in_host_matching: true,
+            ..Default::default()
+        };
+        if vhds {
+            rc.vhds = Some(Vhds { config_source: Some(super::proto::ads_config_source()) });
+        } else {
+            rc.virtual_hosts = self.hosts.iter().map(|h| h.vhost.clone()).chain(self.unmatched.map(unmatched_vhost)).collect();
+        }
+        rc
+    }
+
+    /// Its virtual hosts as VHDS resources.
+    pub fn virtual_host_resources(&self) -> Vec<Arc<Resource>> {
+        let name = self.name();
+        let mut out: Vec<Arc<Resource>> = self.hosts.iter().map(|h| h.vhds_resource(&name)).collect();
+        out.extend(self.unmatched.map(|u| Arc::new(vhds_resource(&name, unmatched_vhost(u)))));
+        out
+    }
+}
+
+/// The merged policy rules that reach `view` on `port` from this client,
+/// per matcher list in order of first appearance.
+fn rule_groups(snapshot: &MeshSnapshot, scope: &ProxyScope, view: &ServiceView<'_>) -> Vec<(Vec<HttpMatcher>, Actions)> {
+    let rules = snapshot.rules_for(&view.service.key);
+    let mut groups: Vec<(Vec<HttpMatcher>, Actions)> = Vec::new();
+    for (_, r) in rules.iter().filter(|(_, r)| r.source.matches(&scope.namespace, &scope.labels)) {
+        match groups.iter_mut().find(|(m, _)| *m == r.matchers) {
+            Some((_, a)) => a.merge_from(&r.actions),
+            None => groups.push((r.matchers.clone(), r.actions.clone())),
+        }
+    }
+    groups
+}
+
+/// Every HTTP port's routes (ports whose services speak HTTP or are
+/// detected), and the clusters they use; a captured sidecar's end with the
+/// virtual host for everything else (`unmatched`). Virtual hosts come from
+/// `memo` when built alike before.
 pub fn route_configurations(
     snapshot: &MeshSnapshot,
     scope: &ProxyScope,
     views: &[ServiceView<'_>],
     unmatched: Option<Unmatched>,
-) -> (Vec<RouteConfiguration>, BTreeMap<String, ClusterTarget>) {
+    memo: &Memo<'_>,
+) -> (Vec<PortRoutes>, BTreeMap<String, ClusterTarget>) {
     let mut targets = BTreeMap::new();
-    let mut by_port: BTreeMap<u16, Vec<VirtualHost>> = BTreeMap::new();
+    let mut by_port: BTreeMap<u16, Vec<Arc<BuiltVirtualHost>>> = BTreeMap::new();
     let mut used: BTreeMap<u16, HashSet<String>> = BTreeMap::new();
     for v in views {
+        let mut groups = None;
         for p in v.service.ports.iter().filter(|p| p.protocol.has_http_routes()) {
             let used = used.entry(p.port).or_default();
             let cluster_ip = if v.service.key.cluster == scope.cluster { v.service.cluster_ip.as_deref() } else { None };
@@ -355,22 +421,32 @@ pub fn route_configurations(
             if domains.is_empty() {
                 continue;
             }
-            let routes = vhost_routes(snapshot, scope, v, p.port, &mut targets);
-            by_port.entry(p.port).or_default().push(VirtualHost { name: format!("{}:{}", v.host, p.port), domains, routes, ..Default::default() });
+            let groups = groups.get_or_insert_with(|| rule_groups(snapshot, scope, v));
+            let key = VirtualHostKey {
+                client_cluster: scope.cluster.clone(),
+                service: v.service.key.clone(),
+                host: v.host.clone(),
+                port: p.port,
+                domains,
+                rules: if groups.is_empty() { String::new() } else { serde_json::to_string(&*groups).unwrap_or_default() },
+            };
+            let built = memo.virtual_host(&key, || {
+                let mut used_targets = BTreeMap::new();
+                let routes = vhost_routes(snapshot, scope, v, p.port, groups.clone(), &mut used_targets);
+                let vhost = VirtualHost { name: format!("{}:{}", v.host, p.port), domains: key.domains.clone(), routes, ..Default::default() };
+                BuiltVirtualHost::new(vhost, used_targets.into_values().collect())
+            });
+            for t in &built.targets {
+                targets.entry(t.name.clone()).or_insert_with(|| t.clone());
+            }
+            by_port.entry(p.port).or_default().push(built);
         }
     }
     let configs = by_port
         .into_iter()
-        .map(|(port, mut vhosts)| {
-            vhosts.sort_by(|a, b| a.name.cmp(&b.name));
-            vhosts.extend(unmatched.map(unmatched_vhost));
-            RouteConfiguration {
-                name: names::route_config_name(port),
-                virtual_hosts: vhosts,
-                validate_clusters: Some(BoolValue { value: false }),
-                ignore_port_in_host_matching: true,
-                ..Default::default()
-            }
+        .map(|(port, mut hosts)| {
+            hosts.sort_by(|a, b| a.vhost.name.cmp(&b.vhost.name));
+            PortRoutes { port, hosts, unmatched }
         })
         .collect();
     (configs, targets)
