@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use dashmap::DashMap;
 
 use crate::ca::WorkloadCertificates;
-use crate::model::policy::{LastGood, PolicyState};
+use crate::model::policy::{AppliedPolicy, LastGood, PolicyState};
 use crate::model::{MeshInputs, MeshSnapshot, ServiceKey};
 use crate::translate::memo::{EndpointSeed, Memo, TranslationMemo};
 use crate::translate::{self, ProxyScope};
@@ -47,6 +47,16 @@ pub struct MeshResources {
     certs: Arc<WorkloadCertificates>,
     /// Whole-scope translations done so far (a cache miss or a full change).
     translations: std::sync::atomic::AtomicU64,
+    /// One update at a time: the sources' and those Envoy's rejections start.
+    updating: Mutex<()>,
+    /// The last update's inputs, applied again when Envoy rejects a policy's routes.
+    last_inputs: Mutex<Option<MeshInputs>>,
+    /// The policies the last config or full change added or changed: when
+    /// it is one, a rejection that names none is that one's.
+    last_changed: Mutex<Vec<Arc<AppliedPolicy>>>,
+    /// This provider, once shared ([`MeshResources::shared`]): a rejection's
+    /// update runs on a thread of its own, not on the stream that reported it.
+    me: std::sync::OnceLock<std::sync::Weak<MeshResources>>,
 }
 
 /// How two snapshots differ.
@@ -208,6 +218,26 @@ impl MeshResources {
             ready: AtomicBool::new(false),
             notifier,
             translations: Default::default(),
+            updating: Mutex::new(()),
+            last_inputs: Mutex::new(None),
+            last_changed: Mutex::new(Vec::new()),
+            me: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The provider behind an `Arc`, as the server holds it.
+    pub fn shared(self) -> Arc<MeshResources> {
+        let me = Arc::new(self);
+        let _ = me.me.set(Arc::downgrade(&me));
+        me
+    }
+
+    /// Applies the last inputs again (after a rejection changed what is accepted).
+    fn reapply(&self) {
+        let _one_at_a_time = self.updating.lock().expect("update lock");
+        let inputs = self.last_inputs.lock().expect("inputs lock").clone();
+        if let Some(inputs) = inputs {
+            self.apply(inputs);
         }
     }
 
@@ -246,6 +276,12 @@ impl MeshResources {
     /// Takes a new load from the sources: validates, swaps the snapshot, and
     /// tells the xDS server if anything a proxy sees may have changed.
     pub fn update(&self, inputs: MeshInputs) {
+        let _one_at_a_time = self.updating.lock().expect("update lock");
+        *self.last_inputs.lock().expect("inputs lock") = Some(inputs.clone());
+        self.apply(inputs);
+    }
+
+    fn apply(&self, inputs: MeshInputs) {
         let started = std::time::Instant::now();
         let snapshot = {
             let mut last_good = self.last_good.lock().expect("last-good lock");
@@ -268,12 +304,16 @@ impl MeshResources {
         // When only policies or Sidecars changed, the virtual hosts and
         // clusters they did not touch come from the memo, and endpoint
         // assignments from the cached sets, instead of being built again.
-        // (Updates run one at a time: this is the generation published below.)
+        // (Updates run one at a time, under `updating`: this is the generation published below.)
         let generation = old_generation + 1;
         let memo = match change {
             SnapshotChange::Full => Arc::new(TranslationMemo::default()),
             _ => old_memo,
         };
+        if change.retranslates() {
+            let changed = snapshot.applied.iter().filter(|p| !old.applied.contains(p)).cloned().collect();
+            *self.last_changed.lock().expect("changed policies lock") = changed;
+        }
         let retranslated = change.retranslates().then(|| {
             // Served scopes are kept with all their labels and narrowed to the
             // new snapshot's keys here: a policy or Sidecar that reads a new
@@ -396,6 +436,49 @@ impl ResourceProvider for MeshResources {
 
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// A route rejection is blamed on the policies whose regexes it names,
+    /// else on the one policy the last change added or changed (if it
+    /// changed one): that version becomes INVALID with Envoy's message, its
+    /// last accepted version (or nothing) serves again, for every proxy, and
+    /// the other policies are untouched. A rejection neither explains is
+    /// only reported.
+    fn on_rejected(&self, proxy: &ProxyNode, ty: ResourceType, message: &str) {
+        if !matches!(ty, ResourceType::Route | ResourceType::VirtualHost) {
+            return;
+        }
+        let snapshot = self.snapshot();
+        let mut culprits: Vec<Arc<AppliedPolicy>> = snapshot.applied.iter().filter(|p| p.named_in(message)).cloned().collect();
+        if culprits.is_empty() {
+            let last = self.last_changed.lock().expect("changed policies lock");
+            if let [only] = last.as_slice()
+                && snapshot.applied.contains(only)
+            {
+                culprits.push(only.clone());
+            }
+        }
+        if culprits.is_empty() {
+            tracing::warn!(proxy = %proxy.id, r#type = %ty, "the rejection names no policy and follows no single policy change: nothing rolled back");
+            return;
+        }
+        let rejected: Vec<String> = {
+            let mut last_good = self.last_good.lock().expect("last-good lock");
+            culprits.iter().filter(|p| last_good.reject(p, message)).map(|p| p.id.to_string()).collect()
+        };
+        if rejected.is_empty() {
+            return;
+        }
+        tracing::warn!(proxy = %proxy.id, policies = ?rejected, error = %message, "Envoy rejected these policies' routes: INVALID, their last accepted versions serve");
+        match self.me.get().and_then(std::sync::Weak::upgrade) {
+            Some(me) => {
+                let spawned = std::thread::Builder::new().name("policy-rollback".into()).spawn(move || me.reapply());
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start the rollback");
+                }
+            }
+            None => self.reapply(),
+        }
     }
 }
 

@@ -172,6 +172,39 @@ async fn seed_split(test: &str, delta: bool) {
     let proxies = mp.syncz().await;
     assert!(proxies.iter().all(|p| p.types.values().all(|t| t.last_error.is_none())), "no NACKs: {proxies:?}");
 
+    // 3b. A policy meshpilot accepts but Envoy refuses (a header value over
+    // the 16 KiB Envoy's proto rules allow, which meshpilot does not check):
+    // its NACK marks that policy INVALID with Envoy's message, the routes
+    // without it are sent again and ACKed, and the other policy keeps serving.
+    let regex_file = config.join("mesh/big-header-policy.yaml");
+    write_atomically(
+        &regex_file,
+        &format!(
+            "apiVersion: networking.zephyr.solo.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{namespace: service-mesh-hub, name: big-header}}\nspec:\n  destinationSelector: {{serviceRefs: {{services: [{{cluster: management-plane, name: reviews, namespace: default}}]}}}}\n  httpRequestMatchers: [{{prefix: /big}}]\n  headerManipulation: {{appendRequestHeaders: {{x-big: {}}}}}\n",
+            "a".repeat(17_000)
+        ),
+    );
+    let rejected = wait_for("Envoy's rejection to mark big-header INVALID", Duration::from_secs(30), || async {
+        let st = policyz(&mp).await["policies"]["service-mesh-hub/big-header"].clone();
+        (st["state"] == "INVALID").then_some(st)
+    })
+    .await;
+    let messages = rejected["messages"].to_string();
+    // (Envoy cuts its message at 4 KiB, and starts it with a dump of the resource: the reason may not arrive.)
+    assert!(messages.contains("Envoy rejected the routes generation 1 produces (NACK)"), "{messages}");
+    assert_eq!(policyz(&mp).await["policies"]["service-mesh-hub/simple"]["state"], "INVALID", "simple is as it was (its bad edit)");
+    // The routes without it are ACKed again: every type SYNCED, and the split is the one before.
+    wait_for("productpage to ACK the routes without big-header", Duration::from_secs(20), || async {
+        let status = mp.syncz().await.into_iter().find(|s| s.proxy == productpage.node_id)?;
+        status.types.values().all(|t| t.state == "SYNCED").then_some(())
+    })
+    .await;
+    let counts = sample(&pp_addr, "reviews:9080", 1000).await;
+    assert_split(&counts, &[(V1, 50.0), (V2, 50.0)]);
+    let counts = sample(&format!("{ratings_bind}:9080"), "reviews.default.svc.management-plane.global", 500).await;
+    assert_split(&counts, &[(V1, 50.0), (V2, 50.0)]);
+    std::fs::remove_file(&regex_file).unwrap();
+
     // 4. Delete the policy: reviews is the local service again, nothing goes to the remote cluster.
     std::fs::remove_file(&policy_file).unwrap();
     wait_new_routes(&mp, &productpage.node_id, &half_half).await;

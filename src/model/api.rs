@@ -468,7 +468,8 @@ pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
         && v.is_finite()
         && v >= 0.0
     {
-        return Some(std::time::Duration::from_secs_f64(v));
+        // (from_secs_f64 panics past u64 seconds: "1e30s" would have taken serve down.)
+        return std::time::Duration::try_from_secs_f64(v).ok();
     }
     humantime::parse_duration(t).ok()
 }

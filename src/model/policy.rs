@@ -193,11 +193,96 @@ pub struct AppliedPolicy {
     pub rules: Vec<ServiceRule>,
 }
 
-/// The last accepted version of each policy, kept across snapshots.
+impl AppliedPolicy {
+    /// The regular expressions it hands Envoy (path, header and query
+    /// matchers, CORS origins): what an RE2 rejection quotes.
+    pub fn regexes(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        for r in &self.rules {
+            for m in &r.matchers {
+                out.extend(m.regex.as_deref());
+                out.extend(m.headers.iter().filter(|h| h.regex).map(|h| h.value.as_str()));
+                out.extend(m.query_parameters.iter().filter(|q| q.regex).map(|q| q.value.as_str()));
+            }
+            if let Some(c) = &r.actions.cors_policy {
+                out.extend(c.policy.allow_origins.iter().filter_map(|o| o.regex.as_deref()));
+            }
+        }
+        out.retain(|re| !re.is_empty());
+        out
+    }
+
+    /// Whether Envoy's rejection `message` names one of its regexes: quotes
+    /// it whole, or ends with the piece RE2 refused (`…: invalid perl operator: (?x`).
+    pub fn named_in(&self, message: &str) -> bool {
+        let piece = message.rsplit(": ").next().unwrap_or("").trim();
+        self.regexes().iter().any(|re| (re.len() >= 4 && message.contains(re)) || (piece.len() >= 2 && re.contains(piece)))
+    }
+}
+
+/// The last accepted version of each policy, kept across snapshots, and the
+/// versions Envoy rejected after meshpilot had accepted them.
 #[derive(Debug, Default, Clone)]
 pub struct LastGood {
     accepted: HashMap<PolicyId, Arc<AppliedPolicy>>,
+    /// The version accepted before the current one (what a rejection falls back to).
+    previous: HashMap<PolicyId, Arc<AppliedPolicy>>,
+    /// Versions Envoy refused, with its message: INVALID until the policy changes.
+    rejected: HashMap<PolicyId, (Arc<AppliedPolicy>, String)>,
     pub(crate) sidecars: super::sidecar::LastGoodSidecars,
+}
+
+impl LastGood {
+    /// Envoy refused what `policy` (as applied) produced, saying `message`:
+    /// the version accepted before it serves again (or none), and `policy`
+    /// stays INVALID with that message until it changes. False if this
+    /// version was already rejected.
+    pub fn reject(&mut self, policy: &Arc<AppliedPolicy>, message: &str) -> bool {
+        if self.rejected.get(&policy.id).is_some_and(|(p, _)| p == policy) {
+            return false;
+        }
+        self.rejected.insert(policy.id.clone(), (policy.clone(), message.to_string()));
+        if self.accepted.get(&policy.id) == Some(policy) {
+            match self.previous.remove(&policy.id) {
+                Some(before) => self.accepted.insert(policy.id.clone(), before),
+                None => self.accepted.remove(&policy.id),
+            };
+        }
+        true
+    }
+
+    fn accept(&mut self, policy: &Arc<AppliedPolicy>) {
+        if let Some(old) = self.accepted.insert(policy.id.clone(), policy.clone())
+            && old != *policy
+        {
+            self.previous.insert(policy.id.clone(), old);
+        }
+    }
+}
+
+/// The message of a version Envoy rejected.
+fn rejected_by_envoy(generation: Option<i64>, message: &str) -> String {
+    let version = generation.map_or_else(|| "this version".to_string(), |g| format!("generation {g}"));
+    format!("Envoy rejected the routes {version} produces (NACK): {}", envoy_reason(message))
+}
+
+/// Envoy's reason, without its dump of the rejected resource: a proto
+/// validation message is `<resource dump>: Proto constraint validation
+/// failed (<reason>)`, cut at 4 KiB when it reaches the control plane, so a
+/// large resource's reason may be lost. At most 600 characters.
+pub fn envoy_reason(message: &str) -> String {
+    const MAX: usize = 600;
+    let reason = match message.find("Proto constraint validation failed") {
+        Some(i) => &message[i..],
+        None if message.starts_with("goo.gle/debugproto") => {
+            return "(Envoy sent its dump of the rejected resource, cut off before the reason; its log has the whole message)".into();
+        }
+        None => message,
+    };
+    match reason.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}…", &reason[..i]),
+        None => reason.to_string(),
+    }
 }
 
 /// Where a destination's traffic goes on a listener port (see [`ResolvedDestination::port`]).
@@ -213,8 +298,15 @@ pub fn destination_port(snapshot: &MeshSnapshot, service: &ServiceKey, explicit:
     }
 }
 
+/// The longest duration a protobuf `Duration` (so Envoy) takes: 10,000 years.
+const MAX_PROTOBUF_DURATION: Duration = Duration::from_secs(315_576_000_000);
+
 fn parse_min_duration(s: &str, field: &str, errors: &mut Vec<String>) -> Option<Duration> {
     match api::parse_duration(s) {
+        Some(d) if d > MAX_PROTOBUF_DURATION => {
+            errors.push(format!("{field}: {s:?} is longer than Envoy takes (315576000000s, 10,000 years)"));
+            None
+        }
         Some(d) if d >= Duration::from_millis(1) => Some(d),
         Some(_) => {
             errors.push(format!("{field}: {s:?} is shorter than 1ms"));
@@ -237,6 +329,60 @@ fn check_regex(re: &str, field: &str, errors: &mut Vec<String>) {
     if let Err(e) = regex::Regex::new(re) {
         let first = e.to_string().lines().last().unwrap_or_default().trim().to_string();
         errors.push(format!("{field}: {re:?} is not a valid regular expression ({first})"));
+        return;
+    }
+    for why in re2_refuses(re) {
+        errors.push(format!("{field}: {re:?} is not RE2 syntax, which Envoy requires ({why})"));
+    }
+}
+
+/// What Envoy's RE2 refuses in a pattern Rust's `regex` accepts: flags
+/// other than `i`, `m`, `s`, `U`; class set operations (`&&`, `--`, `~~`);
+/// counted repetition over 1000. (RE2 may still refuse a pattern for its
+/// size; Envoy's rejection then rolls the policy back, see `LastGood::reject`.)
+fn re2_refuses(re: &str) -> Vec<String> {
+    use regex_syntax::ast::{self, Ast, FlagsItemKind, GroupKind, RepetitionKind, RepetitionRange};
+    struct Re2(Vec<String>);
+    impl ast::Visitor for Re2 {
+        type Output = Vec<String>;
+        type Err = ();
+        fn finish(self) -> Result<Vec<String>, ()> {
+            Ok(self.0)
+        }
+        fn visit_pre(&mut self, ast: &Ast) -> Result<(), ()> {
+            let flags = match ast {
+                Ast::Flags(f) => Some(&f.flags),
+                Ast::Group(g) => match &g.kind {
+                    GroupKind::NonCapturing(f) => Some(f),
+                    _ => None,
+                },
+                _ => None,
+            };
+            for item in flags.into_iter().flat_map(|f| f.items.iter()) {
+                if let FlagsItemKind::Flag(flag) = &item.kind
+                    && !matches!(flag, ast::Flag::CaseInsensitive | ast::Flag::MultiLine | ast::Flag::DotMatchesNewLine | ast::Flag::SwapGreed)
+                {
+                    self.0.push(format!("RE2 has no {flag:?} flag"));
+                }
+            }
+            if let Ast::Repetition(r) = ast
+                && let RepetitionKind::Range(range) = &r.op.kind
+            {
+                let (RepetitionRange::Exactly(n) | RepetitionRange::AtLeast(n) | RepetitionRange::Bounded(_, n)) = *range;
+                if n > 1000 {
+                    self.0.push(format!("RE2 repeats at most 1000 times, not {n}"));
+                }
+            }
+            Ok(())
+        }
+        fn visit_class_set_binary_op_pre(&mut self, _op: &ast::ClassSetBinaryOp) -> Result<(), ()> {
+            self.0.push("RE2 has no class set operations (&&, --, ~~)".into());
+            Ok(())
+        }
+    }
+    match ast::parse::Parser::new().parse(re) {
+        Ok(parsed) => ast::visit(&parsed, Re2(Vec::new())).unwrap_or_default(),
+        Err(_) => Vec::new(),
     }
 }
 
@@ -637,10 +783,12 @@ pub fn resolve(
     for p in order {
         let id = p.id();
         let (candidate, mut messages, mut state) = match validate(snapshot, p) {
-            Ok(a) => {
-                let a = Arc::new(a);
-                (Some(a), Vec::new(), PolicyState::Accepted)
-            }
+            Ok(a) => match last_good.rejected.get(&id) {
+                Some((bad, message)) if **bad == a => {
+                    (last_good.accepted.get(&id).cloned(), vec![rejected_by_envoy(a.generation, message)], PolicyState::Invalid)
+                }
+                _ => (Some(Arc::new(a)), Vec::new(), PolicyState::Accepted),
+            },
             Err(errors) => (last_good.accepted.get(&id).cloned(), errors, PolicyState::Invalid),
         };
         let mut serving = None;
@@ -651,7 +799,8 @@ pub fn resolve(
             if clashes.is_empty() {
                 serving = Some(c.generation);
                 if state == PolicyState::Accepted {
-                    last_good.accepted.insert(id.clone(), c.clone());
+                    last_good.accept(&c);
+                    last_good.rejected.remove(&id);
                 } else {
                     messages.push(last_accepted_keeps_serving(c.generation));
                 }
@@ -675,6 +824,8 @@ pub fn resolve(
     }
     // Forget deleted policies.
     last_good.accepted.retain(|id, _| status.contains_key(id));
+    last_good.previous.retain(|id, _| status.contains_key(id));
+    last_good.rejected.retain(|id, _| status.contains_key(id));
     (applied, status)
 }
 
@@ -735,6 +886,54 @@ mod tests {
 
     fn shift(dests: &str) -> String {
         format!("{SEL}trafficShift: {{destinations: [{dests}]}}")
+    }
+
+    #[test]
+    fn a_version_envoy_rejects_is_invalid_with_its_message_and_the_one_before_serves_until_it_changes() {
+        let mut last_good = LastGood::default();
+        let good = policy("p", 1, &format!("{SEL}httpRequestMatchers: [{{prefix: /a}}]\nrequestTimeout: 1s"));
+        build(vec![good.clone()], &mut last_good);
+        let re = "^/(alpha|bravo)+$";
+        let bad =
+            PolicyObject { generation: Some(2), ..policy("p", 1, &format!("{SEL}httpRequestMatchers: [{{regex: '{re}'}}]\nrequestTimeout: 1s")) };
+        let s = build(vec![bad.clone()], &mut last_good);
+        assert_eq!(status(&s, "p").state, PolicyState::Accepted, "meshpilot cannot tell");
+        let applied = s.applied[0].clone();
+        let message = format!("regex '{re}' RE2 program size of 120 > max program size of 100 set for the error level threshold");
+        assert!(applied.named_in(&message) && !applied.named_in("some other rejection: of this"));
+        assert!(applied.named_in("invalid regex: missing argument to repetition operator: +$"), "RE2's refused piece");
+        assert!(last_good.reject(&applied, &message) && !last_good.reject(&applied, &message), "once per version");
+        let s = build(vec![bad.clone()], &mut last_good);
+        let st = status(&s, "p");
+        assert_eq!(st.state, PolicyState::Invalid);
+        assert!(
+            st.messages[0].contains("Envoy rejected the routes generation 2 produces (NACK): regex '^/(alpha|bravo)+$' RE2 program size"),
+            "{:?}",
+            st.messages
+        );
+        assert!(st.messages.iter().any(|m| m.contains("generation 1")), "the one before serves: {:?}", st.messages);
+        assert_eq!(s.applied[0].generation, Some(1));
+        assert_eq!(s.applied[0].rules[0].matchers[0].prefix.as_deref(), Some("/a"));
+        let dump = format!("goo.gle/debugproto name: \"9080\" {}...(truncated)", "x".repeat(5000));
+        assert!(envoy_reason(&dump).starts_with("(Envoy sent its dump of the rejected resource"));
+        let reason = envoy_reason(
+            "name: \"9080\": Proto constraint validation failed (HeaderValueValidationError.Value: value length must be at most 16384 bytes)",
+        );
+        assert_eq!(reason, "Proto constraint validation failed (HeaderValueValidationError.Value: value length must be at most 16384 bytes)");
+        assert_eq!(envoy_reason(&"y".repeat(700)).chars().count(), 601);
+        // A new version is tried again.
+        let fixed =
+            PolicyObject { generation: Some(3), ..policy("p", 1, &format!("{SEL}httpRequestMatchers: [{{prefix: /b}}]\nrequestTimeout: 1s")) };
+        let s = build(vec![fixed], &mut last_good);
+        assert_eq!(status(&s, "p").state, PolicyState::Accepted);
+        assert_eq!(s.applied[0].generation, Some(3));
+        // A new policy Envoy rejects serves nothing.
+        let mut fresh = LastGood::default();
+        let s = build(vec![bad.clone()], &mut fresh);
+        fresh.reject(&s.applied[0], &message);
+        let s = build(vec![bad], &mut fresh);
+        assert_eq!(status(&s, "p").state, PolicyState::Invalid);
+        assert!(s.applied.is_empty());
     }
 
     #[test]
@@ -807,6 +1006,20 @@ mod tests {
                 format!("{SEL}httpRequestMatchers: [{{regex: '(unclosed'}}]\nrequestTimeout: 1s"),
                 "spec.httpRequestMatchers[0].regex: \"(unclosed\" is not a valid regular expression",
             ),
+            (
+                format!("{SEL}httpRequestMatchers: [{{regex: '(?x)/api  /v1'}}]\nrequestTimeout: 1s"),
+                "spec.httpRequestMatchers[0].regex: \"(?x)/api  /v1\" is not RE2 syntax, which Envoy requires (RE2 has no IgnoreWhitespace flag)",
+            ),
+            (
+                format!("{SEL}httpRequestMatchers: [{{headers: [{{name: x, value: '[a-z&&[^aeiou]]', regex: true}}]}}]\nrequestTimeout: 1s"),
+                "spec.httpRequestMatchers[0].headers[0].value: \"[a-z&&[^aeiou]]\" is not RE2 syntax, which Envoy requires (RE2 has no class set operations",
+            ),
+            (
+                format!("{SEL}httpRequestMatchers: [{{regex: '/a{{1001}}'}}]\nrequestTimeout: 1s"),
+                "spec.httpRequestMatchers[0].regex: \"/a{1001}\" is not RE2 syntax, which Envoy requires (RE2 repeats at most 1000 times, not 1001)",
+            ),
+            (format!("{SEL}requestTimeout: 400000000000s"), "spec.requestTimeout: \"400000000000s\" is longer than Envoy takes"),
+            (format!("{SEL}requestTimeout: 1e30s"), "spec.requestTimeout: \"1e30s\" is not a duration"),
             (
                 format!("{SEL}httpRequestMatchers: [{{method: {{method: FETCH}}}}]\nrequestTimeout: 1s"),
                 "spec.httpRequestMatchers[0].method.method: \"FETCH\" is not one of",

@@ -6,7 +6,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::node::ProxyNode;
-use super::resources::ResourceSet;
+use super::resources::{ResourceSet, ResourceType};
 
 /// The source of every proxy's resources. The xDS server asks it on every
 /// request and push, so implementations cache per proxy scope.
@@ -16,6 +16,11 @@ pub trait ResourceProvider: Send + Sync + 'static {
 
     /// True once every source behind the provider has loaded once.
     fn is_ready(&self) -> bool;
+
+    /// `proxy` rejected (NACKed) the resources of `ty` it was last sent,
+    /// saying `message`. A provider that knows which input produced them
+    /// may stop serving that input.
+    fn on_rejected(&self, _proxy: &ProxyNode, _ty: ResourceType, _message: &str) {}
 }
 
 /// A handle sources use to say "config changed"; the debouncer turns bursts

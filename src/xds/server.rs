@@ -219,6 +219,7 @@ fn record_events(inner: &Inner, node: &ProxyNode, events: &[StreamEvent]) {
             StreamEvent::Nacked { ty, message } => {
                 inner.metrics.rejects.get_or_create(&TypeLabel::new(ty.short_name())).inc();
                 tracing::warn!(proxy = %node.id, r#type = %ty, error = %message, "proxy rejected config (NACK)");
+                inner.provider.on_rejected(node, *ty, message);
             }
             StreamEvent::StaleNonce { ty, nonce } => {
                 inner.metrics.expired_nonces.get_or_create(&TypeLabel::new(ty.short_name())).inc();
