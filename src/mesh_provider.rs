@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use dashmap::DashMap;
 
 use crate::ca::WorkloadCertificates;
+use crate::model::diff::{SnapshotChange, changed_workload_addresses, classify_change};
 use crate::model::policy::{AppliedPolicy, LastGood, PolicyState};
 use crate::model::{MeshInputs, MeshSnapshot, ServiceKey};
 use crate::translate::memo::{EndpointSeed, Memo, TranslationMemo};
@@ -59,26 +60,6 @@ pub struct MeshResources {
     me: std::sync::OnceLock<std::sync::Weak<MeshResources>>,
 }
 
-/// How two snapshots differ.
-#[derive(Debug, PartialEq, Eq)]
-pub enum SnapshotChange {
-    None,
-    /// Only these services' endpoints changed.
-    Endpoints(BTreeSet<ServiceKey>),
-    /// Policies or Sidecars changed (and these services' endpoints); the
-    /// services, networks and meshes did not: every scope is translated
-    /// again, from the pieces built for the last snapshot where they still apply.
-    Config(BTreeSet<ServiceKey>),
-    Full,
-}
-
-impl SnapshotChange {
-    /// Whether every scope is translated again.
-    pub fn retranslates(&self) -> bool {
-        matches!(self, SnapshotChange::Config(_) | SnapshotChange::Full)
-    }
-}
-
 /// The scope a connected proxy's node describes (before it is resolved against a snapshot).
 pub fn scope_of(node: &ProxyNode) -> ProxyScope {
     ProxyScope {
@@ -95,55 +76,6 @@ pub fn scope_of(node: &ProxyNode) -> ProxyScope {
         served: std::collections::BTreeMap::new(),
         vhds: node.delta_ads,
     }
-}
-
-/// Compares what translation reads.
-pub fn classify_change(old: &MeshSnapshot, new: &MeshSnapshot) -> SnapshotChange {
-    if old.mesh_peers != new.mesh_peers || old.trust != new.trust || old.gateways != new.gateways || old.clusters.len() != new.clusters.len() {
-        return SnapshotChange::Full;
-    }
-    let config = old.applied != new.applied || old.sidecars != new.sidecars || old.policy_status != new.policy_status;
-    let mut changed = BTreeSet::new();
-    for (name, o) in &old.clusters {
-        let Some(n) = new.clusters.get(name) else { return SnapshotChange::Full };
-        if Arc::ptr_eq(o, n) {
-            // The source kept this cluster's state: nothing in it changed.
-            continue;
-        }
-        if o.services != n.services || o.network != n.network {
-            return SnapshotChange::Full;
-        }
-        let keys: BTreeSet<&(String, String)> = o.endpoints.keys().chain(n.endpoints.keys()).collect();
-        for k in keys {
-            if o.endpoints.get(k) != n.endpoints.get(k) {
-                // A headless service's pods are listeners of their own (`<pod IP>_<port>`), not only EDS.
-                if n.services.get(k).is_some_and(|s| s.headless) {
-                    return SnapshotChange::Full;
-                }
-                changed.insert(ServiceKey::new(name, &k.0, &k.1));
-            }
-        }
-    }
-    match (config, changed.is_empty()) {
-        (true, _) => SnapshotChange::Config(changed),
-        (false, true) => SnapshotChange::None,
-        (false, false) => SnapshotChange::Endpoints(changed),
-    }
-}
-
-/// The addresses of the endpoints of `changed` services that differ between
-/// `old` and `new` (added, removed, or changed in ports, labels or
-/// readiness): a proxy at one of them serves other ports now, so its inbound
-/// side changes too, not only EDS.
-pub fn changed_workload_addresses(old: &MeshSnapshot, new: &MeshSnapshot, changed: &BTreeSet<ServiceKey>) -> std::collections::HashSet<String> {
-    let mut out = std::collections::HashSet::new();
-    for key in changed {
-        let (before, after) = (old.endpoints(key), new.endpoints(key));
-        for e in before.iter().filter(|e| !after.contains(e)).chain(after.iter().filter(|e| !before.contains(e))) {
-            out.insert(e.address.clone());
-        }
-    }
-    out
 }
 
 /// Endpoint resources already built during one update, shared by every scope

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod crd;
 pub mod describe;
+pub mod diff;
 pub mod k8s;
 pub mod policy;
 pub mod protocol;
