@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use dashmap::DashMap;
 
 use crate::ca::WorkloadCertificates;
-use crate::model::diff::{SnapshotChange, changed_workload_addresses, classify_change};
+use crate::model::diff::{SnapshotChange, changed_workload_addresses, classify_change, services_with_changed_rules};
 use crate::model::policy::{AppliedPolicy, LastGood, PolicyState};
 use crate::model::{MeshInputs, MeshSnapshot, ServiceKey};
-use crate::translate::memo::{EndpointSeed, Memo, TranslationMemo};
+use crate::translate::memo::{EndpointSeed, Memo, TranslationMemo, VirtualHostKey};
 use crate::translate::{self, ProxyScope};
 use crate::xds::node::ProxyNode;
 use crate::xds::provider::{ChangeNotifier, ResourceProvider};
@@ -48,6 +48,8 @@ pub struct MeshResources {
     certs: Arc<WorkloadCertificates>,
     /// Whole-scope translations done so far (a cache miss or a full change).
     translations: std::sync::atomic::AtomicU64,
+    /// Scopes a policy change patched instead (`translate::patch`).
+    patches: std::sync::atomic::AtomicU64,
     /// One update at a time: the sources' and those Envoy's rejections start.
     updating: Mutex<()>,
     /// The last update's inputs, applied again when Envoy rejects a policy's routes.
@@ -76,6 +78,18 @@ pub fn scope_of(node: &ProxyNode) -> ProxyScope {
         served: std::collections::BTreeMap::new(),
         vhds: node.delta_ads,
     }
+}
+
+/// A scope's new set, and, when it was patched, the memo's virtual hosts the patch replaced.
+type ScopeSet = (Arc<ResourceSet>, Option<Vec<VirtualHostKey>>);
+
+/// What a patch of the served scopes' sets starts from: the snapshot and
+/// generation they were translated from, and the services whose rules changed.
+#[derive(Clone, Copy)]
+struct Patch<'a> {
+    old: &'a MeshSnapshot,
+    generation: u64,
+    changed: &'a BTreeSet<ServiceKey>,
 }
 
 /// Endpoint resources already built during one update, shared by every scope
@@ -150,6 +164,7 @@ impl MeshResources {
             ready: AtomicBool::new(false),
             notifier,
             translations: Default::default(),
+            patches: Default::default(),
             updating: Mutex::new(()),
             last_inputs: Mutex::new(None),
             last_changed: Mutex::new(Vec::new()),
@@ -257,10 +272,18 @@ impl MeshResources {
                 SnapshotChange::Config(changed) => Some(self.endpoint_seed((old_generation, &old), changed)),
                 _ => None,
             };
-            let sets = self.translate_scopes(&snapshot, &scopes, &Memo { endpoints: seed.as_ref(), ..Memo::of(&memo, generation) });
-            // What this change replaced (an old weight's virtual host) goes.
-            memo.sweep(generation);
-            sets
+            // Only some services' rules changed (no Sidecar, selector or
+            // endpoint did): a delta ADS scope's set is patched, not walked.
+            let patchable = match &change {
+                SnapshotChange::Config(endpoints)
+                    if endpoints.is_empty() && old.sidecars == snapshot.sidecars && old.source_labels == snapshot.source_labels =>
+                {
+                    Some(services_with_changed_rules(&old, &snapshot))
+                }
+                _ => None,
+            };
+            let patch = patchable.as_ref().map(|changed| Patch { old: &old, generation: old_generation, changed });
+            self.translate_scopes(&snapshot, &scopes, &Memo { endpoints: seed.as_ref(), ..Memo::of(&memo, generation) }, patch)
         });
         // An endpoint change patches the cached sets, also before publishing.
         let patched: Vec<(ProxyScope, Arc<ResourceSet>)> = match &change {
@@ -482,23 +505,68 @@ impl MeshResources {
     }
 
     /// Translates `scopes` on as many threads as there are cores.
-    fn translate_scopes(&self, snapshot: &MeshSnapshot, scopes: &[ProxyScope], memo: &Memo<'_>) -> Vec<(ProxyScope, Arc<ResourceSet>)> {
+    /// A served scope's set, patched when `patch` allows and the cache holds
+    /// its set of that generation (with the virtual hosts the patch replaced).
+    fn patched_or_built(
+        &self,
+        snapshot: &MeshSnapshot,
+        scope: &ProxyScope,
+        memo: &Memo<'_>,
+        patch: Option<Patch<'_>>,
+    ) -> ScopeSet {
+        let cached = patch.and_then(|p| self.cache.get(scope).filter(|e| e.0 == p.generation).map(|e| (p, e.1.clone())));
+        if let Some((p, set)) = cached
+            && let Some(mut patched) = translate::patch::patch_routes((p.old, snapshot), scope, &set, p.changed, memo)
+        {
+            self.patches.fetch_add(1, Ordering::Relaxed);
+            self.interner.share_types(&mut patched.set, &[ResourceType::Cluster, ResourceType::Endpoint, ResourceType::VirtualHost]);
+            return (Arc::new(patched.set), Some(patched.replaced));
+        }
+        (self.build_set(snapshot, scope, memo), None)
+    }
+
+    /// Translates (or patches) `scopes` on as many threads as there are cores.
+    /// Afterwards the memo forgets what patches replaced, and, when every
+    /// scope was translated whole, whatever none of them used.
+    fn translate_scopes(
+        &self,
+        snapshot: &MeshSnapshot,
+        scopes: &[ProxyScope],
+        memo: &Memo<'_>,
+        patch: Option<Patch<'_>>,
+    ) -> Vec<(ProxyScope, Arc<ResourceSet>)> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(scopes.len());
         let next = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|s| {
+        let done: Vec<(ProxyScope, ScopeSet)> = std::thread::scope(|s| {
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
                     s.spawn(|| {
                         let mut out = Vec::new();
                         while let Some(scope) = scopes.get(next.fetch_add(1, Ordering::Relaxed)) {
-                            out.push((scope.clone(), self.build_set(snapshot, scope, memo)));
+                            out.push((scope.clone(), self.patched_or_built(snapshot, scope, memo, patch)));
                         }
                         out
                     })
                 })
                 .collect();
             workers.into_iter().flat_map(|w| w.join().expect("translation thread")).collect()
-        })
+        });
+        let mut patched = false;
+        let sets = done
+            .into_iter()
+            .map(|(scope, (set, replaced))| {
+                if let Some(replaced) = replaced {
+                    patched = true;
+                    memo.forget_virtual_hosts(&replaced);
+                }
+                (scope, set)
+            })
+            .collect();
+        // (A patched set's unchanged pieces were not looked up: a sweep now would drop them.)
+        if !patched && let Some(m) = memo.memo {
+            m.sweep(memo.generation);
+        }
+        sets
     }
 
     fn translate_once(
@@ -824,7 +892,7 @@ mod tests {
         let after = memo.built().read();
         let (hosts, clusters, endpoints) = (after.0 - before.0, after.1 - before.1, after.2 - before.2);
         let fresh = MeshResources::new(ChangeNotifier::channel().0);
-        fresh.update(inputs);
+        fresh.update(inputs.clone());
         // Per scope: the shifted service's virtual host; the assignments of
         // the changed endpoints and of subsets (built again: a subset's name
         // does not name its labels); nothing else.
@@ -844,12 +912,31 @@ mod tests {
         assert!(endpoints as usize <= at_most, "{endpoints} endpoint assignments built, {at_most} expected at most");
         let whole: usize = proxies.iter().map(|p| fresh.resources_for(p).of_type(ResourceType::Endpoint).len()).sum();
         assert!(endpoints as usize * 10 < whole, "{endpoints} of {whole} assignments built");
-        for p in &proxies {
-            let (incremental, whole) = (mesh.resources_for(p), fresh.resources_for(p));
-            for ty in ResourceType::PUSH_ORDER.into_iter().filter(|t| *t != ResourceType::Secret) {
-                assert_eq!(incremental.of_type(ty), whole.of_type(ty), "{} {}: {ty}", p.cluster, p.id);
+        let same_as_fresh = |mesh: &MeshResources, fresh: &MeshResources| {
+            for p in &proxies {
+                let (incremental, whole) = (mesh.resources_for(p), fresh.resources_for(p));
+                for ty in ResourceType::PUSH_ORDER.into_iter().filter(|t| *t != ResourceType::Secret) {
+                    assert_eq!(incremental.of_type(ty), whole.of_type(ty), "{} {}: {ty}", p.cluster, p.id);
+                }
             }
-        }
+        };
+        same_as_fresh(&mesh, &fresh);
+
+        // Policies alone: a weight, and another policy's subset (its old
+        // subset's cluster goes, the new one comes). The delta ADS scopes are
+        // patched, not walked, and still get what a fresh provider gives.
+        let patches = mesh.patches.load(Ordering::Relaxed);
+        inputs.traffic_policies[0].spec.traffic_shift.as_mut().unwrap().destinations[0].weight = 30;
+        inputs.traffic_policies[3].spec.traffic_shift.as_mut().unwrap().destinations[0].subset = [("version".to_string(), "v2".to_string())].into();
+        mesh.update(inputs.clone());
+        let delta_scopes: BTreeSet<ProxyScope> = proxies.iter().filter(|p| p.delta_ads).map(|p| scope_of(p).resolved(&mesh.snapshot())).collect();
+        assert_eq!(mesh.patches.load(Ordering::Relaxed) - patches, delta_scopes.len() as u64, "every delta ADS scope patched");
+        let fresh = MeshResources::new(ChangeNotifier::channel().0);
+        fresh.update(inputs);
+        same_as_fresh(&mesh, &fresh);
+        let moved = proxies.iter().filter(|p| p.delta_ads).map(|p| mesh.resources_for(p));
+        let subset = |set: &ResourceSet, v: &str| set.of_type(ResourceType::Cluster).keys().any(|n| n.contains(&format!("|version-{v}|svc-00003.")));
+        assert!(moved.into_iter().all(|set| subset(&set, "v2") && !subset(&set, "v1")), "the subset moved in the patched sets");
     }
 
     #[test]

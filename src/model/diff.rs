@@ -74,3 +74,8 @@ pub fn changed_workload_addresses(old: &MeshSnapshot, new: &MeshSnapshot, change
     }
     out
 }
+
+/// The services whose effective rules differ between `old` and `new`.
+pub fn services_with_changed_rules(old: &MeshSnapshot, new: &MeshSnapshot) -> BTreeSet<ServiceKey> {
+    old.ruled_services.iter().chain(new.ruled_services.iter()).filter(|k| old.rules_for(k) != new.rules_for(k)).cloned().collect()
+}

@@ -138,6 +138,22 @@ impl Memo<'_> {
         })
     }
 
+    /// A virtual host built before, if the memo has it (marked used).
+    pub fn built_virtual_host(&self, key: &VirtualHostKey) -> Option<Arc<BuiltVirtualHost>> {
+        let e = self.memo?.virtual_hosts.get(key)?;
+        e.1.fetch_max(self.generation, Ordering::Relaxed);
+        Some(e.0.clone())
+    }
+
+    /// Drops what a patch replaced (an old weight's virtual host).
+    pub fn forget_virtual_hosts(&self, keys: &[VirtualHostKey]) {
+        if let Some(m) = self.memo {
+            for k in keys {
+                m.virtual_hosts.remove(k);
+            }
+        }
+    }
+
     pub fn cluster(&self, key: &ClusterKey, build: impl FnOnce() -> BuiltCluster) -> BuiltCluster {
         find_or_build(self.memo.map(|m| &m.clusters), self.generation, key, || {
             self.count(|c| &c.clusters);

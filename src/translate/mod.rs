@@ -29,6 +29,7 @@ pub mod listeners;
 pub mod memo;
 pub mod names;
 pub mod outbound;
+pub mod patch;
 pub mod proto;
 pub mod routes;
 pub mod tls;
@@ -318,17 +319,7 @@ pub fn translate_with(snapshot: &MeshSnapshot, scope: &ProxyScope, memo: &memo::
     let outliers = outlier_by_service(snapshot);
     let seed = memo.endpoint_seed(&scope.cluster, client_network(snapshot, scope));
     for t in targets.into_values() {
-        let key = memo::ClusterKey { client_cluster: scope.cluster.clone(), captured, outlier: outliers.get(&t.service).cloned(), target: t };
-        let (cluster, eds) = memo.cluster(&key, || {
-            let cluster = target_cluster(snapshot, scope, &key.target, &outliers);
-            (std::sync::Arc::new(Resource::from_message(key.target.name.clone(), &cluster)), cluster.eds_cluster_config.is_some())
-        });
-        let t = key.target;
-        if eds {
-            let cla = memo.endpoints(seed, &t, || Resource::from_message(t.name.clone(), &endpoints::load_assignment(snapshot, &t, scope)));
-            set.insert_shared(ResourceType::Endpoint, cla);
-        }
-        set.insert_shared(ResourceType::Cluster, cluster);
+        insert_target(&mut set, snapshot, scope, t, &outliers, (memo, seed));
     }
     for l in listeners {
         set.insert(ResourceType::Listener, Resource::from_message(l.name.clone(), &l));
@@ -343,6 +334,29 @@ pub fn translate_with(snapshot: &MeshSnapshot, scope: &ProxyScope, memo: &memo::
         }
     }
     set
+}
+
+/// Adds target `t`'s Envoy cluster, and its endpoint assignment when it reads EDS.
+fn insert_target(
+    set: &mut ResourceSet,
+    snapshot: &MeshSnapshot,
+    scope: &ProxyScope,
+    t: ClusterTarget,
+    outliers: &BTreeMap<ServiceKey, Outlier>,
+    (memo, seed): (&memo::Memo<'_>, Option<&std::collections::HashMap<String, std::sync::Arc<Resource>>>),
+) {
+    let captured = scope.interception.captured();
+    let key = memo::ClusterKey { client_cluster: scope.cluster.clone(), captured, outlier: outliers.get(&t.service).cloned(), target: t };
+    let (cluster, eds) = memo.cluster(&key, || {
+        let cluster = target_cluster(snapshot, scope, &key.target, outliers);
+        (std::sync::Arc::new(Resource::from_message(key.target.name.clone(), &cluster)), cluster.eds_cluster_config.is_some())
+    });
+    let t = key.target;
+    if eds {
+        let cla = memo.endpoints(seed, &t, || Resource::from_message(t.name.clone(), &endpoints::load_assignment(snapshot, &t, scope)));
+        set.insert_shared(ResourceType::Endpoint, cla);
+    }
+    set.insert_shared(ResourceType::Cluster, cluster);
 }
 
 /// Parses a cluster name this module produced back into its target, for a proxy in `client_cluster`.

@@ -383,7 +383,7 @@ impl PortRoutes {
 
 /// The merged policy rules that reach `view` on `port` from this client,
 /// per matcher list in order of first appearance.
-fn rule_groups(snapshot: &MeshSnapshot, scope: &ProxyScope, view: &ServiceView<'_>) -> Vec<(Vec<HttpMatcher>, Actions)> {
+pub fn rule_groups(snapshot: &MeshSnapshot, scope: &ProxyScope, view: &ServiceView<'_>) -> Vec<(Vec<HttpMatcher>, Actions)> {
     let rules = snapshot.rules_for(&view.service.key);
     let mut groups: Vec<(Vec<HttpMatcher>, Actions)> = Vec::new();
     for (_, r) in rules.iter().filter(|(_, r)| r.source.matches(&scope.namespace, &scope.labels)) {
@@ -393,6 +393,43 @@ fn rule_groups(snapshot: &MeshSnapshot, scope: &ProxyScope, view: &ServiceView<'
         }
     }
     groups
+}
+
+/// The memo's key for `view`'s virtual host on `port` answering `domains`, reached by rule `groups`.
+pub fn virtual_host_key(
+    scope: &ProxyScope,
+    view: &ServiceView<'_>,
+    port: u16,
+    domains: Vec<String>,
+    groups: &[(Vec<HttpMatcher>, Actions)],
+) -> VirtualHostKey {
+    VirtualHostKey {
+        client_cluster: scope.cluster.clone(),
+        service: view.service.key.clone(),
+        host: view.host.clone(),
+        port,
+        domains,
+        rules: if groups.is_empty() { String::new() } else { serde_json::to_string(groups).unwrap_or_default() },
+    }
+}
+
+/// `view`'s virtual host on `port` for this client: from `memo` when built alike before.
+pub fn virtual_host(
+    snapshot: &MeshSnapshot,
+    scope: &ProxyScope,
+    view: &ServiceView<'_>,
+    port: u16,
+    domains: Vec<String>,
+    groups: &[(Vec<HttpMatcher>, Actions)],
+    memo: &Memo<'_>,
+) -> Arc<BuiltVirtualHost> {
+    let key = virtual_host_key(scope, view, port, domains, groups);
+    memo.virtual_host(&key, || {
+        let mut used_targets = BTreeMap::new();
+        let routes = vhost_routes(snapshot, scope, view, port, groups.to_vec(), &mut used_targets);
+        let vhost = VirtualHost { name: format!("{}:{}", view.host, port), domains: key.domains.clone(), routes, ..Default::default() };
+        BuiltVirtualHost::new(vhost, used_targets.into_values().collect())
+    })
 }
 
 /// Every HTTP port's routes (ports whose services speak HTTP or are
@@ -422,20 +459,7 @@ pub fn route_configurations(
                 continue;
             }
             let groups = groups.get_or_insert_with(|| rule_groups(snapshot, scope, v));
-            let key = VirtualHostKey {
-                client_cluster: scope.cluster.clone(),
-                service: v.service.key.clone(),
-                host: v.host.clone(),
-                port: p.port,
-                domains,
-                rules: if groups.is_empty() { String::new() } else { serde_json::to_string(&*groups).unwrap_or_default() },
-            };
-            let built = memo.virtual_host(&key, || {
-                let mut used_targets = BTreeMap::new();
-                let routes = vhost_routes(snapshot, scope, v, p.port, groups.clone(), &mut used_targets);
-                let vhost = VirtualHost { name: format!("{}:{}", v.host, p.port), domains: key.domains.clone(), routes, ..Default::default() };
-                BuiltVirtualHost::new(vhost, used_targets.into_values().collect())
-            });
+            let built = virtual_host(snapshot, scope, v, p.port, domains, groups, memo);
             for t in &built.targets {
                 targets.entry(t.name.clone()).or_insert_with(|| t.clone());
             }

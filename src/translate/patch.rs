@@ -1,0 +1,132 @@
+//! A policy change patched into a translated set instead of translated again.
+//!
+//! Over VHDS each service's virtual host is a resource of its own, and a
+//! virtual host depends on the services' rules and on its domains, which no
+//! policy changes. So when only some services' rules changed, a delta ADS
+//! scope's set needs exactly: those services' virtual hosts built again
+//! (from the memo when built alike before), the clusters their routes now
+//! use added, and the ones only their old routes used dropped. Everything
+//! else is the same `Arc`. `patch_routes` declines (the caller translates
+//! the scope whole) whenever that is not the whole story: a SotW scope (one
+//! route configuration per port), a gateway, a changed service with a TCP,
+//! TLS or detected port (its listener reads the rules), a changed outlier
+//! detection (clusters change), or a virtual host the memo no longer has.
+//! `mesh_provider`'s tests check the result equals a full translation.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use envoy_types::pb::envoy::config::route::v3::VirtualHost;
+use prost::Message;
+
+use super::memo::{Memo, VirtualHostKey};
+use super::{ClusterTarget, ProxyScope, ServiceView, names, routes};
+use crate::model::protocol::Layout;
+use crate::model::proxy::ProxyRole;
+use crate::model::{MeshSnapshot, ServiceKey};
+use crate::xds::resources::{ResourceSet, ResourceType};
+
+/// A patched set, and the memo's virtual hosts it replaced (for the caller
+/// to forget once every scope is done: other scopes may still look them up).
+pub struct Patched {
+    pub set: ResourceSet,
+    pub replaced: Vec<VirtualHostKey>,
+}
+
+/// `set` (translated from `old` for `scope`) as a translation of `new` would
+/// be, where only the rules of `changed` services differ; None to translate whole.
+pub fn patch_routes(
+    (old, new): (&MeshSnapshot, &MeshSnapshot),
+    scope: &ProxyScope,
+    set: &ResourceSet,
+    changed: &BTreeSet<ServiceKey>,
+    memo: &Memo<'_>,
+) -> Option<Patched> {
+    if !scope.vhds || scope.role == ProxyRole::Gateway {
+        return None;
+    }
+    let (old_outliers, new_outliers) = (super::outlier_by_service(old), super::outlier_by_service(new));
+    let mut next = set.clone();
+    let mut old_targets: BTreeMap<String, ClusterTarget> = BTreeMap::new();
+    let mut new_targets: BTreeMap<String, ClusterTarget> = BTreeMap::new();
+    let mut replaced = Vec::new();
+    for key in changed {
+        let Some(service) = new.service(key) else { continue };
+        if service.ports.iter().any(|p| !matches!(p.protocol.layout(), Layout::Http | Layout::None)) || old_outliers.get(key) != new_outliers.get(key)
+        {
+            return None;
+        }
+        let view = ServiceView { service, host: names::host(&scope.cluster, key), aliases: false };
+        let (old_groups, new_groups) = (routes::rule_groups(old, scope, &view), routes::rule_groups(new, scope, &view));
+        for p in service.ports.iter().filter(|p| p.protocol.has_http_routes()) {
+            let configuration = names::route_config_name(p.port);
+            // Not there: this scope does not see the service (its Sidecar), or another host took its domains.
+            let Some(sent) = set.get(ResourceType::VirtualHost, &format!("{configuration}/{}:{}", view.host, p.port)) else { continue };
+            let domains = VirtualHost::decode(sent.body().value.as_slice()).ok()?.domains;
+            let before_key = routes::virtual_host_key(scope, &view, p.port, domains.clone(), &old_groups);
+            let before = memo.built_virtual_host(&before_key)?;
+            let after = routes::virtual_host(new, scope, &view, p.port, domains, &new_groups, memo);
+            if old_groups != new_groups {
+                replaced.push(before_key);
+            }
+            next.insert_shared(ResourceType::VirtualHost, after.vhds_resource(&configuration));
+            old_targets.extend(before.targets.iter().map(|t| (t.name.clone(), t.clone())));
+            new_targets.extend(after.targets.iter().map(|t| (t.name.clone(), t.clone())));
+        }
+    }
+    // Clusters the old routes used and the new ones do not: gone, unless a
+    // service this scope sees has it as its own or another rule routes there.
+    let dropped: Vec<&String> = old_targets.keys().filter(|n| !new_targets.contains_key(*n)).collect();
+    if !dropped.is_empty() {
+        let mut kept = default_targets(new, scope);
+        kept.extend(other_rule_targets(new, scope, changed, set));
+        for name in dropped.into_iter().filter(|n| !kept.contains(*n)) {
+            next.remove(ResourceType::Cluster, name);
+            next.remove(ResourceType::Endpoint, name);
+        }
+    }
+    let seed = memo.endpoint_seed(&scope.cluster, super::client_network(new, scope));
+    for (name, t) in new_targets {
+        if next.get(ResourceType::Cluster, &name).is_none() {
+            super::insert_target(&mut next, new, scope, t, &new_outliers, (memo, seed));
+        }
+    }
+    Some(Patched { set: next, replaced })
+}
+
+/// Every seen service port's own cluster (`outbound|<port>||<host>`).
+fn default_targets(snapshot: &MeshSnapshot, scope: &ProxyScope) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for v in super::reachable_services(snapshot, scope) {
+        for p in v.service.ports.iter().filter(|p| p.protocol.layout() != Layout::None) {
+            out.insert(ClusterTarget::new(&scope.cluster, &v.service.key, p.port, &BTreeMap::new()).name);
+        }
+    }
+    out
+}
+
+/// Where the rules of services other than `changed` (that this scope sees,
+/// and that reach it) may route: every shift and mirror destination, on
+/// every port of the service (a superset of what their routes use).
+fn other_rule_targets(snapshot: &MeshSnapshot, scope: &ProxyScope, changed: &BTreeSet<ServiceKey>, set: &ResourceSet) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for policy in &snapshot.applied {
+        for rule in policy.rules.iter().filter(|r| !changed.contains(&r.service) && r.source.matches(&scope.namespace, &scope.labels)) {
+            let Some(service) = snapshot.service(&rule.service) else { continue };
+            for p in &service.ports {
+                let own = ClusterTarget::new(&scope.cluster, &rule.service, p.port, &BTreeMap::new()).name;
+                if set.get(ResourceType::Cluster, &own).is_none() {
+                    continue;
+                }
+                let shifts = rule.actions.traffic_shift.iter().flatten().map(|d| (&d.service, d.port, &d.subset));
+                let empty = BTreeMap::new();
+                let mirror = rule.actions.mirror.iter().map(|m| (&m.service, m.port, &empty));
+                for (to, port, subset) in shifts.chain(mirror) {
+                    if let Some(dport) = crate::model::policy::destination_port(snapshot, to, port, p.port) {
+                        out.insert(ClusterTarget::new(&scope.cluster, to, dport, subset).name);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
