@@ -11,10 +11,10 @@ use std::collections::BTreeSet;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use meshpilot::fixtures::{ScaleSpec, churn_endpoint, cluster_name, scale_inputs, service_name};
-use meshpilot::mesh_provider::patch_endpoints;
 use meshpilot::model::policy::LastGood;
 use meshpilot::model::{MeshSnapshot, ServiceKey};
 use meshpilot::translate::memo::{EndpointSeed, Memo, TranslationMemo};
+use meshpilot::translate::patch::patch_endpoints;
 use meshpilot::translate::{ProxyScope, client_network, translate, translate_with};
 use meshpilot::xds::resources::{ResourceSet, ResourceType};
 

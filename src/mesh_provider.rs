@@ -14,6 +14,7 @@ use crate::model::diff::{SnapshotChange, changed_workload_addresses, classify_ch
 use crate::model::policy::{AppliedPolicy, LastGood, PolicyState};
 use crate::model::{MeshInputs, MeshSnapshot, ServiceKey};
 use crate::translate::memo::{EndpointSeed, Memo, TranslationMemo, VirtualHostKey};
+use crate::translate::patch::{EndpointMemo, patch_endpoints_shared};
 use crate::translate::{self, ProxyScope};
 use crate::xds::node::ProxyNode;
 use crate::xds::provider::{ChangeNotifier, ResourceProvider};
@@ -92,11 +93,6 @@ struct Patch<'a> {
     changed: &'a BTreeSet<ServiceKey>,
 }
 
-/// Endpoint resources already built during one update, shared by every scope
-/// that needs the same one: a `ClusterLoadAssignment` depends on the proxy only
-/// through its cluster and network, so (cluster, network, name) names it.
-pub type EndpointMemo = std::collections::HashMap<(String, String, String), Arc<crate::xds::resources::Resource>>;
-
 /// Endpoint maps already patched during one update: scopes whose EDS maps
 /// were one shared map before the change (and that have the same cluster
 /// and network) get one shared patched map, patched and interned once.
@@ -104,47 +100,6 @@ pub type EndpointMemo = std::collections::HashMap<(String, String, String), Arc<
 struct PatchedMaps {
     /// (cluster, network) → (set before, set after) for each map patched.
     done: std::collections::HashMap<(String, String), Vec<(ResourceSet, ResourceSet)>>,
-}
-
-/// Replaces the EDS resources of `changed` services in `set`.
-pub fn patch_endpoints(snapshot: &MeshSnapshot, scope: &ProxyScope, set: &ResourceSet, changed: &BTreeSet<ServiceKey>) -> ResourceSet {
-    patch_endpoints_shared(snapshot, scope, set, changed, &mut EndpointMemo::new())
-}
-
-/// [`patch_endpoints`], reusing (and adding to) `memo`'s resources.
-pub fn patch_endpoints_shared(
-    snapshot: &MeshSnapshot,
-    scope: &ProxyScope,
-    set: &ResourceSet,
-    changed: &BTreeSet<ServiceKey>,
-    memo: &mut EndpointMemo,
-) -> ResourceSet {
-    if scope.role == crate::xds::node::ProxyRole::Gateway {
-        // Gateways are few and their clusters are SNI-named: translate them again.
-        return translate::translate(snapshot, scope);
-    }
-    // Only names whose host is a changed service's are parsed (names end in `|<host>`).
-    let hosts: std::collections::HashSet<String> = changed.iter().map(|k| translate::names::host(&scope.cluster, k)).collect();
-    let targets: Vec<translate::ClusterTarget> = set
-        .of_type(ResourceType::Endpoint)
-        .keys()
-        .filter(|name| name.rsplit('|').next().is_some_and(|h| hosts.contains(h)))
-        .filter_map(|name| translate::parse_cluster_name(snapshot, &scope.cluster, name))
-        .filter(|t| changed.contains(&t.service))
-        .collect();
-    let mut next = set.clone();
-    let network = translate::client_network(snapshot, scope).to_string();
-    for t in &targets {
-        let key = (scope.cluster.clone(), network.clone(), t.name.clone());
-        let resource = memo
-            .entry(key)
-            .or_insert_with(|| {
-                Arc::new(crate::xds::resources::Resource::from_message(t.name.clone(), &translate::endpoints::load_assignment(snapshot, t, scope)))
-            })
-            .clone();
-        next.insert_shared(ResourceType::Endpoint, resource);
-    }
-    next
 }
 
 impl MeshResources {
@@ -504,16 +459,9 @@ impl MeshResources {
         Arc::new(set)
     }
 
-    /// Translates `scopes` on as many threads as there are cores.
     /// A served scope's set, patched when `patch` allows and the cache holds
     /// its set of that generation (with the virtual hosts the patch replaced).
-    fn patched_or_built(
-        &self,
-        snapshot: &MeshSnapshot,
-        scope: &ProxyScope,
-        memo: &Memo<'_>,
-        patch: Option<Patch<'_>>,
-    ) -> ScopeSet {
+    fn patched_or_built(&self, snapshot: &MeshSnapshot, scope: &ProxyScope, memo: &Memo<'_>, patch: Option<Patch<'_>>) -> ScopeSet {
         let cached = patch.and_then(|p| self.cache.get(scope).filter(|e| e.0 == p.generation).map(|e| (p, e.1.clone())));
         if let Some((p, set)) = cached
             && let Some(mut patched) = translate::patch::patch_routes((p.old, snapshot), scope, &set, p.changed, memo)

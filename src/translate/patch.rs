@@ -12,6 +12,9 @@
 //! TLS or detected port (its listener reads the rules), a changed outlier
 //! detection (clusters change), or a virtual host the memo no longer has.
 //! `mesh_provider`'s tests check the result equals a full translation.
+//!
+//! An endpoint change is patched the same way (`patch_endpoints`): only the
+//! changed services' assignments are built again.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -129,4 +132,53 @@ fn other_rule_targets(snapshot: &MeshSnapshot, scope: &ProxyScope, changed: &BTr
         }
     }
     out
+}
+
+/// Endpoint resources already built during one update, shared by every scope
+/// that needs the same one: a `ClusterLoadAssignment` depends on the proxy only
+/// through its cluster and network, so (cluster, network, name) names it.
+pub type EndpointMemo = std::collections::HashMap<(String, String, String), std::sync::Arc<crate::xds::resources::Resource>>;
+
+/// Replaces the EDS resources of `changed` services in `set`.
+pub fn patch_endpoints(snapshot: &MeshSnapshot, scope: &ProxyScope, set: &ResourceSet, changed: &BTreeSet<ServiceKey>) -> ResourceSet {
+    patch_endpoints_shared(snapshot, scope, set, changed, &mut EndpointMemo::new())
+}
+
+/// [`patch_endpoints`], reusing (and adding to) `memo`'s resources.
+pub fn patch_endpoints_shared(
+    snapshot: &MeshSnapshot,
+    scope: &ProxyScope,
+    set: &ResourceSet,
+    changed: &BTreeSet<ServiceKey>,
+    memo: &mut EndpointMemo,
+) -> ResourceSet {
+    if scope.role == ProxyRole::Gateway {
+        // Gateways are few and their clusters are SNI-named: translate them again.
+        return super::translate(snapshot, scope);
+    }
+    // Only names whose host is a changed service's are parsed (names end in `|<host>`).
+    let hosts: std::collections::HashSet<String> = changed.iter().map(|k| names::host(&scope.cluster, k)).collect();
+    let targets: Vec<ClusterTarget> = set
+        .of_type(ResourceType::Endpoint)
+        .keys()
+        .filter(|name| name.rsplit('|').next().is_some_and(|h| hosts.contains(h)))
+        .filter_map(|name| super::parse_cluster_name(snapshot, &scope.cluster, name))
+        .filter(|t| changed.contains(&t.service))
+        .collect();
+    let mut next = set.clone();
+    let network = super::client_network(snapshot, scope).to_string();
+    for t in &targets {
+        let key = (scope.cluster.clone(), network.clone(), t.name.clone());
+        let resource = memo
+            .entry(key)
+            .or_insert_with(|| {
+                std::sync::Arc::new(crate::xds::resources::Resource::from_message(
+                    t.name.clone(),
+                    &super::endpoints::load_assignment(snapshot, t, scope),
+                ))
+            })
+            .clone();
+        next.insert_shared(ResourceType::Endpoint, resource);
+    }
+    next
 }
