@@ -14,7 +14,7 @@ use meshpilot::fixtures::{ScaleSpec, churn_endpoint, cluster_name, scale_inputs,
 use meshpilot::model::policy::LastGood;
 use meshpilot::model::{MeshSnapshot, ServiceKey};
 use meshpilot::translate::memo::{EndpointSeed, Memo, TranslationMemo};
-use meshpilot::translate::patch::patch_endpoints;
+use meshpilot::translate::patch::{patch_endpoints, patch_routes};
 use meshpilot::translate::{ProxyScope, client_network, translate, translate_with};
 use meshpilot::xds::resources::{ResourceSet, ResourceType};
 
@@ -69,6 +69,12 @@ fn bench(c: &mut Criterion) {
         let network = client_network(&snapshot, scope).to_string();
         let seed: EndpointSeed = [((scope.cluster.clone(), network), before.of_type(ResourceType::Endpoint).clone().into_iter().collect())].into();
         g.bench_function(name, |b| b.iter(|| translate_with(&shifted, scope, &Memo { endpoints: Some(&seed), ..Memo::of(&memo, 2) })));
+        // The provider's path when only rules changed: the cached set patched.
+        let changed = meshpilot::model::diff::services_with_changed_rules(&snapshot, &shifted);
+        let patched = name.replace("with_memo", "patched");
+        g.bench_function(patched, |b| {
+            b.iter(|| patch_routes((&snapshot, &shifted), scope, &before, &changed, &Memo::of(&memo, 2)).expect("patchable"))
+        });
     }
     g.bench_function("weight_change_captured_vhds_without_memo", |b| b.iter(|| translate(&shifted, &vhds_scope)));
     g.finish();

@@ -228,7 +228,7 @@ impl MeshResources {
                 _ => None,
             };
             // Only some services' rules changed (no Sidecar, selector or
-            // endpoint did): a delta ADS scope's set is patched, not walked.
+            // endpoint did): a scope's cached set is patched, not walked.
             let patchable = match &change {
                 SnapshotChange::Config(endpoints)
                     if endpoints.is_empty() && old.sidecars == snapshot.sidecars && old.source_labels == snapshot.source_labels =>
@@ -871,18 +871,18 @@ mod tests {
         same_as_fresh(&mesh, &fresh);
 
         // Policies alone: a weight, and another policy's subset (its old
-        // subset's cluster goes, the new one comes). The delta ADS scopes are
-        // patched, not walked, and still get what a fresh provider gives.
+        // subset's cluster goes, the new one comes). Every scope is patched,
+        // not walked, and still gets what a fresh provider gives.
         let patches = mesh.patches.load(Ordering::Relaxed);
         inputs.traffic_policies[0].spec.traffic_shift.as_mut().unwrap().destinations[0].weight = 30;
         inputs.traffic_policies[3].spec.traffic_shift.as_mut().unwrap().destinations[0].subset = [("version".to_string(), "v2".to_string())].into();
         mesh.update(inputs.clone());
-        let delta_scopes: BTreeSet<ProxyScope> = proxies.iter().filter(|p| p.delta_ads).map(|p| scope_of(p).resolved(&mesh.snapshot())).collect();
-        assert_eq!(mesh.patches.load(Ordering::Relaxed) - patches, delta_scopes.len() as u64, "every delta ADS scope patched");
+        let scopes: BTreeSet<ProxyScope> = proxies.iter().map(|p| scope_of(p).resolved(&mesh.snapshot())).collect();
+        assert_eq!(mesh.patches.load(Ordering::Relaxed) - patches, scopes.len() as u64, "every scope patched, SotW and delta");
         let fresh = MeshResources::new(ChangeNotifier::channel().0);
         fresh.update(inputs);
         same_as_fresh(&mesh, &fresh);
-        let moved = proxies.iter().filter(|p| p.delta_ads).map(|p| mesh.resources_for(p));
+        let moved = proxies.iter().map(|p| mesh.resources_for(p));
         let subset = |set: &ResourceSet, v: &str| set.of_type(ResourceType::Cluster).keys().any(|n| n.contains(&format!("|version-{v}|svc-00003.")));
         assert!(moved.into_iter().all(|set| subset(&set, "v2") && !subset(&set, "v1")), "the subset moved in the patched sets");
     }

@@ -6,9 +6,10 @@
 //! scope's set needs exactly: those services' virtual hosts built again
 //! (from the memo when built alike before), the clusters their routes now
 //! use added, and the ones only their old routes used dropped. Everything
-//! else is the same `Arc`. `patch_routes` declines (the caller translates
-//! the scope whole) whenever that is not the whole story: a SotW scope (one
-//! route configuration per port), a gateway, a changed service with a TCP,
+//! else is the same `Arc`. Without VHDS (SotW) a port's virtual hosts are
+//! in its one route configuration, which is decoded, patched and encoded
+//! again (its other hosts untouched). `patch_routes` declines (the caller
+//! translates the scope whole) whenever that is not the whole story: a gateway, a changed service with a TCP,
 //! TLS or detected port (its listener reads the rules), a changed outlier
 //! detection (clusters change), or a virtual host the memo no longer has.
 //! `mesh_provider`'s tests check the result equals a full translation.
@@ -18,7 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use envoy_types::pb::envoy::config::route::v3::VirtualHost;
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 use prost::Message;
 
 use super::memo::{Memo, VirtualHostKey};
@@ -44,9 +45,12 @@ pub fn patch_routes(
     changed: &BTreeSet<ServiceKey>,
     memo: &Memo<'_>,
 ) -> Option<Patched> {
-    if !scope.vhds || scope.role == ProxyRole::Gateway {
+    if scope.role == ProxyRole::Gateway {
         return None;
     }
+    // SotW (or per-type delta): a port's virtual hosts live in its one route
+    // configuration, decoded once, patched, and encoded again.
+    let mut configurations: BTreeMap<String, RouteConfiguration> = BTreeMap::new();
     let (old_outliers, new_outliers) = (super::outlier_by_service(old), super::outlier_by_service(new));
     let mut next = set.clone();
     let mut old_targets: BTreeMap<String, ClusterTarget> = BTreeMap::new();
@@ -62,19 +66,37 @@ pub fn patch_routes(
         let (old_groups, new_groups) = (routes::rule_groups(old, scope, &view), routes::rule_groups(new, scope, &view));
         for p in service.ports.iter().filter(|p| p.protocol.has_http_routes()) {
             let configuration = names::route_config_name(p.port);
+            let name = format!("{}:{}", view.host, p.port);
             // Not there: this scope does not see the service (its Sidecar), or another host took its domains.
-            let Some(sent) = set.get(ResourceType::VirtualHost, &format!("{configuration}/{}:{}", view.host, p.port)) else { continue };
-            let domains = VirtualHost::decode(sent.body().value.as_slice()).ok()?.domains;
+            let domains = if scope.vhds {
+                let Some(sent) = set.get(ResourceType::VirtualHost, &format!("{configuration}/{name}")) else { continue };
+                VirtualHost::decode(sent.body().value.as_slice()).ok()?.domains
+            } else {
+                if !configurations.contains_key(&configuration) {
+                    let Some(sent) = set.get(ResourceType::Route, &configuration) else { continue };
+                    configurations.insert(configuration.clone(), RouteConfiguration::decode(sent.body().value.as_slice()).ok()?);
+                }
+                let rc = configurations.get(&configuration)?;
+                let Some(vh) = rc.virtual_hosts.iter().find(|vh| vh.name == name) else { continue };
+                vh.domains.clone()
+            };
             let before_key = routes::virtual_host_key(scope, &view, p.port, domains.clone(), &old_groups);
             let before = memo.built_virtual_host(&before_key)?;
             let after = routes::virtual_host(new, scope, &view, p.port, domains, &new_groups, memo);
             if old_groups != new_groups {
                 replaced.push(before_key);
             }
-            next.insert_shared(ResourceType::VirtualHost, after.vhds_resource(&configuration));
+            if scope.vhds {
+                next.insert_shared(ResourceType::VirtualHost, after.vhds_resource(&configuration));
+            } else if let Some(vh) = configurations.get_mut(&configuration).and_then(|rc| rc.virtual_hosts.iter_mut().find(|vh| vh.name == name)) {
+                *vh = after.vhost.clone();
+            }
             old_targets.extend(before.targets.iter().map(|t| (t.name.clone(), t.clone())));
             new_targets.extend(after.targets.iter().map(|t| (t.name.clone(), t.clone())));
         }
+    }
+    for (name, rc) in configurations {
+        next.insert(ResourceType::Route, crate::xds::resources::Resource::from_message(name, &rc));
     }
     // Clusters the old routes used and the new ones do not: gone, unless a
     // service this scope sees has it as its own or another rule routes there.
