@@ -9,6 +9,7 @@ pub mod delta;
 pub mod node;
 pub mod provider;
 pub mod registry;
+pub mod resource;
 pub mod resources;
 pub mod server;
 pub mod services;

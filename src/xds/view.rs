@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
-use super::resources::{Resource, aggregate_version};
+use super::resource::{Resource, aggregate_version};
 
 /// A set of resource names, shared by every stream that subscribed to exactly these.
 pub type NameSet = Arc<BTreeSet<String>>;
@@ -370,7 +370,7 @@ impl std::fmt::Debug for ViewCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::xds::resources::{Resource, ResourceType};
+    use crate::xds::resource::{Resource, ResourceType};
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
     use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
     use prost::Message;
