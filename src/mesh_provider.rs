@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use dashmap::DashMap;
 
 use crate::ca::WorkloadCertificates;
+use crate::metrics::TranslationCounters;
 use crate::model::diff::{SnapshotChange, changed_workload_addresses, classify_change, services_with_changed_rules};
 use crate::model::policy::{AppliedPolicy, LastGood, PolicyState};
 use crate::model::{MeshInputs, MeshSnapshot, ServiceKey};
@@ -47,10 +48,8 @@ pub struct MeshResources {
     ready: AtomicBool,
     notifier: ChangeNotifier,
     certs: Arc<WorkloadCertificates>,
-    /// Whole-scope translations done so far (a cache miss or a full change).
-    translations: std::sync::atomic::AtomicU64,
-    /// Scopes a policy change patched instead (`translate::patch`).
-    patches: std::sync::atomic::AtomicU64,
+    /// Whole-scope translations, patches (`translate::patch`) and rollbacks so far (exported when serving).
+    counters: TranslationCounters,
     /// One update at a time: the sources' and those Envoy's rejections start.
     updating: Mutex<()>,
     /// The last update's inputs, applied again when Envoy rejects a policy's routes.
@@ -118,13 +117,18 @@ impl MeshResources {
             last_good: Mutex::new(LastGood::default()),
             ready: AtomicBool::new(false),
             notifier,
-            translations: Default::default(),
-            patches: Default::default(),
+            counters: TranslationCounters::default(),
             updating: Mutex::new(()),
             last_inputs: Mutex::new(None),
             last_changed: Mutex::new(Vec::new()),
             me: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Counts into `counters` (the served metrics') instead of its own.
+    pub fn counting(mut self, counters: &TranslationCounters) -> Self {
+        self.counters = counters.clone();
+        self
     }
 
     /// The provider behind an `Arc`, as the server holds it.
@@ -379,6 +383,7 @@ impl ResourceProvider for MeshResources {
         if rejected.is_empty() {
             return;
         }
+        self.counters.policy_rollbacks.inc_by(rejected.len() as u64);
         tracing::warn!(proxy = %proxy.id, policies = ?rejected, error = %message, "Envoy rejected these policies' routes: INVALID, their last accepted versions serve");
         match self.me.get().and_then(std::sync::Weak::upgrade) {
             Some(me) => {
@@ -452,7 +457,7 @@ impl MeshResources {
 
     /// One scope's resources: translation, its secrets, shared with equal ones.
     fn build_set(&self, snapshot: &MeshSnapshot, scope: &ProxyScope, memo: &Memo<'_>) -> Arc<ResourceSet> {
-        self.translations.fetch_add(1, Ordering::Relaxed);
+        self.counters.scope_translations.inc();
         let mut set = translate::translate_with(snapshot, scope, memo);
         self.add_secrets(snapshot, scope, &mut set);
         self.interner.share(&mut set);
@@ -466,7 +471,7 @@ impl MeshResources {
         if let Some((p, set)) = cached
             && let Some(mut patched) = translate::patch::patch_routes((p.old, snapshot), scope, &set, p.changed, memo)
         {
-            self.patches.fetch_add(1, Ordering::Relaxed);
+            self.counters.scope_patches.inc();
             self.interner.share_types(&mut patched.set, &[ResourceType::Cluster, ResourceType::Endpoint, ResourceType::VirtualHost]);
             return (Arc::new(patched.set), Some(patched.replaced));
         }
@@ -873,12 +878,12 @@ mod tests {
         // Policies alone: a weight, and another policy's subset (its old
         // subset's cluster goes, the new one comes). Every scope is patched,
         // not walked, and still gets what a fresh provider gives.
-        let patches = mesh.patches.load(Ordering::Relaxed);
+        let patches = mesh.counters.scope_patches.get();
         inputs.traffic_policies[0].spec.traffic_shift.as_mut().unwrap().destinations[0].weight = 30;
         inputs.traffic_policies[3].spec.traffic_shift.as_mut().unwrap().destinations[0].subset = [("version".to_string(), "v2".to_string())].into();
         mesh.update(inputs.clone());
         let scopes: BTreeSet<ProxyScope> = proxies.iter().map(|p| scope_of(p).resolved(&mesh.snapshot())).collect();
-        assert_eq!(mesh.patches.load(Ordering::Relaxed) - patches, scopes.len() as u64, "every scope patched, SotW and delta");
+        assert_eq!(mesh.counters.scope_patches.get() - patches, scopes.len() as u64, "every scope patched, SotW and delta");
         let fresh = MeshResources::new(ChangeNotifier::channel().0);
         fresh.update(inputs);
         same_as_fresh(&mesh, &fresh);
@@ -895,7 +900,7 @@ mod tests {
         mesh.update(inputs.clone());
         let proxy = ProxyNode { namespace: "ns-1".into(), ..node("cluster-0", "svc-00001") };
         let first = mesh.resources_for(&proxy);
-        assert_eq!(mesh.translations.load(Ordering::Relaxed), 1);
+        assert_eq!(mesh.counters.scope_translations.get(), 1);
         let stop = AtomicBool::new(false);
         std::thread::scope(|s| {
             // A stream answering requests (ACKs) while the changes land.
@@ -916,7 +921,7 @@ mod tests {
         });
         // Every change was an EDS patch, published with its sets: no stream
         // ever found the new generation without its set and translated.
-        assert_eq!(mesh.translations.load(Ordering::Relaxed), 1);
+        assert_eq!(mesh.counters.scope_translations.get(), 1);
         let last = mesh.resources_for(&proxy);
         assert!(!Arc::ptr_eq(&first, &last));
         assert!(last.of_type(ResourceType::Endpoint).values().any(|r| r.body().value.windows(10).any(|w| w == b"10.200.0.3")));

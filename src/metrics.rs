@@ -43,6 +43,17 @@ pub struct Metrics {
     pub push_triggers: Counter,
     pub debounce_seconds: Histogram,
     pub config_generation: Gauge,
+    /// What the mesh provider did per scope on a change.
+    pub translation: TranslationCounters,
+}
+
+/// How the mesh provider met changes: whole-scope translations, scopes a
+/// policy change patched instead, and policy versions Envoy's rejection rolled back.
+#[derive(Clone, Debug, Default)]
+pub struct TranslationCounters {
+    pub scope_translations: Counter,
+    pub scope_patches: Counter,
+    pub policy_rollbacks: Counter,
 }
 
 fn convergence_histogram() -> Histogram {
@@ -80,7 +91,24 @@ impl Metrics {
         registry.register("debounce_seconds", "Time from the first change to the push it joined", debounce_seconds.clone());
         let config_generation = Gauge::default();
         registry.register("config_generation", "The number of debounced pushes so far", config_generation.clone());
+        let translation = TranslationCounters::default();
+        registry.register(
+            "scope_translations",
+            "Whole translations of a proxy scope (a cache miss, or a change a patch could not follow)",
+            translation.scope_translations.clone(),
+        );
+        registry.register(
+            "scope_patches",
+            "Proxy scopes a policy change patched instead of translating them again",
+            translation.scope_patches.clone(),
+        );
+        registry.register(
+            "policy_rollbacks",
+            "Policy versions rolled back because Envoy rejected their routes",
+            translation.policy_rollbacks.clone(),
+        );
         Metrics {
+            translation,
             registry,
             connected_proxies,
             pushes,

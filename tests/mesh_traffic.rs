@@ -59,6 +59,12 @@ async fn wait_new_routes(mp: &Meshpilot, proxy: &str, old: &str) -> String {
     wait_for(&format!("{proxy} to ACK new routes"), Duration::from_secs(20), || async { rds_version(mp, proxy).await.filter(|v| v != old) }).await
 }
 
+/// meshpilot's Prometheus lines for its scopes and rollbacks.
+async fn metric_lines(mp: &Meshpilot) -> Vec<String> {
+    let (_, body) = meshpilot::cli::http::get(&mp.admin_addr(), "/metrics").await.unwrap();
+    body.lines().filter(|l| l.starts_with("meshpilot_scope_") || l.starts_with("meshpilot_policy_rollbacks")).map(String::from).collect()
+}
+
 async fn policyz(mp: &Meshpilot) -> serde_json::Value {
     let (_, body) = meshpilot::cli::http::get(&mp.admin_addr(), "/debug/policyz").await.unwrap();
     serde_json::from_str(&body).unwrap()
@@ -151,6 +157,9 @@ async fn seed_split(test: &str, delta: bool) {
     let counts = sample(&pp_addr, "reviews:9080", 2000).await;
     let stat = assert_split(&counts, &[(V1, 50.0), (V2, 50.0)]);
     eprintln!("after the edit: {counts:?} chi-square {stat:.2}");
+    let metrics = metric_lines(&mp).await;
+    let patches = metrics.iter().find_map(|l| l.strip_prefix("meshpilot_scope_patches_total ")?.parse::<u64>().ok());
+    assert!(patches.is_some_and(|n| n > 0), "the edit patched the served scopes: {metrics:?}");
 
     // 3. A bad edit is INVALID in /debug/policyz, names the field, and the last good split keeps serving.
     write_atomically(
@@ -190,6 +199,7 @@ async fn seed_split(test: &str, delta: bool) {
     })
     .await;
     let messages = rejected["messages"].to_string();
+    assert!(metric_lines(&mp).await.iter().any(|l| l == "meshpilot_policy_rollbacks_total 1"), "one rollback counted");
     // (Envoy cuts its message at 4 KiB, and starts it with a dump of the resource: the reason may not arrive.)
     assert!(messages.contains("Envoy rejected the routes generation 1 produces (NACK)"), "{messages}");
     assert_eq!(policyz(&mp).await["policies"]["service-mesh-hub/simple"]["state"], "INVALID", "simple is as it was (its bad edit)");

@@ -177,7 +177,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let certs = Arc::new(crate::ca::WorkloadCertificates::new(args.cert_ttl, args.ca_dir.clone()));
     let provider: Arc<dyn ResourceProvider> = match (&args.resources, &args.config_dir) {
         _ if args.kubernetes => {
-            let resources = MeshResources::with_certificates(notifier, certs.clone()).shared();
+            let resources = MeshResources::with_certificates(notifier, certs.clone()).counting(&metrics.translation).shared();
             let client = kube_client(args.kubeconfig.as_deref(), args.context.clone()).await?;
             let health = SourceHealth::default();
             let (snapshots_tx, snapshots_rx) = watch::channel(0u64);
@@ -211,7 +211,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             resources
         }
         (_, Some(dir)) => {
-            let resources = MeshResources::with_certificates(notifier, certs.clone()).shared();
+            let resources = MeshResources::with_certificates(notifier, certs.clone()).counting(&metrics.translation).shared();
             let memory = Arc::new(std::sync::Mutex::new(SourceMemory::default()));
             let inputs = load_config_dir(dir, &mut memory.lock().expect("source memory lock"))
                 .with_context(|| format!("reading --config-dir {}", dir.display()))?;
