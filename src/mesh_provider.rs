@@ -216,8 +216,13 @@ impl MeshResources {
             SnapshotChange::Full => Arc::new(TranslationMemo::default()),
             _ => old_memo,
         };
+        // (Only a config change names changed policies: after a full one, at
+        // start-up say, every policy is new, and one of them is no suspect.)
         if change.retranslates() {
-            let changed = snapshot.applied.iter().filter(|p| !old.applied.contains(p)).cloned().collect();
+            let changed = match change {
+                SnapshotChange::Config(_) => snapshot.applied.iter().filter(|p| !old.applied.contains(p)).cloned().collect(),
+                _ => Vec::new(),
+            };
             *self.last_changed.lock().expect("changed policies lock") = changed;
         }
         let retranslated = change.retranslates().then(|| {

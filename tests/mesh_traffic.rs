@@ -92,6 +92,8 @@ async fn seed_split(test: &str, delta: bool) {
     let transport: &[&str] = if delta { &["--delta"] } else { &[] };
     let tmp = tempfile::tempdir().unwrap();
     let logs = tmp.path();
+    // A failure shows meshpilot's and the Envoys' last log lines.
+    let _watchdog = support::Watchdog::arm(test, Duration::from_secs(300), logs);
     let config = logs.join("config");
     let (mp_net, rc_net) = copy_example(&config);
 
