@@ -15,7 +15,7 @@ use crate::model::diff::{SnapshotChange, changed_workload_addresses, classify_ch
 use crate::model::policy::{AppliedPolicy, LastGood, PolicyState};
 use crate::model::{MeshInputs, MeshSnapshot, ServiceKey};
 use crate::translate::memo::{EndpointSeed, Memo, TranslationMemo, VirtualHostKey};
-use crate::translate::patch::{EndpointMemo, patch_endpoints_shared};
+use crate::translate::patch::{ChangedHosts, EndpointMemo, patch_endpoints_shared};
 use crate::translate::{self, ProxyScope};
 use crate::xds::node::ProxyNode;
 use crate::xds::provider::{ChangeNotifier, ResourceProvider};
@@ -54,8 +54,8 @@ pub struct MeshResources {
     updating: Mutex<()>,
     /// The last update's inputs, applied again when Envoy rejects a policy's routes.
     last_inputs: Mutex<Option<MeshInputs>>,
-    /// The policies the last config or full change added or changed: when
-    /// it is one, a rejection that names none is that one's.
+    /// The policies the last config change added or changed (none after a
+    /// full change): when it is one, a rejection that names none is that one's.
     last_changed: Mutex<Vec<Arc<AppliedPolicy>>>,
     /// This provider, once shared ([`MeshResources::shared`]): a rejection's
     /// update runs on a thread of its own, not on the stream that reported it.
@@ -179,6 +179,12 @@ impl MeshResources {
         self.current.read().expect("snapshot lock").snapshot.clone()
     }
 
+    /// The published generation, snapshot and memo, read together.
+    fn published(&self) -> (u64, Arc<MeshSnapshot>, Arc<TranslationMemo>) {
+        let cur = self.current.read().expect("snapshot lock");
+        (cur.generation, cur.snapshot.clone(), cur.memo.clone())
+    }
+
     /// Takes a new load from the sources: validates, swaps the snapshot, and
     /// tells the xDS server if anything a proxy sees may have changed.
     pub fn update(&self, inputs: MeshInputs) {
@@ -194,10 +200,7 @@ impl MeshResources {
             Arc::new(MeshSnapshot::build(inputs, &mut last_good))
         };
         let built = started.elapsed();
-        let (old_generation, old, old_memo) = {
-            let cur = self.current.read().expect("snapshot lock");
-            (cur.generation, cur.snapshot.clone(), cur.memo.clone())
-        };
+        let (old_generation, old, old_memo) = self.published();
         log_policy_changes(&old, &snapshot);
         let change = classify_change(&old, &snapshot);
         let classified = started.elapsed();
@@ -332,10 +335,7 @@ fn log_policy_changes(old: &MeshSnapshot, new: &MeshSnapshot) {
 
 impl ResourceProvider for MeshResources {
     fn resources_for(&self, proxy: &ProxyNode) -> Arc<ResourceSet> {
-        let (generation, snapshot, memo) = {
-            let cur = self.current.read().expect("snapshot lock");
-            (cur.generation, cur.snapshot.clone(), cur.memo.clone())
-        };
+        let (generation, snapshot, memo) = self.published();
         let full = scope_of(proxy);
         if !self.served.contains_key(&full) {
             self.served.insert(full.clone(), ());
@@ -451,9 +451,9 @@ impl MeshResources {
             if !read.insert((scope.cluster.clone(), network.clone(), std::ptr::from_ref(map) as usize)) {
                 continue;
             }
-            let hosts: std::collections::HashSet<String> = changed.iter().map(|k| translate::names::host(&scope.cluster, k)).collect();
+            let hosts = ChangedHosts::new(&scope.cluster, changed);
             let of_client = seed.entry((scope.cluster.clone(), network)).or_default();
-            for (name, r) in map.iter().filter(|(name, _)| name.rsplit('|').next().is_some_and(|h| !hosts.contains(h))) {
+            for (name, r) in map.iter().filter(|(name, _)| !hosts.name(name)) {
                 of_client.entry(name.clone()).or_insert_with(|| r.clone());
             }
         }

@@ -10,8 +10,9 @@
 //!
 //! A memo is valid for one set of services, networks and meshes (its pieces
 //! do not read endpoints): the provider starts an empty one when any of those
-//! change, and keeps it across policy and Sidecar changes, dropping after
-//! each what that change's translations no longer used.
+//! change, and keeps it across policy and Sidecar changes. After one, it
+//! forgets the virtual hosts patches replaced, or, when every scope was
+//! translated whole, whatever those translations did not use.
 //! Results never depend on what a memo holds; `translate` without one builds
 //! every piece (the golden tests), and `tests` check that the two agree.
 
@@ -86,11 +87,10 @@ impl TranslationMemo {
     }
 
     /// Drops what no translation of `generation` or later used (what a
-    /// policy change replaced); returns how many pieces remain.
-    pub fn sweep(&self, generation: u64) -> usize {
+    /// policy change replaced).
+    pub fn sweep(&self, generation: u64) {
         self.virtual_hosts.retain(|_, (_, used)| used.load(Ordering::Relaxed) >= generation);
         self.clusters.retain(|_, (_, used)| used.load(Ordering::Relaxed) >= generation);
-        self.virtual_hosts.len() + self.clusters.len()
     }
 }
 

@@ -281,11 +281,8 @@ pub fn translate_with(snapshot: &MeshSnapshot, scope: &ProxyScope, memo: &memo::
     let unmatched = unmatched_policy(snapshot, scope);
     let views = reachable_services(snapshot, scope);
     let (route_configs, mut targets) = routes::route_configurations(snapshot, scope, &views, captured.then_some(unmatched), memo);
-    for v in &views {
-        for p in v.service.ports.iter().filter(|p| p.protocol.layout() != crate::model::protocol::Layout::None) {
-            let t = ClusterTarget::new(&scope.cluster, &v.service.key, p.port, &BTreeMap::new());
-            targets.insert(t.name.clone(), t);
-        }
+    for t in own_targets(scope, &views) {
+        targets.insert(t.name.clone(), t);
     }
     let mut listeners = Vec::new();
     if captured {
@@ -334,6 +331,14 @@ pub fn translate_with(snapshot: &MeshSnapshot, scope: &ProxyScope, memo: &memo::
         }
     }
     set
+}
+
+/// Every seen service port's own cluster (`outbound|<port>||<host>`), whatever routes there.
+fn own_targets<'a>(scope: &'a ProxyScope, views: &'a [ServiceView<'_>]) -> impl Iterator<Item = ClusterTarget> + 'a {
+    views.iter().flat_map(move |v| {
+        let ports = v.service.ports.iter().filter(|p| p.protocol.layout() != crate::model::protocol::Layout::None);
+        ports.map(move |p| ClusterTarget::new(&scope.cluster, &v.service.key, p.port, &BTreeMap::new()))
+    })
 }
 
 /// Adds target `t`'s Envoy cluster, and its endpoint assignment when it reads EDS.

@@ -68,17 +68,18 @@ pub fn patch_routes(
             let configuration = names::route_config_name(p.port);
             let name = format!("{}:{}", view.host, p.port);
             // Not there: this scope does not see the service (its Sidecar), or another host took its domains.
-            let domains = if scope.vhds {
+            // Over VHDS it is a resource of its own; otherwise the index of the host in its configuration.
+            let (domains, in_configuration) = if scope.vhds {
                 let Some(sent) = set.get(ResourceType::VirtualHost, &format!("{configuration}/{name}")) else { continue };
-                VirtualHost::decode(sent.body().value.as_slice()).ok()?.domains
+                (VirtualHost::decode(sent.body().value.as_slice()).ok()?.domains, None)
             } else {
                 if !configurations.contains_key(&configuration) {
                     let Some(sent) = set.get(ResourceType::Route, &configuration) else { continue };
                     configurations.insert(configuration.clone(), RouteConfiguration::decode(sent.body().value.as_slice()).ok()?);
                 }
-                let rc = configurations.get(&configuration)?;
-                let Some(vh) = rc.virtual_hosts.iter().find(|vh| vh.name == name) else { continue };
-                vh.domains.clone()
+                let hosts = &configurations.get(&configuration)?.virtual_hosts;
+                let Some(i) = hosts.iter().position(|vh| vh.name == name) else { continue };
+                (hosts[i].domains.clone(), Some(i))
             };
             let before_key = routes::virtual_host_key(scope, &view, p.port, domains.clone(), &old_groups);
             let before = memo.built_virtual_host(&before_key)?;
@@ -86,10 +87,9 @@ pub fn patch_routes(
             if old_groups != new_groups {
                 replaced.push(before_key);
             }
-            if scope.vhds {
-                next.insert_shared(ResourceType::VirtualHost, after.vhds_resource(&configuration));
-            } else if let Some(vh) = configurations.get_mut(&configuration).and_then(|rc| rc.virtual_hosts.iter_mut().find(|vh| vh.name == name)) {
-                *vh = after.vhost.clone();
+            match in_configuration {
+                None => next.insert_shared(ResourceType::VirtualHost, after.vhds_resource(&configuration)),
+                Some(i) => configurations.get_mut(&configuration)?.virtual_hosts[i] = after.vhost.clone(),
             }
             old_targets.extend(before.targets.iter().map(|t| (t.name.clone(), t.clone())));
             new_targets.extend(after.targets.iter().map(|t| (t.name.clone(), t.clone())));
@@ -102,7 +102,8 @@ pub fn patch_routes(
     // service this scope sees has it as its own or another rule routes there.
     let dropped: Vec<&String> = old_targets.keys().filter(|n| !new_targets.contains_key(*n)).collect();
     if !dropped.is_empty() {
-        let mut kept = default_targets(new, scope);
+        let views = super::reachable_services(new, scope);
+        let mut kept: HashSet<String> = super::own_targets(scope, &views).map(|t| t.name).collect();
         kept.extend(other_rule_targets(new, scope, changed, set));
         for name in dropped.into_iter().filter(|n| !kept.contains(*n)) {
             next.remove(ResourceType::Cluster, name);
@@ -116,17 +117,6 @@ pub fn patch_routes(
         }
     }
     Some(Patched { set: next, replaced })
-}
-
-/// Every seen service port's own cluster (`outbound|<port>||<host>`).
-fn default_targets(snapshot: &MeshSnapshot, scope: &ProxyScope) -> HashSet<String> {
-    let mut out = HashSet::new();
-    for v in super::reachable_services(snapshot, scope) {
-        for p in v.service.ports.iter().filter(|p| p.protocol.layout() != Layout::None) {
-            out.insert(ClusterTarget::new(&scope.cluster, &v.service.key, p.port, &BTreeMap::new()).name);
-        }
-    }
-    out
 }
 
 /// Where the rules of services other than `changed` (that this scope sees,
@@ -178,12 +168,12 @@ pub fn patch_endpoints_shared(
         // Gateways are few and their clusters are SNI-named: translate them again.
         return super::translate(snapshot, scope);
     }
-    // Only names whose host is a changed service's are parsed (names end in `|<host>`).
-    let hosts: std::collections::HashSet<String> = changed.iter().map(|k| names::host(&scope.cluster, k)).collect();
+    // Only names whose host is a changed service's are parsed.
+    let hosts = ChangedHosts::new(&scope.cluster, changed);
     let targets: Vec<ClusterTarget> = set
         .of_type(ResourceType::Endpoint)
         .keys()
-        .filter(|name| name.rsplit('|').next().is_some_and(|h| hosts.contains(h)))
+        .filter(|name| hosts.name(name))
         .filter_map(|name| super::parse_cluster_name(snapshot, &scope.cluster, name))
         .filter(|t| changed.contains(&t.service))
         .collect();
@@ -203,4 +193,19 @@ pub fn patch_endpoints_shared(
         next.insert_shared(ResourceType::Endpoint, resource);
     }
     next
+}
+
+/// The hosts of some services as a client in one cluster names them, to
+/// tell which of its cluster names (`outbound|<port>|<subset>|<host>`) are theirs.
+pub struct ChangedHosts(HashSet<String>);
+
+impl ChangedHosts {
+    pub fn new(client_cluster: &str, services: &BTreeSet<ServiceKey>) -> ChangedHosts {
+        ChangedHosts(services.iter().map(|k| names::host(client_cluster, k)).collect())
+    }
+
+    /// Whether the Envoy cluster (or assignment) `name` is one of these services'.
+    pub fn name(&self, name: &str) -> bool {
+        name.rsplit('|').next().is_some_and(|h| self.0.contains(h))
+    }
 }

@@ -381,8 +381,8 @@ impl PortRoutes {
     }
 }
 
-/// The merged policy rules that reach `view` on `port` from this client,
-/// per matcher list in order of first appearance.
+/// The merged policy rules that reach `view` from this client, per matcher
+/// list in order of first appearance.
 pub fn rule_groups(snapshot: &MeshSnapshot, scope: &ProxyScope, view: &ServiceView<'_>) -> Vec<(Vec<HttpMatcher>, Actions)> {
     let rules = snapshot.rules_for(&view.service.key);
     let mut groups: Vec<(Vec<HttpMatcher>, Actions)> = Vec::new();
