@@ -359,19 +359,22 @@ impl ResourceProvider for MeshResources {
 
     /// A route rejection is blamed on the policies whose regexes it names,
     /// else on the one policy the last change added or changed (if it
-    /// changed one): that version becomes INVALID with Envoy's message, its
-    /// last accepted version (or nothing) serves again, for every proxy, and
-    /// the other policies are untouched. A rejection neither explains is
-    /// only reported.
+    /// changed one), and only ever on policies with a rule that reaches the
+    /// proxy that rejected (a proxy cannot reject routes it was never sent):
+    /// that version becomes INVALID with Envoy's message, its last accepted
+    /// version (or nothing) serves again, for every proxy, and the other
+    /// policies are untouched. A rejection neither explains is only reported.
     fn on_rejected(&self, proxy: &ProxyNode, ty: ResourceType, message: &str) {
         if !matches!(ty, ResourceType::Route | ResourceType::VirtualHost) {
             return;
         }
         let snapshot = self.snapshot();
-        let mut culprits: Vec<Arc<AppliedPolicy>> = snapshot.applied.iter().filter(|p| p.named_in(message)).cloned().collect();
+        let reaches = |p: &AppliedPolicy| p.rules.iter().any(|r| r.source.matches(&proxy.namespace, &proxy.labels));
+        let mut culprits: Vec<Arc<AppliedPolicy>> = snapshot.applied.iter().filter(|p| reaches(p) && p.named_in(message)).cloned().collect();
         if culprits.is_empty() {
             let last = self.last_changed.lock().expect("changed policies lock");
             if let [only] = last.as_slice()
+                && reaches(only)
                 && snapshot.applied.contains(only)
             {
                 culprits.push(only.clone());
@@ -895,6 +898,36 @@ mod tests {
         let moved = proxies.iter().map(|p| mesh.resources_for(p));
         let subset = |set: &ResourceSet, v: &str| set.of_type(ResourceType::Cluster).keys().any(|n| n.contains(&format!("|version-{v}|svc-00003.")));
         assert!(moved.into_iter().all(|set| subset(&set, "v2") && !subset(&set, "v1")), "the subset moved in the patched sets");
+    }
+
+    #[test]
+    fn a_rejection_only_blames_policies_that_reach_the_proxy_that_rejected() {
+        let mesh = MeshResources::new(ChangeNotifier::channel().0);
+        let re = "^/(a|b)+$";
+        let spec = format!(
+            "sourceSelector: {{labels: {{app: productpage}}}}\ndestinationSelector: {{serviceRefs: {{services: [{{cluster: management-plane, name: reviews, namespace: default}}]}}}}\nhttpRequestMatchers: [{{regex: '{re}'}}]\nrequestTimeout: 2s\n"
+        );
+        let mut inputs = inputs();
+        inputs.traffic_policies.push(crate::model::PolicyObject {
+            namespace: "service-mesh-hub".into(),
+            name: "from-productpage".into(),
+            generation: Some(1),
+            created_ms: 1,
+            origin: "test".into(),
+            spec: serde_yaml_ng::from_str(&spec).unwrap(),
+            parse_errors: vec![],
+        });
+        mesh.update(inputs);
+        let state = |mesh: &MeshResources| mesh.snapshot().policy_status.iter().find(|(id, _)| id.name == "from-productpage").map(|(_, st)| st.state);
+        assert_eq!(state(&mesh), Some(PolicyState::Accepted));
+        let message = format!("regex '{re}' refused");
+        // details is no client of that policy: its rejection names the regex, and blames nothing.
+        mesh.on_rejected(&node("management-plane", "details"), ResourceType::Route, &message);
+        assert_eq!(state(&mesh), Some(PolicyState::Accepted));
+        assert_eq!(mesh.counters.policy_rollbacks.get(), 0);
+        mesh.on_rejected(&node("management-plane", "productpage"), ResourceType::Route, &message);
+        assert_eq!(state(&mesh), Some(PolicyState::Invalid));
+        assert_eq!(mesh.counters.policy_rollbacks.get(), 1);
     }
 
     #[test]
