@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use dashmap::DashMap;
 
 use super::ClusterTarget;
-use super::routes::BuiltVirtualHost;
+use super::built::BuiltVirtualHost;
 use crate::model::ServiceKey;
 use crate::xds::resources::Resource;
 

@@ -21,6 +21,7 @@
 //!   TrafficPolicies on a service shape its routes (or its `tcp_proxy`) for
 //!   every client in every cluster that reaches it.
 
+pub mod built;
 pub mod clusters;
 pub mod endpoints;
 pub mod gateway;

@@ -25,6 +25,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, s
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent::DenominatorType};
 use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 
+use super::built::{BuiltVirtualHost, vhds_resource};
 use super::memo::{Memo, VirtualHostKey};
 use super::{ClusterTarget, ProxyScope, ServiceView, names};
 use crate::model::MeshSnapshot;
@@ -312,34 +313,6 @@ pub fn tcp_destination(
         1 => tcp_proxy::ClusterSpecifier::Cluster(weighted.remove(0).name),
         _ => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster { clusters: weighted }),
     }
-}
-
-/// One service port's virtual host as built for a client, with the
-/// clusters its routes use (shared by every scope that builds it alike; see `memo`).
-#[derive(Debug)]
-pub struct BuiltVirtualHost {
-    pub vhost: VirtualHost,
-    pub targets: Vec<ClusterTarget>,
-    /// Its VHDS resource, encoded the first time a delta ADS scope needs it.
-    vhds: std::sync::OnceLock<Arc<Resource>>,
-}
-
-impl BuiltVirtualHost {
-    pub fn new(vhost: VirtualHost, targets: Vec<ClusterTarget>) -> BuiltVirtualHost {
-        BuiltVirtualHost { vhost, targets, vhds: std::sync::OnceLock::new() }
-    }
-
-    /// The virtual host as a VHDS resource of route configuration `configuration`:
-    /// named `<configuration>/<virtual host>` (Envoy's naming convention; the
-    /// name is also the virtual host's own `name`, which Envoy keys it by).
-    pub fn vhds_resource(&self, configuration: &str) -> Arc<Resource> {
-        self.vhds.get_or_init(|| Arc::new(vhds_resource(configuration, self.vhost.clone()))).clone()
-    }
-}
-
-fn vhds_resource(configuration: &str, mut vh: VirtualHost) -> Resource {
-    vh.name = format!("{configuration}/{}", vh.name);
-    Resource::from_message(vh.name.clone(), &vh)
 }
 
 /// One HTTP port's routing: its services' virtual hosts (by name), and for
