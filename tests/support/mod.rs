@@ -61,11 +61,7 @@ impl Watchdog {
         let (test, dir) = (test.to_string(), logs.to_path_buf());
         std::thread::spawn(move || {
             if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(limit) {
-                let report = format!("\nWATCHDOG: {test} did not finish within {limit:?}\n{}", log_tails(&dir));
-                if let Ok(mut tty) = std::fs::OpenOptions::new().write(true).open("/dev/stderr") {
-                    use std::io::Write;
-                    let _ = tty.write_all(report.as_bytes());
-                }
+                tell_terminal(&format!("\nWATCHDOG: {test} did not finish within {limit:?}\n{}", log_tails(&dir)));
                 // The children (Envoys, meshpilot, apps) go with the test; Drop will not run.
                 let _ = Command::new("pkill").args(["-KILL", "-P", &std::process::id().to_string()]).status();
                 std::process::exit(101);
@@ -83,6 +79,15 @@ impl Drop for Watchdog {
         if let Some(done) = self.done.take() {
             let _ = done.send(());
         }
+    }
+}
+
+/// Writes `text` to the terminal past libtest's capture (which keeps a
+/// passing test's output to itself), so CI's log shows it either way.
+pub fn tell_terminal(text: &str) {
+    if let Ok(mut tty) = std::fs::OpenOptions::new().append(true).open("/dev/stderr") {
+        use std::io::Write;
+        let _ = tty.write_all(text.as_bytes());
     }
 }
 
