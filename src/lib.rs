@@ -6,10 +6,10 @@
 pub mod admin;
 pub mod bootstrap;
 pub mod ca;
+pub mod cache;
 pub mod cli;
 pub mod fixtures;
 pub mod loadgen;
-pub mod mesh_provider;
 pub mod metrics;
 pub mod model;
 pub mod netns;

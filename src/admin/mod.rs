@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 
-use crate::mesh_provider::MeshResources;
+use crate::cache::MeshResources;
 use crate::metrics::Metrics;
 use crate::model::describe::{describe_service, parse_service_arg, policy_report};
 use crate::xds::codec;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use tokio::sync::watch;
 
 use crate::admin::{AdminState, serve_admin};
-use crate::mesh_provider::MeshResources;
+use crate::cache::MeshResources;
 use crate::metrics::Metrics;
 use crate::sources::file::{SourceMemory, load_config_dir, watch_config_dir};
 use crate::sources::kubernetes::{self, KubeSourceOptions, SourceHealth};

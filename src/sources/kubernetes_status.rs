@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use tokio::sync::watch;
 
-use crate::mesh_provider::MeshResources;
+use crate::cache::MeshResources;
 use crate::model::api::{
     AccessControlPolicy, ApprovalStatus, ConflictError, NETWORKING_GROUP_VERSION, PolicyObjectStatus, Sidecar, TrafficPolicy, VirtualMesh,
 };

@@ -12,7 +12,7 @@
 //! translates the scope whole) whenever that is not the whole story: a gateway, a changed service with a TCP,
 //! TLS or detected port (its listener reads the rules), a changed outlier
 //! detection (clusters change), or a virtual host the memo no longer has.
-//! `mesh_provider`'s tests check the result equals a full translation.
+//! `cache`'s tests check the result equals a full translation.
 //!
 //! An endpoint change is patched the same way (`patch_endpoints`): only the
 //! changed services' assignments are built again.

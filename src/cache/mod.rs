@@ -1,0 +1,308 @@
+//! The mesh as a [`ResourceProvider`]: the cache between the snapshot and
+//! the xDS streams. It holds the current [`MeshSnapshot`], translates it once
+//! per proxy scope (proxies with the same scope share one `Arc<ResourceSet>`),
+//! and keeps what a change did not touch:
+//!
+//! - `scopes`: translating or patching the served scopes on all cores before a snapshot is published;
+//! - `endpoints`: an endpoint-only change patches the EDS maps of the cached sets;
+//! - `secrets`: a sidecar's SDS certificates, issued with the clock;
+//! - `rollback`: a route that Envoy rejects rolls back the policy that made it;
+//! - `status_log`: what changed in the policies' status, logged.
+
+mod endpoints;
+mod rollback;
+mod scopes;
+mod secrets;
+mod status_log;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use dashmap::DashMap;
+
+use crate::ca::WorkloadCertificates;
+use crate::metrics::TranslationCounters;
+use crate::model::diff::{SnapshotChange, changed_workload_addresses, classify_change, services_with_changed_rules};
+use crate::model::policy::{AppliedPolicy, LastGood};
+use crate::model::{MeshInputs, MeshSnapshot};
+use crate::translate::memo::{Memo, TranslationMemo};
+use crate::translate::patch::EndpointMemo;
+use crate::translate::{self, ProxyScope};
+use crate::xds::node::ProxyNode;
+use crate::xds::provider::{ChangeNotifier, ResourceProvider};
+use crate::xds::resources::{ResourceInterner, ResourceSet, ResourceType};
+
+use endpoints::PatchedMaps;
+use scopes::Patch;
+
+/// What streams read together: a generation, its snapshot, and the memo
+/// valid for that snapshot's services (a translation of one snapshot must
+/// never add to another's memo).
+struct Published {
+    generation: u64,
+    snapshot: Arc<MeshSnapshot>,
+    memo: Arc<TranslationMemo>,
+}
+
+/// The snapshot, the cached translations of every scope served, and what
+/// updates them: the sources' loads and Envoy's rejections.
+pub struct MeshResources {
+    current: RwLock<Published>,
+    cache: DashMap<ProxyScope, (u64, Arc<ResourceSet>)>,
+    /// One translation per scope at a time: the streams of a scope that miss
+    /// the cache together wait for the first one's result instead of each
+    /// translating the same thing.
+    translating: DashMap<ProxyScope, Arc<Mutex<()>>>,
+    /// Scopes served since the last full change, with all their labels: a
+    /// full change translates them again (resolved against its selectors) before
+    /// it is published (see `update`).
+    served: DashMap<ProxyScope, ()>,
+    /// Equal resources (and whole equal maps, with their encodings) of
+    /// different scopes are one copy.
+    interner: ResourceInterner,
+    last_good: Mutex<LastGood>,
+    ready: AtomicBool,
+    notifier: ChangeNotifier,
+    certs: Arc<WorkloadCertificates>,
+    /// Whole-scope translations, patches (`translate::patch`) and rollbacks so far (exported when serving).
+    counters: TranslationCounters,
+    /// One update at a time: the sources' and those Envoy's rejections start.
+    updating: Mutex<()>,
+    /// The last update's inputs, applied again when Envoy rejects a policy's routes.
+    last_inputs: Mutex<Option<MeshInputs>>,
+    /// The policies the last config change added or changed (none after a
+    /// full change): when it is one, a rejection that names none is that one's.
+    last_changed: Mutex<Vec<Arc<AppliedPolicy>>>,
+    /// This provider, once shared ([`MeshResources::shared`]): a rejection's
+    /// update runs on a thread of its own, not on the stream that reported it.
+    me: std::sync::OnceLock<std::sync::Weak<MeshResources>>,
+}
+
+/// The scope a connected proxy's node describes (before it is resolved against a snapshot).
+pub fn scope_of(node: &ProxyNode) -> ProxyScope {
+    ProxyScope {
+        role: node.role,
+        cluster: node.cluster.clone(),
+        namespace: node.namespace.clone(),
+        network: node.network.clone(),
+        labels: node.labels.clone(),
+        interception: node.interception,
+        outbound_bind: node.outbound_bind.clone().unwrap_or_else(|| translate::DEFAULT_OUTBOUND_BIND.to_string()),
+        service_account: node.service_account.clone(),
+        instance_ips: node.instance_ips.clone(),
+        app_address: node.app_address.clone().unwrap_or_else(|| translate::DEFAULT_APP_ADDRESS.to_string()),
+        served: std::collections::BTreeMap::new(),
+        vhds: node.delta_ads,
+    }
+}
+
+impl MeshResources {
+    pub fn new(notifier: ChangeNotifier) -> Self {
+        Self::with_certificates(notifier, Arc::new(WorkloadCertificates::new(std::time::Duration::from_secs(86400), None)))
+    }
+
+    pub fn with_certificates(notifier: ChangeNotifier, certs: Arc<WorkloadCertificates>) -> Self {
+        MeshResources {
+            certs,
+            current: RwLock::new(Published { generation: 0, snapshot: Arc::new(MeshSnapshot::default()), memo: Default::default() }),
+            cache: DashMap::new(),
+            translating: DashMap::new(),
+            served: DashMap::new(),
+            interner: ResourceInterner::default(),
+            last_good: Mutex::new(LastGood::default()),
+            ready: AtomicBool::new(false),
+            notifier,
+            counters: TranslationCounters::default(),
+            updating: Mutex::new(()),
+            last_inputs: Mutex::new(None),
+            last_changed: Mutex::new(Vec::new()),
+            me: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Counts into `counters` (the served metrics') instead of its own.
+    pub fn counting(mut self, counters: &TranslationCounters) -> Self {
+        self.counters = counters.clone();
+        self
+    }
+
+    /// The provider behind an `Arc`, as the server holds it.
+    pub fn shared(self) -> Arc<MeshResources> {
+        let me = Arc::new(self);
+        let _ = me.me.set(Arc::downgrade(&me));
+        me
+    }
+
+    /// Drops every cached translation and pushes (certificates were rotated).
+    pub fn rotate_certificates(&self) {
+        self.cache.clear();
+        self.notifier.changed();
+    }
+
+    pub fn certificates(&self) -> &Arc<WorkloadCertificates> {
+        &self.certs
+    }
+
+    pub fn snapshot(&self) -> Arc<MeshSnapshot> {
+        self.current.read().expect("snapshot lock").snapshot.clone()
+    }
+
+    /// The published generation, snapshot and memo, read together.
+    fn published(&self) -> (u64, Arc<MeshSnapshot>, Arc<TranslationMemo>) {
+        let cur = self.current.read().expect("snapshot lock");
+        (cur.generation, cur.snapshot.clone(), cur.memo.clone())
+    }
+
+    /// Takes a new load from the sources: validates, swaps the snapshot, and
+    /// tells the xDS server if anything a proxy sees may have changed.
+    pub fn update(&self, inputs: MeshInputs) {
+        let _one_at_a_time = self.updating.lock().expect("update lock");
+        *self.last_inputs.lock().expect("inputs lock") = Some(inputs.clone());
+        self.apply(inputs);
+    }
+
+    fn apply(&self, inputs: MeshInputs) {
+        let started = std::time::Instant::now();
+        let snapshot = {
+            let mut last_good = self.last_good.lock().expect("last-good lock");
+            Arc::new(MeshSnapshot::build(inputs, &mut last_good))
+        };
+        let built = started.elapsed();
+        let (old_generation, old, old_memo) = self.published();
+        status_log::log_policy_changes(&old, &snapshot);
+        let change = classify_change(&old, &snapshot);
+        let classified = started.elapsed();
+        // A full change (a policy, a service) invalidates every translation.
+        // The scopes proxies use are translated again here, on all cores,
+        // before the new snapshot is published: until then proxies keep the
+        // old config, and the push finds every set ready. (Translating in the
+        // streams on a miss had run the scopes one after another on runtime
+        // workers, blocking them: ≈4–5 s at 1,000 proxies for 30 scopes.)
+        // When only policies or Sidecars changed, the virtual hosts and
+        // clusters they did not touch come from the memo, and endpoint
+        // assignments from the cached sets, instead of being built again.
+        // (Updates run one at a time, under `updating`: this is the generation published below.)
+        let generation = old_generation + 1;
+        let memo = match change {
+            SnapshotChange::Full => Arc::new(TranslationMemo::default()),
+            _ => old_memo,
+        };
+        // (Only a config change names changed policies: after a full one, at
+        // start-up say, every policy is new, and one of them is no suspect.)
+        if change.retranslates() {
+            let changed = match change {
+                SnapshotChange::Config(_) => snapshot.applied.iter().filter(|p| !old.applied.contains(p)).cloned().collect(),
+                _ => Vec::new(),
+            };
+            *self.last_changed.lock().expect("changed policies lock") = changed;
+        }
+        let retranslated = change.retranslates().then(|| {
+            // Served scopes are kept with all their labels and narrowed to the
+            // new snapshot's keys here: a policy or Sidecar that reads a new
+            // label key splits them as the streams' lookups will.
+            let scopes: BTreeSet<ProxyScope> = self.served.iter().map(|e| e.key().clone().resolved(&snapshot)).collect();
+            let scopes: Vec<ProxyScope> = scopes.into_iter().collect();
+            self.served.clear();
+            let seed = match &change {
+                SnapshotChange::Config(changed) => Some(self.endpoint_seed((old_generation, &old), changed)),
+                _ => None,
+            };
+            // Only some services' rules changed (no Sidecar, selector or
+            // endpoint did): a scope's cached set is patched, not walked.
+            let patchable = match &change {
+                SnapshotChange::Config(endpoints)
+                    if endpoints.is_empty() && old.sidecars == snapshot.sidecars && old.source_labels == snapshot.source_labels =>
+                {
+                    Some(services_with_changed_rules(&old, &snapshot))
+                }
+                _ => None,
+            };
+            let patch = patchable.as_ref().map(|changed| Patch { old: &old, generation: old_generation, changed });
+            self.translate_scopes(&snapshot, &scopes, &Memo { endpoints: seed.as_ref(), ..Memo::of(&memo, generation) }, patch)
+        });
+        // An endpoint change patches the cached sets, also before publishing.
+        let patched: Vec<(ProxyScope, Arc<ResourceSet>)> = match &change {
+            SnapshotChange::Endpoints(changed) => {
+                let mut memo_eds = EndpointMemo::new();
+                let mut maps = PatchedMaps::default();
+                let moved = changed_workload_addresses(&old, &snapshot, changed);
+                let memo = Memo::of(&memo, generation);
+                self.cache
+                    .iter()
+                    .map(|e| {
+                        let scope = e.key();
+                        // The workload behind this proxy changed: its inbound listeners and clusters did too.
+                        let set = if scope.instance_ips.iter().any(|ip| moved.contains(ip)) {
+                            self.build_set(&snapshot, scope, &memo)
+                        } else {
+                            Arc::new(self.patch_endpoints_once(&snapshot, scope, &e.value().1, changed, &mut memo_eds, &mut maps))
+                        };
+                        (scope.clone(), set)
+                    })
+                    .collect()
+            }
+            SnapshotChange::Full | SnapshotChange::Config(_) => retranslated.unwrap_or_default(),
+            SnapshotChange::None => Vec::new(),
+        };
+        // The new generation and its sets appear together (under the snapshot
+        // lock): a stream that reads the new generation finds its set ready.
+        // (Publishing the generation first had let the requests that came in
+        // between, ACKs under churn, miss and translate whole scopes again.)
+        {
+            let mut cur = self.current.write().expect("snapshot lock");
+            cur.generation = generation;
+            cur.snapshot = snapshot.clone();
+            cur.memo = memo;
+            if change == SnapshotChange::None {
+                for mut e in self.cache.iter_mut() {
+                    e.value_mut().0 = generation;
+                }
+            }
+            for (scope, set) in patched {
+                self.cache.insert(scope, (generation, set));
+            }
+            if change.retranslates() {
+                self.cache.retain(|_, e| e.0 == generation);
+            }
+        }
+        tracing::debug!(build = ?built, classify = ?(classified - built), cache = ?(started.elapsed() - classified), "snapshot updated");
+        let was_ready = self.ready.swap(true, Ordering::AcqRel);
+        if change != SnapshotChange::None || !was_ready {
+            tracing::debug!(?change, generation, "mesh snapshot updated");
+            self.notifier.changed();
+        }
+    }
+}
+
+impl ResourceProvider for MeshResources {
+    fn resources_for(&self, proxy: &ProxyNode) -> Arc<ResourceSet> {
+        let (generation, snapshot, memo) = self.published();
+        let full = scope_of(proxy);
+        if !self.served.contains_key(&full) {
+            self.served.insert(full.clone(), ());
+        }
+        let scope = full.resolved(&snapshot);
+        // (An entry newer than the generation read above is as good.)
+        if let Some(e) = self.cache.get(&scope)
+            && e.0 >= generation
+        {
+            return e.1.clone();
+        }
+        let gate = self.translating.entry(scope.clone()).or_default().clone();
+        // (Not moved off the runtime with block_in_place: the extra threads it
+        // starts cost more memory than the waiting costs time; measured.)
+        self.translate_once(&gate, scope, generation, &snapshot, &memo)
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// See [`MeshResources::roll_back_rejected`].
+    fn on_rejected(&self, proxy: &ProxyNode, ty: ResourceType, message: &str) {
+        self.roll_back_rejected(proxy, ty, message);
+    }
+}

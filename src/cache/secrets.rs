@@ -1,0 +1,27 @@
+//! A sidecar's SDS secrets, issued by the VirtualMesh CA for the identity
+//! its scope names, at the time of translation.
+
+use super::MeshResources;
+use crate::model::MeshSnapshot;
+use crate::translate::{self, ProxyScope};
+use crate::xds::resources::{ResourceSet, ResourceType};
+
+impl MeshResources {
+    /// A sidecar's SDS secrets (`default`, `ROOTCA`) when its cluster has mTLS.
+    pub(super) fn add_secrets(&self, snapshot: &MeshSnapshot, scope: &ProxyScope, set: &mut ResourceSet) {
+        if scope.role != crate::xds::node::ProxyRole::Sidecar {
+            return;
+        }
+        let Some(trust) = snapshot.trust.get(&scope.cluster) else { return };
+        let id = translate::tls::spiffe_id(&trust.trust_domain, &scope.namespace, &scope.service_account);
+        match self.certs.certificate(&trust.virtual_mesh, &id, std::time::SystemTime::now()) {
+            Ok((cert, root)) => {
+                let w = translate::tls::workload_secret(&cert.cert_pem, &cert.key_pem);
+                set.insert(ResourceType::Secret, crate::xds::resources::Resource::from_message(w.name.clone(), &w));
+                let r = translate::tls::root_secret(&root);
+                set.insert(ResourceType::Secret, crate::xds::resources::Resource::from_message(r.name.clone(), &r));
+            }
+            Err(e) => tracing::error!(spiffe_id = %id, error = %e, "cannot issue a workload certificate"),
+        }
+    }
+}
