@@ -306,12 +306,20 @@ pub fn chi_square_critical_p001(categories: usize) -> f64 {
     [10.828, 13.816, 16.266, 18.467, 20.515][categories - 2]
 }
 
-/// Asserts the split matches `expected` (p > 0.001) and returns the statistic.
-pub fn assert_split(counts: &std::collections::BTreeMap<String, usize>, expected: &[(&str, f64)]) -> f64 {
+/// The statistic when the split matches `expected` (p > 0.001), else what missed.
+pub fn split_matches(counts: &std::collections::BTreeMap<String, usize>, expected: &[(&str, f64)]) -> Result<f64, String> {
     let stat = chi_square(counts, expected);
     let critical = chi_square_critical_p001(expected.len());
-    assert!(stat < critical, "split {counts:?} does not match {expected:?}: chi-square {stat:.2} >= {critical} (p < 0.001)");
-    stat
+    if stat < critical {
+        Ok(stat)
+    } else {
+        Err(format!("split {counts:?} does not match {expected:?}: chi-square {stat:.2} >= {critical} (p < 0.001)"))
+    }
+}
+
+/// Asserts the split matches `expected` (p > 0.001) and returns the statistic.
+pub fn assert_split(counts: &std::collections::BTreeMap<String, usize>, expected: &[(&str, f64)]) -> f64 {
+    split_matches(counts, expected).unwrap_or_else(|miss| panic!("{miss}"))
 }
 
 /// A random 127.x.y.0 prefix, so tests running at once never share loopback addresses.
