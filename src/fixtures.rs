@@ -78,7 +78,7 @@ pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
                     external_addresses: Vec::new(),
                 },
             );
-            state.endpoints.insert((ns, svc), (0..spec.endpoints).map(|i| endpoint(c, s, i)).collect());
+            state.endpoints.insert((ns, svc), std::sync::Arc::new((0..spec.endpoints).map(|i| endpoint(c, s, i)).collect()));
         }
         inputs.clusters.insert(name, std::sync::Arc::new(state));
     }
@@ -127,7 +127,7 @@ pub fn churn_endpoint(inputs: &mut MeshInputs, cluster: usize, service: usize, s
     let ns = format!("ns-{}", service % 10);
     let state = std::sync::Arc::make_mut(inputs.clusters.get_mut(&cluster_name(cluster)).expect("cluster"));
     if let Some(eps) = state.endpoints.get_mut(&(ns, service_name(service)))
-        && let Some(ep) = eps.first_mut()
+        && let Some(ep) = std::sync::Arc::make_mut(eps).first_mut()
     {
         ep.address = changed_address(step);
     }

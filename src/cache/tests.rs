@@ -45,12 +45,12 @@ fn an_endpoint_change_patches_eds_exactly_as_a_full_translation_would() {
     // reviews-v3 gets a second endpoint in remote-cluster; v1 becomes unready.
     let mut next = inputs();
     let remote = Arc::make_mut(next.clusters.get_mut("remote-cluster").unwrap());
-    let eps = remote.endpoints.get_mut(&("default".to_string(), "reviews".to_string())).unwrap();
+    let eps = Arc::make_mut(remote.endpoints.get_mut(&("default".to_string(), "reviews".to_string())).unwrap());
     let mut extra = eps[0].clone();
     extra.address = "127.0.20.24".into();
     eps.push(extra);
     let local = Arc::make_mut(next.clusters.get_mut("management-plane").unwrap());
-    local.endpoints.get_mut(&("default".to_string(), "reviews".to_string())).unwrap()[0].ready = false;
+    Arc::make_mut(local.endpoints.get_mut(&("default".to_string(), "reviews".to_string())).unwrap())[0].ready = false;
     let snapshot_before = mesh.snapshot();
     let expected = MeshSnapshot::build(next.clone(), &mut LastGood::default());
     assert_eq!(

@@ -73,7 +73,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut backends = BTreeSet::new();
     for (cluster, state) in &snapshot.clusters {
         for (svc, eps) in &state.endpoints {
-            for ep in eps {
+            for ep in eps.iter() {
                 let pod = ep.pod.clone().unwrap_or_else(|| format!("{}-{}", svc.1, ep.address));
                 if ep.labels.get("app") == Some(&args.client_app) {
                     client.get_or_insert((cluster.clone(), svc.0.clone(), ep.clone(), pod));

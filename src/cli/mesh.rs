@@ -75,7 +75,7 @@ pub fn validation_report(snapshot: &MeshSnapshot) -> (String, bool) {
     let clusters: Vec<String> = snapshot
         .clusters
         .values()
-        .map(|c| format!("{} ({} services, {} endpoints)", c.name, c.services.len(), c.endpoints.values().map(Vec::len).sum::<usize>()))
+        .map(|c| format!("{} ({} services, {} endpoints)", c.name, c.services.len(), c.endpoints.values().map(|eps| eps.len()).sum::<usize>()))
         .collect();
     out.push_str(&format!("clusters: {}\n", if clusters.is_empty() { "none".into() } else { clusters.join(", ") }));
     (out, ok)

@@ -151,7 +151,9 @@ pub struct ClusterState {
     /// The cluster's default network (istio-system's `topology.istio.io/network`), "" if unset.
     pub network: String,
     pub services: BTreeMap<(String, String), Service>,
-    pub endpoints: BTreeMap<(String, String), Vec<Endpoint>>,
+    /// Each service's endpoints, shared: a rebuild that did not touch a
+    /// service keeps its list (the same `Arc`), so comparing two states skips it.
+    pub endpoints: BTreeMap<(String, String), Arc<Vec<Endpoint>>>,
 }
 
 /// A policy object as sources give it.
@@ -336,7 +338,7 @@ impl MeshSnapshot {
         self.clusters
             .get(&key.cluster)
             .and_then(|c| c.endpoints.get(&(key.namespace.clone(), key.name.clone())))
-            .map(Vec::as_slice)
+            .map(|eps| eps.as_slice())
             .unwrap_or_default()
     }
 
@@ -386,7 +388,7 @@ fn workload_ports(
         let mut by_address: std::collections::HashMap<String, BTreeMap<u16, protocol::Protocol>> = std::collections::HashMap::new();
         for (key, eps) in &state.endpoints {
             let Some(svc) = state.services.get(key) else { continue };
-            for ep in eps {
+            for ep in eps.iter() {
                 let ports = by_address.entry(ep.address.clone()).or_default();
                 for sp in &svc.ports {
                     if let Some(port) = ep.ports.get(&sp.name) {

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::model::api::{
     AccessControlPolicySpec, ISTIO_NETWORKING_VERSIONS, NETWORKING_GROUP_VERSION, SidecarSpec, TrafficPolicySpec, VirtualMeshSpec,
 };
-use crate::model::k8s::{ClusterObjects, PodSummary, cluster_state};
+use crate::model::k8s::{ClusterMemo, ClusterObjects, PodSummary, cluster_state_reusing};
 use crate::model::{MeshInputs, PolicyObject};
 
 /// The folder of mesh objects inside a config dir.
@@ -70,6 +70,8 @@ pub struct SourceMemory {
     /// Each cluster folder's state, its read errors and the stamps it was
     /// built from: a folder whose files did not change is not rebuilt.
     clusters: HashMap<String, BuiltCluster>,
+    /// Per cluster folder, what its last build made per service.
+    cluster_memos: HashMap<String, ClusterMemo>,
     first_seen_ms: HashMap<(String, String, String), i64>,
     generations: HashMap<(String, String, String), (String, i64)>,
 }
@@ -320,7 +322,7 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
     memory.stamps.retain(|p, _| seen_files.contains(p));
 
     for (name, objects) in &cluster_objects {
-        let (state, errors) = cluster_state(name, objects);
+        let (state, errors) = cluster_state_reusing(name, objects, memory.cluster_memos.entry(name.clone()).or_default());
         let state = Arc::new(state);
         inputs.errors.extend(errors.iter().cloned());
         let stamps = cluster_stamps.remove(name).unwrap_or_default();
@@ -328,6 +330,7 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
         inputs.clusters.insert(name.clone(), state);
     }
     memory.clusters.retain(|name, _| inputs.clusters.contains_key(name));
+    memory.cluster_memos.retain(|name, _| inputs.clusters.contains_key(name));
 
     // Age and generation for objects that do not carry them (files rarely do).
     let now = now_ms();
@@ -460,7 +463,7 @@ mod tests {
         let dir = setup();
         let inputs = load_config_dir(dir.path(), &mut SourceMemory::default()).unwrap();
         assert!(inputs.errors.is_empty(), "{:?}", inputs.errors);
-        assert_eq!(inputs.clusters["c1"].endpoints.values().map(Vec::len).sum::<usize>(), 1);
+        assert_eq!(inputs.clusters["c1"].endpoints.values().map(|eps| eps.len()).sum::<usize>(), 1);
         assert_eq!(inputs.traffic_policies.len(), 1);
         assert_eq!(inputs.traffic_policies[0].generation, Some(1));
     }
@@ -475,7 +478,7 @@ mod tests {
         assert_eq!(inputs.errors.len(), 1);
         assert!(inputs.errors[0].contains("c1/app.yaml") && inputs.errors[0].contains("last good contents keep serving"), "{:?}", inputs.errors);
         assert_eq!(inputs.clusters["c1"].services.len(), 1);
-        assert_eq!(inputs.clusters["c1"].endpoints.values().map(Vec::len).sum::<usize>(), 1);
+        assert_eq!(inputs.clusters["c1"].endpoints.values().map(|eps| eps.len()).sum::<usize>(), 1);
         // A typed error names the object and field.
         std::fs::write(dir.path().join("c1/app.yaml"), SVC.replace("port: 9080", "port: nine")).unwrap();
         let inputs = load_config_dir(dir.path(), &mut memory).unwrap();

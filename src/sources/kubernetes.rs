@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::model::api::{AccessControlPolicy, KubernetesCluster, Sidecar, TrafficPolicy, VirtualMesh};
-use crate::model::k8s::{ClusterObjects, PodSummary, cluster_state};
+use crate::model::k8s::{ClusterMemo, ClusterObjects, PodSummary, cluster_state_reusing};
 use crate::model::{ClusterState, MeshInputs, PolicyObject};
 
 /// What is known about one registered cluster's watches.
@@ -107,18 +107,37 @@ struct ClusterWatch {
     slices: Store<EndpointSlice>,
     pods: Store<Pod>,
     namespaces: Store<Namespace>,
+    /// Each Pod's summary, by the stored Pod (held, so its address stays its
+    /// own): an unchanged Pod keeps its summary, so the build reuses the
+    /// endpoints of every service whose Pods did not change.
+    pod_summaries: std::sync::Mutex<HashMap<usize, (Arc<Pod>, Arc<PodSummary>)>>,
+    /// What the last build of this cluster made per service.
+    memo: std::sync::Mutex<ClusterMemo>,
     /// Aborted when dropped: dropping the watch stops its reflectors.
     _tasks: JoinSet<()>,
 }
 
 impl ClusterWatch {
     fn objects(&self) -> ClusterObjects {
-        ClusterObjects {
-            services: self.services.state(),
-            endpoint_slices: self.slices.state(),
-            pods: self.pods.state().iter().map(|p| Arc::new(PodSummary::from(&**p))).collect(),
-            namespaces: self.namespaces.state(),
-        }
+        let stored = self.pods.state();
+        let mut summaries = self.pod_summaries.lock().expect("pod summaries lock");
+        let mut kept = HashMap::with_capacity(stored.len());
+        let pods = stored
+            .into_iter()
+            .map(|pod| {
+                let at = Arc::as_ptr(&pod) as usize;
+                let entry = summaries.remove(&at).unwrap_or_else(|| (pod.clone(), Arc::new(PodSummary::from(&*pod))));
+                let summary = entry.1.clone();
+                kept.insert(at, entry);
+                summary
+            })
+            .collect();
+        *summaries = kept;
+        ClusterObjects { services: self.services.state(), endpoint_slices: self.slices.state(), pods, namespaces: self.namespaces.state() }
+    }
+
+    fn build(&self, name: &str, objects: &ClusterObjects) -> (crate::model::ClusterState, Vec<String>) {
+        cluster_state_reusing(name, objects, &mut self.memo.lock().expect("cluster memo lock"))
     }
 }
 
@@ -395,7 +414,7 @@ pub async fn run(
                     ("Pod".to_string(), objects.pods.len()),
                     ("Namespace".to_string(), objects.namespaces.len()),
                 ]);
-                let (state, errs) = cluster_state(name, &objects);
+                let (state, errs) = w.build(name, &objects);
                 states.insert(name.clone(), Arc::new(state));
                 errors.insert(name.clone(), errs);
                 health.update(name, |h| {
@@ -446,5 +465,5 @@ fn start_cluster(client: Client, name: &str, fingerprint: String, health: &Sourc
     tasks.spawn(reflect(Api::<EndpointSlice>::all(client.clone()), w2, name.into(), "EndpointSlice", health.clone(), dirty.clone()));
     tasks.spawn(reflect(Api::<Pod>::all(client.clone()), w3, name.into(), "Pod", health.clone(), dirty.clone()));
     tasks.spawn(reflect(Api::<Namespace>::all(client), w4, name.into(), "Namespace", health.clone(), dirty.clone()));
-    ClusterWatch { fingerprint, services, slices, pods, namespaces, _tasks: tasks }
+    ClusterWatch { fingerprint, services, slices, pods, namespaces, pod_summaries: Default::default(), memo: Default::default(), _tasks: tasks }
 }

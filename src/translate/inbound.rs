@@ -59,7 +59,7 @@ pub fn inbound_cluster_name(port: u16) -> String {
 pub fn served_ports(snapshot: &MeshSnapshot, scope: &ProxyScope) -> BTreeSet<(String, u16)> {
     let mut out = BTreeSet::new();
     let Some(state) = snapshot.clusters.get(&scope.cluster) else { return out };
-    for ep in state.endpoints.values().flatten() {
+    for ep in state.endpoints.values().flat_map(|eps| eps.iter()) {
         if scope.instance_ips.contains(&ep.address) {
             out.extend(ep.ports.values().map(|p| (ep.address.clone(), *p)));
         }
