@@ -256,8 +256,9 @@ pub fn cluster_state_reusing(name: &str, objects: &ClusterObjects, memo: &mut Cl
         let mut eps = Vec::with_capacity(slice_pods.len());
         let mut found = slice_pods.iter();
         for slice in &slices {
-            let ports: Arc<BTreeMap<String, u16>> =
-                Arc::new(slice.ports.iter().flatten().filter_map(|p| Some((p.name.clone().unwrap_or_default(), u16::try_from(p.port?).ok()?))).collect());
+            let ports: Arc<BTreeMap<String, u16>> = Arc::new(
+                slice.ports.iter().flatten().filter_map(|p| Some((p.name.clone().unwrap_or_default(), u16::try_from(p.port?).ok()?))).collect(),
+            );
             for ep in &slice.endpoints {
                 let Some(address) = ep.addresses.first().cloned() else { continue };
                 let pod = found.next().expect("one lookup per endpoint with an address").map(|p| &**p);
@@ -409,7 +410,9 @@ mod tests {
     }
 
     fn service(name: &str) -> Arc<Service> {
-        Arc::new(parse(&format!("metadata: {{name: {name}, namespace: default}}\nspec: {{selector: {{app: {name}}}, ports: [{{name: http, port: 9080}}]}}")))
+        Arc::new(parse(&format!(
+            "metadata: {{name: {name}, namespace: default}}\nspec: {{selector: {{app: {name}}}, ports: [{{name: http, port: 9080}}]}}"
+        )))
     }
 
     fn slice(service: &str, address: &str, pod: &str) -> Arc<EndpointSlice> {
