@@ -14,13 +14,13 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use meshpilot::metrics::Metrics;
-use meshpilot::xds::csds::Csds;
-use meshpilot::xds::debounce::{DebounceConfig, run_debouncer};
+use meshpilot::runtime::{ControlPlane, Listeners};
+use meshpilot::xds::debounce::DebounceConfig;
 use meshpilot::xds::node::ProxyNode;
 use meshpilot::xds::provider::{ChangeNotifier, ResourceProvider};
 use meshpilot::xds::registry::ConnectionRegistry;
 use meshpilot::xds::resources::{Resource, ResourceSet, ResourceType};
-use meshpilot::xds::server::{XdsServer, XdsServerConfig};
+use meshpilot::xds::server::XdsServerConfig;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -63,17 +63,15 @@ async fn start_plane(send_timeout: Duration) -> Plane {
 }
 
 async fn start_plane_with(config: XdsServerConfig) -> Plane {
-    let metrics = Arc::new(Metrics::new());
     let (notifier, changes) = ChangeNotifier::channel();
     let provider = Arc::new(PerClusterResources { sets: Default::default(), notifier });
-    let (push_tx, push_rx) = tokio::sync::watch::channel(None);
     let debounce = DebounceConfig { quiet: Duration::from_millis(10), max: Duration::from_secs(1) };
-    tokio::spawn(run_debouncer(debounce, changes, push_tx, metrics.clone()));
-    let registry = Arc::new(ConnectionRegistry::new());
-    let server = XdsServer::new(provider.clone(), registry.clone(), metrics.clone(), push_rx, config);
+    // The composition root `serve` uses, with this test's provider.
+    let plane = ControlPlane::with_provider(provider.clone(), changes, Arc::new(Metrics::new()), debounce, config);
+    let (registry, metrics) = (plane.registry.clone(), plane.metrics.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(meshpilot::xds::serve_grpc(listener, server, Csds::new(registry.clone()), std::future::pending()));
+    tokio::spawn(plane.serve(Listeners { xds: listener, xds_unix: None, admin: None }, std::future::pending()));
     Plane { addr, provider, registry, metrics }
 }
 

@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::demo_support::{Children, copy_dir, share_line, tempfile_dir, wait_until};
+use super::demo_support::{Children, copy_dir, is_synced, share_line, tempfile_dir, wait_until};
 use super::http;
 use super::mesh::{offline_snapshot, validation_report};
 use crate::admin::SyncStatus;
 use crate::model::describe::{ServiceDescription, render};
+use crate::xds::resource::ResourceType;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -122,11 +123,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let admin = args.admin_addr.clone();
     let synced = |proxy: String| {
         let admin = admin.clone();
-        async move {
-            let Ok((200, body)) = http::get(&admin, "/debug/syncz").await else { return false };
-            let rows: Vec<SyncStatus> = serde_json::from_str(&body).unwrap_or_default();
-            rows.iter().any(|r| r.proxy == proxy && ["CDS", "EDS", "LDS", "RDS"].iter().all(|t| r.types.get(*t).is_some_and(|s| s.state == "SYNCED")))
-        }
+        async move { is_synced(&admin, &proxy, &ResourceType::STATUS_COLUMNS).await }
     };
     wait_until("the sidecar to be SYNCED", Duration::from_secs(30), &mut children, || synced(node_id.clone())).await?;
     if let Ok((200, body)) = http::get(&args.admin_addr, "/debug/syncz").await {

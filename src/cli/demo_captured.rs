@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::demo_support::{Children, Window, copy_dir, report_traffic, share_line, start_proxy, start_serving, tempfile_dir, wait_until};
+use super::demo_support::{Children, Window, copy_dir, is_synced, report_traffic, share_line, start_proxy, start_serving, tempfile_dir, wait_until};
 use super::http;
 use super::mesh::offline_snapshot;
 use crate::admin::SyncStatus;
@@ -23,6 +23,7 @@ use crate::model::MeshSnapshot;
 use crate::model::protocol::Layout;
 use crate::netns::pods::{self, GLOBAL_NAMES_ADDRESS, NetworkSpec, PROXY_UID, PodNetwork};
 use crate::translate::names;
+use crate::xds::resource::ResourceType;
 
 /// One pod of the example.
 #[derive(Debug, Clone)]
@@ -262,11 +263,7 @@ impl CapturedMesh {
             let admin = admin.clone();
             wait_until(&format!("{proxy} to be SYNCED"), timeout, &mut self.children, || {
                 let (admin, proxy) = (admin.clone(), proxy.clone());
-                async move {
-                    let Ok((200, body)) = http::get(&admin, "/debug/syncz").await else { return false };
-                    let rows: Vec<SyncStatus> = serde_json::from_str(&body).unwrap_or_default();
-                    rows.iter().any(|r| r.proxy == proxy && ["CDS", "LDS"].iter().all(|t| r.types.get(*t).is_some_and(|s| s.state == "SYNCED")))
-                }
+                async move { is_synced(&admin, &proxy, &[ResourceType::Cluster, ResourceType::Listener]).await }
             })
             .await?;
         }

@@ -16,11 +16,12 @@ use std::time::Duration;
 use anyhow::Context;
 
 use super::demo::DemoArgs;
-use super::demo_support::{Children, Window, copy_dir, report_traffic, share_line, start_proxy, start_serving, tempfile_dir, wait_until};
+use super::demo_support::{Children, Window, copy_dir, is_synced, report_traffic, share_line, start_proxy, start_serving, tempfile_dir, wait_until};
 use super::http;
 use super::mesh::{offline_snapshot, validation_report};
 use crate::admin::SyncStatus;
 use crate::netns::{self, Topology};
+use crate::xds::resource::ResourceType;
 
 /// Where each process runs: a network namespace, or the host (loopback mode).
 #[derive(Clone)]
@@ -171,11 +172,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         wait_until(&format!("{proxy} to be SYNCED"), Duration::from_secs(30), &mut children, || {
             let admin = admin.clone();
             let proxy = proxy.clone();
-            async move {
-                let Ok((200, body)) = http::get(&admin, "/debug/syncz").await else { return false };
-                let rows: Vec<SyncStatus> = serde_json::from_str(&body).unwrap_or_default();
-                rows.iter().any(|r| r.proxy == proxy && ["CDS", "LDS"].iter().all(|t| r.types.get(*t).is_some_and(|s| s.state == "SYNCED")))
-            }
+            async move { is_synced(&admin, &proxy, &[ResourceType::Cluster, ResourceType::Listener]).await }
         })
         .await?;
     }

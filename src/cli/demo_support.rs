@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::http;
+use crate::admin::SyncStatus;
+use crate::xds::resource::ResourceType;
 
 /// Child processes, killed when dropped (also on errors and Ctrl-C).
 pub struct Children(pub Vec<(String, Child)>);
@@ -75,6 +77,13 @@ where
         anyhow::ensure!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Whether meshpilot at `admin` reports `proxy` connected and SYNCED for every one of `types`.
+pub async fn is_synced(admin: &str, proxy: &str, types: &[ResourceType]) -> bool {
+    let Ok((200, body)) = http::get(admin, "/debug/syncz").await else { return false };
+    let rows: Vec<SyncStatus> = serde_json::from_str(&body).unwrap_or_default();
+    rows.iter().any(|r| r.proxy == proxy && types.iter().all(|t| r.types.get(t.short_name()).is_some_and(|s| s.state == "SYNCED")))
 }
 
 /// Starts `meshpilot serve` on `config` with xDS also on the Unix socket

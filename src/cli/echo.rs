@@ -7,10 +7,10 @@
 
 use std::convert::Infallible;
 
+use super::http::grpc_frame;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
-use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 
@@ -25,15 +25,6 @@ pub struct EchoArgs {
     /// Raw TCP: write the name on each connection and close it.
     #[arg(long)]
     pub tcp: bool,
-}
-
-/// One gRPC message: uncompressed flag, big-endian length, payload.
-pub fn grpc_frame(payload: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(5 + payload.len());
-    b.put_u8(0);
-    b.put_u32(payload.len() as u32);
-    b.put_slice(payload);
-    b.freeze()
 }
 
 fn grpc_answer(name: &str) -> Response {

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
@@ -143,7 +143,7 @@ fn requests<'a>(
                 if let Some(host) = host {
                     req = req.header(hyper::header::HOST, host);
                 }
-                let body = if grpc { Full::new(super::echo::grpc_frame(b"")) } else { Full::new(Bytes::new()) };
+                let body = if grpc { Full::new(grpc_frame(b"")) } else { Full::new(Bytes::new()) };
                 let req = match req.body(body) {
                     Ok(r) => r,
                     Err(e) => return Answer::failed(format!("error: {e}")),
@@ -215,4 +215,13 @@ pub async fn get_unix(path: &std::path::Path, url: &str) -> std::io::Result<Stri
         return Ok(out);
     }
     Ok(body.to_string())
+}
+
+/// One gRPC message: uncompressed flag, big-endian length, payload.
+pub fn grpc_frame(payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + payload.len());
+    b.put_u8(0);
+    b.put_u32(payload.len() as u32);
+    b.put_slice(payload);
+    b.freeze()
 }

@@ -1,12 +1,18 @@
 //! The `meshpilot` command line: one binary, one subcommand per job.
 
 pub mod cluster;
+#[cfg(feature = "testkit")]
 pub mod demo;
+#[cfg(feature = "testkit")]
 pub mod demo_captured;
+#[cfg(feature = "testkit")]
 pub mod demo_multinet;
+#[cfg(feature = "testkit")]
 pub mod demo_support;
+#[cfg(feature = "testkit")]
 pub mod echo;
 pub mod http;
+#[cfg(feature = "testkit")]
 pub mod load;
 pub mod mesh;
 pub mod serve;
@@ -44,17 +50,21 @@ pub enum Command {
     /// Show how meshpilot routes to something (`describe service reviews.default.management-plane`).
     #[command(subcommand)]
     Describe(mesh::DescribeWhat),
+    #[cfg(feature = "testkit")]
     /// Run the seed scenario locally: control plane, workloads, a real Envoy sidecar, live traffic split.
     Demo(demo::DemoArgs),
+    #[cfg(feature = "testkit")]
     /// A tiny HTTP backend that answers every request with its own name (for demos and tests).
     Echo(echo::EchoArgs),
     /// Register a cluster with the management cluster (least-privilege reader identity + KubernetesCluster).
     Cluster(cluster::ClusterArgs),
     /// Send requests through a proxy and count who answered (and, from `meshpilot echo`, the caller identity each saw).
     Sample(SampleArgs),
+    #[cfg(feature = "testkit")]
     /// Simulate N Envoys against an xDS server and report sync time, change-to-delivery latency,
     /// bytes sent, and the control plane's RSS and CPU.
     Load(load::LoadArgs),
+    #[cfg(feature = "testkit")]
     /// Write a synthetic config dir: S services x C clusters x E endpoints, T TrafficPolicies.
     Fixtures(FixturesArgs),
     /// Print meshpilot's CustomResourceDefinitions (or write them, one file each, with --out-dir).
@@ -119,6 +129,7 @@ async fn run_sample(args: SampleArgs) -> anyhow::Result<()> {
 }
 
 #[derive(Debug, clap::Args)]
+#[cfg(feature = "testkit")]
 pub struct FixturesArgs {
     /// The folder to write (DIR/cluster-<i>/svc-<n>.yaml, DIR/mesh/).
     #[arg(long)]
@@ -291,29 +302,28 @@ pub fn init_tracing() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
+#[cfg(feature = "testkit")]
+fn run_fixtures(a: FixturesArgs) -> anyhow::Result<()> {
+    let spec =
+        crate::fixtures::ScaleSpec { services: a.services, clusters: a.clusters, endpoints: a.endpoints, policies: a.policies, sidecars: a.sidecars };
+    crate::fixtures::write_config_dir(&a.out, spec).with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "wrote {}: {} services x {} clusters x {} endpoints, {} TrafficPolicies",
+        a.out.display(),
+        a.services,
+        a.clusters,
+        a.endpoints,
+        a.policies.min(a.services)
+    );
+    Ok(())
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bootstrap(args) => run_bootstrap(args),
         Command::Crds(args) => run_crds(args),
-        Command::Fixtures(a) => {
-            let spec = crate::fixtures::ScaleSpec {
-                services: a.services,
-                clusters: a.clusters,
-                endpoints: a.endpoints,
-                policies: a.policies,
-                sidecars: a.sidecars,
-            };
-            crate::fixtures::write_config_dir(&a.out, spec).with_context(|| format!("writing {}", a.out.display()))?;
-            println!(
-                "wrote {}: {} services x {} clusters x {} endpoints, {} TrafficPolicies",
-                a.out.display(),
-                a.services,
-                a.clusters,
-                a.endpoints,
-                a.policies.min(a.services)
-            );
-            Ok(())
-        }
+        #[cfg(feature = "testkit")]
+        Command::Fixtures(args) => run_fixtures(args),
         Command::Validate(args) => {
             if mesh::validate(args)? {
                 Ok(())
@@ -332,19 +342,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     Command::ProxyStatus(args) => status::proxy_status(args).await,
                     Command::ConfigDump(args) => status::config_dump(args).await,
                     Command::Describe(what) => mesh::describe(what).await,
+                    #[cfg(feature = "testkit")]
                     Command::Demo(args) if args.multi_network => demo_multinet::run(args).await,
+                    #[cfg(feature = "testkit")]
                     Command::Demo(args) => demo::run(args).await,
+                    #[cfg(feature = "testkit")]
                     Command::Echo(args) => {
                         init_tracing();
                         echo::run(args).await
                     }
                     Command::Sample(args) => run_sample(args).await,
+                    #[cfg(feature = "testkit")]
                     Command::Load(args) => load::run(args).await,
                     Command::Cluster(args) => match args.command {
                         cluster::ClusterCommand::Register(a) => cluster::register(a).await,
                         cluster::ClusterCommand::Deregister(a) => cluster::deregister(a).await,
                     },
-                    Command::Bootstrap(_) | Command::Validate(_) | Command::Crds(_) | Command::Fixtures(_) => unreachable!("handled above"),
+                    Command::Bootstrap(_) | Command::Validate(_) | Command::Crds(_) => unreachable!("handled above"),
+                    #[cfg(feature = "testkit")]
+                    Command::Fixtures(_) => unreachable!("handled above"),
                 }
             })
         }

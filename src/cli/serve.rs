@@ -1,25 +1,16 @@
-//! `meshpilot serve`: wires sources, the debouncer, the xDS server and the admin API.
+//! `meshpilot serve`: its flags, the listeners, and the control plane that
+//! `runtime` wires from them.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::watch;
 
-use crate::admin::{AdminState, serve_admin};
-use crate::cache::MeshResources;
-use crate::metrics::Metrics;
-use crate::sources::file::{SourceMemory, load_config_dir, watch_config_dir};
-use crate::sources::kubernetes::{self, KubeSourceOptions, SourceHealth};
-use crate::sources::kubernetes_status::{LeaseConfig, run_status_writer};
-use crate::static_resources::{load_resource_file, watch_resource_file};
-use crate::xds::csds::Csds;
-use crate::xds::debounce::{DebounceConfig, run_debouncer};
-use crate::xds::provider::{ChangeNotifier, ResourceProvider, SharedResources};
-use crate::xds::registry::ConnectionRegistry;
-use crate::xds::resources::ResourceSet;
-use crate::xds::server::{XdsServer, XdsServerConfig};
+use crate::runtime::{ControlPlane, KubernetesSource, Listeners, Settings, Source};
+use crate::sources::kubernetes::KubeSourceOptions;
+use crate::status::LeaseConfig;
+use crate::xds::debounce::DebounceConfig;
+use crate::xds::server::XdsServerConfig;
 
 /// Connections the kernel may hold for the xDS listener before they are
 /// accepted: a whole fleet reconnects at once after a restart, and an overflow
@@ -44,16 +35,6 @@ async fn bind_with_backlog(addr: &str, backlog: u32, send_buffer: u32) -> std::i
         }
     }
     Err(last_error.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the address resolved to nothing")))
-}
-
-/// Runs blocking work so that the tokio worker it is called from hands its
-/// other tasks to another thread meanwhile (`block_in_place` on the
-/// multi-threaded runtime; directly elsewhere).
-fn outside_the_runtime<T>(work: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
-        _ => work(),
-    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -167,155 +148,52 @@ fn default_identity() -> String {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
-    let (notifier, changes) = ChangeNotifier::channel();
-    let mut mesh: Option<Arc<MeshResources>> = None;
-    let mut _file_watcher = None;
-    let mut _dir_watcher = None;
-    let mut cluster_health = None;
-    let mut background_tasks = Vec::new();
-    let certs = Arc::new(crate::ca::WorkloadCertificates::new(args.cert_ttl, args.ca_dir.clone()));
-    let provider: Arc<dyn ResourceProvider> = match (&args.resources, &args.config_dir) {
-        _ if args.kubernetes => {
-            let resources = MeshResources::with_certificates(notifier, certs.clone()).counting(&metrics.translation).shared();
-            let client = kube_client(args.kubeconfig.as_deref(), args.context.clone()).await?;
-            let health = SourceHealth::default();
-            let (snapshots_tx, snapshots_rx) = watch::channel(0u64);
-            let sink = resources.clone();
-            let options = KubeSourceOptions {
+    let source = match (&args.resources, &args.config_dir) {
+        _ if args.kubernetes => Source::Kubernetes(Box::new(KubernetesSource {
+            client: kube_client(args.kubeconfig.as_deref(), args.context.clone()).await?,
+            options: KubeSourceOptions {
                 management_name: args.management_cluster_name.clone(),
                 registration_namespace: args.registration_namespace.clone(),
-            };
-            let source_health = health.clone();
-            let source_client = client.clone();
-            background_tasks.push(tokio::spawn(async move {
-                let apply = move |inputs| {
-                    // CPU work: give this worker's other tasks (the debouncer it
-                    // just woke among them) to another thread meanwhile.
-                    outside_the_runtime(|| sink.update(inputs));
-                    snapshots_tx.send_modify(|v| *v += 1);
-                };
-                if let Err(e) = kubernetes::run(source_client, options, source_health, apply).await {
-                    tracing::error!(error = %e, "the Kubernetes source stopped");
-                }
-            }));
-            let lease = LeaseConfig {
+            },
+            lease: LeaseConfig {
                 namespace: args.registration_namespace.clone(),
                 name: "meshpilot-status-writer".into(),
                 identity: args.id.clone().unwrap_or_else(default_identity),
                 duration: args.lease_duration,
-            };
-            background_tasks.push(tokio::spawn(run_status_writer(client, lease, resources.clone(), snapshots_rx)));
-            cluster_health = Some(health);
-            mesh = Some(resources.clone());
-            resources
-        }
-        (_, Some(dir)) => {
-            let resources = MeshResources::with_certificates(notifier, certs.clone()).counting(&metrics.translation).shared();
-            let memory = Arc::new(std::sync::Mutex::new(SourceMemory::default()));
-            let inputs = load_config_dir(dir, &mut memory.lock().expect("source memory lock"))
-                .with_context(|| format!("reading --config-dir {}", dir.display()))?;
-            for e in &inputs.errors {
-                tracing::error!(error = %e, "config dir: bad input");
-            }
-            tracing::info!(dir = %dir.display(), clusters = inputs.clusters.len(), policies = inputs.traffic_policies.len(), "loaded config dir");
-            resources.update(inputs);
-            let sink = resources.clone();
-            _dir_watcher = Some(
-                watch_config_dir(dir.clone(), memory, move |inputs| sink.update(inputs)).with_context(|| format!("watching {}", dir.display()))?,
-            );
-            mesh = Some(resources.clone());
-            resources
-        }
-        (Some(path), None) => {
-            let shared = Arc::new(SharedResources::new(notifier));
-            let set = load_resource_file(path)?;
-            tracing::info!(path = %path.display(), resources = set.len(), "loaded resource file");
-            shared.set(set);
-            _file_watcher = Some(watch_resource_file(path.clone(), shared.clone()).with_context(|| format!("watching {}", path.display()))?);
-            shared
-        }
-        (None, None) => {
-            let shared = Arc::new(SharedResources::new(notifier));
-            shared.set(ResourceSet::new());
-            shared
-        }
+            },
+        })),
+        (_, Some(dir)) => Source::ConfigDir(dir.clone()),
+        (Some(path), None) => Source::ResourceFile(path.clone()),
+        (None, None) => Source::Empty,
     };
-
-    if let Some(resources) = &mesh {
-        // Rotation: re-issue certificates that passed two thirds of their life, and push them.
-        let resources = resources.clone();
-        let every = (args.cert_ttl / 20).clamp(Duration::from_millis(500), Duration::from_secs(60));
-        background_tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                if resources.certificates().rotation_due(std::time::SystemTime::now()) {
-                    tracing::info!("rotating workload certificates");
-                    resources.rotate_certificates();
-                }
-            }
-        }));
-    }
-    let (push_tx, push_rx) = watch::channel(None);
-    let debounce = DebounceConfig { quiet: args.debounce_after, max: args.debounce_max };
-    let debouncer = tokio::spawn(run_debouncer(debounce, changes, push_tx, metrics.clone()));
-
-    let registry = Arc::new(ConnectionRegistry::new());
-    let server = XdsServer::new(
-        provider.clone(),
-        registry.clone(),
-        metrics.clone(),
-        push_rx,
-        XdsServerConfig {
+    let settings = Settings {
+        cert_ttl: args.cert_ttl,
+        ca_dir: args.ca_dir.clone(),
+        debounce: DebounceConfig { quiet: args.debounce_after, max: args.debounce_max },
+        xds: XdsServerConfig {
             push_concurrency: args.push_concurrency,
             send_timeout: args.send_timeout,
             keepalive_interval: args.keepalive_interval,
             keepalive_timeout: args.keepalive_timeout,
             ..Default::default()
         },
-    );
-    let xds_listener = bind_with_backlog(&args.xds_addr, XDS_ACCEPT_BACKLOG, args.xds_send_buffer)
+    };
+    let plane = ControlPlane::start(source, settings).await?;
+
+    let xds = bind_with_backlog(&args.xds_addr, XDS_ACCEPT_BACKLOG, args.xds_send_buffer)
         .await
         .with_context(|| format!("binding --xds-addr {}", args.xds_addr))?;
-    let admin_listener =
-        tokio::net::TcpListener::bind(&args.admin_addr).await.with_context(|| format!("binding --admin-addr {}", args.admin_addr))?;
-    tracing::info!(xds = ?xds_listener.local_addr().ok(), admin = ?admin_listener.local_addr().ok(), "meshpilot serving");
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let grpc_unix = match &args.xds_socket {
+    let admin = tokio::net::TcpListener::bind(&args.admin_addr).await.with_context(|| format!("binding --admin-addr {}", args.admin_addr))?;
+    tracing::info!(xds = ?xds.local_addr().ok(), admin = ?admin.local_addr().ok(), "meshpilot serving");
+    let xds_unix = match &args.xds_socket {
         Some(path) => {
             let _ = std::fs::remove_file(path);
             let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("binding --xds-socket {}", path.display()))?;
             tracing::info!(socket = %path.display(), "serving xDS on a Unix socket too");
-            Some(tokio::spawn(crate::xds::serve_grpc_unix(listener, server.clone(), Csds::new(registry.clone()), stopped(stop_rx.clone()))))
+            Some(listener)
         }
         None => None,
     };
-    let grpc = tokio::spawn(crate::xds::serve_grpc(xds_listener, server, Csds::new(registry.clone()), stopped(stop_rx.clone())));
-    let admin =
-        tokio::spawn(serve_admin(admin_listener, AdminState { registry, metrics, provider, mesh, clusters: cluster_health }, stopped(stop_rx)));
-
-    shutdown_signal().await;
-    tracing::info!("shutting down: closing xDS streams");
-    // Dropping the push channel ends every stream; Envoy keeps its config and reconnects elsewhere.
-    debouncer.abort();
-    for t in &background_tasks {
-        t.abort();
-    }
-    let _ = stop_tx.send(true);
-    let drain = async {
-        let _ = grpc.await;
-        if let Some(g) = grpc_unix {
-            let _ = g.await;
-        }
-        let _ = admin.await;
-    };
-    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
-        tracing::warn!("shutdown timed out after 5s");
-    }
+    plane.serve(Listeners { xds, xds_unix, admin: Some(admin) }, shutdown_signal()).await;
     Ok(())
 }

@@ -5,6 +5,7 @@ use anyhow::Context;
 
 use super::http;
 use crate::admin::SyncStatus;
+use crate::xds::resource::ResourceType;
 
 #[derive(Debug, clap::Args)]
 pub struct AdminArgs {
@@ -24,27 +25,27 @@ pub struct ConfigDumpArgs {
     pub admin: AdminArgs,
 }
 
-const COLUMNS: [&str; 4] = ["CDS", "LDS", "EDS", "RDS"];
-
 /// Renders the `proxy-status` table (and any NACK messages below it).
 pub fn render_status_table(rows: &[SyncStatus]) -> String {
-    let mut table: Vec<Vec<String>> =
-        vec![["NAME", "CLUSTER", "MODE", "CDS", "LDS", "EDS", "RDS", "VERSION"].iter().map(|s| s.to_string()).collect()];
+    let header = ["NAME", "CLUSTER", "MODE"].into_iter().chain(ResourceType::STATUS_COLUMNS.map(ResourceType::short_name)).chain(["VERSION"]);
+    let mut table: Vec<Vec<String>> = vec![header.map(str::to_string).collect()];
     let mut errors = Vec::new();
+    let vhds = ResourceType::VirtualHost.short_name();
     for row in rows {
         let mut line = vec![row.proxy.clone(), row.cluster.clone(), row.mode.clone()];
-        for col in COLUMNS {
-            let mut state = row.types.get(col).map(|t| t.state.clone()).unwrap_or_else(|| "NOT SENT".into());
+        for ty in ResourceType::STATUS_COLUMNS {
+            let mut state = row.types.get(ty.short_name()).map(|t| t.state.clone()).unwrap_or_else(|| "NOT SENT".into());
             // Over delta ADS the routes' virtual hosts come by VHDS: the RDS cell tells when they lag.
-            if col == "RDS"
-                && let Some(vhds) = row.types.get("VHDS").filter(|v| v.state != "SYNCED")
+            if ty == ResourceType::Route
+                && let Some(hosts) = row.types.get(vhds).filter(|v| v.state != "SYNCED")
             {
-                state = format!("{state} (VHDS {})", vhds.state);
+                state = format!("{state} ({vhds} {})", hosts.state);
             }
             line.push(state);
         }
-        for col in COLUMNS.iter().chain(&["VHDS"]) {
-            if let Some(err) = row.types.get(*col).and_then(|t| t.last_error.as_ref()) {
+        // Every type's rejections, SDS's and VHDS's included, in push order.
+        for col in ResourceType::PUSH_ORDER.map(ResourceType::short_name) {
+            if let Some(err) = row.types.get(col).and_then(|t| t.last_error.as_ref()) {
                 let one_line = err.split_whitespace().collect::<Vec<_>>().join(" ");
                 errors.push(format!("{} {col}: {one_line}", row.proxy));
             }

@@ -110,12 +110,16 @@ struct ClusterWatch {
     /// Each Pod's summary, by the stored Pod (held, so its address stays its
     /// own): an unchanged Pod keeps its summary, so the build reuses the
     /// endpoints of every service whose Pods did not change.
-    pod_summaries: std::sync::Mutex<HashMap<usize, (Arc<Pod>, Arc<PodSummary>)>>,
+    pod_summaries: std::sync::Mutex<PodSummaries>,
     /// What the last build of this cluster made per service.
     memo: std::sync::Mutex<ClusterMemo>,
     /// Aborted when dropped: dropping the watch stops its reflectors.
     _tasks: JoinSet<()>,
 }
+
+/// Each stored Pod's summary, keyed by the stored Pod's address (the Pod is
+/// held with it, so the address cannot be reused meanwhile).
+type PodSummaries = HashMap<usize, (Arc<Pod>, Arc<PodSummary>)>;
 
 impl ClusterWatch {
     fn objects(&self) -> ClusterObjects {

@@ -4,4 +4,3 @@
 
 pub mod file;
 pub mod kubernetes;
-pub mod kubernetes_status;

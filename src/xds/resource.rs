@@ -31,6 +31,11 @@ impl ResourceType {
     pub const PUSH_ORDER: [ResourceType; 6] =
         [ResourceType::Cluster, ResourceType::Endpoint, ResourceType::Listener, ResourceType::Route, ResourceType::VirtualHost, ResourceType::Secret];
 
+    /// The columns of `proxy-status`, in `istioctl proxy-status`'s order.
+    /// VHDS is shown inside the RDS cell (it carries RDS's virtual hosts);
+    /// SDS, as in istioctl, has no column (its NACKs are listed below the table).
+    pub const STATUS_COLUMNS: [ResourceType; 4] = [ResourceType::Cluster, ResourceType::Listener, ResourceType::Endpoint, ResourceType::Route];
+
     pub fn type_url(self) -> &'static str {
         match self {
             ResourceType::Cluster => "type.googleapis.com/envoy.config.cluster.v3.Cluster",

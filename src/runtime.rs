@@ -1,0 +1,268 @@
+//! The composition root: the one place that wires a source into the mesh
+//! cache, the cache into the debouncer and the xDS server, and the server and
+//! the admin API onto their listeners. `meshpilot serve` starts meshpilot
+//! through it, and so do the tests that drive the server in-process
+//! (`tests/ads_protocol.rs`, with a provider of their own).
+//!
+//! ```text
+//!  Source ──► MeshResources (cache) ──► ChangeNotifier ──► debouncer ──► XdsServer ──► listeners
+//!                     └──► status writer (Kubernetes, Lease holder)        AdminState ──► admin listener
+//! ```
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::admin::{AdminState, serve_admin};
+use crate::ca::WorkloadCertificates;
+use crate::cache::MeshResources;
+use crate::metrics::Metrics;
+use crate::sources::file::{SourceMemory, load_config_dir, watch_config_dir};
+use crate::sources::kubernetes::{self, KubeSourceOptions, SourceHealth};
+use crate::static_resources::{load_resource_file, watch_resource_file};
+use crate::status::{LeaseConfig, run_status_writer};
+use crate::xds::csds::Csds;
+use crate::xds::debounce::{DebounceConfig, run_debouncer};
+use crate::xds::provider::{ChangeNotifier, ResourceProvider, SharedResources};
+use crate::xds::registry::ConnectionRegistry;
+use crate::xds::resources::ResourceSet;
+use crate::xds::server::{XdsServer, XdsServerConfig};
+
+/// Where the served configuration comes from.
+pub enum Source {
+    /// Local mode: a watched folder of cluster manifests and mesh objects.
+    ConfigDir(PathBuf),
+    /// Kubernetes mode: the management cluster (mesh objects, registrations)
+    /// and every registered cluster.
+    Kubernetes(Box<KubernetesSource>),
+    /// A watched file of raw Envoy resources, served to every proxy as written.
+    ResourceFile(PathBuf),
+    /// Nothing: an empty resource set (a server to point tools at).
+    Empty,
+}
+
+/// Kubernetes mode's inputs.
+pub struct KubernetesSource {
+    /// The management cluster.
+    pub client: kube::Client,
+    pub options: KubeSourceOptions,
+    /// Policy status is written back by the replica holding this Lease.
+    pub lease: LeaseConfig,
+}
+
+/// How the mesh cache, the debouncer and the xDS server are tuned.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Lifetime of workload certificates (re-issued after two thirds of it).
+    pub cert_ttl: Duration,
+    /// Where VirtualMesh CAs are kept on disk (none: in memory).
+    pub ca_dir: Option<PathBuf>,
+    pub debounce: DebounceConfig,
+    pub xds: XdsServerConfig,
+}
+
+/// Where a control plane listens.
+pub struct Listeners {
+    pub xds: tokio::net::TcpListener,
+    /// xDS on a Unix socket too (proxies in other network namespaces reach it by path).
+    pub xds_unix: Option<tokio::net::UnixListener>,
+    pub admin: Option<tokio::net::TcpListener>,
+}
+
+/// A control plane, wired and computing, not yet listening.
+pub struct ControlPlane {
+    pub metrics: Arc<Metrics>,
+    pub registry: Arc<ConnectionRegistry>,
+    pub provider: Arc<dyn ResourceProvider>,
+    /// The mesh cache, when serving from mesh sources (policy status, describe).
+    pub mesh: Option<Arc<MeshResources>>,
+    /// The Kubernetes source's per-cluster watch health.
+    pub clusters: Option<SourceHealth>,
+    pub server: XdsServer,
+    /// The debouncer and the sources' background work: aborted at shutdown.
+    tasks: Vec<JoinHandle<()>>,
+    /// File watchers: they stop when dropped.
+    _watchers: Vec<notify::RecommendedWatcher>,
+}
+
+impl ControlPlane {
+    /// Wires `source` into a mesh cache (or a shared resource set) and that
+    /// into the debouncer and the xDS server; the first configuration is read
+    /// before this returns (Kubernetes: once every cluster has listed, which
+    /// `/readyz` reports).
+    pub async fn start(source: Source, settings: Settings) -> anyhow::Result<ControlPlane> {
+        let metrics = Arc::new(Metrics::new());
+        let (notifier, changes) = ChangeNotifier::channel();
+        let certs = Arc::new(WorkloadCertificates::new(settings.cert_ttl, settings.ca_dir.clone()));
+        let mut tasks = Vec::new();
+        let mut watchers = Vec::new();
+        let (mut mesh, mut clusters) = (None, None);
+        let provider: Arc<dyn ResourceProvider> = match source {
+            Source::Kubernetes(kube) => {
+                let KubernetesSource { client, options, lease } = *kube;
+                let resources = MeshResources::with_certificates(notifier, certs).counting(&metrics.translation).shared();
+                let health = SourceHealth::default();
+                let (snapshots_tx, snapshots_rx) = watch::channel(0u64);
+                let sink = resources.clone();
+                let (source_client, source_health) = (client.clone(), health.clone());
+                tasks.push(tokio::spawn(async move {
+                    let apply = move |inputs| {
+                        // CPU work: give this worker's other tasks (the debouncer it
+                        // just woke among them) to another thread meanwhile.
+                        outside_the_runtime(|| sink.update(inputs));
+                        snapshots_tx.send_modify(|v| *v += 1);
+                    };
+                    if let Err(e) = kubernetes::run(source_client, options, source_health, apply).await {
+                        tracing::error!(error = %e, "the Kubernetes source stopped");
+                    }
+                }));
+                tasks.push(tokio::spawn(run_status_writer(client, lease, resources.clone(), snapshots_rx)));
+                clusters = Some(health);
+                mesh = Some(resources.clone());
+                resources
+            }
+            Source::ConfigDir(dir) => {
+                let resources = MeshResources::with_certificates(notifier, certs).counting(&metrics.translation).shared();
+                let memory = Arc::new(std::sync::Mutex::new(SourceMemory::default()));
+                let inputs = load_config_dir(&dir, &mut memory.lock().expect("source memory lock"))
+                    .with_context(|| format!("reading --config-dir {}", dir.display()))?;
+                for e in &inputs.errors {
+                    tracing::error!(error = %e, "config dir: bad input");
+                }
+                tracing::info!(dir = %dir.display(), clusters = inputs.clusters.len(), policies = inputs.traffic_policies.len(), "loaded config dir");
+                resources.update(inputs);
+                let sink = resources.clone();
+                watchers.push(
+                    watch_config_dir(dir.clone(), memory, move |inputs| sink.update(inputs))
+                        .with_context(|| format!("watching {}", dir.display()))?,
+                );
+                mesh = Some(resources.clone());
+                resources
+            }
+            Source::ResourceFile(path) => {
+                let shared = Arc::new(SharedResources::new(notifier));
+                let set = load_resource_file(&path)?;
+                tracing::info!(path = %path.display(), resources = set.len(), "loaded resource file");
+                shared.set(set);
+                watchers.push(watch_resource_file(path.clone(), shared.clone()).with_context(|| format!("watching {}", path.display()))?);
+                shared
+            }
+            Source::Empty => {
+                let shared = Arc::new(SharedResources::new(notifier));
+                shared.set(ResourceSet::new());
+                shared
+            }
+        };
+        if let Some(resources) = &mesh {
+            tasks.push(tokio::spawn(rotate_certificates(resources.clone(), settings.cert_ttl)));
+        }
+        let mut plane = ControlPlane::with_provider(provider, changes, metrics, settings.debounce, settings.xds);
+        plane.mesh = mesh;
+        plane.clusters = clusters;
+        plane.tasks.extend(tasks);
+        plane._watchers = watchers;
+        Ok(plane)
+    }
+
+    /// Any provider behind the same debouncer and xDS server: `changes` is
+    /// the receiving end of the provider's [`ChangeNotifier`].
+    pub fn with_provider(
+        provider: Arc<dyn ResourceProvider>,
+        changes: mpsc::UnboundedReceiver<Instant>,
+        metrics: Arc<Metrics>,
+        debounce: DebounceConfig,
+        xds: XdsServerConfig,
+    ) -> ControlPlane {
+        let (push_tx, push_rx) = watch::channel(None);
+        let debouncer = tokio::spawn(run_debouncer(debounce, changes, push_tx, metrics.clone()));
+        let registry = Arc::new(ConnectionRegistry::new());
+        let server = XdsServer::new(provider.clone(), registry.clone(), metrics.clone(), push_rx, xds);
+        ControlPlane { metrics, registry, provider, mesh: None, clusters: None, server, tasks: vec![debouncer], _watchers: Vec::new() }
+    }
+
+    /// What the admin API reads.
+    pub fn admin_state(&self) -> AdminState {
+        AdminState {
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            provider: self.provider.clone(),
+            mesh: self.mesh.clone(),
+            clusters: self.clusters.clone(),
+        }
+    }
+
+    /// Serves xDS (ADS, the per-type services and CSDS) and the admin API
+    /// until `shutdown` resolves; then stops pushing, closes every stream
+    /// (Envoy keeps its config and reconnects elsewhere) and waits 5 s at
+    /// most for the listeners to drain.
+    pub async fn serve(self, listeners: Listeners, shutdown: impl std::future::Future<Output = ()>) {
+        let admin_state = self.admin_state();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let csds = Csds::new(self.registry.clone());
+        let mut servers = Vec::new();
+        if let Some(unix) = listeners.xds_unix {
+            let (server, csds, stop) = (self.server.clone(), csds.clone(), stopped(stop_rx.clone()));
+            servers.push(tokio::spawn(async move {
+                if let Err(e) = crate::xds::serve_grpc_unix(unix, server, csds, stop).await {
+                    tracing::error!(error = %e, "xDS on the Unix socket stopped");
+                }
+            }));
+        }
+        let (server, stop) = (self.server.clone(), stopped(stop_rx.clone()));
+        servers.push(tokio::spawn(async move {
+            if let Err(e) = crate::xds::serve_grpc(listeners.xds, server, csds, stop).await {
+                tracing::error!(error = %e, "xDS server stopped");
+            }
+        }));
+        if let Some(admin) = listeners.admin {
+            let stop = stopped(stop_rx);
+            servers.push(tokio::spawn(async move {
+                if let Err(e) = serve_admin(admin, admin_state, stop).await {
+                    tracing::error!(error = %e, "admin server stopped");
+                }
+            }));
+        }
+
+        shutdown.await;
+        tracing::info!("shutting down: closing xDS streams");
+        // Ending the debouncer drops the push channel, which ends every stream.
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = stop_tx.send(true);
+        let drain = futures::future::join_all(servers);
+        if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+            tracing::warn!("shutdown timed out after 5s");
+        }
+    }
+}
+
+/// Re-issues the certificates that passed two thirds of their life, and pushes them.
+async fn rotate_certificates(resources: Arc<MeshResources>, cert_ttl: Duration) {
+    let every = (cert_ttl / 20).clamp(Duration::from_millis(500), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        if resources.certificates().rotation_due(std::time::SystemTime::now()) {
+            tracing::info!("rotating workload certificates");
+            resources.rotate_certificates();
+        }
+    }
+}
+
+/// Runs blocking work so that the tokio worker it is called from hands its
+/// other tasks to another thread meanwhile (`block_in_place` on the
+/// multi-threaded runtime; directly elsewhere).
+fn outside_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
