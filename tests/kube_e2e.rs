@@ -302,6 +302,11 @@ async fn seed_scenario_against_two_real_clusters() {
     mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("management-plane.yaml", &mp_prefix))).unwrap();
     remote.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("remote-cluster.yaml", &rc_prefix))).unwrap();
     remote.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("reviews-v3.yaml", &rc_prefix))).unwrap();
+    // Identities are proven with the registered clusters' TokenReviews
+    // (issue 19): the reader may create them, and nothing broader.
+    assert_eq!(remote.kubectl(&["auth", "can-i", "create", "tokenreviews.authentication.k8s.io", "--as", reader]).trim(), "yes");
+    certificate_api_with_real_tokens(&mgmt, &remote).await;
+
     // The two clusters are on separate networks, in one virtual mesh with a builtin CA.
     mgmt.kubectl(&["apply", "-f", repo.join("examples/bookinfo-multinet/mesh/virtual-mesh.yaml").to_str().unwrap()]);
 
@@ -510,4 +515,60 @@ async fn seed_scenario_against_two_real_clusters() {
     .await;
     assert!(message.contains("\"remote-cluster\" is not registered"), "{message}");
     drop(mgmt);
+}
+
+/// Istio's certificate API over the real remote API server: the reader
+/// identity stored by `cluster register` reviews tokens that kubectl made
+/// with the TokenRequest API; a CSR is signed only for the identity its token proves.
+async fn certificate_api_with_real_tokens(mgmt: &KubeCluster, remote: &KubeCluster) {
+    use base64::Engine;
+    use meshpilot::ca::WorkloadCertificates;
+    use meshpilot::ca::service::{CertificateService, IstioCertificateRequest, TrustLookup};
+    use meshpilot::ca::token::{KubeTokenReviewer, TokenError, TokenReviewer};
+    use meshpilot::model::MeshTrust;
+
+    struct RemoteMesh;
+    impl TrustLookup for RemoteMesh {
+        fn trust_of(&self, cluster: &str) -> Option<MeshTrust> {
+            (cluster == "remote-cluster").then(|| MeshTrust { virtual_mesh: "service-mesh-hub/e2e".into(), trust_domain: "cluster.local".into() })
+        }
+    }
+
+    let stored = mgmt.kubectl(&["get", "secret", &remote.name, "-n", "service-mesh-hub", "-o", "jsonpath={.data.kubeconfig}"]);
+    let yaml = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(stored.trim()).unwrap()).unwrap();
+    let (client, _) = meshpilot::sources::kubernetes::client_from_kubeconfig_yaml(&yaml, None).await.unwrap();
+    let reviewer = std::sync::Arc::new(KubeTokenReviewer::new());
+    reviewer.set_cluster(&remote.name, client);
+
+    remote.kubectl(&["create", "serviceaccount", "ca-e2e", "-n", "default"]);
+    let token = remote.kubectl(&["create", "token", "ca-e2e", "-n", "default", "--audience", "istio-ca"]).trim().to_string();
+    let id = reviewer.review(&remote.name, &token).await.expect("a TokenRequest token for istio-ca is accepted");
+    assert_eq!((id.namespace.as_str(), id.service_account.as_str()), ("default", "ca-e2e"));
+    // A token for the API server's own audience, a forged one, an unregistered cluster.
+    let api_token = remote.kubectl(&["create", "token", "ca-e2e", "-n", "default"]).trim().to_string();
+    assert!(matches!(reviewer.review(&remote.name, &api_token).await, Err(TokenError::Rejected { .. })));
+    let forged = format!("{}x", &token[..token.len() - 1]);
+    assert!(matches!(reviewer.review(&remote.name, &forged).await, Err(TokenError::Rejected { .. })));
+    assert!(matches!(reviewer.review("nowhere", &token).await, Err(TokenError::UnknownCluster { .. })));
+
+    let service = CertificateService::new(
+        reviewer,
+        std::sync::Arc::new(RemoteMesh),
+        std::sync::Arc::new(WorkloadCertificates::new(Duration::from_secs(3600), None)),
+    );
+    let request = |sa: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        let id = format!("spiffe://cluster.local/ns/default/sa/{sa}");
+        params.subject_alt_names = vec![rcgen::SanType::URI(id.as_str().try_into().unwrap())];
+        let mut r =
+            tonic::Request::new(IstioCertificateRequest { csr: params.serialize_request(&key).unwrap().pem().unwrap(), ..Default::default() });
+        r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r.metadata_mut().insert("clusterid", remote.name.parse().unwrap());
+        r
+    };
+    let chain = service.create_certificate(request("ca-e2e")).await.expect("its own identity is signed").cert_chain;
+    assert_eq!(chain.len(), 2);
+    let refused = service.create_certificate(request("bookinfo-reviews")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
 }

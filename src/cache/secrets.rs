@@ -25,3 +25,11 @@ impl MeshResources {
         }
     }
 }
+
+/// The certificate API signs for a cluster with the CA of the VirtualMesh the
+/// published snapshot puts it in.
+impl crate::ca::service::TrustLookup for MeshResources {
+    fn trust_of(&self, cluster: &str) -> Option<crate::model::MeshTrust> {
+        self.snapshot().trust.get(cluster).cloned()
+    }
+}

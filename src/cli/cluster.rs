@@ -134,7 +134,9 @@ fn remote_endpoint(kubeconfig: &Kubeconfig, context: &str, base: Option<&std::pa
     Ok((server, ca))
 }
 
-/// The least RBAC meshpilot needs in a watched cluster.
+/// The least RBAC meshpilot needs in a watched cluster: read the workloads,
+/// and review the ServiceAccount tokens its workloads prove their identity
+/// with (Istio's certificate API; `create tokenreviews` and nothing broader).
 pub fn reader_cluster_role() -> serde_json::Value {
     json!({
         "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -142,7 +144,8 @@ pub fn reader_cluster_role() -> serde_json::Value {
         "metadata": { "name": READER_NAME, "labels": { "app.kubernetes.io/managed-by": "meshpilot" } },
         "rules": [
             { "apiGroups": [""], "resources": ["services", "pods", "nodes", "namespaces"], "verbs": ["get", "list", "watch"] },
-            { "apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"] }
+            { "apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"] },
+            { "apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"] }
         ]
     })
 }

@@ -4,11 +4,19 @@
 //! workload certificates with the SPIFFE id `spiffe://<trust
 //! domain>/ns/<ns>/sa/<sa>` as their only URI SAN, issued on demand and
 //! re-issued when two thirds of their lifetime have passed.
+//!
+//! `csr` signs a workload's own key for the identity it proved; `token`
+//! proves identities with Kubernetes TokenReviews; `service` is Istio's
+//! certificate API (`istio.v1.auth.IstioCertificateService`) over both.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+
+pub mod csr;
+pub mod service;
+pub mod token;
 
 use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
 
@@ -59,6 +67,12 @@ impl CertificateAuthority {
         let key = KeyPair::from_pem(key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
         Ok(CertificateAuthority { root_pem: cert_pem.to_string(), issuer })
+    }
+
+    /// Signs a parsed request as it stands (its contents are the caller's to
+    /// check: `csr::sign_csr`), as PEM.
+    pub(crate) fn sign_request(&self, request: &rcgen::CertificateSigningRequestParams) -> Result<String, CaError> {
+        Ok(request.signed_by(&self.issuer)?.pem())
     }
 
     pub fn key_pem(&self) -> String {
