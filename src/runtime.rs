@@ -19,6 +19,8 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{AdminState, serve_admin};
 use crate::ca::WorkloadCertificates;
+use crate::ca::service::CertificateService;
+use crate::ca::token::KubeTokenReviewer;
 use crate::cache::MeshResources;
 use crate::metrics::Metrics;
 use crate::sources::file::{SourceMemory, load_config_dir, watch_config_dir};
@@ -82,6 +84,9 @@ pub struct ControlPlane {
     pub mesh: Option<Arc<MeshResources>>,
     /// The Kubernetes source's per-cluster watch health.
     pub clusters: Option<SourceHealth>,
+    /// Istio's certificate API (Kubernetes mode: tokens are reviewed by the
+    /// registered clusters), for the TLS xDS listener; never served in plaintext.
+    pub certificates: Option<CertificateService>,
     pub server: XdsServer,
     /// The debouncer and the sources' background work: aborted at shutdown.
     tasks: Vec<JoinHandle<()>>,
@@ -100,11 +105,19 @@ impl ControlPlane {
         let certs = Arc::new(WorkloadCertificates::new(settings.cert_ttl, settings.ca_dir.clone()));
         let mut tasks = Vec::new();
         let mut watchers = Vec::new();
-        let (mut mesh, mut clusters) = (None, None);
+        let (mut mesh, mut clusters, mut certificates) = (None, None, None);
         let provider: Arc<dyn ResourceProvider> = match source {
             Source::Kubernetes(kube) => {
-                let KubernetesSource { client, options, lease } = *kube;
-                let resources = MeshResources::with_certificates(notifier, certs).counting(&metrics.translation).shared();
+                let KubernetesSource { client, mut options, lease } = *kube;
+                let resources = MeshResources::with_certificates(notifier, certs.clone()).counting(&metrics.translation).shared();
+                // Every registered cluster's client reviews its workloads' tokens.
+                let reviewer = Arc::new(KubeTokenReviewer::new());
+                let hook_reviewer = reviewer.clone();
+                options.on_cluster_client = Some(Arc::new(move |cluster: &str, client: Option<kube::Client>| match client {
+                    Some(c) => hook_reviewer.set_cluster(cluster, c),
+                    None => hook_reviewer.remove_cluster(cluster),
+                }));
+                certificates = Some(CertificateService::new(reviewer, resources.clone(), certs));
                 let health = SourceHealth::default();
                 let (snapshots_tx, snapshots_rx) = watch::channel(0u64);
                 let sink = resources.clone();
@@ -163,6 +176,7 @@ impl ControlPlane {
         let mut plane = ControlPlane::with_provider(provider, changes, metrics, settings.debounce, settings.xds);
         plane.mesh = mesh;
         plane.clusters = clusters;
+        plane.certificates = certificates;
         plane.tasks.extend(tasks);
         plane._watchers = watchers;
         Ok(plane)
@@ -181,7 +195,17 @@ impl ControlPlane {
         let debouncer = tokio::spawn(run_debouncer(debounce, changes, push_tx, metrics.clone()));
         let registry = Arc::new(ConnectionRegistry::new());
         let server = XdsServer::new(provider.clone(), registry.clone(), metrics.clone(), push_rx, xds);
-        ControlPlane { metrics, registry, provider, mesh: None, clusters: None, server, tasks: vec![debouncer], _watchers: Vec::new() }
+        ControlPlane {
+            metrics,
+            registry,
+            provider,
+            mesh: None,
+            clusters: None,
+            certificates: None,
+            server,
+            tasks: vec![debouncer],
+            _watchers: Vec::new(),
+        }
     }
 
     /// What the admin API reads.

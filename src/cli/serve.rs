@@ -154,6 +154,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             options: KubeSourceOptions {
                 management_name: args.management_cluster_name.clone(),
                 registration_namespace: args.registration_namespace.clone(),
+                on_cluster_client: None,
             },
             lease: LeaseConfig {
                 namespace: args.registration_namespace.clone(),

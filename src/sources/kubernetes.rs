@@ -259,13 +259,19 @@ fn policy_object<S: serde::de::DeserializeOwned + Default>(obj: &DynamicObject, 
     }
 }
 
+/// Told each registered cluster's client as its watches start (`Some`) and
+/// when the cluster is deregistered (`None`): the certificate API reviews
+/// tokens with the same registration identity.
+pub type ClusterClientHook = Arc<dyn Fn(&str, Option<Client>) + Send + Sync>;
+
 /// Options for [`run`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KubeSourceOptions {
     /// The name the management cluster goes by in messages.
     pub management_name: String,
     /// Where KubernetesCluster objects and their Secrets live.
     pub registration_namespace: String,
+    pub on_cluster_client: Option<ClusterClientHook>,
 }
 
 /// Runs the source until the process ends: calls `apply` with fresh inputs
@@ -393,6 +399,9 @@ pub async fn run(
                     h.server = server.clone();
                     h.synced = false;
                 });
+                if let Some(hook) = &options.on_cluster_client {
+                    hook(&name, Some(client.clone()));
+                }
                 let watch = start_cluster(client, &name, fingerprint, &health, &dirty_tx);
                 // Replacing a watch aborts the old one (JoinSet aborts on drop);
                 // its objects keep serving until the new one has listed.
@@ -402,6 +411,9 @@ pub async fn run(
             for name in gone {
                 tracing::info!(cluster = %name, "cluster deregistered: stopping its watches");
                 watches.remove(&name);
+                if let Some(hook) = &options.on_cluster_client {
+                    hook(&name, None);
+                }
                 states.remove(&name);
                 errors.remove(&name);
                 health.remove(&name);
