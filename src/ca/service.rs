@@ -176,20 +176,14 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ca::token::ServiceAccountIdentity;
-    use std::future::Future;
-    use std::pin::Pin;
+    use crate::ca::token::{Review, ServiceAccountIdentity};
     use std::time::Duration;
 
     /// Tokens are "<namespace>/<service account>" in cluster "c1"; anything else is rejected.
     struct NamedTokens;
 
     impl TokenReviewer for NamedTokens {
-        fn review<'a>(
-            &'a self,
-            cluster: &'a str,
-            token: &'a str,
-        ) -> Pin<Box<dyn Future<Output = Result<ServiceAccountIdentity, TokenError>> + Send + 'a>> {
+        fn review<'a>(&'a self, cluster: &'a str, token: &'a str) -> Review<'a> {
             Box::pin(async move {
                 if cluster != "c1" {
                     return Err(TokenError::UnknownCluster { cluster: cluster.into(), registered: "c1".into() });

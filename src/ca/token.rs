@@ -49,14 +49,13 @@ pub enum TokenError {
     Api { cluster: String, error: String },
 }
 
+/// What a review returns, later.
+pub type Review<'a> = Pin<Box<dyn Future<Output = Result<ServiceAccountIdentity, TokenError>> + Send + 'a>>;
+
 /// Reviews bearer tokens; the certificate API and the xDS stream
 /// authentication ask it, and never the proxy's metadata.
 pub trait TokenReviewer: Send + Sync {
-    fn review<'a>(
-        &'a self,
-        cluster: &'a str,
-        token: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<ServiceAccountIdentity, TokenError>> + Send + 'a>>;
+    fn review<'a>(&'a self, cluster: &'a str, token: &'a str) -> Review<'a>;
 }
 
 /// The identity a TokenReview's status proves, or why it proves none.
@@ -108,11 +107,7 @@ impl KubeTokenReviewer {
 }
 
 impl TokenReviewer for KubeTokenReviewer {
-    fn review<'a>(
-        &'a self,
-        cluster: &'a str,
-        token: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<ServiceAccountIdentity, TokenError>> + Send + 'a>> {
+    fn review<'a>(&'a self, cluster: &'a str, token: &'a str) -> Review<'a> {
         Box::pin(async move {
             let client = {
                 let clusters = self.clusters.read().expect("reviewer lock");
