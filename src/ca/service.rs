@@ -96,7 +96,7 @@ impl CertificateService {
                 identity.cluster
             ))
         })?;
-        let spiffe_id = identity.spiffe_id(&trust.trust_domain);
+        let spiffe_id = trust.spiffe_id(&identity.namespace, &identity.service_account);
         let ca = self.certs.authority(&trust.virtual_mesh).map_err(|e| Status::internal(format!("the CA of {}: {e}", trust.virtual_mesh)))?;
         let req = request.get_ref();
         let signed = sign_csr(&ca, &req.csr, &spiffe_id, req.validity_duration, self.certs.ttl(), SystemTime::now()).map_err(csr_status)?;

@@ -27,12 +27,6 @@ pub struct ServiceAccountIdentity {
     pub service_account: String,
 }
 
-impl ServiceAccountIdentity {
-    pub fn spiffe_id(&self, trust_domain: &str) -> String {
-        format!("spiffe://{trust_domain}/ns/{}/sa/{}", self.namespace, self.service_account)
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
     #[error("cluster {cluster:?} (the clusterid header) is not a registered cluster; registered: {registered}")]
@@ -152,7 +146,6 @@ mod tests {
     fn a_service_account_token_for_istio_ca_proves_its_namespace_and_account() {
         let id = identity_of("c1", &status(true, "system:serviceaccount:default:bookinfo-productpage", &["istio-ca"])).unwrap();
         assert_eq!(id, ServiceAccountIdentity { cluster: "c1".into(), namespace: "default".into(), service_account: "bookinfo-productpage".into() });
-        assert_eq!(id.spiffe_id("cluster.local"), "spiffe://cluster.local/ns/default/sa/bookinfo-productpage");
     }
 
     #[test]

@@ -13,7 +13,7 @@ impl MeshResources {
             return;
         }
         let Some(trust) = snapshot.trust.get(&scope.cluster) else { return };
-        let id = translate::tls::spiffe_id(&trust.trust_domain, &scope.namespace, &scope.service_account);
+        let id = trust.spiffe_id(&scope.namespace, &scope.service_account);
         match self.certs.certificate(&trust.virtual_mesh, &id, std::time::SystemTime::now()) {
             Ok((cert, root)) => {
                 let w = translate::tls::workload_secret(&cert.cert_pem, &cert.key_pem);

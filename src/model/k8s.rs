@@ -87,9 +87,8 @@ type TargetPort = (ServicePort, Option<IntOrString>);
 /// next build of the same cluster: an endpoint change rewrites one service's
 /// EndpointSlice, and only that service's endpoints are built again (the
 /// others keep their lists, the same `Arc`s, which the snapshot diff then
-/// skips without comparing). At 100 endpoint changes a second on the
-/// 1,000-service fixture, rebuilding every service's endpoints on each
-/// reload had taken most of a core.
+/// skips without comparing). On the 1,000-service fixture this took the
+/// reload of one endpoint change from 39–41 ms to 28 ms (docs/performance.md).
 #[derive(Debug, Default)]
 pub struct ClusterMemo {
     built: HashMap<(String, String), BuiltEndpoints>,

@@ -107,6 +107,13 @@ pub struct MeshTrust {
     pub trust_domain: String,
 }
 
+impl MeshTrust {
+    /// A workload's identity in this trust: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+    pub fn spiffe_id(&self, namespace: &str, service_account: &str) -> String {
+        format!("spiffe://{}/ns/{namespace}/sa/{service_account}", self.trust_domain)
+    }
+}
+
 impl Service {
     pub fn port(&self, port: u16) -> Option<&ServicePort> {
         self.ports.iter().find(|p| p.port == port)
@@ -427,4 +434,15 @@ fn mesh_peers(inputs: &MeshInputs) -> BTreeMap<String, BTreeSet<String>> {
         }
     }
     peers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_workload_identity_is_its_trust_domains_spiffe_id() {
+        let trust = MeshTrust { virtual_mesh: "service-mesh-hub/vm".into(), trust_domain: "cluster.local".into() };
+        assert_eq!(trust.spiffe_id("default", "bookinfo-productpage"), "spiffe://cluster.local/ns/default/sa/bookinfo-productpage");
+    }
 }

@@ -29,11 +29,6 @@ fn sds(name: &str) -> SdsSecretConfig {
     SdsSecretConfig { name: name.to_string(), sds_config: Some(ads_config_source()) }
 }
 
-/// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
-pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
-    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
-}
-
 fn common(peer_san_prefix: Option<&str>) -> CommonTlsContext {
     let default_validation_context = CertificateValidationContext {
         match_typed_subject_alt_names: peer_san_prefix
