@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{AdminState, serve_admin};
 use crate::ca::WorkloadCertificates;
+use crate::ca::kube_roots::{RootPublisher, load_root};
 use crate::ca::service::CertificateService;
 use crate::ca::token::KubeTokenReviewer;
 use crate::cache::MeshResources;
@@ -102,7 +103,11 @@ impl ControlPlane {
     pub async fn start(source: Source, settings: Settings) -> anyhow::Result<ControlPlane> {
         let metrics = Arc::new(Metrics::new());
         let (notifier, changes) = ChangeNotifier::channel();
-        let certs = Arc::new(WorkloadCertificates::new(settings.cert_ttl, settings.ca_dir.clone()));
+        let certs = Arc::new(match &source {
+            // Every replica signs with the management cluster's roots, never its own.
+            Source::Kubernetes(_) => WorkloadCertificates::installed_only(settings.cert_ttl),
+            _ => WorkloadCertificates::new(settings.cert_ttl, settings.ca_dir.clone()),
+        });
         let mut tasks = Vec::new();
         let mut watchers = Vec::new();
         let (mut mesh, mut clusters, mut certificates) = (None, None, None);
@@ -112,10 +117,18 @@ impl ControlPlane {
                 let resources = MeshResources::with_certificates(notifier, certs.clone()).counting(&metrics.translation).shared();
                 // Every registered cluster's client reviews its workloads' tokens.
                 let reviewer = Arc::new(KubeTokenReviewer::new());
-                let hook_reviewer = reviewer.clone();
+                // ... and gets the mesh root published into its namespaces.
+                let publisher = Arc::new(RootPublisher::new());
+                let (hook_reviewer, hook_publisher) = (reviewer.clone(), publisher.clone());
                 options.on_cluster_client = Some(Arc::new(move |cluster: &str, client: Option<kube::Client>| match client {
-                    Some(c) => hook_reviewer.set_cluster(cluster, c),
-                    None => hook_reviewer.remove_cluster(cluster),
+                    Some(c) => {
+                        hook_reviewer.set_cluster(cluster, c.clone());
+                        hook_publisher.set_cluster(cluster, c);
+                    }
+                    None => {
+                        hook_reviewer.remove_cluster(cluster);
+                        hook_publisher.remove_cluster(cluster);
+                    }
                 }));
                 certificates = Some(CertificateService::new(reviewer, resources.clone(), certs));
                 let health = SourceHealth::default();
@@ -133,6 +146,7 @@ impl ControlPlane {
                         tracing::error!(error = %e, "the Kubernetes source stopped");
                     }
                 }));
+                tasks.push(tokio::spawn(keep_mesh_roots(client.clone(), resources.clone(), publisher, snapshots_rx.clone())));
                 tasks.push(tokio::spawn(run_status_writer(client, lease, resources.clone(), snapshots_rx)));
                 clusters = Some(health);
                 mesh = Some(resources.clone());
@@ -264,6 +278,62 @@ impl ControlPlane {
         let drain = futures::future::join_all(servers);
         if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
             tracing::warn!("shutdown timed out after 5s");
+        }
+    }
+}
+
+/// Kubernetes mode: loads every VirtualMesh's CA from the management
+/// cluster (creating a builtin root's Secret once) as the snapshot names
+/// them, re-translates the secrets when one arrives or changes, and keeps
+/// each root published in its clusters' namespaces. Failures are retried
+/// every 10 s; every ConfigMap is written again every 5 minutes.
+async fn keep_mesh_roots(client: kube::Client, resources: Arc<MeshResources>, publisher: Arc<RootPublisher>, mut snapshots: watch::Receiver<u64>) {
+    const RETRY: Duration = Duration::from_secs(10);
+    const REPUBLISH: Duration = Duration::from_secs(300);
+    let mut loaded: std::collections::BTreeMap<String, crate::model::CaSource> = Default::default();
+    let mut last_republish = Instant::now();
+    loop {
+        let snapshot = resources.snapshot();
+        let mut retry = false;
+        let mut changed = false;
+        let trusts: std::collections::BTreeMap<&String, &crate::model::MeshTrust> = snapshot.trust.values().map(|t| (&t.virtual_mesh, t)).collect();
+        for (vm, trust) in trusts {
+            if loaded.get(vm) == Some(&trust.ca) {
+                continue;
+            }
+            match load_root(&client, trust).await {
+                Ok(ca) => {
+                    changed |= resources.certificates().install(vm, ca);
+                    loaded.insert(vm.clone(), trust.ca.clone());
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot load a VirtualMesh CA; its workloads get no certificates until it loads");
+                    retry = true;
+                }
+            }
+        }
+        if changed {
+            tracing::info!("mesh CA loaded: re-issuing workload certificates");
+            resources.rotate_certificates();
+        }
+        if last_republish.elapsed() > REPUBLISH {
+            publisher.forget();
+            last_republish = Instant::now();
+        }
+        let roots = snapshot
+            .trust
+            .iter()
+            .filter_map(|(cluster, trust)| {
+                let ca = resources.certificates().installed(&trust.virtual_mesh)?;
+                let namespaces = snapshot.clusters.get(cluster).map(|c| c.namespaces.clone()).unwrap_or_default();
+                Some((cluster.clone(), (ca.root_pem.clone(), namespaces)))
+            })
+            .collect();
+        retry |= publisher.publish(&roots).await > 0;
+        let wait = if retry { RETRY } else { REPUBLISH };
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }

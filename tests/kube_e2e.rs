@@ -10,6 +10,7 @@
 
 mod support;
 
+use base64::Engine as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -236,6 +237,15 @@ async fn envoy_reviews_weights(envoy: &Envoy) -> Vec<(String, u64)> {
 }
 
 /// Envoy's healthy endpoint addresses of one cluster, from its /clusters page.
+/// The mesh root an Envoy got over SDS (`ROOTCA`), as PEM; empty if none yet.
+async fn envoy_root(envoy: &Envoy) -> String {
+    let dump: serde_json::Value = serde_json::from_str(&envoy.admin_get("/config_dump?resource=dynamic_active_secrets").await).unwrap_or_default();
+    let secrets = dump["configs"].as_array().cloned().unwrap_or_default();
+    let root = secrets.iter().find(|s| s["name"] == "ROOTCA");
+    let inline = root.and_then(|s| s["secret"]["validation_context"]["trusted_ca"]["inline_bytes"].as_str()).unwrap_or_default();
+    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(inline).unwrap_or_default()).unwrap_or_default()
+}
+
 async fn envoy_endpoints(envoy: &Envoy, cluster: &str) -> Vec<String> {
     let page = envoy.admin_get("/clusters").await;
     let prefix = format!("{cluster}::");
@@ -454,6 +464,20 @@ async fn seed_scenario_against_two_real_clusters() {
     // mTLS: the sidecar got its SPIFFE certificate and the mesh root over SDS.
     let secrets = envoy.admin_get("/config_dump?resource=dynamic_active_secrets").await;
     assert!(secrets.contains("\"name\": \"default\"") && secrets.contains("\"name\": \"ROOTCA\""), "{secrets}");
+    // The root is the management cluster's Secret (created once, for every
+    // replica), published as istio-ca-root-cert in every namespace of both clusters.
+    let stored_root =
+        mgmt.kubectl(&["get", "secret", "meshpilot-ca-virtual-mesh", "-n", "service-mesh-hub", "-o", "jsonpath={.data.root-cert\\.pem}"]);
+    let stored_root = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(stored_root.trim()).unwrap()).unwrap();
+    assert_eq!(envoy_root(&envoy).await.trim(), stored_root.trim(), "the sidecar's ROOTCA is the stored root");
+    for (cluster, ns) in [(&mgmt, "default"), (&mgmt, "service-mesh-hub"), (&remote, "default"), (&remote, "kube-system")] {
+        let published = wait_for("istio-ca-root-cert published", Duration::from_secs(20), || async {
+            let got = cluster.kubectl_stdin(&["get", "configmap", "istio-ca-root-cert", "-n", ns, "-o", "jsonpath={.data.root-cert\\.pem}"], None);
+            got.ok().filter(|r| !r.trim().is_empty())
+        })
+        .await;
+        assert_eq!(published.trim(), stored_root.trim(), "{}/{ns}", cluster.name);
+    }
 
     // The status writer holds the Lease.
     let holder = mgmt.kubectl(&["get", "lease", "meshpilot-status-writer", "-n", "service-mesh-hub", "-o", "jsonpath={.spec.holderIdentity}"]);
@@ -485,6 +509,21 @@ async fn seed_scenario_against_two_real_clusters() {
     // A second replica serves xDS without the Lease; when the holder dies it takes over status writing.
     let replica_b = KubeMeshpilot::start(root, &mgmt, "replica-b").await;
     assert_eq!(replica_b.cluster_health("remote-cluster").await["synced"], true);
+    // ... and signs with the same root: its sidecars and replica-a's trust each other.
+    let envoy_b = Envoy::start_in(
+        &envoy_bin,
+        root,
+        "productpage-v1-b.default",
+        "management-plane",
+        replica_b.xds_port,
+        &["--labels", "app=productpage,version=v1", "--outbound-bind", &format!("127.{a}.{b}.11"), "--service-account", "bookinfo-productpage"],
+    );
+    let root_b = wait_for("replica-b's sidecar to get its ROOTCA", Duration::from_secs(30), || async {
+        Some(envoy_root(&envoy_b).await).filter(|r| !r.is_empty())
+    })
+    .await;
+    assert_eq!(root_b.trim(), stored_root.trim(), "one root for every replica");
+    drop(envoy_b);
     drop(meshpilot);
     let edited = seed_policy().replace("weight: 75", "weight: 70");
     mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&edited)).unwrap();
@@ -521,7 +560,6 @@ async fn seed_scenario_against_two_real_clusters() {
 /// identity stored by `cluster register` reviews tokens that kubectl made
 /// with the TokenRequest API; a CSR is signed only for the identity its token proves.
 async fn certificate_api_with_real_tokens(mgmt: &KubeCluster, remote: &KubeCluster) {
-    use base64::Engine;
     use meshpilot::ca::WorkloadCertificates;
     use meshpilot::ca::service::{CertificateService, IstioCertificateRequest, TrustLookup};
     use meshpilot::ca::token::{KubeTokenReviewer, TokenError, TokenReviewer};
@@ -530,7 +568,11 @@ async fn certificate_api_with_real_tokens(mgmt: &KubeCluster, remote: &KubeClust
     struct RemoteMesh;
     impl TrustLookup for RemoteMesh {
         fn trust_of(&self, cluster: &str) -> Option<MeshTrust> {
-            (cluster == "remote-cluster").then(|| MeshTrust { virtual_mesh: "service-mesh-hub/e2e".into(), trust_domain: "cluster.local".into() })
+            (cluster == "remote-cluster").then(|| MeshTrust {
+                virtual_mesh: "service-mesh-hub/e2e".into(),
+                trust_domain: "cluster.local".into(),
+                ca: meshpilot::model::CaSource::Builtin,
+            })
         }
     }
 

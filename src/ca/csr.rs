@@ -79,7 +79,7 @@ pub fn sign_csr(
     params.not_before = time::OffsetDateTime::from(now - Duration::from_secs(60));
     params.not_after = time::OffsetDateTime::from(now + ttl);
     let cert = ca.sign_request(&csr).map_err(|e| CsrError::Signing(e.to_string()))?;
-    Ok(SignedChain { chain: vec![cert, ca.root_pem.clone()], expires_at: now + ttl })
+    Ok(SignedChain { chain: std::iter::once(cert).chain(ca.chain_after_leaf()).collect(), expires_at: now + ttl })
 }
 
 fn san_text(san: &SanType) -> String {

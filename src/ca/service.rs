@@ -97,7 +97,10 @@ impl CertificateService {
             ))
         })?;
         let spiffe_id = trust.spiffe_id(&identity.namespace, &identity.service_account);
-        let ca = self.certs.authority(&trust.virtual_mesh).map_err(|e| Status::internal(format!("the CA of {}: {e}", trust.virtual_mesh)))?;
+        let ca = self.certs.authority(&trust).map_err(|e| match e {
+            super::CaError::NotLoaded(_) => Status::unavailable(format!("{e}; retry shortly")),
+            e => Status::internal(format!("the CA of {}: {e}", trust.virtual_mesh)),
+        })?;
         let req = request.get_ref();
         let signed = sign_csr(&ca, &req.csr, &spiffe_id, req.validity_duration, self.certs.ttl(), SystemTime::now()).map_err(csr_status)?;
         tracing::info!(%spiffe_id, cluster = %identity.cluster, "signed a workload certificate for its own key");
@@ -198,7 +201,11 @@ mod tests {
 
     impl TrustLookup for OneMesh {
         fn trust_of(&self, cluster: &str) -> Option<MeshTrust> {
-            (cluster == "c1").then(|| MeshTrust { virtual_mesh: "service-mesh-hub/vm".into(), trust_domain: "cluster.local".into() })
+            (cluster == "c1").then(|| MeshTrust {
+                virtual_mesh: "service-mesh-hub/vm".into(),
+                trust_domain: "cluster.local".into(),
+                ca: crate::model::CaSource::Builtin,
+            })
         }
     }
 
@@ -230,7 +237,7 @@ mod tests {
         let svc = service();
         let resp = svc.create_certificate(request(Some("default/productpage"), Some("c1"), csr_for(id))).await.unwrap();
         assert_eq!(resp.cert_chain.len(), 2);
-        assert_eq!(resp.cert_chain[1], svc.certs.authority("service-mesh-hub/vm").unwrap().root_pem);
+        assert_eq!(resp.cert_chain[1], svc.certs.authority(&OneMesh.trust_of("c1").unwrap()).unwrap().root_pem);
     }
 
     #[tokio::test]

@@ -14,13 +14,16 @@ impl MeshResources {
         }
         let Some(trust) = snapshot.trust.get(&scope.cluster) else { return };
         let id = trust.spiffe_id(&scope.namespace, &scope.service_account);
-        match self.certs.certificate(&trust.virtual_mesh, &id, std::time::SystemTime::now()) {
+        match self.certs.certificate(trust, &id, std::time::SystemTime::now()) {
             Ok((cert, root)) => {
                 let w = translate::tls::workload_secret(&cert.cert_pem, &cert.key_pem);
                 set.insert(ResourceType::Secret, crate::xds::resources::Resource::from_message(w.name.clone(), &w));
                 let r = translate::tls::root_secret(&root);
                 set.insert(ResourceType::Secret, crate::xds::resources::Resource::from_message(r.name.clone(), &r));
             }
+            // Kubernetes mode before the management cluster's CA Secret is read:
+            // the secrets follow once it is (the CA task re-translates).
+            Err(e @ crate::ca::CaError::NotLoaded(_)) => tracing::debug!(spiffe_id = %id, error = %e, "no workload certificate yet"),
             Err(e) => tracing::error!(spiffe_id = %id, error = %e, "cannot issue a workload certificate"),
         }
     }

@@ -135,8 +135,9 @@ fn remote_endpoint(kubeconfig: &Kubeconfig, context: &str, base: Option<&std::pa
 }
 
 /// The least RBAC meshpilot needs in a watched cluster: read the workloads,
-/// and review the ServiceAccount tokens its workloads prove their identity
-/// with (Istio's certificate API; `create tokenreviews` and nothing broader).
+/// review the ServiceAccount tokens its workloads prove their identity with
+/// (Istio's certificate API; `create tokenreviews` and nothing broader), and
+/// publish the mesh root as the ConfigMap `istio-ca-root-cert` (no other ConfigMap).
 pub fn reader_cluster_role() -> serde_json::Value {
     json!({
         "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -145,7 +146,9 @@ pub fn reader_cluster_role() -> serde_json::Value {
         "rules": [
             { "apiGroups": [""], "resources": ["services", "pods", "nodes", "namespaces"], "verbs": ["get", "list", "watch"] },
             { "apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"] },
-            { "apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"] }
+            { "apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"] },
+            { "apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"] },
+            { "apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["istio-ca-root-cert"], "verbs": ["get", "patch", "update"] }
         ]
     })
 }
@@ -280,7 +283,7 @@ pub async fn register(args: RegisterArgs) -> anyhow::Result<()> {
         .context("writing the KubernetesCluster")?;
     println!("Registered cluster {name}: KubernetesCluster {mns}/{name}, kubeconfig in Secret {mns}/{name}");
     println!(
-        "  reader identity: ServiceAccount {ns}/{READER_NAME} in {} (ClusterRole {READER_NAME}: read Services, EndpointSlices, Pods, Nodes, Namespaces)",
+        "  reader identity: ServiceAccount {ns}/{READER_NAME} in {} (ClusterRole {READER_NAME}: read Services, EndpointSlices, Pods, Nodes, Namespaces; review tokens; write ConfigMap istio-ca-root-cert)",
         args.remote_context
     );
     println!("  API server: {server}");

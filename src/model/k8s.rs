@@ -127,6 +127,12 @@ pub fn cluster_state_reusing(name: &str, objects: &ClusterObjects, memo: &mut Cl
         .and_then(ns_network)
         .or_else(|| objects.namespaces.iter().find_map(ns_network))
         .unwrap_or_default();
+    state.namespaces = objects
+        .namespaces
+        .iter()
+        .filter(|ns| ns.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Terminating"))
+        .filter_map(|ns| ns.metadata.name.clone())
+        .collect();
 
     // Target ports per service, for endpoints derived from Pods.
     let mut target_ports: HashMap<(String, String), Vec<TargetPort>> = HashMap::new();

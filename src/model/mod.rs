@@ -105,6 +105,24 @@ pub struct MeshTrust {
     /// The VirtualMesh (`namespace/name`) whose CA signs the identities.
     pub virtual_mesh: String,
     pub trust_domain: String,
+    /// Where the VirtualMesh's CA comes from.
+    pub ca: CaSource,
+}
+
+/// `certificateAuthority` of a VirtualMesh.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum CaSource {
+    /// `builtin`: a root meshpilot generates once and keeps (Kubernetes mode:
+    /// in the Secret [`builtin_ca_secret_name`] beside the VirtualMesh).
+    Builtin,
+    /// `provided.certificate`: a Secret in Istio's `cacerts` layout.
+    Provided { namespace: String, name: String },
+}
+
+/// The management-cluster Secret (in the VirtualMesh's namespace) that keeps
+/// a builtin root, so every replica and restart signs with the same one.
+pub fn builtin_ca_secret_name(virtual_mesh_name: &str) -> String {
+    format!("meshpilot-ca-{virtual_mesh_name}")
 }
 
 impl MeshTrust {
@@ -161,6 +179,8 @@ pub struct ClusterState {
     /// Each service's endpoints, shared: a rebuild that did not touch a
     /// service keeps its list (the same `Arc`), so comparing two states skips it.
     pub endpoints: BTreeMap<(String, String), Arc<Vec<Endpoint>>>,
+    /// The cluster's namespaces (Kubernetes mode), where the mesh root is published.
+    pub namespaces: BTreeSet<String>,
 }
 
 /// A policy object as sources give it.
@@ -256,9 +276,6 @@ pub struct MeshObjectStatus {
 /// The fields of a VirtualMesh that meshpilot reads but does not act on yet.
 fn virtual_mesh_unsupported(spec: &api::VirtualMeshSpec) -> Vec<String> {
     let mut out = Vec::new();
-    if spec.certificate_authority.as_ref().is_some_and(|ca| ca.builtin.is_none() && ca.provided.is_some()) {
-        out.push("spec.certificateAuthority.provided: not yet supported from a Secret; give meshpilot the CA with serve --ca-dir (DIR/<namespace>.<name>/ca.crt, ca.key)".to_string());
-    }
     if let Some(b) = spec.certificate_authority.as_ref().and_then(|ca| ca.builtin.as_ref())
         && (b.ttl_days.is_some() || b.rsa_key_size_bytes.is_some() || b.org_name.is_some())
     {
@@ -377,10 +394,21 @@ fn mesh_trust(inputs: &MeshInputs) -> BTreeMap<String, MeshTrust> {
         if vm.spec.certificate_authority.is_none() || !vm.parse_errors.is_empty() {
             continue;
         }
+        let ca = match vm.spec.certificate_authority.as_ref().and_then(|ca| ca.provided.as_ref()) {
+            Some(provided) if vm.spec.certificate_authority.as_ref().is_some_and(|ca| ca.builtin.is_none()) => {
+                let secret = provided.certificate.clone().unwrap_or_default();
+                let namespace = if secret.namespace.is_empty() { vm.namespace.clone() } else { secret.namespace };
+                CaSource::Provided { namespace, name: secret.name }
+            }
+            _ => CaSource::Builtin,
+        };
         for m in &vm.spec.meshes {
             if let Some(cluster) = mesh_ref_to_cluster(&m.name, &inputs.clusters) {
-                out.entry(cluster)
-                    .or_insert_with(|| MeshTrust { virtual_mesh: format!("{}/{}", vm.namespace, vm.name), trust_domain: TRUST_DOMAIN.to_string() });
+                out.entry(cluster).or_insert_with(|| MeshTrust {
+                    virtual_mesh: format!("{}/{}", vm.namespace, vm.name),
+                    trust_domain: TRUST_DOMAIN.to_string(),
+                    ca: ca.clone(),
+                });
             }
         }
     }
@@ -442,7 +470,7 @@ mod tests {
 
     #[test]
     fn a_workload_identity_is_its_trust_domains_spiffe_id() {
-        let trust = MeshTrust { virtual_mesh: "service-mesh-hub/vm".into(), trust_domain: "cluster.local".into() };
+        let trust = MeshTrust { virtual_mesh: "service-mesh-hub/vm".into(), trust_domain: "cluster.local".into(), ca: CaSource::Builtin };
         assert_eq!(trust.spiffe_id("default", "bookinfo-productpage"), "spiffe://cluster.local/ns/default/sa/bookinfo-productpage");
     }
 }
