@@ -38,6 +38,22 @@ pub struct BootstrapOptions {
     pub xds_pipe: Option<String>,
     /// Serve Envoy's admin page on this Unix socket instead of 127.0.0.1:admin_port.
     pub admin_pipe: Option<String>,
+    /// Reach meshpilot's TLS listener, verifying its certificate.
+    pub xds_tls: Option<XdsTls>,
+    /// The workload's ServiceAccount token (audience `istio-ca`), sent on the
+    /// xDS stream as `authorization: Bearer …` with the `clusterid` header:
+    /// how a proxy without Istio's agent proves its identity.
+    pub token: Option<String>,
+}
+
+/// TLS to meshpilot's xDS listener.
+#[derive(Debug, Clone)]
+pub struct XdsTls {
+    /// The mesh root that signed meshpilot's certificate (the
+    /// `istio-ca-root-cert` ConfigMap's `root-cert.pem`), as a file path.
+    pub root_cert_path: String,
+    /// The name meshpilot's certificate must carry (and the SNI sent).
+    pub server_name: String,
 }
 
 /// The bootstrap Envoy starts from: ADS to meshpilot, with the node metadata
@@ -81,7 +97,14 @@ pub fn bootstrap(opts: &BootstrapOptions) -> Value {
     };
     let discovery_type = if opts.xds_pipe.is_some() || opts.xds_host.parse::<IpAddr>().is_ok() { "STATIC" } else { "STRICT_DNS" };
     let config_source = json!({"ads": {}, "resource_api_version": "V3"});
-    json!({
+    let mut xds_service = json!({"envoy_grpc": {"cluster_name": XDS_CLUSTER}});
+    if let Some(token) = &opts.token {
+        xds_service["initial_metadata"] = json!([
+            {"key": "authorization", "value": format!("Bearer {}", token.trim())},
+            {"key": "clusterid", "value": opts.cluster},
+        ]);
+    }
+    let mut bootstrap = json!({
         "node": {
             "id": opts.node_id,
             "cluster": opts.cluster,
@@ -95,7 +118,7 @@ pub fn bootstrap(opts: &BootstrapOptions) -> Value {
                 "api_type": if opts.delta { "DELTA_GRPC" } else { "GRPC" },
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": true,
-                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+                "grpc_services": [xds_service],
             },
             "cds_config": config_source,
             "lds_config": config_source,
@@ -119,7 +142,24 @@ pub fn bootstrap(opts: &BootstrapOptions) -> Value {
                 },
             }],
         },
-    })
+    });
+    if let Some(tls) = &opts.xds_tls {
+        bootstrap["static_resources"]["clusters"][0]["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": tls.server_name,
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],
+                    "validation_context": {
+                        "trusted_ca": {"filename": tls.root_cert_path},
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": tls.server_name}}],
+                    },
+                },
+            },
+        });
+    }
+    bootstrap
 }
 
 #[cfg(test)]
@@ -146,6 +186,8 @@ mod tests {
             app_address: None,
             xds_pipe: None,
             admin_pipe: None,
+            xds_tls: None,
+            token: None,
         }
     }
 
@@ -178,5 +220,25 @@ mod tests {
         assert_eq!(meta["LABELS"]["app"], "productpage");
         assert_eq!(json["dynamic_resources"]["ads_config"]["api_type"], "GRPC");
         assert_eq!(json["static_resources"]["clusters"][0]["type"], "STATIC");
+        assert!(json["static_resources"]["clusters"][0].get("transport_socket").is_none(), "plaintext unless asked");
+    }
+
+    #[test]
+    fn a_proxy_with_a_token_proves_itself_over_verified_tls() {
+        let mut o = opts();
+        o.xds_tls = Some(XdsTls { root_cert_path: "/var/run/secrets/istio/root-cert.pem".into(), server_name: "istiod.istio-system.svc".into() });
+        o.token = Some("eyJhbGciOi.payload.sig\n".into());
+        let json = bootstrap(&o);
+        codec::json_to_bytes("envoy.config.bootstrap.v3.Bootstrap", &json).expect("parses as a Bootstrap");
+        let grpc = &json["dynamic_resources"]["ads_config"]["grpc_services"][0];
+        assert_eq!(grpc["initial_metadata"][0]["value"], "Bearer eyJhbGciOi.payload.sig");
+        assert_eq!(grpc["initial_metadata"][1], serde_json::json!({"key": "clusterid", "value": "management-plane"}));
+        let tls = &json["static_resources"]["clusters"][0]["transport_socket"]["typed_config"];
+        assert_eq!(tls["sni"], "istiod.istio-system.svc");
+        assert_eq!(tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"], "/var/run/secrets/istio/root-cert.pem");
+        assert_eq!(
+            tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"][0]["matcher"]["exact"],
+            "istiod.istio-system.svc"
+        );
     }
 }

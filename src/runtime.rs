@@ -20,7 +20,9 @@ use tokio::task::JoinHandle;
 use crate::admin::{AdminState, serve_admin};
 use crate::ca::WorkloadCertificates;
 use crate::ca::kube_roots::{RootPublisher, load_root};
-use crate::ca::service::CertificateService;
+use crate::ca::service::{CertificateServer, CertificateService};
+use crate::ca::serving::ServingCertificate;
+use crate::ca::stream_auth::TokenAuthenticator;
 use crate::ca::token::KubeTokenReviewer;
 use crate::cache::MeshResources;
 use crate::metrics::Metrics;
@@ -66,6 +68,9 @@ pub struct Settings {
     pub ca_dir: Option<PathBuf>,
     pub debounce: DebounceConfig,
     pub xds: XdsServerConfig,
+    /// Names (DNS or IP) the TLS xDS listener's certificate covers besides
+    /// meshpilot's and istiod's Service names.
+    pub xds_tls_names: Vec<String>,
 }
 
 /// Where a control plane listens.
@@ -73,6 +78,9 @@ pub struct Listeners {
     pub xds: tokio::net::TcpListener,
     /// xDS on a Unix socket too (proxies in other network namespaces reach it by path).
     pub xds_unix: Option<tokio::net::UnixListener>,
+    /// xDS and Istio's certificate API over TLS (Istio's 15012): the only
+    /// listener where streams prove identities and certificates are signed.
+    pub xds_tls: Option<tokio::net::TcpListener>,
     pub admin: Option<tokio::net::TcpListener>,
 }
 
@@ -88,6 +96,8 @@ pub struct ControlPlane {
     /// Istio's certificate API (Kubernetes mode: tokens are reviewed by the
     /// registered clusters), for the TLS xDS listener; never served in plaintext.
     pub certificates: Option<CertificateService>,
+    /// The TLS listener's certificate, from the mesh CA.
+    pub serving: Arc<ServingCertificate>,
     pub server: XdsServer,
     /// The debouncer and the sources' background work: aborted at shutdown.
     tasks: Vec<JoinHandle<()>>,
@@ -110,7 +120,8 @@ impl ControlPlane {
         });
         let mut tasks = Vec::new();
         let mut watchers = Vec::new();
-        let (mut mesh, mut clusters, mut certificates) = (None, None, None);
+        let (mut mesh, mut clusters, mut certificates, mut authenticator) = (None, None, None, None);
+        let serving = Arc::new(ServingCertificate::new(crate::ca::serving::default_names(&settings.xds_tls_names), settings.cert_ttl));
         let provider: Arc<dyn ResourceProvider> = match source {
             Source::Kubernetes(kube) => {
                 let KubernetesSource { client, mut options, lease } = *kube;
@@ -130,7 +141,10 @@ impl ControlPlane {
                         hook_publisher.remove_cluster(cluster);
                     }
                 }));
-                certificates = Some(CertificateService::new(reviewer, resources.clone(), certs));
+                certificates = Some(
+                    CertificateService::new(reviewer.clone(), resources.clone(), certs).with_cluster_aliases(settings.xds.cluster_aliases.clone()),
+                );
+                authenticator = Some(Arc::new(TokenAuthenticator(reviewer)));
                 let health = SourceHealth::default();
                 let (snapshots_tx, snapshots_rx) = watch::channel(0u64);
                 let sink = resources.clone();
@@ -146,7 +160,7 @@ impl ControlPlane {
                         tracing::error!(error = %e, "the Kubernetes source stopped");
                     }
                 }));
-                tasks.push(tokio::spawn(keep_mesh_roots(client.clone(), resources.clone(), publisher, snapshots_rx.clone())));
+                tasks.push(tokio::spawn(keep_mesh_roots(client.clone(), resources.clone(), publisher, serving.clone(), snapshots_rx.clone())));
                 tasks.push(tokio::spawn(run_status_writer(client, lease, resources.clone(), snapshots_rx)));
                 clusters = Some(health);
                 mesh = Some(resources.clone());
@@ -185,12 +199,16 @@ impl ControlPlane {
             }
         };
         if let Some(resources) = &mesh {
-            tasks.push(tokio::spawn(rotate_certificates(resources.clone(), settings.cert_ttl)));
+            tasks.push(tokio::spawn(rotate_certificates(resources.clone(), serving.clone(), settings.cert_ttl)));
         }
         let mut plane = ControlPlane::with_provider(provider, changes, metrics, settings.debounce, settings.xds);
         plane.mesh = mesh;
         plane.clusters = clusters;
         plane.certificates = certificates;
+        plane.serving = serving;
+        if let Some(a) = authenticator {
+            plane.server.set_authenticator(a);
+        }
         plane.tasks.extend(tasks);
         plane._watchers = watchers;
         Ok(plane)
@@ -216,6 +234,7 @@ impl ControlPlane {
             mesh: None,
             clusters: None,
             certificates: None,
+            serving: Arc::new(ServingCertificate::new(crate::ca::serving::default_names(&[]), Duration::from_secs(86400))),
             server,
             tasks: vec![debouncer],
             _watchers: Vec::new(),
@@ -253,6 +272,16 @@ impl ControlPlane {
                 }
             }));
         }
+        if let Some(tls) = listeners.xds_tls {
+            let (server, csds, stop) = (self.server.clone(), csds.clone(), stopped(stop_rx.clone()));
+            let config = Arc::new(self.serving.server_config());
+            let ca = self.certificates.clone().map(CertificateServer::new);
+            servers.push(tokio::spawn(async move {
+                if let Err(e) = crate::xds::serve_grpc_tls(tls, config, server, csds, ca, stop).await {
+                    tracing::error!(error = %e, "TLS xDS server stopped");
+                }
+            }));
+        }
         let (server, stop) = (self.server.clone(), stopped(stop_rx.clone()));
         servers.push(tokio::spawn(async move {
             if let Err(e) = crate::xds::serve_grpc(listeners.xds, server, csds, stop).await {
@@ -287,7 +316,13 @@ impl ControlPlane {
 /// them, re-translates the secrets when one arrives or changes, and keeps
 /// each root published in its clusters' namespaces. Failures are retried
 /// every 10 s; every ConfigMap is written again every 5 minutes.
-async fn keep_mesh_roots(client: kube::Client, resources: Arc<MeshResources>, publisher: Arc<RootPublisher>, mut snapshots: watch::Receiver<u64>) {
+async fn keep_mesh_roots(
+    client: kube::Client,
+    resources: Arc<MeshResources>,
+    publisher: Arc<RootPublisher>,
+    serving: Arc<ServingCertificate>,
+    mut snapshots: watch::Receiver<u64>,
+) {
     const RETRY: Duration = Duration::from_secs(10);
     const REPUBLISH: Duration = Duration::from_secs(300);
     let mut loaded: std::collections::BTreeMap<String, crate::model::CaSource> = Default::default();
@@ -316,6 +351,7 @@ async fn keep_mesh_roots(client: kube::Client, resources: Arc<MeshResources>, pu
             tracing::info!("mesh CA loaded: re-issuing workload certificates");
             resources.rotate_certificates();
         }
+        refresh_serving(&resources, &serving);
         if last_republish.elapsed() > REPUBLISH {
             publisher.forget();
             last_republish = Instant::now();
@@ -338,12 +374,29 @@ async fn keep_mesh_roots(client: kube::Client, resources: Arc<MeshResources>, pu
     }
 }
 
+/// The TLS listener's certificate from the first VirtualMesh's CA (by
+/// name): issued when there is none, re-issued when due or the CA changed.
+fn refresh_serving(resources: &MeshResources, serving: &ServingCertificate) {
+    let snapshot = resources.snapshot();
+    let Some(trust) = snapshot.trust.values().min_by(|a, b| a.virtual_mesh.cmp(&b.virtual_mesh)) else { return };
+    match resources.certificates().authority(trust) {
+        Ok(ca) => {
+            if let Err(e) = serving.refresh(&ca, std::time::SystemTime::now()) {
+                tracing::error!(error = %e, "cannot issue the TLS xDS listener's certificate");
+            }
+        }
+        Err(crate::ca::CaError::NotLoaded(_)) => {}
+        Err(e) => tracing::error!(error = %e, "no CA for the TLS xDS listener's certificate"),
+    }
+}
+
 /// Re-issues the certificates that passed two thirds of their life, and pushes them.
-async fn rotate_certificates(resources: Arc<MeshResources>, cert_ttl: Duration) {
+async fn rotate_certificates(resources: Arc<MeshResources>, serving: Arc<ServingCertificate>, cert_ttl: Duration) {
     let every = (cert_ttl / 20).clamp(Duration::from_millis(500), Duration::from_secs(60));
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
+        refresh_serving(&resources, &serving);
         if resources.certificates().rotation_due(std::time::SystemTime::now()) {
             tracing::info!("rotating workload certificates");
             resources.rotate_certificates();

@@ -71,7 +71,7 @@ async fn start_plane_with(config: XdsServerConfig) -> Plane {
     let (registry, metrics) = (plane.registry.clone(), plane.metrics.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(plane.serve(Listeners { xds: listener, xds_unix: None, admin: None }, std::future::pending()));
+    tokio::spawn(plane.serve(Listeners { xds: listener, xds_unix: None, xds_tls: None, admin: None }, std::future::pending()));
     Plane { addr, provider, registry, metrics }
 }
 

@@ -140,20 +140,23 @@ struct KubeMeshpilot {
     _proc: Proc,
     admin: String,
     xds_port: u16,
+    /// xDS and the certificate API over TLS (streams prove identities here).
+    tls_port: u16,
 }
 
 impl KubeMeshpilot {
     async fn start(dir: &Path, mgmt: &KubeCluster, id: &str) -> KubeMeshpilot {
-        let xds_port = free_port();
+        let (xds_port, tls_port) = (free_port(), free_port());
         let admin = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(meshpilot_bin());
         cmd.args(["serve", "--kubernetes", "--xds-addr", &format!("127.0.0.1:{xds_port}"), "--admin-addr", &admin])
+            .args(["--xds-tls-addr", &format!("127.0.0.1:{tls_port}")])
             .arg("--kubeconfig")
             .arg(mgmt.kubeconfig())
             .args(["--context", &mgmt.context(), "--management-cluster-name", &mgmt.name])
             .args(["--debounce-after", "20ms", "--lease-duration", "3s", "--id", id])
             .env("MESHPILOT_LOG", "info,meshpilot=debug");
-        let mp = KubeMeshpilot { _proc: Proc::spawn(&format!("meshpilot-{id}"), cmd, dir), admin, xds_port };
+        let mp = KubeMeshpilot { _proc: Proc::spawn(&format!("meshpilot-{id}"), cmd, dir), admin, xds_port, tls_port };
         let addr = mp.admin.clone();
         wait_for("meshpilot /readyz", Duration::from_secs(60), || {
             let addr = addr.clone();
@@ -321,13 +324,35 @@ async fn seed_scenario_against_two_real_clusters() {
     mgmt.kubectl(&["apply", "-f", repo.join("examples/bookinfo-multinet/mesh/virtual-mesh.yaml").to_str().unwrap()]);
 
     let meshpilot = KubeMeshpilot::start(root, &mgmt, "replica-a").await;
+    // The sidecar proves its identity as an injected pod would: a TokenRequest
+    // token (audience istio-ca) over TLS, verified with the root meshpilot
+    // published into its namespace.
+    let root_file = root.join("root-cert.pem");
+    let published = wait_for("istio-ca-root-cert in default", Duration::from_secs(30), || async {
+        mgmt.kubectl_stdin(&["get", "configmap", "istio-ca-root-cert", "-n", "default", "-o", "jsonpath={.data.root-cert\\.pem}"], None)
+            .ok()
+            .filter(|r| r.contains("BEGIN CERTIFICATE"))
+    })
+    .await;
+    std::fs::write(&root_file, published).unwrap();
+    mgmt.kubectl(&["create", "serviceaccount", "bookinfo-productpage", "-n", "default"]);
+    let token_file = root.join("productpage.token");
+    std::fs::write(&token_file, mgmt.kubectl(&["create", "token", "bookinfo-productpage", "-n", "default", "--audience", "istio-ca"])).unwrap();
+    let proving = |bind: &str, sa: &str| -> Vec<String> {
+        ["--labels", "app=productpage,version=v1", "--outbound-bind", bind, "--service-account", sa, "--xds-root-cert"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([root_file.display().to_string(), "--token-file".into(), token_file.display().to_string()])
+            .collect()
+    };
+    let args = proving(&outbound_bind, "bookinfo-productpage");
     let envoy = Envoy::start_in(
         &envoy_bin,
         root,
         "productpage-v1.default",
         "management-plane",
-        meshpilot.xds_port,
-        &["--labels", "app=productpage,version=v1", "--outbound-bind", &outbound_bind, "--service-account", "bookinfo-productpage"],
+        meshpilot.tls_port,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
 
     // The seed's TrafficPolicy, verbatim, with kubectl.
@@ -464,6 +489,48 @@ async fn seed_scenario_against_two_real_clusters() {
     // mTLS: the sidecar got its SPIFFE certificate and the mesh root over SDS.
     let secrets = envoy.admin_get("/config_dump?resource=dynamic_active_secrets").await;
     assert!(secrets.contains("\"name\": \"default\"") && secrets.contains("\"name\": \"ROOTCA\""), "{secrets}");
+    // The stream proved its identity with the token.
+    let syncz = meshpilot.get_json("/debug/syncz").await.to_string();
+    assert!(syncz.contains("default/bookinfo-productpage (token in management-plane)"), "{syncz}");
+
+    // A plaintext stream gets routing configuration but never a key.
+    let plain = Envoy::start_in(
+        &envoy_bin,
+        root,
+        "productpage-plain.default",
+        "management-plane",
+        meshpilot.xds_port,
+        &["--labels", "app=productpage,version=v1", "--outbound-bind", &format!("127.{a}.{b}.12"), "--service-account", "bookinfo-productpage"],
+    );
+    // (Its mTLS clusters wait for secrets that never come, so Envoy asks for
+    // no listeners: what it got is its clusters, ACKed, and no secret.)
+    let row = wait_for("the plaintext sidecar's clusters ACKed", Duration::from_secs(30), || async {
+        let rows = meshpilot.get_json("/debug/syncz").await;
+        let row = rows.as_array()?.iter().find(|r| r["proxy"] == "productpage-plain.default")?.clone();
+        (row["types"]["CDS"]["state"] == "SYNCED").then_some(row)
+    })
+    .await;
+    assert_eq!(row["identity"], "unproven");
+    assert!(row["types"]["SDS"]["resource_count"].as_u64().unwrap_or(0) == 0, "{row}");
+    let plain_secrets = plain.admin_get("/config_dump?resource=dynamic_active_secrets").await;
+    assert!(!plain_secrets.contains("\"name\": \"default\"") && envoy_root(&plain).await.is_empty(), "{plain_secrets}");
+    drop(plain);
+    // Metadata claiming another service account than the token proves: the stream is ended.
+    let denied = "meshpilot_xds_stream_errors_total{reason=\"permission_denied\"}";
+    let before = meshpilot.counter(denied).await;
+    let args = proving(&format!("127.{a}.{b}.13"), "bookinfo-reviews");
+    let liar = Envoy::start_in(
+        &envoy_bin,
+        root,
+        "liar.default",
+        "management-plane",
+        meshpilot.tls_port,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    wait_for("the lying stream refused", Duration::from_secs(30), || async { (meshpilot.counter(denied).await > before).then_some(()) }).await;
+    assert!(envoy_root(&liar).await.is_empty());
+    drop(liar);
+
     // The root is the management cluster's Secret (created once, for every
     // replica), published as istio-ca-root-cert in every namespace of both clusters.
     let stored_root =
@@ -510,13 +577,14 @@ async fn seed_scenario_against_two_real_clusters() {
     let replica_b = KubeMeshpilot::start(root, &mgmt, "replica-b").await;
     assert_eq!(replica_b.cluster_health("remote-cluster").await["synced"], true);
     // ... and signs with the same root: its sidecars and replica-a's trust each other.
+    let args = proving(&format!("127.{a}.{b}.11"), "bookinfo-productpage");
     let envoy_b = Envoy::start_in(
         &envoy_bin,
         root,
         "productpage-v1-b.default",
         "management-plane",
-        replica_b.xds_port,
-        &["--labels", "app=productpage,version=v1", "--outbound-bind", &format!("127.{a}.{b}.11"), "--service-account", "bookinfo-productpage"],
+        replica_b.tls_port,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let root_b = wait_for("replica-b's sidecar to get its ROOTCA", Duration::from_secs(30), || async {
         Some(envoy_root(&envoy_b).await).filter(|r| !r.is_empty())

@@ -111,6 +111,9 @@ pub struct SyncStatus {
     pub conn_id: u64,
     pub connected_at_unix: f64,
     pub envoy_version: String,
+    /// What the stream proved: `unproven`, `<ns>/<sa> (token in <cluster>)`, `self-asserted`.
+    #[serde(default)]
+    pub identity: String,
     /// By short type name (CDS, EDS, LDS, RDS, SDS).
     pub types: BTreeMap<String, TypeSync>,
 }
@@ -184,6 +187,7 @@ pub fn sync_status(conn: &ProxyConnection, now: Instant) -> SyncStatus {
         conn_id: conn.conn_id,
         connected_at_unix: unix_seconds(conn.connected_at),
         envoy_version: conn.node.envoy_version.clone(),
+        identity: conn.node.identity.describe(),
         types,
     }
 }

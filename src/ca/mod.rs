@@ -21,6 +21,8 @@ use std::time::{Duration, SystemTime};
 pub mod csr;
 pub mod kube_roots;
 pub mod service;
+pub mod serving;
+pub mod stream_auth;
 pub mod token;
 
 use crate::model::{CaSource, MeshTrust};
@@ -151,6 +153,32 @@ impl CertificateAuthority {
         params.distinguished_name = DistinguishedName::new();
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = to_offset(now - Duration::from_secs(60));
+        params.not_after = to_offset(now + ttl);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert_pem = std::iter::once(cert.pem()).chain(self.chain_pem.iter().cloned()).collect();
+        Ok(IssuedCertificate { cert_pem, key_pem: key.serialize_pem(), issued_at: now, expires_at: now + ttl })
+    }
+}
+
+impl CertificateAuthority {
+    /// A server certificate for `names` (DNS names, or IP addresses), valid
+    /// from now for `ttl`: the TLS xDS listener's.
+    pub fn issue_server(&self, names: &[String], ttl: Duration, now: SystemTime) -> Result<IssuedCertificate, CaError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => Ok(SanType::DnsName(n.as_str().try_into()?)),
+            })
+            .collect::<Result<_, rcgen::Error>>()?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, names.first().cloned().unwrap_or_default());
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         params.not_before = to_offset(now - Duration::from_secs(60));
         params.not_after = to_offset(now + ttl);
         let cert = params.signed_by(&key, &self.issuer)?;

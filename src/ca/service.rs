@@ -53,11 +53,19 @@ pub struct CertificateService {
     reviewer: Arc<dyn TokenReviewer>,
     trust: Arc<dyn TrustLookup>,
     certs: Arc<WorkloadCertificates>,
+    /// `clusterid` header values → registered cluster names (Istio's default is `Kubernetes`).
+    aliases: std::collections::BTreeMap<String, String>,
 }
 
 impl CertificateService {
     pub fn new(reviewer: Arc<dyn TokenReviewer>, trust: Arc<dyn TrustLookup>, certs: Arc<WorkloadCertificates>) -> Self {
-        CertificateService { reviewer, trust, certs }
+        CertificateService { reviewer, trust, certs, aliases: Default::default() }
+    }
+
+    /// Maps `clusterid` headers (such as Istio's default `Kubernetes`) to registered cluster names.
+    pub fn with_cluster_aliases(mut self, aliases: std::collections::BTreeMap<String, String>) -> Self {
+        self.aliases = aliases;
+        self
     }
 
     /// Handles one request: the caller's token proves an identity in the
@@ -89,6 +97,7 @@ impl CertificateService {
             .and_then(|v| v.to_str().ok())
             .filter(|c| !c.is_empty())
             .ok_or_else(|| Status::unauthenticated("no clusterid header: name the registered cluster whose ServiceAccount token this is"))?;
+        let cluster = self.aliases.get(cluster).map_or(cluster, String::as_str);
         let identity = self.reviewer.review(cluster, token).await.map_err(token_status)?;
         let trust = self.trust.trust_of(&identity.cluster).ok_or_else(|| {
             Status::failed_precondition(format!(
@@ -108,7 +117,7 @@ impl CertificateService {
     }
 }
 
-fn token_status(e: TokenError) -> Status {
+pub(crate) fn token_status(e: TokenError) -> Status {
     let code = match e {
         TokenError::Timeout { .. } | TokenError::Api { .. } => Code::Unavailable,
         _ => Code::Unauthenticated,

@@ -83,6 +83,7 @@ pub struct MeshResources {
 
 /// The scope a connected proxy's node describes (before it is resolved against a snapshot).
 pub fn scope_of(node: &ProxyNode) -> ProxyScope {
+    let secret_source = if node.istio_version.is_some() { translate::tls::SecretSource::IstioAgent } else { translate::tls::SecretSource::Ads };
     ProxyScope {
         role: node.role,
         cluster: node.cluster.clone(),
@@ -96,6 +97,8 @@ pub fn scope_of(node: &ProxyNode) -> ProxyScope {
         app_address: node.app_address.clone().unwrap_or_else(|| translate::DEFAULT_APP_ADDRESS.to_string()),
         served: std::collections::BTreeMap::new(),
         vhds: node.delta_ads,
+        secret_source,
+        send_secrets: secret_source == translate::tls::SecretSource::Ads && node.identity.may_receive_secrets(),
     }
 }
 

@@ -7,9 +7,11 @@ use crate::translate::{self, ProxyScope};
 use crate::xds::resources::{ResourceSet, ResourceType};
 
 impl MeshResources {
-    /// A sidecar's SDS secrets (`default`, `ROOTCA`) when its cluster has mTLS.
+    /// A sidecar's SDS secrets (`default`, `ROOTCA`) when its cluster has mTLS
+    /// and its stream proved the identity (or `serve` trusts metadata).
     pub(super) fn add_secrets(&self, snapshot: &MeshSnapshot, scope: &ProxyScope, set: &mut ResourceSet) {
-        if scope.role != crate::xds::node::ProxyRole::Sidecar {
+        // Istio's agent makes its own key and serves SDS; an unproven stream gets no key.
+        if scope.role != crate::xds::node::ProxyRole::Sidecar || !scope.send_secrets {
             return;
         }
         let Some(trust) = snapshot.trust.get(&scope.cluster) else { return };

@@ -29,6 +29,8 @@ fn node(cluster: &str, app: &str) -> ProxyNode {
         app_address: None,
         envoy_version: String::new(),
         delta_ads: false,
+        istio_version: None,
+        identity: crate::xds::node::StreamIdentity::SelfAsserted,
     }
 }
 

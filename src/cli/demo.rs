@@ -95,7 +95,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     children.spawn(
         "meshpilot",
-        Command::new(&me).args(["serve", "--config-dir"]).arg(&config).args(["--xds-addr", &args.xds_addr, "--admin-addr", &args.admin_addr]),
+        Command::new(&me)
+            .args(["serve", "--config-dir"])
+            .arg(&config)
+            .args(["--xds-addr", &args.xds_addr, "--admin-addr", &args.admin_addr])
+            // The local demo's sidecars prove nothing; their metadata names their identity.
+            .arg("--insecure-self-asserted-identities"),
         &logs,
     )?;
     let node_id = format!("{client_pod}.{client_ns}");

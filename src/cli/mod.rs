@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::bootstrap::{BootstrapOptions, bootstrap};
+use crate::bootstrap::{BootstrapOptions, XdsTls, bootstrap};
 use crate::xds::node::{InterceptionMode, ProxyRole};
 
 #[derive(Debug, Parser)]
@@ -226,6 +226,19 @@ pub struct BootstrapArgs {
     /// Use incremental (delta) xDS.
     #[arg(long)]
     pub delta: bool,
+    /// Reach meshpilot over TLS (its --xds-tls-addr), trusting this root (the
+    /// `istio-ca-root-cert` ConfigMap's root-cert.pem).
+    #[arg(long)]
+    pub xds_root_cert: Option<PathBuf>,
+    /// The name meshpilot's TLS certificate is checked for.
+    #[arg(long, default_value = "meshpilot.service-mesh-hub.svc", requires = "xds_root_cert")]
+    pub xds_server_name: String,
+    /// A file holding the workload's ServiceAccount token (audience istio-ca, e.g.
+    /// `kubectl create token SA --audience istio-ca`): sent on the xDS stream so the proxy
+    /// proves its identity and gets its certificate. Read once, when the bootstrap is written:
+    /// write the bootstrap again before the token expires. Needs --xds-root-cert (never sent in clear).
+    #[arg(long, requires = "xds_root_cert")]
+    pub token_file: Option<PathBuf>,
     /// Write here instead of stdout.
     #[arg(long, short)]
     pub output: Option<PathBuf>,
@@ -287,6 +300,17 @@ fn run_bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
         app_address: args.app_address,
         xds_pipe,
         admin_pipe: args.admin_socket.map(|p| p.display().to_string()),
+        xds_tls: match &args.xds_root_cert {
+            Some(root) => Some(XdsTls {
+                root_cert_path: std::path::absolute(root).unwrap_or_else(|_| root.clone()).display().to_string(),
+                server_name: args.xds_server_name.clone(),
+            }),
+            None => None,
+        },
+        token: match &args.token_file {
+            Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("reading --token-file {}", path.display()))?),
+            None => None,
+        },
     };
     let text = serde_json::to_string_pretty(&bootstrap(&opts))? + "\n";
     match args.output {

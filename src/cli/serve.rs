@@ -9,6 +9,7 @@ use anyhow::Context;
 use crate::runtime::{ControlPlane, KubernetesSource, Listeners, Settings, Source};
 use crate::sources::kubernetes::KubeSourceOptions;
 use crate::status::LeaseConfig;
+use crate::xds::auth::IdentityPolicy;
 use crate::xds::debounce::DebounceConfig;
 use crate::xds::server::XdsServerConfig;
 
@@ -42,6 +43,24 @@ pub struct ServeArgs {
     /// gRPC address for ADS, the per-type xDS services and CSDS.
     #[arg(long, default_value = "127.0.0.1:15010")]
     pub xds_addr: String,
+    /// xDS and Istio's certificate API over TLS (Istio's port is 15012), with a
+    /// certificate from the mesh CA. Streams here prove their identity with their
+    /// ServiceAccount token; only they get certificates and keys.
+    #[arg(long)]
+    pub xds_tls_addr: Option<String>,
+    /// More names (DNS or IP) for the TLS listener's certificate; it always covers
+    /// meshpilot.service-mesh-hub.svc, istiod.istio-system.svc (and their short and
+    /// long forms) and localhost. Repeatable.
+    #[arg(long = "xds-tls-san")]
+    pub xds_tls_sans: Vec<String>,
+    /// Map a cluster name proxies use to a registered cluster: ALIAS=CLUSTER, e.g.
+    /// `Kubernetes=cluster-1` for Istio's default CLUSTER_ID. Repeatable.
+    #[arg(long = "cluster-alias", value_parser = parse_alias)]
+    pub cluster_aliases: Vec<(String, String)>,
+    /// INSECURE, for local demos: give a stream that proved nothing the certificate and key
+    /// of whatever identity its node metadata claims (over plaintext too). Logs a warning.
+    #[arg(long)]
+    pub insecure_self_asserted_identities: bool,
     /// Also serve xDS on this Unix socket (proxies in other network namespaces reach it by path).
     #[arg(long)]
     pub xds_socket: Option<PathBuf>,
@@ -113,6 +132,13 @@ pub struct ServeArgs {
     pub xds_send_buffer: u32,
 }
 
+fn parse_alias(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((alias, cluster)) if !alias.is_empty() && !cluster.is_empty() => Ok((alias.to_string(), cluster.to_string())),
+        _ => Err(format!("{s:?}: expected ALIAS=CLUSTER, e.g. Kubernetes=cluster-1")),
+    }
+}
+
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -176,8 +202,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             send_timeout: args.send_timeout,
             keepalive_interval: args.keepalive_interval,
             keepalive_timeout: args.keepalive_timeout,
+            identity_policy: if args.insecure_self_asserted_identities {
+                tracing::warn!(
+                    "--insecure-self-asserted-identities: any process that reaches the xDS ports gets the certificate and key of whatever identity it claims; for local demos only"
+                );
+                IdentityPolicy::TrustSelfAsserted
+            } else {
+                IdentityPolicy::RequireProof
+            },
+            cluster_aliases: args.cluster_aliases.iter().cloned().collect(),
             ..Default::default()
         },
+        xds_tls_names: args.xds_tls_sans.clone(),
     };
     let plane = ControlPlane::start(source, settings).await?;
 
@@ -195,6 +231,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    plane.serve(Listeners { xds, xds_unix, admin: Some(admin) }, shutdown_signal()).await;
+    let xds_tls = match &args.xds_tls_addr {
+        Some(addr) => {
+            let listener =
+                bind_with_backlog(addr, XDS_ACCEPT_BACKLOG, args.xds_send_buffer).await.with_context(|| format!("binding --xds-tls-addr {addr}"))?;
+            tracing::info!(addr = ?listener.local_addr().ok(), "serving xDS and the certificate API over TLS");
+            Some(listener)
+        }
+        None => None,
+    };
+    plane.serve(Listeners { xds, xds_unix, xds_tls, admin: Some(admin) }, shutdown_signal()).await;
     Ok(())
 }

@@ -27,7 +27,8 @@ pub struct ConfigDumpArgs {
 
 /// Renders the `proxy-status` table (and any NACK messages below it).
 pub fn render_status_table(rows: &[SyncStatus]) -> String {
-    let header = ["NAME", "CLUSTER", "MODE"].into_iter().chain(ResourceType::STATUS_COLUMNS.map(ResourceType::short_name)).chain(["VERSION"]);
+    let header =
+        ["NAME", "CLUSTER", "MODE"].into_iter().chain(ResourceType::STATUS_COLUMNS.map(ResourceType::short_name)).chain(["VERSION", "IDENTITY"]);
     let mut table: Vec<Vec<String>> = vec![header.map(str::to_string).collect()];
     let mut errors = Vec::new();
     let vhds = ResourceType::VirtualHost.short_name();
@@ -51,6 +52,7 @@ pub fn render_status_table(rows: &[SyncStatus]) -> String {
             }
         }
         line.push(row.envoy_version.clone());
+        line.push(if row.identity.is_empty() { "-".into() } else { row.identity.clone() });
         table.push(line);
     }
     let widths: Vec<usize> = (0..table[0].len()).map(|i| table.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
@@ -122,12 +124,13 @@ mod tests {
             conn_id: 1,
             connected_at_unix: 0.0,
             envoy_version: "1.40.0".into(),
+            identity: "unproven".into(),
             types: [("CDS".into(), ok.clone()), ("LDS".into(), bad), ("EDS".into(), ok.clone()), ("RDS".into(), ok)].into(),
         };
         let out = render_status_table(&[row]);
         let lines: Vec<&str> = out.lines().collect();
-        assert!(lines[0].starts_with("NAME") && lines[0].contains("CDS") && lines[0].ends_with("VERSION"));
-        assert!(lines[1].contains("SYNCED") && lines[1].contains("ERROR"));
+        assert!(lines[0].starts_with("NAME") && lines[0].contains("CDS") && lines[0].ends_with("VERSION   IDENTITY"));
+        assert!(lines[1].contains("SYNCED") && lines[1].contains("ERROR") && lines[1].ends_with("unproven"));
         assert!(out.contains("productpage-1 LDS: Error adding/updating listener(s) x"));
         assert_eq!(urlencode("a b/c"), "a%20b%2Fc");
     }
@@ -146,6 +149,7 @@ mod tests {
             conn_id: 1,
             connected_at_unix: 0.0,
             envoy_version: "1.40.0".into(),
+            identity: "unproven".into(),
             types,
         };
         let out = render_status_table(&[row]);

@@ -75,12 +75,12 @@ pub fn with_http2(mut cluster: Cluster) -> Cluster {
 /// An EDS cluster named `name` (no EDS service name: Envoy then asks EDS for
 /// the cluster's own name, and each of a fleet's thousands of clusters per
 /// proxy is ≈60 bytes smaller than with the name repeated); with
-/// `mtls = (sni, trust domain)`, mTLS to endpoints marked `tlsMode: istio`; with
+/// `mtls`, mTLS to endpoints marked `tlsMode: istio`; with
 /// Istio's 10 s connect timeout, least-request balancing and, if a policy asks,
 /// outlier detection (`consecutiveErrors` → consecutive 5xx).
-pub fn eds_cluster(name: &str, outlier: Option<&Outlier>, mtls: Option<(&str, &str)>) -> Cluster {
+pub fn eds_cluster(name: &str, outlier: Option<&Outlier>, mtls: Option<super::tls::OutboundMtls<'_>>) -> Cluster {
     Cluster {
-        transport_socket_matches: mtls.map(|(sni, trust_domain)| super::tls::outbound_socket_matches(sni, trust_domain)).unwrap_or_default(),
+        transport_socket_matches: mtls.map(super::tls::outbound_socket_matches).unwrap_or_default(),
         name: name.to_string(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
         eds_cluster_config: Some(EdsClusterConfig { eds_config: Some(ads_config_source()), service_name: String::new() }),

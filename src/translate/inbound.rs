@@ -86,7 +86,7 @@ pub fn served_protocols(snapshot: &MeshSnapshot, scope: &ProxyScope) -> BTreeMap
 
 /// `virtualInbound` on 0.0.0.0:15006: a chain per served port (mTLS when
 /// `mtls`), and what no Service declares on to the application as it came.
-pub fn virtual_inbound(ports: &BTreeMap<u16, Protocol>, mtls: bool, transparent: bool) -> Listener {
+pub fn virtual_inbound(ports: &BTreeMap<u16, Protocol>, mtls: Option<tls::SecretSource>, transparent: bool) -> Listener {
     let mut filter_chains: Vec<FilterChain> = ports
         .iter()
         .filter(|(_, p)| p.layout() != Layout::None)
@@ -100,7 +100,7 @@ pub fn virtual_inbound(ports: &BTreeMap<u16, Protocol>, mtls: bool, transparent:
                 name: format!("{ANY_ADDRESS}_{port}"),
                 filter_chain_match: Some(FilterChainMatch { destination_port: Some(UInt32Value { value: u32::from(*port) }), ..Default::default() }),
                 filters: vec![filter],
-                transport_socket: mtls.then(tls::inbound_transport_socket),
+                transport_socket: mtls.map(tls::inbound_transport_socket),
                 ..Default::default()
             }
         })
@@ -134,13 +134,13 @@ pub fn inbound_passthrough_cluster() -> Cluster {
     original_dst_cluster(INBOUND_PASSTHROUGH_CLUSTER, Some(INBOUND_SOURCE_ADDRESS))
 }
 
-pub fn inbound_listener(address: &str, port: u16) -> Listener {
+pub fn inbound_listener(address: &str, port: u16, secrets: tls::SecretSource) -> Listener {
     Listener {
         name: format!("{address}_{port}"),
         address: Some(socket_address(address, port)),
         filter_chains: vec![FilterChain {
             filters: vec![inbound_http_filter(&format!("inbound_{address}_{port}"), port)],
-            transport_socket: Some(tls::inbound_transport_socket()),
+            transport_socket: Some(tls::inbound_transport_socket(secrets)),
             ..Default::default()
         }],
         ..Default::default()

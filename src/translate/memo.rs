@@ -47,6 +47,8 @@ pub struct ClusterKey {
     pub client_cluster: String,
     /// Captured proxies dial a headless service of their own cluster directly.
     pub captured: bool,
+    /// Where the cluster's TLS context reads its secrets.
+    pub secrets: super::tls::SecretSource,
     pub target: ClusterTarget,
     pub outlier: Option<crate::model::policy::Outlier>,
 }

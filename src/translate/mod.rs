@@ -73,6 +73,10 @@ pub struct ProxyScope {
     /// as VHDS resources of their own, so a change to one service's routes
     /// sends that service's virtual host, not the port's whole configuration.
     pub vhds: bool,
+    /// Where its Envoy gets its SDS secrets (Istio's agent, or ADS).
+    pub secret_source: tls::SecretSource,
+    /// Whether the provider adds its certificate and key (ADS, a proven stream).
+    pub send_secrets: bool,
 }
 
 impl ProxyScope {
@@ -91,6 +95,8 @@ impl ProxyScope {
             app_address: DEFAULT_APP_ADDRESS.into(),
             served: BTreeMap::new(),
             vhds: false,
+            secret_source: tls::SecretSource::Ads,
+            send_secrets: true,
         }
     }
 
@@ -248,13 +254,13 @@ fn target_cluster(
     let service = snapshot.service(&t.service);
     let trust = mtls_between(snapshot, &scope.cluster, &t.service.cluster);
     let sni = trust.map(|_| names::outbound_sni(t.port, &names::subset_name(&t.subset), &names::host(&t.service.cluster, &t.service)));
-    let mtls = trust.zip(sni.as_deref()).map(|(tr, sni)| (sni, tr.trust_domain.as_str()));
+    let mtls = trust.zip(sni.as_deref()).map(|(tr, sni)| tls::OutboundMtls { sni, trust_domain: &tr.trust_domain, secrets: scope.secret_source });
     let headless_here = service.is_some_and(|s| s.headless) && t.service.cluster == scope.cluster && scope.interception.captured();
     let cluster = if headless_here {
         let mut c = clusters::original_dst_cluster(&t.name, None);
         // No endpoint metadata to match on: the pods of a mesh with a CA get mTLS outright.
-        if let Some((sni, trust_domain)) = mtls {
-            c.transport_socket = tls::outbound_socket_matches(sni, trust_domain).into_iter().next().and_then(|m| m.transport_socket);
+        if let Some(mtls) = mtls {
+            c.transport_socket = tls::outbound_socket_matches(mtls).into_iter().next().and_then(|m| m.transport_socket);
         }
         c
     } else {
@@ -296,7 +302,7 @@ pub fn translate_with(snapshot: &MeshSnapshot, scope: &ProxyScope, memo: &memo::
             set.insert(ResourceType::Cluster, Resource::from_message(c.name.clone(), &c));
         }
         let served = inbound::served_protocols(snapshot, scope);
-        let mtls = snapshot.trust.contains_key(&scope.cluster);
+        let mtls = snapshot.trust.contains_key(&scope.cluster).then_some(scope.secret_source);
         listeners.push(inbound::virtual_inbound(&served, mtls, scope.interception == InterceptionMode::Tproxy));
         for (port, protocol) in served.iter().filter(|(_, p)| p.layout() != crate::model::protocol::Layout::None) {
             let c = inbound::captured_inbound_cluster(*port, *protocol);
@@ -308,7 +314,7 @@ pub fn translate_with(snapshot: &MeshSnapshot, scope: &ProxyScope, memo: &memo::
         listeners.extend(ports.into_iter().map(|port| listeners::outbound_http_listener(&scope.outbound_bind, port)));
         if snapshot.trust.contains_key(&scope.cluster) {
             for (address, port) in inbound::served_ports(snapshot, scope) {
-                listeners.push(inbound::inbound_listener(&address, port));
+                listeners.push(inbound::inbound_listener(&address, port, scope.secret_source));
                 let c = inbound::inbound_cluster(&scope.app_address, port);
                 set.insert(ResourceType::Cluster, Resource::from_message(c.name.clone(), &c));
             }
@@ -352,7 +358,13 @@ fn insert_target(
     (memo, seed): (&memo::Memo<'_>, Option<&std::collections::HashMap<String, std::sync::Arc<Resource>>>),
 ) {
     let captured = scope.interception.captured();
-    let key = memo::ClusterKey { client_cluster: scope.cluster.clone(), captured, outlier: outliers.get(&t.service).cloned(), target: t };
+    let key = memo::ClusterKey {
+        client_cluster: scope.cluster.clone(),
+        captured,
+        secrets: scope.secret_source,
+        outlier: outliers.get(&t.service).cloned(),
+        target: t,
+    };
     let (cluster, eds) = memo.cluster(&key, || {
         let cluster = target_cluster(snapshot, scope, &key.target, outliers);
         (std::sync::Arc::new(Resource::from_message(key.target.name.clone(), &cluster)), cluster.eds_cluster_config.is_some())

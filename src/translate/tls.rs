@@ -25,11 +25,39 @@ pub const TLS_SOCKET: &str = "envoy.transport_sockets.tls";
 /// The endpoint metadata namespace transport socket matches read.
 pub const TRANSPORT_SOCKET_MATCH: &str = "envoy.transport_socket_match";
 
-fn sds(name: &str) -> SdsSecretConfig {
-    SdsSecretConfig { name: name.to_string(), sds_config: Some(ads_config_source()) }
+/// Where a sidecar's Envoy asks for its secrets `default` and `ROOTCA`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum SecretSource {
+    /// From meshpilot over ADS (plain Envoy; sent only to a proven stream).
+    #[default]
+    Ads,
+    /// From Istio's agent beside it (its bootstrap's `sds-grpc` cluster, the
+    /// agent's SDS socket): the agent makes the key and has meshpilot sign it,
+    /// so meshpilot never holds the workload's key.
+    IstioAgent,
 }
 
-fn common(peer_san_prefix: Option<&str>) -> CommonTlsContext {
+/// The cluster Istio's sidecar bootstrap names for its agent's SDS socket.
+pub const ISTIO_AGENT_SDS_CLUSTER: &str = "sds-grpc";
+
+fn sds(name: &str, source: SecretSource) -> SdsSecretConfig {
+    let sds_config = match source {
+        SecretSource::Ads => ads_config_source(),
+        SecretSource::IstioAgent => super::proto::grpc_config_source(ISTIO_AGENT_SDS_CLUSTER),
+    };
+    SdsSecretConfig { name: name.to_string(), sds_config: Some(sds_config) }
+}
+
+/// An outbound cluster's mTLS: the SNI it sends, the trust domain its peers
+/// must be in, and where its secrets come from.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboundMtls<'a> {
+    pub sni: &'a str,
+    pub trust_domain: &'a str,
+    pub secrets: SecretSource,
+}
+
+fn common(peer_san_prefix: Option<&str>, source: SecretSource) -> CommonTlsContext {
     let default_validation_context = CertificateValidationContext {
         match_typed_subject_alt_names: peer_san_prefix
             .map(|p| SubjectAltNameMatcher {
@@ -42,10 +70,10 @@ fn common(peer_san_prefix: Option<&str>) -> CommonTlsContext {
         ..Default::default()
     };
     CommonTlsContext {
-        tls_certificate_sds_secret_configs: vec![sds(WORKLOAD_SECRET)],
+        tls_certificate_sds_secret_configs: vec![sds(WORKLOAD_SECRET, source)],
         validation_context_type: Some(ValidationContextType::CombinedValidationContext(CombinedCertificateValidationContext {
             default_validation_context: Some(default_validation_context),
-            validation_context_sds_secret_config: Some(sds(ROOT_SECRET)),
+            validation_context_sds_secret_config: Some(sds(ROOT_SECRET, source)),
             ..Default::default()
         })),
         ..Default::default()
@@ -54,10 +82,10 @@ fn common(peer_san_prefix: Option<&str>) -> CommonTlsContext {
 
 /// The transport socket matches of an outbound mesh cluster: mTLS with `sni`
 /// to endpoints marked `tlsMode: istio`, plain TCP to the rest.
-pub fn outbound_socket_matches(sni: &str, trust_domain: &str) -> Vec<TransportSocketMatch> {
+pub fn outbound_socket_matches(mtls: OutboundMtls<'_>) -> Vec<TransportSocketMatch> {
     let tls = UpstreamTlsContext {
-        common_tls_context: Some(common(Some(&format!("spiffe://{trust_domain}/")))),
-        sni: sni.to_string(),
+        common_tls_context: Some(common(Some(&format!("spiffe://{}/", mtls.trust_domain)), mtls.secrets)),
+        sni: mtls.sni.to_string(),
         ..Default::default()
     };
     vec![
@@ -81,9 +109,9 @@ pub fn outbound_socket_matches(sni: &str, trust_domain: &str) -> Vec<TransportSo
 }
 
 /// The inbound side: present the workload certificate, require and verify the peer's.
-pub fn inbound_transport_socket() -> TransportSocket {
+pub fn inbound_transport_socket(secrets: SecretSource) -> TransportSocket {
     let tls = DownstreamTlsContext {
-        common_tls_context: Some(common(None)),
+        common_tls_context: Some(common(None, secrets)),
         require_client_certificate: Some(BoolValue { value: true }),
         ..Default::default()
     };

@@ -2,6 +2,7 @@
 //! delta), push debouncing and fan-out, sync status, and CSDS. It knows
 //! resources, not meshes.
 
+pub mod auth;
 pub mod codec;
 pub mod csds;
 pub mod debounce;
@@ -15,6 +16,7 @@ pub mod server;
 pub mod services;
 pub mod sotw;
 pub mod status;
+pub mod tls;
 pub mod view;
 pub mod wire;
 
@@ -41,7 +43,41 @@ pub async fn serve_grpc(
             return Ok(());
         }
     };
-    serve_grpc_incoming(incoming, server, csds, shutdown).await
+    serve_grpc_incoming(incoming, server, csds, None::<AdsService>, shutdown).await
+}
+
+/// Serves ADS, the per-type services, CSDS and `extra` (Istio's certificate
+/// API) over TLS on `listener`: streams here may prove an identity with a
+/// token, and only proven streams get certificates. Each handshake runs on
+/// a task of its own ([`tls::handshakes`]).
+pub async fn serve_grpc_tls<S>(
+    listener: tokio::net::TcpListener,
+    config: std::sync::Arc<rustls::ServerConfig>,
+    server: server::XdsServer,
+    csds: csds::Csds,
+    extra: Option<S>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error>
+where
+    S: tower::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let incoming = match accept_on_own_thread(listener) {
+        Ok(incoming) => incoming,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the TLS xDS accept thread");
+            return Ok(());
+        }
+    };
+    serve_grpc_incoming(tls::handshakes(incoming, config), server.for_tls(), csds, extra, shutdown).await
 }
 
 /// Accepts on an OS thread of its own and hands the connections to the
@@ -93,18 +129,29 @@ pub async fn serve_grpc_unix(
     csds: csds::Csds,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    serve_grpc_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener), server, csds, shutdown).await
+    serve_grpc_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener), server, csds, None::<AdsService>, shutdown).await
 }
 
-async fn serve_grpc_incoming<S, IO>(
-    incoming: S,
+async fn serve_grpc_incoming<I, IO, S>(
+    incoming: I,
     server: server::XdsServer,
     csds: csds::Csds,
+    extra: Option<S>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error>
 where
-    S: futures::Stream<Item = std::io::Result<IO>> + Send + 'static,
+    I: futures::Stream<Item = std::io::Result<IO>> + Send + 'static,
     IO: tonic::transport::server::Connected + tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    S: tower::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
 {
     tonic::transport::Server::builder()
         // Requests a proxy has sent but the server has not read yet wait in
@@ -123,6 +170,7 @@ where
         .add_service(RdsService(server.clone()))
         .add_service(SdsService(server))
         .add_service(ClientStatusDiscoveryServiceServer::new(csds).max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .add_optional_service(extra)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

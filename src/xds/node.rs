@@ -36,6 +36,51 @@ pub struct ProxyNode {
     /// Set by the server, not the node: the stream is delta ADS, so its route
     /// configurations can take their virtual hosts over VHDS.
     pub delta_ads: bool,
+    /// `ISTIO_VERSION`: the proxy runs Istio's agent, which serves its SDS.
+    pub istio_version: Option<String>,
+    /// Set by the server, not the node: what the stream proved (see `auth`).
+    pub identity: StreamIdentity,
+}
+
+/// An identity a stream proved.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct ProvenIdentity {
+    /// The registered cluster that vouched for it.
+    pub cluster: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// How: `token` (a TokenReview).
+    pub proof: &'static str,
+}
+
+/// Who a stream is, as far as secrets go.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamIdentity {
+    /// No proof (plaintext, or no token): routing configuration only.
+    #[default]
+    Unproven,
+    /// Proven, and the node metadata agrees.
+    Proven(ProvenIdentity),
+    /// Taken from the node metadata because `serve` was told to
+    /// (`--insecure-self-asserted-identities`, local demos only).
+    SelfAsserted,
+}
+
+impl StreamIdentity {
+    /// Whether this stream may be sent its workload's certificate and key.
+    pub fn may_receive_secrets(&self) -> bool {
+        !matches!(self, StreamIdentity::Unproven)
+    }
+
+    /// For `proxy-status`.
+    pub fn describe(&self) -> String {
+        match self {
+            StreamIdentity::Unproven => "unproven".into(),
+            StreamIdentity::Proven(p) => format!("{}/{} ({} in {})", p.namespace, p.service_account, p.proof, p.cluster),
+            StreamIdentity::SelfAsserted => "self-asserted".into(),
+        }
+    }
 }
 
 /// Why a node was refused.
@@ -152,6 +197,8 @@ impl ProxyNode {
             app_address: string_field(meta, "APP_ADDRESS").filter(|s| !s.is_empty()),
             envoy_version,
             delta_ads: false,
+            istio_version: string_field(meta, "ISTIO_VERSION").filter(|s| !s.is_empty()),
+            identity: StreamIdentity::Unproven,
         })
     }
 }

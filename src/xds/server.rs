@@ -14,6 +14,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
+use super::auth::{IdentityPolicy, StreamAuthenticator, StreamCredentials};
 use super::debounce::PushTrigger;
 use super::delta::{DeltaRequest, DeltaStream};
 use super::node::ProxyNode;
@@ -41,6 +42,11 @@ pub struct XdsServerConfig {
     /// A push waits this long at most for the reply to the last response of
     /// its type before it is sent anyway.
     pub reply_wait_limit: Duration,
+    /// Whether streams without proof are taken at their metadata's word.
+    pub identity_policy: IdentityPolicy,
+    /// Cluster names proxies use → registered cluster names (Istio's default
+    /// `CLUSTER_ID` is `Kubernetes`).
+    pub cluster_aliases: BTreeMap<String, String>,
 }
 
 impl Default for XdsServerConfig {
@@ -52,6 +58,8 @@ impl Default for XdsServerConfig {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             reply_wait_limit: super::status::REPLY_WAIT_LIMIT,
+            identity_policy: IdentityPolicy::default(),
+            cluster_aliases: BTreeMap::new(),
         }
     }
 }
@@ -60,6 +68,8 @@ impl Default for XdsServerConfig {
 #[derive(Clone)]
 pub struct XdsServer {
     inner: Arc<Inner>,
+    /// This copy serves the TLS listener.
+    tls: bool,
 }
 
 struct Inner {
@@ -69,6 +79,8 @@ struct Inner {
     pushes: watch::Receiver<Option<PushTrigger>>,
     permits: Semaphore,
     config: XdsServerConfig,
+    /// Proves identities from a stream's token (Kubernetes mode).
+    authenticator: std::sync::OnceLock<Arc<dyn StreamAuthenticator>>,
 }
 
 impl XdsServer {
@@ -80,36 +92,61 @@ impl XdsServer {
         config: XdsServerConfig,
     ) -> Self {
         let permits = Semaphore::new(config.push_concurrency.max(1));
-        XdsServer { inner: Arc::new(Inner { provider, registry, metrics, pushes, permits, config }) }
+        let authenticator = std::sync::OnceLock::new();
+        XdsServer { inner: Arc::new(Inner { provider, registry, metrics, pushes, permits, config, authenticator }), tls: false }
+    }
+
+    /// Who proves streams' tokens; set once, before serving.
+    pub fn set_authenticator(&self, authenticator: Arc<dyn StreamAuthenticator>) {
+        let _ = self.inner.authenticator.set(authenticator);
+    }
+
+    /// The same server, for the TLS listener: its streams may prove an identity.
+    pub fn for_tls(&self) -> XdsServer {
+        XdsServer { inner: self.inner.clone(), tls: true }
+    }
+
+    pub fn over_tls(&self) -> bool {
+        self.tls
     }
 
     pub fn config(&self) -> &XdsServerConfig {
         &self.inner.config
     }
 
-    fn start<M: Machine>(&self, machine: M, requests: RequestStream<M::Req>) -> ResponseStream<M::Resp> {
+    fn start<M: Machine>(&self, machine: M, credentials: StreamCredentials, requests: RequestStream<M::Req>) -> ResponseStream<M::Resp> {
         let (tx, rx) = mpsc::channel(self.inner.config.stream_buffer.max(1));
         let inner = self.inner.clone();
-        tokio::spawn(async move { run_stream(inner, machine, requests, tx).await });
+        tokio::spawn(async move { run_stream(inner, machine, credentials, requests, tx).await });
         Box::pin(ReceiverStream::new(rx))
     }
 
-    pub fn stream_sotw(&self, only: Option<ResourceType>, requests: RequestStream<SotwRequest>) -> ResponseStream<SotwResponse> {
+    pub fn stream_sotw(
+        &self,
+        only: Option<ResourceType>,
+        credentials: StreamCredentials,
+        requests: RequestStream<SotwRequest>,
+    ) -> ResponseStream<SotwResponse> {
         let machine = match only {
             Some(ty) => SotwStream::new_single(ty),
             None => SotwStream::new_ads(),
         }
         .with_reply_wait_limit(self.inner.config.reply_wait_limit);
-        self.start(Arc::new(Mutex::new(machine)), requests)
+        self.start(Arc::new(Mutex::new(machine)), credentials, requests)
     }
 
-    pub fn stream_delta(&self, only: Option<ResourceType>, requests: RequestStream<DeltaRequest>) -> ResponseStream<DeltaResponse> {
+    pub fn stream_delta(
+        &self,
+        only: Option<ResourceType>,
+        credentials: StreamCredentials,
+        requests: RequestStream<DeltaRequest>,
+    ) -> ResponseStream<DeltaResponse> {
         let machine = match only {
             Some(ty) => DeltaStream::new_single(ty),
             None => DeltaStream::new_ads(),
         }
         .with_reply_wait_limit(self.inner.config.reply_wait_limit);
-        self.start(Arc::new(Mutex::new(machine)), requests)
+        self.start(Arc::new(Mutex::new(machine)), credentials, requests)
     }
 }
 
@@ -229,7 +266,29 @@ fn record_events(inner: &Inner, node: &ProxyNode, events: &[StreamEvent]) {
     }
 }
 
-async fn run_stream<M: Machine>(inner: Arc<Inner>, machine: M, mut requests: RequestStream<M::Req>, tx: mpsc::Sender<Result<M::Resp, Status>>) {
+/// The stream's identity: its token reviewed (TLS only), compared with what
+/// its node claims. A failed proof or a contradicting claim ends the stream.
+async fn identify(inner: &Inner, credentials: &StreamCredentials, node: &ProxyNode) -> Result<super::auth::StreamIdentity, Status> {
+    let proven = match inner.authenticator.get() {
+        Some(auth) if credentials.tls && credentials.bearer.is_some() => {
+            let mut credentials = credentials.clone();
+            // The cluster the token is from: the `clusterid` header, else the node's.
+            let header = credentials.cluster.take().unwrap_or_else(|| node.cluster.clone());
+            credentials.cluster = Some(inner.config.cluster_aliases.get(&header).cloned().unwrap_or(header));
+            auth.authenticate(&credentials).await?
+        }
+        _ => None,
+    };
+    super::auth::decide(&inner.config.identity_policy, credentials, proven, node)
+}
+
+async fn run_stream<M: Machine>(
+    inner: Arc<Inner>,
+    machine: M,
+    credentials: StreamCredentials,
+    mut requests: RequestStream<M::Req>,
+    tx: mpsc::Sender<Result<M::Resp, Status>>,
+) {
     // The first request names the proxy.
     let first = match requests.next().await {
         Some(Ok(req)) => req,
@@ -239,12 +298,28 @@ async fn run_stream<M: Machine>(inner: Arc<Inner>, machine: M, mut requests: Req
             return;
         }
     };
-    let node = match ProxyNode::from_node(M::node(&first)) {
+    let mut node = match ProxyNode::from_node(M::node(&first)) {
         Ok(node) => ProxyNode { delta_ads: machine.delta_ads(), ..node },
         Err(err) => {
             inner.metrics.stream_error("bad_node");
             tracing::warn!(error = %err, "refusing xDS stream");
             let _ = tx.send(Err(Status::invalid_argument(err.to_string()))).await;
+            return;
+        }
+    };
+    if let Some(registered) = inner.config.cluster_aliases.get(&node.cluster) {
+        node.cluster = registered.clone();
+    }
+    node.identity = match identify(&inner, &credentials, &node).await {
+        Ok(identity) => identity,
+        Err(status) => {
+            inner.metrics.stream_error(match status.code() {
+                tonic::Code::PermissionDenied => "permission_denied",
+                tonic::Code::Unavailable => "authentication_unavailable",
+                _ => "unauthenticated",
+            });
+            tracing::warn!(proxy = %node.id, code = ?status.code(), reason = status.message(), "refusing xDS stream");
+            let _ = tx.send(Err(status)).await;
             return;
         }
     };
@@ -258,7 +333,7 @@ async fn run_stream<M: Machine>(inner: Arc<Inner>, machine: M, mut requests: Req
         connected_at: SystemTime::now(),
         view: Arc::new(machine.clone()),
     }));
-    tracing::info!(proxy = %node.id, cluster = %node.cluster, mode = M::MODE, conn_id, "proxy connected");
+    tracing::info!(proxy = %node.id, cluster = %node.cluster, mode = M::MODE, conn_id, identity = %node.identity.describe(), "proxy connected");
 
     let mut pushes = inner.pushes.clone();
     pushes.borrow_and_update();

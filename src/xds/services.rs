@@ -9,6 +9,7 @@ use tonic::Status;
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::server::NamedService;
 
+use super::auth::StreamCredentials;
 use super::delta::DeltaRequest;
 use super::resources::ResourceType;
 use super::server::XdsServer;
@@ -23,14 +24,15 @@ where
     B::Error: Into<StdError> + Send + 'static,
 {
     let method = req.uri().path().rsplit('/').next().unwrap_or_default().to_string();
+    let credentials = StreamCredentials::from_headers(server.over_tls(), req.headers());
     Box::pin(async move {
         let body = req.into_body();
         let response_body = if method.starts_with("Stream") {
             let requests = Box::pin(GrpcMessages::<B, SotwRequest>::new(body));
-            tonic::body::Body::new(GrpcResponseBody::new(server.stream_sotw(only, requests)))
+            tonic::body::Body::new(GrpcResponseBody::new(server.stream_sotw(only, credentials, requests)))
         } else if method.starts_with("Delta") {
             let requests = Box::pin(GrpcMessages::<B, DeltaRequest>::new(body));
-            tonic::body::Body::new(GrpcResponseBody::new(server.stream_delta(only, requests)))
+            tonic::body::Body::new(GrpcResponseBody::new(server.stream_delta(only, credentials, requests)))
         } else {
             let status = Status::unimplemented(format!("{method} is not served; use a gRPC stream (ADS recommended)"));
             return Ok(status.into_http());

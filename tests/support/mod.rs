@@ -173,6 +173,8 @@ impl Meshpilot {
         cmd.args(["serve", "--xds-addr", &format!("127.0.0.1:{xds_port}")])
             .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
             .args(["--debounce-after", "20ms"])
+            // Local mode's sidecars prove nothing: their metadata names their identity.
+            .arg("--insecure-self-asserted-identities")
             .arg(flag)
             .arg(source)
             .env("MESHPILOT_LOG", "info,meshpilot=debug");
