@@ -114,6 +114,8 @@ pub struct SyncStatus {
     /// What the stream proved: `unproven`, `<ns>/<sa> (token in <cluster>)`, `self-asserted`.
     #[serde(default)]
     pub identity: String,
+    #[serde(default)]
+    pub warnings: Vec<String>,
     /// By short type name (CDS, EDS, LDS, RDS, SDS).
     pub types: BTreeMap<String, TypeSync>,
 }
@@ -188,6 +190,7 @@ pub fn sync_status(conn: &ProxyConnection, now: Instant) -> SyncStatus {
         connected_at_unix: unix_seconds(conn.connected_at),
         envoy_version: conn.node.envoy_version.clone(),
         identity: conn.node.identity.describe(),
+        warnings: conn.warnings.clone(),
         types,
     }
 }

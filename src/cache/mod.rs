@@ -308,4 +308,18 @@ impl ResourceProvider for MeshResources {
     fn on_rejected(&self, proxy: &ProxyNode, ty: ResourceType, message: &str) {
         self.roll_back_rejected(proxy, ty, message);
     }
+
+    fn warnings_for(&self, proxy: &ProxyNode) -> Vec<String> {
+        let snapshot = self.snapshot();
+        if !self.is_ready() || snapshot.clusters.contains_key(&proxy.cluster) {
+            return Vec::new();
+        }
+        let registered: Vec<&str> = snapshot.clusters.keys().map(String::as_str).collect();
+        vec![format!(
+            "cluster {:?} (the proxy's CLUSTER_ID) is not a registered cluster (registered: {}): the proxy gets no services of its own cluster, no inbound side and no certificate; register it, or map the name with serve --cluster-alias {}=<cluster>",
+            proxy.cluster,
+            registered.join(", "),
+            proxy.cluster
+        )]
+    }
 }

@@ -405,3 +405,15 @@ fn streams_reading_during_endpoint_changes_never_translate() {
     assert!(!Arc::ptr_eq(&first, &last));
     assert!(last.of_type(ResourceType::Endpoint).values().any(|r| r.body().value.windows(10).any(|w| w == b"10.200.0.3")));
 }
+
+#[test]
+fn a_proxy_of_an_unregistered_cluster_is_warned_about_not_silently_served_nothing() {
+    let (notifier, _changes) = ChangeNotifier::channel();
+    let mesh = MeshResources::new(notifier);
+    mesh.update(inputs());
+    assert!(mesh.warnings_for(&node("management-plane", "productpage")).is_empty());
+    let warnings = mesh.warnings_for(&node("Kubernetes", "productpage"));
+    assert_eq!(warnings.len(), 1);
+    assert!(warnings[0].contains("\"Kubernetes\"") && warnings[0].contains("--cluster-alias Kubernetes=<cluster>"), "{warnings:?}");
+    assert!(warnings[0].contains("management-plane, remote-cluster"), "{warnings:?}");
+}

@@ -51,6 +51,9 @@ pub fn render_status_table(rows: &[SyncStatus]) -> String {
                 errors.push(format!("{} {col}: {one_line}", row.proxy));
             }
         }
+        for warning in &row.warnings {
+            errors.push(format!("{} WARNING: {warning}", row.proxy));
+        }
         line.push(row.envoy_version.clone());
         line.push(if row.identity.is_empty() { "-".into() } else { row.identity.clone() });
         table.push(line);
@@ -125,6 +128,7 @@ mod tests {
             connected_at_unix: 0.0,
             envoy_version: "1.40.0".into(),
             identity: "unproven".into(),
+            warnings: Vec::new(),
             types: [("CDS".into(), ok.clone()), ("LDS".into(), bad), ("EDS".into(), ok.clone()), ("RDS".into(), ok)].into(),
         };
         let out = render_status_table(&[row]);
@@ -150,6 +154,7 @@ mod tests {
             connected_at_unix: 0.0,
             envoy_version: "1.40.0".into(),
             identity: "unproven".into(),
+            warnings: Vec::new(),
             types,
         };
         let out = render_status_table(&[row]);

@@ -21,6 +21,13 @@ pub trait ResourceProvider: Send + Sync + 'static {
     /// saying `message`. A provider that knows which input produced them
     /// may stop serving that input.
     fn on_rejected(&self, _proxy: &ProxyNode, _ty: ResourceType, _message: &str) {}
+
+    /// Why this proxy's configuration may not be what its operator expects
+    /// (logged at connect and shown in `proxy-status`), e.g. a cluster
+    /// nothing is known about.
+    fn warnings_for(&self, _proxy: &ProxyNode) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A handle sources use to say "config changed"; the debouncer turns bursts

@@ -46,6 +46,9 @@ pub struct ProxyConnection {
     pub mode: &'static str,
     pub connected_at: SystemTime,
     pub view: Arc<dyn StreamView>,
+    /// What is wrong with the proxy's configuration source (the provider's
+    /// word at connect time, e.g. an unregistered cluster).
+    pub warnings: Vec<String>,
 }
 
 /// All open streams.

@@ -323,6 +323,10 @@ async fn run_stream<M: Machine>(
             return;
         }
     };
+    let warnings = inner.provider.warnings_for(&node);
+    for warning in &warnings {
+        tracing::warn!(proxy = %node.id, "{warning}");
+    }
     let conn_id = inner.registry.next_id();
     inner.metrics.connected_proxies.get_or_create(&ModeLabel { mode: M::MODE.into() }).inc();
     let _guard = ConnectionGuard { inner: inner.clone(), conn_id, mode: M::MODE };
@@ -332,6 +336,7 @@ async fn run_stream<M: Machine>(
         mode: M::MODE,
         connected_at: SystemTime::now(),
         view: Arc::new(machine.clone()),
+        warnings,
     }));
     tracing::info!(proxy = %node.id, cluster = %node.cluster, mode = M::MODE, conn_id, identity = %node.identity.describe(), "proxy connected");
 
