@@ -181,6 +181,28 @@ impl PodNetwork {
         Ok(ns)
     }
 
+    /// Links every network's router to the host's own namespace (where a
+    /// control plane outside the mesh listens, like istiod in its own
+    /// network): a /30 per router, `10.98.<i>.1` on the host's side, and
+    /// the router masquerading pods behind its end, so the host needs no
+    /// route to any pod network and the networks still meet only at the
+    /// gateway. Returns each network prefix's host address.
+    pub fn link_host(&mut self) -> Result<BTreeMap<String, String>, NetnsError> {
+        let mut out = BTreeMap::new();
+        for (i, (prefix, router)) in self.routers.clone().iter().enumerate() {
+            let (host_end, router_end) = (format!("t{}{i}", self.id), format!("u{}{i}", self.id));
+            let (host_addr, router_addr) = (format!("10.98.{i}.1"), format!("10.98.{i}.2"));
+            ip(&["link", "add", &host_end, "type", "veth", "peer", "name", &router_end, "netns", router])?;
+            ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &host_end])?;
+            ip(&["link", "set", &host_end, "up"])?;
+            ip(&["-n", router, "addr", "add", &format!("{router_addr}/30"), "dev", &router_end])?;
+            ip(&["-n", router, "link", "set", &router_end, "up"])?;
+            run("ip", &["netns", "exec", router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", &router_end, "-j", "MASQUERADE"])?;
+            out.insert(prefix.clone(), host_addr);
+        }
+        Ok(out)
+    }
+
     /// The namespace of the pod at `address`.
     pub fn pod(&self, address: &str) -> Option<&str> {
         self.pods.get(address).map(String::as_str)

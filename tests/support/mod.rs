@@ -2,6 +2,8 @@
 //! ports, and polling of readiness signals (never bare sleeps).
 #![allow(dead_code)]
 
+pub mod kube;
+
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
