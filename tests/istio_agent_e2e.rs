@@ -61,6 +61,9 @@ struct AgentPod {
     cluster: &'static str,
     /// Which replica its agent's `discoveryAddress` points at (0: a, 1: b).
     replica: usize,
+    /// Its agent keeps Istio's default `CLUSTER_ID` (`Kubernetes`), which
+    /// replica a maps to remote-cluster with `--cluster-alias`.
+    default_cluster_id: bool,
 }
 
 const PODS: [AgentPod; 4] = [
@@ -72,6 +75,7 @@ const PODS: [AgentPod; 4] = [
         address: "10.10.0.10",
         cluster: "management-plane",
         replica: 0,
+        default_cluster_id: false,
     },
     AgentPod {
         name: "reviews-v1",
@@ -81,6 +85,7 @@ const PODS: [AgentPod; 4] = [
         address: "10.10.0.21",
         cluster: "management-plane",
         replica: 1,
+        default_cluster_id: false,
     },
     AgentPod {
         name: "reviews-v2",
@@ -90,6 +95,7 @@ const PODS: [AgentPod; 4] = [
         address: "10.10.0.22",
         cluster: "management-plane",
         replica: 1,
+        default_cluster_id: false,
     },
     AgentPod {
         name: "reviews-v3",
@@ -99,6 +105,7 @@ const PODS: [AgentPod; 4] = [
         address: "10.20.0.23",
         cluster: "remote-cluster",
         replica: 0,
+        default_cluster_id: true,
     },
 ];
 
@@ -169,7 +176,8 @@ async fn istio_agents_get_the_seed_split_with_their_own_keys_from_two_replicas()
     // Two replicas; the gateway (a plain Envoy, no secrets) reaches replica a by its Unix socket.
     let socket = root.join("xds.sock");
     let socket_arg = socket.display().to_string();
-    let replica_a = KubeMeshpilot::start_with(&logs, &mgmt, "replica-a", &["--xds-socket", &socket_arg]).await;
+    let replica_a =
+        KubeMeshpilot::start_with(&logs, &mgmt, "replica-a", &["--xds-socket", &socket_arg, "--cluster-alias", "Kubernetes=remote-cluster"]).await;
     let replica_b = KubeMeshpilot::start_with(&logs, &mgmt, "replica-b", &[]).await;
     let replicas = [&replica_a, &replica_b];
 
@@ -255,10 +263,12 @@ async fn istio_agents_get_the_seed_split_with_their_own_keys_from_two_replicas()
             .env("POD_NAMESPACE", "default")
             .env("INSTANCE_IP", pod.address)
             .env("SERVICE_ACCOUNT", pod.service_account)
-            .env("ISTIO_META_CLUSTER_ID", pod.cluster)
             .env("ISTIO_METAJSON_LABELS", serde_json::json!({"app": pod.app, "version": pod.version}).to_string())
             .env("PROXY_CONFIG", proxy_config.to_string())
             .env("HOME", &dir);
+        if !pod.default_cluster_id {
+            cmd.env("ISTIO_META_CLUSTER_ID", pod.cluster);
+        }
         procs.push(Proc::spawn(&format!("agent-{}", pod.name), cmd, &logs));
         // The application: answers with its pod's name, on 0.0.0.0 like any container.
         let mut app = PodNetwork::command(&ns, None, meshpilot_bin());
@@ -293,6 +303,8 @@ async fn istio_agents_get_the_seed_split_with_their_own_keys_from_two_replicas()
             ["CDS", "LDS"].iter().all(|t| row["types"][t]["state"] == "SYNCED").then_some(row)
         })
         .await;
+        // (reviews-v3's agent says `Kubernetes`: the alias made it remote-cluster, for its token and its config.)
+        assert_eq!(row["cluster"], pod.cluster, "{row}");
         assert_eq!(row["identity"], format!("default/{} (token in {})", pod.service_account, pod.cluster), "{row}");
         assert_eq!(row["mode"], "delta", "Istio's bootstrap uses delta ADS");
         assert_eq!(row["types"]["SDS"]["resource_count"].as_u64().unwrap_or(0), 0, "meshpilot sent {node} a secret: {row}");

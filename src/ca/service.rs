@@ -92,11 +92,9 @@ impl CertificateService {
                     "no bearer token: send the workload's ServiceAccount token (audience istio-ca) as `authorization: Bearer <token>`",
                 )
             })?;
-        let cluster = headers
-            .get("clusterid")
-            .and_then(|v| v.to_str().ok())
-            .filter(|c| !c.is_empty())
-            .ok_or_else(|| Status::unauthenticated("no clusterid header: name the registered cluster whose ServiceAccount token this is"))?;
+        // Istio's agent sends no header when its pod names no cluster: Istio's default.
+        let cluster =
+            headers.get("clusterid").and_then(|v| v.to_str().ok()).filter(|c| !c.is_empty()).unwrap_or(crate::xds::node::ISTIO_DEFAULT_CLUSTER_ID);
         let cluster = self.aliases.get(cluster).map_or(cluster, String::as_str);
         let identity = self.reviewer.review(cluster, token).await.map_err(token_status)?;
         let trust = self.trust.trust_of(&identity.cluster).ok_or_else(|| {

@@ -29,7 +29,9 @@ pub struct ServiceAccountIdentity {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
-    #[error("cluster {cluster:?} (the clusterid header) is not a registered cluster; registered: {registered}")]
+    #[error(
+        "cluster {cluster:?} (the clusterid header, or the proxy's CLUSTER_ID) is not a registered cluster; registered: {registered} (map a name to one with serve --cluster-alias NAME=<cluster>)"
+    )]
     UnknownCluster { cluster: String, registered: String },
     #[error("cluster {cluster}'s API server did not accept the token: {reason}")]
     Rejected { cluster: String, reason: String },

@@ -83,6 +83,10 @@ impl StreamIdentity {
     }
 }
 
+/// The cluster name Istio uses when a pod names none (istiod's `--clusterID`
+/// default); `serve --cluster-alias Kubernetes=<cluster>` maps it.
+pub const ISTIO_DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+
 /// Why a node was refused.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum NodeError {
@@ -181,9 +185,18 @@ impl ProxyNode {
             None if outbound_bind.is_some() => InterceptionMode::None,
             None => InterceptionMode::Redirect,
         };
+        let istio_version = string_field(meta, "ISTIO_VERSION").filter(|s| !s.is_empty());
+        // Istio's agent leaves CLUSTER_ID out unless the pod sets one, and its
+        // `node.cluster` is the workload's service name: istiod then takes
+        // its own default, `Kubernetes`.
+        let cluster = match string_field(meta, "CLUSTER_ID").filter(|c| !c.is_empty()) {
+            Some(c) => c,
+            None if istio_version.is_some() => ISTIO_DEFAULT_CLUSTER_ID.to_string(),
+            None => node.cluster.clone(),
+        };
         Ok(ProxyNode {
             id: node.id.clone(),
-            cluster: string_field(meta, "CLUSTER_ID").unwrap_or_else(|| node.cluster.clone()),
+            cluster,
             namespace,
             network: string_field(meta, "NETWORK").unwrap_or_default(),
             role,
@@ -197,7 +210,7 @@ impl ProxyNode {
             app_address: string_field(meta, "APP_ADDRESS").filter(|s| !s.is_empty()),
             envoy_version,
             delta_ads: false,
-            istio_version: string_field(meta, "ISTIO_VERSION").filter(|s| !s.is_empty()),
+            istio_version,
             identity: StreamIdentity::Unproven,
         })
     }
@@ -243,6 +256,25 @@ mod tests {
         assert_eq!(node(&[("INTERCEPTION_MODE", "NONE")]).unwrap().interception, InterceptionMode::None);
         let err = node(&[("INTERCEPTION_MODE", "iptables")]).unwrap_err().to_string();
         assert!(err.contains("INTERCEPTION_MODE"), "{err}");
+    }
+
+    #[test]
+    fn an_istio_agent_without_a_cluster_id_is_in_istios_default_cluster() {
+        let mut meta = Struct::default();
+        meta.fields.insert("ISTIO_VERSION".into(), s("1.31-dev"));
+        let node = Node {
+            id: "sidecar~10.20.0.23~reviews-v3.default~default.svc.cluster.local".into(),
+            cluster: "reviews.default".into(),
+            metadata: Some(meta.clone()),
+            ..Default::default()
+        };
+        let p = ProxyNode::from_node(Some(&node)).unwrap();
+        assert_eq!((p.cluster.as_str(), p.istio_version.as_deref()), ("Kubernetes", Some("1.31-dev")));
+        meta.fields.insert("CLUSTER_ID".into(), s("remote-cluster"));
+        let p = ProxyNode::from_node(Some(&Node { metadata: Some(meta), ..node.clone() })).unwrap();
+        assert_eq!(p.cluster, "remote-cluster");
+        // Not Istio's agent: node.cluster, as Envoy's bootstrap gives it.
+        assert_eq!(ProxyNode::from_node(Some(&Node { metadata: None, ..node })).unwrap().cluster, "reviews.default");
     }
 
     #[test]
