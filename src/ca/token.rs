@@ -163,4 +163,31 @@ mod tests {
             Err(TokenError::NotServiceAccount { .. })
         ));
     }
+
+    #[tokio::test]
+    async fn a_review_that_hangs_times_out_without_holding_up_another_cluster() {
+        // An API server that accepts connections and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((conn, _)) = silent.accept().await {
+                open.push(conn);
+            }
+        });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        let reviewer = KubeTokenReviewer::new().with_timeout(Duration::from_millis(300));
+        reviewer.set_cluster("stuck", kube::Client::try_from(config).unwrap());
+        let started = std::time::Instant::now();
+        let (stuck, unknown) = tokio::join!(reviewer.review("stuck", "t"), async {
+            let r = reviewer.review("elsewhere", "t").await;
+            (r, started.elapsed())
+        });
+        assert!(matches!(stuck, Err(TokenError::Timeout { .. })), "{stuck:?}");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        // The other caller was answered at once, not after the hung review.
+        assert!(matches!(unknown.0, Err(TokenError::UnknownCluster { .. })));
+        assert!(unknown.1 < Duration::from_millis(300), "{:?}", unknown.1);
+        held.abort();
+    }
 }

@@ -99,6 +99,99 @@ pub struct LoadArgs {
     /// a change must reach only the proxies in its service's namespace.
     #[arg(long)]
     pub sidecars: bool,
+    /// Connect over TLS (the server's --xds-tls-addr), trusting this root.
+    #[arg(long)]
+    pub xds_root_cert: Option<PathBuf>,
+    /// The name the server's certificate is checked for.
+    #[arg(long, default_value = "meshpilot.service-mesh-hub.svc")]
+    pub xds_server_name: String,
+    /// Instead of proxies: send this many CreateCertificate requests (Istio's
+    /// certificate API, over TLS) with --token-file's token, and report how
+    /// many the server signs per second.
+    #[arg(long, default_value_t = 0, requires_all = ["xds_root_cert", "token_file"])]
+    pub certificate_requests: usize,
+    /// The ServiceAccount token (audience istio-ca) the certificate requests prove their identity with.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// The `clusterid` header of certificate requests.
+    #[arg(long, default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// Certificate requests in flight at once.
+    #[arg(long, default_value_t = 16)]
+    pub certificate_concurrency: usize,
+}
+
+/// A TLS client configuration trusting `root` (PEM), HTTP/2.
+fn tls_client(root: &std::path::Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(root).with_context(|| format!("reading {}", root.display()))? {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The connection a simulated proxy or certificate client talks over: TCP, or TLS on it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// How connections are made.
+#[derive(Clone)]
+struct Connector {
+    tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
+}
+
+impl Connector {
+    fn of(args: &LoadArgs) -> anyhow::Result<Connector> {
+        let tls = match &args.xds_root_cert {
+            Some(root) => Some((
+                tokio_rustls::TlsConnector::from(tls_client(root)?),
+                rustls::pki_types::ServerName::try_from(args.xds_server_name.clone()).context("--xds-server-name")?,
+            )),
+            None => None,
+        };
+        Ok(Connector { tls })
+    }
+
+    async fn channel(&self, uri: &str) -> anyhow::Result<tonic::transport::Channel> {
+        let tls = self.tls.clone();
+        Ok(tonic::transport::Endpoint::from_shared(uri.to_string())?
+            // Flow control keeps unread responses on the server (shared
+            // buffers there) instead of in this process (hyper's 2 MiB
+            // default per stream was gigabytes at thousands of proxies).
+            .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(STREAM_WINDOW_BYTES))
+            .connect_with_connector(tower::service_fn(move |uri: tonic::codegen::http::Uri| {
+                let tls = tls.clone();
+                async move {
+                    // A bounded kernel receive buffer: thousands of autotuned
+                    // ones (up to net.ipv4.tcp_rmem's maximum each) put the
+                    // machine's TCP memory under pressure, which slows every
+                    // connection, the control plane's included.
+                    let addr = tokio::net::lookup_host(uri.authority().map(|a| a.as_str()).unwrap_or_default())
+                        .await?
+                        .next()
+                        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
+                    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+                    socket.set_recv_buffer_size(RECV_BUFFER_BYTES)?;
+                    let stream = socket.connect(addr).await?;
+                    stream.set_nodelay(true)?;
+                    let io: Box<dyn Io> = match tls {
+                        Some((connector, name)) => Box::new(connector.connect(name, stream).await?),
+                        None => Box::new(stream),
+                    };
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
+                }
+            }))
+            .await?)
+    }
 }
 
 /// Which proxies a change to a fixture service must reach: every one, or
@@ -157,6 +250,7 @@ fn node_for(i: usize, args: &LoadArgs) -> Node {
 
 async fn run_proxy(
     uri: String,
+    connector: Connector,
     mut proxy: SimulatedProxy,
     delta: bool,
     record: Arc<Mutex<Record>>,
@@ -165,28 +259,7 @@ async fn run_proxy(
 ) -> anyhow::Result<()> {
     let channel = {
         let _permit = connect.acquire().await?;
-        tonic::transport::Endpoint::from_shared(uri.clone())?
-            // Flow control keeps unread responses on the server (shared
-            // buffers there) instead of in this process (hyper's 2 MiB
-            // default per stream was gigabytes at thousands of proxies).
-            .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
-            .initial_connection_window_size(Some(STREAM_WINDOW_BYTES))
-            .connect_with_connector(tower::service_fn(move |uri: tonic::codegen::http::Uri| async move {
-                // A bounded kernel receive buffer: thousands of autotuned
-                // ones (up to net.ipv4.tcp_rmem's maximum each) put the
-                // machine's TCP memory under pressure, which slows every
-                // connection, the control plane's included.
-                let addr = tokio::net::lookup_host(uri.authority().map(|a| a.as_str()).unwrap_or_default())
-                    .await?
-                    .next()
-                    .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
-                let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-                socket.set_recv_buffer_size(RECV_BUFFER_BYTES)?;
-                let stream = socket.connect(addr).await?;
-                stream.set_nodelay(true)?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }))
-            .await?
+        connector.channel(&uri).await?
     };
     let mut channel = channel;
     let note = |proxy: &SimulatedProxy, r: &ScannedResponse, now: Instant| {
@@ -379,6 +452,10 @@ const RECONNECT_ATTEMPTS: usize = 10;
 
 pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let uri = format!("http://{}", args.xds_addr);
+    let connector = Connector::of(&args)?;
+    if args.certificate_requests > 0 {
+        return certificate_load(&args, &uri, &connector).await;
+    }
     let mode = if args.delta { "delta" } else { "sotw" };
     let connect = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
     let nack_every = if args.nack_fraction > 0.0 { (1.0 / args.nack_fraction).round().max(1.0) as usize } else { usize::MAX };
@@ -388,7 +465,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     for (i, record) in records.iter().enumerate() {
         let (node, nack) = (node_for(i, &args), i % nack_every == nack_every - 1);
-        let (uri, record, connect, markers) = (uri.clone(), record.clone(), connect.clone(), markers.clone());
+        let (uri, record, connect, markers, connector) = (uri.clone(), record.clone(), connect.clone(), markers.clone(), connector.clone());
         let delta = args.delta;
         tokio::spawn(async move {
             // Like Envoy: a failed connection or stream is opened again after a
@@ -396,7 +473,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
             let mut backoff = Duration::from_millis(250);
             for _ in 0..RECONNECT_ATTEMPTS {
                 let proxy = SimulatedProxy::new(node.clone(), nack);
-                match run_proxy(uri.clone(), proxy, delta, record.clone(), connect.clone(), markers.clone()).await {
+                match run_proxy(uri.clone(), connector.clone(), proxy, delta, record.clone(), connect.clone(), markers.clone()).await {
                     Ok(()) => return,
                     Err(e) => {
                         let mut r = record.lock().expect("record lock");
@@ -640,4 +717,79 @@ mod tests {
         let (rss, cpu) = process_usage(std::process::id()).unwrap();
         assert!(rss > 1.0 && cpu >= 0.0);
     }
+}
+
+/// `--certificate-requests N`: Istio's certificate API under load. One CSR
+/// (an ECDSA P-256 key, the identity the token proves) is sent N times, at
+/// most --certificate-concurrency at once, each request with the token; every
+/// answer must be a chain. Reports signed certificates per second and the
+/// latency percentiles (each includes the server's TokenReview round trip).
+async fn certificate_load(args: &LoadArgs, uri: &str, connector: &Connector) -> anyhow::Result<()> {
+    use crate::ca::service::{IstioCertificateRequest, IstioCertificateResponse};
+    let token_file = args.token_file.as_ref().context("--token-file")?;
+    let token = std::fs::read_to_string(token_file).with_context(|| format!("reading {}", token_file.display()))?.trim().to_string();
+    let identity = token_service_account(&token).context("the token names no ServiceAccount (sub system:serviceaccount:<ns>:<sa>)")?;
+    let spiffe = format!("spiffe://cluster.local/ns/{}/sa/{}", identity.0, identity.1);
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.subject_alt_names = vec![rcgen::SanType::URI(spiffe.as_str().try_into()?)];
+    let csr = params.serialize_request(&key)?.pem()?;
+    let channel = connector.channel(uri).await?;
+    let permits = Arc::new(Semaphore::new(args.certificate_concurrency.max(1)));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..args.certificate_requests {
+        let permit = permits.clone().acquire_owned().await?;
+        let (channel, csr, token, cluster) = (channel.clone(), csr.clone(), token.clone(), args.cluster_id.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            let sent = Instant::now();
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut request = tonic::Request::new(IstioCertificateRequest { csr, validity_duration: 3600, metadata: None });
+            request.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
+            request.metadata_mut().insert("clusterid", cluster.parse()?);
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static("/istio.v1.auth.IstioCertificateService/CreateCertificate");
+            let response: tonic::Response<IstioCertificateResponse> =
+                grpc.unary(request, path, tonic_prost::ProstCodec::default()).await.map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?;
+            anyhow::ensure!(response.get_ref().cert_chain.len() >= 2, "a chain of {} certificates", response.get_ref().cert_chain.len());
+            Ok::<f64, anyhow::Error>(sent.elapsed().as_secs_f64() * 1000.0)
+        });
+    }
+    let mut latencies = Vec::new();
+    let mut errors = std::collections::BTreeMap::<String, usize>::new();
+    while let Some(result) = tasks.join_next().await {
+        match result? {
+            Ok(ms) => latencies.push(ms),
+            Err(e) => *errors.entry(format!("{e:#}")).or_default() += 1,
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let p = percentiles(&mut latencies).unwrap_or_default();
+    println!(
+        "certificates: {} signed of {} in {elapsed:.2}s = {:.0}/s at concurrency {}; latency ms p50 {:.1} p99 {:.1} max {:.1}",
+        latencies.len(),
+        args.certificate_requests,
+        latencies.len() as f64 / elapsed,
+        args.certificate_concurrency,
+        p.0,
+        p.2,
+        p.3
+    );
+    for (error, n) in &errors {
+        println!("  {n} refused: {error}");
+    }
+    anyhow::ensure!(errors.is_empty(), "{} requests failed", errors.values().sum::<usize>());
+    Ok(())
+}
+
+/// The (namespace, service account) a ServiceAccount token's `sub` claim names (not verified: the server does that).
+fn token_service_account(token: &str) -> Option<(String, String)> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let sub = claims["sub"].as_str()?.strip_prefix("system:serviceaccount:")?;
+    let (ns, sa) = sub.split_once(':')?;
+    Some((ns.to_string(), sa.to_string()))
 }

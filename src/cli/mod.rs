@@ -146,6 +146,10 @@ pub struct FixturesArgs {
     /// namespace's services (`./*`): every proxy sees a tenth of the mesh.
     #[arg(long)]
     pub sidecars: bool,
+    /// Give the VirtualMesh a builtin CA: mTLS between every workload, and a
+    /// certificate for serve's --xds-tls-addr (kept with serve --ca-dir).
+    #[arg(long)]
+    pub mtls: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -331,6 +335,15 @@ fn run_fixtures(a: FixturesArgs) -> anyhow::Result<()> {
     let spec =
         crate::fixtures::ScaleSpec { services: a.services, clusters: a.clusters, endpoints: a.endpoints, policies: a.policies, sidecars: a.sidecars };
     crate::fixtures::write_config_dir(&a.out, spec).with_context(|| format!("writing {}", a.out.display()))?;
+    if a.mtls {
+        use std::io::Write as _;
+        let vm = a.out.join("mesh/virtual-mesh.yaml");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&vm)
+            .and_then(|mut f| f.write_all(b"  certificateAuthority: {builtin: {}}\n"))
+            .with_context(|| format!("writing {}", vm.display()))?;
+    }
     println!(
         "wrote {}: {} services x {} clusters x {} endpoints, {} TrafficPolicies",
         a.out.display(),

@@ -100,6 +100,11 @@ pub fn accept_on_own_thread(
         loop {
             let accepted = listener.accept().and_then(|(stream, _)| {
                 stream.set_nonblocking(true)?;
+                // A unary answer (a signed certificate) or a small xDS
+                // response must not wait for the peer's delayed ACK:
+                // with Nagle on, one CreateCertificate took 44 ms
+                // instead of the TokenReview's few.
+                stream.set_nodelay(true)?;
                 tokio::net::TcpStream::from_std(stream)
             });
             match accepted {
