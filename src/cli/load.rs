@@ -689,36 +689,6 @@ fn report(args: &LoadArgs, mode: &str, what: &str, lat: &mut [f64], missing: usi
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn each_change_is_matched_to_the_delivery_that_carried_it() {
-        let t0 = Instant::now();
-        let ms = |n: u64| t0 + Duration::from_millis(n);
-        let changes = [(0, ms(0), 0), (1, ms(100), 1)];
-        let deliveries = vec![[(0, ms(50)), (1, ms(300))].into(), [(1, ms(120))].into(), Default::default()];
-        let everyone = Reach { scoped: false, proxy_namespaces: 10 };
-        let (lat, missing) = latencies(&changes, &deliveries, everyone);
-        assert_eq!(lat, vec![50.0, 200.0, 20.0]);
-        assert_eq!(missing, 3, "the second proxy never got change 0, the third got nothing");
-        // With per-namespace Sidecars, proxy i (ns-<i % 2>) must get only its namespace's changes.
-        let scoped = Reach { scoped: true, proxy_namespaces: 2 };
-        let (lat, missing) = latencies(&changes, &deliveries, scoped);
-        assert_eq!(lat, vec![50.0, 20.0]);
-        assert_eq!(missing, 1, "only the third proxy (ns-0) missed its change 0");
-        let (lat, missing) = first_after(ms(100), &[vec![ms(50), ms(130)], vec![ms(20)]]);
-        assert_eq!((lat, missing), (vec![30.0], 1));
-    }
-
-    #[test]
-    fn reads_its_own_usage_from_proc() {
-        let (rss, cpu) = process_usage(std::process::id()).unwrap();
-        assert!(rss > 1.0 && cpu >= 0.0);
-    }
-}
-
 /// `--certificate-requests N`: Istio's certificate API under load. One CSR
 /// (an ECDSA P-256 key, the identity the token proves) is sent N times, at
 /// most --certificate-concurrency at once, each request with the token; every
@@ -792,4 +762,34 @@ fn token_service_account(token: &str) -> Option<(String, String)> {
     let sub = claims["sub"].as_str()?.strip_prefix("system:serviceaccount:")?;
     let (ns, sa) = sub.split_once(':')?;
     Some((ns.to_string(), sa.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_change_is_matched_to_the_delivery_that_carried_it() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let changes = [(0, ms(0), 0), (1, ms(100), 1)];
+        let deliveries = vec![[(0, ms(50)), (1, ms(300))].into(), [(1, ms(120))].into(), Default::default()];
+        let everyone = Reach { scoped: false, proxy_namespaces: 10 };
+        let (lat, missing) = latencies(&changes, &deliveries, everyone);
+        assert_eq!(lat, vec![50.0, 200.0, 20.0]);
+        assert_eq!(missing, 3, "the second proxy never got change 0, the third got nothing");
+        // With per-namespace Sidecars, proxy i (ns-<i % 2>) must get only its namespace's changes.
+        let scoped = Reach { scoped: true, proxy_namespaces: 2 };
+        let (lat, missing) = latencies(&changes, &deliveries, scoped);
+        assert_eq!(lat, vec![50.0, 20.0]);
+        assert_eq!(missing, 1, "only the third proxy (ns-0) missed its change 0");
+        let (lat, missing) = first_after(ms(100), &[vec![ms(50), ms(130)], vec![ms(20)]]);
+        assert_eq!((lat, missing), (vec![30.0], 1));
+    }
+
+    #[test]
+    fn reads_its_own_usage_from_proc() {
+        let (rss, cpu) = process_usage(std::process::id()).unwrap();
+        assert!(rss > 1.0 && cpu >= 0.0);
+    }
 }
