@@ -275,7 +275,10 @@ impl ControlPlane {
         if let Some(tls) = listeners.xds_tls {
             let (server, csds, stop) = (self.server.clone(), csds.clone(), stopped(stop_rx.clone()));
             let config = Arc::new(self.serving.server_config());
-            let ca = self.certificates.clone().map(CertificateServer::new);
+            let ca = match self.certificates.clone() {
+                Some(c) => tonic::service::Routes::new(CertificateServer::new(c)),
+                None => tonic::service::Routes::default(),
+            };
             servers.push(tokio::spawn(async move {
                 if let Err(e) = crate::xds::serve_grpc_tls(tls, config, server, csds, ca, stop).await {
                     tracing::error!(error = %e, "TLS xDS server stopped");

@@ -147,14 +147,7 @@ async fn istio_agents_get_the_seed_split_with_their_own_keys_from_two_replicas()
 
     // Two clusters, meshpilot installed, both registered, bookinfo in both.
     let (mgmt, remote) = tokio::join!(KubeCluster::start(&kubeenv, "management-plane", &logs), KubeCluster::start(&kubeenv, "remote-cluster", &logs));
-    mgmt.kubectl(&["apply", "-k", repo.join("deploy").to_str().unwrap()]);
-    mgmt.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/trafficpolicies.networking.zephyr.solo.io",
-        "crd/virtualmeshes.networking.zephyr.solo.io",
-    ]);
+    mgmt.install_meshpilot();
     register(&mgmt, &mgmt);
     register(&mgmt, &remote);
     let manifest = |f: &str, prefix: &str| {

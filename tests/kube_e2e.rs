@@ -100,15 +100,7 @@ async fn seed_scenario_against_two_real_clusters() {
 
     // Install meshpilot's manifests (CRDs, RBAC, Deployment, Service): proves they are valid.
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    mgmt.kubectl(&["apply", "-k", repo.join("deploy").to_str().unwrap()]);
-    mgmt.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/trafficpolicies.networking.zephyr.solo.io",
-        "crd/kubernetesclusters.discovery.zephyr.solo.io",
-        "crd/virtualmeshes.networking.zephyr.solo.io",
-    ]);
+    mgmt.install_meshpilot();
     let deployment = mgmt.kubectl(&[
         "get",
         "deployment",

@@ -43,33 +43,21 @@ pub async fn serve_grpc(
             return Ok(());
         }
     };
-    serve_grpc_incoming(incoming, server, csds, None::<AdsService>, shutdown).await
+    serve_grpc_incoming(incoming, server, csds, tonic::service::Routes::default(), shutdown).await
 }
 
 /// Serves ADS, the per-type services, CSDS and `extra` (Istio's certificate
 /// API) over TLS on `listener`: streams here may prove an identity with a
 /// token, and only proven streams get certificates. Each handshake runs on
 /// a task of its own ([`tls::handshakes`]).
-pub async fn serve_grpc_tls<S>(
+pub async fn serve_grpc_tls(
     listener: tokio::net::TcpListener,
     config: std::sync::Arc<rustls::ServerConfig>,
     server: server::XdsServer,
     csds: csds::Csds,
-    extra: Option<S>,
+    extra: tonic::service::Routes,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error>
-where
-    S: tower::Service<
-            tonic::codegen::http::Request<tonic::body::Body>,
-            Response = tonic::codegen::http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-        > + tonic::server::NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-{
+) -> Result<(), tonic::transport::Error> {
     let incoming = match accept_on_own_thread(listener) {
         Ok(incoming) => incoming,
         Err(e) => {
@@ -134,29 +122,19 @@ pub async fn serve_grpc_unix(
     csds: csds::Csds,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    serve_grpc_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener), server, csds, None::<AdsService>, shutdown).await
+    serve_grpc_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener), server, csds, tonic::service::Routes::default(), shutdown).await
 }
 
-async fn serve_grpc_incoming<I, IO, S>(
+async fn serve_grpc_incoming<I, IO>(
     incoming: I,
     server: server::XdsServer,
     csds: csds::Csds,
-    extra: Option<S>,
+    extra: tonic::service::Routes,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error>
 where
     I: futures::Stream<Item = std::io::Result<IO>> + Send + 'static,
     IO: tonic::transport::server::Connected + tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-    S: tower::Service<
-            tonic::codegen::http::Request<tonic::body::Body>,
-            Response = tonic::codegen::http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-        > + tonic::server::NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
 {
     tonic::transport::Server::builder()
         // Requests a proxy has sent but the server has not read yet wait in
@@ -168,14 +146,16 @@ where
         .initial_connection_window_size(REQUEST_WINDOW_BYTES)
         .http2_keepalive_interval(Some(server.config().keepalive_interval))
         .http2_keepalive_timeout(Some(server.config().keepalive_timeout))
-        .add_service(AdsService(server.clone()))
-        .add_service(CdsService(server.clone()))
-        .add_service(EdsService(server.clone()))
-        .add_service(LdsService(server.clone()))
-        .add_service(RdsService(server.clone()))
-        .add_service(SdsService(server))
-        .add_service(ClientStatusDiscoveryServiceServer::new(csds).max_encoding_message_size(MAX_MESSAGE_BYTES))
-        .add_optional_service(extra)
+        .add_routes(
+            extra
+                .add_service(AdsService(server.clone()))
+                .add_service(CdsService(server.clone()))
+                .add_service(EdsService(server.clone()))
+                .add_service(LdsService(server.clone()))
+                .add_service(RdsService(server.clone()))
+                .add_service(SdsService(server))
+                .add_service(ClientStatusDiscoveryServiceServer::new(csds).max_encoding_message_size(MAX_MESSAGE_BYTES)),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

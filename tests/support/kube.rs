@@ -77,6 +77,21 @@ impl KubeCluster {
         }
     }
 
+    /// `kubectl apply -k deploy/` (CRDs, RBAC, Deployment, Service: proves
+    /// they are valid) and waits for the CRDs.
+    pub fn install_meshpilot(&self) {
+        let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        self.kubectl(&["apply", "-k", repo.join("deploy").to_str().unwrap()]);
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/trafficpolicies.networking.zephyr.solo.io",
+            "crd/kubernetesclusters.discovery.zephyr.solo.io",
+            "crd/virtualmeshes.networking.zephyr.solo.io",
+        ]);
+    }
+
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.join("admin.kubeconfig")
     }
