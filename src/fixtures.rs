@@ -1,6 +1,8 @@
 //! Synthetic meshes of any size (services × clusters × endpoints, with
 //! TrafficPolicies), for benchmarks and load tests.
 
+pub mod kube;
+
 use std::collections::BTreeMap;
 
 use crate::model::api::{

@@ -268,12 +268,16 @@ impl SimulatedProxy {
 
     pub fn delta_start(&mut self) -> DeltaDiscoveryRequest {
         self.requested[0] = true;
-        // Subscribes to VHDS with its first route configurations (as Envoy does for `vhds` ones).
-        self.acked[4] = false;
         DeltaDiscoveryRequest { node: Some(self.node.clone()), type_url: ResourceType::Cluster.type_url().into(), ..Default::default() }
     }
 
     pub fn delta_on_response(&mut self, r: &ScannedResponse, now: Instant) -> Vec<Outgoing<DeltaDiscoveryRequest>> {
+        // Route configurations with `vhds` (meshpilot's over delta ADS): Envoy
+        // subscribes to their virtual hosts, and is not synced until they come.
+        // Without (istiod's), there is no VHDS to wait for.
+        if r.routes_with_vhds && !self.requested[4] && ResourceType::from_type_url(&r.type_url) == Some(ResourceType::Route) {
+            self.acked[4] = false;
+        }
         let Some((ty, nack)) = self.receive(&r.type_url, r.encoded_len, now) else {
             return Vec::new();
         };
@@ -347,7 +351,7 @@ impl SimulatedProxy {
                     }));
                 }
             }
-            ResourceType::Route if !self.requested[4] => {
+            ResourceType::Route if !self.requested[4] && r.routes_with_vhds => {
                 // Envoy subscribes to a `vhds` configuration's virtual hosts by its name.
                 self.requested[4] = true;
                 out.push(Outgoing::own(DeltaDiscoveryRequest {

@@ -116,6 +116,15 @@ pub struct LoadArgs {
     /// The `clusterid` header of certificate requests.
     #[arg(long, default_value = "Kubernetes")]
     pub cluster_id: String,
+    /// Look like Istio's injected sidecars, to istiod as to meshpilot: proxy i is pod
+    /// `svc-<i % apps>-<k>` of the mesh `fixtures --kubeconfig` loads (namespace
+    /// `ns-<service % 10>`), with an Istio node id and Istio's metadata (ISTIO_VERSION,
+    /// CLUSTER_ID from --istio-cluster-id, NAMESPACE, LABELS, INSTANCE_IPS, SERVICE_ACCOUNT).
+    #[arg(long)]
+    pub istio: bool,
+    /// The CLUSTER_ID the --istio proxies send (istiod's --clusterID, or meshpilot's registered name).
+    #[arg(long, default_value = "Kubernetes")]
+    pub istio_cluster_id: String,
     /// Certificate requests in flight at once.
     #[arg(long, default_value_t = 16)]
     pub certificate_concurrency: usize,
@@ -231,7 +240,38 @@ fn string_value(s: &str) -> Value {
     Value { kind: Some(Kind::StringValue(s.to_string())) }
 }
 
+/// Proxy `i` as Istio's injector and agent describe a pod's sidecar.
+fn istio_node_for(i: usize, args: &LoadArgs) -> Node {
+    let (service, pod) = (i % args.apps.max(1), (i / args.apps.max(1)) % args.endpoints.max(1));
+    let (svc, ns) = (service_name(service), format!("ns-{}", service % 10));
+    let ip = crate::fixtures::endpoint_address(0, service, pod);
+    let mut labels = Struct::default();
+    labels.fields.insert("app".into(), string_value(&svc));
+    labels.fields.insert("version".into(), string_value(&format!("v{}", pod % 3 + 1)));
+    let mut meta = Struct::default();
+    for (k, v) in [
+        ("ISTIO_VERSION", "1.31-dev"),
+        ("CLUSTER_ID", args.istio_cluster_id.as_str()),
+        ("NAMESPACE", ns.as_str()),
+        ("INSTANCE_IPS", ip.as_str()),
+        ("SERVICE_ACCOUNT", svc.as_str()),
+        ("INTERCEPTION_MODE", "REDIRECT"),
+    ] {
+        meta.fields.insert(k.into(), string_value(v));
+    }
+    meta.fields.insert("LABELS".into(), Value { kind: Some(Kind::StructValue(labels)) });
+    Node {
+        id: format!("sidecar~{ip}~{svc}-{pod}.{ns}~{ns}.svc.cluster.local"),
+        cluster: format!("{svc}.{ns}"),
+        metadata: Some(meta),
+        ..Default::default()
+    }
+}
+
 fn node_for(i: usize, args: &LoadArgs) -> Node {
+    if args.istio {
+        return istio_node_for(i, args);
+    }
     let mut labels = Struct::default();
     labels.fields.insert("app".into(), string_value(&service_name(i % args.apps.max(1))));
     let mut meta = Struct::default();

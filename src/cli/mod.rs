@@ -132,8 +132,21 @@ async fn run_sample(args: SampleArgs) -> anyhow::Result<()> {
 #[cfg(feature = "testkit")]
 pub struct FixturesArgs {
     /// The folder to write (DIR/cluster-<i>/svc-<n>.yaml, DIR/mesh/).
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(long, required_unless_present = "kubeconfig")]
+    pub out: Option<PathBuf>,
+    /// Instead: create the mesh in this cluster through its API (one cluster: Services,
+    /// ServiceAccounts and Pods whose EndpointSlices the cluster's controller writes, and the
+    /// TrafficPolicies), for `serve --kubernetes` and istiod to watch the same objects.
+    #[arg(long, conflicts_with = "out")]
+    pub kubeconfig: Option<PathBuf>,
+    #[arg(long, requires = "kubeconfig")]
+    pub context: Option<String>,
+    /// The registered name of that cluster (what the TrafficPolicies name).
+    #[arg(long, default_value = "management-plane")]
+    pub cluster_name: String,
+    /// Also each TrafficPolicy's Istio equivalent (a VirtualService and a DestinationRule).
+    #[arg(long, requires = "kubeconfig")]
+    pub istio: bool,
     #[arg(long, default_value_t = 1000)]
     pub services: usize,
     #[arg(long, default_value_t = 3)]
@@ -332,12 +345,43 @@ pub fn init_tracing() {
 
 #[cfg(feature = "testkit")]
 fn run_fixtures(a: FixturesArgs) -> anyhow::Result<()> {
+    if let Some(kubeconfig) = &a.kubeconfig {
+        anyhow::ensure!(a.clusters == 1, "--kubeconfig loads one cluster: give --clusters 1");
+        let spec = crate::fixtures::kube::KubeMeshSpec {
+            services: a.services,
+            endpoints: a.endpoints,
+            policies: a.policies,
+            cluster: a.cluster_name.clone(),
+            istio: a.istio,
+            policy_namespace: "service-mesh-hub".into(),
+            concurrency: 64,
+        };
+        let runtime = tokio::runtime::Runtime::new()?;
+        return runtime.block_on(async {
+            let kc = kube::config::Kubeconfig::read_from(kubeconfig).with_context(|| format!("reading {}", kubeconfig.display()))?;
+            let options = kube::config::KubeConfigOptions { context: a.context.clone(), ..Default::default() };
+            let client = kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &options).await?)?;
+            let started = std::time::Instant::now();
+            let (created, existing) = crate::fixtures::kube::load(&client, &spec).await?;
+            println!(
+                "loaded {} services x {} pods and {} policies{} into {}: {created} objects created, {existing} already there, in {:.1}s",
+                a.services,
+                a.endpoints,
+                a.policies.min(a.services),
+                if a.istio { " (and their VirtualServices and DestinationRules)" } else { "" },
+                kubeconfig.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        });
+    }
+    let out = a.out.clone().context("--out")?;
     let spec =
         crate::fixtures::ScaleSpec { services: a.services, clusters: a.clusters, endpoints: a.endpoints, policies: a.policies, sidecars: a.sidecars };
-    crate::fixtures::write_config_dir(&a.out, spec).with_context(|| format!("writing {}", a.out.display()))?;
+    crate::fixtures::write_config_dir(&out, spec).with_context(|| format!("writing {}", out.display()))?;
     if a.mtls {
         use std::io::Write as _;
-        let vm = a.out.join("mesh/virtual-mesh.yaml");
+        let vm = out.join("mesh/virtual-mesh.yaml");
         std::fs::OpenOptions::new()
             .append(true)
             .open(&vm)
@@ -346,7 +390,7 @@ fn run_fixtures(a: FixturesArgs) -> anyhow::Result<()> {
     }
     println!(
         "wrote {}: {} services x {} clusters x {} endpoints, {} TrafficPolicies",
-        a.out.display(),
+        out.display(),
         a.services,
         a.clusters,
         a.endpoints,

@@ -46,6 +46,9 @@ pub struct ScannedResponse {
     pub marked_addresses: Vec<Bytes>,
     /// The message's size on the wire (without gRPC's 5-byte prefix).
     pub encoded_len: usize,
+    /// Some route configuration here takes its virtual hosts over VHDS (its
+    /// `vhds` field is set): Envoy then subscribes to them, and only then.
+    pub routes_with_vhds: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -314,7 +317,13 @@ impl ResponseScanner {
                 self.find_markers(resource, &chunk);
                 None
             }
-            (Some(ResourceType::Route | ResourceType::VirtualHost), _) => None,
+            (Some(ResourceType::Route), flavor) => {
+                if !self.current.routes_with_vhds {
+                    self.current.routes_with_vhds = route_has_vhds(resource, flavor);
+                }
+                None
+            }
+            (Some(ResourceType::VirtualHost), _) => None,
             (_, Flavor::Sotw) => Some(resource),
             (_, Flavor::Delta) => {
                 let mut any = None;
@@ -526,6 +535,23 @@ pub fn grpc_framed(message: &impl prost::Message) -> Vec<u8> {
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
     out.extend_from_slice(&body);
     out
+}
+
+/// Whether a route configuration resource (SotW: an `Any`; delta: a
+/// `Resource` holding one) has `vhds` (`RouteConfiguration` field 9).
+fn route_has_vhds(resource: &[u8], flavor: Flavor) -> bool {
+    fn field(message: &[u8], number: u64) -> Option<&[u8]> {
+        Fields(message).find_map(|f| match f {
+            Some((n, Field::Bytes(b))) if n == number => Some(b),
+            _ => None,
+        })
+    }
+    let any = match flavor {
+        Flavor::Sotw => Some(resource),
+        Flavor::Delta => field(resource, 2),
+    };
+    let Some(config) = any.and_then(|a| field(a, 2)) else { return false };
+    Fields(config).any(|f| matches!(f, Some((9, _))))
 }
 
 #[cfg(test)]
