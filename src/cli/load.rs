@@ -89,6 +89,9 @@ pub struct LoadArgs {
     /// After sync, make one endpoint change (with --config-dir) and measure its delivery.
     #[arg(long)]
     pub endpoint_change: bool,
+    /// Wait this long after the fleet is SYNCED before the first change.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub pause_after_sync: Duration,
     /// Wait this long after the last change before computing latencies.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub settle: Duration,
@@ -125,6 +128,19 @@ pub struct LoadArgs {
     /// The CLUSTER_ID the --istio proxies send (istiod's --clusterID, or meshpilot's registered name).
     #[arg(long, default_value = "Kubernetes")]
     pub istio_cluster_id: String,
+    /// Changes go to this cluster (the mesh `fixtures --kubeconfig` loaded) instead of
+    /// --config-dir: an endpoint change is an update of a `churn-<j>` EndpointSlice, a
+    /// weight change one of `shift-0`.
+    #[arg(long, conflicts_with = "config_dir")]
+    pub kubeconfig: Option<PathBuf>,
+    #[arg(long, requires = "kubeconfig")]
+    pub context: Option<String>,
+    /// With --kubeconfig: the weight change edits the VirtualService (istiod) instead of the TrafficPolicy.
+    #[arg(long, requires = "kubeconfig")]
+    pub change_virtual_service: bool,
+    /// With --kubeconfig: the registered cluster name the TrafficPolicy names.
+    #[arg(long, default_value = "management-plane")]
+    pub cluster_name: String,
     /// Certificate requests in flight at once.
     #[arg(long, default_value_t = 16)]
     pub certificate_concurrency: usize,
@@ -596,31 +612,29 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         anyhow::bail!("not every proxy became SYNCED within {:?}", args.sync_timeout);
     }
 
+    if !args.pause_after_sync.is_zero() {
+        // (istiod, on two busy cores, may miss its leader lease during a sync and push everything again: let that pass.)
+        tokio::time::sleep(args.pause_after_sync).await;
+    }
     let mut step = 0usize;
-    if let Some(dir) = &args.config_dir {
+    let target = ChangeTarget::of(&args).await?;
+    if let Some(target) = &target {
         if args.endpoint_change {
-            measure_endpoint_changes(&args, mode, dir, &records, &markers, &mut step, 1, Duration::ZERO, "one endpoint change").await?;
+            measure_endpoint_changes(&args, mode, target, &records, &markers, &mut step, 1, Duration::ZERO, "one endpoint change").await?;
         }
         if args.churn_rate > 0.0 {
             let what = format!("endpoint churn {:.0}/s for {:?}", args.churn_rate, args.churn_duration);
             let count = (args.churn_rate * args.churn_duration.as_secs_f64()).round().max(1.0) as usize;
             let every = Duration::from_secs_f64(1.0 / args.churn_rate);
-            measure_endpoint_changes(&args, mode, dir, &records, &markers, &mut step, count, every, &what).await?;
+            measure_endpoint_changes(&args, mode, target, &records, &markers, &mut step, count, every, &what).await?;
         }
     }
-    if let Some(dir) = &args.config_dir
+    if let Some(target) = &target
         && args.policy_change
     {
         let before = args.pid.and_then(process_usage);
         let bytes_before = bytes(&records);
-        let path = dir.join("mesh/traffic-policies.yaml");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let edited = if text.contains("weight: 50, subset") {
-            text.replacen("weight: 50, subset", "weight: 70, subset", 1)
-        } else {
-            text.replacen("weight: 70, subset", "weight: 50, subset", 1)
-        };
-        write_atomically(&path, &edited)?;
+        target.weight_change(&args).await?;
         let changed_at = Instant::now();
         let deadline = changed_at + args.settle;
         // The first policy is on svc-00000.
@@ -638,7 +652,8 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let (mut lat, missing) = first_after(changed_at, &deliveries);
-        report(&args, mode, "one TrafficPolicy change", &mut lat, missing, before, bytes(&records) - bytes_before);
+        let what = if args.change_virtual_service { "one weight change (VirtualService)" } else { "one weight change (TrafficPolicy)" };
+        report(&args, mode, what, &mut lat, missing, before, bytes(&records) - bytes_before);
     }
     Ok(())
 }
@@ -650,7 +665,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
 async fn measure_endpoint_changes(
     args: &LoadArgs,
     mode: &str,
-    dir: &std::path::Path,
+    target: &ChangeTarget,
     records: &[Arc<Mutex<Record>>],
     markers: &Markers,
     step: &mut usize,
@@ -665,15 +680,13 @@ async fn measure_endpoint_changes(
     for _ in 0..count {
         tick.tick().await;
         *step += 1;
-        let (c, s) = (*step % args.clusters.max(1), (*step * 7919) % args.services.max(1));
         let idx = {
             let mut m = markers.write().expect("markers lock");
             let idx = m.len();
             m.insert(crate::fixtures::changed_address(*step).into_bytes(), idx);
             idx
         };
-        let path = dir.join(cluster_name(c)).join(format!("{}.yaml", service_name(s)));
-        write_atomically(&path, &service_yaml(c, s, args.endpoints, *step)).with_context(|| format!("writing {}", path.display()))?;
+        let s = target.endpoint_change(args, *step).await?;
         changes.push((idx, Instant::now(), s));
     }
     let reach = Reach::of(args);
@@ -693,6 +706,66 @@ async fn measure_endpoint_changes(
     let bytes_after: u64 = records.iter().map(|r| r.lock().expect("record lock").bytes).sum();
     report(args, mode, &format!("{what} ({} changes)", changes.len()), &mut lat, missing, before, bytes_after - bytes_before);
     Ok(())
+}
+
+/// Where changes are written: the fixture folder the server watches, or the
+/// cluster it (and istiod) watch.
+enum ChangeTarget {
+    ConfigDir(PathBuf),
+    Kube(kube::Client),
+}
+
+impl ChangeTarget {
+    async fn of(args: &LoadArgs) -> anyhow::Result<Option<ChangeTarget>> {
+        if let Some(dir) = &args.config_dir {
+            return Ok(Some(ChangeTarget::ConfigDir(dir.clone())));
+        }
+        let Some(path) = &args.kubeconfig else { return Ok(None) };
+        let kc = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+        let options = kube::config::KubeConfigOptions { context: args.context.clone(), ..Default::default() };
+        Ok(Some(ChangeTarget::Kube(kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &options).await?)?)))
+    }
+
+    /// Endpoint change `step`: one service's first endpoint gets
+    /// `fixtures::changed_address(step)`. Returns the service's index (for --sidecars reach).
+    async fn endpoint_change(&self, args: &LoadArgs, step: usize) -> anyhow::Result<usize> {
+        match self {
+            ChangeTarget::ConfigDir(dir) => {
+                let (c, s) = (step % args.clusters.max(1), (step * 7919) % args.services.max(1));
+                let path = dir.join(cluster_name(c)).join(format!("{}.yaml", service_name(s)));
+                write_atomically(&path, &service_yaml(c, s, args.endpoints, step)).with_context(|| format!("writing {}", path.display()))?;
+                Ok(s)
+            }
+            ChangeTarget::Kube(client) => {
+                use crate::fixtures::kube::{CHURN_SERVICES, apply, churn_slice};
+                apply(client, &churn_slice(step % CHURN_SERVICES, args.endpoints, step)).await?;
+                Ok(0)
+            }
+        }
+    }
+
+    /// Moves the first policy's weights (50/50 ↔ 70/30).
+    async fn weight_change(&self, args: &LoadArgs) -> anyhow::Result<()> {
+        match self {
+            ChangeTarget::ConfigDir(dir) => {
+                let path = dir.join("mesh/traffic-policies.yaml");
+                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                let edited = if text.contains("weight: 50, subset") {
+                    text.replacen("weight: 50, subset", "weight: 70, subset", 1)
+                } else {
+                    text.replacen("weight: 70, subset", "weight: 50, subset", 1)
+                };
+                write_atomically(&path, &edited)?;
+            }
+            ChangeTarget::Kube(client) => {
+                use crate::fixtures::kube::{apply, traffic_policy, virtual_service};
+                let object =
+                    if args.change_virtual_service { virtual_service(0, 70) } else { traffic_policy(0, &args.cluster_name, "service-mesh-hub", 70) };
+                apply(client, &object).await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn report(args: &LoadArgs, mode: &str, what: &str, lat: &mut [f64], missing: usize, before: Option<(f64, f64)>, bytes: u64) {
