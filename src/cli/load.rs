@@ -503,9 +503,6 @@ fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// How often one simulated proxy opens its stream again after failures.
-const RECONNECT_ATTEMPTS: usize = 10;
-
 pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let uri = format!("http://{}", args.xds_addr);
     let connector = Connector::of(&args)?;
@@ -523,11 +520,13 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         let (node, nack) = (node_for(i, &args), i % nack_every == nack_every - 1);
         let (uri, record, connect, markers, connector) = (uri.clone(), record.clone(), connect.clone(), markers.clone(), connector.clone());
         let delta = args.delta;
+        let give_up_at = start + args.sync_timeout;
         tokio::spawn(async move {
             // Like Envoy: a failed connection or stream is opened again after a
-            // backoff (250 ms doubling to 4 s), as a new stream.
+            // backoff (250 ms doubling to 4 s), as a new stream, for as long as
+            // the sync may take (istiod refuses streams beyond 25 new ones a second).
             let mut backoff = Duration::from_millis(250);
-            for _ in 0..RECONNECT_ATTEMPTS {
+            while Instant::now() < give_up_at {
                 let proxy = SimulatedProxy::new(node.clone(), nack);
                 match run_proxy(uri.clone(), connector.clone(), proxy, delta, record.clone(), connect.clone(), markers.clone()).await {
                     Ok(()) => return,
@@ -634,8 +633,10 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     {
         let before = args.pid.and_then(process_usage);
         let bytes_before = bytes(&records);
-        target.weight_change(&args).await?;
+        // From the moment the write starts: a server can deliver before the
+        // API's answer reaches this (busy) process.
         let changed_at = Instant::now();
+        target.weight_change(&args).await?;
         let deadline = changed_at + args.settle;
         // The first policy is on svc-00000.
         let reach = Reach::of(&args);
@@ -686,8 +687,9 @@ async fn measure_endpoint_changes(
             m.insert(crate::fixtures::changed_address(*step).into_bytes(), idx);
             idx
         };
+        let at = Instant::now();
         let s = target.endpoint_change(args, *step).await?;
-        changes.push((idx, Instant::now(), s));
+        changes.push((idx, at, s));
     }
     let reach = Reach::of(args);
     let (last, last_service) = changes.last().map(|c| (c.0, c.2)).unwrap_or_default();
@@ -758,10 +760,19 @@ impl ChangeTarget {
                 write_atomically(&path, &edited)?;
             }
             ChangeTarget::Kube(client) => {
-                use crate::fixtures::kube::{apply, traffic_policy, virtual_service};
-                let object =
-                    if args.change_virtual_service { virtual_service(0, 70) } else { traffic_policy(0, &args.cluster_name, "service-mesh-hub", 70) };
-                apply(client, &object).await?;
+                use crate::fixtures::kube::{apply, get, traffic_policy, virtual_service};
+                let object = |w| {
+                    if args.change_virtual_service { virtual_service(0, w) } else { traffic_policy(0, &args.cluster_name, "service-mesh-hub", w) }
+                };
+                // 50 ↔ 70, whichever it is not now (an earlier run may have moved it).
+                let now = get(client, &object(50)).await?;
+                let first = if args.change_virtual_service {
+                    &now["spec"]["http"][0]["route"][0]["weight"]
+                } else {
+                    &now["spec"]["trafficShift"]["destinations"][0]["weight"]
+                };
+                let weight = if first.as_u64() == Some(70) { 50 } else { 70 };
+                apply(client, &object(weight)).await?;
             }
         }
         Ok(())

@@ -67,6 +67,8 @@ enum Level {
     DeltaResource,
     /// A `google.protobuf.Any`: a SotW resource, or a delta resource's body.
     Any,
+    /// A `RouteConfiguration`, walked past for its `vhds` field only.
+    RouteConfig,
 }
 
 /// A field to be read whole.
@@ -203,6 +205,10 @@ impl ResponseScanner {
                                 }
                                 Action::Gather(target) => self.step = Step::Gathering(target, len),
                                 Action::Skip => self.step = Step::Skipping(len),
+                                Action::NoteVhds => {
+                                    self.current.routes_with_vhds = true;
+                                    self.step = Step::Skipping(len);
+                                }
                             }
                         }
                         _ => return Err(ScanError::Malformed("unsupported wire type")),
@@ -244,8 +250,10 @@ impl ResponseScanner {
             (Level::Any, _, 1) => Action::Gather(Target::AnyTypeUrl),
             (Level::Any, _, 2) => match self.any_type {
                 Some(ty @ (ResourceType::Cluster | ResourceType::Listener | ResourceType::Endpoint)) => Action::Gather(Target::Body(ty)),
+                Some(ResourceType::Route) => Action::Descend(Level::RouteConfig),
                 _ => Action::Skip,
             },
+            (Level::RouteConfig, _, 9) => Action::NoteVhds,
             _ => Action::Skip,
         }
     }
@@ -273,6 +281,8 @@ impl ResponseScanner {
             }
             ResourceType::Listener => self.current.listeners.push(owner.slice_ref(value)),
             ResourceType::Endpoint => self.find_markers(value, owner),
+            // (The first resource of a delta response, read before its type is known.)
+            ResourceType::Route => self.current.routes_with_vhds |= config_has_vhds(value),
             _ => {}
         }
     }
@@ -408,6 +418,8 @@ enum Action {
     Gather(Target),
     Descend(Level),
     Skip,
+    /// A route configuration's `vhds`: noted, then skipped.
+    NoteVhds,
 }
 
 /// Names, one after another in one buffer (each after its length as a
@@ -550,7 +562,11 @@ fn route_has_vhds(resource: &[u8], flavor: Flavor) -> bool {
         Flavor::Sotw => Some(resource),
         Flavor::Delta => field(resource, 2),
     };
-    let Some(config) = any.and_then(|a| field(a, 2)) else { return false };
+    any.and_then(|a| field(a, 2)).is_some_and(config_has_vhds)
+}
+
+/// Whether an encoded `RouteConfiguration` has `vhds` (field 9).
+fn config_has_vhds(config: &[u8]) -> bool {
     Fields(config).any(|f| matches!(f, Some((9, _))))
 }
 
@@ -576,6 +592,11 @@ mod tests {
             ..Default::default()
         }
         .encode_to_vec()
+    }
+
+    /// A route configuration of about `size` bytes (a long name).
+    fn route_config(size: usize) -> Vec<u8> {
+        envoy_types::pb::envoy::config::route::v3::RouteConfiguration { name: "r".repeat(size), ..Default::default() }.encode_to_vec()
     }
 
     fn any(ty: ResourceType, value: Vec<u8>) -> Any {
@@ -653,7 +674,7 @@ mod tests {
         };
         let rds = DiscoveryResponse {
             version_info: "v3".into(),
-            resources: vec![any(ResourceType::Route, vec![7; 100_000])],
+            resources: vec![any(ResourceType::Route, route_config(100_000))],
             type_url: ResourceType::Route.type_url().into(),
             nonce: "n3".into(),
             ..Default::default()
@@ -700,6 +721,37 @@ mod tests {
     }
 
     #[test]
+    fn route_configurations_with_vhds_are_told_apart_whichever_resource_comes_first() {
+        use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, Vhds};
+        let resource = |name: &str, body: Any| Resource { name: name.into(), version: "1".into(), resource: Some(body), ..Default::default() };
+        let config = |vhds: bool| {
+            RouteConfiguration {
+                name: "9080".into(),
+                vhds: vhds.then(|| Vhds { config_source: Some(crate::translate::proto::ads_config_source()) }),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        for (flavor, vhds) in [(Flavor::Delta, true), (Flavor::Delta, false), (Flavor::Sotw, true), (Flavor::Sotw, false)] {
+            // One route configuration (a captured sidecar's only port): the
+            // first resource, read before the response says its type.
+            let framed = match flavor {
+                Flavor::Delta => grpc_framed(&DeltaDiscoveryResponse {
+                    resources: vec![resource("9080", any(ResourceType::Route, config(vhds)))],
+                    type_url: ResourceType::Route.type_url().into(),
+                    ..Default::default()
+                }),
+                Flavor::Sotw => grpc_framed(&DiscoveryResponse {
+                    resources: vec![any(ResourceType::Route, config(vhds))],
+                    type_url: ResourceType::Route.type_url().into(),
+                    ..Default::default()
+                }),
+            };
+            assert_eq!(same_however_split(flavor, &framed)[0].routes_with_vhds, vhds, "{flavor:?}");
+        }
+    }
+
+    #[test]
     fn bad_input_is_refused_not_guessed_at() {
         assert_eq!(scan_all(Flavor::Sotw, MARK, &[1, 0, 0, 0, 0]), Err(ScanError::Compressed));
         // A resource claiming more bytes than its message has.
@@ -715,7 +767,7 @@ mod tests {
     #[test]
     fn chunks_already_read_are_let_go() {
         let rds = DiscoveryResponse {
-            resources: vec![any(ResourceType::Route, vec![7; 50_000])],
+            resources: vec![any(ResourceType::Route, route_config(50_000))],
             type_url: ResourceType::Route.type_url().into(),
             ..Default::default()
         };
