@@ -723,9 +723,7 @@ impl ChangeTarget {
             return Ok(Some(ChangeTarget::ConfigDir(dir.clone())));
         }
         let Some(path) = &args.kubeconfig else { return Ok(None) };
-        let kc = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
-        let options = kube::config::KubeConfigOptions { context: args.context.clone(), ..Default::default() };
-        Ok(Some(ChangeTarget::Kube(kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &options).await?)?)))
+        Ok(Some(ChangeTarget::Kube(super::serve::kube_client(Some(path), args.context.clone()).await?)))
     }
 
     /// Endpoint change `step`: one service's first endpoint gets

@@ -358,9 +358,7 @@ fn run_fixtures(a: FixturesArgs) -> anyhow::Result<()> {
         };
         let runtime = tokio::runtime::Runtime::new()?;
         return runtime.block_on(async {
-            let kc = kube::config::Kubeconfig::read_from(kubeconfig).with_context(|| format!("reading {}", kubeconfig.display()))?;
-            let options = kube::config::KubeConfigOptions { context: a.context.clone(), ..Default::default() };
-            let client = kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &options).await?)?;
+            let client = serve::kube_client(Some(kubeconfig), a.context.clone()).await?;
             let started = std::time::Instant::now();
             let (created, existing) = crate::fixtures::kube::load(&client, &spec).await?;
             println!(

@@ -152,7 +152,7 @@ async fn shutdown_signal() {
 
 /// A client for the management cluster: the given kubeconfig and context, or
 /// kube's usual inference ($KUBECONFIG, ~/.kube/config, in-cluster).
-async fn kube_client(path: Option<&std::path::Path>, context: Option<String>) -> anyhow::Result<kube::Client> {
+pub(crate) async fn kube_client(path: Option<&std::path::Path>, context: Option<String>) -> anyhow::Result<kube::Client> {
     let options = kube::config::KubeConfigOptions { context, ..Default::default() };
     let mut config = match path {
         Some(p) => {
