@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{AdminState, serve_admin};
 use crate::ca::WorkloadCertificates;
+use crate::ca::clusters::ClusterClients;
 use crate::ca::kube_roots::{RootPublisher, load_root};
 use crate::ca::service::{CertificateServer, CertificateService};
 use crate::ca::serving::ServingCertificate;
@@ -127,19 +128,17 @@ impl ControlPlane {
                 let KubernetesSource { client, mut options, lease } = *kube;
                 let resources = MeshResources::with_certificates(notifier, certs.clone()).counting(&metrics.translation).shared();
                 // Every registered cluster's client reviews its workloads' tokens.
-                let reviewer = Arc::new(KubeTokenReviewer::new());
+                let cluster_clients = Arc::new(ClusterClients::default());
+                let reviewer = Arc::new(KubeTokenReviewer::new(cluster_clients.clone()));
                 // ... and gets the mesh root published into its namespaces.
-                let publisher = Arc::new(RootPublisher::new());
-                let (hook_reviewer, hook_publisher) = (reviewer.clone(), publisher.clone());
-                options.on_cluster_client = Some(Arc::new(move |cluster: &str, client: Option<kube::Client>| match client {
-                    Some(c) => {
-                        hook_reviewer.set_cluster(cluster, c.clone());
-                        hook_publisher.set_cluster(cluster, c);
+                let publisher = Arc::new(RootPublisher::new(cluster_clients.clone()));
+                let hook_publisher = publisher.clone();
+                options.on_cluster_client = Some(Arc::new(move |cluster: &str, client: Option<kube::Client>| {
+                    match client {
+                        Some(c) => cluster_clients.set(cluster, c),
+                        None => cluster_clients.remove(cluster),
                     }
-                    None => {
-                        hook_reviewer.remove_cluster(cluster);
-                        hook_publisher.remove_cluster(cluster);
-                    }
+                    hook_publisher.forget_cluster(cluster);
                 }));
                 certificates = Some(
                     CertificateService::new(reviewer.clone(), resources.clone(), certs).with_cluster_aliases(settings.xds.cluster_aliases.clone()),

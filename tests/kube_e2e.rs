@@ -457,8 +457,9 @@ async fn certificate_api_with_real_tokens(mgmt: &KubeCluster, remote: &KubeClust
     let stored = mgmt.kubectl(&["get", "secret", &remote.name, "-n", "service-mesh-hub", "-o", "jsonpath={.data.kubeconfig}"]);
     let yaml = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(stored.trim()).unwrap()).unwrap();
     let (client, _) = meshpilot::sources::kubernetes::client_from_kubeconfig_yaml(&yaml, None).await.unwrap();
-    let reviewer = std::sync::Arc::new(KubeTokenReviewer::new());
-    reviewer.set_cluster(&remote.name, client);
+    let clusters = std::sync::Arc::new(meshpilot::ca::clusters::ClusterClients::default());
+    clusters.set(&remote.name, client);
+    let reviewer = std::sync::Arc::new(KubeTokenReviewer::new(clusters));
 
     remote.kubectl(&["create", "serviceaccount", "ca-e2e", "-n", "default"]);
     let token = remote.kubectl(&["create", "token", "ca-e2e", "-n", "default", "--audience", "istio-ca"]).trim().to_string();
@@ -481,12 +482,9 @@ async fn certificate_api_with_real_tokens(mgmt: &KubeCluster, remote: &KubeClust
         std::sync::Arc::new(WorkloadCertificates::new(Duration::from_secs(3600), None)),
     );
     let request = |sa: &str| {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        let id = format!("spiffe://cluster.local/ns/default/sa/{sa}");
-        params.subject_alt_names = vec![rcgen::SanType::URI(id.as_str().try_into().unwrap())];
-        let mut r =
-            tonic::Request::new(IstioCertificateRequest { csr: params.serialize_request(&key).unwrap().pem().unwrap(), ..Default::default() });
+        let id = meshpilot::model::spiffe_id(meshpilot::model::TRUST_DOMAIN, "default", sa);
+        let csr = meshpilot::ca::csr::throwaway_request(&[&id]).unwrap();
+        let mut r = tonic::Request::new(IstioCertificateRequest { csr, ..Default::default() });
         r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
         r.metadata_mut().insert("clusterid", remote.name.parse().unwrap());
         r

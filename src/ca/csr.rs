@@ -82,6 +82,16 @@ pub fn sign_csr(
     Ok(SignedChain { chain: std::iter::once(cert).chain(ca.chain_after_leaf()).collect(), expires_at: now + ttl })
 }
 
+/// A CSR naming `uris` (URI SANs) for a P-256 key made for it and thrown
+/// away: for the load generator, benchmarks and tests, which never use the
+/// certificate (a workload keeps its key).
+pub fn throwaway_request(uris: &[&str]) -> Result<String, rcgen::Error> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.subject_alt_names = uris.iter().map(|u| Ok(SanType::URI((*u).try_into()?))).collect::<Result<_, rcgen::Error>>()?;
+    params.serialize_request(&key)?.pem()
+}
+
 fn san_text(san: &SanType) -> String {
     match san {
         SanType::URI(uri) => uri.as_str().to_string(),
@@ -95,15 +105,11 @@ fn san_text(san: &SanType) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{CertificateParams, KeyPair};
 
     const ID: &str = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage";
 
     fn csr(sans: &[&str]) -> String {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.subject_alt_names = sans.iter().map(|s| SanType::URI((*s).try_into().unwrap())).collect();
-        params.serialize_request(&key).unwrap().pem().unwrap()
+        throwaway_request(sans).unwrap()
     }
 
     fn ca() -> CertificateAuthority {

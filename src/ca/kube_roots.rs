@@ -15,7 +15,7 @@
 //!   istiod writes it: injected pods mount it to verify the control plane.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::RwLock;
+use std::sync::Arc;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -23,6 +23,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use super::CertificateAuthority;
+use super::clusters::ClusterClients;
 use crate::model::{CaSource, MeshTrust, builtin_ca_secret_name};
 
 /// The ConfigMap istiod writes into every namespace, and its key.
@@ -100,25 +101,20 @@ pub async fn load_root(client: &kube::Client, trust: &MeshTrust) -> Result<Certi
 
 /// Writes the root ConfigMap into namespaces of registered clusters,
 /// remembering what it wrote so that a snapshot with nothing new writes nothing.
-#[derive(Default)]
 pub struct RootPublisher {
-    clusters: RwLock<BTreeMap<String, kube::Client>>,
+    clusters: Arc<ClusterClients>,
     written: std::sync::Mutex<BTreeMap<(String, String), String>>,
 }
 
 impl RootPublisher {
-    pub fn new() -> Self {
-        RootPublisher::default()
+    pub fn new(clusters: Arc<ClusterClients>) -> Self {
+        RootPublisher { clusters, written: Default::default() }
     }
 
-    pub fn set_cluster(&self, name: &str, client: kube::Client) {
-        self.clusters.write().expect("publisher lock").insert(name.to_string(), client);
-        self.written.lock().expect("written lock").retain(|(c, _), _| c != name);
-    }
-
-    pub fn remove_cluster(&self, name: &str) {
-        self.clusters.write().expect("publisher lock").remove(name);
-        self.written.lock().expect("written lock").retain(|(c, _), _| c != name);
+    /// Forgets what was written into `cluster` (its client changed or it
+    /// left): the next publish writes its ConfigMaps again.
+    pub fn forget_cluster(&self, cluster: &str) {
+        self.written.lock().expect("written lock").retain(|(c, _), _| c != cluster);
     }
 
     /// Forgets what was written, so the next publish writes every ConfigMap
@@ -132,7 +128,7 @@ impl RootPublisher {
     pub async fn publish(&self, roots: &BTreeMap<String, (String, BTreeSet<String>)>) -> usize {
         let mut failed = 0;
         for (cluster, (root_pem, namespaces)) in roots {
-            let Some(client) = self.clusters.read().expect("publisher lock").get(cluster).cloned() else { continue };
+            let Some(client) = self.clusters.get(cluster) else { continue };
             for ns in namespaces {
                 let key = (cluster.clone(), ns.clone());
                 if self.written.lock().expect("written lock").get(&key) == Some(root_pem) {

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+pub mod clusters;
 pub mod csr;
 pub mod kube_roots;
 pub mod service;

@@ -16,6 +16,7 @@ use super::WorkloadCertificates;
 use super::csr::{CsrError, sign_csr};
 use super::token::{TokenError, TokenReviewer};
 use crate::model::MeshTrust;
+use crate::xds::auth::StreamCredentials;
 
 /// `istio.v1.auth.IstioCertificateRequest`.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -80,23 +81,15 @@ impl CertificateService {
     }
 
     async fn sign(&self, request: &tonic::Request<IstioCertificateRequest>) -> Result<IstioCertificateResponse, Status> {
-        let headers = request.metadata();
-        let token = headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "no bearer token: send the workload's ServiceAccount token (audience istio-ca) as `authorization: Bearer <token>`",
-                )
-            })?;
+        let credentials = StreamCredentials::from_headers(true, request.metadata().as_ref());
+        let token = credentials.bearer.as_deref().ok_or_else(|| {
+            Status::unauthenticated(
+                "no bearer token: send the workload's ServiceAccount token (audience istio-ca) as `authorization: Bearer <token>`",
+            )
+        })?;
         // Istio's agent sends no header when its pod names no cluster: Istio's default.
-        let cluster =
-            headers.get("clusterid").and_then(|v| v.to_str().ok()).filter(|c| !c.is_empty()).unwrap_or(crate::xds::node::ISTIO_DEFAULT_CLUSTER_ID);
-        let cluster = self.aliases.get(cluster).map_or(cluster, String::as_str);
-        let identity = self.reviewer.review(cluster, token).await.map_err(token_status)?;
+        let cluster = credentials.token_cluster(crate::xds::node::ISTIO_DEFAULT_CLUSTER_ID, &self.aliases);
+        let identity = self.reviewer.review(&cluster, token).await.map_err(token_status)?;
         let trust = self.trust.trust_of(&identity.cluster).ok_or_else(|| {
             Status::failed_precondition(format!(
                 "cluster {} is in no VirtualMesh with a certificateAuthority: there is no CA to sign for it",
@@ -221,10 +214,7 @@ mod tests {
     }
 
     fn csr_for(id: &str) -> String {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
-        params.serialize_request(&key).unwrap().pem().unwrap()
+        crate::ca::csr::throwaway_request(&[id]).unwrap()
     }
 
     fn request(token: Option<&str>, cluster: Option<&str>, csr: String) -> tonic::Request<IstioCertificateRequest> {

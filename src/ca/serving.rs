@@ -51,11 +51,6 @@ impl ServingCertificate {
         ServingCertificate { names, ttl, current: RwLock::new(None) }
     }
 
-    /// The root the current certificate chains to, if there is one.
-    pub fn root_pem(&self) -> Option<String> {
-        self.current.read().expect("serving lock").as_ref().map(|c| c.root_pem.clone())
-    }
-
     /// Issues a new certificate from `ca` when there is none, the CA's root
     /// changed, or two thirds of its life have passed. True if it did.
     pub fn refresh(&self, ca: &CertificateAuthority, now: SystemTime) -> Result<bool, CaError> {

@@ -3,14 +3,15 @@
 //! the cluster the caller names, which must be a registered cluster. What a
 //! proxy says about itself (node metadata) never counts.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::RwLock;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::{Api, PostParams};
+
+use super::clusters::ClusterClients;
 
 /// The audience Istio's agent asks its token for (`istio-ca`).
 pub const ISTIO_CA_AUDIENCE: &str = "istio-ca";
@@ -75,15 +76,14 @@ pub fn identity_of(cluster: &str, status: &TokenReviewStatus) -> Result<ServiceA
 }
 
 /// TokenReviews against the registered clusters' API servers.
-#[derive(Default)]
 pub struct KubeTokenReviewer {
-    clusters: RwLock<BTreeMap<String, kube::Client>>,
+    clusters: Arc<ClusterClients>,
     timeout: Option<Duration>,
 }
 
 impl KubeTokenReviewer {
-    pub fn new() -> Self {
-        KubeTokenReviewer::default()
+    pub fn new(clusters: Arc<ClusterClients>) -> Self {
+        KubeTokenReviewer { clusters, timeout: None }
     }
 
     /// A TokenReview slower than `timeout` is answered with [`TokenError::Timeout`].
@@ -91,29 +91,13 @@ impl KubeTokenReviewer {
         self.timeout = Some(timeout);
         self
     }
-
-    /// Registers (or replaces) a cluster's client.
-    pub fn set_cluster(&self, name: &str, client: kube::Client) {
-        self.clusters.write().expect("reviewer lock").insert(name.to_string(), client);
-    }
-
-    pub fn remove_cluster(&self, name: &str) {
-        self.clusters.write().expect("reviewer lock").remove(name);
-    }
 }
 
 impl TokenReviewer for KubeTokenReviewer {
     fn review<'a>(&'a self, cluster: &'a str, token: &'a str) -> Review<'a> {
         Box::pin(async move {
-            let client = {
-                let clusters = self.clusters.read().expect("reviewer lock");
-                match clusters.get(cluster) {
-                    Some(c) => c.clone(),
-                    None => {
-                        let registered = clusters.keys().cloned().collect::<Vec<_>>().join(", ");
-                        return Err(TokenError::UnknownCluster { cluster: cluster.into(), registered });
-                    }
-                }
+            let Some(client) = self.clusters.get(cluster) else {
+                return Err(TokenError::UnknownCluster { cluster: cluster.into(), registered: self.clusters.names() });
             };
             let review = TokenReview {
                 spec: TokenReviewSpec { token: Some(token.to_string()), audiences: Some(vec![ISTIO_CA_AUDIENCE.into()]) },
@@ -176,8 +160,9 @@ mod tests {
             }
         });
         let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
-        let reviewer = KubeTokenReviewer::new().with_timeout(Duration::from_millis(300));
-        reviewer.set_cluster("stuck", kube::Client::try_from(config).unwrap());
+        let clusters = Arc::new(ClusterClients::default());
+        clusters.set("stuck", kube::Client::try_from(config).unwrap());
+        let reviewer = KubeTokenReviewer::new(clusters).with_timeout(Duration::from_millis(300));
         let started = std::time::Instant::now();
         let (stuck, unknown) = tokio::join!(reviewer.review("stuck", "t"), async {
             let r = reviewer.review("elsewhere", "t").await;

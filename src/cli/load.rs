@@ -821,11 +821,8 @@ async fn certificate_load(args: &LoadArgs, uri: &str, connector: &Connector) -> 
     let token_file = args.token_file.as_ref().context("--token-file")?;
     let token = std::fs::read_to_string(token_file).with_context(|| format!("reading {}", token_file.display()))?.trim().to_string();
     let identity = token_service_account(&token).context("the token names no ServiceAccount (sub system:serviceaccount:<ns>:<sa>)")?;
-    let spiffe = format!("spiffe://cluster.local/ns/{}/sa/{}", identity.0, identity.1);
-    let key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params.subject_alt_names = vec![rcgen::SanType::URI(spiffe.as_str().try_into()?)];
-    let csr = params.serialize_request(&key)?.pem()?;
+    let spiffe = crate::model::spiffe_id(crate::model::TRUST_DOMAIN, &identity.0, &identity.1);
+    let csr = crate::ca::csr::throwaway_request(&[&spiffe])?;
     let channel = connector.channel(uri).await?;
     let permits = Arc::new(Semaphore::new(args.certificate_concurrency.max(1)));
     let start = Instant::now();

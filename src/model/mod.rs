@@ -109,6 +109,11 @@ pub struct MeshTrust {
     pub ca: CaSource,
 }
 
+/// A workload's identity: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+}
+
 /// `certificateAuthority` of a VirtualMesh.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub enum CaSource {
@@ -128,7 +133,7 @@ pub fn builtin_ca_secret_name(virtual_mesh_name: &str) -> String {
 impl MeshTrust {
     /// A workload's identity in this trust: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
     pub fn spiffe_id(&self, namespace: &str, service_account: &str) -> String {
-        format!("spiffe://{}/ns/{namespace}/sa/{service_account}", self.trust_domain)
+        spiffe_id(&self.trust_domain, namespace, service_account)
     }
 }
 

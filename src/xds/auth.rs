@@ -35,6 +35,13 @@ impl StreamCredentials {
             .filter(|t| !t.is_empty());
         StreamCredentials { tls, bearer, cluster: text("clusterid") }
     }
+
+    /// The registered cluster the token is to be reviewed in: the
+    /// `clusterid` header, else `default`, through `aliases`.
+    pub fn token_cluster(&self, default: &str, aliases: &std::collections::BTreeMap<String, String>) -> String {
+        let named = self.cluster.as_deref().unwrap_or(default);
+        aliases.get(named).map_or(named, String::as_str).to_string()
+    }
 }
 
 /// What an authentication takes, later.
@@ -66,10 +73,9 @@ pub fn decide(
     node: &ProxyNode,
 ) -> Result<StreamIdentity, Status> {
     match proven {
-        Some(p) if !credentials.tls => {
+        Some(_) if !credentials.tls => {
             // A token sent in clear text proves nothing worth a key (and may have been seen by anyone).
             tracing::debug!(proxy = %node.id, "a token over plaintext: the stream stays unproven");
-            let _ = p;
             Ok(fallback(policy))
         }
         Some(p) => {
@@ -146,5 +152,8 @@ mod tests {
         let c = StreamCredentials::from_headers(true, &h);
         assert_eq!((c.bearer.as_deref(), c.cluster.as_deref(), c.tls), (Some("abc.def"), Some("Kubernetes"), true));
         assert_eq!(StreamCredentials::from_headers(false, &Default::default()).bearer, None);
+        let aliases = [("Kubernetes".to_string(), "cluster-1".to_string())].into();
+        assert_eq!(c.token_cluster("elsewhere", &aliases), "cluster-1", "the header, through the aliases");
+        assert_eq!(StreamCredentials::default().token_cluster("c2", &aliases), "c2", "no header: the default");
     }
 }

@@ -271,11 +271,9 @@ fn record_events(inner: &Inner, node: &ProxyNode, events: &[StreamEvent]) {
 async fn identify(inner: &Inner, credentials: &StreamCredentials, node: &ProxyNode) -> Result<super::auth::StreamIdentity, Status> {
     let proven = match inner.authenticator.get() {
         Some(auth) if credentials.tls && credentials.bearer.is_some() => {
-            let mut credentials = credentials.clone();
             // The cluster the token is from: the `clusterid` header, else the node's.
-            let header = credentials.cluster.take().unwrap_or_else(|| node.cluster.clone());
-            credentials.cluster = Some(inner.config.cluster_aliases.get(&header).cloned().unwrap_or(header));
-            auth.authenticate(&credentials).await?
+            let cluster = credentials.token_cluster(&node.cluster, &inner.config.cluster_aliases);
+            auth.authenticate(&StreamCredentials { cluster: Some(cluster), ..credentials.clone() }).await?
         }
         _ => None,
     };
