@@ -26,8 +26,6 @@ use crate::loadgen::{Outgoing, ScannedResponse, SimulatedProxy, percentiles};
 
 const SOTW_ADS_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 const DELTA_ADS_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
-/// Each simulated proxy's kernel receive buffer (SO_RCVBUF).
-const RECV_BUFFER_BYTES: u32 = 65_536;
 /// The simulated proxies' HTTP/2 receive windows (stream and connection).
 const STREAM_WINDOW_BYTES: u32 = 1024 * 1024;
 use crate::xds::resources::ResourceType;
@@ -62,6 +60,13 @@ pub struct LoadArgs {
     /// Fraction of proxies that NACK their first listener response.
     #[arg(long, default_value_t = 0.0)]
     pub nack_fraction: f64,
+    /// Each simulated proxy's kernel receive buffer (SO_RCVBUF, bytes; 0: the kernel's autotuning).
+    /// Bounded, as thousands of autotuned ones press on the machine's TCP memory;
+    /// but at 64 KiB (as large as loopback's MSS) the receiver's window could stay
+    /// closed after it drained, and the server's zero-window probes back off for
+    /// tens of seconds: the sync tail of docs/performance.md.
+    #[arg(long, default_value_t = 262_144)]
+    pub recv_buffer: u32,
     /// Connections being opened at once.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
@@ -171,6 +176,7 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 #[derive(Clone)]
 struct Connector {
     tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
+    recv_buffer: u32,
 }
 
 impl Connector {
@@ -182,11 +188,12 @@ impl Connector {
             )),
             None => None,
         };
-        Ok(Connector { tls })
+        Ok(Connector { tls, recv_buffer: args.recv_buffer })
     }
 
     async fn channel(&self, uri: &str) -> anyhow::Result<tonic::transport::Channel> {
         let tls = self.tls.clone();
+        let recv_buffer = self.recv_buffer;
         Ok(tonic::transport::Endpoint::from_shared(uri.to_string())?
             // Flow control keeps unread responses on the server (shared
             // buffers there) instead of in this process (hyper's 2 MiB
@@ -205,7 +212,9 @@ impl Connector {
                         .next()
                         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
                     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-                    socket.set_recv_buffer_size(RECV_BUFFER_BYTES)?;
+                    if recv_buffer > 0 {
+                        socket.set_recv_buffer_size(recv_buffer)?;
+                    }
                     let stream = socket.connect(addr).await?;
                     stream.set_nodelay(true)?;
                     let io: Box<dyn Io> = match tls {

@@ -45,6 +45,66 @@ fn file_stamp(path: &Path) -> Option<FileStamp> {
     Some((m.ino(), m.len(), m.modified().ok()?))
 }
 
+/// What a reload must look at again: everything, or (from the watcher's
+/// events) the folders whose entries changed and, in each, the manifest files
+/// that did. A file nobody reported keeps its last stamp and parse without a
+/// stat: with 3,000 files, stat-ing each on every reload had been a third of
+/// an endpoint change's reload (docs/performance.md).
+#[derive(Debug, Clone, Default)]
+pub enum Changed {
+    #[default]
+    Everything,
+    /// Folder name → the changed files in it; `None`: every file in it.
+    Folders(HashMap<String, Option<std::collections::HashSet<PathBuf>>>),
+}
+
+impl Changed {
+    /// What events with these paths (below `root`) changed. Anything but a
+    /// file directly inside a folder of `root` (the folder itself, `root`,
+    /// deeper paths) is everything; a hidden entry (an editor's swap file, a
+    /// ConfigMap mount's `..data` link) is its whole folder.
+    pub fn of_paths<'a>(root: &Path, paths: impl IntoIterator<Item = &'a Path>) -> Changed {
+        let mut folders: HashMap<String, Option<std::collections::HashSet<PathBuf>>> = HashMap::new();
+        for path in paths {
+            let Ok(relative) = path.strip_prefix(root) else { return Changed::Everything };
+            let parts: Vec<_> = relative.components().collect();
+            let [std::path::Component::Normal(folder), std::path::Component::Normal(file)] = parts[..] else {
+                return Changed::Everything;
+            };
+            let (Some(folder), Some(file)) = (folder.to_str(), file.to_str()) else { return Changed::Everything };
+            let entry = folders.entry(folder.to_string()).or_insert_with(|| Some(Default::default()));
+            if file.starts_with('.') {
+                *entry = None;
+            } else if let Some(files) = entry
+                && is_manifest(path)
+            {
+                files.insert(path.to_path_buf());
+            }
+        }
+        Changed::Folders(folders)
+    }
+
+    /// Whether `folder` may differ from its last load.
+    fn folder(&self, folder: &str) -> bool {
+        match self {
+            Changed::Everything => true,
+            Changed::Folders(folders) => folders.contains_key(folder),
+        }
+    }
+
+    /// Whether `file` in `folder` must be stat-ed again.
+    fn file(&self, folder: &str, file: &Path) -> bool {
+        match self {
+            Changed::Everything => true,
+            Changed::Folders(folders) => match folders.get(folder) {
+                None => false,
+                Some(None) => true,
+                Some(Some(files)) => files.contains(file),
+            },
+        }
+    }
+}
+
 /// One parsed file's objects.
 #[derive(Debug, Clone, Default)]
 struct FileObjects {
@@ -240,6 +300,13 @@ fn spec_hash(v: &impl serde::Serialize) -> String {
 
 /// Reads the whole folder into [`MeshInputs`].
 pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInputs, ConfigDirError> {
+    load_config_dir_changed(root, memory, &Changed::Everything)
+}
+
+/// [`load_config_dir`] after `changed`: a cluster folder nothing in it changed
+/// keeps its last state without being listed, and a file nobody reported
+/// keeps its last stamp without a stat.
+pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: &Changed) -> Result<MeshInputs, ConfigDirError> {
     if !root.is_dir() {
         return Err(ConfigDirError::NotADirectory(root.display().to_string()));
     }
@@ -260,9 +327,24 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
             continue;
         }
         let in_mesh = name == MESH_DIR;
+        if !in_mesh
+            && !changed.folder(&name)
+            && let Some((built_from, state, errors)) = memory.clusters.get(&name)
+        {
+            // No event in this cluster's folder: its last state stands, unlisted.
+            seen_files.extend(built_from.iter().map(|(f, _)| f.clone()));
+            inputs.errors.extend(errors.iter().cloned());
+            inputs.clusters.insert(name.clone(), state.clone());
+            continue;
+        }
         let files: Vec<PathBuf> = read_dir_sorted(&entry, is_manifest_file)?;
+        // A file's stamp: taken again when an event named it, else the last one.
+        let stamp_of = |stamps: &HashMap<PathBuf, FileStamp>, f: &PathBuf| match stamps.get(f) {
+            Some(stamp) if !changed.file(&name, f) => Some(*stamp),
+            _ => file_stamp(f),
+        };
         if !in_mesh {
-            let stamps: Vec<(PathBuf, Option<FileStamp>)> = files.iter().map(|f| (f.clone(), file_stamp(f))).collect();
+            let stamps: Vec<(PathBuf, Option<FileStamp>)> = files.iter().map(|f| (f.clone(), stamp_of(&memory.stamps, f))).collect();
             if let Some((built_from, state, errors)) = memory.clusters.get(&name)
                 && *built_from == stamps
                 && stamps.iter().all(|(_, s)| s.is_some())
@@ -282,7 +364,7 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
             // with 3,000 files, stat-ing each three times had been most of a reload).
             let stamp = match cluster_stamps.get(&name) {
                 Some(stamps) => stamps[i].1,
-                None => file_stamp(&file),
+                None => stamp_of(&memory.stamps, &file),
             };
             let unchanged = stamp.is_some() && memory.stamps.get(&file) == stamp.as_ref();
             let cached = if unchanged { memory.files.get(&file).cloned() } else { None };
@@ -318,8 +400,10 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
             }
         }
     }
-    memory.files.retain(|p, _| seen_files.contains(p));
-    memory.stamps.retain(|p, _| seen_files.contains(p));
+    if memory.files.len() != seen_files.len() || memory.stamps.len() > seen_files.len() {
+        memory.files.retain(|p, _| seen_files.contains(p));
+        memory.stamps.retain(|p, _| seen_files.contains(p));
+    }
 
     for (name, objects) in &cluster_objects {
         let (state, errors) = cluster_state_reusing(name, objects, memory.cluster_memos.entry(name.clone()).or_default());
@@ -387,12 +471,15 @@ pub fn watch_config_dir(
     memory: Arc<std::sync::Mutex<SourceMemory>>,
     apply: impl Fn(MeshInputs) + Send + 'static,
 ) -> notify::Result<notify::RecommendedWatcher> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event
-            && !matches!(event.kind, notify::EventKind::Access(_))
-        {
-            let _ = tx.send(());
+    // Each event's paths, or None: look at everything (an error, a rescan).
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<Vec<PathBuf>>>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+        Ok(event) if matches!(event.kind, notify::EventKind::Access(_)) => {}
+        Ok(event) if !event.need_rescan() && !event.paths.is_empty() => {
+            let _ = tx.send(Some(event.paths));
+        }
+        _ => {
+            let _ = tx.send(None);
         }
     })?;
     watcher.watch(&root, RecursiveMode::Recursive)?;
@@ -400,12 +487,22 @@ pub fn watch_config_dir(
     // own thread, not on a runtime worker, so they never hold up the debouncer
     // or the streams (a task woken from a busy worker's task waits for it).
     std::thread::Builder::new().name("config-dir-reload".into()).spawn(move || {
-        while rx.blocking_recv().is_some() {
-            while rx.try_recv().is_ok() {}
+        while let Some(first) = rx.blocking_recv() {
+            let mut paths = first;
+            while let Ok(more) = rx.try_recv() {
+                paths = paths.zip(more).map(|(mut a, b)| {
+                    a.extend(b);
+                    a
+                });
+            }
+            let changed = match &paths {
+                Some(paths) => Changed::of_paths(&root, paths.iter().map(PathBuf::as_path)),
+                None => Changed::Everything,
+            };
             let started = std::time::Instant::now();
             let loaded = {
                 let mut memory = memory.lock().expect("source memory lock");
-                load_config_dir(&root, &mut memory)
+                load_config_dir_changed(&root, &mut memory, &changed)
             };
             tracing::debug!(elapsed = ?started.elapsed(), "config dir reloaded");
             match loaded {
@@ -501,6 +598,37 @@ mod tests {
         );
         assert_eq!(p.generation, Some(2), "a changed spec is a new generation");
         assert_eq!(p.created_ms, first.traffic_policies[0].created_ms, "age is kept across edits");
+    }
+
+    #[test]
+    fn a_reload_after_events_looks_only_where_they_point() {
+        let dir = setup();
+        std::fs::create_dir_all(dir.path().join("c2")).unwrap();
+        std::fs::write(dir.path().join("c2/app.yaml"), SVC).unwrap();
+        let mut memory = SourceMemory::default();
+        let first = load_config_dir(dir.path(), &mut memory).unwrap();
+        let c1_app = dir.path().join("c1/app.yaml");
+        let changed = |paths: &[PathBuf]| Changed::of_paths(dir.path(), paths.iter().map(PathBuf::as_path));
+        // What events say: one file; a hidden entry is its whole folder; anything else is everything.
+        match changed(&[c1_app.clone(), dir.path().join("c1/app.tmp")]) {
+            Changed::Folders(f) => assert_eq!(f, HashMap::from([("c1".to_string(), Some([c1_app.clone()].into()))])),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(changed(&[dir.path().join("c1/..data")]), Changed::Folders(f) if f["c1"].is_none()));
+        for path in [dir.path().join("c1"), dir.path().to_path_buf(), dir.path().join("c1/sub/x.yaml"), PathBuf::from("/elsewhere/c1/a.yaml")] {
+            assert!(matches!(changed(std::slice::from_ref(&path)), Changed::Everything), "{path:?}");
+        }
+        // The named file is read again; the folder nothing named keeps its state (the same Arc).
+        std::fs::write(&c1_app, SVC.replace("9080", "9081")).unwrap();
+        let again = load_config_dir_changed(dir.path(), &mut memory, &changed(std::slice::from_ref(&c1_app))).unwrap();
+        let port = |inputs: &MeshInputs| inputs.clusters["c1"].services.values().next().unwrap().ports[0].port;
+        assert_eq!(port(&again), 9081);
+        assert!(Arc::ptr_eq(&again.clusters["c2"], &first.clusters["c2"]));
+        assert_eq!(again.traffic_policies.len(), 1, "the mesh folder keeps its objects");
+        // A file removed is an event in its folder: it is gone.
+        std::fs::remove_file(&c1_app).unwrap();
+        let gone = load_config_dir_changed(dir.path(), &mut memory, &changed(std::slice::from_ref(&c1_app))).unwrap();
+        assert!(gone.clusters["c1"].services.is_empty());
     }
 
     #[test]
