@@ -143,6 +143,25 @@ pub fn changed_address(step: usize) -> String {
     format!("{CHANGED_ADDRESS_PREFIX}{}.{}", step / 250 % 250, step % 250 + 1)
 }
 
+/// The change step an address of [`changed_address`] encodes (modulo 62,500).
+pub fn step_of_changed_address(address: &str) -> Option<usize> {
+    let (high, low) = address.strip_prefix(CHANGED_ADDRESS_PREFIX)?.split_once('.')?;
+    let (high, low): (usize, usize) = (high.parse().ok()?, low.parse().ok()?);
+    (high < 250 && (1..=250).contains(&low)).then(|| high * 250 + low - 1)
+}
+
+/// The highest change step among the addresses in `text` (0 when none).
+pub fn last_changed_step(text: &str) -> usize {
+    text.match_indices(CHANGED_ADDRESS_PREFIX)
+        .filter_map(|(at, _)| {
+            let rest = &text[at..];
+            let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+            step_of_changed_address(&rest[..end])
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Writes a config dir of the same shape as [`scale_inputs`]: one file per
 /// (cluster, service) with the Service, its EndpointSlice and its Pods in
 /// `DIR/cluster-<c>/`, and the VirtualMesh and TrafficPolicies in `DIR/mesh/`.
@@ -255,6 +274,11 @@ mod tests {
         let set = crate::translate::translate(&snapshot, &scope);
         let clusters = set.of_type(crate::xds::resources::ResourceType::Cluster);
         assert!(!clusters.is_empty() && clusters.keys().all(|n| n.contains(".ns-3.")), "{:?}", clusters.keys());
+        assert_eq!(last_changed_step(&std::fs::read_to_string(dir.path().join("cluster-1/svc-00003.yaml")).unwrap()), 0);
+        for step in [1, 7, 249, 250, 62_499] {
+            assert_eq!(step_of_changed_address(&changed_address(step)), Some(step));
+            assert_eq!(last_changed_step(&format!("[{}, 10.1.2.3, {}]", changed_address(1), changed_address(step))), step);
+        }
         // Churn: one rewritten file changes one endpoint, and only its cluster is rebuilt.
         std::fs::write(dir.path().join("cluster-1/svc-00003.yaml"), service_yaml(1, 3, 4, 7)).unwrap();
         let again = crate::sources::file::load_config_dir(dir.path(), &mut memory).unwrap();

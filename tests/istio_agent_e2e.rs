@@ -25,24 +25,9 @@ use std::time::Duration;
 
 use meshpilot::cli::demo_captured::Sampled;
 use meshpilot::netns::pods::{self, NetworkSpec, PROXY_UID, PodNetwork};
+use support::istio::istio_or_skip;
 use support::kube::{KubeCluster, KubeMeshpilot, kubeenv_or_skip, register, seed_policy};
 use support::{Proc, Watchdog, envoy_or_skip, meshpilot_bin, require_e2e, split_matches, wait_for};
-
-/// pilot-agent and Istio's sidecar bootstrap template, built (or reused) by e2e/istio/build.sh.
-fn istio_or_skip(test: &str) -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("ISTIO_BIN_DIR").map(PathBuf::from).filter(|d| d.join("pilot-agent").exists()) {
-        return Some(dir);
-    }
-    if !Command::new("go").arg("version").output().is_ok_and(|o| o.status.success()) {
-        assert!(!require_e2e(), "{test}: go is required here to build pilot-agent (CI or MESHPILOT_REQUIRE_E2E=1)");
-        eprintln!("{test}: skipped (go missing)");
-        return None;
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(root.join("e2e/istio/build.sh")).output().expect("running e2e/istio/build.sh");
-    assert!(out.status.success(), "e2e/istio/build.sh failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim()))
-}
 
 fn chmod(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;

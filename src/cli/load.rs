@@ -624,8 +624,12 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         // (istiod, on two busy cores, may miss its leader lease during a sync and push everything again: let that pass.)
         tokio::time::sleep(args.pause_after_sync).await;
     }
-    let mut step = 0usize;
     let target = ChangeTarget::of(&args).await?;
+    // After the last change an earlier run left (its address again would change nothing).
+    let mut step = match &target {
+        Some(target) => target.last_step(&args).await?,
+        None => 0,
+    };
     if let Some(target) = &target {
         if args.endpoint_change {
             measure_endpoint_changes(&args, mode, target, &records, &markers, &mut step, 1, Duration::ZERO, "one endpoint change").await?;
@@ -733,6 +737,29 @@ impl ChangeTarget {
         }
         let Some(path) = &args.kubeconfig else { return Ok(None) };
         Ok(Some(ChangeTarget::Kube(super::serve::kube_client(Some(path), args.context.clone()).await?)))
+    }
+
+    /// The highest change step already in the target's endpoints: a run
+    /// against a mesh an earlier run changed starts after it.
+    async fn last_step(&self, args: &LoadArgs) -> anyhow::Result<usize> {
+        use crate::fixtures::last_changed_step;
+        match self {
+            ChangeTarget::ConfigDir(dir) => {
+                let mut last = 0;
+                for c in 0..args.clusters.max(1) {
+                    for s in 0..args.services {
+                        let path = dir.join(cluster_name(c)).join(format!("{}.yaml", service_name(s)));
+                        last = last.max(std::fs::read_to_string(&path).map(|t| last_changed_step(&t)).unwrap_or(0));
+                    }
+                }
+                Ok(last)
+            }
+            ChangeTarget::Kube(client) => {
+                let slices: kube::Api<k8s_openapi::api::discovery::v1::EndpointSlice> = kube::Api::all(client.clone());
+                let listed = slices.list(&kube::api::ListParams::default().labels(crate::fixtures::kube::MANAGED_BY_FIXTURES)).await?;
+                Ok(last_changed_step(&serde_json::to_string(&listed.items)?))
+            }
+        }
     }
 
     /// Endpoint change `step`: one service's first endpoint gets

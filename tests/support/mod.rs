@@ -2,6 +2,7 @@
 //! ports, and polling of readiness signals (never bare sleeps).
 #![allow(dead_code)]
 
+pub mod istio;
 pub mod kube;
 
 use std::future::Future;
