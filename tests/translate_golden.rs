@@ -519,3 +519,119 @@ fn an_unknown_port_name_is_tcp_and_describe_says_why() {
     assert!(d.port_protocols[0].contains("8000: TCP (port name \"web\" has no protocol prefix Istio knows"), "{:?}", d.port_protocols);
     assert!(d.port_protocols[1].contains("8001: detected"), "{:?}", d.port_protocols);
 }
+
+/// The captured example's VirtualMesh with access control enforced.
+fn enforcing_virtual_mesh(value: &str) -> String {
+    let vm = std::fs::read_to_string(root().join("examples/bookinfo-captured/mesh/virtual-mesh.yaml")).unwrap();
+    format!("{vm}  enforceAccessControl: {value}\n")
+}
+
+/// productpage (management-plane) may GET `/reviews*` on reviews:9080.
+const REVIEWS_ACCESS: &str = "apiVersion: networking.zephyr.solo.io/v1alpha1
+kind: AccessControlPolicy
+metadata: {namespace: service-mesh-hub, name: productpage-reads-reviews}
+spec:
+  sourceSelector:
+    serviceAccountRefs:
+      serviceAccounts: [{name: bookinfo-productpage, namespace: default, cluster: management-plane}]
+  destinationSelector:
+    matcher: {namespaces: [default]}
+  allowedPaths: [\"/reviews*\"]
+  allowedMethods: [GET]
+  allowedPorts: [9080]
+";
+
+fn access_status(s: &MeshSnapshot, name: &str) -> meshpilot::model::MeshObjectStatus {
+    let id = meshpilot::model::MeshObjectId { kind: "AccessControlPolicy".into(), namespace: "service-mesh-hub".into(), name: name.into() };
+    s.mesh_object_status[&id].clone()
+}
+
+fn chain<'a>(set: &'a Value, listener_name: &str, chain_name: &str) -> &'a Value {
+    let l = set["LDS"].as_array().unwrap().iter().find(|l| l["name"] == listener_name).unwrap();
+    l["filterChains"].as_array().unwrap().iter().find(|c| c["name"] == chain_name).unwrap_or_else(|| panic!("no chain {chain_name} in {l}"))
+}
+
+#[test]
+fn golden_access_control_on_the_captured_inbound_side() {
+    let s = captured_with(&[("mesh/virtual-mesh.yaml", &enforcing_virtual_mesh("ENABLED")), ("mesh/access.yaml", REVIEWS_ACCESS)]);
+    let status = access_status(&s, "productpage-reads-reviews");
+    assert_eq!(status.state, meshpilot::model::PolicyState::Accepted, "{status:?}");
+    assert_eq!(s.access_enforced.len(), 2, "both clusters of the virtual mesh");
+    let reviews = to_json(&translate(&s, &captured("reviews", "v1", "bookinfo-reviews", "10.10.0.21")));
+    check_golden("captured-reviews-enforced", &reviews);
+    // HTTP: the RBAC filter first, allowing exactly productpage's identity, GET, /reviews*.
+    let hcm = &chain(&reviews, "virtualInbound", "0.0.0.0_9080")["filters"][0]["typedConfig"];
+    let filters = hcm["httpFilters"].as_array().unwrap();
+    assert_eq!(filters[0]["name"], "envoy.filters.http.rbac");
+    let policy = &filters[0]["typedConfig"]["rules"]["policies"]["ns[service-mesh-hub]-policy[productpage-reads-reviews]-rule[0]"];
+    assert_eq!(policy["principals"][0]["authenticated"]["principalName"]["exact"], "spiffe://cluster.local/ns/default/sa/bookinfo-productpage");
+    assert_eq!(hcm["normalizePath"], true);
+    // Nothing passes undeclared ports.
+    let passthrough = chain(&reviews, "virtualInbound", "InboundPassthroughFilterChain");
+    assert_eq!(passthrough["filters"][0]["name"], "envoy.filters.network.rbac");
+    assert_eq!(passthrough["filters"][1]["typedConfig"]["cluster"], "BlackHoleCluster");
+    // tcp-echo's port is in no policy's allowedPorts: denied and closed.
+    let echo = to_json(&translate(&s, &captured("tcp-echo", "v1", "tcp-echo", "10.10.0.31")));
+    let tcp = chain(&echo, "virtualInbound", "0.0.0.0_9000");
+    assert_eq!(tcp["filters"][0]["typedConfig"]["rules"]["policies"], json!(null), "an empty allow list");
+    assert_eq!(tcp["filters"][1]["typedConfig"]["cluster"], "BlackHoleCluster");
+    // Enforcement off (the enum, its number, the old bool): no RBAC at all, as before.
+    for off in ["DISABLED", "MESH_DEFAULT", "false", "2"] {
+        let s = captured_with(&[("mesh/virtual-mesh.yaml", &enforcing_virtual_mesh(off)), ("mesh/access.yaml", REVIEWS_ACCESS)]);
+        let set = to_json(&translate(&s, &captured("reviews", "v1", "bookinfo-reviews", "10.10.0.21")));
+        assert!(!set.to_string().contains("rbac"), "{off}");
+    }
+}
+
+#[test]
+fn access_control_policies_are_checked_field_by_field() {
+    let cases = [
+        (
+            "name: bookinfo-productpage, namespace: default, cluster: management-plane",
+            "name: nobody, namespace: default, cluster: management-plane",
+            "spec.sourceSelector.serviceAccountRefs.serviceAccounts[0]: no workload in cluster management-plane runs as service account default/nobody",
+        ),
+        (
+            "cluster: management-plane}]",
+            "cluster: elsewhere}]",
+            "spec.sourceSelector.serviceAccountRefs.serviceAccounts[0].cluster: cluster \"elsewhere\" is not registered",
+        ),
+        ("[\"/reviews*\"]", "[\"reviews\"]", "spec.allowedPaths[0]: \"reviews\" is not a path"),
+        ("[\"/reviews*\"]", "[\"\"]", "spec.allowedPaths[0]: is empty"),
+        ("[GET]", "[FETCH]", "spec.allowedMethods[0]: \"FETCH\" is not one of"),
+        ("[9080]", "[9081]", "spec.allowedPorts[0]: no selected service has port 9081"),
+        ("{namespaces: [default]}", "{namespaces: [nowhere]}", "spec.destinationSelector.matcher: selects no service"),
+    ];
+    for (from, to, message) in cases {
+        let bad = REVIEWS_ACCESS.replace(from, to);
+        let s = captured_with(&[("mesh/virtual-mesh.yaml", &enforcing_virtual_mesh("ENABLED")), ("mesh/access.yaml", &bad)]);
+        let status = access_status(&s, "productpage-reads-reviews");
+        assert_eq!(status.state, meshpilot::model::PolicyState::Invalid, "{to}");
+        assert!(status.messages.iter().any(|m| m.starts_with(message)), "{to}: {:?}", status.messages);
+        // Never accepted: it allows nothing (enforcement still denies).
+        assert!(s.access_policies.is_empty());
+    }
+    // A bad enforcement value names the field and does not turn enforcement on or off by accident.
+    let s = captured_with(&[("mesh/virtual-mesh.yaml", &enforcing_virtual_mesh("YES"))]);
+    let id = meshpilot::model::MeshObjectId { kind: "VirtualMesh".into(), namespace: "service-mesh-hub".into(), name: "virtual-mesh".into() };
+    let status = &s.mesh_object_status[&id];
+    assert_eq!(status.state, meshpilot::model::PolicyState::Invalid);
+    assert!(
+        status.messages[0].starts_with("spec.enforceAccessControl: \"YES\" is not one of MESH_DEFAULT, ENABLED, DISABLED"),
+        "{:?}",
+        status.messages
+    );
+}
+
+#[test]
+fn envoy_accepts_access_control() {
+    let Some(envoy) = support::envoy_or_skip("envoy_accepts_access_control") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = captured_with(&[("mesh/virtual-mesh.yaml", &enforcing_virtual_mesh("ENABLED")), ("mesh/access.yaml", REVIEWS_ACCESS)]);
+    s.trust.clear();
+    for (i, scope) in
+        [captured("reviews", "v1", "bookinfo-reviews", "10.10.0.21"), captured("tcp-echo", "v1", "tcp-echo", "10.10.0.31")].iter().enumerate()
+    {
+        envoy_validates(&envoy, &dir.path().join(format!("enforced-{i}.json")), &to_json(&translate(&s, scope)));
+    }
+}

@@ -99,6 +99,7 @@ pub fn scope_of(node: &ProxyNode) -> ProxyScope {
         vhds: node.delta_ads,
         secret_source,
         send_secrets: secret_source == translate::tls::SecretSource::Ads && node.identity.may_receive_secrets(),
+        access: None,
     }
 }
 
@@ -217,7 +218,11 @@ impl MeshResources {
             // endpoint did): a scope's cached set is patched, not walked.
             let patchable = match &change {
                 SnapshotChange::Config(endpoints)
-                    if endpoints.is_empty() && old.sidecars == snapshot.sidecars && old.source_labels == snapshot.source_labels =>
+                    if endpoints.is_empty()
+                        && old.sidecars == snapshot.sidecars
+                        && old.source_labels == snapshot.source_labels
+                        && old.access_enforced == snapshot.access_enforced
+                        && old.workload_access == snapshot.workload_access =>
                 {
                     Some(services_with_changed_rules(&old, &snapshot))
                 }

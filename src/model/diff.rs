@@ -31,7 +31,12 @@ pub fn classify_change(old: &MeshSnapshot, new: &MeshSnapshot) -> SnapshotChange
     if old.mesh_peers != new.mesh_peers || old.trust != new.trust || old.gateways != new.gateways || old.clusters.len() != new.clusters.len() {
         return SnapshotChange::Full;
     }
-    let config = old.applied != new.applied || old.sidecars != new.sidecars || old.policy_status != new.policy_status;
+    let config = old.applied != new.applied
+        || old.sidecars != new.sidecars
+        || old.policy_status != new.policy_status
+        || old.access_enforced != new.access_enforced
+        || old.access_policies != new.access_policies
+        || old.workload_access != new.workload_access;
     let mut changed = BTreeSet::new();
     for (name, o) in &old.clusters {
         let Some(n) = new.clusters.get(name) else { return SnapshotChange::Full };

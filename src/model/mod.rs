@@ -3,6 +3,7 @@
 //! [`MeshSnapshot::build`] validates policies and produces the immutable
 //! snapshot translation reads.
 
+pub mod access;
 pub mod api;
 pub mod crd;
 pub mod describe;
@@ -248,6 +249,14 @@ pub struct MeshSnapshot {
     /// A captured sidecar's inbound side depends on this, not on its address.
     #[serde(skip)]
     pub workload_ports: BTreeMap<String, std::collections::HashMap<String, BTreeMap<u16, protocol::Protocol>>>,
+    /// The clusters whose VirtualMesh enforces access control: their
+    /// workloads deny every caller no AccessControlPolicy allows.
+    pub access_enforced: BTreeSet<String>,
+    /// AccessControlPolicies that serve (accepted, or their last accepted version).
+    pub access_policies: Vec<Arc<access::AccessPolicy>>,
+    /// Enforcing cluster → workload address → what its inbound side allows.
+    #[serde(skip)]
+    pub workload_access: BTreeMap<String, std::collections::HashMap<String, Arc<access::InboundAccess>>>,
     /// VirtualMeshes, AccessControlPolicies and Sidecars: read, and what of them is not yet in effect.
     pub mesh_object_status: BTreeMap<MeshObjectId, MeshObjectStatus>,
     pub input_errors: Vec<String>,
@@ -292,9 +301,6 @@ fn virtual_mesh_unsupported(spec: &api::VirtualMeshSpec) -> Vec<String> {
     if spec.limited.is_some() {
         out.push("spec.limited: not yet supported (trust is shared)".to_string());
     }
-    if spec.enforce_access_control.is_some() {
-        out.push("spec.enforceAccessControl: not yet supported (access is not enforced)".to_string());
-    }
     out
 }
 
@@ -317,10 +323,15 @@ impl MeshSnapshot {
         let mesh_peers = mesh_peers(&inputs);
         let mut mesh_object_status: BTreeMap<MeshObjectId, MeshObjectStatus> =
             inputs.virtual_meshes.iter().map(|vm| object_status("VirtualMesh", vm, virtual_mesh_unsupported(&vm.spec))).collect();
-        mesh_object_status.extend(inputs.access_policies.iter().map(|acp| {
-            let note = "AccessControlPolicy: not yet supported (policies are read and validated; access is not enforced yet)".to_string();
-            object_status("AccessControlPolicy", acp, vec![note])
-        }));
+        let clusters_of = |spec: &api::VirtualMeshSpec| spec.meshes.iter().filter_map(|m| mesh_ref_to_cluster(&m.name, &inputs.clusters)).collect();
+        let (access_enforced, enforcement_errors) = access::enforced_clusters(&inputs.virtual_meshes, clusters_of, &mut last_good.access);
+        for ((namespace, name), error) in enforcement_errors {
+            let id = MeshObjectId { kind: "VirtualMesh".into(), namespace, name };
+            if let Some(status) = mesh_object_status.get_mut(&id) {
+                status.state = PolicyState::Invalid;
+                status.messages.push(error);
+            }
+        }
         let (sidecars, sidecar_status) = sidecar::resolve(&inputs.sidecars, &mut last_good.sidecars);
         mesh_object_status.extend(sidecar_status);
         let trust = mesh_trust(&inputs);
@@ -337,6 +348,9 @@ impl MeshSnapshot {
             ruled_services: Default::default(),
             policy_status: BTreeMap::new(),
             workload_ports,
+            access_enforced,
+            access_policies: Vec::new(),
+            workload_access: BTreeMap::new(),
             mesh_object_status,
             input_errors: inputs.errors,
         };
@@ -348,6 +362,10 @@ impl MeshSnapshot {
         snapshot.ruled_services = applied.iter().flat_map(|p| p.rules.iter().map(|r| r.service.clone())).collect();
         snapshot.applied = applied;
         snapshot.policy_status = status;
+        let (access_policies, access_status) = access::resolve(&snapshot, &inputs.access_policies, &mut last_good.access);
+        snapshot.access_policies = access_policies;
+        snapshot.mesh_object_status.extend(access_status);
+        snapshot.workload_access = access::workload_access(&snapshot);
         snapshot
     }
 

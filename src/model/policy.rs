@@ -230,6 +230,7 @@ pub struct LastGood {
     /// Versions Envoy refused, with its message: INVALID until the policy changes.
     rejected: HashMap<PolicyId, (Arc<AppliedPolicy>, String)>,
     pub(crate) sidecars: super::sidecar::LastGoodSidecars,
+    pub(crate) access: super::access::LastGoodAccess,
 }
 
 impl LastGood {
@@ -391,7 +392,7 @@ fn is_header_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-const METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+pub(crate) const METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
 
 fn check_matcher(m: &HttpMatcher, field: &str, errors: &mut Vec<String>) {
     let paths = [m.prefix.is_some(), m.exact.is_some(), m.regex.is_some()].iter().filter(|b| **b).count();
@@ -458,7 +459,7 @@ fn resolve_ref(snapshot: &MeshSnapshot, r: &api::ResourceRef, selected: &[Servic
     Some(key)
 }
 
-fn known_clusters(snapshot: &MeshSnapshot) -> String {
+pub(crate) fn known_clusters(snapshot: &MeshSnapshot) -> String {
     snapshot.clusters.keys().cloned().collect::<Vec<_>>().join(", ")
 }
 
@@ -498,8 +499,8 @@ fn check_port(
 }
 
 /// The services a destination selector picks.
-fn select_services(snapshot: &MeshSnapshot, spec: &TrafficPolicySpec, errors: &mut Vec<String>) -> Vec<ServiceKey> {
-    let sel = spec.destination_selector.clone().unwrap_or_default();
+pub(crate) fn select_services(snapshot: &MeshSnapshot, selector: Option<&api::ServiceSelector>, errors: &mut Vec<String>) -> Vec<ServiceKey> {
+    let sel = selector.cloned().unwrap_or_default();
     match (&sel.matcher, &sel.service_refs) {
         (Some(_), Some(_)) => {
             errors.push("spec.destinationSelector: set either matcher or serviceRefs, not both".into());
@@ -579,7 +580,7 @@ pub fn validate(snapshot: &MeshSnapshot, policy: &PolicyObject<TrafficPolicySpec
     }
     let spec = &policy.spec;
     let mut errors = Vec::new();
-    let mut selected = select_services(snapshot, spec, &mut errors);
+    let mut selected = select_services(snapshot, spec.destination_selector.as_ref(), &mut errors);
     selected.sort();
     selected.dedup();
     for (i, m) in spec.http_request_matchers.iter().enumerate() {

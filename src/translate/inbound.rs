@@ -18,6 +18,7 @@
 
 use super::any;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster::ClusterDiscoveryType, cluster::DiscoveryType};
@@ -36,13 +37,14 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier as TcpTo;
 use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 
-use super::clusters::{INBOUND_PASSTHROUGH_CLUSTER, INBOUND_SOURCE_ADDRESS, original_dst_cluster, with_http2};
+use super::clusters::{BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER, INBOUND_SOURCE_ADDRESS, original_dst_cluster, with_http2};
 use super::listeners::{HCM_FILTER, ROUTER_FILTER, tcp_proxy};
 use super::outbound::{ANY_ADDRESS, listener_filter};
 use super::proto::pb_duration;
 use super::proto::socket_address;
-use super::{ProxyScope, tls};
+use super::{ProxyScope, rbac, tls};
 use crate::model::MeshSnapshot;
+use crate::model::access::{AccessGrant, InboundAccess};
 use crate::model::protocol::{Layout, Protocol};
 
 /// Istio's inbound capture listener and its port (`ProxyInboundListenPort`).
@@ -84,22 +86,50 @@ pub fn served_protocols(snapshot: &MeshSnapshot, scope: &ProxyScope) -> BTreeMap
     out
 }
 
+/// The grants of `port` when access control is enforced (`access`): none is an empty list.
+fn port_grants(access: Option<&InboundAccess>, port: u16) -> Option<&[Arc<AccessGrant>]> {
+    access.map(|a| a.ports.get(&port).map(Vec::as_slice).unwrap_or_default())
+}
+
+/// A TCP chain's filters: with access control, the network RBAC filter first,
+/// and a port nobody may use goes to the BlackHole (closed even to a server
+/// that speaks first, which the RBAC filter, deciding on the caller's first
+/// bytes, would let greet).
+fn inbound_tcp_filters(cluster: &str, grants: Option<&[Arc<AccessGrant>]>) -> Vec<Filter> {
+    match grants {
+        None => vec![tcp_proxy(cluster.to_string(), TcpTo::Cluster(cluster.to_string()))],
+        Some(grants) => {
+            let open = !rbac::rules(grants, false).policies.is_empty();
+            let to = if open { cluster } else { BLACKHOLE_CLUSTER };
+            vec![rbac::network_filter(grants), tcp_proxy(to.to_string(), TcpTo::Cluster(to.to_string()))]
+        }
+    }
+}
+
 /// `virtualInbound` on 0.0.0.0:15006: a chain per served port (mTLS when
 /// `mtls`), and what no Service declares on to the application as it came.
-pub fn virtual_inbound(ports: &BTreeMap<u16, Protocol>, mtls: Option<tls::SecretSource>, transparent: bool) -> Listener {
+/// With access control (`access`), each chain allows only what its port's
+/// grants allow, and the passthrough chain nothing.
+pub fn virtual_inbound(
+    ports: &BTreeMap<u16, Protocol>,
+    mtls: Option<tls::SecretSource>,
+    transparent: bool,
+    access: Option<&InboundAccess>,
+) -> Listener {
     let mut filter_chains: Vec<FilterChain> = ports
         .iter()
         .filter(|(_, p)| p.layout() != Layout::None)
         .map(|(port, protocol)| {
-            let filter = if protocol.layout() == Layout::Http {
-                inbound_http_filter(&format!("inbound_0.0.0.0_{port}"), *port)
+            let grants = port_grants(access, *port);
+            let filters = if protocol.layout() == Layout::Http {
+                vec![inbound_http_filter(&format!("inbound_0.0.0.0_{port}"), *port, grants)]
             } else {
-                tcp_proxy(inbound_cluster_name(*port), TcpTo::Cluster(inbound_cluster_name(*port)))
+                inbound_tcp_filters(&inbound_cluster_name(*port), grants)
             };
             FilterChain {
                 name: format!("{ANY_ADDRESS}_{port}"),
                 filter_chain_match: Some(FilterChainMatch { destination_port: Some(UInt32Value { value: u32::from(*port) }), ..Default::default() }),
-                filters: vec![filter],
+                filters,
                 transport_socket: mtls.map(tls::inbound_transport_socket),
                 ..Default::default()
             }
@@ -107,7 +137,7 @@ pub fn virtual_inbound(ports: &BTreeMap<u16, Protocol>, mtls: Option<tls::Secret
         .collect();
     filter_chains.push(FilterChain {
         name: "InboundPassthroughFilterChain".into(),
-        filters: vec![tcp_proxy(INBOUND_PASSTHROUGH_CLUSTER.into(), TcpTo::Cluster(INBOUND_PASSTHROUGH_CLUSTER.into()))],
+        filters: inbound_tcp_filters(INBOUND_PASSTHROUGH_CLUSTER, access.map(|_| &[][..])),
         ..Default::default()
     });
     Listener {
@@ -134,12 +164,12 @@ pub fn inbound_passthrough_cluster() -> Cluster {
     original_dst_cluster(INBOUND_PASSTHROUGH_CLUSTER, Some(INBOUND_SOURCE_ADDRESS))
 }
 
-pub fn inbound_listener(address: &str, port: u16, secrets: tls::SecretSource) -> Listener {
+pub fn inbound_listener(address: &str, port: u16, secrets: tls::SecretSource, grants: Option<&[Arc<AccessGrant>]>) -> Listener {
     Listener {
         name: format!("{address}_{port}"),
         address: Some(socket_address(address, port)),
         filter_chains: vec![FilterChain {
-            filters: vec![inbound_http_filter(&format!("inbound_{address}_{port}"), port)],
+            filters: vec![inbound_http_filter(&format!("inbound_{address}_{port}"), port, grants)],
             transport_socket: Some(tls::inbound_transport_socket(secrets)),
             ..Default::default()
         }],
@@ -148,8 +178,10 @@ pub fn inbound_listener(address: &str, port: u16, secrets: tls::SecretSource) ->
 }
 
 /// The inbound HTTP connection manager: every request to `inbound|<port>||`,
-/// the caller's certificate URI in `x-forwarded-client-cert`.
-fn inbound_http_filter(stat_prefix: &str, port: u16) -> Filter {
+/// the caller's certificate URI in `x-forwarded-client-cert`; with access
+/// control (`grants`), the RBAC filter first, on normalized paths (so
+/// `//reviews` or `/./reviews` cannot pass by a prefix rule).
+fn inbound_http_filter(stat_prefix: &str, port: u16, grants: Option<&[Arc<AccessGrant>]>) -> Filter {
     let route_config = RouteConfiguration {
         name: format!("inbound|{port}"),
         virtual_hosts: vec![VirtualHost {
@@ -172,11 +204,17 @@ fn inbound_http_filter(stat_prefix: &str, port: u16) -> Filter {
     let hcm = HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
         route_specifier: Some(RouteSpecifier::RouteConfig(route_config)),
-        http_filters: vec![HttpFilter {
-            name: ROUTER_FILTER.into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(any(&Router::default()))),
-            ..Default::default()
-        }],
+        http_filters: grants
+            .map(rbac::http_filter)
+            .into_iter()
+            .chain([HttpFilter {
+                name: ROUTER_FILTER.into(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(any(&Router::default()))),
+                ..Default::default()
+            }])
+            .collect(),
+        normalize_path: grants.is_some().then_some(BoolValue { value: true }),
+        merge_slashes: grants.is_some(),
         forward_client_cert_details: ForwardClientCertDetails::SanitizeSet as i32,
         set_current_client_cert_details: Some(SetCurrentClientCertDetails { uri: true, ..Default::default() }),
         ..Default::default()

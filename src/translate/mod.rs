@@ -32,10 +32,11 @@ pub mod names;
 pub mod outbound;
 pub mod patch;
 pub mod proto;
+pub mod rbac;
 pub mod routes;
 pub mod tls;
-
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -77,6 +78,9 @@ pub struct ProxyScope {
     pub secret_source: tls::SecretSource,
     /// Whether the provider adds its certificate and key (ADS, a proven stream).
     pub send_secrets: bool,
+    /// What a captured sidecar's inbound side allows when its cluster enforces
+    /// access control, resolved from its `INSTANCE_IPS` with `served`.
+    pub access: Option<Arc<crate::model::access::InboundAccess>>,
 }
 
 impl ProxyScope {
@@ -97,6 +101,7 @@ impl ProxyScope {
             vhds: false,
             secret_source: tls::SecretSource::Ads,
             send_secrets: true,
+            access: None,
         }
     }
 
@@ -110,6 +115,7 @@ impl ProxyScope {
         self.labels.retain(|k, v| snapshot.source_labels.get(k).is_some_and(|values| values.contains(v)));
         if self.role == ProxyRole::Sidecar && self.interception.captured() && !self.instance_ips.is_empty() {
             self.served = inbound::served_protocols(snapshot, &self);
+            self.access = crate::model::access::inbound_access(snapshot, &self.cluster, &self.instance_ips);
             self.instance_ips.clear();
         }
         self
@@ -303,7 +309,11 @@ pub fn translate_with(snapshot: &MeshSnapshot, scope: &ProxyScope, memo: &memo::
         }
         let served = inbound::served_protocols(snapshot, scope);
         let mtls = snapshot.trust.contains_key(&scope.cluster).then_some(scope.secret_source);
-        listeners.push(inbound::virtual_inbound(&served, mtls, scope.interception == InterceptionMode::Tproxy));
+        let access = match scope.instance_ips.is_empty() {
+            true => scope.access.clone(),
+            false => crate::model::access::inbound_access(snapshot, &scope.cluster, &scope.instance_ips),
+        };
+        listeners.push(inbound::virtual_inbound(&served, mtls, scope.interception == InterceptionMode::Tproxy, access.as_deref()));
         for (port, protocol) in served.iter().filter(|(_, p)| p.layout() != crate::model::protocol::Layout::None) {
             let c = inbound::captured_inbound_cluster(*port, *protocol);
             set.insert(ResourceType::Cluster, Resource::from_message(c.name.clone(), &c));
@@ -314,7 +324,9 @@ pub fn translate_with(snapshot: &MeshSnapshot, scope: &ProxyScope, memo: &memo::
         listeners.extend(ports.into_iter().map(|port| listeners::outbound_http_listener(&scope.outbound_bind, port)));
         if snapshot.trust.contains_key(&scope.cluster) {
             for (address, port) in inbound::served_ports(snapshot, scope) {
-                listeners.push(inbound::inbound_listener(&address, port, scope.secret_source));
+                let access = crate::model::access::inbound_access(snapshot, &scope.cluster, std::slice::from_ref(&address));
+                let grants = access.as_ref().map(|a| a.ports.get(&port).map(Vec::as_slice).unwrap_or_default());
+                listeners.push(inbound::inbound_listener(&address, port, scope.secret_source, grants));
                 let c = inbound::inbound_cluster(&scope.app_address, port);
                 set.insert(ResourceType::Cluster, Resource::from_message(c.name.clone(), &c));
             }
