@@ -128,7 +128,81 @@ async fn istio_injected_pods_captured_by_iptables() {
     assert!(refused.answers.keys().all(|k| k.starts_with("error")), "REGISTRY_ONLY must refuse {outside_addr}: {:?}", refused.answers);
     let still = mesh.sample(&productpage, "reviews:9080", "http", 100).unwrap();
     assert!(still.answers.keys().all(|k| k.starts_with("reviews-v")), "the mesh still answers: {:?}", still.answers);
+
+    access_control(&mesh).await;
     mesh.check_alive().unwrap();
+}
+
+/// What `pod`'s Envoy counted for stats named `name` (summed).
+async fn envoy_stat(pod: &meshpilot::cli::demo_captured::Pod, name: &str) -> u64 {
+    let stats = meshpilot::cli::http::get_unix(&pod.admin, &format!("/stats?filter={name}")).await.unwrap_or_default();
+    stats.lines().filter_map(|l| l.split_once(": ")).filter(|(n, _)| *n == name).filter_map(|(_, v)| v.trim().parse::<u64>().ok()).sum()
+}
+
+/// Waits until `count` requests from `from` give exactly the answers `want`.
+async fn answers_become(mesh: &CapturedMesh, from: &str, to: &str, (method, path): (&str, &str), want: &[&str]) -> Sampled {
+    let pod = mesh.pod(from).unwrap().clone();
+    wait_for(&format!("{method} {to}{path} from {from} answered by exactly {want:?}"), Duration::from_secs(30), || {
+        let pod = pod.clone();
+        async move {
+            let s = mesh.sample_request(&pod, to, (method, path), 40).ok()?;
+            (want.iter().all(|w| s.answers.contains_key(*w)) && s.answers.keys().all(|k| want.contains(&k.as_str()))).then_some(s)
+        }
+    })
+    .await
+}
+
+/// Access control, enforced by the destination's sidecar in both clusters:
+/// denied by default, exactly what an AccessControlPolicy allows let
+/// through (its caller, method, paths and ports), denied again when the
+/// policy goes, allowed to all when enforcement is off.
+async fn access_control(mesh: &CapturedMesh) {
+    let virtual_mesh = mesh.config.join("mesh/virtual-mesh.yaml");
+    let original = std::fs::read_to_string(&virtual_mesh).unwrap();
+    let enforce = |value: &str| std::fs::write(&virtual_mesh, format!("{original}  enforceAccessControl: {value}\n")).unwrap();
+    let reviews = ["reviews-v1", "reviews-v2", "reviews-v3"];
+    let pod = |name: &str| mesh.pods.iter().find(|p| p.name == name).unwrap().clone();
+    let (v1, v3) = (pod("reviews-v1"), pod("reviews-v3"));
+    let denied = "http.inbound_0.0.0.0_9080.rbac.denied";
+
+    // Enforced, no policy: every reviews replica, local and remote, answers 403 from its sidecar's RBAC.
+    enforce("ENABLED");
+    answers_become(mesh, "productpage", "reviews:9080", ("GET", "/reviews/1"), &["HTTP 403"]).await;
+    let (denied_v1, denied_v3) = (envoy_stat(&v1, denied).await, envoy_stat(&v3, denied).await);
+    eprintln!("access control enforced: {denied} {denied_v1} on reviews-v1 (network A), {denied_v3} on reviews-v3 (network B)");
+    assert!(denied_v1 > 0 && denied_v3 > 0, "RBAC denials counted in both clusters");
+    let productpage = mesh.pod("productpage").unwrap();
+    let closed = mesh.sample(productpage, "tcp-echo:9000", "tcp", 20).unwrap();
+    assert_eq!(only(&closed.answers), ["error: closed without an answer"], "TCP is denied too");
+
+    // productpage may GET /reviews* on 9080, in both clusters; nothing else is allowed.
+    let policy = "apiVersion: networking.zephyr.solo.io/v1alpha1\nkind: AccessControlPolicy\nmetadata: {namespace: service-mesh-hub, name: productpage-reads-reviews}\nspec:\n  sourceSelector:\n    serviceAccountRefs:\n      serviceAccounts: [{name: bookinfo-productpage, namespace: default, cluster: management-plane}]\n  destinationSelector:\n    matcher: {namespaces: [default]}\n  allowedPaths: [\"/reviews*\"]\n  allowedMethods: [GET]\n  allowedPorts: [9080]\n";
+    let access = mesh.config.join("mesh/access.yaml");
+    std::fs::write(&access, policy).unwrap();
+    let allowed = answers_become(mesh, "productpage", "reviews:9080", ("GET", "/reviews/1"), &reviews).await;
+    for backend in reviews {
+        assert_eq!(allowed.peers[backend], BTreeSet::from([PRODUCTPAGE_ID.to_string()]), "{backend}");
+    }
+    assert!(envoy_stat(&v3, "http.inbound_0.0.0.0_9080.rbac.allowed").await > 0, "allowed by the remote sidecar's RBAC");
+    let others = [
+        ("productpage", ("POST", "/reviews/1"), "another method"),
+        ("productpage", ("GET", "/ratings/1"), "another path"),
+        ("greeter", ("GET", "/reviews/1"), "another service account"),
+    ];
+    for (from, request, what) in others {
+        let refused = mesh.sample_request(mesh.pod(from).unwrap(), "reviews:9080", request, 40).unwrap();
+        assert_eq!(only(&refused.answers), ["HTTP 403"], "{what} must be refused");
+    }
+    // tcp-echo is selected, but its port is not in allowedPorts: the connection is closed.
+    let closed = mesh.sample(productpage, "tcp-echo:9000", "tcp", 20).unwrap();
+    assert_eq!(only(&closed.answers), ["error: closed without an answer"], "a TCP port not allowed");
+
+    // The policy gone: denied again. Enforcement off: everyone is allowed.
+    std::fs::remove_file(&access).unwrap();
+    answers_become(mesh, "productpage", "reviews:9080", ("GET", "/reviews/1"), &["HTTP 403"]).await;
+    enforce("DISABLED");
+    answers_become(mesh, "greeter", "reviews:9080", ("POST", "/anything"), &reviews).await;
+    answering(mesh, "productpage", "tcp-echo:9000", "tcp", &["tcp-echo-v1", "tcp-echo-v2"]).await;
 }
 
 async fn lds_version(mesh: &CapturedMesh, proxy: &str) -> Option<String> {

@@ -284,6 +284,15 @@ impl CapturedMesh {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// [`CapturedMesh::sample`] of HTTP requests with this method and path.
+    pub fn sample_request(&self, pod: &Pod, to: &str, (method, path): (&str, &str), count: usize) -> anyhow::Result<Sampled> {
+        let out = PodNetwork::command(&pod.netns, None, &self.me)
+            .args(["sample", "--to", to, "--method", method, "--path", path, "--count", &count.to_string(), "--concurrency", "8", "--json"])
+            .output()?;
+        anyhow::ensure!(out.status.success(), "meshpilot sample in {} failed: {}", pod.name, String::from_utf8_lossy(&out.stderr));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
     /// The router namespace of the network `address` is on, and that router's
     /// address there (a place outside the mesh that pods can reach).
     pub fn outside(&self, address: &str) -> Option<(String, String)> {

@@ -44,7 +44,11 @@ pub async fn count_answers(addr: &str, host: &str, path: &str, n: usize, concurr
 /// body's first line, `HTTP <status>` or `error: …`) and the `x-peer-cert`
 /// header (what `meshpilot echo` saw in `x-forwarded-client-cert`).
 pub async fn answers_with_peers(addr: &str, host: &str, path: &str, n: usize, concurrency: usize) -> Vec<(String, String)> {
-    sample(addr, Some(host), path, (n, concurrency), SampleProtocol::Http, SAMPLE_WITHIN).await.into_iter().map(|a| (a.answer, a.peer)).collect()
+    sample(addr, (Some(host), "GET", path), (n, concurrency), SampleProtocol::Http, SAMPLE_WITHIN)
+        .await
+        .into_iter()
+        .map(|a| (a.answer, a.peer))
+        .collect()
 }
 
 /// How `meshpilot sample` talks to the destination.
@@ -89,14 +93,13 @@ fn header(resp: &hyper::HeaderMap, name: &str) -> String {
 /// path that holds connections open costs a bounded time, never a hang.
 pub async fn sample(
     addr: &str,
-    host: Option<&str>,
-    path: &str,
+    (host, method, path): (Option<&str>, &str, &str),
     (n, concurrency): (usize, usize),
     protocol: SampleProtocol,
     within: Duration,
 ) -> Vec<Answer> {
     use futures::StreamExt;
-    let requests = requests(addr, host, path, n, protocol);
+    let requests = requests(addr, (host, method, path), n, protocol);
     let timed = requests.map(|answer| async move {
         tokio::time::timeout(REQUEST_TIMEOUT, answer).await.unwrap_or_else(|_| Answer::failed(format!("error: no answer in {REQUEST_TIMEOUT:?}")))
     });
@@ -114,8 +117,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn requests<'a>(
     addr: &'a str,
-    host: Option<&'a str>,
-    path: &'a str,
+    (host, method, path): (Option<&'a str>, &'a str, &'a str),
     n: usize,
     protocol: SampleProtocol,
 ) -> futures::stream::BoxStream<'a, futures::future::BoxFuture<'a, Answer>> {
@@ -138,7 +140,7 @@ fn requests<'a>(
                 let mut req = if grpc {
                     hyper::Request::post(uri).header("content-type", "application/grpc").header("te", "trailers")
                 } else {
-                    hyper::Request::get(uri)
+                    hyper::Request::builder().method(method).uri(uri)
                 };
                 if let Some(host) = host {
                     req = req.header(hyper::header::HOST, host);

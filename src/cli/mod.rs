@@ -84,6 +84,9 @@ pub struct SampleArgs {
     pub protocol: http::SampleProtocol,
     #[arg(long, default_value = "/")]
     pub path: String,
+    /// The HTTP method (http and h2c).
+    #[arg(long, default_value = "GET")]
+    pub method: String,
     #[arg(long, default_value_t = 100)]
     pub count: usize,
     #[arg(long, default_value_t = 8)]
@@ -97,7 +100,9 @@ pub struct SampleArgs {
 }
 
 async fn run_sample(args: SampleArgs) -> anyhow::Result<()> {
-    let answers = http::sample(&args.to, args.host.as_deref(), &args.path, (args.count, args.concurrency), args.protocol, args.within).await;
+    anyhow::ensure!(crate::model::policy::METHODS.contains(&args.method.as_str()), "--method {:?} is not an HTTP method", args.method);
+    let target = (args.host.as_deref(), args.method.as_str(), args.path.as_str());
+    let answers = http::sample(&args.to, target, (args.count, args.concurrency), args.protocol, args.within).await;
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut peers: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
     let mut versions: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
