@@ -130,7 +130,25 @@ async fn istio_injected_pods_captured_by_iptables() {
     assert!(still.answers.keys().all(|k| k.starts_with("reviews-v")), "the mesh still answers: {:?}", still.answers);
 
     access_control(&mesh).await;
+    servers_are_checked_for_their_exact_identity(&mesh).await;
     mesh.check_alive().unwrap();
+}
+
+/// A client accepts from a destination only the identities of its
+/// workloads: when management-plane's reviews pods are declared to run as
+/// another service account, their sidecars (still holding certificates for
+/// `bookinfo-reviews`) are refused by productpage's sidecar (Envoy's
+/// `ssl.fail_verify_san`), while the remote reviews-v3 keeps answering.
+async fn servers_are_checked_for_their_exact_identity(mesh: &CapturedMesh) {
+    let pods = mesh.config.join("management-plane/bookinfo.yaml");
+    let text = std::fs::read_to_string(&pods).unwrap();
+    assert_eq!(text.matches("serviceAccountName: bookinfo-reviews\n").count(), 2, "reviews-v1 and reviews-v2");
+    std::fs::write(&pods, text.replace("serviceAccountName: bookinfo-reviews\n", "serviceAccountName: bookinfo-reviews-next\n")).unwrap();
+    let productpage = mesh.pod("productpage").unwrap();
+    let refused = answers_become(mesh, "productpage", "reviews:9080", ("GET", "/"), &["reviews-v3", "HTTP 503"]).await;
+    eprintln!("reviews' sidecars with a certificate for another service account: {:?}", refused.answers);
+    let v1 = "cluster.outbound|9080|version-v1|reviews.default.svc.cluster.local.ssl.fail_verify_san";
+    assert!(envoy_stat(productpage, v1).await > 0, "productpage's sidecar refused reviews-v1's certificate by its SAN");
 }
 
 /// What `pod`'s Envoy counted for stats named `name` (summed).

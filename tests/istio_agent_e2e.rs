@@ -145,9 +145,6 @@ async fn istio_agents_get_the_seed_split_with_their_own_keys_from_two_replicas()
     mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("management-plane.yaml", "10.10.0"))).unwrap();
     remote.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("remote-cluster.yaml", "10.20.0"))).unwrap();
     remote.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("reviews-v3.yaml", "10.20.0"))).unwrap();
-    for (cluster, sa) in [(&mgmt, "bookinfo-productpage"), (&mgmt, "bookinfo-reviews"), (&remote, "bookinfo-reviews")] {
-        cluster.kubectl(&["create", "serviceaccount", sa, "-n", "default"]);
-    }
     mgmt.kubectl(&["apply", "-f", repo.join("examples/bookinfo-multinet/mesh/virtual-mesh.yaml").to_str().unwrap()]);
     mgmt.kubectl_stdin(&["apply", "-f", "-"], Some(&seed_policy())).unwrap();
 

@@ -145,7 +145,6 @@ async fn seed_scenario_against_two_real_clusters() {
     })
     .await;
     std::fs::write(&root_file, published).unwrap();
-    mgmt.kubectl(&["create", "serviceaccount", "bookinfo-productpage", "-n", "default"]);
     let token_file = root.join("productpage.token");
     std::fs::write(&token_file, mgmt.kubectl(&["create", "token", "bookinfo-productpage", "-n", "default", "--audience", "istio-ca"])).unwrap();
     let proving = |bind: &str, sa: &str| -> Vec<String> {

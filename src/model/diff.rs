@@ -36,7 +36,9 @@ pub fn classify_change(old: &MeshSnapshot, new: &MeshSnapshot) -> SnapshotChange
         || old.policy_status != new.policy_status
         || old.access_enforced != new.access_enforced
         || old.access_policies != new.access_policies
-        || old.workload_access != new.workload_access;
+        || old.workload_access != new.workload_access
+        // A new service account behind a service: clients' upstream TLS must accept it.
+        || old.service_identities != new.service_identities;
     let mut changed = BTreeSet::new();
     for (name, o) in &old.clusters {
         let Some(n) = new.clusters.get(name) else { return SnapshotChange::Full };

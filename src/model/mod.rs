@@ -249,6 +249,13 @@ pub struct MeshSnapshot {
     /// A captured sidecar's inbound side depends on this, not on its address.
     #[serde(skip)]
     pub workload_ports: BTreeMap<String, std::collections::HashMap<String, BTreeMap<u16, protocol::Protocol>>>,
+    /// Service → the SPIFFE ids of its mesh workloads (the service accounts of
+    /// its `tlsMode: istio` endpoints whose Pod is known, in its cluster's
+    /// trust domain), sorted: what a client's upstream TLS accepts from it,
+    /// as Istio's subject-alt-name match. Services in clusters without trust
+    /// have none.
+    #[serde(skip)]
+    pub service_identities: std::collections::HashMap<ServiceKey, Arc<Vec<String>>>,
     /// The clusters whose VirtualMesh enforces access control: their
     /// workloads deny every caller no AccessControlPolicy allows.
     pub access_enforced: BTreeSet<String>,
@@ -348,6 +355,7 @@ impl MeshSnapshot {
             ruled_services: Default::default(),
             policy_status: BTreeMap::new(),
             workload_ports,
+            service_identities: Default::default(),
             access_enforced,
             access_policies: Vec::new(),
             workload_access: BTreeMap::new(),
@@ -362,6 +370,7 @@ impl MeshSnapshot {
         snapshot.ruled_services = applied.iter().flat_map(|p| p.rules.iter().map(|r| r.service.clone())).collect();
         snapshot.applied = applied;
         snapshot.policy_status = status;
+        snapshot.service_identities = service_identities(&snapshot.clusters, &snapshot.trust);
         let (access_policies, access_status) = access::resolve(&snapshot, &inputs.access_policies, &mut last_good.access);
         snapshot.access_policies = access_policies;
         snapshot.mesh_object_status.extend(access_status);
@@ -432,6 +441,24 @@ fn mesh_trust(inputs: &MeshInputs) -> BTreeMap<String, MeshTrust> {
                     trust_domain: TRUST_DOMAIN.to_string(),
                     ca: ca.clone(),
                 });
+            }
+        }
+    }
+    out
+}
+
+fn service_identities(
+    clusters: &BTreeMap<String, Arc<ClusterState>>,
+    trust: &BTreeMap<String, MeshTrust>,
+) -> std::collections::HashMap<ServiceKey, Arc<Vec<String>>> {
+    let mut out = std::collections::HashMap::new();
+    for (name, state) in clusters {
+        let Some(trust) = trust.get(name) else { continue };
+        for ((namespace, service), eps) in &state.endpoints {
+            let accounts: BTreeSet<&str> = eps.iter().filter(|e| e.mesh_tls && e.pod.is_some()).map(|e| e.service_account.as_str()).collect();
+            if !accounts.is_empty() {
+                let ids = accounts.into_iter().map(|sa| trust.spiffe_id(namespace, sa)).collect();
+                out.insert(ServiceKey::new(name, namespace, service), Arc::new(ids));
             }
         }
     }

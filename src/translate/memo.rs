@@ -51,6 +51,8 @@ pub struct ClusterKey {
     pub secrets: super::tls::SecretSource,
     pub target: ClusterTarget,
     pub outlier: Option<crate::model::policy::Outlier>,
+    /// The destination's workload identities its TLS context accepts.
+    pub identities: Option<Arc<Vec<String>>>,
 }
 
 /// An Envoy cluster and whether it reads EDS.

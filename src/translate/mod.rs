@@ -260,7 +260,13 @@ fn target_cluster(
     let service = snapshot.service(&t.service);
     let trust = mtls_between(snapshot, &scope.cluster, &t.service.cluster);
     let sni = trust.map(|_| names::outbound_sni(t.port, &names::subset_name(&t.subset), &names::host(&t.service.cluster, &t.service)));
-    let mtls = trust.zip(sni.as_deref()).map(|(tr, sni)| tls::OutboundMtls { sni, trust_domain: &tr.trust_domain, secrets: scope.secret_source });
+    let identities = snapshot.service_identities.get(&t.service).map(|ids| ids.as_slice()).unwrap_or_default();
+    let mtls = trust.zip(sni.as_deref()).map(|(tr, sni)| tls::OutboundMtls {
+        sni,
+        trust_domain: &tr.trust_domain,
+        identities,
+        secrets: scope.secret_source,
+    });
     let headless_here = service.is_some_and(|s| s.headless) && t.service.cluster == scope.cluster && scope.interception.captured();
     let cluster = if headless_here {
         let mut c = clusters::original_dst_cluster(&t.name, None);
@@ -375,6 +381,7 @@ fn insert_target(
         captured,
         secrets: scope.secret_source,
         outlier: outliers.get(&t.service).cloned(),
+        identities: snapshot.service_identities.get(&t.service).cloned(),
         target: t,
     };
     let (cluster, eds) = memo.cluster(&key, || {

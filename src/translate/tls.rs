@@ -54,21 +54,23 @@ fn sds(name: &str, source: SecretSource) -> SdsSecretConfig {
 pub struct OutboundMtls<'a> {
     pub sni: &'a str,
     pub trust_domain: &'a str,
+    /// The SPIFFE ids the destination's workloads have; the only ones its
+    /// certificate may carry. Empty (no known workload yet): any identity of
+    /// the trust domain.
+    pub identities: &'a [String],
     pub secrets: SecretSource,
 }
 
-fn common(peer_san_prefix: Option<&str>, source: SecretSource) -> CommonTlsContext {
-    let default_validation_context = CertificateValidationContext {
-        match_typed_subject_alt_names: peer_san_prefix
-            .map(|p| SubjectAltNameMatcher {
-                san_type: SanType::Uri as i32,
-                matcher: Some(StringMatcher { match_pattern: Some(MatchPattern::Prefix(p.to_string())), ..Default::default() }),
-                ..Default::default()
-            })
-            .into_iter()
-            .collect(),
+fn uri_san(pattern: MatchPattern) -> SubjectAltNameMatcher {
+    SubjectAltNameMatcher {
+        san_type: SanType::Uri as i32,
+        matcher: Some(StringMatcher { match_pattern: Some(pattern), ..Default::default() }),
         ..Default::default()
-    };
+    }
+}
+
+fn common(peer_sans: Vec<SubjectAltNameMatcher>, source: SecretSource) -> CommonTlsContext {
+    let default_validation_context = CertificateValidationContext { match_typed_subject_alt_names: peer_sans, ..Default::default() };
     CommonTlsContext {
         tls_certificate_sds_secret_configs: vec![sds(WORKLOAD_SECRET, source)],
         validation_context_type: Some(ValidationContextType::CombinedValidationContext(CombinedCertificateValidationContext {
@@ -80,14 +82,21 @@ fn common(peer_san_prefix: Option<&str>, source: SecretSource) -> CommonTlsConte
     }
 }
 
+/// What a destination's certificate must say: one of its workloads' exact
+/// SPIFFE ids (a server with another service account's certificate is
+/// refused), or, before any is known, the trust domain.
+fn peer_sans(mtls: &OutboundMtls<'_>) -> Vec<SubjectAltNameMatcher> {
+    if mtls.identities.is_empty() {
+        return vec![uri_san(MatchPattern::Prefix(format!("spiffe://{}/", mtls.trust_domain)))];
+    }
+    mtls.identities.iter().map(|id| uri_san(MatchPattern::Exact(id.clone()))).collect()
+}
+
 /// The transport socket matches of an outbound mesh cluster: mTLS with `sni`
 /// to endpoints marked `tlsMode: istio`, plain TCP to the rest.
 pub fn outbound_socket_matches(mtls: OutboundMtls<'_>) -> Vec<TransportSocketMatch> {
-    let tls = UpstreamTlsContext {
-        common_tls_context: Some(common(Some(&format!("spiffe://{}/", mtls.trust_domain)), mtls.secrets)),
-        sni: mtls.sni.to_string(),
-        ..Default::default()
-    };
+    let tls =
+        UpstreamTlsContext { common_tls_context: Some(common(peer_sans(&mtls), mtls.secrets)), sni: mtls.sni.to_string(), ..Default::default() };
     vec![
         TransportSocketMatch {
             name: "tlsMode-istio".into(),
@@ -111,7 +120,7 @@ pub fn outbound_socket_matches(mtls: OutboundMtls<'_>) -> Vec<TransportSocketMat
 /// The inbound side: present the workload certificate, require and verify the peer's.
 pub fn inbound_transport_socket(secrets: SecretSource) -> TransportSocket {
     let tls = DownstreamTlsContext {
-        common_tls_context: Some(common(None, secrets)),
+        common_tls_context: Some(common(Vec::new(), secrets)),
         require_client_certificate: Some(BoolValue { value: true }),
         ..Default::default()
     };
@@ -153,5 +162,27 @@ pub fn root_secret(root_pem: &str) -> Secret {
             trusted_ca: Some(DataSource { specifier: Some(data_source::Specifier::InlineBytes(root_pem.as_bytes().to_vec())), ..Default::default() }),
             ..Default::default()
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_tls_accepts_exactly_the_destinations_identities() {
+        let ids =
+            ["spiffe://cluster.local/ns/default/sa/bookinfo-reviews".to_string(), "spiffe://cluster.local/ns/default/sa/reviews-canary".to_string()];
+        let mtls = OutboundMtls {
+            sni: "outbound_.9080_._.reviews.default.svc.cluster.local",
+            trust_domain: "cluster.local",
+            identities: &ids,
+            secrets: SecretSource::Ads,
+        };
+        let patterns = |mtls: &OutboundMtls<'_>| peer_sans(mtls).into_iter().map(|m| m.matcher.unwrap().match_pattern.unwrap()).collect::<Vec<_>>();
+        assert_eq!(patterns(&mtls), ids.iter().map(|id| MatchPattern::Exact(id.clone())).collect::<Vec<_>>());
+        // No known workload yet (nothing to dial): the trust domain, until the first one is a config change.
+        let none = OutboundMtls { identities: &[], ..mtls };
+        assert_eq!(patterns(&none), [MatchPattern::Prefix("spiffe://cluster.local/".into())]);
     }
 }
