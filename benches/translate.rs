@@ -77,6 +77,25 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.bench_function("weight_change_captured_vhds_without_memo", |b| b.iter(|| translate(&shifted, &vhds_scope)));
+
+    // Access control: enforced, 100 AccessControlPolicies, against none; a
+    // captured sidecar of svc-00000 (which one policy lets svc-00001 call).
+    let mut enforced_inputs = inputs.clone();
+    meshpilot::fixtures::with_access_control(&mut enforced_inputs, spec, 100);
+    let enforced = MeshSnapshot::build(enforced_inputs.clone(), &mut LastGood::default());
+    assert_eq!(enforced.access_policies.len(), 100, "{:?}", enforced.mesh_object_status.values().find(|s| !s.messages.is_empty()));
+    let workload =
+        ProxyScope::captured_sidecar(&cluster_name(0), "ns-0", &[("app", "svc-00000")], "svc-00000", &meshpilot::fixtures::endpoint_address(0, 0, 0));
+    let lds_bytes = |set: &ResourceSet| set.of_type(ResourceType::Listener).values().map(|r| r.encoded_any().len()).sum::<usize>();
+    for (what, s) in [("no access control", &snapshot), ("100 AccessControlPolicies enforced", &enforced)] {
+        let set = translate(s, &workload);
+        eprintln!("svc-00000's sidecar, {what}: {} (LDS {} bytes)", sizes(&set), lds_bytes(&set));
+    }
+    g.bench_function("snapshot_build_and_validate_100_access_policies", |b| {
+        b.iter(|| MeshSnapshot::build(enforced_inputs.clone(), &mut LastGood::default()))
+    });
+    g.bench_function("full_captured_sidecar_of_a_workload", |b| b.iter(|| translate(&snapshot, &workload)));
+    g.bench_function("full_captured_sidecar_of_a_workload_100_access_policies", |b| b.iter(|| translate(&enforced, &workload)));
     g.finish();
 }
 

@@ -124,6 +124,39 @@ pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
     inputs
 }
 
+/// Turns on access control in the fixture's virtual mesh and adds `count`
+/// AccessControlPolicies: policy `p` lets `svc-<p+1>`'s service account (in
+/// cluster-0) GET `/api*` on port 9080 of `svc-<p>` in every cluster.
+pub fn with_access_control(inputs: &mut MeshInputs, spec: ScaleSpec, count: usize) {
+    use crate::model::api::{AccessControlPolicySpec, IdentitySelector, ServiceAccountRefs};
+    for vm in &mut inputs.virtual_meshes {
+        vm.spec.enforce_access_control = Some(serde_json::Value::String("ENABLED".into()));
+    }
+    for p in 0..count.min(spec.services.saturating_sub(1)) {
+        let (client, ns) = (p + 1, |s: usize| format!("ns-{}", s % 10));
+        let source = ResourceRef { name: service_name(client), namespace: ns(client), cluster: cluster_name(0) };
+        let destinations = (0..spec.clusters).map(|c| ResourceRef { name: service_name(p), namespace: ns(p), cluster: cluster_name(c) }).collect();
+        inputs.access_policies.push(PolicyObject {
+            namespace: "service-mesh-hub".into(),
+            name: format!("access-{p}"),
+            generation: Some(1),
+            created_ms: p as i64,
+            origin: "fixtures".into(),
+            spec: AccessControlPolicySpec {
+                source_selector: Some(IdentitySelector {
+                    matcher: None,
+                    service_account_refs: Some(ServiceAccountRefs { service_accounts: vec![source] }),
+                }),
+                destination_selector: Some(ServiceSelector { matcher: None, service_refs: Some(ServiceRefs { services: destinations }) }),
+                allowed_paths: vec!["/api*".into()],
+                allowed_methods: vec!["GET".into()],
+                allowed_ports: vec![9080],
+            },
+            parse_errors: vec![],
+        });
+    }
+}
+
 /// Moves one endpoint of `service` in `cluster` (an address change, as a rollout would).
 pub fn churn_endpoint(inputs: &mut MeshInputs, cluster: usize, service: usize, step: usize) {
     let ns = format!("ns-{}", service % 10);

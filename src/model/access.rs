@@ -171,14 +171,34 @@ fn trust_domain<'a>(snapshot: &'a MeshSnapshot, cluster: &str) -> &'a str {
     snapshot.trust.get(cluster).map_or(TRUST_DOMAIN, |t| t.trust_domain.as_str())
 }
 
-/// Whether any workload in `cluster` runs as `namespace/service_account`.
-fn service_account_exists(snapshot: &MeshSnapshot, cluster: &str, namespace: &str, service_account: &str) -> bool {
-    snapshot.clusters.get(cluster).is_some_and(|state| {
-        state.endpoints.iter().any(|((ns, _), eps)| ns == namespace && eps.iter().any(|e| e.pod.is_some() && e.service_account == service_account))
-    })
+/// The service accounts workloads (with a known Pod) run as, per (cluster,
+/// namespace), read when a policy first names that namespace.
+#[derive(Default)]
+struct ServiceAccounts(std::cell::RefCell<HashMap<(String, String), std::collections::HashSet<String>>>);
+
+impl ServiceAccounts {
+    fn exists(&self, snapshot: &MeshSnapshot, cluster: &str, namespace: &str, service_account: &str) -> bool {
+        let mut known = self.0.borrow_mut();
+        let accounts = known.entry((cluster.to_string(), namespace.to_string())).or_insert_with(|| {
+            let Some(state) = snapshot.clusters.get(cluster) else { return Default::default() };
+            let from = (namespace.to_string(), String::new());
+            state
+                .endpoints
+                .range(from..)
+                .take_while(|((ns, _), _)| ns == namespace)
+                .flat_map(|(_, eps)| eps.iter().filter(|e| e.pod.is_some()).map(|e| e.service_account.clone()))
+                .collect()
+        });
+        accounts.contains(service_account)
+    }
 }
 
-fn principals(snapshot: &MeshSnapshot, selector: Option<&api::IdentitySelector>, errors: &mut Vec<String>) -> Vec<PrincipalMatch> {
+fn principals(
+    snapshot: &MeshSnapshot,
+    selector: Option<&api::IdentitySelector>,
+    accounts: &ServiceAccounts,
+    errors: &mut Vec<String>,
+) -> Vec<PrincipalMatch> {
     let sel = selector.cloned().unwrap_or_default();
     let mut out = BTreeSet::new();
     match (&sel.matcher, &sel.service_account_refs) {
@@ -198,7 +218,7 @@ fn principals(snapshot: &MeshSnapshot, selector: Option<&api::IdentitySelector>,
                     errors.push(format!("{field}: {} required", missing.join(", ")));
                 } else if !snapshot.clusters.contains_key(&r.cluster) {
                     errors.push(format!("{field}.cluster: cluster {:?} is not registered (known: {})", r.cluster, known_clusters(snapshot)));
-                } else if !service_account_exists(snapshot, &r.cluster, &r.namespace, &r.name) {
+                } else if !accounts.exists(snapshot, &r.cluster, &r.namespace, &r.name) {
                     errors.push(format!("{field}: no workload in cluster {} runs as service account {}/{}", r.cluster, r.namespace, r.name));
                 } else {
                     out.insert(PrincipalMatch::Exact(spiffe_id(trust_domain(snapshot, &r.cluster), &r.namespace, &r.name)));
@@ -236,13 +256,17 @@ fn principals(snapshot: &MeshSnapshot, selector: Option<&api::IdentitySelector>,
 }
 
 /// Validates one policy against the mesh and resolves it; errors are `field: reason`.
-pub fn resolve_policy(snapshot: &MeshSnapshot, p: &PolicyObject<AccessControlPolicySpec>) -> Result<AccessPolicy, Vec<String>> {
+fn resolve_policy(
+    snapshot: &MeshSnapshot,
+    p: &PolicyObject<AccessControlPolicySpec>,
+    accounts: &ServiceAccounts,
+) -> Result<AccessPolicy, Vec<String>> {
     let mut errors = p.parse_errors.clone();
     if !errors.is_empty() {
         return Err(errors);
     }
     let spec = &p.spec;
-    let principals = principals(snapshot, spec.source_selector.as_ref(), &mut errors);
+    let principals = principals(snapshot, spec.source_selector.as_ref(), accounts, &mut errors);
     let services = select_services(snapshot, spec.destination_selector.as_ref(), &mut errors);
     let mut paths = Vec::new();
     for (i, path) in spec.allowed_paths.iter().enumerate() {
@@ -289,13 +313,14 @@ pub fn resolve(
     let mut serving = Vec::new();
     let mut status = BTreeMap::new();
     let mut live = std::collections::HashSet::new();
+    let accounts = ServiceAccounts::default();
     for p in policies {
         let key = (p.namespace.clone(), p.name.clone());
         live.insert(key.clone());
         let id = MeshObjectId { kind: "AccessControlPolicy".into(), namespace: p.namespace.clone(), name: p.name.clone() };
         let mut s =
             MeshObjectStatus { state: PolicyState::Accepted, observed_generation: p.generation, messages: Vec::new(), not_yet_supported: Vec::new() };
-        match resolve_policy(snapshot, p) {
+        match resolve_policy(snapshot, p, &accounts) {
             Ok(resolved) => {
                 let resolved = Arc::new(resolved);
                 last_good.accepted.insert(key, resolved.clone());
@@ -317,38 +342,46 @@ pub fn resolve(
 }
 
 /// Cluster → workload address → what its inbound side allows, for the
-/// clusters that enforce access control.
+/// clusters that enforce access control. Only addresses some policy grants
+/// something are listed: any other workload of an enforcing cluster allows
+/// nobody ([`inbound_access`]).
 pub fn workload_access(snapshot: &MeshSnapshot) -> BTreeMap<String, HashMap<String, Arc<InboundAccess>>> {
-    let mut by_service: HashMap<&ServiceKey, Vec<&AccessRule>> = HashMap::new();
+    let mut by_service: BTreeMap<&ServiceKey, Vec<&AccessRule>> = BTreeMap::new();
     for rule in snapshot.access_policies.iter().flat_map(|p| p.rules.iter()) {
-        by_service.entry(&rule.service).or_default().push(rule);
+        if snapshot.access_enforced.contains(&rule.service.cluster) {
+            by_service.entry(&rule.service).or_default().push(rule);
+        }
     }
-    let mut out = BTreeMap::new();
-    for cluster in &snapshot.access_enforced {
-        let Some(state) = snapshot.clusters.get(cluster) else { continue };
-        let mut by_address: HashMap<String, InboundAccess> = HashMap::new();
-        for ((namespace, name), eps) in &state.endpoints {
-            let Some(svc) = state.services.get(&(namespace.clone(), name.clone())) else { continue };
-            let rules = by_service.get(&svc.key).map(Vec::as_slice).unwrap_or_default();
-            for ep in eps.iter() {
-                let access = by_address.entry(ep.address.clone()).or_default();
-                for sp in &svc.ports {
-                    let Some(target) = ep.ports.get(&sp.name) else { continue };
+    let mut building: BTreeMap<&str, HashMap<&str, InboundAccess>> = BTreeMap::new();
+    for (key, rules) in by_service {
+        let Some(svc) = snapshot.service(key) else { continue };
+        let by_address = building.entry(key.cluster.as_str()).or_default();
+        for ep in snapshot.endpoints(key) {
+            let access = by_address.entry(ep.address.as_str()).or_default();
+            for sp in &svc.ports {
+                let Some(target) = ep.ports.get(&sp.name) else { continue };
+                for rule in rules.iter().filter(|r| r.ports.is_empty() || r.ports.contains(&sp.port)) {
                     let grants = access.ports.entry(*target).or_default();
-                    for rule in rules.iter().filter(|r| r.ports.is_empty() || r.ports.contains(&sp.port)) {
-                        if !grants.contains(&rule.grant) {
-                            grants.push(rule.grant.clone());
-                        }
+                    if !grants.contains(&rule.grant) {
+                        grants.push(rule.grant.clone());
                     }
                 }
             }
         }
-        for access in by_address.values_mut() {
+    }
+    let mut out: BTreeMap<String, HashMap<String, Arc<InboundAccess>>> =
+        snapshot.access_enforced.iter().map(|c| (c.clone(), HashMap::new())).collect();
+    for (cluster, by_address) in building {
+        let into = out.entry(cluster.to_string()).or_default();
+        for (address, mut access) in by_address {
+            access.ports.retain(|_, grants| !grants.is_empty());
             for grants in access.ports.values_mut() {
                 grants.sort();
             }
+            if !access.ports.is_empty() {
+                into.insert(address.to_string(), Arc::new(access));
+            }
         }
-        out.insert(cluster.clone(), by_address.into_iter().map(|(a, access)| (a, Arc::new(access))).collect());
     }
     out
 }
