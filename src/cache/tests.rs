@@ -417,3 +417,53 @@ fn a_proxy_of_an_unregistered_cluster_is_warned_about_not_silently_served_nothin
     assert!(warnings[0].contains("\"Kubernetes\"") && warnings[0].contains("--cluster-alias Kubernetes=<cluster>"), "{warnings:?}");
     assert!(warnings[0].contains("management-plane, remote-cluster"), "{warnings:?}");
 }
+
+#[test]
+fn access_control_changes_retranslate_the_workloads_they_reach() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bookinfo-captured");
+    let mut captured = load_config_dir(&dir, &mut SourceMemory::default()).unwrap();
+    captured.virtual_meshes[0].spec.enforce_access_control = Some(serde_json::json!("ENABLED"));
+    let policy = |path: &str| {
+        crate::model::PolicyObject {
+        namespace: "service-mesh-hub".into(),
+        name: "productpage-reads-reviews".into(),
+        generation: Some(1),
+        created_ms: 0,
+        origin: "test".into(),
+        spec: serde_json::from_value(serde_json::json!({
+            "sourceSelector": {"serviceAccountRefs": {"serviceAccounts": [{"name": "bookinfo-productpage", "namespace": "default", "cluster": "management-plane"}]}},
+            "destinationSelector": {"serviceRefs": {"services": [{"name": "reviews", "namespace": "default", "cluster": "management-plane"}]}},
+            "allowedPaths": [path],
+        }))
+        .unwrap(),
+        parse_errors: vec![],
+    }
+    };
+    let (notifier, mut changes) = ChangeNotifier::channel();
+    let mesh = MeshResources::new(notifier);
+    mesh.update(captured.clone());
+    let _ = changes.try_recv();
+    let reviews = ProxyNode {
+        interception: crate::xds::node::InterceptionMode::Redirect,
+        instance_ips: vec!["10.10.0.21".into()],
+        service_account: "bookinfo-reviews".into(),
+        ..node("management-plane", "reviews")
+    };
+    let inbound = |set: &ResourceSet| String::from_utf8_lossy(&set.get(ResourceType::Listener, "virtualInbound").unwrap().body().value).to_string();
+    let denied = mesh.resources_for(&reviews);
+    assert!(!inbound(&denied).contains("productpage-reads-reviews"));
+    for path in ["/reviews*", "/ratings*"] {
+        let mut with_policy = captured.clone();
+        with_policy.access_policies = vec![policy(path)];
+        mesh.update(with_policy);
+        assert!(changes.try_recv().is_ok(), "{path}: pushed");
+        let after = mesh.resources_for(&reviews);
+        assert!(inbound(&after).contains(path.trim_end_matches('*')), "{path}");
+        // The same as a fresh translation (which leaves the certificates to the provider).
+        let fresh = translate::translate(&mesh.snapshot(), &scope_of(&reviews));
+        for ty in [ResourceType::Cluster, ResourceType::Endpoint, ResourceType::Listener, ResourceType::Route] {
+            let versions = |set: &ResourceSet| set.of_type(ty).iter().map(|(n, r)| (n.clone(), r.version.clone())).collect::<Vec<_>>();
+            assert_eq!(versions(&after), versions(&fresh), "{path}: {ty}");
+        }
+    }
+}
