@@ -559,6 +559,20 @@ fn golden_access_control_on_the_captured_inbound_side() {
     assert_eq!(s.access_enforced.len(), 2, "both clusters of the virtual mesh");
     let reviews = to_json(&translate(&s, &captured("reviews", "v1", "bookinfo-reviews", "10.10.0.21")));
     check_golden("captured-reviews-enforced", &reviews);
+    // `describe service` says who may call, and that the rest are refused.
+    let describe = |cluster: &str, name: &str| {
+        meshpilot::model::describe::describe_service(&s, &meshpilot::model::ServiceKey::new(cluster, "default", name)).access
+    };
+    assert_eq!(
+        describe("remote-cluster", "reviews"),
+        [
+            "AccessControlPolicy service-mesh-hub/productpage-reads-reviews allows spiffe://cluster.local/ns/default/sa/bookinfo-productpage: GET /reviews* on 9080"
+        ]
+    );
+    assert_eq!(
+        describe("management-plane", "tcp-echo"),
+        ["enforced in cluster management-plane: no AccessControlPolicy allows anyone, every caller is refused"]
+    );
     // HTTP: the RBAC filter first, allowing exactly productpage's identity, GET, /reviews*.
     let hcm = &chain(&reviews, "virtualInbound", "0.0.0.0_9080")["filters"][0]["typedConfig"];
     let filters = hcm["httpFilters"].as_array().unwrap();

@@ -24,6 +24,52 @@ pub struct ServiceDescription {
     pub policies: Vec<PolicyLine>,
     /// The effective routes, most specific first; the last one catches the rest.
     pub routes: Vec<RouteLine>,
+    /// Who may call it: not enforced, or each AccessControlPolicy's grant.
+    #[serde(default)]
+    pub access: Vec<String>,
+}
+
+/// Who may call `key`, in words.
+fn access_lines(snapshot: &MeshSnapshot, key: &ServiceKey) -> Vec<String> {
+    use super::access::{PathMatch, PrincipalMatch};
+    if !snapshot.access_enforced.contains(&key.cluster) {
+        return vec![format!("not enforced in cluster {}: every caller is allowed", key.cluster)];
+    }
+    let mut out = Vec::new();
+    let has_port = |p: &u16| snapshot.service(key).is_some_and(|s| s.port(*p).is_some());
+    let rules = snapshot.access_policies.iter().flat_map(|p| p.rules.iter());
+    // (A rule whose ports this service does not have opens nothing here.)
+    for rule in rules.filter(|r| &r.service == key && (r.ports.is_empty() || r.ports.iter().any(has_port))) {
+        let g = &rule.grant;
+        let who: Vec<String> = g
+            .principals
+            .iter()
+            .map(|p| match p {
+                PrincipalMatch::Exact(id) => id.clone(),
+                PrincipalMatch::Prefix(prefix) => format!("{prefix}*"),
+            })
+            .collect();
+        let who = if who.is_empty() { "every mesh identity".to_string() } else { who.join(", ") };
+        let methods = if g.methods.is_empty() { "any method".to_string() } else { g.methods.join("|") };
+        let paths: Vec<String> = g
+            .paths
+            .iter()
+            .map(|p| match p {
+                PathMatch::Exact(x) => x.clone(),
+                PathMatch::Prefix(x) => format!("{x}*"),
+                PathMatch::Suffix(x) => format!("*{x}"),
+                PathMatch::Any => "*".into(),
+            })
+            .collect();
+        let paths = if paths.is_empty() { "any path".to_string() } else { paths.join(" ") };
+        let ports =
+            if rule.ports.is_empty() { "every port".to_string() } else { rule.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",") };
+        out.push(format!("AccessControlPolicy {} allows {who}: {methods} {paths} on {ports}", g.policy));
+    }
+    if out.is_empty() {
+        out.push(format!("enforced in cluster {}: no AccessControlPolicy allows anyone, every caller is refused", key.cluster));
+    }
+    out
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -144,6 +190,7 @@ pub fn describe_service(snapshot: &MeshSnapshot, key: &ServiceKey) -> ServiceDes
         ready_endpoints: eps.iter().filter(|e| e.ready).count(),
         policies,
         routes,
+        access: access_lines(snapshot, key),
     }
 }
 
@@ -167,6 +214,12 @@ pub fn render(d: &ServiceDescription) -> String {
         let _ = writeln!(out, "  TrafficPolicy {}  {}", p.policy, p.state);
         for m in &p.messages {
             let _ = writeln!(out, "    {m}");
+        }
+    }
+    if !d.access.is_empty() {
+        let _ = writeln!(out, "\naccess:");
+        for line in &d.access {
+            let _ = writeln!(out, "  {line}");
         }
     }
     let _ = writeln!(out, "\nroutes (first match wins):");
