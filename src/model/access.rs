@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::api::{self, AccessControlPolicySpec};
-use super::policy::{METHODS, known_clusters, select_services};
+use super::policy::{METHODS, check_registered, known_clusters, select_services};
 use super::state::{PolicyState, last_accepted_keeps_serving};
 use super::{MeshObjectId, MeshObjectStatus, MeshSnapshot, PolicyObject, ServiceKey, TRUST_DOMAIN, spiffe_id};
 
@@ -227,14 +227,7 @@ fn principals(
         }
         (m, None) => {
             let m = m.clone().unwrap_or_default();
-            for (i, c) in m.clusters.iter().enumerate() {
-                if !snapshot.clusters.contains_key(c) {
-                    errors.push(format!(
-                        "spec.sourceSelector.matcher.clusters[{i}]: cluster {c:?} is not registered (known: {})",
-                        known_clusters(snapshot)
-                    ));
-                }
-            }
+            check_registered(snapshot, &m.clusters, "spec.sourceSelector.matcher.clusters", errors);
             for (i, ns) in m.namespaces.iter().enumerate() {
                 if ns.is_empty() {
                     errors.push(format!("spec.sourceSelector.matcher.namespaces[{i}]: is empty"));

@@ -459,6 +459,15 @@ fn resolve_ref(snapshot: &MeshSnapshot, r: &api::ResourceRef, selected: &[Servic
     Some(key)
 }
 
+/// Each of `clusters` (the list at `field`) must be registered.
+pub(crate) fn check_registered(snapshot: &MeshSnapshot, clusters: &[String], field: &str, errors: &mut Vec<String>) {
+    for (i, c) in clusters.iter().enumerate() {
+        if !snapshot.clusters.contains_key(c) {
+            errors.push(format!("{field}[{i}]: cluster {c:?} is not registered (known: {})", known_clusters(snapshot)));
+        }
+    }
+}
+
 pub(crate) fn known_clusters(snapshot: &MeshSnapshot) -> String {
     snapshot.clusters.keys().cloned().collect::<Vec<_>>().join(", ")
 }
@@ -521,14 +530,7 @@ pub(crate) fn select_services(snapshot: &MeshSnapshot, selector: Option<&api::Se
         }
         (m, None) => {
             let m = m.clone().unwrap_or_default();
-            for (i, c) in m.clusters.iter().enumerate() {
-                if !snapshot.clusters.contains_key(c) {
-                    errors.push(format!(
-                        "spec.destinationSelector.matcher.clusters[{i}]: cluster {c:?} is not registered (known: {})",
-                        known_clusters(snapshot)
-                    ));
-                }
-            }
+            check_registered(snapshot, &m.clusters, "spec.destinationSelector.matcher.clusters", errors);
             let out: Vec<ServiceKey> = snapshot
                 .all_services()
                 .filter(|s| m.clusters.is_empty() || m.clusters.contains(&s.key.cluster))
