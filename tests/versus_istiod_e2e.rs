@@ -53,7 +53,7 @@ fn assert_delivered(label: &str, report: &str) {
             "{label}: {measured}"
         );
     }
-    eprintln!("{label}:\n  {synced}\n  {}\n  {}", line("one endpoint change"), line("one weight change"));
+    eprintln!("{label}:\n  {synced}\n  {}\n  {}\n  {}", line("per proxy until SYNCED"), line("one endpoint change"), line("one weight change"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -259,6 +259,9 @@ struct Record {
     reconnects: u64,
     /// Bytes received by the streams before the current one.
     bytes_before: u64,
+    /// Until SYNCED: per type (short name, or the type URL's message name for
+    /// types this generator does not know), bytes and resources received.
+    sync_by_type: std::collections::BTreeMap<String, (u64, u64)>,
 }
 
 fn string_value(s: &str) -> Value {
@@ -340,6 +343,12 @@ async fn run_proxy(
             }
             Some(ResourceType::Route | ResourceType::VirtualHost) => rec.rds_at.push(now),
             _ => {}
+        }
+        if rec.synced_at.is_none() {
+            let ty = ResourceType::from_type_url(&r.type_url)
+                .map_or_else(|| r.type_url.rsplit(['/', '.']).next().unwrap_or_default().to_string(), |t| t.short_name().to_string());
+            let entry = rec.sync_by_type.entry(ty).or_default();
+            *entry = (entry.0 + r.encoded_len as u64, entry.1 + r.resources as u64);
         }
         rec.synced_at = rec.synced_at.or(proxy.synced_at);
         rec.bytes = rec.bytes_before + proxy.bytes;
@@ -579,6 +588,25 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let rejects: u64 = records.iter().map(|r| r.lock().expect("record lock").rejects).sum();
     // When the fleet got there: a slow tail (a few streams reopened, or
     // connections retried) shows as a last proxy far behind the 99th.
+    // What a proxy received until it was SYNCED, by type (the servers' configurations differ).
+    let mut by_type: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    let mut synced_proxies = 0u64;
+    for r in &records {
+        let r = r.lock().expect("record lock");
+        if r.synced_at.is_some() {
+            synced_proxies += 1;
+            for (ty, (b, n)) in &r.sync_by_type {
+                let e = by_type.entry(ty.clone()).or_default();
+                *e = (e.0 + b, e.1 + n);
+            }
+        }
+    }
+    if synced_proxies > 0 {
+        let n = synced_proxies as f64;
+        let parts: Vec<String> =
+            by_type.iter().map(|(ty, (b, c))| format!("{ty} {:.1} KiB ({:.0} resources)", *b as f64 / n / 1024.0, *c as f64 / n)).collect();
+        println!("{mode}: per proxy until SYNCED (mean): {}", parts.join(", "));
+    }
     let mut synced_secs: Vec<f64> =
         records.iter().filter_map(|r| r.lock().expect("record lock").synced_at).map(|t| t.duration_since(start).as_secs_f64()).collect();
     let (half, p99) = percentiles(&mut synced_secs).map_or((f64::NAN, f64::NAN), |(p50, _, p99, _)| (p50, p99));
