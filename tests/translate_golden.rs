@@ -649,3 +649,42 @@ fn envoy_accepts_access_control() {
         envoy_validates(&envoy, &dir.path().join(format!("enforced-{i}.json")), &to_json(&translate(&s, scope)));
     }
 }
+
+#[test]
+fn each_clusters_trust_domain_names_its_identities() {
+    let vm = |domains: &str| format!("{}  trustDomains: {domains}\n", enforcing_virtual_mesh("ENABLED"));
+    let acp = REVIEWS_ACCESS.replace(
+        "serviceAccountRefs:\n      serviceAccounts: [{name: bookinfo-productpage, namespace: default, cluster: management-plane}]",
+        "matcher: {namespaces: [default], clusters: [remote-cluster]}",
+    );
+    let s = captured_with(&[("mesh/virtual-mesh.yaml", &vm("{remote-cluster: remote.example}")), ("mesh/access.yaml", &acp)]);
+    assert_eq!(s.trust["remote-cluster"].trust_domain, "remote.example");
+    assert_eq!(s.trust["management-plane"].trust_domain, "cluster.local");
+    // productpage's upstream TLS: the remote reviews by its own domain's identity, still mTLS across clusters.
+    let set = to_json(&translate(&s, &captured("productpage", "v1", "bookinfo-productpage", "10.10.0.10")));
+    let cluster = |name: &str| set["CDS"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().to_string();
+    assert!(
+        cluster("outbound|9080||reviews.default.svc.remote-cluster.global")
+            .contains("\"exact\":\"spiffe://remote.example/ns/default/sa/bookinfo-reviews\"")
+    );
+    assert!(
+        cluster("outbound|9080|version-v1|reviews.default.svc.cluster.local")
+            .contains("\"exact\":\"spiffe://cluster.local/ns/default/sa/bookinfo-reviews\"")
+    );
+    // A matcher's clusters give principals in their trust domain.
+    let reviews = to_json(&translate(&s, &captured("reviews", "v1", "bookinfo-reviews", "10.10.0.21")));
+    let rbac = chain(&reviews, "virtualInbound", "0.0.0.0_9080")["filters"][0]["typedConfig"]["httpFilters"][0].to_string();
+    assert!(rbac.contains("\"prefix\":\"spiffe://remote.example/ns/default/sa/\"") && !rbac.contains("spiffe://cluster.local"), "{rbac}");
+    // Wrong entries: INVALID with the field; the cluster keeps the default (never accepted otherwise).
+    for (domains, message) in [
+        ("{nowhere: a.example}", "spec.trustDomains[\"nowhere\"]: cluster \"nowhere\" is not a member of this virtual mesh"),
+        ("{remote-cluster: Remote Example}", "spec.trustDomains[\"remote-cluster\"]: \"Remote Example\" is not a trust domain"),
+    ] {
+        let s = captured_with(&[("mesh/virtual-mesh.yaml", &vm(domains))]);
+        let id = meshpilot::model::MeshObjectId { kind: "VirtualMesh".into(), namespace: "service-mesh-hub".into(), name: "virtual-mesh".into() };
+        let status = &s.mesh_object_status[&id];
+        assert_eq!(status.state, meshpilot::model::PolicyState::Invalid, "{domains}");
+        assert!(status.messages.iter().any(|m| m.starts_with(message)), "{domains}: {:?}", status.messages);
+        assert_eq!(s.trust["remote-cluster"].trust_domain, "cluster.local");
+    }
+}

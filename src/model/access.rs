@@ -421,6 +421,39 @@ mod tests {
     }
 
     #[test]
+    fn an_invalid_edit_keeps_the_last_accepted_rules_serving() {
+        use crate::sources::file::{SourceMemory, load_config_dir};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bookinfo-captured");
+        let mut inputs = load_config_dir(&dir, &mut SourceMemory::default()).unwrap();
+        inputs.virtual_meshes[0].spec.enforce_access_control = Some(serde_json::json!("ENABLED"));
+        let policy = |paths: serde_json::Value, generation| PolicyObject {
+            namespace: "service-mesh-hub".into(),
+            name: "p".into(),
+            generation: Some(generation),
+            created_ms: 0,
+            origin: "test".into(),
+            spec: serde_json::from_value(serde_json::json!({
+                "sourceSelector": {"matcher": {"namespaces": ["default"]}},
+                "destinationSelector": {"serviceRefs": {"services": [{"name": "reviews", "namespace": "default", "cluster": "management-plane"}]}},
+                "allowedPaths": paths,
+            }))
+            .unwrap(),
+            parse_errors: vec![],
+        };
+        let mut last_good = crate::model::policy::LastGood::default();
+        inputs.access_policies = vec![policy(serde_json::json!(["/reviews*"]), 1)];
+        let good = MeshSnapshot::build(inputs.clone(), &mut last_good);
+        assert_eq!(good.access_policies.len(), 1);
+        inputs.access_policies = vec![policy(serde_json::json!([""]), 2)];
+        let bad = MeshSnapshot::build(inputs.clone(), &mut last_good);
+        let status = bad.mesh_object_status.values().find(|s| s.observed_generation == Some(2)).unwrap();
+        assert_eq!(status.state, PolicyState::Invalid);
+        assert_eq!(status.messages, ["spec.allowedPaths[0]: is empty", "the last accepted version (generation 1) keeps serving"]);
+        assert_eq!(bad.access_policies, good.access_policies, "neither allow-all nor deny-all by accident");
+        assert_eq!(bad.workload_access, good.workload_access);
+    }
+
+    #[test]
     fn enforcement_reads_the_enum_its_numbers_and_the_old_bool() {
         use serde_json::json;
         for (v, on) in [

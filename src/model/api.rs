@@ -275,6 +275,11 @@ pub struct VirtualMeshSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "bool_or_string")]
     pub enforce_access_control: Option<serde_json::Value>,
+    /// meshpilot's extension (the seed read it from each cluster's discovered
+    /// Istio): member cluster → the trust domain of its workloads' identities
+    /// (Istio's `meshConfig.trustDomain` there); `cluster.local` otherwise.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub trust_domains: BTreeMap<String, String>,
 }
 
 /// `AccessControlPolicy.spec` (accepted; enforcement comes later).

@@ -341,7 +341,14 @@ impl MeshSnapshot {
         }
         let (sidecars, sidecar_status) = sidecar::resolve(&inputs.sidecars, &mut last_good.sidecars);
         mesh_object_status.extend(sidecar_status);
-        let trust = mesh_trust(&inputs);
+        let (trust, trust_errors) = mesh_trust(&inputs, &mut last_good.trust_domains);
+        for ((namespace, name), errors) in trust_errors {
+            let id = MeshObjectId { kind: "VirtualMesh".into(), namespace, name };
+            if let Some(status) = mesh_object_status.get_mut(&id) {
+                status.state = PolicyState::Invalid;
+                status.messages.extend(errors);
+            }
+        }
         let gateways = network_gateways(&inputs.clusters);
         let workload_ports = workload_ports(&inputs.clusters);
         let mut snapshot = MeshSnapshot {
@@ -420,10 +427,55 @@ fn mesh_ref_to_cluster(name: &str, clusters: &BTreeMap<String, Arc<ClusterState>
 /// Istio's default trust domain.
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
-fn mesh_trust(inputs: &MeshInputs) -> BTreeMap<String, MeshTrust> {
+/// Messages by object (`namespace`, `name`).
+type ObjectErrors = BTreeMap<(String, String), Vec<String>>;
+
+/// Istio's rule for a trust domain: DNS-like, lowercase letters, digits, `.`, `-`, `_`.
+fn trust_domain_error(domain: &str) -> Option<String> {
+    let ok = !domain.is_empty()
+        && domain.len() <= 255
+        && domain.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && !domain.starts_with('.')
+        && !domain.ends_with('.');
+    (!ok).then(|| format!("{domain:?} is not a trust domain (lowercase letters, digits, '.', '-' and '_')"))
+}
+
+/// Each cluster's trust (its VirtualMesh with a CA, and its trust domain),
+/// and the messages of VirtualMeshes whose `trustDomains` are wrong: a wrong
+/// entry keeps its cluster's last accepted domain (`last_domains`), so
+/// identities never change by a typo.
+fn mesh_trust(
+    inputs: &MeshInputs,
+    last_domains: &mut std::collections::HashMap<(String, String), String>,
+) -> (BTreeMap<String, MeshTrust>, ObjectErrors) {
     let mut out = BTreeMap::new();
+    let mut errors = ObjectErrors::new();
+    // A domain no VirtualMesh names any more is forgotten.
+    let named: std::collections::HashSet<(String, String)> = inputs
+        .virtual_meshes
+        .iter()
+        .flat_map(|vm| vm.spec.trust_domains.keys().map(move |c| (format!("{}/{}", vm.namespace, vm.name), c.clone())))
+        .collect();
+    last_domains.retain(|k, _| named.contains(k));
     for vm in &inputs.virtual_meshes {
-        if vm.spec.certificate_authority.is_none() || !vm.parse_errors.is_empty() {
+        if !vm.parse_errors.is_empty() {
+            continue;
+        }
+        let members: Vec<String> = vm.spec.meshes.iter().filter_map(|m| mesh_ref_to_cluster(&m.name, &inputs.clusters)).collect();
+        for (cluster, domain) in &vm.spec.trust_domains {
+            let problem = if !members.contains(cluster) {
+                Some(format!("cluster {cluster:?} is not a member of this virtual mesh (members: {})", members.join(", ")))
+            } else {
+                trust_domain_error(domain)
+            };
+            match problem {
+                Some(p) => errors.entry((vm.namespace.clone(), vm.name.clone())).or_default().push(format!("spec.trustDomains[{cluster:?}]: {p}")),
+                None => {
+                    last_domains.insert((format!("{}/{}", vm.namespace, vm.name), cluster.clone()), domain.clone());
+                }
+            }
+        }
+        if vm.spec.certificate_authority.is_none() {
             continue;
         }
         let ca = match vm.spec.certificate_authority.as_ref().and_then(|ca| ca.provided.as_ref()) {
@@ -434,17 +486,13 @@ fn mesh_trust(inputs: &MeshInputs) -> BTreeMap<String, MeshTrust> {
             }
             _ => CaSource::Builtin,
         };
-        for m in &vm.spec.meshes {
-            if let Some(cluster) = mesh_ref_to_cluster(&m.name, &inputs.clusters) {
-                out.entry(cluster).or_insert_with(|| MeshTrust {
-                    virtual_mesh: format!("{}/{}", vm.namespace, vm.name),
-                    trust_domain: TRUST_DOMAIN.to_string(),
-                    ca: ca.clone(),
-                });
-            }
+        let virtual_mesh = format!("{}/{}", vm.namespace, vm.name);
+        for cluster in members {
+            let trust_domain = last_domains.get(&(virtual_mesh.clone(), cluster.clone())).cloned().unwrap_or_else(|| TRUST_DOMAIN.to_string());
+            out.entry(cluster).or_insert_with(|| MeshTrust { virtual_mesh: virtual_mesh.clone(), trust_domain, ca: ca.clone() });
         }
     }
-    out
+    (out, errors)
 }
 
 fn service_identities(
@@ -517,6 +565,23 @@ fn mesh_peers(inputs: &MeshInputs) -> BTreeMap<String, BTreeSet<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wrong_trust_domain_keeps_the_clusters_last_accepted_one() {
+        let mut inputs =
+            crate::fixtures::scale_inputs(crate::fixtures::ScaleSpec { services: 2, clusters: 2, endpoints: 1, policies: 0, sidecars: false });
+        let vm = &mut inputs.virtual_meshes[0].spec;
+        vm.certificate_authority = Some(api::CertificateAuthority { builtin: Some(Default::default()), ..Default::default() });
+        vm.trust_domains = [("cluster-1".to_string(), "one.example".to_string())].into();
+        let mut last_good = policy::LastGood::default();
+        assert_eq!(MeshSnapshot::build(inputs.clone(), &mut last_good).trust["cluster-1"].trust_domain, "one.example");
+        inputs.virtual_meshes[0].spec.trust_domains = [("cluster-1".to_string(), "One Example".to_string())].into();
+        let s = MeshSnapshot::build(inputs.clone(), &mut last_good);
+        assert_eq!(s.trust["cluster-1"].trust_domain, "one.example", "a typo does not change identities");
+        assert!(s.mesh_object_status.values().any(|st| st.state == PolicyState::Invalid));
+        inputs.virtual_meshes[0].spec.trust_domains.clear();
+        assert_eq!(MeshSnapshot::build(inputs, &mut last_good).trust["cluster-1"].trust_domain, TRUST_DOMAIN, "removed: the default");
+    }
 
     #[test]
     fn a_workload_identity_is_its_trust_domains_spiffe_id() {

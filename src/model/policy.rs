@@ -231,6 +231,8 @@ pub struct LastGood {
     rejected: HashMap<PolicyId, (Arc<AppliedPolicy>, String)>,
     pub(crate) sidecars: super::sidecar::LastGoodSidecars,
     pub(crate) access: super::access::LastGoodAccess,
+    /// (VirtualMesh `namespace/name`, cluster) → its last accepted `trustDomains` entry.
+    pub(crate) trust_domains: HashMap<(String, String), String>,
 }
 
 impl LastGood {

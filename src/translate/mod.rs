@@ -145,12 +145,13 @@ pub fn client_network<'a>(snapshot: &'a MeshSnapshot, scope: &'a ProxyScope) -> 
     snapshot.clusters.get(&scope.cluster).map(|c| c.network.as_str()).unwrap_or("")
 }
 
-/// The trust shared by a client's cluster and a service's cluster: mTLS
-/// between them is on when both belong to one VirtualMesh with a CA.
+/// The service cluster's trust, when it shares one with the client's:
+/// mTLS between them is on when both belong to one VirtualMesh with a CA
+/// (their trust domains may differ; the service's names its identities).
 pub fn mtls_between<'a>(snapshot: &'a MeshSnapshot, client_cluster: &str, service_cluster: &str) -> Option<&'a MeshTrust> {
     let a = snapshot.trust.get(client_cluster)?;
     let b = snapshot.trust.get(service_cluster)?;
-    (a == b).then_some(a)
+    (a.virtual_mesh == b.virtual_mesh && a.ca == b.ca).then_some(b)
 }
 
 /// A service as one proxy sees it.
