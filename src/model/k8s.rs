@@ -92,6 +92,59 @@ type TargetPort = (ServicePort, Option<IntOrString>);
 #[derive(Debug, Default)]
 pub struct ClusterMemo {
     built: HashMap<(String, String), BuiltEndpoints>,
+    /// The Pods of the last build, in order (None before the first)...
+    pods: Option<Vec<Arc<PodSummary>>>,
+    /// ...and their index, namespace → name → Pod, kept up to date with the
+    /// Pods that changed instead of built again from every Pod.
+    pod_index: HashMap<String, HashMap<String, Arc<PodSummary>>>,
+    /// A Pod's (namespace, name) → the services whose endpoints name it: a
+    /// changed Pod rebuilds those, and a service no changed Pod is named by
+    /// and whose slices are the same objects is kept without looking any Pod up.
+    pod_users: HashMap<(String, String), Vec<(String, String)>>,
+}
+
+impl ClusterMemo {
+    /// Brings the Pod index up to `pods`: the (namespace, name) of every Pod
+    /// that changed, or None when the index was built afresh (the first
+    /// build, or Pods added or removed: every service is then checked).
+    fn refresh_pods(&mut self, pods: &[Arc<PodSummary>]) -> Option<std::collections::HashSet<(String, String)>> {
+        let key = |p: &PodSummary| p.name.clone().map(|n| (p.namespace.clone(), n));
+        match &self.pods {
+            Some(last) if last.len() == pods.len() => {
+                let changed_at: Vec<usize> = (0..pods.len()).filter(|i| !Arc::ptr_eq(&last[*i], &pods[*i])).collect();
+                let mut changed = std::collections::HashSet::new();
+                for &i in &changed_at {
+                    if let Some((ns, name)) = key(&last[i]) {
+                        if let Some(names) = self.pod_index.get_mut(&ns) {
+                            names.remove(&name);
+                        }
+                        changed.insert((ns, name));
+                    }
+                }
+                for &i in &changed_at {
+                    if let Some((ns, name)) = key(&pods[i]) {
+                        self.pod_index.entry(ns.clone()).or_default().insert(name.clone(), pods[i].clone());
+                        changed.insert((ns, name));
+                    }
+                }
+                if !changed_at.is_empty() {
+                    self.pods = Some(pods.to_vec());
+                }
+                Some(changed)
+            }
+            _ => {
+                self.pod_index.clear();
+                self.pod_users.clear();
+                for p in pods {
+                    if let Some((ns, name)) = key(p) {
+                        self.pod_index.entry(ns).or_default().insert(name, p.clone());
+                    }
+                }
+                self.pods = Some(pods.to_vec());
+                None
+            }
+        }
+    }
 }
 
 /// One service's endpoints from slices, and what they were built from.
@@ -192,8 +245,10 @@ pub fn cluster_state_reusing(name: &str, objects: &ClusterObjects, memo: &mut Cl
 
     exclude_colliding_ports(name, &mut state, &mut errors);
 
-    let pods: HashMap<(&str, &str), &Arc<PodSummary>> =
-        objects.pods.iter().filter_map(|p| Some(((p.namespace.as_str(), p.name.as_deref()?), p))).collect();
+    let changed_pods = memo.refresh_pods(&objects.pods);
+    // The services a changed Pod's endpoints belong to (None: check every one).
+    let dirty: Option<std::collections::HashSet<(String, String)>> =
+        changed_pods.map(|changed| changed.iter().filter_map(|k| memo.pod_users.get(k)).flatten().cloned().collect());
     let no_labels = Arc::new(BTreeMap::new());
     let pod_facts = |pod: Option<&PodSummary>| -> (Arc<BTreeMap<String, String>>, String, Option<String>) {
         match pod {
@@ -230,17 +285,36 @@ pub fn cluster_state_reusing(name: &str, objects: &ClusterObjects, memo: &mut Cl
     let mut built = HashMap::with_capacity(slices_of.len());
     for (key, slices) in slices_of {
         let namespace = key.0.as_str();
-        let slice_pods: Vec<Option<&Arc<PodSummary>>> = slices
+        // Its slices are the same objects and no Pod they name changed: kept, nothing looked up.
+        if dirty.as_ref().is_some_and(|dirty| !dirty.contains(&key))
+            && let Some(last) = memo.built.get(&key)
+            && last.network == state.network
+            && last.slices.len() == slices.len()
+            && last.slices.iter().zip(&slices).all(|(a, b)| Arc::ptr_eq(a, b))
+        {
+            let last = memo.built.remove(&key).expect("found above");
+            if !last.endpoints.is_empty() {
+                state.endpoints.insert(key.clone(), last.endpoints.clone());
+            }
+            built.insert(key, last);
+            continue;
+        }
+        let refs: Vec<Option<(&str, &str)>> = slices
             .iter()
             .flat_map(|slice| slice.endpoints.iter())
             .filter(|ep| !ep.addresses.is_empty())
             .map(|ep| {
-                ep.target_ref
-                    .as_ref()
-                    .filter(|r| r.kind.as_deref().unwrap_or("Pod") == "Pod")
-                    .and_then(|r| pods.get(&(r.namespace.as_deref().unwrap_or(namespace), r.name.as_deref()?)).copied())
+                let r = ep.target_ref.as_ref().filter(|r| r.kind.as_deref().unwrap_or("Pod") == "Pod")?;
+                Some((r.namespace.as_deref().unwrap_or(namespace), r.name.as_deref()?))
             })
             .collect();
+        for (ns, name) in refs.iter().flatten() {
+            let users = memo.pod_users.entry((ns.to_string(), name.to_string())).or_default();
+            if !users.contains(&key) {
+                users.push(key.clone());
+            }
+        }
+        let slice_pods: Vec<Option<&Arc<PodSummary>>> = refs.iter().map(|r| r.and_then(|(ns, name)| memo.pod_index.get(ns)?.get(name))).collect();
         if let Some(last) = memo.built.remove(&key)
             && last.network == state.network
             && last.slices.len() == slices.len()
