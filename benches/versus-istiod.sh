@@ -35,7 +35,9 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-port=$((30000 + RANDOM % 20000))
+# Below the kernel's ephemeral range (32768+): thousands of simulated proxies'
+# connections there once took istiod's port, and it exited at start.
+port=$((20000 + RANDOM % 10000))
 "$kubeenv" cluster --name bench --port "$port" --dir "$work/cluster" > "$work/kubeenv.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 240); do [[ -f "$work/cluster/ready" ]] && break; sleep 0.5; done
@@ -78,6 +80,7 @@ for n in "${points[@]}"; do
     --xds-addr "127.0.0.1:$xport" --admin-addr "127.0.0.1:$((xport + 1))" --id bench --keepalive-timeout 120s > "$work/serve-$n.log" 2>&1 &
   server=$!; pids+=("$server"); xds="127.0.0.1:$xport"
   for _ in $(seq 1 240); do curl -sf "127.0.0.1:$((xport + 1))/readyz" > /dev/null && break; sleep 0.5; done
+  kill -0 "$server" 2> /dev/null || { echo "meshpilot exited:"; tail -n 5 "$work/serve-$n.log"; exit 1; }
   echo "== meshpilot, $n proxies"; run_one meshpilot "$n"
   kill "$server"; wait "$server" 2>/dev/null || true
   # istiod, stock and (optionally) with its stream admission lifted
@@ -89,7 +92,8 @@ for n in "${points[@]}"; do
       --grpcAddr "127.0.0.1:$iport" --httpAddr "127.0.0.1:$((iport + 1))" --secureGRPCAddr "127.0.0.1:$((iport + 2))" \
       --monitoringAddr "127.0.0.1:$((iport + 3))" > "$work/istiod-$n-$limit.log" 2>&1) &
     server=$!; pids+=("$server"); xds="127.0.0.1:$iport"
-    for _ in $(seq 1 600); do curl -sf "127.0.0.1:$((iport + 1))/ready" > /dev/null && break; sleep 0.5; done
+    for _ in $(seq 1 600); do curl -sf "127.0.0.1:$((iport + 1))/ready" > /dev/null && break; kill -0 "$server" 2> /dev/null || break; sleep 0.5; done
+    kill -0 "$server" 2> /dev/null || { echo "istiod exited:"; tail -n 5 "$work/istiod-$n-$limit.log"; exit 1; }
     echo "== istiod (PILOT_MAX_REQUESTS_PER_SECOND=$limit), $n proxies"; run_one "istiod-$limit" "$n"
     kill "$server"; wait "$server" 2>/dev/null || true
   done
