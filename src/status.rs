@@ -66,6 +66,7 @@ pub fn mesh_object_status_json(status: &MeshObjectStatus) -> Value {
         observed_generation: status.observed_generation,
         translation_status: Some(ApprovalStatus { state: status.state.to_string(), message: status.messages.join("; ") }),
         not_yet_supported: status.not_yet_supported.clone(),
+        serving_generation: status.serving_generation,
         ..Default::default()
     };
     serde_json::to_value(typed).expect("status serializes")
@@ -238,6 +239,7 @@ mod tests {
             observed_generation: Some(1),
             messages: vec![],
             not_yet_supported: vec!["spec.federation: not yet supported".into()],
+            serving_generation: None,
         });
         assert_eq!(v["translationStatus"]["state"], "ACCEPTED");
         assert_eq!(v["notYetSupported"][0], "spec.federation: not yet supported");

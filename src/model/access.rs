@@ -311,11 +311,17 @@ pub fn resolve(
         let key = (p.namespace.clone(), p.name.clone());
         live.insert(key.clone());
         let id = MeshObjectId { kind: "AccessControlPolicy".into(), namespace: p.namespace.clone(), name: p.name.clone() };
-        let mut s =
-            MeshObjectStatus { state: PolicyState::Accepted, observed_generation: p.generation, messages: Vec::new(), not_yet_supported: Vec::new() };
+        let mut s = MeshObjectStatus {
+            state: PolicyState::Accepted,
+            observed_generation: p.generation,
+            messages: Vec::new(),
+            not_yet_supported: Vec::new(),
+            serving_generation: None,
+        };
         match resolve_policy(snapshot, p, &accounts) {
             Ok(resolved) => {
                 let resolved = Arc::new(resolved);
+                s.serving_generation = resolved.generation;
                 last_good.accepted.insert(key, resolved.clone());
                 serving.push(resolved);
             }
@@ -324,6 +330,7 @@ pub fn resolve(
                 s.messages = errors;
                 if let Some(last) = last_good.accepted.get(&key) {
                     s.messages.push(last_accepted_keeps_serving(last.generation));
+                    s.serving_generation = last.generation;
                     serving.push(last.clone());
                 }
             }
@@ -450,6 +457,7 @@ mod tests {
         assert_eq!(status.state, PolicyState::Invalid);
         assert_eq!(status.messages, ["spec.allowedPaths[0]: is empty", "the last accepted version (generation 1) keeps serving"]);
         assert_eq!(bad.access_policies, good.access_policies, "neither allow-all nor deny-all by accident");
+        assert_eq!(status.serving_generation, Some(1));
         assert_eq!(bad.workload_access, good.workload_access);
     }
 

@@ -292,6 +292,10 @@ pub struct MeshObjectStatus {
     pub messages: Vec<String>,
     /// Fields accepted but not yet in effect, never silently ignored.
     pub not_yet_supported: Vec<String>,
+    /// The generation whose rules are in effect (an INVALID one's last
+    /// accepted), where meshpilot keeps one (AccessControlPolicies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serving_generation: Option<i64>,
 }
 
 /// The fields of a VirtualMesh that meshpilot reads but does not act on yet.
@@ -319,6 +323,7 @@ fn object_status<S>(kind: &str, p: &PolicyObject<S>, unsupported: Vec<String>) -
         observed_generation: p.generation,
         messages: p.parse_errors.clone(),
         not_yet_supported: if invalid { Vec::new() } else { unsupported },
+        serving_generation: None,
     };
     (id, status)
 }

@@ -261,6 +261,7 @@ pub fn resolve(
                     observed_generation: object.generation,
                     messages: Vec::new(),
                     not_yet_supported: not_yet_supported(&object.spec),
+                    serving_generation: None,
                 }
             }
             Err(mut messages) => {
@@ -268,7 +269,13 @@ pub fn resolve(
                     messages.push(last_accepted_keeps_serving(kept.generation));
                     in_effect.push(kept.clone());
                 }
-                MeshObjectStatus { state: PolicyState::Invalid, observed_generation: object.generation, messages, not_yet_supported: Vec::new() }
+                MeshObjectStatus {
+                    state: PolicyState::Invalid,
+                    observed_generation: object.generation,
+                    messages,
+                    not_yet_supported: Vec::new(),
+                    serving_generation: None,
+                }
             }
         };
         seen.insert(key);
