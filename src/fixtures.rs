@@ -58,6 +58,19 @@ fn endpoint(cluster: usize, service: usize, i: usize) -> Endpoint {
     }
 }
 
+/// A mesh object of the fixture (namespace `service-mesh-hub`, generation 1).
+fn mesh_object<S>(name: String, created_ms: i64, spec: S) -> PolicyObject<S> {
+    PolicyObject {
+        namespace: "service-mesh-hub".into(),
+        name,
+        generation: Some(1),
+        created_ms,
+        origin: "fixtures".into(),
+        spec,
+        parse_errors: vec![],
+    }
+}
+
 /// Services `svc-00000…` in namespace `ns-<i % 10>`, every cluster having all of
 /// them, all clusters in one virtual mesh.
 pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
@@ -84,18 +97,14 @@ pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
         }
         inputs.clusters.insert(name, std::sync::Arc::new(state));
     }
-    inputs.virtual_meshes.push(PolicyObject {
-        namespace: "service-mesh-hub".into(),
-        name: "all".into(),
-        generation: Some(1),
-        created_ms: 0,
-        origin: "fixtures".into(),
-        spec: VirtualMeshSpec {
+    inputs.virtual_meshes.push(mesh_object(
+        "all".into(),
+        0,
+        VirtualMeshSpec {
             meshes: (0..spec.clusters).map(|c| ResourceRef { name: cluster_name(c), ..Default::default() }).collect(),
             ..Default::default()
         },
-        parse_errors: vec![],
-    });
+    ));
     for p in 0..spec.policies.min(spec.services) {
         let ns = format!("ns-{}", p % 10);
         let r = |c: usize| ResourceRef { name: service_name(p), namespace: ns.clone(), cluster: cluster_name(c) };
@@ -104,19 +113,15 @@ pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
         if spec.clusters > 1 {
             dests.push(WeightedDestination { destination: r(1), weight: 50, subset: BTreeMap::new(), port: None });
         }
-        inputs.traffic_policies.push(PolicyObject {
-            namespace: "service-mesh-hub".into(),
-            name: format!("shift-{p}"),
-            generation: Some(1),
-            created_ms: p as i64,
-            origin: "fixtures".into(),
-            spec: TrafficPolicySpec {
+        inputs.traffic_policies.push(mesh_object(
+            format!("shift-{p}"),
+            p as i64,
+            TrafficPolicySpec {
                 destination_selector: Some(ServiceSelector { service_refs: Some(ServiceRefs { services: vec![r(0)] }), matcher: None }),
                 traffic_shift: Some(MultiDestination { destinations: dests }),
                 ..Default::default()
             },
-            parse_errors: vec![],
-        });
+        ));
     }
     if spec.sidecars {
         inputs.sidecars = (0..NAMESPACES).map(namespace_sidecar).collect();
@@ -136,13 +141,10 @@ pub fn with_access_control(inputs: &mut MeshInputs, spec: ScaleSpec, count: usiz
         let (client, ns) = (p + 1, |s: usize| format!("ns-{}", s % 10));
         let source = ResourceRef { name: service_name(client), namespace: ns(client), cluster: cluster_name(0) };
         let destinations = (0..spec.clusters).map(|c| ResourceRef { name: service_name(p), namespace: ns(p), cluster: cluster_name(c) }).collect();
-        inputs.access_policies.push(PolicyObject {
-            namespace: "service-mesh-hub".into(),
-            name: format!("access-{p}"),
-            generation: Some(1),
-            created_ms: p as i64,
-            origin: "fixtures".into(),
-            spec: AccessControlPolicySpec {
+        inputs.access_policies.push(mesh_object(
+            format!("access-{p}"),
+            p as i64,
+            AccessControlPolicySpec {
                 source_selector: Some(IdentitySelector {
                     matcher: None,
                     service_account_refs: Some(ServiceAccountRefs { service_accounts: vec![source] }),
@@ -152,8 +154,7 @@ pub fn with_access_control(inputs: &mut MeshInputs, spec: ScaleSpec, count: usiz
                 allowed_methods: vec!["GET".into()],
                 allowed_ports: vec![9080],
             },
-            parse_errors: vec![],
-        });
+        ));
     }
 }
 

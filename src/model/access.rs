@@ -105,6 +105,16 @@ pub struct InboundAccess {
     pub ports: BTreeMap<u16, Vec<Arc<AccessGrant>>>,
 }
 
+impl InboundAccess {
+    /// Adds `grant` on `port` (each grant once, in order).
+    fn allow(&mut self, port: u16, grant: &Arc<AccessGrant>) {
+        let grants = self.ports.entry(port).or_default();
+        if let Err(at) = grants.binary_search(grant) {
+            grants.insert(at, grant.clone());
+        }
+    }
+}
+
 /// Each policy's last accepted version, across snapshots.
 #[derive(Debug, Default, Clone)]
 pub struct LastGoodAccess {
@@ -361,10 +371,7 @@ pub fn workload_access(snapshot: &MeshSnapshot) -> BTreeMap<String, HashMap<Stri
             for sp in &svc.ports {
                 let Some(target) = ep.ports.get(&sp.name) else { continue };
                 for rule in rules.iter().filter(|r| r.ports.is_empty() || r.ports.contains(&sp.port)) {
-                    let grants = access.ports.entry(*target).or_default();
-                    if !grants.contains(&rule.grant) {
-                        grants.push(rule.grant.clone());
-                    }
+                    access.allow(*target, &rule.grant);
                 }
             }
         }
@@ -373,11 +380,7 @@ pub fn workload_access(snapshot: &MeshSnapshot) -> BTreeMap<String, HashMap<Stri
         snapshot.access_enforced.iter().map(|c| (c.clone(), HashMap::new())).collect();
     for (cluster, by_address) in building {
         let into = out.entry(cluster.to_string()).or_default();
-        for (address, mut access) in by_address {
-            access.ports.retain(|_, grants| !grants.is_empty());
-            for grants in access.ports.values_mut() {
-                grants.sort();
-            }
+        for (address, access) in by_address {
             if !access.ports.is_empty() {
                 into.insert(address.to_string(), Arc::new(access));
             }
@@ -397,16 +400,8 @@ pub fn inbound_access(snapshot: &MeshSnapshot, cluster: &str, addresses: &[Strin
         return Some(first.clone());
     }
     let mut merged = (**first).clone();
-    for access in rest {
-        for (port, grants) in &access.ports {
-            let into = merged.ports.entry(*port).or_default();
-            for g in grants {
-                if !into.contains(g) {
-                    into.push(g.clone());
-                }
-            }
-            into.sort();
-        }
+    for (port, grant) in rest.iter().flat_map(|a| a.ports.iter()).flat_map(|(port, grants)| grants.iter().map(move |g| (*port, g))) {
+        merged.allow(port, grant);
     }
     Some(Arc::new(merged))
 }

@@ -335,25 +335,19 @@ impl MeshSnapshot {
         let mesh_peers = mesh_peers(&inputs);
         let mut mesh_object_status: BTreeMap<MeshObjectId, MeshObjectStatus> =
             inputs.virtual_meshes.iter().map(|vm| object_status("VirtualMesh", vm, virtual_mesh_unsupported(&vm.spec))).collect();
-        let clusters_of = |spec: &api::VirtualMeshSpec| spec.meshes.iter().filter_map(|m| mesh_ref_to_cluster(&m.name, &inputs.clusters)).collect();
-        let (access_enforced, enforcement_errors) = access::enforced_clusters(&inputs.virtual_meshes, clusters_of, &mut last_good.access);
-        for ((namespace, name), error) in enforcement_errors {
+        let members = |spec: &api::VirtualMeshSpec| virtual_mesh_members(spec, &inputs.clusters);
+        let (access_enforced, enforcement_errors) = access::enforced_clusters(&inputs.virtual_meshes, members, &mut last_good.access);
+        let (trust, trust_errors) = mesh_trust(&inputs, &mut last_good.trust_domains);
+        // VirtualMeshes read but wrong in a field: INVALID, the field's last accepted value serving.
+        for ((namespace, name), error) in enforcement_errors.into_iter().map(|(vm, e)| (vm, vec![e])).chain(trust_errors) {
             let id = MeshObjectId { kind: "VirtualMesh".into(), namespace, name };
             if let Some(status) = mesh_object_status.get_mut(&id) {
                 status.state = PolicyState::Invalid;
-                status.messages.push(error);
+                status.messages.extend(error);
             }
         }
         let (sidecars, sidecar_status) = sidecar::resolve(&inputs.sidecars, &mut last_good.sidecars);
         mesh_object_status.extend(sidecar_status);
-        let (trust, trust_errors) = mesh_trust(&inputs, &mut last_good.trust_domains);
-        for ((namespace, name), errors) in trust_errors {
-            let id = MeshObjectId { kind: "VirtualMesh".into(), namespace, name };
-            if let Some(status) = mesh_object_status.get_mut(&id) {
-                status.state = PolicyState::Invalid;
-                status.messages.extend(errors);
-            }
-        }
         let gateways = network_gateways(&inputs.clusters);
         let workload_ports = workload_ports(&inputs.clusters);
         let mut snapshot = MeshSnapshot {
@@ -420,6 +414,11 @@ impl MeshSnapshot {
     }
 }
 
+/// The clusters a VirtualMesh's `meshes[]` name.
+fn virtual_mesh_members(spec: &api::VirtualMeshSpec, clusters: &BTreeMap<String, Arc<ClusterState>>) -> Vec<String> {
+    spec.meshes.iter().filter_map(|m| mesh_ref_to_cluster(&m.name, clusters)).collect()
+}
+
 /// A VirtualMesh's `meshes[]` name clusters directly, or by Service Mesh Hub's
 /// discovered-mesh names (`istio-istio-system-<cluster>`).
 fn mesh_ref_to_cluster(name: &str, clusters: &BTreeMap<String, Arc<ClusterState>>) -> Option<String> {
@@ -466,7 +465,7 @@ fn mesh_trust(
         if !vm.parse_errors.is_empty() {
             continue;
         }
-        let members: Vec<String> = vm.spec.meshes.iter().filter_map(|m| mesh_ref_to_cluster(&m.name, &inputs.clusters)).collect();
+        let members = virtual_mesh_members(&vm.spec, &inputs.clusters);
         for (cluster, domain) in &vm.spec.trust_domains {
             let problem = if !members.contains(cluster) {
                 Some(format!("cluster {cluster:?} is not a member of this virtual mesh (members: {})", members.join(", ")))
@@ -559,7 +558,7 @@ fn network_gateways(clusters: &BTreeMap<String, Arc<ClusterState>>) -> BTreeMap<
 fn mesh_peers(inputs: &MeshInputs) -> BTreeMap<String, BTreeSet<String>> {
     let mut peers: BTreeMap<String, BTreeSet<String>> = inputs.clusters.keys().map(|c| (c.clone(), [c.clone()].into())).collect();
     for vm in &inputs.virtual_meshes {
-        let members: BTreeSet<String> = vm.spec.meshes.iter().filter_map(|m| mesh_ref_to_cluster(&m.name, &inputs.clusters)).collect();
+        let members = virtual_mesh_members(&vm.spec, &inputs.clusters);
         for m in &members {
             peers.entry(m.clone()).or_default().extend(members.iter().cloned());
         }

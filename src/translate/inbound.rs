@@ -86,8 +86,18 @@ pub fn served_protocols(snapshot: &MeshSnapshot, scope: &ProxyScope) -> BTreeMap
     out
 }
 
+/// What the proxy's workload allows when its cluster enforces access
+/// control: from its `INSTANCE_IPS`, or, for a scope whose addresses were
+/// resolved already ([`ProxyScope::access`]), that.
+pub fn served_access(snapshot: &MeshSnapshot, scope: &ProxyScope) -> Option<Arc<InboundAccess>> {
+    if scope.instance_ips.is_empty() {
+        return scope.access.clone();
+    }
+    crate::model::access::inbound_access(snapshot, &scope.cluster, &scope.instance_ips)
+}
+
 /// The grants of `port` when access control is enforced (`access`): none is an empty list.
-fn port_grants(access: Option<&InboundAccess>, port: u16) -> Option<&[Arc<AccessGrant>]> {
+pub fn port_grants(access: Option<&InboundAccess>, port: u16) -> Option<&[Arc<AccessGrant>]> {
     access.map(|a| a.ports.get(&port).map(Vec::as_slice).unwrap_or_default())
 }
 

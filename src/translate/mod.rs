@@ -115,7 +115,7 @@ impl ProxyScope {
         self.labels.retain(|k, v| snapshot.source_labels.get(k).is_some_and(|values| values.contains(v)));
         if self.role == ProxyRole::Sidecar && self.interception.captured() && !self.instance_ips.is_empty() {
             self.served = inbound::served_protocols(snapshot, &self);
-            self.access = crate::model::access::inbound_access(snapshot, &self.cluster, &self.instance_ips);
+            self.access = inbound::served_access(snapshot, &self);
             self.instance_ips.clear();
         }
         self
@@ -252,16 +252,12 @@ pub fn unmatched_policy(snapshot: &MeshSnapshot, scope: &ProxyScope) -> routes::
 /// endpoints when client and service share a CA), or, for a headless
 /// service of the client's own cluster, its original destination (a client
 /// dials the pod it means); HTTP/2 kept for `http2`/`grpc` ports.
-fn target_cluster(
-    snapshot: &MeshSnapshot,
-    scope: &ProxyScope,
-    t: &ClusterTarget,
-    outliers: &BTreeMap<ServiceKey, Outlier>,
-) -> envoy_types::pb::envoy::config::cluster::v3::Cluster {
+fn target_cluster(snapshot: &MeshSnapshot, scope: &ProxyScope, key: &memo::ClusterKey) -> envoy_types::pb::envoy::config::cluster::v3::Cluster {
+    let t = &key.target;
     let service = snapshot.service(&t.service);
     let trust = mtls_between(snapshot, &scope.cluster, &t.service.cluster);
     let sni = trust.map(|_| names::outbound_sni(t.port, &names::subset_name(&t.subset), &names::host(&t.service.cluster, &t.service)));
-    let identities = snapshot.service_identities.get(&t.service).map(|ids| ids.as_slice()).unwrap_or_default();
+    let identities = key.identities.as_ref().map(|ids| ids.as_slice()).unwrap_or_default();
     let mtls = trust.zip(sni.as_deref()).map(|(tr, sni)| tls::OutboundMtls {
         sni,
         trust_domain: &tr.trust_domain,
@@ -277,7 +273,7 @@ fn target_cluster(
         }
         c
     } else {
-        clusters::eds_cluster(&t.name, outliers.get(&t.service), mtls)
+        clusters::eds_cluster(&t.name, key.outlier.as_ref(), mtls)
     };
     let http2 = service.and_then(|s| s.port(t.port)).is_some_and(|p| p.protocol.http2_upstream());
     if http2 { clusters::with_http2(cluster) } else { cluster }
@@ -316,10 +312,7 @@ pub fn translate_with(snapshot: &MeshSnapshot, scope: &ProxyScope, memo: &memo::
         }
         let served = inbound::served_protocols(snapshot, scope);
         let mtls = snapshot.trust.contains_key(&scope.cluster).then_some(scope.secret_source);
-        let access = match scope.instance_ips.is_empty() {
-            true => scope.access.clone(),
-            false => crate::model::access::inbound_access(snapshot, &scope.cluster, &scope.instance_ips),
-        };
+        let access = inbound::served_access(snapshot, scope);
         listeners.push(inbound::virtual_inbound(&served, mtls, scope.interception == InterceptionMode::Tproxy, access.as_deref()));
         for (port, protocol) in served.iter().filter(|(_, p)| p.layout() != crate::model::protocol::Layout::None) {
             let c = inbound::captured_inbound_cluster(*port, *protocol);
@@ -332,7 +325,7 @@ pub fn translate_with(snapshot: &MeshSnapshot, scope: &ProxyScope, memo: &memo::
         if snapshot.trust.contains_key(&scope.cluster) {
             for (address, port) in inbound::served_ports(snapshot, scope) {
                 let access = crate::model::access::inbound_access(snapshot, &scope.cluster, std::slice::from_ref(&address));
-                let grants = access.as_ref().map(|a| a.ports.get(&port).map(Vec::as_slice).unwrap_or_default());
+                let grants = inbound::port_grants(access.as_deref(), port);
                 listeners.push(inbound::inbound_listener(&address, port, scope.secret_source, grants));
                 let c = inbound::inbound_cluster(&scope.app_address, port);
                 set.insert(ResourceType::Cluster, Resource::from_message(c.name.clone(), &c));
@@ -386,7 +379,7 @@ fn insert_target(
         target: t,
     };
     let (cluster, eds) = memo.cluster(&key, || {
-        let cluster = target_cluster(snapshot, scope, &key.target, outliers);
+        let cluster = target_cluster(snapshot, scope, &key);
         (std::sync::Arc::new(Resource::from_message(key.target.name.clone(), &cluster)), cluster.eds_cluster_config.is_some())
     });
     let t = key.target;
