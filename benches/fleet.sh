@@ -42,7 +42,8 @@ run_point() {
   [[ ${#scoped[@]} -gt 0 ]] && label="$mode, Sidecar ./*"
   rm -rf "$work/mesh"
   "$bin" fixtures --out "$work/mesh" --services "$SERVICES" --clusters "$CLUSTERS" --endpoints "$ENDPOINTS" --policies "$POLICIES" "${scoped[@]}" >&2
-  port=$((20000 + RANDOM % 20000))
+  # Below the ephemeral range (32768+), so no client connection holds it.
+  port=$((20000 + RANDOM % 10000))
   # shellcheck disable=SC2086
   # The load generator shares the cores and can be starved past serve's 10 s
   # HTTP/2 ping timeout (real Envoys answer at once): that closed a third of
