@@ -177,7 +177,7 @@ impl ControlPlane {
                 resources.update(inputs);
                 let sink = resources.clone();
                 watchers.push(
-                    watch_config_dir(dir.clone(), memory, move |inputs| sink.update(inputs))
+                    watch_config_dir(dir.clone(), memory, settings.debounce.quiet, move |inputs| sink.update(inputs))
                         .with_context(|| format!("watching {}", dir.display()))?,
                 );
                 mesh = Some(resources.clone());
