@@ -128,7 +128,8 @@ struct SotwWatch {
 /// One SotW stream (ADS or a single-type stream).
 #[derive(Debug)]
 pub struct SotwStream {
-    watches: BTreeMap<ResourceType, SotwWatch>,
+    /// Boxed, as `DeltaStream`'s: a map node has room for 11 entries.
+    watches: BTreeMap<ResourceType, Box<SotwWatch>>,
     only_type: Option<ResourceType>,
     nonce_counter: u64,
     /// How long a push waits for the reply to the last response of its type.
@@ -198,13 +199,13 @@ impl SotwStream {
         let next = Subscription::next(previous.as_ref(), &req.resource_names);
         let added = previous.as_ref().is_some_and(|p| p.added_by(&next));
         let narrowed = previous.as_ref() != Some(&next);
-        let watch = self.watches.entry(ty).or_insert_with(|| SotwWatch {
+        let watch = self.watches.entry(ty).or_insert_with(|| Box::new(SotwWatch {
             subscription: next.clone(),
             ledger: TypeLedger::default(),
             sent: ResourceView::empty(),
             always_respond: false,
             pending: None,
-        });
+        }));
         watch.subscription = next;
         let respond = matches!(reply, Reply::Initial) || added || watch.always_respond;
         if respond {
