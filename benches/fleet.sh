@@ -31,6 +31,16 @@ trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
 if [[ "$(cat /proc/sys/net/core/somaxconn)" -lt 8192 ]]; then
   echo "note: net.core.somaxconn is $(cat /proc/sys/net/core/somaxconn): the xDS accept backlog (8192) is capped to it; sysctl -w net.core.somaxconn=65535 for the 10,000-proxy points" >&2
 fi
+# Every simulated proxy's socket buffers are on this one host (a real fleet's
+# are on its own nodes): a 10,000-proxy sync holds 1.5-2.2 GiB in loopback
+# sockets. Past tcp_mem's pressure threshold the kernel drops segments; the
+# retransmissions cost a tenth of the sync's CPU, and under BBR a connection
+# that lost half its bytes paced itself to 150 kbit/s and held the sync for
+# minutes (docs/performance.md, 2026-12-05).
+read -r _ tcp_pressure _ < /proc/sys/net/ipv4/tcp_mem
+if [[ "$tcp_pressure" -lt 1048576 ]]; then
+  echo "note: net.ipv4.tcp_mem's pressure threshold is $((tcp_pressure / 256)) MiB; a 10,000-proxy point needs ~2.2 GiB of socket buffers on this one host: sysctl -w net.ipv4.tcp_mem='1048576 1572864 2097152'" >&2
+fi
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u +%F)"
 echo "mesh: ${SERVICES} services x ${CLUSTERS} clusters x ${ENDPOINTS} endpoints, ${POLICIES} TrafficPolicies; proxies' INTERCEPTION_MODE ${INTERCEPTION}"
 echo

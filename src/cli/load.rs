@@ -467,6 +467,13 @@ where
     }
 }
 
+/// The most RSS a process has had (`VmHWM`), in MiB.
+pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
 /// (RSS in MiB, CPU seconds) of a process, from /proc.
 pub fn process_usage(pid: u32) -> Option<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -696,6 +703,10 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         let (mut lat, missing) = first_after(changed_at, &deliveries);
         let what = if args.change_virtual_service { "one weight change (VirtualService)" } else { "one weight change (TrafficPolicy)" };
         report(&args, mode, what, &mut lat, missing, before, bytes(&records) - bytes_before);
+    }
+    // The most it held at any moment of the run (each line's RSS is a moment).
+    if let Some(peak) = args.pid.and_then(peak_rss_mib) {
+        println!("{mode}: control plane peak RSS over the run (VmHWM): {peak:.0} MiB");
     }
     Ok(())
 }

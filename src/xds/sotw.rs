@@ -199,13 +199,15 @@ impl SotwStream {
         let next = Subscription::next(previous.as_ref(), &req.resource_names);
         let added = previous.as_ref().is_some_and(|p| p.added_by(&next));
         let narrowed = previous.as_ref() != Some(&next);
-        let watch = self.watches.entry(ty).or_insert_with(|| Box::new(SotwWatch {
-            subscription: next.clone(),
-            ledger: TypeLedger::default(),
-            sent: ResourceView::empty(),
-            always_respond: false,
-            pending: None,
-        }));
+        let watch = self.watches.entry(ty).or_insert_with(|| {
+            Box::new(SotwWatch {
+                subscription: next.clone(),
+                ledger: TypeLedger::default(),
+                sent: ResourceView::empty(),
+                always_respond: false,
+                pending: None,
+            })
+        });
         watch.subscription = next;
         let respond = matches!(reply, Reply::Initial) || added || watch.always_respond;
         if respond {
