@@ -858,8 +858,10 @@ fn report(args: &LoadArgs, mode: &str, what: &str, lat: &mut [f64], missing: usi
     let rss = usage.map_or(f64::NAN, |u| u.0);
     match percentiles(lat) {
         Some((p50, p90, p99, max)) => {
+            // The first proxy served: how soon anyone gets the change.
+            let min = lat.iter().copied().fold(f64::INFINITY, f64::min);
             println!(
-                "{mode}: {what}: change→delivery over {} (proxy, change) pairs: p50 {p50:.0} ms, p90 {p90:.0} ms, p99 {p99:.0} ms, max {max:.0} ms; {missing} not delivered; {:.1} MiB sent; RSS {rss:.0} MiB; CPU {cpu:.1}s",
+                "{mode}: {what}: change→delivery over {} (proxy, change) pairs: min {min:.0} ms, p50 {p50:.0} ms, p90 {p90:.0} ms, p99 {p99:.0} ms, max {max:.0} ms; {missing} not delivered; {:.1} MiB sent; RSS {rss:.0} MiB; CPU {cpu:.1}s",
                 lat.len(),
                 bytes as f64 / 1048576.0
             );
