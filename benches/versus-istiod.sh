@@ -15,8 +15,9 @@
 #   SERVICES=200 ENDPOINTS=5 POLICIES=20 ISTIOD_RPS=25 benches/versus-istiod.sh 1000 5000
 #
 # istiod admits 25 new streams a second by default (PILOT_MAX_REQUESTS_PER_SECOND);
-# ISTIOD_RPS=lifted runs it with 10000 as well. Prints one markdown table
-# (docs/performance.md) with the ratio istiod/meshpilot per figure.
+# ISTIOD_RPS="25 lifted" runs it with 10000 as well (ISTIOD_RPS=lifted: only
+# lifted). Ends with one markdown table per fleet size (benches/versus_table.py,
+# for docs/performance.md) with the ratio istiod/meshpilot per figure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 points=("${@:-1000}")
@@ -99,4 +100,6 @@ for n in "${points[@]}"; do
   done
 done
 echo
+# One table per fleet size, every figure with its ratio istiod / meshpilot.
+python3 benches/versus_table.py "$work"
 echo "logs and raw rows: $work"
