@@ -74,6 +74,66 @@ run_one() {
     2> "$work/load-$label-$n.err" | tee "$work/load-$label-$n.out" | grep -v '^|' || true
 }
 
+# real_envoy LABEL: with REAL_ENVOY=1, one real Envoy (ENVOY_BIN, else setup.sh's)
+# as the first fixture pod's sidecar (svc-00000-0 in ns-0, Istio's node id and
+# metadata, delta ADS) against the running server, until its configuration
+# settles; prints what that configuration costs the Envoy, since every pod
+# pays it: RSS, heap, config dump size, clusters, listeners, and what it
+# rejected (stock Envoy lacks istio-proxy's own filters).
+real_envoy() {
+  [[ -n "${REAL_ENVOY:-}" ]] || return 0
+  local label=$1 envoy dir="$work/envoy-$1" aport=$((port + 30))
+  envoy="${ENVOY_BIN:-$(scripts/setup.sh 2>/dev/null | tail -n 1)}"
+  mkdir -p "$dir"
+  cat > "$dir/bootstrap.yaml" <<YAML
+node:
+  id: sidecar~10.0.0.1~svc-00000-0.ns-0~ns-0.svc.cluster.local
+  cluster: svc-00000.ns-0
+  metadata: {ISTIO_VERSION: 1.31-dev, CLUSTER_ID: bench, NAMESPACE: ns-0, INSTANCE_IPS: 10.0.0.1, SERVICE_ACCOUNT: svc-00000, INTERCEPTION_MODE: REDIRECT, LABELS: {app: svc-00000, version: v1}}
+dynamic_resources:
+  ads_config: {api_type: DELTA_GRPC, transport_api_version: V3, grpc_services: [{envoy_grpc: {cluster_name: xds}}]}
+  cds_config: {ads: {}, resource_api_version: V3}
+  lds_config: {ads: {}, resource_api_version: V3}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 5s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+    load_assignment: {cluster_name: xds, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${xds##*:}}}}}]}]}
+admin: {address: {socket_address: {address: 127.0.0.1, port_value: $aport}}}
+YAML
+  "$envoy" -c "$dir/bootstrap.yaml" --concurrency 2 --use-dynamic-base-id -l warning > "$dir/envoy.log" 2>&1 &
+  local pid=$! last="" now stats settled=0
+  pids+=("$pid")
+  # Settled: CDS and LDS answered (accepted or rejected), nothing warming, and
+  # the update counters unchanged over three polls a second apart.
+  for i in $(seq 1 120); do
+    stats=$(curl -sf "127.0.0.1:$aport/stats?filter=(cds|lds|rds|eds).update_(success|rejected)|warming_clusters" 2>/dev/null || true)
+    now=$( { echo "$stats" | grep -E 'update_(success|rejected)' || true; } | sort | md5sum)
+    if echo "$stats" | grep -qE 'cds.update_(success|rejected): [1-9]' && echo "$stats" | grep -qE 'lds.update_(success|rejected): [1-9]' \
+      && echo "$stats" | grep -q 'warming_clusters: 0' && [[ "$now" == "$last" ]]; then
+      settled=$((settled + 1)); [[ $settled -ge 3 ]] && break
+    else
+      settled=0
+    fi
+    last=$now; sleep 1
+  done
+  local rss dump clusters listeners memory rejected
+  rss=$(awk '/VmRSS/ {printf "%.0f", $2/1024}' "/proc/$pid/status")
+  memory=$(curl -sf "127.0.0.1:$aport/memory" | python3 -c 'import json,sys; m=json.load(sys.stdin); print("heap %.0f MiB allocated, %.0f MiB" % (int(m["allocated"])/1048576, int(m["heap_size"])/1048576))')
+  dump=$(curl -sf "127.0.0.1:$aport/config_dump?include_eds" | wc -c)
+  clusters=$(curl -sf "127.0.0.1:$aport/stats?filter=cluster_manager.active_clusters" | awk '{print $2}')
+  listeners=$(curl -sf "127.0.0.1:$aport/stats?filter=listener_manager.total_listeners_active" | awk '{print $2}')
+  rejected=$(curl -sf "127.0.0.1:$aport/stats?filter=update_rejected" | awk '$2 > 0 {printf "%s %s; ", $1, $2}' || true)
+  echo "real Envoy ($label): RSS $rss MiB ($memory); config dump with endpoints $((dump / 1024)) KiB; $clusters clusters, $listeners listeners; rejected: ${rejected:-none}"
+  grep -m 3 -iE 'rejected|error' "$dir/envoy.log" | cut -c1-300 || true
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+}
+
 for n in "${points[@]}"; do
   # meshpilot
   xport=$((port + 10))
@@ -82,7 +142,7 @@ for n in "${points[@]}"; do
   server=$!; pids+=("$server"); xds="127.0.0.1:$xport"
   for _ in $(seq 1 240); do curl -sf "127.0.0.1:$((xport + 1))/readyz" > /dev/null && break; sleep 0.5; done
   kill -0 "$server" 2> /dev/null || { echo "meshpilot exited:"; tail -n 5 "$work/serve-$n.log"; exit 1; }
-  echo "== meshpilot, $n proxies"; run_one meshpilot "$n"
+  echo "== meshpilot, $n proxies"; real_envoy "meshpilot-$n"; run_one meshpilot "$n"
   kill "$server"; wait "$server" 2>/dev/null || true
   # istiod, stock and (optionally) with its stream admission lifted
   for limit in $rps; do
@@ -95,7 +155,7 @@ for n in "${points[@]}"; do
     server=$!; pids+=("$server"); xds="127.0.0.1:$iport"
     for _ in $(seq 1 600); do curl -sf "127.0.0.1:$((iport + 1))/ready" > /dev/null && break; kill -0 "$server" 2> /dev/null || break; sleep 0.5; done
     kill -0 "$server" 2> /dev/null || { echo "istiod exited:"; tail -n 5 "$work/istiod-$n-$limit.log"; exit 1; }
-    echo "== istiod (PILOT_MAX_REQUESTS_PER_SECOND=$limit), $n proxies"; run_one "istiod-$limit" "$n"
+    echo "== istiod (PILOT_MAX_REQUESTS_PER_SECOND=$limit), $n proxies"; real_envoy "istiod-$limit-$n"; run_one "istiod-$limit" "$n"
     kill "$server"; wait "$server" 2>/dev/null || true
   done
 done

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use meshpilot::admin::SyncStatus;
 use meshpilot::cli::http;
 
-/// A child process killed when dropped, with its log file.
+/// A child process killed when dropped, with its log file. It leads a
+/// process group of its own and the whole group is killed: `pilot-agent`'s
+/// Envoy (and any other grandchild) goes with it instead of running on,
+/// orphaned, after the test.
 pub struct Proc {
     pub name: String,
     pub child: Child,
@@ -26,6 +29,7 @@ impl Proc {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         cmd.stdout(file.try_clone().unwrap()).stderr(file).stdin(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
         Proc { name: name.to_string(), child, log }
     }
@@ -37,6 +41,9 @@ impl Proc {
     }
 
     pub fn kill(&mut self) {
+        // The group (its id is the child's pid; it outlives an exited child
+        // while a grandchild runs), then the child itself.
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.child.id())]).stderr(Stdio::null()).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
