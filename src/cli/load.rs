@@ -467,23 +467,28 @@ where
     }
 }
 
+/// A memory figure of /proc/PID/status (`VmRSS`, `VmHWM`: kB there), in MiB.
+fn status_mib(pid: u32, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
 /// The most RSS a process has had (`VmHWM`), in MiB.
 pub fn peak_rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    status_mib(pid, "VmHWM")
 }
 
 /// (RSS in MiB, CPU seconds) of a process, from /proc.
 pub fn process_usage(pid: u32) -> Option<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let rss_mib = status_mib(pid, "VmRSS")?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = after.split_whitespace().collect();
     // Fields 14 and 15 (utime, stime), counted from after the command name: indexes 11 and 12.
     let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some((rss_kb / 1024.0, ticks / 100.0))
+    Some((rss_mib, ticks / 100.0))
 }
 
 /// The address each endpoint change introduces (`fixtures::changed_address`,
@@ -858,8 +863,9 @@ fn report(args: &LoadArgs, mode: &str, what: &str, lat: &mut [f64], missing: usi
     let rss = usage.map_or(f64::NAN, |u| u.0);
     match percentiles(lat) {
         Some((p50, p90, p99, max)) => {
-            // The first proxy served: how soon anyone gets the change.
-            let min = lat.iter().copied().fold(f64::INFINITY, f64::min);
+            // The first proxy served: how soon anyone gets the change
+            // (`percentiles` sorted `lat`).
+            let min = lat[0];
             println!(
                 "{mode}: {what}: change→delivery over {} (proxy, change) pairs: min {min:.0} ms, p50 {p50:.0} ms, p90 {p90:.0} ms, p99 {p99:.0} ms, max {max:.0} ms; {missing} not delivered; {:.1} MiB sent; RSS {rss:.0} MiB; CPU {cpu:.1}s",
                 lat.len(),

@@ -17,7 +17,7 @@ use serde::Serialize;
 use super::api::{self, AccessControlPolicySpec};
 use super::policy::{METHODS, check_registered, known_clusters, select_services};
 use super::state::{PolicyState, last_accepted_keeps_serving};
-use super::{MeshObjectId, MeshObjectStatus, MeshSnapshot, PolicyObject, ServiceKey, TRUST_DOMAIN, spiffe_id};
+use super::{MeshObjectId, MeshObjectStatus, MeshSnapshot, PolicyObject, ServiceKey, TRUST_DOMAIN, object_status, spiffe_id};
 
 /// Who may call: a verified peer certificate's URI SAN, exactly or by prefix.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -320,14 +320,7 @@ pub fn resolve(
     for p in policies {
         let key = (p.namespace.clone(), p.name.clone());
         live.insert(key.clone());
-        let id = MeshObjectId { kind: "AccessControlPolicy".into(), namespace: p.namespace.clone(), name: p.name.clone() };
-        let mut s = MeshObjectStatus {
-            state: PolicyState::Accepted,
-            observed_generation: p.generation,
-            messages: Vec::new(),
-            not_yet_supported: Vec::new(),
-            serving_generation: None,
-        };
+        let (id, mut s) = object_status("AccessControlPolicy", p, Vec::new());
         match resolve_policy(snapshot, p, &accounts) {
             Ok(resolved) => {
                 let resolved = Arc::new(resolved);

@@ -109,7 +109,7 @@ fn inbound_tcp_filters(cluster: &str, grants: Option<&[Arc<AccessGrant>]>) -> Ve
     match grants {
         None => vec![tcp_proxy(cluster.to_string(), TcpTo::Cluster(cluster.to_string()))],
         Some(grants) => {
-            let open = !rbac::rules(grants, false).policies.is_empty();
+            let open = grants.iter().any(|g| rbac::applies(g, false));
             let to = if open { cluster } else { BLACKHOLE_CLUSTER };
             vec![rbac::network_filter(grants), tcp_proxy(to.to_string(), TcpTo::Cluster(to.to_string()))]
         }

@@ -69,11 +69,17 @@ fn policy_name(grant: &AccessGrant) -> String {
     format!("ns[{namespace}]-policy[{name}]-rule[0]")
 }
 
-/// The ALLOW rules of `grants`; on a TCP port (`http` false) a grant that
-/// names paths or methods allows nothing (they cannot be checked there).
+/// Whether `grant` allows anything on an HTTP (`http`) or a TCP port: on a
+/// TCP port a grant that names paths or methods allows nothing (they cannot
+/// be checked there).
+pub fn applies(grant: &AccessGrant, http: bool) -> bool {
+    http || !grant.http_only()
+}
+
+/// The ALLOW rules of `grants` (those that [`applies`]).
 pub fn rules(grants: &[Arc<AccessGrant>], http: bool) -> Rbac {
     let mut policies = std::collections::HashMap::new();
-    for grant in grants.iter().filter(|g| http || !g.http_only()) {
+    for grant in grants.iter().filter(|g| applies(g, http)) {
         let mut permissions = Vec::new();
         if http && !grant.paths.is_empty() {
             permissions.push(or_permissions(grant.paths.iter().map(path).collect()));
