@@ -160,7 +160,9 @@ async fn scenario(test: &str, delta: bool) {
     assert!(after_fix.types["LDS"].last_error.is_none(), "the ACK cleared the error");
     assert_eq!(after_fix.types["CDS"].sent_version, cds_version_before, "unchanged CDS keeps its version");
     let metrics = mp.metrics().await;
-    assert!(metrics.contains("meshpilot_proxy_convergence_seconds_count{type=\"EDS\"}"), "change→ACK latency recorded");
+    let eds_latencies =
+        metrics.lines().find_map(|l| l.strip_prefix("meshpilot_proxy_convergence_seconds_count{type=\"EDS\"} ")).and_then(|n| n.parse::<u64>().ok());
+    assert!(eds_latencies.is_some_and(|n| n > 0), "change→ACK latency recorded: {eds_latencies:?}");
 
     // 4. Restart meshpilot: Envoy keeps serving, reconnects, ends SYNCED, same versions.
     let versions_before: Vec<_> = ["CDS", "EDS", "LDS", "RDS"].iter().map(|t| after_fix.types[*t].sent_version.clone()).collect();

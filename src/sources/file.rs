@@ -62,7 +62,9 @@ impl Changed {
     /// What events with these paths (below `root`) changed. Anything but a
     /// file directly inside a folder of `root` (the folder itself, `root`,
     /// deeper paths) is everything; a hidden entry (an editor's swap file, a
-    /// ConfigMap mount's `..data` link) is its whole folder.
+    /// ConfigMap mount's `..data` link) is its whole folder; a file that is
+    /// no manifest (`app.tmp` written before it is renamed to `app.yaml`) is
+    /// nothing.
     pub fn of_paths<'a>(root: &Path, paths: impl IntoIterator<Item = &'a Path>) -> Changed {
         let mut folders: HashMap<String, Option<std::collections::HashSet<PathBuf>>> = HashMap::new();
         for path in paths {
@@ -72,16 +74,20 @@ impl Changed {
                 return Changed::Everything;
             };
             let (Some(folder), Some(file)) = (folder.to_str(), file.to_str()) else { return Changed::Everything };
-            let entry = folders.entry(folder.to_string()).or_insert_with(|| Some(Default::default()));
             if file.starts_with('.') {
-                *entry = None;
-            } else if let Some(files) = entry
-                && is_manifest(path)
+                folders.insert(folder.to_string(), None);
+            } else if is_manifest(path)
+                && let Some(files) = folders.entry(folder.to_string()).or_insert_with(|| Some(Default::default()))
             {
                 files.insert(path.to_path_buf());
             }
         }
         Changed::Folders(folders)
+    }
+
+    /// Nothing a load reads changed: no reload is needed.
+    pub fn is_nothing(&self) -> bool {
+        matches!(self, Changed::Folders(folders) if folders.is_empty())
     }
 
     /// Whether `folder` may differ from its last load.
@@ -515,6 +521,12 @@ pub fn watch_config_dir(
                 Some(paths) => Changed::of_paths(&root, paths.iter().map(PathBuf::as_path)),
                 None => Changed::Everything,
             };
+            // (Nor does it count as a reload for the pace: a temporary file
+            // written just before its rename had held the rename's reload
+            // back by a whole pace, 100 ms of every single change.)
+            if changed.is_nothing() {
+                continue;
+            }
             let started = std::time::Instant::now();
             let loaded = {
                 let mut memory = memory.lock().expect("source memory lock");
@@ -572,6 +584,18 @@ mod tests {
         let (thread, loaded) = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("a reload after the change");
         assert_eq!(thread.as_deref(), Some("config-dir-reload"));
         assert!(loaded);
+    }
+
+    #[test]
+    fn a_file_that_is_no_manifest_changes_nothing_and_costs_no_reload() {
+        // (The reload thread skips such events, so a temporary file written
+        // before its rename does not start the pace the rename then waits out.)
+        let root = Path::new("/config");
+        assert!(Changed::of_paths(root, [root.join("c1/app.tmp").as_path()]).is_nothing(), "no manifest");
+        let renamed = Changed::of_paths(root, [root.join("c1/app.tmp").as_path(), root.join("c1/app.yaml").as_path()]);
+        assert!(renamed.folder("c1") && !renamed.folder("c2") && !renamed.is_nothing());
+        assert!(!Changed::of_paths(root, [root.join("c1/.swap").as_path()]).is_nothing(), "hidden: the whole folder");
+        assert!(!Changed::of_paths(root, [root.join("c1").as_path()]).is_nothing(), "a folder: everything");
     }
 
     fn setup() -> tempfile::TempDir {

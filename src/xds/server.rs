@@ -25,6 +25,8 @@ use super::sotw::{ProtocolError, SotwRequest, SotwStream, Step, StreamEvent};
 use super::status::TypeStatus;
 use super::wire::{DeltaResponse, SotwResponse, WireMessage};
 use crate::metrics::{Metrics, ModeLabel, TypeLabel};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 
 /// Tuning of the xDS server.
 #[derive(Debug, Clone)]
@@ -64,6 +66,36 @@ impl Default for XdsServerConfig {
     }
 }
 
+/// One resource type's series of the server's metrics.
+struct TypeMetrics {
+    ty: ResourceType,
+    pushes: Counter,
+    push_bytes: Counter,
+    rejects: Counter,
+    expired_nonces: Counter,
+    convergence: Histogram,
+}
+
+impl TypeMetrics {
+    fn of(metrics: &Metrics, ty: ResourceType) -> Self {
+        let label = TypeLabel::new(ty.short_name());
+        TypeMetrics {
+            ty,
+            pushes: metrics.pushes.get_or_create(&label).clone(),
+            push_bytes: metrics.push_bytes.get_or_create(&label).clone(),
+            rejects: metrics.rejects.get_or_create(&label).clone(),
+            expired_nonces: metrics.expired_nonces.get_or_create(&label).clone(),
+            convergence: metrics.convergence.get_or_create(&label).clone(),
+        }
+    }
+}
+
+impl Inner {
+    fn of_type(&self, ty: ResourceType) -> &TypeMetrics {
+        &self.by_type[ty.index()]
+    }
+}
+
 /// The xDS server: clone it into every gRPC service.
 #[derive(Clone)]
 pub struct XdsServer {
@@ -76,6 +108,9 @@ struct Inner {
     provider: Arc<dyn ResourceProvider>,
     registry: Arc<ConnectionRegistry>,
     metrics: Arc<Metrics>,
+    /// `metrics`' series of each type (by `ResourceType::index`), looked up
+    /// once: every response and reply counts into them.
+    by_type: Vec<TypeMetrics>,
     pushes: watch::Receiver<Option<PushTrigger>>,
     permits: Semaphore,
     config: XdsServerConfig,
@@ -93,7 +128,9 @@ impl XdsServer {
     ) -> Self {
         let permits = Semaphore::new(config.push_concurrency.max(1));
         let authenticator = std::sync::OnceLock::new();
-        XdsServer { inner: Arc::new(Inner { provider, registry, metrics, pushes, permits, config, authenticator }), tls: false }
+        let mut by_type: Vec<TypeMetrics> = ResourceType::PUSH_ORDER.iter().map(|ty| TypeMetrics::of(&metrics, *ty)).collect();
+        by_type.sort_by_key(|m| m.ty.index());
+        XdsServer { inner: Arc::new(Inner { provider, registry, metrics, by_type, pushes, permits, config, authenticator }), tls: false }
     }
 
     /// Who proves streams' tokens; set once, before serving.
@@ -237,11 +274,18 @@ type Queued<R> = Result<Box<R>, Status>;
 
 async fn send_all<M: Machine>(inner: &Inner, tx: &mpsc::Sender<Queued<M::Resp>>, responses: Vec<M::Resp>) -> Result<(), SendError> {
     for resp in responses {
-        let short = ResourceType::from_type_url(resp.type_url()).map_or("?", |t| t.short_name());
-        let label = TypeLabel::new(short);
-        inner.metrics.pushes.get_or_create(&label).inc();
-        inner.metrics.push_bytes.get_or_create(&label).inc_by(resp.encoded_len() as u64);
-        match tokio::time::timeout(inner.config.send_timeout, tx.send(Ok(Box::new(resp)))).await {
+        if let Some(ty) = ResourceType::from_type_url(resp.type_url()) {
+            let counted = inner.of_type(ty);
+            counted.pushes.inc();
+            counted.push_bytes.inc_by(resp.encoded_len() as u64);
+        }
+        // (A timer only when the channel is full: most sends find room.)
+        let resp = match tx.try_send(Ok(Box::new(resp))) {
+            Ok(()) => continue,
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(SendError::Closed),
+            Err(mpsc::error::TrySendError::Full(resp)) => resp,
+        };
+        match tokio::time::timeout(inner.config.send_timeout, tx.send(resp)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(SendError::Closed),
             Err(_) => return Err(SendError::TimedOut),
@@ -255,16 +299,16 @@ fn record_events(inner: &Inner, node: &ProxyNode, events: &[StreamEvent]) {
         match event {
             StreamEvent::Acked { ty, latency } => {
                 if let Some(latency) = latency {
-                    inner.metrics.convergence.get_or_create(&TypeLabel::new(ty.short_name())).observe(latency.as_secs_f64());
+                    inner.of_type(*ty).convergence.observe(latency.as_secs_f64());
                 }
             }
             StreamEvent::Nacked { ty, message } => {
-                inner.metrics.rejects.get_or_create(&TypeLabel::new(ty.short_name())).inc();
+                inner.of_type(*ty).rejects.inc();
                 tracing::warn!(proxy = %node.id, r#type = %ty, error = %message, "proxy rejected config (NACK)");
                 inner.provider.on_rejected(node, *ty, message);
             }
             StreamEvent::StaleNonce { ty, nonce } => {
-                inner.metrics.expired_nonces.get_or_create(&TypeLabel::new(ty.short_name())).inc();
+                inner.of_type(*ty).expired_nonces.inc();
                 tracing::debug!(proxy = %node.id, r#type = %ty, nonce, "ignoring request with stale nonce");
             }
         }
@@ -379,8 +423,12 @@ async fn run_stream<M: Machine>(
                 },
                 changed = pushes.changed() => {
                     if changed.is_err() { break "server shutting down"; }
-                    let Some(trigger) = *pushes.borrow_and_update() else { continue };
                     let permit = inner.permits.acquire().await.expect("semaphore never closed");
+                    // The newest push, read once this stream's turn has come: a
+                    // push that came while it waited is answered now, not by
+                    // waking it again after (under churn streams wait
+                    // longer than pushes are apart).
+                    let Some(trigger) = *pushes.borrow_and_update() else { continue };
                     let resources = inner.provider.resources_for(&node);
                     let step = machine.on_push(&resources, trigger.change_at, Instant::now());
                     drop(permit);

@@ -27,18 +27,18 @@ pub type ResponseStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status
 pub trait WireMessage: Send + 'static {
     /// Fields before the entries (version).
     fn head(&self, buf: &mut impl BufMut);
+    /// `head`'s encoded length.
+    fn head_len(&self) -> usize;
     /// The encoded resource entries, shared with every stream that sends them.
     fn entries(&self) -> &Bytes;
     /// Fields after the entries (type URL, nonce, removed names).
     fn tail(&self, buf: &mut impl BufMut);
+    /// `tail`'s encoded length.
+    fn tail_len(&self) -> usize;
     fn type_url(&self) -> &str;
 
     fn encoded_len(&self) -> usize {
-        let mut head = Vec::new();
-        self.head(&mut head);
-        let mut tail = Vec::new();
-        self.tail(&mut tail);
-        head.len() + self.entries().len() + tail.len()
+        self.head_len() + self.entries().len() + self.tail_len()
     }
 
     fn encode_to(&self, buf: &mut impl BufMut) {
@@ -47,24 +47,47 @@ pub trait WireMessage: Send + 'static {
         self.tail(buf);
     }
 
-    /// The gRPC message (5-byte prefix, then the protobuf encoding) as chunks:
-    /// the entries go out as the shared `Bytes` itself, never copied per stream.
+    /// The gRPC message (5-byte prefix, then the protobuf encoding) as chunks.
+    /// Large entries go out as the shared `Bytes` itself, never copied per
+    /// stream; a message of at most one HTTP/2 frame ([`COALESCE_UP_TO`]) is
+    /// one chunk, so it is one DATA frame and not three (an endpoint change's
+    /// response is a few hundred bytes, and each frame costs both ends a
+    /// round of HTTP/2 flow control and framing).
     fn grpc_chunks(&self, out: &mut VecDeque<Bytes>) {
-        let mut head = BytesMut::with_capacity(64);
-        head.put_slice(&[0, 0, 0, 0, 0]);
+        let len = self.encoded_len();
+        let prefix = |buf: &mut BytesMut| {
+            buf.put_u8(0);
+            buf.put_u32(len as u32);
+        };
+        if len <= COALESCE_UP_TO {
+            let mut message = BytesMut::with_capacity(5 + len);
+            prefix(&mut message);
+            self.encode_to(&mut message);
+            out.push_back(message.freeze());
+            return;
+        }
+        let mut head = BytesMut::with_capacity(5 + self.head_len());
+        prefix(&mut head);
         self.head(&mut head);
-        let mut tail = BytesMut::with_capacity(64);
-        self.tail(&mut tail);
-        let len = head.len() - 5 + self.entries().len() + tail.len();
-        head[1..5].copy_from_slice(&(len as u32).to_be_bytes());
         out.push_back(head.freeze());
         if !self.entries().is_empty() {
             out.push_back(self.entries().clone());
         }
+        let mut tail = BytesMut::with_capacity(self.tail_len());
+        self.tail(&mut tail);
         if !tail.is_empty() {
             out.push_back(tail.freeze());
         }
     }
+}
+
+/// Messages up to this size are sent as one chunk (HTTP/2's default maximum
+/// frame size): copying them costs less than framing their parts apart.
+pub const COALESCE_UP_TO: usize = 16 * 1024;
+
+/// The encoded length of a string field as [`put_string_field`] writes it.
+fn string_field_len(tag: u32, s: &str) -> usize {
+    if s.is_empty() { 0 } else { prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(s.len() as u64) + s.len() }
 }
 
 /// A SotW `DiscoveryResponse` whose resources are already encoded.
@@ -92,6 +115,10 @@ impl WireMessage for SotwResponse {
         put_string_field(1, &self.version_info, buf);
     }
 
+    fn head_len(&self) -> usize {
+        string_field_len(1, &self.version_info)
+    }
+
     fn entries(&self) -> &Bytes {
         &self.resources
     }
@@ -99,6 +126,10 @@ impl WireMessage for SotwResponse {
     fn tail(&self, buf: &mut impl BufMut) {
         put_string_field(4, self.type_url, buf);
         put_string_field(5, &self.nonce, buf);
+    }
+
+    fn tail_len(&self) -> usize {
+        string_field_len(4, self.type_url) + string_field_len(5, &self.nonce)
     }
 
     fn type_url(&self) -> &str {
@@ -131,6 +162,10 @@ impl WireMessage for DeltaResponse {
         put_string_field(1, &self.system_version_info, buf);
     }
 
+    fn head_len(&self) -> usize {
+        string_field_len(1, &self.system_version_info)
+    }
+
     fn entries(&self) -> &Bytes {
         &self.resources
     }
@@ -144,6 +179,12 @@ impl WireMessage for DeltaResponse {
             encode_varint(name.len() as u64, buf);
             buf.put_slice(name.as_bytes());
         }
+    }
+
+    fn tail_len(&self) -> usize {
+        let removed: usize =
+            self.removed_resources.iter().map(|n| prost::encoding::key_len(6) + prost::encoding::encoded_len_varint(n.len() as u64) + n.len()).sum();
+        string_field_len(4, self.type_url) + string_field_len(5, &self.nonce) + removed
     }
 
     fn type_url(&self) -> &str {
@@ -450,6 +491,42 @@ mod tests {
         assert_eq!(m.resources[0].name, "a");
         assert_eq!(m.resources[0].resource.as_ref(), Some(&any));
         assert_eq!(m.encoded_len(), delta.encoded_len());
+    }
+
+    #[test]
+    fn a_small_message_is_one_chunk_and_a_large_one_shares_its_entries() {
+        let chunks = |resp: &DeltaResponse| {
+            let mut out = VecDeque::new();
+            resp.grpc_chunks(&mut out);
+            out
+        };
+        let message = |chunks: &VecDeque<Bytes>| {
+            let whole: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+            assert_eq!(whole[0], 0, "not compressed");
+            assert_eq!(u32::from_be_bytes(whole[1..5].try_into().unwrap()) as usize, whole.len() - 5);
+            DeltaDiscoveryResponse::decode(&whole[5..]).unwrap()
+        };
+        let sized = |bytes: usize| {
+            let any = envoy_types::pb::google::protobuf::Any { type_url: "t".into(), value: vec![7; bytes] };
+            let r = std::sync::Arc::new(super::super::resources::Resource::from_any("a", any));
+            DeltaResponse {
+                system_version_info: "s".into(),
+                type_url: ResourceType::Endpoint.type_url(),
+                nonce: "9".into(),
+                resources: super::super::view::delta_entries([&r].into_iter()),
+                resource_count: 1,
+                removed_resources: vec!["gone".into()],
+            }
+        };
+        let small = sized(500);
+        let one = chunks(&small);
+        assert_eq!(one.len(), 1, "one DATA frame");
+        assert_eq!(message(&one), small.to_message());
+        let large = sized(COALESCE_UP_TO);
+        let three = chunks(&large);
+        assert_eq!(three.len(), 3);
+        assert_eq!(three[1].as_ptr(), large.resources.as_ptr(), "the shared entries, not a copy");
+        assert_eq!(message(&three), large.to_message());
     }
 
     #[tokio::test]
