@@ -467,3 +467,33 @@ fn access_control_changes_retranslate_the_workloads_they_reach() {
         }
     }
 }
+
+#[test]
+fn a_streams_memo_gives_its_set_until_the_generation_or_the_certificates_move() {
+    let (notifier, mut changes) = ChangeNotifier::channel();
+    let mesh = MeshResources::new(notifier);
+    mesh.update(inputs());
+    let _ = changes.try_recv();
+    let proxy = node("management-plane", "productpage");
+    let mut memo: StreamMemo = None;
+    let first = mesh.resources_for_stream(&proxy, &mut memo);
+    assert!(Arc::ptr_eq(&first, &mesh.resources_for(&proxy)), "the set every proxy of the scope gets");
+    assert!(Arc::ptr_eq(&first, &mesh.resources_for_stream(&proxy, &mut memo)));
+    // A new generation: the new set, and the scope registered again for the next full change.
+    let mut no_policy = inputs();
+    no_policy.traffic_policies.clear();
+    mesh.update(no_policy.clone());
+    assert!(mesh.served.is_empty(), "a full change starts the served scopes afresh");
+    let second = mesh.resources_for_stream(&proxy, &mut memo);
+    assert!(!Arc::ptr_eq(&first, &second));
+    assert!(Arc::ptr_eq(&second, &mesh.resources_for(&proxy)));
+    assert_eq!(mesh.served.len(), 1);
+    // Rotated certificates drop the cache without a new generation: the memo is stale too.
+    mesh.rotate_certificates();
+    let third = mesh.resources_for_stream(&proxy, &mut memo);
+    assert!(!Arc::ptr_eq(&second, &third), "translated again after the rotation");
+    assert!(Arc::ptr_eq(&third, &mesh.resources_for_stream(&proxy, &mut memo)));
+    // A memo some other provider left is replaced, not misread.
+    let mut foreign: StreamMemo = Some(Box::new(7u32));
+    assert!(Arc::ptr_eq(&third, &mesh.resources_for_stream(&proxy, &mut foreign)));
+}

@@ -8,11 +8,24 @@ use tokio::sync::mpsc;
 use super::node::ProxyNode;
 use super::resources::{ResourceSet, ResourceType};
 
+/// What a provider keeps for one stream between its calls (see
+/// [`ResourceProvider::resources_for_stream`]).
+pub type StreamMemo = Option<Box<dyn std::any::Any + Send + Sync>>;
+
 /// The source of every proxy's resources. The xDS server asks it on every
 /// request and push, so implementations cache per proxy scope.
 pub trait ResourceProvider: Send + Sync + 'static {
     /// The full resource set this proxy should have now.
     fn resources_for(&self, proxy: &ProxyNode) -> Arc<ResourceSet>;
+
+    /// [`ResourceProvider::resources_for`], for a stream that asks on every
+    /// push and every reply: `memo` is the stream's own, kept between its
+    /// calls, and holds whatever the provider needs to answer the next call
+    /// sooner (it starts empty).
+    fn resources_for_stream(&self, proxy: &ProxyNode, memo: &mut StreamMemo) -> Arc<ResourceSet> {
+        let _ = memo;
+        self.resources_for(proxy)
+    }
 
     /// True once every source behind the provider has loaded once.
     fn is_ready(&self) -> bool;

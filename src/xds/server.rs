@@ -18,7 +18,7 @@ use super::auth::{IdentityPolicy, StreamAuthenticator, StreamCredentials};
 use super::debounce::PushTrigger;
 use super::delta::{DeltaRequest, DeltaStream};
 use super::node::ProxyNode;
-use super::provider::ResourceProvider;
+use super::provider::{ResourceProvider, StreamMemo};
 use super::registry::{ConnectionRegistry, ProxyConnection, StreamView};
 use super::resources::{ResourceSet, ResourceType};
 use super::sotw::{ProtocolError, SotwRequest, SotwStream, Step, StreamEvent};
@@ -389,12 +389,13 @@ async fn run_stream<M: Machine>(
 
     let mut pushes = inner.pushes.clone();
     pushes.borrow_and_update();
+    let mut memo: StreamMemo = None;
     let mut unknown_types_logged = 0u32;
     let mut next = Some(first);
     let end = loop {
         let (responses, events) = if let Some(req) = next.take() {
             let permit = inner.permits.acquire().await.expect("semaphore never closed");
-            let resources = inner.provider.resources_for(&node);
+            let resources = inner.provider.resources_for_stream(&node, &mut memo);
             let result = machine.on_request(&req, &resources, Instant::now());
             drop(permit);
             match result {
@@ -429,7 +430,7 @@ async fn run_stream<M: Machine>(
                     // waking it again after (under churn streams wait
                     // longer than pushes are apart).
                     let Some(trigger) = *pushes.borrow_and_update() else { continue };
-                    let resources = inner.provider.resources_for(&node);
+                    let resources = inner.provider.resources_for_stream(&node, &mut memo);
                     let step = machine.on_push(&resources, trigger.change_at, Instant::now());
                     drop(permit);
                     (step.responses, step.events)
