@@ -16,7 +16,8 @@
 #
 # istiod admits 25 new streams a second by default (PILOT_MAX_REQUESTS_PER_SECOND);
 # ISTIOD_RPS="25 lifted" runs it with 10000 as well (ISTIOD_RPS=lifted: only
-# lifted). Ends with one markdown table per fleet size (benches/versus_table.py,
+# lifted; ISTIOD_RPS=none: meshpilot only, to measure a change to meshpilot
+# against an earlier run's istiod figures). Ends with one markdown table per fleet size (benches/versus_table.py,
 # for docs/performance.md) with the ratio istiod/meshpilot per figure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -146,6 +147,7 @@ for n in "${points[@]}"; do
   kill "$server"; wait "$server" 2>/dev/null || true
   # istiod, stock and (optionally) with its stream admission lifted
   for limit in $rps; do
+    [[ $limit == none ]] && continue
     [[ $limit == lifted ]] && limit=10000
     iport=$((port + 20))
     (cd "$work" && exec env POD_NAMESPACE=istio-system POD_NAME=istiod-bench REVISION=default PILOT_MAX_REQUESTS_PER_SECOND="$limit" \

@@ -475,6 +475,38 @@ fn status_mib(pid: u32, field: &str) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// The control plane's RSS sampled every 100 ms while a measurement runs:
+/// the most it held during it. (The RSS at a measurement's end is one
+/// moment, and VmHWM is the whole run's peak, the initial sync's included.)
+struct PhasePeak {
+    peak_kib: Arc<std::sync::atomic::AtomicU64>,
+    sampler: tokio::task::JoinHandle<()>,
+}
+
+impl PhasePeak {
+    fn start(pid: Option<u32>) -> Option<PhasePeak> {
+        let pid = pid?;
+        let peak_kib = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let peak = peak_kib.clone();
+        let sampler = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                if let Some(mib) = status_mib(pid, "VmRSS") {
+                    peak.fetch_max((mib * 1024.0) as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+        Some(PhasePeak { peak_kib, sampler })
+    }
+
+    /// The most RSS sampled, in MiB; sampling stops.
+    fn finish(self) -> f64 {
+        self.sampler.abort();
+        self.peak_kib.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0
+    }
+}
+
 /// The most RSS a process has had (`VmHWM`), in MiB.
 pub fn peak_rss_mib(pid: u32) -> Option<f64> {
     status_mib(pid, "VmHWM")
@@ -685,6 +717,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         && args.policy_change
     {
         let before = args.pid.and_then(process_usage);
+        let peak = PhasePeak::start(args.pid);
         let bytes_before = bytes(&records);
         // From the moment the write starts: a server can deliver before the
         // API's answer reaches this (busy) process.
@@ -707,7 +740,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         };
         let (mut lat, missing) = first_after(changed_at, &deliveries);
         let what = if args.change_virtual_service { "one weight change (VirtualService)" } else { "one weight change (TrafficPolicy)" };
-        report(&args, mode, what, &mut lat, missing, before, bytes(&records) - bytes_before);
+        report(&args, mode, what, &mut lat, missing, before, peak.map(PhasePeak::finish), bytes(&records) - bytes_before);
     }
     // The most it held at any moment of the run (each line's RSS is a moment).
     if let Some(peak) = args.pid.and_then(peak_rss_mib) {
@@ -732,6 +765,7 @@ async fn measure_endpoint_changes(
     what: &str,
 ) -> anyhow::Result<()> {
     let before = args.pid.and_then(process_usage);
+    let peak = PhasePeak::start(args.pid);
     let bytes_before: u64 = records.iter().map(|r| r.lock().expect("record lock").bytes).sum();
     let mut changes = Vec::new();
     let mut tick = tokio::time::interval(every.max(Duration::from_micros(1)));
@@ -763,7 +797,16 @@ async fn measure_endpoint_changes(
     let deliveries: Vec<_> = records.iter().map(|r| r.lock().expect("record lock").delivered.clone()).collect();
     let (mut lat, missing) = latencies(&changes, &deliveries, reach);
     let bytes_after: u64 = records.iter().map(|r| r.lock().expect("record lock").bytes).sum();
-    report(args, mode, &format!("{what} ({} changes)", changes.len()), &mut lat, missing, before, bytes_after - bytes_before);
+    report(
+        args,
+        mode,
+        &format!("{what} ({} changes)", changes.len()),
+        &mut lat,
+        missing,
+        before,
+        peak.map(PhasePeak::finish),
+        bytes_after - bytes_before,
+    );
     Ok(())
 }
 
@@ -857,17 +900,20 @@ impl ChangeTarget {
     }
 }
 
-fn report(args: &LoadArgs, mode: &str, what: &str, lat: &mut [f64], missing: usize, before: Option<(f64, f64)>, bytes: u64) {
+#[allow(clippy::too_many_arguments)]
+fn report(args: &LoadArgs, mode: &str, what: &str, lat: &mut [f64], missing: usize, before: Option<(f64, f64)>, peak: Option<f64>, bytes: u64) {
     let usage = args.pid.and_then(process_usage);
     let cpu = usage.zip(before).map(|(a, b)| a.1 - b.1).unwrap_or(f64::NAN);
     let rss = usage.map_or(f64::NAN, |u| u.0);
+    // (At least the RSS at the end: a measurement shorter than a sample has none.)
+    let peak = peak.map_or(f64::NAN, |p| p.max(rss));
     match percentiles(lat) {
         Some((p50, p90, p99, max)) => {
             // The first proxy served: how soon anyone gets the change
             // (`percentiles` sorted `lat`).
             let min = lat[0];
             println!(
-                "{mode}: {what}: change→delivery over {} (proxy, change) pairs: min {min:.0} ms, p50 {p50:.0} ms, p90 {p90:.0} ms, p99 {p99:.0} ms, max {max:.0} ms; {missing} not delivered; {:.1} MiB sent; RSS {rss:.0} MiB; CPU {cpu:.1}s",
+                "{mode}: {what}: change→delivery over {} (proxy, change) pairs: min {min:.0} ms, p50 {p50:.0} ms, p90 {p90:.0} ms, p99 {p99:.0} ms, max {max:.0} ms; {missing} not delivered; {:.1} MiB sent; RSS {rss:.0} MiB (at most {peak:.0} MiB during it); CPU {cpu:.1}s",
                 lat.len(),
                 bytes as f64 / 1048576.0
             );
