@@ -28,8 +28,8 @@ policies=${POLICIES:-20}
 rps=${ISTIOD_RPS:-25}
 churn=${CHURN_RATE:-100}
 
-cargo build --release --quiet
-bin=target/release/meshpilot
+# MESHPILOT_BIN: another build of meshpilot to measure (an A/B of a change).
+if [[ -n ${MESHPILOT_BIN:-} ]]; then bin=$MESHPILOT_BIN; else cargo build --release --quiet; bin=target/release/meshpilot; fi
 kubeenv="$(e2e/build.sh | tail -n 1)"
 istio="$(e2e/istio/build.sh | tail -n 1)"
 work="$(mktemp -d /tmp/versus-istiod.XXXXXX)"

@@ -36,11 +36,13 @@ def rows(path: pathlib.Path) -> dict:
         if kind is None:
             continue
         missing = re.search(r"; (\d+) \(proxy, change\) pairs not delivered", what)
+        superseded = re.search(r"(\d+) reached only as a later version", what)
         number = lambda s: float(s.split()[0]) if s and s.split()[0] not in ("nan", "NaN") else None
         out[kind] = {
             "sync": number(sync), "rss": number(rss), "cpu": number(cpu), "p50": number(p50),
             "p99": number(p99), "max": number(mx), "mib": number(mib),
             "missing": int(missing.group(1)) if missing else 0,
+            "superseded": int(superseded.group(1)) if superseded else 0,
         }
     for kind, mib in precise.items():
         if kind in out:
@@ -60,6 +62,7 @@ FIGURES = [
     ("churn p50", "endpoint churn", "p50", "ms"),
     ("churn p99", "endpoint churn", "p99", "ms"),
     ("churn: (proxy, change) pairs not delivered", "endpoint churn", "missing", ""),
+    ("churn: pairs reached only as a later version (timed to it)", "endpoint churn", "superseded", ""),
     ("churn: CPU", "endpoint churn", "cpu", "s"),
     ("churn: RSS at the end", "endpoint churn", "rss", "MiB"),
     ("one weight change p50", "one weight change", "p50", "ms"),

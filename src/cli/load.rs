@@ -529,17 +529,62 @@ type Markers = Arc<std::sync::RwLock<std::collections::HashMap<Vec<u8>, usize>>>
 
 /// For each change (marker index, when, service), each proxy's first
 /// delivery that carried it (proxies it must reach only).
-fn latencies(changes: &[(usize, Instant, usize)], deliveries: &[std::collections::BTreeMap<usize, Instant>], reach: Reach) -> (Vec<f64>, usize) {
+/// One endpoint change written: its marker's index, when, the service (for
+/// --sidecars reach) and the object it rewrote (a later change of the same
+/// object supersedes it).
+#[derive(Debug, Clone, Copy)]
+struct WrittenChange {
+    idx: usize,
+    at: Instant,
+    service: usize,
+    object: usize,
+}
+
+/// (Proxy, change) pairs without a delivery of their own: those the proxy
+/// never reached, and those it reached only as a later version of the same
+/// object (the object was rewritten before this version reached the proxy;
+/// servers push an object's newest version, as istiod does). The latter are
+/// timed to that later version's delivery, the moment the proxy had this
+/// change or a newer one, so skipping versions does not hide a late proxy.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Undelivered {
+    pairs: usize,
+    superseded: usize,
+}
+
+impl std::fmt::Display for Undelivered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} not delivered", self.pairs)?;
+        if self.superseded > 0 {
+            write!(f, ", {} reached only as a later version of the same object (timed to it)", self.superseded)?;
+        }
+        Ok(())
+    }
+}
+
+/// For each change, how long until each proxy it must reach had it (its
+/// own delivery, or a later version of the same object's), and what was not
+/// delivered.
+fn latencies(changes: &[WrittenChange], deliveries: &[std::collections::BTreeMap<usize, Instant>], reach: Reach) -> (Vec<f64>, Undelivered) {
     let mut out = Vec::new();
-    let mut missing = 0;
+    let mut missing = Undelivered::default();
+    let since = |t: &Instant, at: Instant| t.saturating_duration_since(at).as_secs_f64() * 1000.0;
     for (proxy, delivered) in deliveries.iter().enumerate() {
-        for (idx, at, service) in changes {
-            if !reach.reaches(proxy, *service) {
+        for (n, change) in changes.iter().enumerate() {
+            if !reach.reaches(proxy, change.service) {
                 continue;
             }
-            match delivered.get(idx) {
-                Some(t) => out.push(t.saturating_duration_since(*at).as_secs_f64() * 1000.0),
-                None => missing += 1,
+            if let Some(t) = delivered.get(&change.idx) {
+                out.push(since(t, change.at));
+                continue;
+            }
+            let later = changes[n + 1..].iter().filter(|l| l.object == change.object).filter_map(|l| delivered.get(&l.idx)).min();
+            match later {
+                Some(t) => {
+                    missing.superseded += 1;
+                    out.push(since(t, change.at));
+                }
+                None => missing.pairs += 1,
             }
         }
     }
@@ -547,13 +592,13 @@ fn latencies(changes: &[(usize, Instant, usize)], deliveries: &[std::collections
 }
 
 /// RDS deliveries at or after `at`, the first per proxy.
-fn first_after(at: Instant, deliveries: &[Vec<Instant>]) -> (Vec<f64>, usize) {
+fn first_after(at: Instant, deliveries: &[Vec<Instant>]) -> (Vec<f64>, Undelivered) {
     let mut out = Vec::new();
-    let mut missing = 0;
+    let mut missing = Undelivered::default();
     for times in deliveries {
         match times.iter().find(|t| **t >= at) {
             Some(t) => out.push(t.duration_since(at).as_secs_f64() * 1000.0),
-            None => missing += 1,
+            None => missing.pairs += 1,
         }
     }
     (out, missing)
@@ -779,11 +824,11 @@ async fn measure_endpoint_changes(
             idx
         };
         let at = Instant::now();
-        let s = target.endpoint_change(args, *step).await?;
-        changes.push((idx, at, s));
+        let (service, object) = target.endpoint_change(args, *step).await?;
+        changes.push(WrittenChange { idx, at, service, object });
     }
     let reach = Reach::of(args);
-    let (last, last_service) = changes.last().map(|c| (c.0, c.2)).unwrap_or_default();
+    let (last, last_service) = changes.last().map(|c| (c.idx, c.service)).unwrap_or_default();
     let deadline = Instant::now() + args.settle;
     while Instant::now() < deadline
         && !records
@@ -850,19 +895,20 @@ impl ChangeTarget {
     }
 
     /// Endpoint change `step`: one service's first endpoint gets
-    /// `fixtures::changed_address(step)`. Returns the service's index (for --sidecars reach).
-    async fn endpoint_change(&self, args: &LoadArgs, step: usize) -> anyhow::Result<usize> {
+    /// `fixtures::changed_address(step)`. Returns the service's index (for
+    /// --sidecars reach) and which object it rewrote.
+    async fn endpoint_change(&self, args: &LoadArgs, step: usize) -> anyhow::Result<(usize, usize)> {
         match self {
             ChangeTarget::ConfigDir(dir) => {
                 let (c, s) = (step % args.clusters.max(1), (step * 7919) % args.services.max(1));
                 let path = dir.join(cluster_name(c)).join(format!("{}.yaml", service_name(s)));
                 write_atomically(&path, &service_yaml(c, s, args.endpoints, step)).with_context(|| format!("writing {}", path.display()))?;
-                Ok(s)
+                Ok((s, c * args.services.max(1) + s))
             }
             ChangeTarget::Kube(client) => {
                 use crate::fixtures::kube::{CHURN_SERVICES, apply, churn_slice};
                 apply(client, &churn_slice(step % CHURN_SERVICES, args.endpoints, step)).await?;
-                Ok(0)
+                Ok((0, step % CHURN_SERVICES))
             }
         }
     }
@@ -901,7 +947,7 @@ impl ChangeTarget {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn report(args: &LoadArgs, mode: &str, what: &str, lat: &mut [f64], missing: usize, before: Option<(f64, f64)>, peak: Option<f64>, bytes: u64) {
+fn report(args: &LoadArgs, mode: &str, what: &str, lat: &mut [f64], missing: Undelivered, before: Option<(f64, f64)>, peak: Option<f64>, bytes: u64) {
     let usage = args.pid.and_then(process_usage);
     let cpu = usage.zip(before).map(|(a, b)| a.1 - b.1).unwrap_or(f64::NAN);
     let rss = usage.map_or(f64::NAN, |u| u.0);
@@ -913,13 +959,17 @@ fn report(args: &LoadArgs, mode: &str, what: &str, lat: &mut [f64], missing: usi
             // (`percentiles` sorted `lat`).
             let min = lat[0];
             println!(
-                "{mode}: {what}: change→delivery over {} (proxy, change) pairs: min {min:.0} ms, p50 {p50:.0} ms, p90 {p90:.0} ms, p99 {p99:.0} ms, max {max:.0} ms; {missing} not delivered; {:.1} MiB sent; RSS {rss:.0} MiB (at most {peak:.0} MiB during it); CPU {cpu:.1}s",
+                "{mode}: {what}: change→delivery over {} (proxy, change) pairs: min {min:.0} ms, p50 {p50:.0} ms, p90 {p90:.0} ms, p99 {p99:.0} ms, max {max:.0} ms; {missing}; {:.1} MiB sent; RSS {rss:.0} MiB (at most {peak:.0} MiB during it); CPU {cpu:.1}s",
                 lat.len(),
                 bytes as f64 / 1048576.0
             );
             if args.markdown {
-                let what =
-                    if missing > 0 { format!("{what}; {missing} (proxy, change) pairs not delivered within --settle") } else { what.to_string() };
+                let what = match (missing.pairs, missing.superseded) {
+                    (0, 0) => what.to_string(),
+                    (pairs, superseded) => {
+                        format!("{what}; {pairs} (proxy, change) pairs not delivered within --settle; {superseded} reached only as a later version")
+                    }
+                };
                 println!(
                     "| {mode} | {} | {what} | | {rss:.0} | {cpu:.1} | {p50:.0} | {p90:.0} | {p99:.0} | {max:.0} | {:.0} |",
                     args.proxies,
@@ -928,7 +978,7 @@ fn report(args: &LoadArgs, mode: &str, what: &str, lat: &mut [f64], missing: usi
             }
         }
         None => {
-            println!("{mode}: {what}: nothing delivered ({missing} missing)");
+            println!("{mode}: {what}: nothing delivered ({missing})");
             if args.markdown {
                 println!(
                     "| {mode} | {} | {what}: nothing delivered within --settle | | {rss:.0} | {cpu:.1} | | | | | {:.0} |",
@@ -1020,19 +1070,26 @@ mod tests {
     fn each_change_is_matched_to_the_delivery_that_carried_it() {
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
-        let changes = [(0, ms(0), 0), (1, ms(100), 1)];
+        let change = |idx, at, service, object| WrittenChange { idx, at: ms(at), service, object };
+        let changes = [change(0, 0, 0, 0), change(1, 100, 1, 1)];
         let deliveries = vec![[(0, ms(50)), (1, ms(300))].into(), [(1, ms(120))].into(), Default::default()];
         let everyone = Reach { scoped: false, proxy_namespaces: 10 };
         let (lat, missing) = latencies(&changes, &deliveries, everyone);
         assert_eq!(lat, vec![50.0, 200.0, 20.0]);
-        assert_eq!(missing, 3, "the second proxy never got change 0, the third got nothing");
+        assert_eq!(missing, Undelivered { pairs: 3, superseded: 0 }, "the second proxy never got change 0, the third got nothing");
         // With per-namespace Sidecars, proxy i (ns-<i % 2>) must get only its namespace's changes.
         let scoped = Reach { scoped: true, proxy_namespaces: 2 };
         let (lat, missing) = latencies(&changes, &deliveries, scoped);
         assert_eq!(lat, vec![50.0, 20.0]);
-        assert_eq!(missing, 1, "only the third proxy (ns-0) missed its change 0");
+        assert_eq!(missing.pairs, 1, "only the third proxy (ns-0) missed its change 0");
+        // Both changes rewrote one object: the second proxy had the first
+        // change once the second reached it (at 120 ms: 120 ms after the first); the third never.
+        let same_object = [change(0, 0, 0, 7), change(1, 100, 1, 7)];
+        let (lat, missing) = latencies(&same_object, &deliveries, everyone);
+        assert_eq!(lat, vec![50.0, 200.0, 120.0, 20.0]);
+        assert_eq!(missing, Undelivered { pairs: 2, superseded: 1 });
         let (lat, missing) = first_after(ms(100), &[vec![ms(50), ms(130)], vec![ms(20)]]);
-        assert_eq!((lat, missing), (vec![30.0], 1));
+        assert_eq!((lat, missing.pairs), (vec![30.0], 1));
     }
 
     #[test]
