@@ -115,7 +115,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     anyhow::ensure!(status.success(), "meshpilot bootstrap failed");
     children.spawn(
         "envoy",
-        Command::new(&args.envoy).arg("-c").arg(&bootstrap).args(["--disable-hot-restart", "--concurrency", "1", "-l", "warning"]),
+        Command::new(&args.envoy)
+            .arg("-c")
+            .arg(&bootstrap)
+            .args(["--disable-hot-restart", "--concurrency", "1", "-l", "warning"])
+            .args(super::demo_support::SIDECAR_DRAIN_ARGS),
         &logs,
     )?;
 

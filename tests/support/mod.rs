@@ -255,6 +255,7 @@ impl Envoy {
         assert!(status.success(), "meshpilot bootstrap failed");
         let mut cmd = Command::new(envoy);
         cmd.arg("-c").arg(&bootstrap).args(["--disable-hot-restart", "--concurrency", "1", "-l", "info"]);
+        cmd.args(meshpilot::cli::demo_support::SIDECAR_DRAIN_ARGS);
         Envoy { proc: Proc::spawn(&format!("envoy-{node_id}"), cmd, dir), admin_port, node_id: node_id.to_string() }
     }
 
