@@ -209,7 +209,7 @@ async fn access_control(mesh: &CapturedMesh) {
     ];
     // (A connection the caller's sidecar pooled before the policy may carry
     // one last request under the rules it was opened with: Envoy closes it
-    // after that (`SIDECAR_DRAIN_ARGS`, as pilot-agent runs it). So each is
+    // after that (`SIDECAR_ENVOY_ARGS`, as pilot-agent runs it). So each is
     // sampled until refused, and must be refused within the wait.)
     for (from, (method, path), what) in others {
         eprintln!("{what}: {method} {path} from {from}");

@@ -69,7 +69,7 @@ impl Scenario {
             .unwrap();
         assert!(status.success());
         let mut cmd = Topology::command(ns, &self.envoy);
-        cmd.arg("-c").arg(&bootstrap).args(["--disable-hot-restart", "--concurrency", "1", "-l", "info"]);
+        cmd.arg("-c").arg(&bootstrap).args(meshpilot::cli::demo_support::SIDECAR_ENVOY_ARGS).args(["-l", "info"]);
         Sidecar { _proc: Proc::spawn(&format!("envoy-{node}"), cmd, &self.dir), admin, node: node.to_string() }
     }
 

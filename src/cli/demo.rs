@@ -115,11 +115,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     anyhow::ensure!(status.success(), "meshpilot bootstrap failed");
     children.spawn(
         "envoy",
-        Command::new(&args.envoy)
-            .arg("-c")
-            .arg(&bootstrap)
-            .args(["--disable-hot-restart", "--concurrency", "1", "-l", "warning"])
-            .args(super::demo_support::SIDECAR_DRAIN_ARGS),
+        Command::new(&args.envoy).arg("-c").arg(&bootstrap).args(super::demo_support::SIDECAR_ENVOY_ARGS).args(["-l", "warning"]),
         &logs,
     )?;
 

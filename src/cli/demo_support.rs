@@ -117,12 +117,14 @@ pub async fn start_serving(
     .await
 }
 
-/// How Istio's `pilot-agent` has Envoy drain: when a listener or filter
-/// chain changes (an access-control change is one), each connection on the
-/// old one is closed at its next chance, and all are gone after 45 s.
-/// Envoy's own default drains gradually over 600 s, so a pooled connection
-/// from before a change could go on serving under the old rules for minutes.
-pub const SIDECAR_DRAIN_ARGS: [&str; 4] = ["--drain-strategy", "immediate", "--drain-time-s", "45"];
+/// How the demos and tests run a sidecar's Envoy (the log level aside): no
+/// hot restart, one worker, and drained as Istio's `pilot-agent` has it
+/// drained: when a listener or filter chain changes (an access-control
+/// change is one), each connection on the old one is closed at its next
+/// chance, and all are gone after 45 s. Envoy's own default drains
+/// gradually over 600 s, so a pooled connection from before a change could
+/// go on serving under the old rules for minutes.
+pub const SIDECAR_ENVOY_ARGS: [&str; 7] = ["--disable-hot-restart", "--concurrency", "1", "--drain-strategy", "immediate", "--drain-time-s", "45"];
 
 /// Writes a proxy's bootstrap (`meshpilot bootstrap --node-id <node>
 /// <bootstrap_args> --admin-socket <admin> -o <bootstrap>`) and starts
@@ -145,11 +147,7 @@ pub fn start_proxy(
         .arg(bootstrap)
         .status()?;
     anyhow::ensure!(status.success(), "meshpilot bootstrap failed for {node}");
-    children.spawn(
-        &format!("envoy-{node}"),
-        envoy.arg("-c").arg(bootstrap).args(["--disable-hot-restart", "--concurrency", "1", "-l", "warning"]).args(SIDECAR_DRAIN_ARGS),
-        logs,
-    )
+    children.spawn(&format!("envoy-{node}"), envoy.arg("-c").arg(bootstrap).args(SIDECAR_ENVOY_ARGS).args(["-l", "warning"]), logs)
 }
 
 pub fn share_line(counts: &BTreeMap<String, usize>) -> String {

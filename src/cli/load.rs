@@ -527,8 +527,6 @@ pub fn process_usage(pid: u32) -> Option<(f64, f64)> {
 /// all under 10.200/16, which no fixture endpoint uses) → the change's index.
 type Markers = Arc<std::sync::RwLock<std::collections::HashMap<Vec<u8>, usize>>>;
 
-/// For each change (marker index, when, service), each proxy's first
-/// delivery that carried it (proxies it must reach only).
 /// One endpoint change written: its marker's index, when, the service (for
 /// --sidecars reach) and the object it rewrote (a later change of the same
 /// object supersedes it).
@@ -569,6 +567,14 @@ fn latencies(changes: &[WrittenChange], deliveries: &[std::collections::BTreeMap
     let mut out = Vec::new();
     let mut missing = Undelivered::default();
     let since = |t: &Instant, at: Instant| t.saturating_duration_since(at).as_secs_f64() * 1000.0;
+    // Each change's next change of the same object, found once: a missed
+    // pair follows its object's later versions only (a few dozen under a
+    // churn), not every later change (thousands, for millions of pairs).
+    let mut next_of_object = vec![None; changes.len()];
+    let mut latest: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
+    for (n, change) in changes.iter().enumerate().rev() {
+        next_of_object[n] = latest.insert(change.object, n);
+    }
     for (proxy, delivered) in deliveries.iter().enumerate() {
         for (n, change) in changes.iter().enumerate() {
             if !reach.reaches(proxy, change.service) {
@@ -578,7 +584,7 @@ fn latencies(changes: &[WrittenChange], deliveries: &[std::collections::BTreeMap
                 out.push(since(t, change.at));
                 continue;
             }
-            let later = changes[n + 1..].iter().filter(|l| l.object == change.object).filter_map(|l| delivered.get(&l.idx)).min();
+            let later = std::iter::successors(next_of_object[n], |&m| next_of_object[m]).filter_map(|m| delivered.get(&changes[m].idx)).min();
             match later {
                 Some(t) => {
                     missing.superseded += 1;
@@ -1088,6 +1094,11 @@ mod tests {
         let (lat, missing) = latencies(&same_object, &deliveries, everyone);
         assert_eq!(lat, vec![50.0, 200.0, 120.0, 20.0]);
         assert_eq!(missing, Undelivered { pairs: 2, superseded: 1 });
+        // The later version is found past another object's change.
+        let interleaved = [change(0, 0, 0, 7), change(1, 100, 0, 8), change(2, 200, 0, 7)];
+        let (lat, missing) = latencies(&interleaved, &[[(1, ms(150)), (2, ms(250))].into()], everyone);
+        assert_eq!(lat, vec![250.0, 50.0, 50.0]);
+        assert_eq!(missing, Undelivered { pairs: 0, superseded: 1 });
         let (lat, missing) = first_after(ms(100), &[vec![ms(50), ms(130)], vec![ms(20)]]);
         assert_eq!((lat, missing.pairs), (vec![30.0], 1));
     }

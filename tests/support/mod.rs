@@ -254,8 +254,7 @@ impl Envoy {
             .expect("meshpilot bootstrap");
         assert!(status.success(), "meshpilot bootstrap failed");
         let mut cmd = Command::new(envoy);
-        cmd.arg("-c").arg(&bootstrap).args(["--disable-hot-restart", "--concurrency", "1", "-l", "info"]);
-        cmd.args(meshpilot::cli::demo_support::SIDECAR_DRAIN_ARGS);
+        cmd.arg("-c").arg(&bootstrap).args(meshpilot::cli::demo_support::SIDECAR_ENVOY_ARGS).args(["-l", "info"]);
         Envoy { proc: Proc::spawn(&format!("envoy-{node_id}"), cmd, dir), admin_port, node_id: node_id.to_string() }
     }
 
