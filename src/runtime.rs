@@ -32,7 +32,7 @@ use crate::sources::kubernetes::{self, KubeSourceOptions, SourceHealth};
 use crate::static_resources::{load_resource_file, watch_resource_file};
 use crate::status::{LeaseConfig, run_status_writer};
 use crate::xds::csds::Csds;
-use crate::xds::debounce::{DebounceConfig, run_debouncer};
+use crate::xds::debounce::{DebounceConfig, DebouncerThread};
 use crate::xds::provider::{ChangeNotifier, ResourceProvider, SharedResources};
 use crate::xds::registry::ConnectionRegistry;
 use crate::xds::resources::ResourceSet;
@@ -100,7 +100,9 @@ pub struct ControlPlane {
     /// The TLS listener's certificate, from the mesh CA.
     pub serving: Arc<ServingCertificate>,
     pub server: XdsServer,
-    /// The debouncer and the sources' background work: aborted at shutdown.
+    /// Turns the provider's changes into pushes; stopped at shutdown.
+    debouncer: DebouncerThread,
+    /// The sources' background work: aborted at shutdown.
     tasks: Vec<JoinHandle<()>>,
     /// File watchers: they stop when dropped.
     _watchers: Vec<notify::RecommendedWatcher>,
@@ -223,7 +225,7 @@ impl ControlPlane {
         xds: XdsServerConfig,
     ) -> ControlPlane {
         let (push_tx, push_rx) = watch::channel(None);
-        let debouncer = tokio::spawn(run_debouncer(debounce, changes, push_tx, metrics.clone()));
+        let debouncer = DebouncerThread::spawn(debounce, changes, push_tx, metrics.clone()).expect("starting the debouncer's thread");
         let registry = Arc::new(ConnectionRegistry::new());
         let server = XdsServer::new(provider.clone(), registry.clone(), metrics.clone(), push_rx, xds);
         ControlPlane {
@@ -235,7 +237,8 @@ impl ControlPlane {
             certificates: None,
             serving: Arc::new(ServingCertificate::new(crate::ca::serving::default_names(&[]), Duration::from_secs(86400))),
             server,
-            tasks: vec![debouncer],
+            debouncer,
+            tasks: Vec::new(),
             _watchers: Vec::new(),
         }
     }
@@ -255,7 +258,7 @@ impl ControlPlane {
     /// until `shutdown` resolves; then stops pushing, closes every stream
     /// (Envoy keeps its config and reconnects elsewhere) and waits 5 s at
     /// most for the listeners to drain.
-    pub async fn serve(self, listeners: Listeners, shutdown: impl std::future::Future<Output = ()>) {
+    pub async fn serve(mut self, listeners: Listeners, shutdown: impl std::future::Future<Output = ()>) {
         let admin_state = self.admin_state();
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -302,6 +305,7 @@ impl ControlPlane {
         shutdown.await;
         tracing::info!("shutting down: closing xDS streams");
         // Ending the debouncer drops the push channel, which ends every stream.
+        self.debouncer.stop();
         for t in &self.tasks {
             t.abort();
         }

@@ -98,6 +98,15 @@ impl Changed {
         }
     }
 
+    /// The files events named in `folder` (none when everything changed).
+    fn files_in<'a>(&'a self, folder: &str) -> impl Iterator<Item = &'a Path> + 'a {
+        let named = match self {
+            Changed::Folders(folders) => folders.get(folder).and_then(Option::as_ref),
+            Changed::Everything => None,
+        };
+        named.into_iter().flatten().map(PathBuf::as_path)
+    }
+
     /// Whether `file` in `folder` must be stat-ed again.
     fn file(&self, folder: &str, file: &Path) -> bool {
         match self {
@@ -159,6 +168,37 @@ fn read_dir_sorted(dir: &Path, keep: impl Fn(&std::fs::DirEntry) -> bool) -> Res
         .collect();
     out.sort();
     Ok(out)
+}
+
+/// `listed` (a folder's manifests as `read_dir` gave them) completed with
+/// the manifests it should have shown: a file this source already knew
+/// (`known`) or an event just named (`named`) that is still a manifest file
+/// on disk. A listing taken while a file is replaced by a rename may leave
+/// the file out (readdir is unspecified for entries renamed during it, and
+/// tmpfs, where such a folder often lives, moves a renamed entry in its
+/// list): under 100 edits a second one reload in a few had dropped a
+/// service for a moment, sending every proxy its clusters without it and
+/// then with it, and all their endpoints twice over. Sorted, no repeats.
+fn complete_listing<'a>(
+    mut listed: Vec<PathBuf>,
+    known: impl IntoIterator<Item = &'a Path>,
+    named: impl IntoIterator<Item = &'a Path>,
+) -> Vec<PathBuf> {
+    let mut missed: Vec<PathBuf> = known
+        .into_iter()
+        .chain(named)
+        .filter(|f| listed.binary_search_by(|l| l.as_path().cmp(f)).is_err())
+        .filter(|f| is_manifest(f) && f.is_file())
+        .map(Path::to_path_buf)
+        .collect();
+    if missed.is_empty() {
+        return listed;
+    }
+    tracing::debug!(files = ?missed, "a folder's listing left out files that are there; reading them too");
+    listed.append(&mut missed);
+    listed.sort();
+    listed.dedup();
+    listed
 }
 
 /// A manifest file. The entry's type comes from the directory listing (no
@@ -343,7 +383,13 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
             inputs.clusters.insert(name.clone(), state.clone());
             continue;
         }
-        let files: Vec<PathBuf> = read_dir_sorted(&entry, is_manifest_file)?;
+        let files = {
+            let known: Vec<&Path> = match memory.clusters.get(&name) {
+                Some((built_from, _, _)) => built_from.iter().map(|(f, _)| f.as_path()).collect(),
+                None => memory.files.keys().filter(|f| f.parent() == Some(entry.as_path())).map(PathBuf::as_path).collect(),
+            };
+            complete_listing(read_dir_sorted(&entry, is_manifest_file)?, known, changed.files_in(&name))
+        };
         // A file's stamp: taken again when an event named it, else the last one.
         let stamp_of = |stamps: &HashMap<PathBuf, FileStamp>, f: &PathBuf| match stamps.get(f) {
             Some(stamp) if !changed.file(&name, f) => Some(*stamp),
@@ -556,6 +602,25 @@ mod tests {
         "apiVersion: v1\nkind: Service\nmetadata: {name: reviews}\nspec: {selector: {app: reviews}, ports: [{name: http, port: 9080}]}\n";
     const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: r1, labels: {app: reviews, version: v1}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 127.0.0.9}\n";
     const POLICY: &str = "apiVersion: networking.zephyr.solo.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p, namespace: service-mesh-hub}\nspec:\n  destinationSelector: {serviceRefs: {services: [{cluster: c1, name: reviews, namespace: default}]}}\n  trafficShift: {destinations: [{destination: {cluster: c1, name: reviews, namespace: default}, weight: 1}]}\n";
+
+    #[test]
+    fn a_listing_that_left_out_a_replaced_or_new_file_is_completed_and_a_deleted_one_stays_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |n: &str| dir.path().join(n);
+        for name in ["a.yaml", "b.yaml", "c.yaml", "notes.txt"] {
+            std::fs::write(path(name), SVC).unwrap();
+        }
+        // The listing missed b (known: being replaced) and c (new: an event named it);
+        // gone.yaml was known but is deleted; notes.txt is no manifest.
+        let listed = vec![path("a.yaml")];
+        let known = [path("a.yaml"), path("b.yaml"), path("gone.yaml")];
+        let named = [path("c.yaml"), path("notes.txt")];
+        let completed = complete_listing(listed, known.iter().map(PathBuf::as_path), named.iter().map(PathBuf::as_path));
+        assert_eq!(completed, vec![path("a.yaml"), path("b.yaml"), path("c.yaml")]);
+        // A complete listing stays as it is.
+        let whole = vec![path("a.yaml"), path("b.yaml")];
+        assert_eq!(complete_listing(whole.clone(), known.iter().map(PathBuf::as_path), std::iter::empty()), whole);
+    }
 
     #[test]
     fn a_reload_after_a_quiet_pace_is_at_once_and_one_within_it_waits_the_rest() {
