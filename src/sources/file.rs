@@ -420,23 +420,24 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
             };
             let unchanged = stamp.is_some() && memory.stamps.get(&file) == stamp.as_ref();
             let cached = if unchanged { memory.files.get(&file).cloned() } else { None };
-            let parsed = match cached {
-                Some(objects) => Ok(objects),
-                None => parse_file(&file, in_mesh),
-            };
-            let objects = match parsed {
-                Ok(objects) => {
-                    memory.files.insert(file.clone(), objects.clone());
-                    if let Some(stamp) = stamp {
-                        memory.stamps.insert(file.clone(), stamp);
+            // (What was cached stays as it is: putting back a copy of it had
+            // been a second deep copy of every file of a changed folder.)
+            let objects = match cached {
+                Some(cached) => cached,
+                None => match parse_file(&file, in_mesh) {
+                    Ok(objects) => {
+                        memory.files.insert(file.clone(), objects.clone());
+                        if let Some(stamp) = stamp {
+                            memory.stamps.insert(file.clone(), stamp);
+                        }
+                        objects
                     }
-                    objects
-                }
-                Err(e) => {
-                    let kept = memory.files.get(&file).cloned();
-                    inputs.errors.push(if kept.is_some() { format!("{e} (the file's last good contents keep serving)") } else { e });
-                    kept.unwrap_or_default()
-                }
+                    Err(e) => {
+                        let kept = memory.files.get(&file).cloned();
+                        inputs.errors.push(if kept.is_some() { format!("{e} (the file's last good contents keep serving)") } else { e });
+                        kept.unwrap_or_default()
+                    }
+                },
             };
             if in_mesh {
                 mesh_objects.traffic_policies.extend(objects.traffic_policies);
