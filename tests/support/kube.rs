@@ -27,11 +27,25 @@ pub fn kubeenv_or_skip(test: &str) -> Option<PathBuf> {
     Some(PathBuf::from(path))
 }
 
-/// Three consecutive free ports (kube-apiserver, etcd client, etcd peer).
+/// Three consecutive free ports (kube-apiserver, etcd client, etcd peer),
+/// below the kernel's ephemeral range (32768+): there, a port free when
+/// checked could be taken by another cluster's outgoing connection (its
+/// apiserver to its etcd) before kubeenv binds it. Each call in a process
+/// starts past the last one's triple, so clusters started together never
+/// pick the same ports; the start is spread by the process id.
 pub fn free_port_triple() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const LOW: u16 = 20000;
+    const HIGH: u16 = 32700;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(0, LOW + (std::process::id() % 4000) as u16 * 3, Ordering::SeqCst, Ordering::SeqCst);
     loop {
-        let p = free_port();
-        if p < 65000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+        let mut p = NEXT.fetch_add(3, Ordering::SeqCst);
+        if p >= HIGH {
+            NEXT.store(LOW + 3, Ordering::SeqCst);
+            p = LOW;
+        }
+        if (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
             return p;
         }
     }
@@ -60,13 +74,19 @@ impl KubeCluster {
         let mut cmd = Command::new(&self.bin);
         cmd.args(["cluster", "--name", &self.name, "--port", &self.port.to_string(), "--dir"]).arg(&self.dir);
         let proc = Proc::spawn(&format!("kubeenv-{}", self.name), cmd, &self.dir);
+        let mut proc = proc;
         let ready = self.dir.join("ready");
         let started = Instant::now();
-        wait_for(&format!("cluster {} ready", self.name), Duration::from_secs(180), || {
-            let ready = ready.clone();
-            async move { ready.exists().then_some(()) }
-        })
-        .await;
+        // Ready, or the reason it is not: kubeenv's exit or its log at the deadline.
+        while !ready.exists() {
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                panic!("kubeenv for cluster {} (port {}) exited ({status}) before it was ready:\n{}", self.name, self.port, proc.log_tail());
+            }
+            if started.elapsed() > Duration::from_secs(180) {
+                panic!("timed out after 180s waiting for cluster {} (port {}) ready:\n{}", self.name, self.port, proc.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         eprintln!("cluster {} ready in {:.1}s", self.name, started.elapsed().as_secs_f64());
         self.proc = Some(proc);
     }
