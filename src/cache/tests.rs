@@ -14,6 +14,16 @@ fn inputs() -> MeshInputs {
         .clone()
 }
 
+/// A mesh cache with the bookinfo example loaded, its first change notice
+/// taken, and the channel of the ones to come.
+fn loaded() -> (MeshResources, tokio::sync::mpsc::UnboundedReceiver<std::time::Instant>) {
+    let (notifier, mut changes) = ChangeNotifier::channel();
+    let mesh = MeshResources::new(notifier);
+    mesh.update(inputs());
+    let _ = changes.try_recv();
+    (mesh, changes)
+}
+
 fn node(cluster: &str, app: &str) -> ProxyNode {
     ProxyNode {
         id: format!("{app}-1"),
@@ -122,10 +132,7 @@ fn captured_replicas_at_different_addresses_share_one_translation() {
 
 #[test]
 fn unchanged_inputs_do_not_push_and_policy_changes_retranslate() {
-    let (notifier, mut changes) = ChangeNotifier::channel();
-    let mesh = MeshResources::new(notifier);
-    mesh.update(inputs());
-    let _ = changes.try_recv();
+    let (mesh, mut changes) = loaded();
     let n = node("management-plane", "productpage");
     let first = mesh.resources_for(&n);
     mesh.update(inputs());
@@ -142,10 +149,7 @@ fn unchanged_inputs_do_not_push_and_policy_changes_retranslate() {
 
 #[test]
 fn a_sidecar_change_retranslates_the_proxies_it_scopes() {
-    let (notifier, mut changes) = ChangeNotifier::channel();
-    let mesh = MeshResources::new(notifier);
-    mesh.update(inputs());
-    let _ = changes.try_recv();
+    let (mesh, mut changes) = loaded();
     let n = node("management-plane", "productpage");
     let ratings = "outbound|9080||ratings.default.svc.cluster.local";
     assert!(mesh.resources_for(&n).get(ResourceType::Cluster, ratings).is_some());
@@ -179,10 +183,7 @@ fn a_sidecar_change_retranslates_the_proxies_it_scopes() {
 
 #[test]
 fn a_full_change_translates_the_served_scopes_before_it_is_published() {
-    let (notifier, mut changes) = ChangeNotifier::channel();
-    let mesh = MeshResources::new(notifier);
-    mesh.update(inputs());
-    let _ = changes.try_recv();
+    let (mesh, mut changes) = loaded();
     let served = node("management-plane", "productpage");
     let other = node("remote-cluster", "reviews");
     let first = mesh.resources_for(&served);
@@ -470,10 +471,7 @@ fn access_control_changes_retranslate_the_workloads_they_reach() {
 
 #[test]
 fn a_streams_memo_gives_its_set_until_the_generation_or_the_certificates_move() {
-    let (notifier, mut changes) = ChangeNotifier::channel();
-    let mesh = MeshResources::new(notifier);
-    mesh.update(inputs());
-    let _ = changes.try_recv();
+    let (mesh, _changes) = loaded();
     let proxy = node("management-plane", "productpage");
     let mut memo: StreamMemo = None;
     let first = mesh.resources_for_stream(&proxy, &mut memo);
