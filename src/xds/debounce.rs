@@ -99,8 +99,8 @@ impl Debouncer {
 /// it: under 100 changes a second at 10,000 proxies every worker has
 /// thousands of stream tasks queued, and a debouncer among them had pushed
 /// 0.2–1 s after a change it should have pushed at once (half of the
-/// pushes; `meshpilot_debounce_seconds`), which was a third of the churn's
-/// change-to-delivery latency.
+/// pushes; `meshpilot_debounce_seconds`). (The churn's p99 did not move
+/// with it: there the fleet's own cycle on saturated cores is the wait.)
 ///
 /// Stopping it (or dropping it) closes the push channel, which ends every stream.
 pub struct DebouncerThread {
@@ -135,7 +135,7 @@ impl DebouncerThread {
 }
 
 /// Runs the debouncer: reads change events, publishes push triggers.
-pub async fn run_debouncer(
+async fn run_debouncer(
     config: DebounceConfig,
     mut changes: mpsc::UnboundedReceiver<Instant>,
     pushes: watch::Sender<Option<PushTrigger>>,
