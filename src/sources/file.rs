@@ -420,8 +420,9 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
             };
             let unchanged = stamp.is_some() && memory.stamps.get(&file) == stamp.as_ref();
             let cached = if unchanged { memory.files.get(&file).cloned() } else { None };
-            // (What was cached stays as it is: putting back a copy of it had
-            // been a second deep copy of every file of a changed folder.)
+            // (What was cached stays as it is: putting a copy of it back had
+            // copied every file's object lists of a changed folder a second
+            // time: their `Arc`s for cluster objects, policies whole.)
             let objects = match cached {
                 Some(cached) => cached,
                 None => match parse_file(&file, in_mesh) {
