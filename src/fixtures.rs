@@ -83,7 +83,7 @@ pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
             let svc = service_name(s);
             state.services.insert(
                 (ns.clone(), svc.clone()),
-                Service {
+                std::sync::Arc::new(Service {
                     key: ServiceKey::new(&name, &ns, &svc),
                     ports: vec![ServicePort::named("http", 9080)],
                     labels: [("app".to_string(), svc.clone())].into(),
@@ -91,7 +91,7 @@ pub fn scale_inputs(spec: ScaleSpec) -> MeshInputs {
                     headless: false,
                     excluded_ports: Vec::new(),
                     external_addresses: Vec::new(),
-                },
+                }),
             );
             state.endpoints.insert((ns, svc), std::sync::Arc::new((0..spec.endpoints).map(|i| endpoint(c, s, i)).collect()));
         }

@@ -91,6 +91,9 @@ type TargetPort = (ServicePort, Option<IntOrString>);
 /// reload of one endpoint change from 39–41 ms to 28 ms (docs/performance.md).
 #[derive(Debug, Default)]
 pub struct ClusterMemo {
+    /// Each stored Service's conversion, by the stored object's address (the
+    /// object is held with it, so the address cannot be reused meanwhile).
+    services: HashMap<usize, (Arc<Service>, Arc<ConvertedService>)>,
     built: HashMap<(String, String), BuiltEndpoints>,
     /// The Pods of the last build, in order (None before the first)...
     pods: Option<Vec<Arc<PodSummary>>>,
@@ -158,6 +161,59 @@ struct BuiltEndpoints {
     endpoints: Arc<Vec<Endpoint>>,
 }
 
+/// One Service as the cluster's state holds it, with what the build of its
+/// endpoints needs (target ports, selector) and what was wrong with it.
+#[derive(Debug)]
+struct ConvertedService {
+    /// None: not routable (no name).
+    service: Option<Arc<MeshService>>,
+    targets: Vec<TargetPort>,
+    selector: Option<BTreeMap<String, String>>,
+    errors: Vec<String>,
+}
+
+fn convert_service(cluster: &str, svc: &Service) -> ConvertedService {
+    let mut errors = Vec::new();
+    let Some(svc_name) = svc.metadata.name.clone() else {
+        errors.push(format!("cluster {cluster}: a Service without metadata.name"));
+        return ConvertedService { service: None, targets: Vec::new(), selector: None, errors };
+    };
+    let namespace = ns_of(&svc.metadata);
+    let spec = svc.spec.as_ref();
+    let mut ports = Vec::new();
+    let mut targets = Vec::new();
+    for (i, p) in spec.and_then(|s| s.ports.as_ref()).into_iter().flatten().enumerate() {
+        let Ok(port) = u16::try_from(p.port) else {
+            errors.push(format!("Service {namespace}/{svc_name} in cluster {cluster}: spec.ports[{i}].port {} is out of range", p.port));
+            continue;
+        };
+        let port_name = p.name.clone().unwrap_or_default();
+        let (protocol, protocol_reason) = super::protocol::port_protocol(&port_name, p.app_protocol.as_deref(), p.protocol.as_deref());
+        let sp = ServicePort { name: port_name, port, protocol, protocol_reason };
+        targets.push((sp.clone(), p.target_port.clone()));
+        ports.push(sp);
+    }
+    if ports.is_empty() {
+        errors.push(format!("Service {namespace}/{svc_name} in cluster {cluster}: spec.ports is empty; it is not routable"));
+    }
+    let cluster_ip = spec.and_then(|s| s.cluster_ip.as_deref());
+    let service = MeshService {
+        key: ServiceKey::new(cluster, &namespace, &svc_name),
+        ports,
+        labels: svc.metadata.labels.clone().unwrap_or_default(),
+        headless: cluster_ip == Some("None"),
+        excluded_ports: Vec::new(),
+        cluster_ip: cluster_ip.filter(|ip| !ip.is_empty() && *ip != "None").map(str::to_string),
+        external_addresses: spec
+            .and_then(|s| s.external_ips.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .chain(svc.status.iter().filter_map(|s| s.load_balancer.as_ref()).flat_map(|lb| lb.ingress.iter().flatten()).filter_map(|i| i.ip.clone()))
+            .collect(),
+    };
+    ConvertedService { service: Some(Arc::new(service)), targets, selector: spec.and_then(|s| s.selector.clone()).filter(|s| !s.is_empty()), errors }
+}
+
 /// Builds a cluster's services and endpoints; problems (a slice for an unknown
 /// service, a Service without ports) are returned as messages naming the object.
 pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec<String>) {
@@ -187,61 +243,24 @@ pub fn cluster_state_reusing(name: &str, objects: &ClusterObjects, memo: &mut Cl
         .filter_map(|ns| ns.metadata.name.clone())
         .collect();
 
-    // Target ports per service, for endpoints derived from Pods.
-    let mut target_ports: HashMap<(String, String), Vec<TargetPort>> = HashMap::new();
-    let mut selectors: HashMap<(String, String), BTreeMap<String, String>> = HashMap::new();
+    // Each Service converted, or its conversion from the last build when it
+    // is the same stored object (most are: an endpoint change rewrites a slice).
+    let mut converted_now = HashMap::with_capacity(objects.services.len());
+    // Each routable Service's conversion, by (namespace, name): its target
+    // ports and selector, for endpoints derived from Pods.
+    let mut by_key: HashMap<(String, String), Arc<ConvertedService>> = HashMap::new();
     for svc in &objects.services {
-        let Some(svc_name) = svc.metadata.name.clone() else {
-            errors.push(format!("cluster {name}: a Service without metadata.name"));
-            continue;
-        };
-        let namespace = ns_of(&svc.metadata);
-        let spec = svc.spec.clone().unwrap_or_default();
-        let mut ports = Vec::new();
-        let mut targets = Vec::new();
-        for (i, p) in spec.ports.unwrap_or_default().iter().enumerate() {
-            let Ok(port) = u16::try_from(p.port) else {
-                errors.push(format!("Service {namespace}/{svc_name} in cluster {name}: spec.ports[{i}].port {} is out of range", p.port));
-                continue;
-            };
-            let port_name = p.name.clone().unwrap_or_default();
-            let (protocol, protocol_reason) = super::protocol::port_protocol(&port_name, p.app_protocol.as_deref(), p.protocol.as_deref());
-            let sp = ServicePort { name: port_name, port, protocol, protocol_reason };
-            targets.push((sp.clone(), p.target_port.clone()));
-            ports.push(sp);
+        let at = Arc::as_ptr(svc) as usize;
+        let (held, converted) = memo.services.remove(&at).unwrap_or_else(|| (svc.clone(), Arc::new(convert_service(name, svc))));
+        errors.extend(converted.errors.iter().cloned());
+        if let Some(service) = &converted.service {
+            let key = (service.key.namespace.clone(), service.key.name.clone());
+            state.services.insert(key.clone(), service.clone());
+            by_key.insert(key, converted.clone());
         }
-        if ports.is_empty() {
-            errors.push(format!("Service {namespace}/{svc_name} in cluster {name}: spec.ports is empty; it is not routable"));
-        }
-        let key = (namespace.clone(), svc_name.clone());
-        target_ports.insert(key.clone(), targets);
-        if let Some(sel) = spec.selector.filter(|s| !s.is_empty()) {
-            selectors.insert(key.clone(), sel);
-        }
-        state.services.insert(
-            key,
-            MeshService {
-                key: ServiceKey::new(name, &namespace, &svc_name),
-                ports,
-                labels: svc.metadata.labels.clone().unwrap_or_default(),
-                headless: spec.cluster_ip.as_deref() == Some("None"),
-                excluded_ports: Vec::new(),
-                cluster_ip: spec.cluster_ip.filter(|ip| !ip.is_empty() && ip != "None"),
-                external_addresses: spec
-                    .external_ips
-                    .unwrap_or_default()
-                    .into_iter()
-                    .chain(
-                        svc.status
-                            .iter()
-                            .filter_map(|s| s.load_balancer.as_ref())
-                            .flat_map(|lb| lb.ingress.iter().flatten())
-                            .filter_map(|i| i.ip.clone()),
-                    )
-                    .collect(),
-            },
-        );
+        converted_now.insert(at, (held, converted));
     }
+    memo.services = converted_now;
 
     exclude_colliding_ports(name, &mut state, &mut errors);
 
@@ -376,11 +395,12 @@ pub fn cluster_state_reusing(name: &str, objects: &ClusterObjects, memo: &mut Cl
     memo.built = built;
 
     // Services without slices: endpoints from the Pods their selector matches.
-    for (key, selector) in &selectors {
+    for (key, converted) in &by_key {
+        let Some(selector) = &converted.selector else { continue };
         if has_slices.contains(key) {
             continue;
         }
-        let targets = &target_ports[key];
+        let targets = &converted.targets;
         let mut eps = Vec::new();
         for pod in objects.pods.iter().filter(|p| p.namespace == key.0) {
             if !selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v)) {
@@ -447,13 +467,15 @@ fn exclude_colliding_ports(cluster: &str, state: &mut ClusterState, errors: &mut
             }
         }
     }
-    for (key, svc) in state.services.iter_mut() {
-        if svc.labels.contains_key(NETWORK_LABEL) {
+    for (key, shared) in state.services.iter_mut() {
+        if shared.labels.contains_key(NETWORK_LABEL) {
             continue;
         }
         let (ns, name) = key;
         let mut notes = Vec::new();
-        svc.ports.retain(|p| {
+        let mut ports = shared.ports.clone();
+        let svc = &**shared;
+        ports.retain(|p| {
             let why = if SIDECAR_PORTS.contains(&p.port) {
                 Some(format!("port {} collides with the sidecar's own ports (15000-15090)", p.port))
             } else {
@@ -476,7 +498,13 @@ fn exclude_colliding_ports(cluster: &str, state: &mut ClusterState, errors: &mut
         for n in &notes {
             errors.push(format!("Service {ns}/{name} in cluster {cluster}: {n}"));
         }
-        svc.excluded_ports = notes;
+        // (Only a Service with ports left out is copied: the others stay
+        // shared with the conversion the next build reuses.)
+        if !notes.is_empty() {
+            let svc = Arc::make_mut(shared);
+            svc.ports = ports;
+            svc.excluded_ports = notes;
+        }
     }
 }
 
@@ -538,6 +566,41 @@ mod tests {
         let (fourth, _) = cluster_state_reusing("c1", &objects, &mut memo);
         assert!(!fourth.endpoints.contains_key(&key("b")));
         assert_eq!(memo.built.len(), 2);
+    }
+
+    #[test]
+    fn a_rebuild_keeps_the_conversion_of_every_service_that_is_the_same_object() {
+        let key = |n: &str| ("default".to_string(), n.to_string());
+        let with_ip = |name: &str, ip: &str| -> Arc<Service> {
+            Arc::new(parse(&format!(
+                "metadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 9080}}]}}"
+            )))
+        };
+        let mut objects =
+            ClusterObjects { services: vec![with_ip("a", "10.96.0.1"), with_ip("b", "10.96.0.2"), with_ip("c", "10.96.0.3")], ..Default::default() };
+        let mut memo = ClusterMemo::default();
+        let (first, _) = cluster_state_reusing("c1", &objects, &mut memo);
+        // b is rewritten: a new object, converted again; a and c are kept.
+        objects.services[1] = with_ip("b", "10.96.0.3");
+        let (second, errors) = cluster_state_reusing("c1", &objects, &mut memo);
+        assert!(Arc::ptr_eq(&first.services[&key("a")], &second.services[&key("a")]), "the same object: its conversion is kept");
+        assert!(!Arc::ptr_eq(&first.services[&key("b")], &second.services[&key("b")]));
+        // b now claims c's ClusterIP and port: both leave the port out, each a copy of its own...
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(second.services[&key("c")].ports.is_empty() && !second.services[&key("c")].excluded_ports.is_empty());
+        assert_eq!(second, cluster_state("c1", &objects).0, "reused or not, what a build from scratch makes");
+        // ...and the kept conversion is untouched: once b moves away, c serves its port again.
+        objects.services[1] = with_ip("b", "10.96.0.2");
+        let (third, errors) = cluster_state_reusing("c1", &objects, &mut memo);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(third.services[&key("c")].ports.len(), 1);
+        assert!(third.services[&key("c")].excluded_ports.is_empty());
+        assert!(Arc::ptr_eq(&first.services[&key("c")], &third.services[&key("c")]));
+        // A Service removed leaves the memo.
+        objects.services.remove(0);
+        let (fourth, _) = cluster_state_reusing("c1", &objects, &mut memo);
+        assert!(!fourth.services.contains_key(&key("a")));
+        assert_eq!(memo.services.len(), 2);
     }
 
     #[test]

@@ -181,7 +181,8 @@ pub struct ClusterState {
     pub name: String,
     /// The cluster's default network (istio-system's `topology.istio.io/network`), "" if unset.
     pub network: String,
-    pub services: BTreeMap<(String, String), Service>,
+    /// Shared: a rebuild keeps an unchanged Service's conversion (the same `Arc`).
+    pub services: BTreeMap<(String, String), Arc<Service>>,
     /// Each service's endpoints, shared: a rebuild that did not touch a
     /// service keeps its list (the same `Arc`), so comparing two states skips it.
     pub endpoints: BTreeMap<(String, String), Arc<Vec<Endpoint>>>,
@@ -393,7 +394,7 @@ impl MeshSnapshot {
     }
 
     pub fn service(&self, key: &ServiceKey) -> Option<&Service> {
-        self.clusters.get(&key.cluster)?.services.get(&(key.namespace.clone(), key.name.clone()))
+        self.clusters.get(&key.cluster)?.services.get(&(key.namespace.clone(), key.name.clone())).map(|s| &**s)
     }
 
     pub fn endpoints(&self, key: &ServiceKey) -> &[Endpoint] {
@@ -410,7 +411,7 @@ impl MeshSnapshot {
     }
 
     pub fn all_services(&self) -> impl Iterator<Item = &Service> {
-        self.clusters.values().flat_map(|c| c.services.values())
+        self.clusters.values().flat_map(|c| c.services.values()).map(|s| &**s)
     }
 }
 
