@@ -303,16 +303,28 @@ struct StreamScope {
     generation: u64,
     epoch: u64,
     set: Option<Arc<ResourceSet>>,
+    /// The epoch in which `full` was last noted among the served scopes.
+    noted_in: Option<u64>,
 }
 
 impl MeshResources {
     /// The set of the proxy whose full scope is `full`, at the published
     /// generation (returned with it).
     fn lookup(&self, full: &ProxyScope) -> (u64, Arc<ResourceSet>) {
-        let (generation, snapshot, memo) = self.published();
+        self.note_served(full);
+        self.lookup_noted(full)
+    }
+
+    /// Remembers `full` among the scopes served (a full change translates them before it is published).
+    fn note_served(&self, full: &ProxyScope) {
         if !self.served.contains_key(full) {
             self.served.insert(full.clone(), ());
         }
+    }
+
+    /// [`lookup`](Self::lookup) of a scope already noted as served.
+    fn lookup_noted(&self, full: &ProxyScope) -> (u64, Arc<ResourceSet>) {
+        let (generation, snapshot, memo) = self.published();
         let scope = full.clone().resolved(&snapshot);
         // (An entry newer than the generation read above is as good.)
         if let Some(e) = self.cache.get(&scope)
@@ -334,7 +346,7 @@ impl ResourceProvider for MeshResources {
 
     fn resources_for_stream(&self, proxy: &ProxyNode, memo: &mut StreamMemo) -> Arc<ResourceSet> {
         if !memo.as_ref().is_some_and(|m| m.is::<StreamScope>()) {
-            *memo = Some(Box::new(StreamScope { full: scope_of(proxy), generation: 0, epoch: 0, set: None }));
+            *memo = Some(Box::new(StreamScope { full: scope_of(proxy), generation: 0, epoch: 0, set: None, noted_in: None }));
         }
         let mine = memo.as_mut().and_then(|m| m.downcast_mut::<StreamScope>()).expect("set above");
         // (The epoch is read before the generation: a change that moves both
@@ -346,7 +358,14 @@ impl ResourceProvider for MeshResources {
         {
             return set.clone();
         }
-        let (generation, set) = self.lookup(&mine.full);
+        // Noted once per epoch (`served` is cleared only with a new one):
+        // hashing and comparing the whole scope in `served` on every push had
+        // been half of a lookup's cost in an endpoint push to 1,000 proxies.
+        if mine.noted_in != Some(epoch) {
+            self.note_served(&mine.full);
+            mine.noted_in = Some(epoch);
+        }
+        let (generation, set) = self.lookup_noted(&mine.full);
         (mine.generation, mine.epoch, mine.set) = (generation, epoch, Some(set.clone()));
         set
     }
