@@ -201,6 +201,10 @@ trait Machine: StreamView + Clone + Sized + Send + Sync + 'static {
     fn node(req: &Self::Req) -> Option<&Node>;
     fn on_request(&self, req: &Self::Req, res: &ResourceSet, now: Instant) -> Result<Step<Self::Resp>, ProtocolError>;
     fn on_push(&self, res: &ResourceSet, change_at: Instant, now: Instant) -> Step<Self::Resp>;
+    /// Notes a push that nothing could be sent for now (see `DeltaStream::defer_push`).
+    fn defer_push(&self, _change_at: Instant, _now: Instant) -> bool {
+        false
+    }
 }
 
 impl Machine for Arc<Mutex<SotwStream>> {
@@ -236,6 +240,9 @@ impl Machine for Arc<Mutex<DeltaStream>> {
     }
     fn on_push(&self, res: &ResourceSet, change_at: Instant, now: Instant) -> Step<DeltaResponse> {
         self.lock().expect("stream lock").on_push(res, change_at, now)
+    }
+    fn defer_push(&self, change_at: Instant, now: Instant) -> bool {
+        self.lock().expect("stream lock").defer_push(change_at, now)
     }
 }
 
@@ -424,6 +431,14 @@ async fn run_stream<M: Machine>(
                 },
                 changed = pushes.changed() => {
                     if changed.is_err() { break "server shutting down"; }
+                    // A stream waiting for the replies to all its last responses
+                    // sends nothing now: it notes the change (sent with the
+                    // replies) without a permit or its set looked up.
+                    if let Some(trigger) = *pushes.borrow_and_update()
+                        && machine.defer_push(trigger.change_at, Instant::now())
+                    {
+                        continue;
+                    }
                     let permit = inner.permits.acquire().await.expect("semaphore never closed");
                     // The newest push, read once this stream's turn has come: a
                     // push that came while it waited is answered now, not by
