@@ -437,7 +437,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     Command::Sample(args) => run_sample(args).await,
                     #[cfg(feature = "testkit")]
-                    Command::Load(args) => load::run(args).await,
+                    Command::Load(args) => {
+                        // Its report is its output; logs only when asked for (`MESHPILOT_LOG`).
+                        if std::env::var_os("MESHPILOT_LOG").is_some() {
+                            init_tracing();
+                        }
+                        load::run(args).await
+                    }
                     Command::Cluster(args) => match args.command {
                         cluster::ClusterCommand::Register(a) => cluster::register(a).await,
                         cluster::ClusterCommand::Deregister(a) => cluster::deregister(a).await,
