@@ -546,8 +546,21 @@ fn new_markers() -> Markers {
 
 /// The change a marked address introduced, if one was written.
 fn marker_index(markers: &MarkerTable, address: &[u8]) -> Option<usize> {
-    let step = crate::fixtures::step_of_changed_address(std::str::from_utf8(address).ok()?)?;
+    let step = marker_step(address)?;
     markers.by_step.get(step % MARKER_STEPS).copied().filter(|i| *i > 0).map(|i| i as usize - 1)
+}
+
+/// [`crate::fixtures::step_of_changed_address`] on the address's bytes (a
+/// million a second under a churn: no UTF-8 check, no string search).
+fn marker_step(address: &[u8]) -> Option<usize> {
+    let rest = address.strip_prefix(crate::fixtures::CHANGED_ADDRESS_PREFIX.as_bytes())?;
+    let dot = rest.iter().position(|b| *b == b'.')?;
+    let number = |digits: &[u8]| -> Option<usize> {
+        (!digits.is_empty() && digits.len() <= 3 && digits.iter().all(u8::is_ascii_digit))
+            .then(|| digits.iter().fold(0, |n, d| n * 10 + usize::from(d - b'0')))
+    };
+    let (high, low) = (number(&rest[..dot])?, number(&rest[dot + 1..])?);
+    (high < 250 && (1..=250).contains(&low)).then(|| high * 250 + low - 1)
 }
 
 /// One proxy's first delivery of each change (by its index): a bit per
@@ -1206,6 +1219,13 @@ mod tests {
         let index = |step: usize| marker_index(&m, crate::fixtures::changed_address(step).as_bytes());
         assert_eq!((index(7), index(62_499), index(8)), (Some(0), Some(1), None));
         assert_eq!(marker_index(&m, b"10.0.0.7"), None, "not a marker");
+        for step in [0, 1, 249, 250, 12_345, 62_499] {
+            let address = crate::fixtures::changed_address(step);
+            assert_eq!(marker_step(address.as_bytes()), crate::fixtures::step_of_changed_address(&address));
+        }
+        for bad in ["10.200.1", "10.200.1.", "10.200.x.1", "10.200.250.1", "10.200.1.0", "10.200.1.2.3"] {
+            assert_eq!(marker_step(bad.as_bytes()), crate::fixtures::step_of_changed_address(bad), "{bad}");
+        }
         let t0 = *EPOCH + Duration::from_millis(1);
         let mut d = Deliveries::default();
         d.insert_first(1, t0 + Duration::from_millis(10));

@@ -112,6 +112,8 @@ pub struct ResponseScanner {
     /// response's resources are all of its type: a client rejects others).
     message_type: Option<ResourceType>,
     current: ScannedResponse,
+    /// How many marked addresses the last response that had any carried.
+    last_marked: usize,
 }
 
 impl ResponseScanner {
@@ -127,6 +129,7 @@ impl ResponseScanner {
             any_type: None,
             message_type: None,
             current: ScannedResponse::default(),
+            last_marked: 0,
         }
     }
 
@@ -169,6 +172,9 @@ impl ResponseScanner {
                     }
                     let Some(&(level, end)) = self.levels.last() else {
                         self.step = Step::Prefix;
+                        if !self.current.marked_addresses.is_empty() {
+                            self.last_marked = self.current.marked_addresses.len();
+                        }
                         return Ok(Some(std::mem::take(&mut self.current)));
                     };
                     if level == Level::Response && self.whole_resource(end)? {
@@ -297,6 +303,12 @@ impl ResponseScanner {
             }
             let end = p + payload[p - 1] as usize;
             if end <= payload.len() {
+                if self.current.marked_addresses.capacity() == 0 {
+                    // (As many as the last response had: a churn's responses
+                    // carry dozens, and growing one by one was a reallocation
+                    // every doubling.)
+                    self.current.marked_addresses.reserve(self.last_marked.max(4));
+                }
                 self.current.marked_addresses.push(owner.slice_ref(&payload[p..end]));
             }
         }
