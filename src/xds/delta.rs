@@ -580,13 +580,19 @@ mod tests {
         }
     }
 
+    /// An ADS stream subscribed to endpoints a and b (version 1 each), every response ACKed.
+    fn subscribed_to_endpoints_a_and_b(now: Instant) -> DeltaStream {
+        let mut s = DeltaStream::new_ads();
+        let res = set(&[("a", 1), ("b", 1)], &[("a", 1), ("b", 1)]);
+        ack_all(&mut s, &res, now, |s| s.on_request(&req(ResourceType::Endpoint, &["a", "b"], &[], ""), &res, now).unwrap().responses);
+        s
+    }
+
     #[test]
     fn a_push_waits_for_the_reply_to_the_last_response_and_merges() {
         let t0 = Instant::now();
         let ms = |n| t0 + std::time::Duration::from_millis(n);
-        let mut s = DeltaStream::new_ads();
-        let res = set(&[("a", 1), ("b", 1)], &[("a", 1), ("b", 1)]);
-        ack_all(&mut s, &res, t0, |s| s.on_request(&req(ResourceType::Endpoint, &["a", "b"], &[], ""), &res, t0).unwrap().responses);
+        let mut s = subscribed_to_endpoints_a_and_b(t0);
         // First change: sent at once.
         let one = set(&[("a", 1), ("b", 1)], &[("a", 2), ("b", 1)]);
         let first = s.on_push(&one, ms(10), ms(10)).responses;
@@ -621,9 +627,7 @@ mod tests {
     fn a_deferred_push_is_the_same_as_a_push_that_had_to_wait() {
         let t0 = Instant::now();
         let ms = |n| t0 + std::time::Duration::from_millis(n);
-        let mut s = DeltaStream::new_ads();
-        let res = set(&[("a", 1), ("b", 1)], &[("a", 1), ("b", 1)]);
-        ack_all(&mut s, &res, t0, |s| s.on_request(&req(ResourceType::Endpoint, &["a", "b"], &[], ""), &res, t0).unwrap().responses);
+        let mut s = subscribed_to_endpoints_a_and_b(t0);
         // Nothing awaits a reply: not deferred, nothing noted.
         assert!(!s.defer_push(ms(5), ms(5)));
         assert_eq!(s.watches[&ResourceType::Endpoint].pending, None);
