@@ -110,33 +110,53 @@ struct ClusterWatch {
     /// Each Pod's summary, by the stored Pod (held, so its address stays its
     /// own): an unchanged Pod keeps its summary, so the build reuses the
     /// endpoints of every service whose Pods did not change.
-    pod_summaries: std::sync::Mutex<PodSummaries>,
+    pod_summaries: std::sync::Mutex<DerivedByObject<Pod, Arc<PodSummary>>>,
     /// What the last build of this cluster made per service.
     memo: std::sync::Mutex<ClusterMemo>,
     /// Aborted when dropped: dropping the watch stops its reflectors.
     _tasks: JoinSet<()>,
 }
 
-/// Each stored Pod's summary, keyed by the stored Pod's address (the Pod is
-/// held with it, so the address cannot be reused meanwhile).
-type PodSummaries = HashMap<usize, (Arc<Pod>, Arc<PodSummary>)>;
+/// Values derived from stored objects (a Pod's summary, a policy's parse),
+/// kept by the stored object's address (the object is held with its value,
+/// so the address cannot be reused meanwhile): an object that did not change
+/// is not derived again on the next rebuild.
+struct DerivedByObject<K, V> {
+    kept: HashMap<usize, (Arc<K>, V)>,
+}
+
+impl<K, V> Default for DerivedByObject<K, V> {
+    fn default() -> Self {
+        DerivedByObject { kept: HashMap::new() }
+    }
+}
+
+impl<K, V: Clone> DerivedByObject<K, V> {
+    /// Each of `stored`'s values, derived by `derive` for the objects not seen
+    /// last time; the values of objects no longer stored are dropped.
+    fn derive(&mut self, stored: Vec<Arc<K>>, derive: impl Fn(&K) -> V) -> Vec<V> {
+        let mut kept = HashMap::with_capacity(stored.len());
+        let values = stored
+            .into_iter()
+            .map(|object| {
+                let at = Arc::as_ptr(&object) as usize;
+                let entry = self.kept.remove(&at).unwrap_or_else(|| {
+                    let value = derive(&object);
+                    (object, value)
+                });
+                let value = entry.1.clone();
+                kept.insert(at, entry);
+                value
+            })
+            .collect();
+        self.kept = kept;
+        values
+    }
+}
 
 impl ClusterWatch {
     fn objects(&self) -> ClusterObjects {
-        let stored = self.pods.state();
-        let mut summaries = self.pod_summaries.lock().expect("pod summaries lock");
-        let mut kept = HashMap::with_capacity(stored.len());
-        let pods = stored
-            .into_iter()
-            .map(|pod| {
-                let at = Arc::as_ptr(&pod) as usize;
-                let entry = summaries.remove(&at).unwrap_or_else(|| (pod.clone(), Arc::new(PodSummary::from(&*pod))));
-                let summary = entry.1.clone();
-                kept.insert(at, entry);
-                summary
-            })
-            .collect();
-        *summaries = kept;
+        let pods = self.pod_summaries.lock().expect("pod summaries lock").derive(self.pods.state(), |pod| Arc::new(PodSummary::from(pod)));
         ClusterObjects { services: self.services.state(), endpoint_slices: self.slices.state(), pods, namespaces: self.namespaces.state() }
     }
 
@@ -232,42 +252,6 @@ fn kubeconfig_from_secret(secret: &Secret) -> Option<String> {
     let data = secret.data.as_ref()?;
     let bytes = data.get("kubeconfig").or_else(|| if data.len() == 1 { data.values().next() } else { None })?;
     String::from_utf8(bytes.0.clone()).ok()
-}
-
-/// Each stored mesh object's parse, by the stored object's address (the
-/// object is held with it, so the address cannot be reused meanwhile): a
-/// rebuild parses only the objects that changed, not every policy on every
-/// EndpointSlice event.
-struct ParsedObjects<S> {
-    parsed: HashMap<usize, (Arc<DynamicObject>, PolicyObject<S>)>,
-}
-
-impl<S> Default for ParsedObjects<S> {
-    fn default() -> Self {
-        ParsedObjects { parsed: HashMap::new() }
-    }
-}
-
-impl<S: serde::de::DeserializeOwned + Default + Clone> ParsedObjects<S> {
-    fn read(&mut self, store: &Store<DynamicObject>, cluster: &str) -> Vec<PolicyObject<S>> {
-        let stored = store.state();
-        let mut kept = HashMap::with_capacity(stored.len());
-        let objects = stored
-            .into_iter()
-            .map(|object| {
-                let at = Arc::as_ptr(&object) as usize;
-                let entry = self.parsed.remove(&at).unwrap_or_else(|| {
-                    let parsed = policy_object(&object, cluster);
-                    (object, parsed)
-                });
-                let parsed = entry.1.clone();
-                kept.insert(at, entry);
-                parsed
-            })
-            .collect();
-        self.parsed = kept;
-        objects
-    }
 }
 
 /// Reads a policy object leniently: a spec that does not parse is passed on
@@ -378,8 +362,9 @@ pub async fn run(
     let mut states: BTreeMap<String, Arc<ClusterState>> = BTreeMap::new();
     let mut errors: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut published_once = false;
+    // Each mesh object is parsed once, not every policy on every EndpointSlice event.
     let (mut parsed_policies, mut parsed_meshes, mut parsed_access, mut parsed_sidecars) =
-        (ParsedObjects::default(), ParsedObjects::default(), ParsedObjects::default(), ParsedObjects::default());
+        (DerivedByObject::default(), DerivedByObject::default(), DerivedByObject::default(), DerivedByObject::default());
     // The KubernetesCluster watch reports only after its initial list.
     let mut registrations_listed = false;
 
@@ -496,10 +481,10 @@ pub async fn run(
         published_once = true;
         let mut inputs = MeshInputs { clusters: states.clone(), ..Default::default() };
         inputs.errors = errors.values().flatten().cloned().collect();
-        inputs.traffic_policies = parsed_policies.read(&traffic_policies, &mgmt);
-        inputs.virtual_meshes = parsed_meshes.read(&virtual_meshes, &mgmt);
-        inputs.access_policies = parsed_access.read(&access_policies, &mgmt);
-        inputs.sidecars = parsed_sidecars.read(&sidecars, &mgmt);
+        inputs.traffic_policies = parsed_policies.derive(traffic_policies.state(), |o| policy_object(o, &mgmt));
+        inputs.virtual_meshes = parsed_meshes.derive(virtual_meshes.state(), |o| policy_object(o, &mgmt));
+        inputs.access_policies = parsed_access.derive(access_policies.state(), |o| policy_object(o, &mgmt));
+        inputs.sidecars = parsed_sidecars.derive(sidecars.state(), |o| policy_object(o, &mgmt));
         let gathered = started.elapsed();
         apply(inputs);
         tracing::debug!(events = batch.len(), gathered = ?gathered, applied = ?(started.elapsed() - gathered), "mesh inputs rebuilt");
@@ -523,4 +508,30 @@ fn start_cluster(client: Client, name: &str, fingerprint: String, health: &Sourc
     tasks.spawn(reflect(Api::<Pod>::all(client.clone()), w3, name.into(), "Pod", health.clone(), dirty.clone()));
     tasks.spawn(reflect(Api::<Namespace>::all(client), w4, name.into(), "Namespace", health.clone(), dirty.clone()));
     ClusterWatch { fingerprint, services, slices, pods, namespaces, pod_summaries: Default::default(), memo: Default::default(), _tasks: tasks }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_is_derived_once_per_stored_object() {
+        let calls = std::cell::Cell::new(0);
+        let mut derived = DerivedByObject::<String, usize>::default();
+        let length = |s: &String| {
+            calls.set(calls.get() + 1);
+            s.len()
+        };
+        let (a, b) = (Arc::new("a".to_string()), Arc::new("bb".to_string()));
+        assert_eq!(derived.derive(vec![a.clone(), b.clone()], length), [1, 2]);
+        assert_eq!(calls.get(), 2);
+        // The same objects: nothing derived again. A new object (an equal value included) is.
+        let c = Arc::new("a".to_string());
+        assert_eq!(derived.derive(vec![b.clone(), a.clone(), c.clone()], length), [2, 1, 1]);
+        assert_eq!(calls.get(), 3);
+        // An object no longer stored is forgotten.
+        assert_eq!(derived.derive(vec![c], length), [1]);
+        assert_eq!(derived.kept.len(), 1);
+        assert_eq!(calls.get(), 3);
+    }
 }
