@@ -280,18 +280,26 @@ pub fn cluster_state_reusing(name: &str, objects: &ClusterObjects, memo: &mut Cl
     let mut has_slices: std::collections::HashSet<(String, String)> = Default::default();
     let mut slices_of: BTreeMap<(String, String), Vec<&Arc<EndpointSlice>>> = BTreeMap::new();
     for (si, slice) in objects.endpoint_slices.iter().enumerate() {
-        let namespace = ns_of(&slice.metadata);
-        let slice_name = slice.metadata.name.clone().unwrap_or_else(|| format!("#{si}"));
-        let Some(svc_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).cloned() else {
-            errors.push(format!("EndpointSlice {namespace}/{slice_name} in cluster {name}: metadata.labels has no {SERVICE_NAME_LABEL}; ignored"));
+        // (The slice's name is only made for a message: a slice per service,
+        // its strings copied each rebuild, had been a part of every reload.)
+        let slice_name = || slice.metadata.name.clone().unwrap_or_else(|| format!("#{si}"));
+        let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
+        let Some(svc_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+            errors
+                .push(format!("EndpointSlice {namespace}/{} in cluster {name}: metadata.labels has no {SERVICE_NAME_LABEL}; ignored", slice_name()));
             continue;
         };
-        let key = (namespace.clone(), svc_name.clone());
+        let key = (namespace.to_string(), svc_name.clone());
         if !state.services.contains_key(&key) {
-            errors.push(format!("EndpointSlice {namespace}/{slice_name} in cluster {name}: Service {namespace}/{svc_name} does not exist; ignored"));
+            errors.push(format!(
+                "EndpointSlice {namespace}/{} in cluster {name}: Service {namespace}/{svc_name} does not exist; ignored",
+                slice_name()
+            ));
             continue;
         }
-        has_slices.insert(key.clone());
+        if !has_slices.contains(&key) {
+            has_slices.insert(key.clone());
+        }
         if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
             continue; // FQDN slices are not routable by address
         }
@@ -459,51 +467,52 @@ pub const SIDECAR_PORTS: std::ops::RangeInclusive<u16> = 15000..=15090;
 /// Service's `excluded_ports`; every other port keeps working. East-west
 /// gateway Services (15021, 15443, …) are not called by sidecars and are kept.
 fn exclude_colliding_ports(cluster: &str, state: &mut ClusterState, errors: &mut Vec<String>) {
-    let mut claims: HashMap<(String, u16), Vec<(String, String)>> = HashMap::new();
+    // (Read with borrowed keys, and only a Service with ports left out is
+    // copied: the others stay shared with the conversion the next build reuses.)
+    let mut claims: HashMap<(&str, u16), Vec<&(String, String)>> = HashMap::new();
     for (key, svc) in &state.services {
         if let Some(ip) = &svc.cluster_ip {
             for p in &svc.ports {
-                claims.entry((ip.clone(), p.port)).or_default().push(key.clone());
+                claims.entry((ip.as_str(), p.port)).or_default().push(key);
             }
         }
     }
-    for (key, shared) in state.services.iter_mut() {
-        if shared.labels.contains_key(NETWORK_LABEL) {
+    let mut excluded: Vec<((String, String), Vec<(u16, String)>)> = Vec::new();
+    for (key, svc) in &state.services {
+        if svc.labels.contains_key(NETWORK_LABEL) {
             continue;
         }
-        let (ns, name) = key;
-        let mut notes = Vec::new();
-        let mut ports = shared.ports.clone();
-        let svc = &**shared;
-        ports.retain(|p| {
-            let why = if SIDECAR_PORTS.contains(&p.port) {
-                Some(format!("port {} collides with the sidecar's own ports (15000-15090)", p.port))
-            } else {
-                svc.cluster_ip.as_ref().and_then(|ip| {
-                    let owners = &claims[&(ip.clone(), p.port)];
-                    (owners.len() > 1).then(|| {
-                        let others: Vec<String> = owners.iter().filter(|o| *o != key).map(|(n, s)| format!("{n}/{s}")).collect();
-                        format!("port {} on ClusterIP {ip} is also claimed by Service {}", p.port, others.join(", "))
+        let notes: Vec<(u16, String)> = svc
+            .ports
+            .iter()
+            .filter_map(|p| {
+                let why = if SIDECAR_PORTS.contains(&p.port) {
+                    Some(format!("port {} collides with the sidecar's own ports (15000-15090)", p.port))
+                } else {
+                    svc.cluster_ip.as_deref().and_then(|ip| {
+                        let owners = &claims[&(ip, p.port)];
+                        (owners.len() > 1).then(|| {
+                            let others: Vec<String> = owners.iter().filter(|o| **o != key).map(|(n, s)| format!("{n}/{s}")).collect();
+                            format!("port {} on ClusterIP {ip} is also claimed by Service {}", p.port, others.join(", "))
+                        })
                     })
-                })
-            };
-            match why {
-                Some(why) => {
-                    notes.push(format!("{why}; left out of sidecars"));
-                    false
-                }
-                None => true,
-            }
-        });
-        for n in &notes {
+                };
+                why.map(|why| (p.port, format!("{why}; left out of sidecars")))
+            })
+            .collect();
+        if !notes.is_empty() {
+            excluded.push((key.clone(), notes));
+        }
+    }
+    for (key, notes) in excluded {
+        let (ns, name) = &key;
+        for (_, n) in &notes {
             errors.push(format!("Service {ns}/{name} in cluster {cluster}: {n}"));
         }
-        // (Only a Service with ports left out is copied: the others stay
-        // shared with the conversion the next build reuses.)
-        if !notes.is_empty() {
+        if let Some(shared) = state.services.get_mut(&key) {
             let svc = Arc::make_mut(shared);
-            svc.ports = ports;
-            svc.excluded_ports = notes;
+            svc.ports.retain(|p| !notes.iter().any(|(port, _)| *port == p.port));
+            svc.excluded_ports = notes.into_iter().map(|(_, n)| n).collect();
         }
     }
 }
