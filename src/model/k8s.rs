@@ -477,12 +477,14 @@ fn exclude_colliding_ports(cluster: &str, state: &mut ClusterState, errors: &mut
             }
         }
     }
-    let mut excluded: Vec<((String, String), Vec<(u16, String)>)> = Vec::new();
+    // Each Service that leaves ports out, and each such port with the note why.
+    type PortNotes = Vec<(u16, String)>;
+    let mut excluded: Vec<(&(String, String), PortNotes)> = Vec::new();
     for (key, svc) in &state.services {
         if svc.labels.contains_key(NETWORK_LABEL) {
             continue;
         }
-        let notes: Vec<(u16, String)> = svc
+        let notes: PortNotes = svc
             .ports
             .iter()
             .filter_map(|p| {
@@ -501,9 +503,10 @@ fn exclude_colliding_ports(cluster: &str, state: &mut ClusterState, errors: &mut
             })
             .collect();
         if !notes.is_empty() {
-            excluded.push((key.clone(), notes));
+            excluded.push((key, notes));
         }
     }
+    let excluded: Vec<_> = excluded.into_iter().map(|(key, notes)| (key.clone(), notes)).collect();
     for (key, notes) in excluded {
         let (ns, name) = &key;
         for (_, n) in &notes {
