@@ -91,9 +91,8 @@ type TargetPort = (ServicePort, Option<IntOrString>);
 /// reload of one endpoint change from 39–41 ms to 28 ms (docs/performance.md).
 #[derive(Debug, Default)]
 pub struct ClusterMemo {
-    /// Each stored Service's conversion, by the stored object's address (the
-    /// object is held with it, so the address cannot be reused meanwhile).
-    services: HashMap<usize, (Arc<Service>, Arc<ConvertedService>)>,
+    /// Each stored Service's conversion, kept while it is the same object.
+    services: DerivedByObject<Service, Arc<ConvertedService>>,
     built: HashMap<(String, String), BuiltEndpoints>,
     /// The Pods of the last build, in order (None before the first)...
     pods: Option<Vec<Arc<PodSummary>>>,
@@ -159,6 +158,41 @@ struct BuiltEndpoints {
     pods: Vec<Option<Arc<PodSummary>>>,
     network: String,
     endpoints: Arc<Vec<Endpoint>>,
+}
+
+/// Values derived from stored objects (a Service's conversion, a Pod's summary, a policy's parse),
+/// kept by the stored object's address (the object is held with its value,
+/// so the address cannot be reused meanwhile): an object that did not change
+/// is not derived again on the next rebuild.
+#[derive(Debug)]
+pub struct DerivedByObject<K, V> {
+    kept: HashMap<usize, (Arc<K>, V)>,
+}
+
+impl<K, V> Default for DerivedByObject<K, V> {
+    fn default() -> Self {
+        DerivedByObject { kept: HashMap::new() }
+    }
+}
+
+impl<K, V: Clone> DerivedByObject<K, V> {
+    /// Each of `stored`'s values, derived by `derive` for the objects not seen
+    /// last time; the values of objects no longer stored are dropped.
+    pub fn derive(&mut self, stored: &[Arc<K>], derive: impl Fn(&K) -> V) -> Vec<V> {
+        let mut kept = HashMap::with_capacity(stored.len());
+        let values = stored
+            .iter()
+            .map(|object| {
+                let at = Arc::as_ptr(object) as usize;
+                let entry = self.kept.remove(&at).unwrap_or_else(|| (object.clone(), derive(object)));
+                let value = entry.1.clone();
+                kept.insert(at, entry);
+                value
+            })
+            .collect();
+        self.kept = kept;
+        values
+    }
 }
 
 /// One Service as the cluster's state holds it, with what the build of its
@@ -245,22 +279,17 @@ pub fn cluster_state_reusing(name: &str, objects: &ClusterObjects, memo: &mut Cl
 
     // Each Service converted, or its conversion from the last build when it
     // is the same stored object (most are: an endpoint change rewrites a slice).
-    let mut converted_now = HashMap::with_capacity(objects.services.len());
     // Each routable Service's conversion, by (namespace, name): its target
     // ports and selector, for endpoints derived from Pods.
     let mut by_key: HashMap<(String, String), Arc<ConvertedService>> = HashMap::new();
-    for svc in &objects.services {
-        let at = Arc::as_ptr(svc) as usize;
-        let (held, converted) = memo.services.remove(&at).unwrap_or_else(|| (svc.clone(), Arc::new(convert_service(name, svc))));
+    for converted in memo.services.derive(&objects.services, |svc| Arc::new(convert_service(name, svc))) {
         errors.extend(converted.errors.iter().cloned());
         if let Some(service) = &converted.service {
             let key = (service.key.namespace.clone(), service.key.name.clone());
             state.services.insert(key.clone(), service.clone());
-            by_key.insert(key, converted.clone());
+            by_key.insert(key, converted);
         }
-        converted_now.insert(at, (held, converted));
     }
-    memo.services = converted_now;
 
     exclude_colliding_ports(name, &mut state, &mut errors);
 
@@ -297,9 +326,7 @@ pub fn cluster_state_reusing(name: &str, objects: &ClusterObjects, memo: &mut Cl
             ));
             continue;
         }
-        if !has_slices.contains(&key) {
-            has_slices.insert(key.clone());
-        }
+        has_slices.insert(key.clone());
         if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
             continue; // FQDN slices are not routable by address
         }
@@ -479,7 +506,7 @@ fn exclude_colliding_ports(cluster: &str, state: &mut ClusterState, errors: &mut
     }
     // Each Service that leaves ports out, and each such port with the note why.
     type PortNotes = Vec<(u16, String)>;
-    let mut excluded: Vec<(&(String, String), PortNotes)> = Vec::new();
+    let mut excluded: Vec<((String, String), PortNotes)> = Vec::new();
     for (key, svc) in &state.services {
         if svc.labels.contains_key(NETWORK_LABEL) {
             continue;
@@ -503,10 +530,9 @@ fn exclude_colliding_ports(cluster: &str, state: &mut ClusterState, errors: &mut
             })
             .collect();
         if !notes.is_empty() {
-            excluded.push((key, notes));
+            excluded.push((key.clone(), notes));
         }
     }
-    let excluded: Vec<_> = excluded.into_iter().map(|(key, notes)| (key.clone(), notes)).collect();
     for (key, notes) in excluded {
         let (ns, name) = &key;
         for (_, n) in &notes {
@@ -612,7 +638,7 @@ mod tests {
         objects.services.remove(0);
         let (fourth, _) = cluster_state_reusing("c1", &objects, &mut memo);
         assert!(!fourth.services.contains_key(&key("a")));
-        assert_eq!(memo.services.len(), 2);
+        assert_eq!(memo.services.kept.len(), 2);
     }
 
     #[test]
@@ -691,5 +717,26 @@ endpoints:
         let (_, errors) = cluster_state("c1", &objects);
         assert_eq!(errors.len(), 1);
         assert!(errors[0].contains("EndpointSlice default/s1") && errors[0].contains("default/ghost"), "{errors:?}");
+    }
+
+    #[test]
+    fn a_value_is_derived_once_per_stored_object() {
+        let calls = std::cell::Cell::new(0);
+        let mut derived = DerivedByObject::<String, usize>::default();
+        let length = |s: &String| {
+            calls.set(calls.get() + 1);
+            s.len()
+        };
+        let (a, b) = (Arc::new("a".to_string()), Arc::new("bb".to_string()));
+        assert_eq!(derived.derive(&[a.clone(), b.clone()], length), [1, 2]);
+        assert_eq!(calls.get(), 2);
+        // The same objects: nothing derived again. A new object (an equal value included) is.
+        let c = Arc::new("a".to_string());
+        assert_eq!(derived.derive(&[b.clone(), a.clone(), c.clone()], length), [2, 1, 1]);
+        assert_eq!(calls.get(), 3);
+        // An object no longer stored is forgotten.
+        assert_eq!(derived.derive(&[c], length), [1]);
+        assert_eq!(derived.kept.len(), 1);
+        assert_eq!(calls.get(), 3);
     }
 }

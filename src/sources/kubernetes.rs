@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::model::api::{AccessControlPolicy, KubernetesCluster, Sidecar, TrafficPolicy, VirtualMesh};
-use crate::model::k8s::{ClusterMemo, ClusterObjects, PodSummary, cluster_state_reusing};
+use crate::model::k8s::{ClusterMemo, ClusterObjects, DerivedByObject, PodSummary, cluster_state_reusing};
 use crate::model::{ClusterState, MeshInputs, PolicyObject};
 
 /// What is known about one registered cluster's watches.
@@ -117,46 +117,9 @@ struct ClusterWatch {
     _tasks: JoinSet<()>,
 }
 
-/// Values derived from stored objects (a Pod's summary, a policy's parse),
-/// kept by the stored object's address (the object is held with its value,
-/// so the address cannot be reused meanwhile): an object that did not change
-/// is not derived again on the next rebuild.
-struct DerivedByObject<K, V> {
-    kept: HashMap<usize, (Arc<K>, V)>,
-}
-
-impl<K, V> Default for DerivedByObject<K, V> {
-    fn default() -> Self {
-        DerivedByObject { kept: HashMap::new() }
-    }
-}
-
-impl<K, V: Clone> DerivedByObject<K, V> {
-    /// Each of `stored`'s values, derived by `derive` for the objects not seen
-    /// last time; the values of objects no longer stored are dropped.
-    fn derive(&mut self, stored: Vec<Arc<K>>, derive: impl Fn(&K) -> V) -> Vec<V> {
-        let mut kept = HashMap::with_capacity(stored.len());
-        let values = stored
-            .into_iter()
-            .map(|object| {
-                let at = Arc::as_ptr(&object) as usize;
-                let entry = self.kept.remove(&at).unwrap_or_else(|| {
-                    let value = derive(&object);
-                    (object, value)
-                });
-                let value = entry.1.clone();
-                kept.insert(at, entry);
-                value
-            })
-            .collect();
-        self.kept = kept;
-        values
-    }
-}
-
 impl ClusterWatch {
     fn objects(&self) -> ClusterObjects {
-        let pods = self.pod_summaries.lock().expect("pod summaries lock").derive(self.pods.state(), |pod| Arc::new(PodSummary::from(pod)));
+        let pods = self.pod_summaries.lock().expect("pod summaries lock").derive(&self.pods.state(), |pod| Arc::new(PodSummary::from(pod)));
         ClusterObjects { services: self.services.state(), endpoint_slices: self.slices.state(), pods, namespaces: self.namespaces.state() }
     }
 
@@ -481,10 +444,10 @@ pub async fn run(
         published_once = true;
         let mut inputs = MeshInputs { clusters: states.clone(), ..Default::default() };
         inputs.errors = errors.values().flatten().cloned().collect();
-        inputs.traffic_policies = parsed_policies.derive(traffic_policies.state(), |o| policy_object(o, &mgmt));
-        inputs.virtual_meshes = parsed_meshes.derive(virtual_meshes.state(), |o| policy_object(o, &mgmt));
-        inputs.access_policies = parsed_access.derive(access_policies.state(), |o| policy_object(o, &mgmt));
-        inputs.sidecars = parsed_sidecars.derive(sidecars.state(), |o| policy_object(o, &mgmt));
+        inputs.traffic_policies = parsed_policies.derive(&traffic_policies.state(), |o| policy_object(o, &mgmt));
+        inputs.virtual_meshes = parsed_meshes.derive(&virtual_meshes.state(), |o| policy_object(o, &mgmt));
+        inputs.access_policies = parsed_access.derive(&access_policies.state(), |o| policy_object(o, &mgmt));
+        inputs.sidecars = parsed_sidecars.derive(&sidecars.state(), |o| policy_object(o, &mgmt));
         let gathered = started.elapsed();
         apply(inputs);
         tracing::debug!(events = batch.len(), gathered = ?gathered, applied = ?(started.elapsed() - gathered), "mesh inputs rebuilt");
@@ -508,30 +471,4 @@ fn start_cluster(client: Client, name: &str, fingerprint: String, health: &Sourc
     tasks.spawn(reflect(Api::<Pod>::all(client.clone()), w3, name.into(), "Pod", health.clone(), dirty.clone()));
     tasks.spawn(reflect(Api::<Namespace>::all(client), w4, name.into(), "Namespace", health.clone(), dirty.clone()));
     ClusterWatch { fingerprint, services, slices, pods, namespaces, pod_summaries: Default::default(), memo: Default::default(), _tasks: tasks }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_value_is_derived_once_per_stored_object() {
-        let calls = std::cell::Cell::new(0);
-        let mut derived = DerivedByObject::<String, usize>::default();
-        let length = |s: &String| {
-            calls.set(calls.get() + 1);
-            s.len()
-        };
-        let (a, b) = (Arc::new("a".to_string()), Arc::new("bb".to_string()));
-        assert_eq!(derived.derive(vec![a.clone(), b.clone()], length), [1, 2]);
-        assert_eq!(calls.get(), 2);
-        // The same objects: nothing derived again. A new object (an equal value included) is.
-        let c = Arc::new("a".to_string());
-        assert_eq!(derived.derive(vec![b.clone(), a.clone(), c.clone()], length), [2, 1, 1]);
-        assert_eq!(calls.get(), 3);
-        // An object no longer stored is forgotten.
-        assert_eq!(derived.derive(vec![c], length), [1]);
-        assert_eq!(derived.kept.len(), 1);
-        assert_eq!(calls.get(), 3);
-    }
 }

@@ -73,8 +73,7 @@ impl KubeCluster {
         std::fs::create_dir_all(&self.dir).unwrap();
         let mut cmd = Command::new(&self.bin);
         cmd.args(["cluster", "--name", &self.name, "--port", &self.port.to_string(), "--dir"]).arg(&self.dir);
-        let proc = Proc::spawn(&format!("kubeenv-{}", self.name), cmd, &self.dir);
-        let mut proc = proc;
+        let mut proc = Proc::spawn(&format!("kubeenv-{}", self.name), cmd, &self.dir);
         let ready = self.dir.join("ready");
         let started = Instant::now();
         // Ready, or the reason it is not: kubeenv's exit or its log at the deadline.
