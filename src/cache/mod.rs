@@ -176,12 +176,13 @@ impl MeshResources {
 
     fn apply(&self, inputs: MeshInputs) {
         let started = std::time::Instant::now();
+        // (Updates run one at a time, under `updating`: nothing publishes in between.)
+        let (old_generation, old, old_memo) = self.published();
         let snapshot = {
             let mut last_good = self.last_good.lock().expect("last-good lock");
-            Arc::new(MeshSnapshot::build(inputs, &mut last_good))
+            Arc::new(MeshSnapshot::build_after(inputs, &mut last_good, Some(&old)))
         };
         let built = started.elapsed();
-        let (old_generation, old, old_memo) = self.published();
         status_log::log_policy_changes(&old, &snapshot);
         let change = classify_change(&old, &snapshot);
         let classified = started.elapsed();

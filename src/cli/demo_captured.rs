@@ -104,7 +104,7 @@ fn pods_of(snapshot: &MeshSnapshot) -> Vec<Pod> {
                     netns: String::new(),
                     admin: PathBuf::new(),
                 });
-                let served = snapshot.workload_ports.get(cluster).and_then(|w| w.get(&ep.address)).into_iter().flatten();
+                let served = snapshot.workload_ports(cluster).and_then(|w| w.get(&ep.address)).into_iter().flatten();
                 pod.ports.extend(served.map(|(port, protocol)| (*port, protocol.layout() == Layout::Tcp)));
             }
         }

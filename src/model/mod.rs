@@ -248,15 +248,20 @@ pub struct MeshSnapshot {
     /// Cluster → workload address → the ports it serves and each one's
     /// protocol (from the Service port it backs; the first by service name).
     /// A captured sidecar's inbound side depends on this, not on its address.
+    /// Made when first read ([`MeshSnapshot::workload_ports`]; most builds
+    /// under endpoint churn are read by no captured sidecar's translation,
+    /// and making it had been most of each build), and shared per cluster:
+    /// a build after a change that kept a cluster's state keeps its map.
     #[serde(skip)]
-    pub workload_ports: BTreeMap<String, std::collections::HashMap<String, BTreeMap<u16, protocol::Protocol>>>,
-    /// Service → the SPIFFE ids of its mesh workloads (the service accounts of
-    /// its `tlsMode: istio` endpoints whose Pod is known, in its cluster's
-    /// trust domain), sorted: what a client's upstream TLS accepts from it,
-    /// as Istio's subject-alt-name match. Services in clusters without trust
-    /// have none.
+    workload_ports: BTreeMap<String, Arc<std::sync::OnceLock<WorkloadPorts>>>,
+    /// Cluster → service → the SPIFFE ids of its mesh workloads (the service
+    /// accounts of its `tlsMode: istio` endpoints whose Pod is known, in its
+    /// cluster's trust domain), sorted: what a client's upstream TLS accepts
+    /// from it, as Istio's subject-alt-name match. Clusters without trust
+    /// have none. Shared per cluster as `workload_ports`; read with
+    /// [`MeshSnapshot::service_identities`].
     #[serde(skip)]
-    pub service_identities: std::collections::HashMap<ServiceKey, Arc<Vec<String>>>,
+    pub service_identities: BTreeMap<String, Arc<ServiceIdentities>>,
     /// The clusters whose VirtualMesh enforces access control: their
     /// workloads deny every caller no AccessControlPolicy allows.
     pub access_enforced: BTreeSet<String>,
@@ -269,6 +274,12 @@ pub struct MeshSnapshot {
     pub mesh_object_status: BTreeMap<MeshObjectId, MeshObjectStatus>,
     pub input_errors: Vec<String>,
 }
+
+/// One cluster's workload addresses → the ports each serves and their protocols.
+pub type WorkloadPorts = std::collections::HashMap<String, BTreeMap<u16, protocol::Protocol>>;
+
+/// One cluster's services → the SPIFFE ids of their mesh workloads.
+pub type ServiceIdentities = std::collections::HashMap<ServiceKey, Arc<Vec<String>>>;
 
 /// A VirtualMesh, AccessControlPolicy or Sidecar: `kind namespace/name`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -333,6 +344,14 @@ impl MeshSnapshot {
     /// Validates the inputs' policies (keeping each policy's last accepted spec
     /// in `last_good` across calls) and builds the snapshot.
     pub fn build(inputs: MeshInputs, last_good: &mut policy::LastGood) -> MeshSnapshot {
+        Self::build_after(inputs, last_good, None)
+    }
+
+    /// [`MeshSnapshot::build`], keeping what `previous` derived from a cluster
+    /// whose state (the same `Arc`) and trust are unchanged: under endpoint
+    /// churn one cluster changes at a time, and deriving every cluster's
+    /// workload maps again had been a third of each build.
+    pub fn build_after(inputs: MeshInputs, last_good: &mut policy::LastGood, previous: Option<&MeshSnapshot>) -> MeshSnapshot {
         let mesh_peers = mesh_peers(&inputs);
         let mut mesh_object_status: BTreeMap<MeshObjectId, MeshObjectStatus> =
             inputs.virtual_meshes.iter().map(|vm| object_status("VirtualMesh", vm, virtual_mesh_unsupported(&vm.spec))).collect();
@@ -350,7 +369,7 @@ impl MeshSnapshot {
         let (sidecars, sidecar_status) = sidecar::resolve(&inputs.sidecars, &mut last_good.sidecars);
         mesh_object_status.extend(sidecar_status);
         let gateways = network_gateways(&inputs.clusters);
-        let workload_ports = workload_ports(&inputs.clusters);
+        let workload_ports = per_cluster(&inputs.clusters, previous, |p| &p.workload_ports, |_| true, |_, _| Some(Default::default()));
         let mut snapshot = MeshSnapshot {
             clusters: inputs.clusters,
             mesh_peers,
@@ -377,7 +396,13 @@ impl MeshSnapshot {
         snapshot.ruled_services = applied.iter().flat_map(|p| p.rules.iter().map(|r| r.service.clone())).collect();
         snapshot.applied = applied;
         snapshot.policy_status = status;
-        snapshot.service_identities = service_identities(&snapshot.clusters, &snapshot.trust);
+        snapshot.service_identities = per_cluster(
+            &snapshot.clusters,
+            previous,
+            |p| &p.service_identities,
+            |name| previous.is_some_and(|p| p.trust.get(name) == snapshot.trust.get(name)),
+            |name, state| Some(service_identities(name, state, snapshot.trust.get(name)?)).filter(|ids| !ids.is_empty()),
+        );
         let (access_policies, access_status) = access::resolve(&snapshot, &inputs.access_policies, &mut last_good.access);
         snapshot.access_policies = access_policies;
         snapshot.mesh_object_status.extend(access_status);
@@ -395,6 +420,18 @@ impl MeshSnapshot {
 
     pub fn service(&self, key: &ServiceKey) -> Option<&Service> {
         self.clusters.get(&key.cluster)?.services.get(&(key.namespace.clone(), key.name.clone())).map(|s| &**s)
+    }
+
+    /// `cluster`'s workload addresses → the ports each serves and their
+    /// protocols (see the field), made on the first call.
+    pub fn workload_ports(&self, cluster: &str) -> Option<&WorkloadPorts> {
+        let (cell, state) = (self.workload_ports.get(cluster)?, self.clusters.get(cluster)?);
+        Some(cell.get_or_init(|| workload_ports(state)))
+    }
+
+    /// The SPIFFE ids of `key`'s mesh workloads, if it has any (see `service_identities`).
+    pub fn service_identities(&self, key: &ServiceKey) -> Option<&Arc<Vec<String>>> {
+        self.service_identities.get(&key.cluster)?.get(key)
     }
 
     pub fn endpoints(&self, key: &ServiceKey) -> &[Endpoint] {
@@ -500,44 +537,59 @@ fn mesh_trust(
     (out, errors)
 }
 
-fn service_identities(
+/// One derived value per cluster: the one in `previous`'s `field` where the
+/// cluster's state is the same `Arc` and `others_unchanged(cluster)` (the
+/// value's other inputs are those it was made from), else `derive`'s
+/// (`None`: the cluster has none).
+fn per_cluster<T>(
     clusters: &BTreeMap<String, Arc<ClusterState>>,
-    trust: &BTreeMap<String, MeshTrust>,
-) -> std::collections::HashMap<ServiceKey, Arc<Vec<String>>> {
-    let mut out = std::collections::HashMap::new();
+    previous: Option<&MeshSnapshot>,
+    field: impl Fn(&MeshSnapshot) -> &BTreeMap<String, Arc<T>>,
+    others_unchanged: impl Fn(&str) -> bool,
+    mut derive: impl FnMut(&str, &ClusterState) -> Option<T>,
+) -> BTreeMap<String, Arc<T>> {
+    let mut out = BTreeMap::new();
     for (name, state) in clusters {
-        let Some(trust) = trust.get(name) else { continue };
-        for ((namespace, service), eps) in &state.endpoints {
-            let accounts: BTreeSet<&str> = eps.iter().filter(|e| e.mesh_tls && e.pod.is_some()).map(|e| e.service_account.as_str()).collect();
-            if !accounts.is_empty() {
-                let ids = accounts.into_iter().map(|sa| trust.spiffe_id(namespace, sa)).collect();
-                out.insert(ServiceKey::new(name, namespace, service), Arc::new(ids));
-            }
+        let kept = previous
+            .filter(|p| p.clusters.get(name).is_some_and(|s| Arc::ptr_eq(s, state)) && others_unchanged(name))
+            .map(|p| field(p).get(name).cloned());
+        let value = match kept {
+            Some(kept) => kept,
+            None => derive(name, state).map(Arc::new),
+        };
+        if let Some(value) = value {
+            out.insert(name.clone(), value);
         }
     }
     out
 }
 
-fn workload_ports(
-    clusters: &BTreeMap<String, Arc<ClusterState>>,
-) -> BTreeMap<String, std::collections::HashMap<String, BTreeMap<u16, protocol::Protocol>>> {
-    let mut out = BTreeMap::new();
-    for (name, state) in clusters {
-        let mut by_address: std::collections::HashMap<String, BTreeMap<u16, protocol::Protocol>> = std::collections::HashMap::new();
-        for (key, eps) in &state.endpoints {
-            let Some(svc) = state.services.get(key) else { continue };
-            for ep in eps.iter() {
-                let ports = by_address.entry(ep.address.clone()).or_default();
-                for sp in &svc.ports {
-                    if let Some(port) = ep.ports.get(&sp.name) {
-                        ports.entry(*port).or_insert(sp.protocol);
-                    }
+fn service_identities(name: &str, state: &ClusterState, trust: &MeshTrust) -> ServiceIdentities {
+    let mut out = ServiceIdentities::new();
+    for ((namespace, service), eps) in &state.endpoints {
+        let accounts: BTreeSet<&str> = eps.iter().filter(|e| e.mesh_tls && e.pod.is_some()).map(|e| e.service_account.as_str()).collect();
+        if !accounts.is_empty() {
+            let ids = accounts.into_iter().map(|sa| trust.spiffe_id(namespace, sa)).collect();
+            out.insert(ServiceKey::new(name, namespace, service), Arc::new(ids));
+        }
+    }
+    out
+}
+
+fn workload_ports(state: &ClusterState) -> WorkloadPorts {
+    let mut by_address = WorkloadPorts::new();
+    for (key, eps) in &state.endpoints {
+        let Some(svc) = state.services.get(key) else { continue };
+        for ep in eps.iter() {
+            let ports = by_address.entry(ep.address.clone()).or_default();
+            for sp in &svc.ports {
+                if let Some(port) = ep.ports.get(&sp.name) {
+                    ports.entry(*port).or_insert(sp.protocol);
                 }
             }
         }
-        out.insert(name.clone(), by_address);
     }
-    out
+    by_address
 }
 
 fn network_gateways(clusters: &BTreeMap<String, Arc<ClusterState>>) -> BTreeMap<String, Vec<GatewayAddress>> {
@@ -586,6 +638,50 @@ mod tests {
         assert!(s.mesh_object_status.values().any(|st| st.state == PolicyState::Invalid));
         inputs.virtual_meshes[0].spec.trust_domains.clear();
         assert_eq!(MeshSnapshot::build(inputs, &mut last_good).trust["cluster-1"].trust_domain, TRUST_DOMAIN, "removed: the default");
+    }
+
+    #[test]
+    fn a_build_after_a_change_keeps_the_workload_maps_of_the_clusters_it_did_not_touch() {
+        let mut inputs =
+            crate::fixtures::scale_inputs(crate::fixtures::ScaleSpec { services: 3, clusters: 2, endpoints: 2, policies: 0, sidecars: false });
+        inputs.virtual_meshes[0].spec.certificate_authority =
+            Some(api::CertificateAuthority { builtin: Some(Default::default()), ..Default::default() });
+        for state in inputs.clusters.values_mut() {
+            for eps in Arc::make_mut(state).endpoints.values_mut() {
+                Arc::make_mut(eps).iter_mut().for_each(|e| e.mesh_tls = true);
+            }
+        }
+        let mut last_good = policy::LastGood::default();
+        let first = MeshSnapshot::build(inputs.clone(), &mut last_good);
+        assert!(first.workload_ports.values().all(|cell| cell.get().is_none()), "made when first read");
+        assert!(first.workload_ports("cluster-0").unwrap().contains_key("10.0.0.1"));
+        let key = ServiceKey::new("cluster-0", "ns-0", "svc-00000");
+        assert_eq!(first.service_identities(&key).map(|ids| ids.as_slice()), Some(&["spiffe://cluster.local/ns/ns-0/sa/svc-00000".to_string()][..]));
+
+        // cluster-1's state changes (an endpoint moves); cluster-0's is the same `Arc`.
+        let c1 = Arc::make_mut(inputs.clusters.get_mut("cluster-1").unwrap());
+        let eps = c1.endpoints.values_mut().next().unwrap();
+        Arc::make_mut(eps)[0].address = "10.9.9.9".into();
+        Arc::make_mut(eps)[0].service_account = "moved".into();
+        let after = MeshSnapshot::build_after(inputs.clone(), &mut last_good, Some(&first));
+        assert!(Arc::ptr_eq(&after.workload_ports["cluster-0"], &first.workload_ports["cluster-0"]));
+        assert!(Arc::ptr_eq(&after.service_identities["cluster-0"], &first.service_identities["cluster-0"]));
+        assert!(after.workload_ports["cluster-0"].get().is_some(), "read before the change");
+        assert!(after.workload_ports("cluster-1").unwrap().contains_key("10.9.9.9"));
+        assert!(!Arc::ptr_eq(&after.service_identities["cluster-1"], &first.service_identities["cluster-1"]));
+        let scratch = MeshSnapshot::build(inputs.clone(), &mut policy::LastGood::default());
+        for cluster in ["cluster-0", "cluster-1"] {
+            assert_eq!(after.workload_ports(cluster), scratch.workload_ports(cluster));
+        }
+        assert_eq!(after.service_identities, scratch.service_identities);
+
+        // A new trust domain for cluster-0 changes its identities though its state is the same.
+        inputs.virtual_meshes[0].spec.trust_domains = [("cluster-0".to_string(), "zero.example".to_string())].into();
+        let retrusted = MeshSnapshot::build_after(inputs.clone(), &mut last_good, Some(&after));
+        assert!(Arc::ptr_eq(&retrusted.workload_ports["cluster-0"], &first.workload_ports["cluster-0"]));
+        assert_eq!(retrusted.service_identities(&key).map(|ids| ids[0].as_str()), Some("spiffe://zero.example/ns/ns-0/sa/svc-00000"));
+        let scratch = MeshSnapshot::build(inputs, &mut policy::LastGood::default());
+        assert_eq!(retrusted.service_identities, scratch.service_identities);
     }
 
     #[test]

@@ -107,6 +107,15 @@ impl Changed {
         named.into_iter().flatten().map(PathBuf::as_path)
     }
 
+    /// The files events named in `folder`, when they are all that changed in
+    /// it (`None`: everything, or the whole folder).
+    fn named_files(&self, folder: &str) -> Option<impl Iterator<Item = &Path> + Clone> {
+        match self {
+            Changed::Folders(folders) => folders.get(folder)?.as_ref().map(|files| files.iter().map(PathBuf::as_path)),
+            Changed::Everything => None,
+        }
+    }
+
     /// Whether `file` in `folder` must be stat-ed again.
     fn file(&self, folder: &str, file: &Path) -> bool {
         match self {
@@ -149,6 +158,19 @@ pub struct SourceMemory {
     cluster_memos: HashMap<String, ClusterMemo>,
     first_seen_ms: HashMap<(String, String, String), i64>,
     generations: HashMap<(String, String, String), (String, i64)>,
+    /// The mesh folder as last read: a reload no event of it named reuses its
+    /// objects without listing, copying, hashing and ageing every policy again.
+    mesh: Option<BuiltMesh>,
+}
+
+/// The mesh folder's last read: its files, the errors reading them gave,
+/// its objects (aged and numbered), and its duplicate definitions' messages.
+#[derive(Debug, Clone, Default)]
+struct BuiltMesh {
+    files: Vec<PathBuf>,
+    read_errors: Vec<String>,
+    objects: FileObjects,
+    duplicates: Vec<String>,
 }
 
 fn now_ms() -> i64 {
@@ -199,6 +221,26 @@ fn complete_listing<'a>(
     listed.sort();
     listed.dedup();
     listed
+}
+
+/// A folder's files after events named `named` in it, from its files
+/// before them (`known`, sorted): a named file is in if it is a manifest file
+/// on disk now, out if not; the others are as they were. No listing: a
+/// cluster folder of 1,000 files had been listed, sorted and merged on every
+/// reload for the one file an event named, and an event lost is a rescan
+/// (everything looked at). Sorted, no repeats.
+fn listing_after_events<'a>(mut known: Vec<PathBuf>, named: impl IntoIterator<Item = &'a Path>) -> Vec<PathBuf> {
+    for f in named {
+        let there = is_manifest(f) && f.is_file();
+        match (known.binary_search_by(|k| k.as_path().cmp(f)), there) {
+            (Err(at), true) => known.insert(at, f.to_path_buf()),
+            (Ok(at), false) => {
+                known.remove(at);
+            }
+            _ => {}
+        }
+    }
+    known
 }
 
 /// A manifest file. The entry's type comes from the directory listing (no
@@ -361,6 +403,9 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
     let mut mesh_objects = FileObjects::default();
     let mut seen_files = std::collections::HashSet::new();
     let mut cluster_stamps: HashMap<String, Vec<(PathBuf, Option<FileStamp>)>> = HashMap::new();
+    // The mesh folder: kept as last read, or read now (its files and read errors).
+    let mut mesh_kept = None;
+    let mut mesh_read: Option<BuiltMesh> = None;
     for entry in read_dir_sorted(root, |_| true)? {
         let name = entry.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
         if name.starts_with('.') {
@@ -373,6 +418,16 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
             continue;
         }
         let in_mesh = name == MESH_DIR;
+        if in_mesh
+            && !changed.folder(&name)
+            && let Some(kept) = memory.mesh.take()
+        {
+            seen_files.extend(kept.files.iter().cloned());
+            inputs.errors.extend(kept.read_errors.iter().cloned());
+            mesh_kept = Some(kept);
+            continue;
+        }
+        let errors_before = inputs.errors.len();
         if !in_mesh
             && !changed.folder(&name)
             && let Some((built_from, state, errors)) = memory.clusters.get(&name)
@@ -383,12 +438,15 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
             inputs.clusters.insert(name.clone(), state.clone());
             continue;
         }
-        let files = {
-            let known: Vec<&Path> = match memory.clusters.get(&name) {
-                Some((built_from, _, _)) => built_from.iter().map(|(f, _)| f.as_path()).collect(),
-                None => memory.files.keys().filter(|f| f.parent() == Some(entry.as_path())).map(PathBuf::as_path).collect(),
-            };
-            complete_listing(read_dir_sorted(&entry, is_manifest_file)?, known, changed.files_in(&name))
+        let files = match (changed.named_files(&name), memory.clusters.get(&name)) {
+            (Some(named), Some((built_from, _, _))) => listing_after_events(built_from.iter().map(|(f, _)| f.to_path_buf()).collect(), named),
+            (_, known) => {
+                let known: Vec<&Path> = match known {
+                    Some((built_from, _, _)) => built_from.iter().map(|(f, _)| f.as_path()).collect(),
+                    None => memory.files.keys().filter(|f| f.parent() == Some(entry.as_path())).map(PathBuf::as_path).collect(),
+                };
+                complete_listing(read_dir_sorted(&entry, is_manifest_file)?, known, changed.files_in(&name))
+            }
         };
         // A file's stamp: taken again when an event named it, else the last one.
         let stamp_of = |stamps: &HashMap<PathBuf, FileStamp>, f: &PathBuf| match stamps.get(f) {
@@ -409,6 +467,8 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
             }
             cluster_stamps.insert(name.clone(), stamps);
             cluster_objects.entry(name.clone()).or_default();
+        } else {
+            mesh_read = Some(BuiltMesh { files: files.clone(), ..Default::default() });
         }
         for (i, file) in files.into_iter().enumerate() {
             seen_files.insert(file.clone());
@@ -453,6 +513,9 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
                 c.namespaces.extend(objects.cluster.namespaces);
             }
         }
+        if let Some(read) = mesh_read.as_mut().filter(|_| in_mesh) {
+            read.read_errors = inputs.errors[errors_before..].to_vec();
+        }
     }
     if memory.files.len() != seen_files.len() || memory.stamps.len() > seen_files.len() {
         memory.files.retain(|p, _| seen_files.contains(p));
@@ -470,9 +533,36 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
     memory.clusters.retain(|name, _| inputs.clusters.contains_key(name));
     memory.cluster_memos.retain(|name, _| inputs.clusters.contains_key(name));
 
+    let (mesh_objects, duplicates) = match mesh_kept {
+        Some(kept) => {
+            let objects = kept.objects.clone();
+            let duplicates = kept.duplicates.clone();
+            memory.mesh = Some(kept);
+            (objects, duplicates)
+        }
+        None => {
+            let (objects, duplicates) = number_mesh_objects(mesh_objects, memory);
+            memory.mesh = mesh_read.map(|read| BuiltMesh { objects: objects.clone(), duplicates: duplicates.clone(), ..read });
+            (objects, duplicates)
+        }
+    };
+    inputs.errors.extend(duplicates);
+
+    inputs.traffic_policies = mesh_objects.traffic_policies;
+    inputs.virtual_meshes = mesh_objects.virtual_meshes;
+    inputs.access_policies = mesh_objects.access_policies;
+    inputs.sidecars = mesh_objects.sidecars;
+    Ok(inputs)
+}
+
+/// Gives the mesh objects that carry no age or generation (files rarely do)
+/// the source's (first seen; one more per spec change), and drops a
+/// TrafficPolicy defined twice but the first: the objects and a message per
+/// duplicate.
+fn number_mesh_objects(mut mesh_objects: FileObjects, memory: &mut SourceMemory) -> (FileObjects, Vec<String>) {
     // Age and generation for objects that do not carry them (files rarely do).
     let now = now_ms();
-    let mut live = Vec::new();
+    let mut live = std::collections::HashSet::new();
     let mut fill = |kind: &str, namespace: &str, name: &str, created: &mut i64, generation: &mut Option<i64>, hash: String| {
         let key = (kind.to_string(), namespace.to_string(), name.to_string());
         let first = *memory.first_seen_ms.entry(key.clone()).or_insert(now);
@@ -486,7 +576,7 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
             }
             *generation = Some(entry.1);
         }
-        live.push(key);
+        live.insert(key);
     };
     let mut dupes = Vec::new();
     let mut ids = std::collections::HashSet::new();
@@ -509,13 +599,7 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
     memory.generations.retain(|k, _| live.contains(k));
     let mut seen = std::collections::HashSet::new();
     mesh_objects.traffic_policies.retain(|p| seen.insert((p.namespace.clone(), p.name.clone())));
-    inputs.errors.extend(dupes);
-
-    inputs.traffic_policies = mesh_objects.traffic_policies;
-    inputs.virtual_meshes = mesh_objects.virtual_meshes;
-    inputs.access_policies = mesh_objects.access_policies;
-    inputs.sidecars = mesh_objects.sidecars;
-    Ok(inputs)
+    (mesh_objects, dupes)
 }
 
 /// How long a reload waits after the one before it ended: none after a quiet
@@ -622,6 +706,21 @@ mod tests {
         // A complete listing stays as it is.
         let whole = vec![path("a.yaml"), path("b.yaml")];
         assert_eq!(complete_listing(whole.clone(), known.iter().map(PathBuf::as_path), std::iter::empty()), whole);
+    }
+
+    #[test]
+    fn a_folder_after_events_is_its_files_before_them_with_the_named_ones_looked_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |n: &str| dir.path().join(n);
+        for name in ["a.yaml", "c.yaml", "d.yaml", "e.txt"] {
+            std::fs::write(path(name), SVC).unwrap();
+        }
+        std::fs::create_dir(path("f.yaml")).unwrap();
+        // b was deleted, d is new, a was rewritten; e.txt is no manifest and f.yaml no file.
+        let known = vec![path("a.yaml"), path("b.yaml"), path("c.yaml")];
+        let named = [path("b.yaml"), path("d.yaml"), path("e.txt"), path("a.yaml"), path("f.yaml")];
+        let after = listing_after_events(known, named.iter().map(PathBuf::as_path));
+        assert_eq!(after, vec![path("a.yaml"), path("c.yaml"), path("d.yaml")]);
     }
 
     #[test]
@@ -748,6 +847,33 @@ mod tests {
         std::fs::remove_file(&c1_app).unwrap();
         let gone = load_config_dir_changed(dir.path(), &mut memory, &changed(std::slice::from_ref(&c1_app))).unwrap();
         assert!(gone.clusters["c1"].services.is_empty());
+    }
+
+    #[test]
+    fn a_reload_no_event_of_the_mesh_folder_named_keeps_its_objects_as_they_were_numbered() {
+        let dir = setup();
+        std::fs::write(dir.path().join("mesh/q-dupe.yaml"), POLICY).unwrap();
+        let mut memory = SourceMemory::default();
+        let first = load_config_dir(dir.path(), &mut memory).unwrap();
+        let duplicate = |inputs: &MeshInputs| inputs.errors.iter().filter(|e| e.contains("defined twice")).count();
+        assert_eq!(duplicate(&first), 1);
+        let c1_app = dir.path().join("c1/app.yaml");
+        let policy = dir.path().join("mesh/p.yaml");
+        let changed = |path: &Path| Changed::of_paths(dir.path(), [path]);
+        // The policy's file changes, but only an event in c1 is reported: the mesh folder is not read again.
+        std::fs::write(&policy, POLICY.replace("weight: 1", "weight: 2")).unwrap();
+        let kept = load_config_dir_changed(dir.path(), &mut memory, &changed(&c1_app)).unwrap();
+        assert_eq!((&kept.traffic_policies, &kept.errors), (&first.traffic_policies, &first.errors));
+        // Its own event: read, a new generation, the same age, the duplicate still reported once.
+        let read = load_config_dir_changed(dir.path(), &mut memory, &changed(&policy)).unwrap();
+        let (before, after) = (&first.traffic_policies[0], &read.traffic_policies[0]);
+        assert_eq!(after.spec.traffic_shift.as_ref().unwrap().destinations[0].weight, 2);
+        assert_eq!((after.generation, after.created_ms), (Some(2), before.created_ms));
+        assert_eq!(duplicate(&read), 1);
+        // Kept again after that: the numbered objects as last read.
+        let again = load_config_dir_changed(dir.path(), &mut memory, &changed(&c1_app)).unwrap();
+        assert_eq!((&again.traffic_policies, &again.errors), (&read.traffic_policies, &read.errors));
+        assert_eq!(again.traffic_policies.len(), 1);
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub fn served_protocols(snapshot: &MeshSnapshot, scope: &ProxyScope) -> BTreeMap
         return scope.served.clone();
     }
     let mut out = BTreeMap::new();
-    let Some(by_address) = snapshot.workload_ports.get(&scope.cluster) else { return out };
+    let Some(by_address) = snapshot.workload_ports(&scope.cluster) else { return out };
     for ports in scope.instance_ips.iter().filter_map(|ip| by_address.get(ip)) {
         for (port, protocol) in ports {
             out.entry(*port).or_insert(*protocol);

@@ -375,7 +375,7 @@ fn insert_target(
         captured,
         secrets: scope.secret_source,
         outlier: outliers.get(&t.service).cloned(),
-        identities: snapshot.service_identities.get(&t.service).cloned(),
+        identities: snapshot.service_identities(&t.service).cloned(),
         target: t,
     };
     let (cluster, eds) = memo.cluster(&key, || {
