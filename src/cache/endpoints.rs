@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use super::MeshResources;
 use crate::model::{MeshSnapshot, ServiceKey};
 use crate::translate::memo::EndpointSeed;
-use crate::translate::patch::{ChangedHosts, EndpointMemo, patch_endpoints_shared};
+use crate::translate::patch::{ChangedHosts, EndpointMemo, PatchedEndpoints, patch_endpoints_shared};
 use crate::translate::{self, ProxyScope};
 use crate::xds::resources::{ResourceSet, ResourceType};
 
@@ -43,8 +43,11 @@ impl MeshResources {
             next.share_type_from(after, ResourceType::Endpoint);
             return next;
         }
-        let mut patched = patch_endpoints_shared(snapshot, scope, set, changed, memo);
-        self.interner.share_types(&mut patched, &[ResourceType::Endpoint]);
+        let PatchedEndpoints { set: mut patched, replaced } = patch_endpoints_shared(snapshot, scope, set, changed, memo);
+        match replaced {
+            Some(names) => self.interner.share_patched(&mut patched, ResourceType::Endpoint, names.iter().map(String::as_str)),
+            None => self.interner.share_types(&mut patched, &[ResourceType::Endpoint]),
+        }
         if !gateway {
             maps.done.entry(key).or_default().push((set.clone(), patched.clone()));
         }

@@ -153,7 +153,14 @@ pub type EndpointMemo = std::collections::HashMap<(String, String, String), std:
 
 /// Replaces the EDS resources of `changed` services in `set`.
 pub fn patch_endpoints(snapshot: &MeshSnapshot, scope: &ProxyScope, set: &ResourceSet, changed: &BTreeSet<ServiceKey>) -> ResourceSet {
-    patch_endpoints_shared(snapshot, scope, set, changed, &mut EndpointMemo::new())
+    patch_endpoints_shared(snapshot, scope, set, changed, &mut EndpointMemo::new()).set
+}
+
+/// A patched set, and the names of the assignments the patch put in it
+/// (`None`: the set was translated again whole).
+pub struct PatchedEndpoints {
+    pub set: ResourceSet,
+    pub replaced: Option<Vec<String>>,
 }
 
 /// [`patch_endpoints`], reusing (and adding to) `memo`'s resources.
@@ -163,10 +170,10 @@ pub fn patch_endpoints_shared(
     set: &ResourceSet,
     changed: &BTreeSet<ServiceKey>,
     memo: &mut EndpointMemo,
-) -> ResourceSet {
+) -> PatchedEndpoints {
     if scope.role == ProxyRole::Gateway {
         // Gateways are few and their clusters are SNI-named: translate them again.
-        return super::translate(snapshot, scope);
+        return PatchedEndpoints { set: super::translate(snapshot, scope), replaced: None };
     }
     // Only names whose host is a changed service's are parsed.
     let hosts = ChangedHosts::new(&scope.cluster, changed);
@@ -192,7 +199,7 @@ pub fn patch_endpoints_shared(
             .clone();
         next.insert_shared(ResourceType::Endpoint, resource);
     }
-    next
+    PatchedEndpoints { set: next, replaced: Some(targets.into_iter().map(|t| t.name).collect()) }
 }
 
 /// The hosts of some services as a client in one cluster names them, to
