@@ -401,7 +401,11 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
     let mut inputs = MeshInputs::default();
     let mut cluster_objects: BTreeMap<String, ClusterObjects> = BTreeMap::new();
     let mut mesh_objects = FileObjects::default();
-    let mut seen_files = std::collections::HashSet::new();
+    // The files this load covers, counted: when the memory holds another
+    // number, it forgets the files no folder has any more. (Collecting
+    // every path into a set on every reload had been 3,000 copies and hashes
+    // for the one file an event named.)
+    let mut seen_files = 0usize;
     let mut cluster_stamps: HashMap<String, Vec<(PathBuf, Option<FileStamp>)>> = HashMap::new();
     // The mesh folder: kept as last read, or read now (its files and read errors).
     let mut mesh_kept = None;
@@ -422,7 +426,7 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
             && !changed.folder(&name)
             && let Some(kept) = memory.mesh.take()
         {
-            seen_files.extend(kept.files.iter().cloned());
+            seen_files += kept.files.len();
             inputs.errors.extend(kept.read_errors.iter().cloned());
             mesh_kept = Some(kept);
             continue;
@@ -433,7 +437,7 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
             && let Some((built_from, state, errors)) = memory.clusters.get(&name)
         {
             // No event in this cluster's folder: its last state stands, unlisted.
-            seen_files.extend(built_from.iter().map(|(f, _)| f.clone()));
+            seen_files += built_from.len();
             inputs.errors.extend(errors.iter().cloned());
             inputs.clusters.insert(name.clone(), state.clone());
             continue;
@@ -460,7 +464,7 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
                 && stamps.iter().all(|(_, s)| s.is_some())
             {
                 // Nothing in this cluster's folder changed: its last state stands.
-                seen_files.extend(files.iter().cloned());
+                seen_files += files.len();
                 inputs.errors.extend(errors.iter().cloned());
                 inputs.clusters.insert(name.clone(), state.clone());
                 continue;
@@ -471,7 +475,7 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
             mesh_read = Some(BuiltMesh { files: files.clone(), ..Default::default() });
         }
         for (i, file) in files.into_iter().enumerate() {
-            seen_files.insert(file.clone());
+            seen_files += 1;
             // Each file's stamp is taken once per reload (a stat per file:
             // with 3,000 files, stat-ing each three times had been most of a reload).
             let stamp = match cluster_stamps.get(&name) {
@@ -479,47 +483,40 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
                 None => stamp_of(&memory.stamps, &file),
             };
             let unchanged = stamp.is_some() && memory.stamps.get(&file) == stamp.as_ref();
-            let cached = if unchanged { memory.files.get(&file).cloned() } else { None };
-            // (What was cached stays as it is: putting a copy of it back had
-            // copied every file's object lists of a changed folder a second
-            // time: their `Arc`s for cluster objects, policies whole.)
-            let objects = match cached {
-                Some(cached) => cached,
-                None => match parse_file(&file, in_mesh) {
+            // A changed file is parsed into the memory; every file's objects
+            // are then read from there, not copied out first (that had been
+            // a copy of every file's object lists of a changed folder).
+            if !(unchanged && memory.files.contains_key(&file)) {
+                match parse_file(&file, in_mesh) {
                     Ok(objects) => {
-                        memory.files.insert(file.clone(), objects.clone());
+                        memory.files.insert(file.clone(), objects);
                         if let Some(stamp) = stamp {
                             memory.stamps.insert(file.clone(), stamp);
                         }
-                        objects
                     }
                     Err(e) => {
-                        let kept = memory.files.get(&file).cloned();
-                        inputs.errors.push(if kept.is_some() { format!("{e} (the file's last good contents keep serving)") } else { e });
-                        kept.unwrap_or_default()
+                        let kept = memory.files.contains_key(&file);
+                        inputs.errors.push(if kept { format!("{e} (the file's last good contents keep serving)") } else { e });
                     }
-                },
-            };
+                }
+            }
+            let Some(objects) = memory.files.get(&file) else { continue };
             if in_mesh {
-                mesh_objects.traffic_policies.extend(objects.traffic_policies);
-                mesh_objects.virtual_meshes.extend(objects.virtual_meshes);
-                mesh_objects.access_policies.extend(objects.access_policies);
-                mesh_objects.sidecars.extend(objects.sidecars);
+                mesh_objects.traffic_policies.extend(objects.traffic_policies.iter().cloned());
+                mesh_objects.virtual_meshes.extend(objects.virtual_meshes.iter().cloned());
+                mesh_objects.access_policies.extend(objects.access_policies.iter().cloned());
+                mesh_objects.sidecars.extend(objects.sidecars.iter().cloned());
             } else {
                 let c = cluster_objects.get_mut(&name).expect("inserted above");
-                c.services.extend(objects.cluster.services);
-                c.endpoint_slices.extend(objects.cluster.endpoint_slices);
-                c.pods.extend(objects.cluster.pods);
-                c.namespaces.extend(objects.cluster.namespaces);
+                c.services.extend(objects.cluster.services.iter().cloned());
+                c.endpoint_slices.extend(objects.cluster.endpoint_slices.iter().cloned());
+                c.pods.extend(objects.cluster.pods.iter().cloned());
+                c.namespaces.extend(objects.cluster.namespaces.iter().cloned());
             }
         }
         if let Some(read) = mesh_read.as_mut().filter(|_| in_mesh) {
             read.read_errors = inputs.errors[errors_before..].to_vec();
         }
-    }
-    if memory.files.len() != seen_files.len() || memory.stamps.len() > seen_files.len() {
-        memory.files.retain(|p, _| seen_files.contains(p));
-        memory.stamps.retain(|p, _| seen_files.contains(p));
     }
 
     for (name, objects) in &cluster_objects {
@@ -547,6 +544,16 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
         }
     };
     inputs.errors.extend(duplicates);
+    if memory.files.len() != seen_files || memory.stamps.len() > seen_files {
+        let covered: std::collections::HashSet<PathBuf> = memory
+            .clusters
+            .values()
+            .flat_map(|(built_from, _, _)| built_from.iter().map(|(f, _)| f.clone()))
+            .chain(memory.mesh.iter().flat_map(|m| m.files.iter().cloned()))
+            .collect();
+        memory.files.retain(|p, _| covered.contains(p));
+        memory.stamps.retain(|p, _| covered.contains(p));
+    }
 
     inputs.traffic_policies = mesh_objects.traffic_policies;
     inputs.virtual_meshes = mesh_objects.virtual_meshes;
@@ -847,6 +854,8 @@ mod tests {
         std::fs::remove_file(&c1_app).unwrap();
         let gone = load_config_dir_changed(dir.path(), &mut memory, &changed(std::slice::from_ref(&c1_app))).unwrap();
         assert!(gone.clusters["c1"].services.is_empty());
+        assert!(!memory.files.contains_key(&c1_app) && !memory.stamps.contains_key(&c1_app), "the memory forgets it");
+        assert!(memory.files.contains_key(&dir.path().join("c2/app.yaml")) && memory.files.contains_key(&dir.path().join("mesh/p.yaml")));
     }
 
     #[test]
