@@ -254,6 +254,15 @@ mod tests {
         let set2 = [Arc::new(b)];
         assert_eq!(aggregate_version(&set1), aggregate_version(&set2));
         assert_ne!(aggregate_version(&set1), aggregate_version(&[]));
+        // What it hashes: each name and version, zero-terminated, then the count.
+        use sha2::Digest;
+        let set = [Arc::new(a), Arc::new(Resource::from_message("b", &c2))];
+        let mut hasher = sha2::Sha256::new();
+        for r in &set {
+            hasher.update(format!("{}\0{}\0", r.name, r.version));
+        }
+        hasher.update(2u64.to_le_bytes());
+        assert_eq!(aggregate_version(&set), crate::xds::codec::short_hex(&hasher.finalize()));
     }
 
     fn cluster(name: &str, timeout_s: i64) -> Resource {
