@@ -161,6 +161,8 @@ pub struct SourceMemory {
     /// The mesh folder as last read: a reload no event of it named reuses its
     /// objects without listing, copying, hashing and ageing every policy again.
     mesh: Option<BuiltMesh>,
+    /// The last load failed partway: the next looks at everything.
+    incomplete: bool,
 }
 
 /// The mesh folder's last read: its files, the errors reading them gave,
@@ -393,8 +395,21 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
 
 /// [`load_config_dir`] after `changed`: a cluster folder nothing in it changed
 /// keeps its last state without being listed, and a file nobody reported
-/// keeps its last stamp without a stat.
+/// keeps its last stamp without a stat. After a load that failed, the next
+/// one looks at everything: the failed one may have parsed files into the
+/// memory and stopped before the records of their folders (a cluster's
+/// files, the mesh folder's objects) were brought up to date, and a later
+/// load that trusts those records would keep serving what they say.
 pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: &Changed) -> Result<MeshInputs, ConfigDirError> {
+    let everything = Changed::Everything;
+    let changed = if memory.incomplete { &everything } else { changed };
+    memory.incomplete = true;
+    let loaded = load_config_dir_walk(root, memory, changed);
+    memory.incomplete = loaded.is_err();
+    loaded
+}
+
+fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Changed) -> Result<MeshInputs, ConfigDirError> {
     if !root.is_dir() {
         return Err(ConfigDirError::NotADirectory(root.display().to_string()));
     }
@@ -883,6 +898,24 @@ mod tests {
         let again = load_config_dir_changed(dir.path(), &mut memory, &changed(&c1_app)).unwrap();
         assert_eq!((&again.traffic_policies, &again.errors), (&read.traffic_policies, &read.errors));
         assert_eq!(again.traffic_policies.len(), 1);
+    }
+
+    #[test]
+    fn a_load_after_a_failed_one_looks_at_everything() {
+        let dir = setup();
+        let mut memory = SourceMemory::default();
+        load_config_dir(dir.path(), &mut memory).unwrap();
+        let c1_app = dir.path().join("c1/app.yaml");
+        let changed = Changed::of_paths(dir.path(), [c1_app.as_path()]);
+        // A load fails (here its root is gone); meanwhile the policy changes and no event names it.
+        assert!(load_config_dir_changed(&dir.path().join("gone"), &mut memory, &changed).is_err());
+        std::fs::write(dir.path().join("mesh/p.yaml"), POLICY.replace("weight: 1", "weight: 2")).unwrap();
+        let after = load_config_dir_changed(dir.path(), &mut memory, &changed).unwrap();
+        assert_eq!(after.traffic_policies[0].spec.traffic_shift.as_ref().unwrap().destinations[0].weight, 2);
+        // Once a load succeeds, events are trusted again: an unnamed change waits for its event.
+        std::fs::write(dir.path().join("mesh/p.yaml"), POLICY.replace("weight: 1", "weight: 3")).unwrap();
+        let trusted = load_config_dir_changed(dir.path(), &mut memory, &changed).unwrap();
+        assert_eq!(trusted.traffic_policies[0].spec.traffic_shift.as_ref().unwrap().destinations[0].weight, 2);
     }
 
     #[test]
