@@ -142,8 +142,18 @@ struct FileObjects {
 /// What the source remembers between loads: each file's last good parse,
 /// when each policy was first seen (its age, when it has no
 /// creationTimestamp) and its spec generations (when it has no generation).
-/// A cluster folder as last built: its files' stamps, its state, its read errors.
-type BuiltCluster = (Vec<(PathBuf, Option<FileStamp>)>, Arc<crate::model::ClusterState>, Vec<String>);
+/// A cluster folder as last built.
+#[derive(Debug)]
+struct BuiltCluster {
+    /// Its files and their stamps.
+    built_from: Vec<(PathBuf, Option<FileStamp>)>,
+    state: Arc<crate::model::ClusterState>,
+    /// Its read errors.
+    errors: Vec<String>,
+    /// How many of its files have objects in the memory (one that never
+    /// parsed has none).
+    parsed: usize,
+}
 
 #[derive(Debug, Default)]
 pub struct SourceMemory {
@@ -173,6 +183,8 @@ struct BuiltMesh {
     read_errors: Vec<String>,
     objects: FileObjects,
     duplicates: Vec<String>,
+    /// How many of its files have objects in the memory.
+    parsed: usize,
 }
 
 fn now_ms() -> i64 {
@@ -416,11 +428,13 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
     let mut inputs = MeshInputs::default();
     let mut cluster_objects: BTreeMap<String, ClusterObjects> = BTreeMap::new();
     let mut mesh_objects = FileObjects::default();
-    // The files this load covers, counted: when the memory holds another
-    // number, it forgets the files no folder has any more. (Collecting
-    // every path into a set on every reload had been 3,000 copies and hashes
-    // for the one file an event named.)
+    // The files this load covers that have objects in the memory, counted:
+    // when the memory holds another number, it forgets the files no folder
+    // has any more. (Collecting every path into a set on every reload had
+    // been 3,000 copies and hashes for the one file an event named.)
     let mut seen_files = 0usize;
+    // Per cluster folder read now: how many of its files have objects in the memory.
+    let mut cluster_parsed: HashMap<String, usize> = HashMap::new();
     let mut cluster_stamps: HashMap<String, Vec<(PathBuf, Option<FileStamp>)>> = HashMap::new();
     // The mesh folder: kept as last read, or read now (its files and read errors).
     let mut mesh_kept = None;
@@ -441,7 +455,7 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
             && !changed.folder(&name)
             && let Some(kept) = memory.mesh.take()
         {
-            seen_files += kept.files.len();
+            seen_files += kept.parsed;
             inputs.errors.extend(kept.read_errors.iter().cloned());
             mesh_kept = Some(kept);
             continue;
@@ -449,19 +463,19 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
         let errors_before = inputs.errors.len();
         if !in_mesh
             && !changed.folder(&name)
-            && let Some((built_from, state, errors)) = memory.clusters.get(&name)
+            && let Some(built) = memory.clusters.get(&name)
         {
             // No event in this cluster's folder: its last state stands, unlisted.
-            seen_files += built_from.len();
-            inputs.errors.extend(errors.iter().cloned());
-            inputs.clusters.insert(name.clone(), state.clone());
+            seen_files += built.parsed;
+            inputs.errors.extend(built.errors.iter().cloned());
+            inputs.clusters.insert(name.clone(), built.state.clone());
             continue;
         }
         let files = match (changed.named_files(&name), memory.clusters.get(&name)) {
-            (Some(named), Some((built_from, _, _))) => listing_after_events(built_from.iter().map(|(f, _)| f.to_path_buf()).collect(), named),
+            (Some(named), Some(built)) => listing_after_events(built.built_from.iter().map(|(f, _)| f.to_path_buf()).collect(), named),
             (_, known) => {
                 let known: Vec<&Path> = match known {
-                    Some((built_from, _, _)) => built_from.iter().map(|(f, _)| f.as_path()).collect(),
+                    Some(built) => built.built_from.iter().map(|(f, _)| f.as_path()).collect(),
                     None => memory.files.keys().filter(|f| f.parent() == Some(entry.as_path())).map(PathBuf::as_path).collect(),
                 };
                 complete_listing(read_dir_sorted(&entry, is_manifest_file)?, known, changed.files_in(&name))
@@ -474,14 +488,14 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
         };
         if !in_mesh {
             let stamps: Vec<(PathBuf, Option<FileStamp>)> = files.iter().map(|f| (f.clone(), stamp_of(&memory.stamps, f))).collect();
-            if let Some((built_from, state, errors)) = memory.clusters.get(&name)
-                && *built_from == stamps
+            if let Some(built) = memory.clusters.get(&name)
+                && built.built_from == stamps
                 && stamps.iter().all(|(_, s)| s.is_some())
             {
                 // Nothing in this cluster's folder changed: its last state stands.
-                seen_files += files.len();
-                inputs.errors.extend(errors.iter().cloned());
-                inputs.clusters.insert(name.clone(), state.clone());
+                seen_files += built.parsed;
+                inputs.errors.extend(built.errors.iter().cloned());
+                inputs.clusters.insert(name.clone(), built.state.clone());
                 continue;
             }
             cluster_stamps.insert(name.clone(), stamps);
@@ -489,8 +503,8 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
         } else {
             mesh_read = Some(BuiltMesh { files: files.clone(), ..Default::default() });
         }
+        let mut parsed = 0;
         for (i, file) in files.into_iter().enumerate() {
-            seen_files += 1;
             // Each file's stamp is taken once per reload (a stat per file:
             // with 3,000 files, stat-ing each three times had been most of a reload).
             let stamp = match cluster_stamps.get(&name) {
@@ -516,6 +530,7 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
                 }
             }
             let Some(objects) = memory.files.get(&file) else { continue };
+            parsed += 1;
             if in_mesh {
                 mesh_objects.traffic_policies.extend(objects.traffic_policies.iter().cloned());
                 mesh_objects.virtual_meshes.extend(objects.virtual_meshes.iter().cloned());
@@ -529,8 +544,15 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
                 c.namespaces.extend(objects.cluster.namespaces.iter().cloned());
             }
         }
-        if let Some(read) = mesh_read.as_mut().filter(|_| in_mesh) {
-            read.read_errors = inputs.errors[errors_before..].to_vec();
+        seen_files += parsed;
+        match mesh_read.as_mut().filter(|_| in_mesh) {
+            Some(read) => {
+                read.read_errors = inputs.errors[errors_before..].to_vec();
+                read.parsed = parsed;
+            }
+            None => {
+                cluster_parsed.insert(name.clone(), parsed);
+            }
         }
     }
 
@@ -538,8 +560,9 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
         let (state, errors) = cluster_state_reusing(name, objects, memory.cluster_memos.entry(name.clone()).or_default());
         let state = Arc::new(state);
         inputs.errors.extend(errors.iter().cloned());
-        let stamps = cluster_stamps.remove(name).unwrap_or_default();
-        memory.clusters.insert(name.clone(), (stamps, state.clone(), errors));
+        let built_from = cluster_stamps.remove(name).unwrap_or_default();
+        let parsed = cluster_parsed.get(name).copied().unwrap_or_default();
+        memory.clusters.insert(name.clone(), BuiltCluster { built_from, state: state.clone(), errors, parsed });
         inputs.clusters.insert(name.clone(), state);
     }
     memory.clusters.retain(|name, _| inputs.clusters.contains_key(name));
@@ -563,7 +586,7 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
         let covered: std::collections::HashSet<PathBuf> = memory
             .clusters
             .values()
-            .flat_map(|(built_from, _, _)| built_from.iter().map(|(f, _)| f.clone()))
+            .flat_map(|built| built.built_from.iter().map(|(f, _)| f.clone()))
             .chain(memory.mesh.iter().flat_map(|m| m.files.iter().cloned()))
             .collect();
         memory.files.retain(|p, _| covered.contains(p));
@@ -916,6 +939,26 @@ mod tests {
         std::fs::write(dir.path().join("mesh/p.yaml"), POLICY.replace("weight: 1", "weight: 3")).unwrap();
         let trusted = load_config_dir_changed(dir.path(), &mut memory, &changed).unwrap();
         assert_eq!(trusted.traffic_policies[0].spec.traffic_shift.as_ref().unwrap().destinations[0].weight, 2);
+    }
+
+    #[test]
+    fn a_file_deleted_as_a_broken_one_is_added_is_forgotten() {
+        let dir = setup();
+        let mut memory = SourceMemory::default();
+        load_config_dir(dir.path(), &mut memory).unwrap();
+        let (app, broken) = (dir.path().join("c1/app.yaml"), dir.path().join("c1/broken.yaml"));
+        let changed = |paths: &[&Path]| Changed::of_paths(dir.path(), paths.iter().copied());
+        // One reload: app.yaml deleted, broken.yaml added and never parsed (the file count is the same).
+        std::fs::remove_file(&app).unwrap();
+        std::fs::write(&broken, "kind: [").unwrap();
+        let gone = load_config_dir_changed(dir.path(), &mut memory, &changed(&[&app, &broken])).unwrap();
+        assert!(gone.clusters["c1"].services.is_empty());
+        assert!(!memory.files.contains_key(&app), "the memory forgets it");
+        // app.yaml comes back broken: nothing of its deleted contents serves as "last good".
+        std::fs::write(&app, "kind: [").unwrap();
+        let back = load_config_dir_changed(dir.path(), &mut memory, &changed(&[&app])).unwrap();
+        assert!(back.clusters["c1"].services.is_empty());
+        assert!(back.errors.iter().any(|e| e.contains("app.yaml") && !e.contains("last good")), "{:?}", back.errors);
     }
 
     #[test]
