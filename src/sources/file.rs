@@ -148,7 +148,8 @@ struct BuiltCluster {
     /// Its files and their stamps.
     built_from: Vec<(PathBuf, Option<FileStamp>)>,
     state: Arc<crate::model::ClusterState>,
-    /// Its read errors.
+    /// Its files' read errors, then its state's errors: reported again
+    /// while it is kept (a broken file stays broken until an event names it).
     errors: Vec<String>,
     /// How many of its files have objects in the memory (one that never
     /// parsed has none).
@@ -433,8 +434,10 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
     // has any more. (Collecting every path into a set on every reload had
     // been 3,000 copies and hashes for the one file an event named.)
     let mut seen_files = 0usize;
-    // Per cluster folder read now: how many of its files have objects in the memory.
+    // Per cluster folder read now: how many of its files have objects in the
+    // memory, and the errors reading them gave.
     let mut cluster_parsed: HashMap<String, usize> = HashMap::new();
+    let mut cluster_read_errors: HashMap<String, Vec<String>> = HashMap::new();
     let mut cluster_stamps: HashMap<String, Vec<(PathBuf, Option<FileStamp>)>> = HashMap::new();
     // The mesh folder: kept as last read, or read now (its files and read errors).
     let mut mesh_kept = None;
@@ -552,16 +555,19 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
             }
             None => {
                 cluster_parsed.insert(name.clone(), parsed);
+                cluster_read_errors.insert(name.clone(), inputs.errors[errors_before..].to_vec());
             }
         }
     }
 
     for (name, objects) in &cluster_objects {
-        let (state, errors) = cluster_state_reusing(name, objects, memory.cluster_memos.entry(name.clone()).or_default());
+        let (state, state_errors) = cluster_state_reusing(name, objects, memory.cluster_memos.entry(name.clone()).or_default());
         let state = Arc::new(state);
-        inputs.errors.extend(errors.iter().cloned());
+        inputs.errors.extend(state_errors.iter().cloned());
         let built_from = cluster_stamps.remove(name).unwrap_or_default();
         let parsed = cluster_parsed.get(name).copied().unwrap_or_default();
+        let mut errors = cluster_read_errors.remove(name).unwrap_or_default();
+        errors.extend(state_errors);
         memory.clusters.insert(name.clone(), BuiltCluster { built_from, state: state.clone(), errors, parsed });
         inputs.clusters.insert(name.clone(), state);
     }
@@ -959,6 +965,24 @@ mod tests {
         let back = load_config_dir_changed(dir.path(), &mut memory, &changed(&[&app])).unwrap();
         assert!(back.clusters["c1"].services.is_empty());
         assert!(back.errors.iter().any(|e| e.contains("app.yaml") && !e.contains("last good")), "{:?}", back.errors);
+    }
+
+    #[test]
+    fn a_broken_files_error_is_reported_while_it_stays_broken() {
+        let dir = setup();
+        std::fs::create_dir_all(dir.path().join("c2")).unwrap();
+        std::fs::write(dir.path().join("c2/app.yaml"), SVC).unwrap();
+        let broken = dir.path().join("c1/broken.yaml");
+        std::fs::write(&broken, "kind: [").unwrap();
+        let mut memory = SourceMemory::default();
+        let broken_reported = |inputs: &MeshInputs| inputs.errors.iter().filter(|e| e.contains("broken.yaml")).count();
+        assert_eq!(broken_reported(&load_config_dir(dir.path(), &mut memory).unwrap()), 1);
+        // Reloads for events elsewhere, and in its folder for another file: still reported, once.
+        for other in ["c2/app.yaml", "mesh/p.yaml", "c1/app.yaml"] {
+            let changed = Changed::of_paths(dir.path(), [dir.path().join(other).as_path()]);
+            assert_eq!(broken_reported(&load_config_dir_changed(dir.path(), &mut memory, &changed).unwrap()), 1, "after an event for {other}");
+        }
+        assert_eq!(broken_reported(&load_config_dir(dir.path(), &mut memory).unwrap()), 1, "after a full look");
     }
 
     #[test]
