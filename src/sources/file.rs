@@ -39,6 +39,9 @@ pub enum ConfigDirError {
 
 type FileStamp = (u64, u64, std::time::SystemTime);
 
+/// A folder's files, in order, each with its stamp when it has one.
+type FileStamps = Vec<(PathBuf, Option<FileStamp>)>;
+
 fn file_stamp(path: &Path) -> Option<FileStamp> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
@@ -139,23 +142,53 @@ struct FileObjects {
     sidecars: Vec<PolicyObject<SidecarSpec>>,
 }
 
+impl FileObjects {
+    /// Appends `other`'s objects (the cluster objects' `Arc`s, copies of the policies).
+    fn extend_from(&mut self, other: &FileObjects) {
+        self.cluster.services.extend(other.cluster.services.iter().cloned());
+        self.cluster.endpoint_slices.extend(other.cluster.endpoint_slices.iter().cloned());
+        self.cluster.pods.extend(other.cluster.pods.iter().cloned());
+        self.cluster.namespaces.extend(other.cluster.namespaces.iter().cloned());
+        self.traffic_policies.extend(other.traffic_policies.iter().cloned());
+        self.virtual_meshes.extend(other.virtual_meshes.iter().cloned());
+        self.access_policies.extend(other.access_policies.iter().cloned());
+        self.sidecars.extend(other.sidecars.iter().cloned());
+    }
+}
+
+/// What reading one folder's files gave: how many of them have objects in
+/// the memory (a file that never parsed has none), and the errors, reported
+/// again while the folder is kept (a broken file stays broken until an event
+/// names it).
+#[derive(Debug, Clone, Default)]
+struct FolderRead {
+    parsed: usize,
+    errors: Vec<String>,
+}
+
+/// A cluster folder as last built: its files and their stamps, what reading
+/// them gave, its state and the errors building it gave.
+#[derive(Debug)]
+struct BuiltCluster {
+    built_from: FileStamps,
+    read: FolderRead,
+    state: Arc<crate::model::ClusterState>,
+    state_errors: Vec<String>,
+}
+
+impl BuiltCluster {
+    /// Puts this state in `inputs` as it is, with its errors again; returns
+    /// how many of its files have objects in the memory.
+    fn reuse(&self, name: &str, inputs: &mut MeshInputs) -> usize {
+        inputs.errors.extend(self.read.errors.iter().chain(&self.state_errors).cloned());
+        inputs.clusters.insert(name.to_string(), self.state.clone());
+        self.read.parsed
+    }
+}
+
 /// What the source remembers between loads: each file's last good parse,
 /// when each policy was first seen (its age, when it has no
 /// creationTimestamp) and its spec generations (when it has no generation).
-/// A cluster folder as last built.
-#[derive(Debug)]
-struct BuiltCluster {
-    /// Its files and their stamps.
-    built_from: Vec<(PathBuf, Option<FileStamp>)>,
-    state: Arc<crate::model::ClusterState>,
-    /// Its files' read errors, then its state's errors: reported again
-    /// while it is kept (a broken file stays broken until an event names it).
-    errors: Vec<String>,
-    /// How many of its files have objects in the memory (one that never
-    /// parsed has none).
-    parsed: usize,
-}
-
 #[derive(Debug, Default)]
 pub struct SourceMemory {
     files: HashMap<PathBuf, FileObjects>,
@@ -176,16 +209,14 @@ pub struct SourceMemory {
     incomplete: bool,
 }
 
-/// The mesh folder's last read: its files, the errors reading them gave,
-/// its objects (aged and numbered), and its duplicate definitions' messages.
+/// The mesh folder's last read: its files, what reading them gave, its
+/// objects (aged and numbered), and its duplicate definitions' messages.
 #[derive(Debug, Clone, Default)]
 struct BuiltMesh {
     files: Vec<PathBuf>,
-    read_errors: Vec<String>,
+    read: FolderRead,
     objects: FileObjects,
     duplicates: Vec<String>,
-    /// How many of its files have objects in the memory.
-    parsed: usize,
 }
 
 fn now_ms() -> i64 {
@@ -427,21 +458,16 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
         return Err(ConfigDirError::NotADirectory(root.display().to_string()));
     }
     let mut inputs = MeshInputs::default();
-    let mut cluster_objects: BTreeMap<String, ClusterObjects> = BTreeMap::new();
-    let mut mesh_objects = FileObjects::default();
     // The files this load covers that have objects in the memory, counted:
     // when the memory holds another number, it forgets the files no folder
     // has any more. (Collecting every path into a set on every reload had
     // been 3,000 copies and hashes for the one file an event named.)
     let mut seen_files = 0usize;
-    // Per cluster folder read now: how many of its files have objects in the
-    // memory, and the errors reading them gave.
-    let mut cluster_parsed: HashMap<String, usize> = HashMap::new();
-    let mut cluster_read_errors: HashMap<String, Vec<String>> = HashMap::new();
-    let mut cluster_stamps: HashMap<String, Vec<(PathBuf, Option<FileStamp>)>> = HashMap::new();
-    // The mesh folder: kept as last read, or read now (its files and read errors).
+    // Cluster folders read now: their objects, files with stamps, and what reading them gave.
+    let mut read_clusters: BTreeMap<String, (FileObjects, FileStamps, FolderRead)> = BTreeMap::new();
+    // The mesh folder: kept as last read, or read now (its objects, files and what reading them gave).
     let mut mesh_kept = None;
-    let mut mesh_read: Option<BuiltMesh> = None;
+    let mut mesh_read: Option<(FileObjects, BuiltMesh)> = None;
     for entry in read_dir_sorted(root, |_| true)? {
         let name = entry.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
         if name.starts_with('.') {
@@ -458,22 +484,20 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
             && !changed.folder(&name)
             && let Some(kept) = memory.mesh.take()
         {
-            seen_files += kept.parsed;
-            inputs.errors.extend(kept.read_errors.iter().cloned());
+            seen_files += kept.read.parsed;
+            inputs.errors.extend(kept.read.errors.iter().cloned());
             mesh_kept = Some(kept);
             continue;
         }
-        let errors_before = inputs.errors.len();
         if !in_mesh
             && !changed.folder(&name)
             && let Some(built) = memory.clusters.get(&name)
         {
             // No event in this cluster's folder: its last state stands, unlisted.
-            seen_files += built.parsed;
-            inputs.errors.extend(built.errors.iter().cloned());
-            inputs.clusters.insert(name.clone(), built.state.clone());
+            seen_files += built.reuse(&name, &mut inputs);
             continue;
         }
+        let errors_before = inputs.errors.len();
         let files = match (changed.named_files(&name), memory.clusters.get(&name)) {
             (Some(named), Some(built)) => listing_after_events(built.built_from.iter().map(|(f, _)| f.to_path_buf()).collect(), named),
             (_, known) => {
@@ -489,87 +513,69 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
             Some(stamp) if !changed.file(&name, f) => Some(*stamp),
             _ => file_stamp(f),
         };
-        if !in_mesh {
-            let stamps: Vec<(PathBuf, Option<FileStamp>)> = files.iter().map(|f| (f.clone(), stamp_of(&memory.stamps, f))).collect();
+        // A cluster folder's files with their stamps (the mesh folder's are taken one by one).
+        let cluster_stamps = if in_mesh {
+            None
+        } else {
+            let stamps: FileStamps = files.iter().map(|f| (f.clone(), stamp_of(&memory.stamps, f))).collect();
             if let Some(built) = memory.clusters.get(&name)
                 && built.built_from == stamps
                 && stamps.iter().all(|(_, s)| s.is_some())
             {
                 // Nothing in this cluster's folder changed: its last state stands.
-                seen_files += built.parsed;
-                inputs.errors.extend(built.errors.iter().cloned());
-                inputs.clusters.insert(name.clone(), built.state.clone());
+                seen_files += built.reuse(&name, &mut inputs);
                 continue;
             }
-            cluster_stamps.insert(name.clone(), stamps);
-            cluster_objects.entry(name.clone()).or_default();
-        } else {
-            mesh_read = Some(BuiltMesh { files: files.clone(), ..Default::default() });
-        }
+            Some(stamps)
+        };
+        let mut objects = FileObjects::default();
         let mut parsed = 0;
-        for (i, file) in files.into_iter().enumerate() {
+        for (i, file) in files.iter().enumerate() {
             // Each file's stamp is taken once per reload (a stat per file:
             // with 3,000 files, stat-ing each three times had been most of a reload).
-            let stamp = match cluster_stamps.get(&name) {
+            let stamp = match &cluster_stamps {
                 Some(stamps) => stamps[i].1,
-                None => stamp_of(&memory.stamps, &file),
+                None => stamp_of(&memory.stamps, file),
             };
-            let unchanged = stamp.is_some() && memory.stamps.get(&file) == stamp.as_ref();
+            let unchanged = stamp.is_some() && memory.stamps.get(file) == stamp.as_ref();
             // A changed file is parsed into the memory; every file's objects
             // are then read from there, not copied out first (that had been
             // a copy of every file's object lists of a changed folder).
-            if !(unchanged && memory.files.contains_key(&file)) {
-                match parse_file(&file, in_mesh) {
-                    Ok(objects) => {
-                        memory.files.insert(file.clone(), objects);
+            if !(unchanged && memory.files.contains_key(file)) {
+                match parse_file(file, in_mesh) {
+                    Ok(parsed) => {
+                        memory.files.insert(file.clone(), parsed);
                         if let Some(stamp) = stamp {
                             memory.stamps.insert(file.clone(), stamp);
                         }
                     }
                     Err(e) => {
-                        let kept = memory.files.contains_key(&file);
+                        let kept = memory.files.contains_key(file);
                         inputs.errors.push(if kept { format!("{e} (the file's last good contents keep serving)") } else { e });
                     }
                 }
             }
-            let Some(objects) = memory.files.get(&file) else { continue };
-            parsed += 1;
-            if in_mesh {
-                mesh_objects.traffic_policies.extend(objects.traffic_policies.iter().cloned());
-                mesh_objects.virtual_meshes.extend(objects.virtual_meshes.iter().cloned());
-                mesh_objects.access_policies.extend(objects.access_policies.iter().cloned());
-                mesh_objects.sidecars.extend(objects.sidecars.iter().cloned());
-            } else {
-                let c = cluster_objects.get_mut(&name).expect("inserted above");
-                c.services.extend(objects.cluster.services.iter().cloned());
-                c.endpoint_slices.extend(objects.cluster.endpoint_slices.iter().cloned());
-                c.pods.extend(objects.cluster.pods.iter().cloned());
-                c.namespaces.extend(objects.cluster.namespaces.iter().cloned());
+            if let Some(file_objects) = memory.files.get(file) {
+                objects.extend_from(file_objects);
+                parsed += 1;
             }
         }
         seen_files += parsed;
-        match mesh_read.as_mut().filter(|_| in_mesh) {
-            Some(read) => {
-                read.read_errors = inputs.errors[errors_before..].to_vec();
-                read.parsed = parsed;
+        let read = FolderRead { parsed, errors: inputs.errors[errors_before..].to_vec() };
+        match cluster_stamps {
+            Some(built_from) => {
+                read_clusters.insert(name, (objects, built_from, read));
             }
-            None => {
-                cluster_parsed.insert(name.clone(), parsed);
-                cluster_read_errors.insert(name.clone(), inputs.errors[errors_before..].to_vec());
-            }
+            None => mesh_read = Some((objects, BuiltMesh { files, read, ..Default::default() })),
         }
     }
 
-    for (name, objects) in &cluster_objects {
-        let (state, state_errors) = cluster_state_reusing(name, objects, memory.cluster_memos.entry(name.clone()).or_default());
+    for (name, (objects, built_from, read)) in read_clusters {
+        let (state, state_errors) = cluster_state_reusing(&name, &objects.cluster, memory.cluster_memos.entry(name.clone()).or_default());
         let state = Arc::new(state);
         inputs.errors.extend(state_errors.iter().cloned());
-        let built_from = cluster_stamps.remove(name).unwrap_or_default();
-        let parsed = cluster_parsed.get(name).copied().unwrap_or_default();
-        let mut errors = cluster_read_errors.remove(name).unwrap_or_default();
-        errors.extend(state_errors);
-        memory.clusters.insert(name.clone(), BuiltCluster { built_from, state: state.clone(), errors, parsed });
-        inputs.clusters.insert(name.clone(), state);
+        inputs.clusters.insert(name.clone(), state.clone());
+        memory.clusters.insert(name, BuiltCluster { built_from, read, state, state_errors });
     }
     memory.clusters.retain(|name, _| inputs.clusters.contains_key(name));
     memory.cluster_memos.retain(|name, _| inputs.clusters.contains_key(name));
@@ -582,8 +588,9 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
             (objects, duplicates)
         }
         None => {
-            let (objects, duplicates) = number_mesh_objects(mesh_objects, memory);
-            memory.mesh = mesh_read.map(|read| BuiltMesh { objects: objects.clone(), duplicates: duplicates.clone(), ..read });
+            let (read_objects, read) = mesh_read.unzip();
+            let (objects, duplicates) = number_mesh_objects(read_objects.unwrap_or_default(), memory);
+            memory.mesh = read.map(|read| BuiltMesh { objects: objects.clone(), duplicates: duplicates.clone(), ..read });
             (objects, duplicates)
         }
     };
