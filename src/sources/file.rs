@@ -256,7 +256,7 @@ fn complete_listing<'a>(
         .into_iter()
         .chain(named)
         .filter(|f| listed.binary_search_by(|l| l.as_path().cmp(f)).is_err())
-        .filter(|f| is_manifest(f) && f.is_file())
+        .filter(|f| is_manifest_on_disk(f))
         .map(Path::to_path_buf)
         .collect();
     if missed.is_empty() {
@@ -277,7 +277,7 @@ fn complete_listing<'a>(
 /// (everything looked at). Sorted, no repeats.
 fn listing_after_events<'a>(mut known: Vec<PathBuf>, named: impl IntoIterator<Item = &'a Path>) -> Vec<PathBuf> {
     for f in named {
-        let there = is_manifest(f) && f.is_file();
+        let there = is_manifest_on_disk(f);
         match (known.binary_search_by(|k| k.as_path().cmp(f)), there) {
             (Err(at), true) => known.insert(at, f.to_path_buf()),
             (Ok(at), false) => {
@@ -287,6 +287,11 @@ fn listing_after_events<'a>(mut known: Vec<PathBuf>, named: impl IntoIterator<It
         }
     }
     known
+}
+
+/// A manifest file that is on disk now (a symlink followed).
+fn is_manifest_on_disk(path: &Path) -> bool {
+    is_manifest(path) && path.is_file()
 }
 
 /// A manifest file. The entry's type comes from the directory listing (no
