@@ -213,10 +213,6 @@ impl DeltaStream {
         Ok(step)
     }
 
-    /// A config change: the differences for every watched type, in push order.
-    /// A type whose last response the client has not answered yet waits (see
-    /// `TypeLedger::awaiting_reply`), and gets this change merged with any
-    /// later ones when the client does.
     /// A push to a stream none of whose types may be sent now (each waits
     /// for the reply to its last response): the change is noted as
     /// [`on_push`](Self::on_push) notes it, and goes out with the replies.
@@ -234,6 +230,10 @@ impl DeltaStream {
         true
     }
 
+    /// A config change: the differences for every watched type, in push order.
+    /// A type whose last response the client has not answered yet waits (see
+    /// `TypeLedger::awaiting_reply`), and gets this change merged with any
+    /// later ones when the client does.
     pub fn on_push(&mut self, resources: &ResourceSet, change_at: Instant, now: Instant) -> Step<DeltaResponse> {
         for watch in self.watches.values_mut() {
             watch.pending.get_or_insert(change_at);

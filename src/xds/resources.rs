@@ -143,19 +143,7 @@ impl ResourceInterner {
                 continue;
             }
             let current = &set.by_type[i].by_name;
-            let shared: Vec<Arc<Resource>> = current
-                .values()
-                .map(|r| {
-                    let id = (ty, u64::from_str_radix(&r.version, 16).unwrap_or_default());
-                    match inner.resources.get(&id).and_then(std::sync::Weak::upgrade) {
-                        Some(s) if s.name == r.name && s.version == r.version => s,
-                        _ => {
-                            inner.resources.insert(id, Arc::downgrade(r));
-                            r.clone()
-                        }
-                    }
-                })
-                .collect();
+            let shared: Vec<Arc<Resource>> = current.values().map(|r| inner.intern(ty, r)).collect();
             // Rebuilt only when some resource became another set's copy (an
             // EDS patch's maps usually hold shared copies already).
             if shared.iter().zip(current.values()).any(|(s, r)| !Arc::ptr_eq(s, r)) {
@@ -180,17 +168,10 @@ impl ResourceInterner {
     pub fn share_patched<'a>(&self, set: &mut ResourceSet, ty: ResourceType, patched: impl IntoIterator<Item = &'a str>) {
         let mut inner = self.inner.lock().expect("shared resources lock");
         for name in patched {
-            let Some(r) = set.get(ty, name).cloned() else { continue };
-            let id = (ty, u64::from_str_radix(&r.version, 16).unwrap_or_default());
-            match inner.resources.get(&id).and_then(std::sync::Weak::upgrade) {
-                Some(s) if s.name == r.name && s.version == r.version => {
-                    if !Arc::ptr_eq(&s, &r) {
-                        set.insert_shared(ty, s);
-                    }
-                }
-                _ => {
-                    inner.resources.insert(id, Arc::downgrade(&r));
-                }
+            let Some(r) = set.get(ty, name) else { continue };
+            let shared = inner.intern(ty, r);
+            if !Arc::ptr_eq(&shared, r) {
+                set.insert_shared(ty, shared);
             }
         }
         inner.sweep();
@@ -198,6 +179,19 @@ impl ResourceInterner {
 }
 
 impl InternerInner {
+    /// The shared copy of `r`: one equal to it (same type, name and version)
+    /// that some set holds already, else `r`, remembered as that copy.
+    fn intern(&mut self, ty: ResourceType, r: &Arc<Resource>) -> Arc<Resource> {
+        let id = (ty, u64::from_str_radix(&r.version, 16).unwrap_or_default());
+        match self.resources.get(&id).and_then(std::sync::Weak::upgrade) {
+            Some(s) if s.name == r.name && s.version == r.version => s,
+            _ => {
+                self.resources.insert(id, Arc::downgrade(r));
+                r.clone()
+            }
+        }
+    }
+
     /// Gives `set` the live map registered under `key` if it holds the same
     /// names and versions as `set`'s own map of `ty`.
     fn take_equal_map(&self, set: &mut ResourceSet, ty: ResourceType, key: &(ResourceType, String)) -> bool {
