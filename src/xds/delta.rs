@@ -224,10 +224,15 @@ impl DeltaStream {
         if !self.watches.values().all(|w| w.ledger.awaiting_reply(now, self.reply_wait_limit)) {
             return false;
         }
+        self.note_change(change_at);
+        true
+    }
+
+    /// Every watched type has a change to send, the oldest not sent yet at `change_at` or before.
+    fn note_change(&mut self, change_at: Instant) {
         for watch in self.watches.values_mut() {
             watch.pending.get_or_insert(change_at);
         }
-        true
     }
 
     /// A config change: the differences for every watched type, in push order.
@@ -235,9 +240,7 @@ impl DeltaStream {
     /// `TypeLedger::awaiting_reply`), and gets this change merged with any
     /// later ones when the client does.
     pub fn on_push(&mut self, resources: &ResourceSet, change_at: Instant, now: Instant) -> Step<DeltaResponse> {
-        for watch in self.watches.values_mut() {
-            watch.pending.get_or_insert(change_at);
-        }
+        self.note_change(change_at);
         Step { responses: self.send_pending(resources, now), events: Vec::new() }
     }
 
