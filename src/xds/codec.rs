@@ -6,11 +6,13 @@
 //! hash seed. Resource versions must be stable across restarts, so they are a
 //! hash of a *canonical* walk of the encoded message (fields as prost writes
 //! them, in number order; each map field's entries hashed separately and fed
-//! sorted; `Any` payloads walked with their own type), guided by the
-//! descriptor set that envoy-types was generated from
-//! (`proto/envoy-types-*.descriptor.bin`). The walk reads the wire bytes; it
-//! does not decode into dynamic messages (that had cost more than the
-//! translation it versioned).
+//! sorted; `Any` payloads walked with their own type), guided by a table of
+//! every message type's message, map and `Any` fields that `build.rs`
+//! generates from the descriptor set envoy-types was generated from
+//! (`proto/envoy-types-*.descriptor.bin`; [`hash_schema`]). The walk reads the
+//! wire bytes; it does not decode into dynamic messages (that had cost more
+//! than the translation it versioned), and it needs no descriptor pool: the
+//! pool, decoded only for the JSON conversions, holds about 33 MiB.
 
 use std::sync::LazyLock;
 
@@ -111,9 +113,9 @@ pub fn short_hex(digest: &[u8]) -> String {
 fn hash_any(h: &mut Sha256, type_url: &str, bytes: &[u8]) {
     h.update(type_url.as_bytes());
     h.update([0]);
-    match pool().get_message_by_name(type_name_of(type_url)) {
-        Some(desc) => {
-            if hash_encoded(h, &desc, bytes).is_err() {
+    match hash_schema::message(type_name_of(type_url)) {
+        Some(shape) => {
+            if hash_encoded(h, shape, bytes).is_err() {
                 h.update(b"!");
                 h.update(bytes);
             }
@@ -144,7 +146,7 @@ fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Result<&'a [u8], Malformed> {
 /// that part is already deterministic), sub-messages are walked, `Any`
 /// payloads are walked with their own type, and the entries of each map field
 /// are hashed separately and fed in sorted order.
-fn hash_encoded(h: &mut Sha256, desc: &MessageDescriptor, mut bytes: &[u8]) -> Result<(), Malformed> {
+fn hash_encoded(h: &mut Sha256, shape: &hash_schema::MessageShape, mut bytes: &[u8]) -> Result<(), Malformed> {
     // Map entries per field number, as digests, fed sorted at the end.
     let mut maps: Vec<(u32, [u8; 32])> = Vec::new();
     h.update(b"{");
@@ -163,22 +165,18 @@ fn hash_encoded(h: &mut Sha256, desc: &MessageDescriptor, mut bytes: &[u8]) -> R
             2 => {
                 let len = usize::try_from(read_varint(&mut bytes)?).map_err(|_| Malformed)?;
                 let payload = take(&mut bytes, len)?;
-                let field = desc.get_field(number);
-                match field.as_ref().map(|f| (f.is_map(), f.kind())) {
-                    Some((true, prost_reflect::Kind::Message(entry))) => {
+                match shape.field(number) {
+                    Some(hash_schema::FieldShape::Map(entry)) => {
                         let mut sub = Sha256::new();
-                        hash_encoded(&mut sub, &entry, payload)?;
+                        hash_encoded(&mut sub, hash_schema::at(entry), payload)?;
                         maps.push((number, sub.finalize().into()));
                     }
-                    Some((false, prost_reflect::Kind::Message(inner))) => {
-                        if inner.full_name() == "google.protobuf.Any" {
-                            h.update(b"A");
-                            hash_any_encoded(h, payload)?;
-                        } else {
-                            hash_encoded(h, &inner, payload)?;
-                        }
+                    Some(hash_schema::FieldShape::Any) => {
+                        h.update(b"A");
+                        hash_any_encoded(h, payload)?;
                     }
-                    _ => {
+                    Some(hash_schema::FieldShape::Message(inner)) => hash_encoded(h, hash_schema::at(inner), payload)?,
+                    None => {
                         h.update((len as u64).to_le_bytes());
                         h.update(payload);
                     }
@@ -217,6 +215,44 @@ fn hash_any_encoded(h: &mut Sha256, mut bytes: &[u8]) -> Result<(), Malformed> {
     Ok(())
 }
 
+/// What the canonical hash knows of Envoy's message types: static data that
+/// `build.rs` generates from the descriptor set, sorted by name.
+mod hash_schema {
+    /// How a field that holds messages is hashed (every other field is hashed as encoded).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) enum FieldShape {
+        /// A sub-message, walked with its own type (an index into `MESSAGES`).
+        Message(u16),
+        /// A map: its entries (of this type) are hashed one by one and fed sorted.
+        Map(u16),
+        /// A `google.protobuf.Any`: its payload is walked with the type it names.
+        Any,
+    }
+
+    /// One message type: its full name and its message-holding fields, sorted by number.
+    pub(super) struct MessageShape {
+        pub(super) name: &'static str,
+        pub(super) fields: &'static [(u32, FieldShape)],
+    }
+
+    impl MessageShape {
+        pub(super) fn field(&self, number: u32) -> Option<FieldShape> {
+            self.fields.binary_search_by_key(&number, |(n, _)| *n).ok().map(|i| self.fields[i].1)
+        }
+    }
+
+    include!(concat!(env!("OUT_DIR"), "/hash_schema.rs"));
+
+    /// The message type of this full name, if Envoy's API has it.
+    pub(super) fn message(name: &str) -> Option<&'static MessageShape> {
+        MESSAGES.binary_search_by(|m| m.name.cmp(name)).ok().map(|i| &MESSAGES[i])
+    }
+
+    pub(super) fn at(index: u16) -> &'static MessageShape {
+        &MESSAGES[usize::from(index)]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +276,37 @@ mod tests {
             assert!(pool().get_message_by_name(name).is_some(), "{name} missing");
         }
         assert_eq!(Cluster::full_name(), "envoy.config.cluster.v3.Cluster");
+    }
+
+    /// The generated table classifies every field of every message exactly as
+    /// the descriptor pool does, so the hash walks as it did with the pool.
+    #[test]
+    fn the_hash_schema_agrees_with_the_descriptor_pool() {
+        use hash_schema::FieldShape;
+        let mut messages = 0;
+        let mut message_fields = 0;
+        for desc in pool().all_messages() {
+            let shape = hash_schema::message(desc.full_name()).unwrap_or_else(|| panic!("{} is not in the hash schema", desc.full_name()));
+            for field in desc.fields() {
+                let expected = match (field.is_map(), field.kind()) {
+                    (true, prost_reflect::Kind::Message(entry)) => Some(format!("map {}", entry.full_name())),
+                    (false, prost_reflect::Kind::Message(inner)) if inner.full_name() == "google.protobuf.Any" => Some("any".to_string()),
+                    (false, prost_reflect::Kind::Message(inner)) => Some(format!("message {}", inner.full_name())),
+                    _ => None,
+                };
+                let found = shape.field(field.number()).map(|f| match f {
+                    FieldShape::Map(i) => format!("map {}", hash_schema::at(i).name),
+                    FieldShape::Any => "any".to_string(),
+                    FieldShape::Message(i) => format!("message {}", hash_schema::at(i).name),
+                });
+                assert_eq!(found, expected, "{}", field.full_name());
+                message_fields += usize::from(expected.is_some());
+            }
+            messages += 1;
+        }
+        assert_eq!(messages, hash_schema::MESSAGES.len());
+        assert_eq!(message_fields, hash_schema::MESSAGES.iter().map(|m| m.fields.len()).sum::<usize>());
+        assert!(messages > 1000, "{messages} message types");
     }
 
     fn cluster_with_metadata(keys: &[&str]) -> Cluster {
