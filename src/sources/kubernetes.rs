@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::model::api::{AccessControlPolicy, KubernetesCluster, Sidecar, TrafficPolicy, VirtualMesh};
-use crate::model::k8s::{ClusterMemo, ClusterObjects, DerivedByObject, PodSummary, cluster_state_reusing};
+use crate::model::k8s::{ClusterMemo, ClusterObjects, DerivedByObject, PodSummary, PodView, cluster_state_reusing};
 use crate::model::{ClusterState, MeshInputs, PolicyObject};
 
 /// What is known about one registered cluster's watches.
@@ -105,12 +105,12 @@ struct ClusterWatch {
     fingerprint: String,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
-    pods: Store<Pod>,
+    pods: Store<PodView>,
     namespaces: Store<Namespace>,
     /// Each Pod's summary, by the stored Pod (held, so its address stays its
     /// own): an unchanged Pod keeps its summary, so the build reuses the
     /// endpoints of every service whose Pods did not change.
-    pod_summaries: std::sync::Mutex<DerivedByObject<Pod, Arc<PodSummary>>>,
+    pod_summaries: std::sync::Mutex<DerivedByObject<PodView, Arc<PodSummary>>>,
     /// What the last build of this cluster made per service.
     memo: std::sync::Mutex<ClusterMemo>,
     /// Aborted when dropped: dropping the watch stops its reflectors.
@@ -128,10 +128,17 @@ impl ClusterWatch {
     }
 }
 
+/// Drops an object's `managedFields` (server-side apply bookkeeping, often
+/// the larger part of a small object), which nothing here reads.
+fn without_managed_fields<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(3);
 
-/// The watch loop of one kind in one cluster: keeps `writer` current and reports progress and failures. Any watch error ends the
+/// The watch loop of one kind in one cluster: keeps `writer` current, each
+/// object as `trim` leaves it (what meshpilot reads of it), and reports progress and failures. Any watch error ends the
 /// watch; after a short backoff a fresh one starts with a complete list, so
 /// "fresh again" always means "re-listed" (which is also what a 410 Gone
 /// requires). The store is only replaced when a list completes, so while the
@@ -143,6 +150,7 @@ async fn reflect<K>(
     kind: &'static str,
     health: SourceHealth,
     dirty: mpsc::UnboundedSender<Dirty>,
+    trim: fn(&mut K),
 ) where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
@@ -168,7 +176,7 @@ async fn reflect<K>(
                 }
             };
             if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o) = &mut event {
-                o.meta_mut().managed_fields = None;
+                trim(o);
             }
             writer.apply_watcher_event(&event);
             match event {
@@ -276,7 +284,7 @@ pub async fn run(
         let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
         let store = writer.as_reader();
         let api = Api::<DynamicObject>::all_with(management.clone(), &ar);
-        mesh_tasks.spawn(reflect(api, writer, MESH_OBJECTS.to_string(), kind, health.clone(), dirty_tx.clone()));
+        mesh_tasks.spawn(reflect(api, writer, MESH_OBJECTS.to_string(), kind, health.clone(), dirty_tx.clone(), without_managed_fields));
         store
     };
     let traffic_policies = mesh_store(ApiResource::erase::<TrafficPolicy>(&()), "TrafficPolicy", &mut mesh_tasks);
@@ -466,9 +474,17 @@ fn start_cluster(client: Client, name: &str, fingerprint: String, health: &Sourc
         h.listed.clear();
         h.failing.clear();
     });
-    tasks.spawn(reflect(Api::<Service>::all(client.clone()), w1, name.into(), "Service", health.clone(), dirty.clone()));
-    tasks.spawn(reflect(Api::<EndpointSlice>::all(client.clone()), w2, name.into(), "EndpointSlice", health.clone(), dirty.clone()));
-    tasks.spawn(reflect(Api::<Pod>::all(client.clone()), w3, name.into(), "Pod", health.clone(), dirty.clone()));
-    tasks.spawn(reflect(Api::<Namespace>::all(client), w4, name.into(), "Namespace", health.clone(), dirty.clone()));
+    tasks.spawn(reflect(Api::<Service>::all(client.clone()), w1, name.into(), "Service", health.clone(), dirty.clone(), without_managed_fields));
+    tasks.spawn(reflect(
+        Api::<EndpointSlice>::all(client.clone()),
+        w2,
+        name.into(),
+        "EndpointSlice",
+        health.clone(),
+        dirty.clone(),
+        without_managed_fields,
+    ));
+    tasks.spawn(reflect(Api::<PodView>::all(client.clone()), w3, name.into(), "Pod", health.clone(), dirty.clone(), PodView::trim));
+    tasks.spawn(reflect(Api::<Namespace>::all(client), w4, name.into(), "Namespace", health.clone(), dirty.clone(), without_managed_fields));
     ClusterWatch { fingerprint, services, slices, pods, namespaces, pod_summaries: Default::default(), memo: Default::default(), _tasks: tasks }
 }
