@@ -140,9 +140,11 @@ impl PodView {
 }
 
 impl From<&Pod> for PodView {
+    /// The view of a parsed Pod, as trimmed as the watch keeps it.
     fn from(pod: &Pod) -> Self {
+        let meta = &pod.metadata;
         PodView {
-            metadata: pod.metadata.clone(),
+            metadata: ObjectMeta { name: meta.name.clone(), namespace: meta.namespace.clone(), labels: meta.labels.clone(), ..Default::default() },
             spec: pod.spec.as_ref().map(|s| PodViewSpec {
                 service_account_name: s.service_account_name.clone(),
                 containers: Some(s.containers.iter().map(|c| PodViewContainer { ports: c.ports.clone() }).collect()),

@@ -243,8 +243,10 @@ mod hash_schema {
 
     include!(concat!(env!("OUT_DIR"), "/hash_schema.rs"));
 
-    /// The message type of this full name, if Envoy's API has it.
+    /// The message type of this full name (with or without the leading `.`
+    /// of a fully qualified name), if Envoy's API has it.
     pub(super) fn message(name: &str) -> Option<&'static MessageShape> {
+        let name = name.strip_prefix('.').unwrap_or(name);
         MESSAGES.binary_search_by(|m| m.name.cmp(name)).ok().map(|i| &MESSAGES[i])
     }
 
@@ -276,6 +278,29 @@ mod tests {
             assert!(pool().get_message_by_name(name).is_some(), "{name} missing");
         }
         assert_eq!(Cluster::full_name(), "envoy.config.cluster.v3.Cluster");
+    }
+
+    /// The walk's output is the version proxies hold across restarts and
+    /// upgrades: pinned for a Cluster with a multi-entry map inside a nested
+    /// `Any` (the value the descriptor-pool walk gave before the table).
+    #[test]
+    fn canonical_hashes_are_pinned() {
+        let fields = ["a", "b", "c"].map(|k| (k.to_string(), PbValue { kind: Some(Kind::StringValue(k.repeat(3))) })).into_iter().collect();
+        let mut typed_filter_metadata = std::collections::HashMap::new();
+        typed_filter_metadata.insert("meshpilot".to_string(), pack_any(Struct { fields }));
+        typed_filter_metadata.insert("other".to_string(), pack_any(Struct::default()));
+        let cluster = Cluster {
+            name: "outbound|9080||reviews.default.svc.cluster.local".into(),
+            metadata: Some(Metadata { typed_filter_metadata, ..Default::default() }),
+            ..Default::default()
+        };
+        assert_eq!(canonical_hash(&pack_any(cluster.clone())), "dda43fcc08f0466c");
+        // A fully qualified type name (leading `.`) is walked as the same type.
+        let dotted = |c: &Cluster| Any { type_url: "type.googleapis.com/.envoy.config.cluster.v3.Cluster".into(), value: c.encode_to_vec() };
+        let mut reordered = cluster.clone();
+        let entries: Vec<_> = reordered.metadata.as_mut().unwrap().typed_filter_metadata.drain().collect();
+        reordered.metadata.as_mut().unwrap().typed_filter_metadata = entries.into_iter().rev().collect();
+        assert_eq!(canonical_hash(&dotted(&cluster)), canonical_hash(&dotted(&reordered)));
     }
 
     /// The generated table classifies every field of every message exactly as
