@@ -46,6 +46,9 @@ pub struct PodSummary {
     pub pod_ip: Option<String>,
     /// The Ready condition, when the status has one.
     pub ready: Option<bool>,
+    /// Being deleted (`deletionTimestamp` set): not serving new connections,
+    /// whatever its Ready condition still says.
+    pub terminating: bool,
     /// (name, containerPort) of every container port, for named target ports.
     pub container_ports: Vec<(Option<String>, i32)>,
 }
@@ -60,6 +63,7 @@ impl From<&PodView> for PodSummary {
             service_account: pod.spec.as_ref().and_then(|s| s.service_account_name.clone()),
             pod_ip: status.and_then(|s| s.pod_ip.clone()).filter(|ip| !ip.is_empty()),
             ready: status.and_then(|s| s.conditions.as_ref()).and_then(|cs| cs.iter().find(|c| c.type_ == "Ready")).map(|c| c.status == "True"),
+            terminating: pod.metadata.deletion_timestamp.is_some(),
             container_ports: pod
                 .spec
                 .iter()
@@ -144,7 +148,13 @@ impl From<&Pod> for PodView {
     fn from(pod: &Pod) -> Self {
         let meta = &pod.metadata;
         PodView {
-            metadata: ObjectMeta { name: meta.name.clone(), namespace: meta.namespace.clone(), labels: meta.labels.clone(), ..Default::default() },
+            metadata: ObjectMeta {
+                name: meta.name.clone(),
+                namespace: meta.namespace.clone(),
+                labels: meta.labels.clone(),
+                deletion_timestamp: meta.deletion_timestamp.clone(),
+                ..Default::default()
+            },
             spec: pod.spec.as_ref().map(|s| PodViewSpec {
                 service_account_name: s.service_account_name.clone(),
                 containers: Some(s.containers.iter().map(|c| PodViewContainer { ports: c.ports.clone() }).collect()),
@@ -547,7 +557,9 @@ pub fn cluster_state_reusing(name: &str, objects: &ClusterObjects, memo: &mut Cl
                 continue;
             }
             let Some(address) = pod.pod_ip.clone() else { continue };
-            let ready = pod.ready.unwrap_or(true);
+            // As the endpointslice controller writes it: a terminating Pod is
+            // not ready, even while its Ready condition still says so.
+            let ready = pod.ready.unwrap_or(true) && !pod.terminating;
             let container_ports = &pod.container_ports;
             let mut ports = BTreeMap::new();
             for (sp, target) in targets {
@@ -859,6 +871,7 @@ endpoints:
             pods: vec![
                 parse::<Pod>("metadata: {name: ratings-1, labels: {app: ratings, version: v1}}\nspec: {containers: [{name: c, ports: [{name: web, containerPort: 8080}]}]}\nstatus: {podIP: 127.0.0.5}"),
                 parse::<Pod>("metadata: {name: other, labels: {app: other}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 127.0.0.6}"),
+                parse::<Pod>("metadata: {name: ratings-2, labels: {app: ratings}, deletionTimestamp: '2026-12-05T16:00:00Z'}\nspec: {containers: [{name: c, ports: [{name: web, containerPort: 8080}]}]}\nstatus: {podIP: 127.0.0.7, conditions: [{type: Ready, status: 'True'}]}"),
             ]
             .into_iter()
             .map(|p| Arc::new(PodSummary::from(p)))
@@ -868,8 +881,10 @@ endpoints:
         let (state, errors) = cluster_state("c1", &objects);
         assert!(errors.is_empty(), "{errors:?}");
         let eps = &state.endpoints[&("default".to_string(), "ratings".to_string())];
-        assert_eq!(eps.len(), 1);
-        assert_eq!((eps[0].address.as_str(), eps[0].ports["http"]), ("127.0.0.5", 8080));
+        assert_eq!(eps.len(), 2);
+        assert_eq!((eps[0].address.as_str(), eps[0].ports["http"], eps[0].ready), ("127.0.0.5", 8080, true));
+        // Being deleted: listed, not ready, though its Ready condition is still True.
+        assert_eq!((eps[1].address.as_str(), eps[1].ready), ("127.0.0.7", false));
     }
 
     #[test]
