@@ -128,17 +128,33 @@ pub struct PodViewCondition {
 }
 
 impl PodView {
-    /// Drops what nothing here reads and the parse still kept: metadata
-    /// (managed fields, annotations, owners, finalizers), which can be most of
-    /// what is left, and conditions other than Ready.
+    /// The metadata a view keeps: the Pod's identity (name, namespace, uid,
+    /// resource version), its labels and whether it is being deleted. The
+    /// rest (managed fields, annotations, owners, finalizers) can be most of
+    /// what the parse leaves, and nothing here reads it.
+    fn kept_metadata(meta: &ObjectMeta) -> ObjectMeta {
+        ObjectMeta {
+            name: meta.name.clone(),
+            namespace: meta.namespace.clone(),
+            uid: meta.uid.clone(),
+            resource_version: meta.resource_version.clone(),
+            labels: meta.labels.clone(),
+            deletion_timestamp: meta.deletion_timestamp.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// The one condition a view keeps.
+    fn is_kept_condition(type_: &str) -> bool {
+        type_ == "Ready"
+    }
+
+    /// Drops what the parse kept and a view does not (the watch calls this
+    /// before it stores a Pod); [`PodView::from`] a parsed Pod keeps the same.
     pub fn trim(&mut self) {
-        let meta = &mut self.metadata;
-        meta.managed_fields = None;
-        meta.annotations = None;
-        meta.owner_references = None;
-        meta.finalizers = None;
+        self.metadata = Self::kept_metadata(&self.metadata);
         if let Some(conditions) = self.status.as_mut().and_then(|s| s.conditions.as_mut()) {
-            conditions.retain(|c| c.type_ == "Ready");
+            conditions.retain(|c| Self::is_kept_condition(&c.type_));
         }
     }
 }
@@ -146,25 +162,20 @@ impl PodView {
 impl From<&Pod> for PodView {
     /// The view of a parsed Pod, as trimmed as the watch keeps it.
     fn from(pod: &Pod) -> Self {
-        let meta = &pod.metadata;
         PodView {
-            metadata: ObjectMeta {
-                name: meta.name.clone(),
-                namespace: meta.namespace.clone(),
-                labels: meta.labels.clone(),
-                deletion_timestamp: meta.deletion_timestamp.clone(),
-                ..Default::default()
-            },
+            metadata: PodView::kept_metadata(&pod.metadata),
             spec: pod.spec.as_ref().map(|s| PodViewSpec {
                 service_account_name: s.service_account_name.clone(),
                 containers: Some(s.containers.iter().map(|c| PodViewContainer { ports: c.ports.clone() }).collect()),
             }),
             status: pod.status.as_ref().map(|s| PodViewStatus {
                 pod_ip: s.pod_ip.clone(),
-                conditions: s
-                    .conditions
-                    .as_ref()
-                    .map(|cs| cs.iter().map(|c| PodViewCondition { type_: c.type_.clone(), status: c.status.clone() }).collect()),
+                conditions: s.conditions.as_ref().map(|cs| {
+                    cs.iter()
+                        .filter(|c| PodView::is_kept_condition(&c.type_))
+                        .map(|c| PodViewCondition { type_: c.type_.clone(), status: c.status.clone() })
+                        .collect()
+                }),
             }),
         }
     }
@@ -728,6 +739,8 @@ status:
         let summary = PodSummary::from(&view);
         assert_eq!(summary, PodSummary::from(&full));
         assert_eq!(PodView::from(&full).spec, view.spec);
+        // A config-dir Pod's view is what the watch keeps.
+        assert_eq!(PodView::from(&full), view);
         assert_eq!(summary.ready, Some(false));
         assert_eq!(summary.container_ports, vec![(Some("http".to_string()), 9080), (None, 9090)]);
         assert_eq!(summary.service_account.as_deref(), Some("bookinfo-reviews"));

@@ -296,6 +296,8 @@ mod tests {
         };
         assert_eq!(canonical_hash(&pack_any(cluster.clone())), "dda43fcc08f0466c");
         // A fully qualified type name (leading `.`) is walked as the same type.
+        let plain = hash_schema::message("envoy.config.cluster.v3.Cluster").expect("in the schema");
+        assert!(std::ptr::eq(hash_schema::message(".envoy.config.cluster.v3.Cluster").expect("found with its dot"), plain));
         let dotted = |c: &Cluster| Any { type_url: "type.googleapis.com/.envoy.config.cluster.v3.Cluster".into(), value: c.encode_to_vec() };
         let mut reordered = cluster.clone();
         let entries: Vec<_> = reordered.metadata.as_mut().unwrap().typed_filter_metadata.drain().collect();
