@@ -59,7 +59,7 @@ pub struct MeshResources {
     /// Scopes served since the last full change, with all their labels: a
     /// full change translates them again (resolved against its selectors) before
     /// it is published (see `update`).
-    served: DashMap<ProxyScope, ()>,
+    served: DashMap<Arc<ProxyScope>, ()>,
     /// Moves on whenever `served` is cleared or the cache is dropped without
     /// a new generation: a stream's memo of its set ([`StreamScope`]) is good
     /// for one (generation, epoch).
@@ -214,7 +214,7 @@ impl MeshResources {
             // Served scopes are kept with all their labels and narrowed to the
             // new snapshot's keys here: a policy or Sidecar that reads a new
             // label key splits them as the streams' lookups will.
-            let scopes: BTreeSet<ProxyScope> = self.served.iter().map(|e| e.key().clone().resolved(&snapshot)).collect();
+            let scopes: BTreeSet<ProxyScope> = self.served.iter().map(|e| (**e.key()).clone().resolved(&snapshot)).collect();
             let scopes: Vec<ProxyScope> = scopes.into_iter().collect();
             self.served.clear();
             self.epoch.fetch_add(1, Ordering::AcqRel);
@@ -300,7 +300,9 @@ impl MeshResources {
 /// hashing and comparing it in the maps had been a tenth of the server's
 /// CPU in an endpoint push to 10,000 proxies.
 struct StreamScope {
-    full: ProxyScope,
+    /// Shared with `served` (a scope per proxy when each names its
+    /// `INSTANCE_IPS`: one copy, not two).
+    full: Arc<ProxyScope>,
     generation: u64,
     epoch: u64,
     set: Option<Arc<ResourceSet>>,
@@ -311,14 +313,14 @@ struct StreamScope {
 impl MeshResources {
     /// The set of the proxy whose full scope is `full`, at the published
     /// generation (returned with it).
-    fn lookup(&self, full: &ProxyScope) -> (u64, Arc<ResourceSet>) {
+    fn lookup(&self, full: &Arc<ProxyScope>) -> (u64, Arc<ResourceSet>) {
         self.note_served(full);
         self.lookup_noted(full)
     }
 
     /// Remembers `full` among the scopes served (a full change translates them before it is published).
-    fn note_served(&self, full: &ProxyScope) {
-        if !self.served.contains_key(full) {
+    fn note_served(&self, full: &Arc<ProxyScope>) {
+        if !self.served.contains_key(&**full) {
             self.served.insert(full.clone(), ());
         }
     }
@@ -342,12 +344,12 @@ impl MeshResources {
 
 impl ResourceProvider for MeshResources {
     fn resources_for(&self, proxy: &ProxyNode) -> Arc<ResourceSet> {
-        self.lookup(&scope_of(proxy)).1
+        self.lookup(&Arc::new(scope_of(proxy))).1
     }
 
     fn resources_for_stream(&self, proxy: &ProxyNode, memo: &mut StreamMemo) -> Arc<ResourceSet> {
         if !memo.as_ref().is_some_and(|m| m.is::<StreamScope>()) {
-            *memo = Some(Box::new(StreamScope { full: scope_of(proxy), generation: 0, epoch: 0, set: None, noted_in: None }));
+            *memo = Some(Box::new(StreamScope { full: Arc::new(scope_of(proxy)), generation: 0, epoch: 0, set: None, noted_in: None }));
         }
         let mine = memo.as_mut().and_then(|m| m.downcast_mut::<StreamScope>()).expect("set above");
         // (The epoch is read before the generation: a change that moves both

@@ -292,7 +292,9 @@ async fn send_all<M: Machine>(inner: &Inner, tx: &mpsc::Sender<Queued<M::Resp>>,
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(SendError::Closed),
             Err(mpsc::error::TrySendError::Full(resp)) => resp,
         };
-        match tokio::time::timeout(inner.config.send_timeout, tx.send(resp)).await {
+        // (Boxed: the timer and the send's future are only made for a full
+        // channel, and are not sized into every stream's task.)
+        match Box::pin(tokio::time::timeout(inner.config.send_timeout, tx.send(resp))).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(SendError::Closed),
             Err(_) => return Err(SendError::TimedOut),
@@ -336,6 +338,14 @@ async fn identify(inner: &Inner, credentials: &StreamCredentials, node: &ProxyNo
     super::auth::decide(&inner.config.identity_policy, credentials, proven, node)
 }
 
+/// A stream past its first request: its proxy named, proven and registered.
+struct OpenedStream<Req> {
+    /// The registry's entry, whose node the loop reads (one copy per stream).
+    conn: Arc<ProxyConnection>,
+    _guard: ConnectionGuard,
+    first: Box<Req>,
+}
+
 async fn run_stream<M: Machine>(
     inner: Arc<Inner>,
     machine: M,
@@ -343,13 +353,30 @@ async fn run_stream<M: Machine>(
     mut requests: RequestStream<M::Req>,
     tx: mpsc::Sender<Queued<M::Resp>>,
 ) {
-    // The first request names the proxy.
+    // Opening is boxed and done before the loop: its state (the first
+    // request, a token review's future) is gone once it has run, instead of
+    // sized into every stream's task for the stream's life.
+    let Some(opened) = Box::pin(open_stream(&inner, &machine, credentials, &mut requests, &tx)).await else {
+        return;
+    };
+    serve_stream(inner, machine, opened, requests, tx).await;
+}
+
+/// The first request names the proxy; its identity is proven (or refused)
+/// and the stream registered. `None`: the stream ended or was refused.
+async fn open_stream<M: Machine>(
+    inner: &Arc<Inner>,
+    machine: &M,
+    credentials: StreamCredentials,
+    requests: &mut RequestStream<M::Req>,
+    tx: &mpsc::Sender<Queued<M::Resp>>,
+) -> Option<OpenedStream<M::Req>> {
     let first = match requests.next().await {
-        Some(Ok(req)) => req,
-        None => return,
+        Some(Ok(req)) => Box::new(req),
+        None => return None,
         Some(Err(status)) => {
             tracing::debug!(%status, "stream closed before its first request");
-            return;
+            return None;
         }
     };
     let mut node = match ProxyNode::from_node(M::node(&first)) {
@@ -358,13 +385,13 @@ async fn run_stream<M: Machine>(
             inner.metrics.stream_error("bad_node");
             tracing::warn!(error = %err, "refusing xDS stream");
             let _ = tx.send(Err(Status::invalid_argument(err.to_string()))).await;
-            return;
+            return None;
         }
     };
     if let Some(registered) = inner.config.cluster_aliases.get(&node.cluster) {
         node.cluster = registered.clone();
     }
-    node.identity = match identify(&inner, &credentials, &node).await {
+    node.identity = match identify(inner, &credentials, &node).await {
         Ok(identity) => identity,
         Err(status) => {
             inner.metrics.stream_error(match status.code() {
@@ -374,7 +401,7 @@ async fn run_stream<M: Machine>(
             });
             tracing::warn!(proxy = %node.id, code = ?status.code(), reason = status.message(), "refusing xDS stream");
             let _ = tx.send(Err(status)).await;
-            return;
+            return None;
         }
     };
     let warnings = inner.provider.warnings_for(&node);
@@ -383,26 +410,35 @@ async fn run_stream<M: Machine>(
     }
     let conn_id = inner.registry.next_id();
     inner.metrics.connected_proxies.get_or_create(&ModeLabel { mode: M::MODE.into() }).inc();
-    let _guard = ConnectionGuard { inner: inner.clone(), conn_id, mode: M::MODE };
-    inner.registry.insert(Arc::new(ProxyConnection {
-        conn_id,
-        node: node.clone(),
-        mode: M::MODE,
-        connected_at: SystemTime::now(),
-        view: Arc::new(machine.clone()),
-        warnings,
-    }));
+    let guard = ConnectionGuard { inner: inner.clone(), conn_id, mode: M::MODE };
+    let conn = Arc::new(ProxyConnection { conn_id, node, mode: M::MODE, connected_at: SystemTime::now(), view: Arc::new(machine.clone()), warnings });
+    inner.registry.insert(conn.clone());
+    let node = &conn.node;
     tracing::info!(proxy = %node.id, cluster = %node.cluster, mode = M::MODE, conn_id, identity = %node.identity.describe(), "proxy connected");
+    Some(OpenedStream { conn, _guard: guard, first })
+}
 
+/// The stream's loop: requests and pushes into the state machine, its
+/// responses onto the wire, until either side ends it.
+async fn serve_stream<M: Machine>(
+    inner: Arc<Inner>,
+    machine: M,
+    opened: OpenedStream<M::Req>,
+    mut requests: RequestStream<M::Req>,
+    tx: mpsc::Sender<Queued<M::Resp>>,
+) {
+    let OpenedStream { conn, _guard, first } = opened;
+    let node = &conn.node;
+    let conn_id = conn.conn_id;
     let mut pushes = inner.pushes.clone();
     pushes.borrow_and_update();
     let mut memo: StreamMemo = None;
     let mut unknown_types_logged = 0u32;
-    let mut next = Some(first);
+    let mut next: Option<Box<M::Req>> = Some(first);
     let end = loop {
         let (responses, events) = if let Some(req) = next.take() {
             let permit = inner.permits.acquire().await.expect("semaphore never closed");
-            let resources = inner.provider.resources_for_stream(&node, &mut memo);
+            let resources = inner.provider.resources_for_stream(node, &mut memo);
             let result = machine.on_request(&req, &resources, Instant::now());
             drop(permit);
             match result {
@@ -422,7 +458,7 @@ async fn run_stream<M: Machine>(
         } else {
             tokio::select! {
                 req = requests.next() => match req {
-                    Some(Ok(req)) => { next = Some(req); continue; }
+                    Some(Ok(req)) => { next = Some(Box::new(req)); continue; }
                     None => break "closed by proxy",
                     Some(Err(status)) => {
                         tracing::debug!(proxy = %node.id, %status, "stream error");
@@ -445,14 +481,14 @@ async fn run_stream<M: Machine>(
                     // waking it again after (under churn streams wait
                     // longer than pushes are apart).
                     let Some(trigger) = *pushes.borrow_and_update() else { continue };
-                    let resources = inner.provider.resources_for_stream(&node, &mut memo);
+                    let resources = inner.provider.resources_for_stream(node, &mut memo);
                     let step = machine.on_push(&resources, trigger.change_at, Instant::now());
                     drop(permit);
                     (step.responses, step.events)
                 }
             }
         };
-        record_events(&inner, &node, &events);
+        record_events(&inner, node, &events);
         match send_all::<M>(&inner, &tx, responses).await {
             Ok(()) => {}
             Err(SendError::Closed) => break "proxy went away mid-push",

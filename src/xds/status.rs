@@ -1,6 +1,7 @@
 //! Per-proxy, per-type sync bookkeeping shared by the SotW and delta state
 //! machines, and the status istiod derives from it.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -57,11 +58,15 @@ pub struct NackRecord {
 }
 
 /// The ACK/NACK ledger of one type on one stream (istiod's `WatchedResource`).
+/// Its records are behind pointers, and an ACKed record is the sent one
+/// shared: every stream has one ledger per type, and inline (two copies of
+/// the nonce and version, a rejection's room) they had been a kilobyte and
+/// a half of every stream.
 #[derive(Debug, Clone, Default)]
 pub struct TypeLedger {
-    pub sent: Option<SentRecord>,
-    pub acked: Option<SentRecord>,
-    pub error: Option<NackRecord>,
+    pub sent: Option<Arc<SentRecord>>,
+    pub acked: Option<Arc<SentRecord>>,
+    pub error: Option<Box<NackRecord>>,
 }
 
 /// What the request carrying a nonce turned out to be.
@@ -88,7 +93,7 @@ impl TypeLedger {
         };
         match error {
             Some(message) => {
-                self.error = Some(NackRecord { nonce: nonce.to_string(), message: message.to_string(), at: now });
+                self.error = Some(Box::new(NackRecord { nonce: nonce.to_string(), message: message.to_string(), at: now }));
                 Reply::Nack { message: message.to_string() }
             }
             None => {
@@ -115,7 +120,7 @@ impl TypeLedger {
     }
 
     pub fn record_sent(&mut self, nonce: String, version: String, now: Instant, change_at: Option<Instant>) {
-        self.sent = Some(SentRecord { nonce, version, at: now, change_at });
+        self.sent = Some(Arc::new(SentRecord { nonce, version, at: now, change_at }));
     }
 
     /// istiod's rule (`debugSyncStatus`): error, else not sent, else acked == sent.
@@ -188,6 +193,18 @@ mod tests {
         l.record_sent("3".into(), "v3".into(), now, None);
         assert_eq!(l.state(), SyncState::Error, "error stays until an ACK");
         assert!(matches!(l.on_reply("3", None, now), Reply::Ack { latency: None }));
+        assert_eq!(l.state(), SyncState::Synced);
+    }
+
+    #[test]
+    fn a_ledger_is_three_pointers_and_an_ack_shares_the_sent_record() {
+        // One ledger per type on every stream: its records are shared or boxed.
+        assert_eq!(std::mem::size_of::<TypeLedger>(), 3 * std::mem::size_of::<usize>());
+        let now = Instant::now();
+        let mut l = TypeLedger::default();
+        l.record_sent("1".into(), "v1".into(), now, None);
+        l.on_reply("1", None, now);
+        assert!(Arc::ptr_eq(l.sent.as_ref().unwrap(), l.acked.as_ref().unwrap()));
         assert_eq!(l.state(), SyncState::Synced);
     }
 
