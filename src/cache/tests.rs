@@ -31,7 +31,7 @@ fn node(cluster: &str, app: &str) -> ProxyNode {
         namespace: "default".into(),
         network: String::new(),
         role: crate::xds::node::ProxyRole::Sidecar,
-        labels: [("app".to_string(), app.to_string())].into(),
+        labels: Arc::new([("app".to_string(), app.to_string())].into()),
         outbound_bind: None,
         interception: crate::xds::node::InterceptionMode::None,
         service_account: "default".into(),

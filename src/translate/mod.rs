@@ -57,7 +57,9 @@ pub struct ProxyScope {
     pub cluster: String,
     pub namespace: String,
     pub network: String,
-    pub labels: BTreeMap<String, String>,
+    /// The proxy's labels (shared with its `ProxyNode` until resolution
+    /// narrows them).
+    pub labels: Arc<BTreeMap<String, String>>,
     /// How its traffic reaches it: captured by iptables, or sent to `outbound_bind`.
     pub interception: InterceptionMode,
     /// Address the outbound listeners bind to (`OUTBOUND_BIND` metadata; explicit layout only).
@@ -91,7 +93,7 @@ impl ProxyScope {
             cluster: cluster.into(),
             namespace: namespace.into(),
             network: String::new(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: Arc::new(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
             interception: InterceptionMode::None,
             outbound_bind: DEFAULT_OUTBOUND_BIND.into(),
             service_account: "default".into(),
@@ -112,7 +114,11 @@ impl ProxyScope {
     /// `INSTANCE_IPS` had made it a scope of its own: a full translation per
     /// proxy at sync and on every change.)
     pub fn resolved(mut self, snapshot: &MeshSnapshot) -> ProxyScope {
-        self.labels.retain(|k, v| snapshot.source_labels.get(k).is_some_and(|values| values.contains(v)));
+        let selected = |k: &String, v: &String| snapshot.source_labels.get(k).is_some_and(|values| values.contains(v));
+        // (Copied only when some label goes: usually the proxy's own map is kept, shared.)
+        if !self.labels.iter().all(|(k, v)| selected(k, v)) {
+            Arc::make_mut(&mut self.labels).retain(|k, v| selected(k, v));
+        }
         if self.role == ProxyRole::Sidecar && self.interception.captured() && !self.instance_ips.is_empty() {
             self.served = inbound::served_protocols(snapshot, &self);
             self.access = inbound::served_access(snapshot, &self);
@@ -432,8 +438,12 @@ mod tests {
         let mut snapshot = MeshSnapshot::default();
         snapshot.source_labels.insert("app".into(), ["productpage".to_string()].into());
         let resolved = |app: &str| ProxyScope::sidecar("c", "default", &[("app", app), ("version", "v1")]).resolved(&snapshot).labels;
-        assert_eq!(resolved("productpage"), BTreeMap::from([("app".to_string(), "productpage".to_string())]));
+        assert_eq!(*resolved("productpage"), BTreeMap::from([("app".to_string(), "productpage".to_string())]));
         // Any other app matches no selector either way: one scope for all of them.
         assert!(resolved("details").is_empty() && resolved("svc-0999").is_empty());
+        // Nothing to drop: the proxy's own map is kept, not copied.
+        let scope = ProxyScope::sidecar("c", "default", &[("app", "productpage")]);
+        let labels = scope.labels.clone();
+        assert!(Arc::ptr_eq(&scope.resolved(&snapshot).labels, &labels));
     }
 }

@@ -1,6 +1,7 @@
 //! What meshpilot reads from an Envoy `Node`: identity and scope.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
@@ -20,7 +21,9 @@ pub struct ProxyNode {
     pub namespace: String,
     pub network: String,
     pub role: ProxyRole,
-    pub labels: BTreeMap<String, String>,
+    /// Shared with the stream's scope (`cache::scope_of`): a map of two
+    /// labels is a 540-byte tree node, and every stream had two.
+    pub labels: Arc<BTreeMap<String, String>>,
     /// Where outbound listeners bind (`OUTBOUND_BIND` metadata; loopback by default).
     pub outbound_bind: Option<String>,
     /// `INTERCEPTION_MODE`; without it, `NONE` when `OUTBOUND_BIND` is set, else `REDIRECT` (Istio's default).
@@ -200,7 +203,7 @@ impl ProxyNode {
             namespace,
             network: string_field(meta, "NETWORK").unwrap_or_default(),
             role,
-            labels,
+            labels: Arc::new(labels),
             outbound_bind,
             interception,
             service_account: string_field(meta, "SERVICE_ACCOUNT").filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into()),
