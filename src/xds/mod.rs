@@ -8,6 +8,7 @@ pub mod csds;
 pub mod debounce;
 pub mod delta;
 pub mod node;
+pub mod outbox;
 pub mod provider;
 pub mod registry;
 pub mod resource;

@@ -10,14 +10,14 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use futures::Stream;
 use futures::StreamExt;
 use prost::Message;
-use tokio::sync::{Semaphore, mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{Semaphore, watch};
 use tonic::Status;
 
 use super::auth::{IdentityPolicy, StreamAuthenticator, StreamCredentials};
 use super::debounce::PushTrigger;
 use super::delta::{DeltaRequest, DeltaStream};
 use super::node::ProxyNode;
+use super::outbox;
 use super::provider::{ResourceProvider, StreamMemo};
 use super::registry::{ConnectionRegistry, ProxyConnection, StreamView};
 use super::resources::{ResourceSet, ResourceType};
@@ -152,10 +152,10 @@ impl XdsServer {
     }
 
     fn start<M: Machine>(&self, machine: M, credentials: StreamCredentials, requests: RequestStream<M::Req>) -> ResponseStream<M::Resp> {
-        let (tx, rx) = mpsc::channel(self.inner.config.stream_buffer.max(1));
+        let (tx, rx) = outbox::channel(self.inner.config.stream_buffer.max(1));
         let inner = self.inner.clone();
         tokio::spawn(async move { run_stream(inner, machine, credentials, requests, tx).await });
-        Box::pin(ReceiverStream::new(rx).map(|queued| queued.map(|resp| *resp)))
+        Box::pin(rx.map(|queued| queued.map(|resp| *resp)))
     }
 
     pub fn stream_sotw(
@@ -274,12 +274,12 @@ enum SendError {
     TimedOut,
 }
 
-/// What a stream's channel holds: a response boxed, so the channel's blocks
-/// (32 slots each, allocated whole) are 32 pointers, not 32 responses: 4 KB
-/// of every stream, twice that once the channel had wrapped.
+/// What a stream's outbox holds: a response boxed, so the queue's slots are
+/// pointers, not responses (with tokio's channel, whose blocks of 32 slots
+/// are allocated whole, unboxed responses had been 4 KB of every stream).
 type Queued<R> = Result<Box<R>, Status>;
 
-async fn send_all<M: Machine>(inner: &Inner, tx: &mpsc::Sender<Queued<M::Resp>>, responses: Vec<M::Resp>) -> Result<(), SendError> {
+async fn send_all<M: Machine>(inner: &Inner, tx: &outbox::Sender<Queued<M::Resp>>, responses: Vec<M::Resp>) -> Result<(), SendError> {
     for resp in responses {
         if let Some(ty) = ResourceType::from_type_url(resp.type_url()) {
             let counted = inner.of_type(ty);
@@ -289,8 +289,8 @@ async fn send_all<M: Machine>(inner: &Inner, tx: &mpsc::Sender<Queued<M::Resp>>,
         // (A timer only when the channel is full: most sends find room.)
         let resp = match tx.try_send(Ok(Box::new(resp))) {
             Ok(()) => continue,
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(SendError::Closed),
-            Err(mpsc::error::TrySendError::Full(resp)) => resp,
+            Err(outbox::TrySendError::Closed(_)) => return Err(SendError::Closed),
+            Err(outbox::TrySendError::Full(resp)) => resp,
         };
         // (Boxed: the timer and the send's future are only made for a full
         // channel, and are not sized into every stream's task.)
@@ -351,7 +351,7 @@ async fn run_stream<M: Machine>(
     machine: M,
     credentials: StreamCredentials,
     mut requests: RequestStream<M::Req>,
-    tx: mpsc::Sender<Queued<M::Resp>>,
+    tx: outbox::Sender<Queued<M::Resp>>,
 ) {
     // Opening is boxed and done before the loop: its state (the first
     // request, a token review's future) is gone once it has run, instead of
@@ -369,7 +369,7 @@ async fn open_stream<M: Machine>(
     machine: &M,
     credentials: StreamCredentials,
     requests: &mut RequestStream<M::Req>,
-    tx: &mpsc::Sender<Queued<M::Resp>>,
+    tx: &outbox::Sender<Queued<M::Resp>>,
 ) -> Option<OpenedStream<M::Req>> {
     let first = match requests.next().await {
         Some(Ok(req)) => Box::new(req),
@@ -425,7 +425,7 @@ async fn serve_stream<M: Machine>(
     machine: M,
     opened: OpenedStream<M::Req>,
     mut requests: RequestStream<M::Req>,
-    tx: mpsc::Sender<Queued<M::Resp>>,
+    tx: outbox::Sender<Queued<M::Resp>>,
 ) {
     let OpenedStream { conn, _guard, first } = opened;
     let node = &conn.node;
