@@ -8,6 +8,7 @@
 //! `loadgen`, `netns`, and the `demo`, `echo`, `load` and `fixtures` commands.
 
 pub mod admin;
+pub mod allocator;
 pub mod bootstrap;
 pub mod ca;
 pub mod cache;

@@ -416,7 +416,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         command => {
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.enable_all();
+            if matches!(command, Command::Serve(_)) {
+                // The control plane hands back what it freed once idle; the
+                // other commands (the load generator among them) keep mimalloc's default.
+                builder.on_thread_park(crate::allocator::release_freed_memory);
+            }
+            let runtime = builder.build()?;
             runtime.block_on(async move {
                 match command {
                     Command::Serve(args) => {
