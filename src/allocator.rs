@@ -4,9 +4,10 @@
 //! The binary's allocator is mimalloc (`src/main.rs`; mimalloc 3, as
 //! `libmimalloc-sys` builds it). mimalloc returns freed pages to the kernel
 //! (`madvise(MADV_DONTNEED)`) only after a delay (a second), and it checks
-//! that delay only when a thread allocates fresh pages or collects. A
-//! tokio worker that has just served a fleet's sync and then goes idle
-//! therefore leaves everything it freed resident: after 1,000 proxies
+//! that delay only when a thread hands a page back to an arena, allocates
+//! on its slow path or collects. A tokio worker that has just served a
+//! fleet's sync and then goes idle does none of these, so what it freed
+//! stays resident: after 1,000 proxies
 //! synced, and even after all of them had disconnected, the control plane's
 //! RSS did not come down (docs/performance.md). Returning pages at once
 //! (`MIMALLOC_PURGE_DELAY=0`) brought it down but took the 1,000-proxy sync
@@ -16,8 +17,11 @@
 //! parks, at most once per [`RELEASE_INTERVAL`]: what it freed while busy
 //! goes back to the kernel once it has nothing to do, and a busy worker pays
 //! for at most one collection per interval. A collection on one thread
-//! returns that thread's free pages and purges every arena, so what other
-//! threads freed goes back too. An idle worker may not wake again for a
+//! hands that thread's free pages to mimalloc's arenas and purges the
+//! arenas, which also returns what other threads have already handed back
+//! (pages other threads still hold wait for their own collection; a purge
+//! another thread is running at that moment is not waited for). An idle
+//! worker may not wake again for a
 //! keepalive interval, so `serve` also collects once every
 //! [`IDLE_RELEASE_PERIOD`] ([`release_freed_memory_periodically`]): what
 //! was freed after a burst's last collection does not stay.

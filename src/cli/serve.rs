@@ -175,6 +175,7 @@ fn default_identity() -> String {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Freed heap memory goes back to the kernel when the workers idle (src/allocator.rs).
+    #[cfg(feature = "mimalloc")]
     tokio::spawn(crate::allocator::release_freed_memory_periodically());
     let source = match (&args.resources, &args.config_dir) {
         _ if args.kubernetes => Source::Kubernetes(Box::new(KubernetesSource {
