@@ -7,9 +7,9 @@
 //! that delay only when a thread hands a page back to an arena, allocates
 //! on its slow path or collects. A tokio worker that has just served a
 //! fleet's sync and then goes idle does none of these, so what it freed
-//! stays resident: after 1,000 proxies
-//! synced, and even after all of them had disconnected, the control plane's
-//! RSS did not come down (docs/performance.md). Returning pages at once
+//! stays resident: after 1,000 proxies synced, and even after all of them
+//! had disconnected, the control plane's RSS did not come down
+//! (docs/performance.md). Returning pages at once
 //! (`MIMALLOC_PURGE_DELAY=0`) brought it down but took the 1,000-proxy sync
 //! from 1.0–1.1 to 1.2–1.3 CPU-seconds.
 //!
@@ -21,10 +21,10 @@
 //! arenas, which also returns what other threads have already handed back
 //! (pages other threads still hold wait for their own collection; a purge
 //! another thread is running at that moment is not waited for). An idle
-//! worker may not wake again for a
-//! keepalive interval, so `serve` also collects once every
-//! [`IDLE_RELEASE_PERIOD`] ([`release_freed_memory_periodically`]): what
-//! was freed after a burst's last collection does not stay.
+//! worker may not wake again for a keepalive interval, so `serve` also
+//! collects once every [`IDLE_RELEASE_PERIOD`]
+//! ([`release_freed_memory_periodically`]): what was freed after a burst's
+//! last collection does not stay.
 
 use std::time::Duration;
 

@@ -46,6 +46,14 @@ fn wake(waker: Option<Waker>) {
     }
 }
 
+/// Queues `item` (the caller checked for room) and wakes a waiting receiver.
+fn push<T>(mut state: MutexGuard<'_, State<T>>, item: T) {
+    state.queue.push_back(item);
+    let receiver = state.receiver.take();
+    drop(state);
+    wake(receiver);
+}
+
 /// Remembers `cx`'s waker in `slot` (not cloned again if it is the same).
 fn register(slot: &mut Option<Waker>, cx: &Context<'_>) {
     match slot {
@@ -69,17 +77,14 @@ pub struct Sender<T> {
 impl<T> Sender<T> {
     /// Queues `item` if there is room and a receiver.
     pub fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
-        let mut state = lock(&self.shared);
+        let state = lock(&self.shared);
         if state.receiver_gone {
             return Err(TrySendError::Closed(item));
         }
         if state.queue.len() >= state.capacity {
             return Err(TrySendError::Full(item));
         }
-        state.queue.push_back(item);
-        let receiver = state.receiver.take();
-        drop(state);
-        wake(receiver);
+        push(state, item);
         Ok(())
     }
 
@@ -97,10 +102,7 @@ impl<T> Sender<T> {
                 item = Some(it);
                 return Poll::Pending;
             }
-            state.queue.push_back(it);
-            let receiver = state.receiver.take();
-            drop(state);
-            wake(receiver);
+            push(state, it);
             Poll::Ready(Ok(()))
         })
         .await
