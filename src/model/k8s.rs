@@ -15,7 +15,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{ClusterState, Endpoint, Locality, Service as MeshService, ServiceKey, ServicePort};
+use super::{Service as MeshService, ServiceKey, ServicePort};
 
 /// Istio's label for the network of a namespace, pod or gateway Service.
 pub const NETWORK_LABEL: &str = "topology.istio.io/network";
@@ -23,6 +23,10 @@ pub const NETWORK_LABEL: &str = "topology.istio.io/network";
 pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The ports a sidecar keeps for itself (Istio's 15000–15090: admin, 15001
+/// outbound, 15006 inbound, 15020/15021 health, 15090 stats).
+pub const SIDECAR_PORTS: std::ops::RangeInclusive<u16> = 15000..=15090;
 
 /// One cluster's objects as read from a source, shared (`Arc`) with the
 /// source's cache so that gathering them copies no object.
@@ -34,7 +38,7 @@ pub struct ClusterObjects {
     pub namespaces: Vec<Arc<Namespace>>,
 }
 
-/// What [`cluster_state`] reads from a Pod, kept instead of the Pod itself: a
+/// What [`super::cluster_build::ClusterBuilder`] reads from a Pod, kept instead of the Pod itself: a
 /// parsed `Pod` is ≈4 KB (its spec and status inline, containers and all),
 /// and a mesh keeps one per endpoint (30,000 in the scale fixture: ≈130 MB).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -202,89 +206,12 @@ impl k8s_openapi::Metadata for PodView {
     }
 }
 
-fn ns_of(meta: &ObjectMeta) -> String {
+pub(super) fn ns_of(meta: &ObjectMeta) -> String {
     meta.namespace.clone().unwrap_or_else(|| "default".to_string())
 }
 
 /// A Service port and the `targetPort` it names (for endpoints derived from Pods).
-type TargetPort = (ServicePort, Option<IntOrString>);
-
-/// What one build of a cluster's state read and made per service, for the
-/// next build of the same cluster: an endpoint change rewrites one service's
-/// EndpointSlice, and only that service's endpoints are built again (the
-/// others keep their lists, the same `Arc`s, which the snapshot diff then
-/// skips without comparing). On the 1,000-service fixture this took the
-/// reload of one endpoint change from 39–41 ms to 28 ms (docs/performance.md).
-#[derive(Debug, Default)]
-pub struct ClusterMemo {
-    /// Each stored Service's conversion, kept while it is the same object.
-    services: DerivedByObject<Service, Arc<ConvertedService>>,
-    built: HashMap<(String, String), BuiltEndpoints>,
-    /// The Pods of the last build, in order (None before the first)...
-    pods: Option<Vec<Arc<PodSummary>>>,
-    /// ...and their index, namespace → name → Pod, kept up to date with the
-    /// Pods that changed instead of built again from every Pod.
-    pod_index: HashMap<String, HashMap<String, Arc<PodSummary>>>,
-    /// A Pod's (namespace, name) → the services whose endpoints name it: a
-    /// changed Pod rebuilds those, and a service no changed Pod is named by
-    /// and whose slices are the same objects is kept without looking any Pod up.
-    pod_users: HashMap<(String, String), Vec<(String, String)>>,
-}
-
-impl ClusterMemo {
-    /// Brings the Pod index up to `pods`: the (namespace, name) of every Pod
-    /// that changed, or None when the index was built afresh (the first
-    /// build, or Pods added or removed: every service is then checked).
-    fn refresh_pods(&mut self, pods: &[Arc<PodSummary>]) -> Option<std::collections::HashSet<(String, String)>> {
-        let key = |p: &PodSummary| p.name.clone().map(|n| (p.namespace.clone(), n));
-        match &self.pods {
-            Some(last) if last.len() == pods.len() => {
-                let changed_at: Vec<usize> = (0..pods.len()).filter(|i| !Arc::ptr_eq(&last[*i], &pods[*i])).collect();
-                let mut changed = std::collections::HashSet::new();
-                for &i in &changed_at {
-                    if let Some((ns, name)) = key(&last[i]) {
-                        if let Some(names) = self.pod_index.get_mut(&ns) {
-                            names.remove(&name);
-                        }
-                        changed.insert((ns, name));
-                    }
-                }
-                for &i in &changed_at {
-                    if let Some((ns, name)) = key(&pods[i]) {
-                        self.pod_index.entry(ns.clone()).or_default().insert(name.clone(), pods[i].clone());
-                        changed.insert((ns, name));
-                    }
-                }
-                if !changed_at.is_empty() {
-                    self.pods = Some(pods.to_vec());
-                }
-                Some(changed)
-            }
-            _ => {
-                self.pod_index.clear();
-                self.pod_users.clear();
-                for p in pods {
-                    if let Some((ns, name)) = key(p) {
-                        self.pod_index.entry(ns).or_default().insert(name, p.clone());
-                    }
-                }
-                self.pods = Some(pods.to_vec());
-                None
-            }
-        }
-    }
-}
-
-/// One service's endpoints from slices, and what they were built from.
-#[derive(Debug)]
-struct BuiltEndpoints {
-    /// Its routable slices, in order (held: an address stays theirs).
-    slices: Vec<Arc<EndpointSlice>>,
-    /// The Pod each of their endpoints' `targetRef` found, in order.
-    pods: Vec<Option<Arc<PodSummary>>>,
-    network: String,
-    endpoints: Arc<Vec<Endpoint>>,
-}
+pub(super) type TargetPort = (ServicePort, Option<IntOrString>);
 
 /// Values derived from stored objects (a Service's conversion, a Pod's summary, a policy's parse),
 /// kept by the stored object's address (the object is held with its value,
@@ -324,15 +251,15 @@ impl<K, V: Clone> DerivedByObject<K, V> {
 /// One Service as the cluster's state holds it, with what the build of its
 /// endpoints needs (target ports, selector) and what was wrong with it.
 #[derive(Debug)]
-struct ConvertedService {
+pub(super) struct ConvertedService {
     /// None: not routable (no name).
-    service: Option<Arc<MeshService>>,
-    targets: Vec<TargetPort>,
-    selector: Option<BTreeMap<String, String>>,
-    errors: Vec<String>,
+    pub(super) service: Option<Arc<MeshService>>,
+    pub(super) targets: Vec<TargetPort>,
+    pub(super) selector: Option<BTreeMap<String, String>>,
+    pub(super) errors: Vec<String>,
 }
 
-fn convert_service(cluster: &str, svc: &Service) -> ConvertedService {
+pub(super) fn convert_service(cluster: &str, svc: &Service) -> ConvertedService {
     let mut errors = Vec::new();
     let Some(svc_name) = svc.metadata.name.clone() else {
         errors.push(format!("cluster {cluster}: a Service without metadata.name"));
@@ -374,330 +301,12 @@ fn convert_service(cluster: &str, svc: &Service) -> ConvertedService {
     ConvertedService { service: Some(Arc::new(service)), targets, selector: spec.and_then(|s| s.selector.clone()).filter(|s| !s.is_empty()), errors }
 }
 
-/// Builds a cluster's services and endpoints; problems (a slice for an unknown
-/// service, a Service without ports) are returned as messages naming the object.
-pub fn cluster_state(name: &str, objects: &ClusterObjects) -> (ClusterState, Vec<String>) {
-    cluster_state_reusing(name, objects, &mut ClusterMemo::default())
-}
-
-/// [`cluster_state`], reusing what `memo` kept of the last build of this
-/// cluster for every service whose inputs are the same objects; `memo` then
-/// holds this build.
-pub fn cluster_state_reusing(name: &str, objects: &ClusterObjects, memo: &mut ClusterMemo) -> (ClusterState, Vec<String>) {
-    let mut errors = Vec::new();
-    let mut state = ClusterState { name: name.to_string(), ..Default::default() };
-
-    // The cluster's network: the istio-system namespace's label (Istio's rule), else any namespace's.
-    let ns_network = |ns: &Arc<Namespace>| ns.metadata.labels.as_ref().and_then(|l| l.get(NETWORK_LABEL)).cloned();
-    state.network = objects
-        .namespaces
-        .iter()
-        .find(|ns| ns.metadata.name.as_deref() == Some("istio-system"))
-        .and_then(ns_network)
-        .or_else(|| objects.namespaces.iter().find_map(ns_network))
-        .unwrap_or_default();
-    state.namespaces = objects
-        .namespaces
-        .iter()
-        .filter(|ns| ns.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Terminating"))
-        .filter_map(|ns| ns.metadata.name.clone())
-        .collect();
-
-    // Each Service converted, or its conversion from the last build when it
-    // is the same stored object (most are: an endpoint change rewrites a slice).
-    // Each routable Service's conversion, by (namespace, name): its target
-    // ports and selector, for endpoints derived from Pods.
-    let mut by_key: HashMap<(String, String), Arc<ConvertedService>> = HashMap::new();
-    for converted in memo.services.derive(&objects.services, |svc| Arc::new(convert_service(name, svc))) {
-        errors.extend(converted.errors.iter().cloned());
-        if let Some(service) = &converted.service {
-            let key = (service.key.namespace.clone(), service.key.name.clone());
-            state.services.insert(key.clone(), service.clone());
-            by_key.insert(key, converted);
-        }
-    }
-
-    exclude_colliding_ports(name, &mut state, &mut errors);
-
-    let changed_pods = memo.refresh_pods(&objects.pods);
-    // The services a changed Pod's endpoints belong to (None: check every one).
-    let dirty: Option<std::collections::HashSet<(String, String)>> =
-        changed_pods.map(|changed| changed.iter().filter_map(|k| memo.pod_users.get(k)).flatten().cloned().collect());
-    let no_labels = Arc::new(BTreeMap::new());
-    let pod_facts = |pod: Option<&PodSummary>| -> (Arc<BTreeMap<String, String>>, String, Option<String>) {
-        match pod {
-            Some(p) => (p.labels.clone(), p.service_account.clone().unwrap_or_else(|| "default".into()), p.name.clone()),
-            None => (no_labels.clone(), "default".into(), None),
-        }
-    };
-
-    // Each service's routable slices, in order.
-    let mut has_slices: std::collections::HashSet<(String, String)> = Default::default();
-    let mut slices_of: BTreeMap<(String, String), Vec<&Arc<EndpointSlice>>> = BTreeMap::new();
-    for (si, slice) in objects.endpoint_slices.iter().enumerate() {
-        // (The slice's name is only made for a message: a slice per service,
-        // its strings copied each rebuild, had been a part of every reload.)
-        let slice_name = || slice.metadata.name.clone().unwrap_or_else(|| format!("#{si}"));
-        let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
-        let Some(svc_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-            errors
-                .push(format!("EndpointSlice {namespace}/{} in cluster {name}: metadata.labels has no {SERVICE_NAME_LABEL}; ignored", slice_name()));
-            continue;
-        };
-        let key = (namespace.to_string(), svc_name.clone());
-        if !state.services.contains_key(&key) {
-            errors.push(format!(
-                "EndpointSlice {namespace}/{} in cluster {name}: Service {namespace}/{svc_name} does not exist; ignored",
-                slice_name()
-            ));
-            continue;
-        }
-        has_slices.insert(key.clone());
-        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
-            continue; // FQDN slices are not routable by address
-        }
-        slices_of.entry(key).or_default().push(slice);
-    }
-
-    // Endpoints from slices, per service: a service whose slices, the pods
-    // they name and the cluster's network are what the last build read keeps
-    // the list that build made.
-    let mut built = HashMap::with_capacity(slices_of.len());
-    for (key, slices) in slices_of {
-        let namespace = key.0.as_str();
-        // Its slices are the same objects and no Pod they name changed: kept, nothing looked up.
-        if dirty.as_ref().is_some_and(|dirty| !dirty.contains(&key))
-            && let Some(last) = memo.built.get(&key)
-            && last.network == state.network
-            && last.slices.len() == slices.len()
-            && last.slices.iter().zip(&slices).all(|(a, b)| Arc::ptr_eq(a, b))
-        {
-            let last = memo.built.remove(&key).expect("found above");
-            if !last.endpoints.is_empty() {
-                state.endpoints.insert(key.clone(), last.endpoints.clone());
-            }
-            built.insert(key, last);
-            continue;
-        }
-        let refs: Vec<Option<(&str, &str)>> = slices
-            .iter()
-            .flat_map(|slice| slice.endpoints.iter())
-            .filter(|ep| !ep.addresses.is_empty())
-            .map(|ep| {
-                let r = ep.target_ref.as_ref().filter(|r| r.kind.as_deref().unwrap_or("Pod") == "Pod")?;
-                Some((r.namespace.as_deref().unwrap_or(namespace), r.name.as_deref()?))
-            })
-            .collect();
-        for (ns, name) in refs.iter().flatten() {
-            let users = memo.pod_users.entry((ns.to_string(), name.to_string())).or_default();
-            if !users.contains(&key) {
-                users.push(key.clone());
-            }
-        }
-        let slice_pods: Vec<Option<&Arc<PodSummary>>> = refs.iter().map(|r| r.and_then(|(ns, name)| memo.pod_index.get(ns)?.get(name))).collect();
-        if let Some(last) = memo.built.remove(&key)
-            && last.network == state.network
-            && last.slices.len() == slices.len()
-            && last.slices.iter().zip(&slices).all(|(a, b)| Arc::ptr_eq(a, b))
-            && last.pods.len() == slice_pods.len()
-            && last.pods.iter().zip(&slice_pods).all(|(a, b)| match (a, b) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            })
-        {
-            if !last.endpoints.is_empty() {
-                state.endpoints.insert(key.clone(), last.endpoints.clone());
-            }
-            built.insert(key, last);
-            continue;
-        }
-        let mut eps = Vec::with_capacity(slice_pods.len());
-        let mut found = slice_pods.iter();
-        for slice in &slices {
-            let ports: Arc<BTreeMap<String, u16>> = Arc::new(
-                slice.ports.iter().flatten().filter_map(|p| Some((p.name.clone().unwrap_or_default(), u16::try_from(p.port?).ok()?))).collect(),
-            );
-            for ep in &slice.endpoints {
-                let Some(address) = ep.addresses.first().cloned() else { continue };
-                let pod = found.next().expect("one lookup per endpoint with an address").map(|p| &**p);
-                let (labels, service_account, pod_name) = pod_facts(pod);
-                let network = labels.get(NETWORK_LABEL).cloned().unwrap_or_else(|| state.network.clone());
-                let mesh_tls = labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio");
-                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                eps.push(Endpoint {
-                    address,
-                    ports: ports.clone(),
-                    labels,
-                    ready,
-                    locality: Locality { region: String::new(), zone: ep.zone.clone().unwrap_or_default() },
-                    network,
-                    mesh_tls,
-                    service_account,
-                    pod: pod_name,
-                });
-            }
-        }
-        sort_endpoints(&mut eps);
-        let endpoints = Arc::new(eps);
-        if !endpoints.is_empty() {
-            state.endpoints.insert(key.clone(), endpoints.clone());
-        }
-        built.insert(
-            key,
-            BuiltEndpoints {
-                slices: slices.into_iter().cloned().collect(),
-                pods: slice_pods.into_iter().map(|p| p.cloned()).collect(),
-                network: state.network.clone(),
-                endpoints,
-            },
-        );
-    }
-    memo.built = built;
-
-    // Services without slices: endpoints from the Pods their selector matches.
-    for (key, converted) in &by_key {
-        let Some(selector) = &converted.selector else { continue };
-        if has_slices.contains(key) {
-            continue;
-        }
-        let targets = &converted.targets;
-        let mut eps = Vec::new();
-        for pod in objects.pods.iter().filter(|p| p.namespace == key.0) {
-            if !selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v)) {
-                continue;
-            }
-            let Some(address) = pod.pod_ip.clone() else { continue };
-            // As the endpointslice controller writes it: a terminating Pod is
-            // not ready, even while its Ready condition still says so.
-            let ready = pod.ready.unwrap_or(true) && !pod.terminating;
-            let container_ports = &pod.container_ports;
-            let mut ports = BTreeMap::new();
-            for (sp, target) in targets {
-                let port = match target {
-                    None => Some(sp.port),
-                    Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
-                    Some(IntOrString::String(n)) => {
-                        container_ports.iter().find(|(cn, _)| cn.as_deref() == Some(n.as_str())).and_then(|(_, p)| u16::try_from(*p).ok())
-                    }
-                };
-                if let Some(port) = port {
-                    ports.insert(sp.name.clone(), port);
-                }
-            }
-            let (labels, service_account, pod_name) = pod_facts(Some(&**pod));
-            let network = labels.get(NETWORK_LABEL).cloned().unwrap_or_else(|| state.network.clone());
-            let mesh_tls = labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio");
-            eps.push(Endpoint {
-                address,
-                ports: Arc::new(ports),
-                labels,
-                ready,
-                locality: Locality::default(),
-                network,
-                mesh_tls,
-                service_account,
-                pod: pod_name,
-            });
-        }
-        if !eps.is_empty() {
-            sort_endpoints(&mut eps);
-            state.endpoints.insert(key.clone(), Arc::new(eps));
-        }
-    }
-    (state, errors)
-}
-
-fn sort_endpoints(eps: &mut [Endpoint]) {
-    eps.sort_by(|a, b| (&a.address, &a.pod).cmp(&(&b.address, &b.pod)));
-}
-
-/// The ports a sidecar keeps for itself (Istio's 15000–15090: admin, 15001
-/// outbound, 15006 inbound, 15020/15021 health, 15090 stats).
-pub const SIDECAR_PORTS: std::ops::RangeInclusive<u16> = 15000..=15090;
-
-/// Leaves out of sidecars the Service ports they cannot serve: a port in the
-/// sidecar's own range, and a ClusterIP and port two Services claim (which one
-/// a connection meant cannot be told). Each is named in `errors` and in the
-/// Service's `excluded_ports`; every other port keeps working. East-west
-/// gateway Services (15021, 15443, …) are not called by sidecars and are kept.
-fn exclude_colliding_ports(cluster: &str, state: &mut ClusterState, errors: &mut Vec<String>) {
-    // (Read with borrowed keys, and only a Service with ports left out is
-    // copied: the others stay shared with the conversion the next build reuses.)
-    let mut claims: HashMap<(&str, u16), Vec<&(String, String)>> = HashMap::new();
-    for (key, svc) in &state.services {
-        if let Some(ip) = &svc.cluster_ip {
-            for p in &svc.ports {
-                claims.entry((ip.as_str(), p.port)).or_default().push(key);
-            }
-        }
-    }
-    // Each Service that leaves ports out, and each such port with the note why.
-    type PortNotes = Vec<(u16, String)>;
-    let mut excluded: Vec<((String, String), PortNotes)> = Vec::new();
-    for (key, svc) in &state.services {
-        if svc.labels.contains_key(NETWORK_LABEL) {
-            continue;
-        }
-        let notes: PortNotes = svc
-            .ports
-            .iter()
-            .filter_map(|p| {
-                let why = if SIDECAR_PORTS.contains(&p.port) {
-                    Some(format!("port {} collides with the sidecar's own ports (15000-15090)", p.port))
-                } else {
-                    svc.cluster_ip.as_deref().and_then(|ip| {
-                        let owners = &claims[&(ip, p.port)];
-                        (owners.len() > 1).then(|| {
-                            let others: Vec<String> = owners.iter().filter(|o| **o != key).map(|(n, s)| format!("{n}/{s}")).collect();
-                            format!("port {} on ClusterIP {ip} is also claimed by Service {}", p.port, others.join(", "))
-                        })
-                    })
-                };
-                why.map(|why| (p.port, format!("{why}; left out of sidecars")))
-            })
-            .collect();
-        if !notes.is_empty() {
-            excluded.push((key.clone(), notes));
-        }
-    }
-    for (key, notes) in excluded {
-        let (ns, name) = &key;
-        for (_, n) in &notes {
-            errors.push(format!("Service {ns}/{name} in cluster {cluster}: {n}"));
-        }
-        if let Some(shared) = state.services.get_mut(&key) {
-            let svc = Arc::make_mut(shared);
-            svc.ports.retain(|p| !notes.iter().any(|(port, _)| *port == p.port));
-            svc.excluded_ports = notes.into_iter().map(|(_, n)| n).collect();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn parse<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
         serde_yaml_ng::from_str(yaml).unwrap()
-    }
-
-    fn service(name: &str) -> Arc<Service> {
-        Arc::new(parse(&format!(
-            "metadata: {{name: {name}, namespace: default}}\nspec: {{selector: {{app: {name}}}, ports: [{{name: http, port: 9080}}]}}"
-        )))
-    }
-
-    fn slice(service: &str, address: &str, pod: &str) -> Arc<EndpointSlice> {
-        Arc::new(parse(&format!(
-            "metadata: {{name: {service}-1, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: http, port: 9080}}]\nendpoints:\n- addresses: [{address}]\n  targetRef: {{kind: Pod, name: {pod}}}"
-        )))
-    }
-
-    fn pod(name: &str, app: &str, account: &str) -> Arc<PodSummary> {
-        Arc::new(PodSummary::from(parse::<Pod>(&format!(
-            "metadata: {{name: {name}, namespace: default, labels: {{app: {app}}}}}\nspec: {{serviceAccountName: {account}, containers: [{{name: c}}]}}"
-        ))))
     }
 
     #[test]
@@ -761,156 +370,6 @@ status:
         ] {
             assert!(!kept.contains(gone), "{gone} kept in {kept}");
         }
-    }
-
-    #[test]
-    fn a_rebuild_reuses_the_endpoints_of_every_service_whose_slices_and_pods_are_the_same_objects() {
-        let key = |n: &str| ("default".to_string(), n.to_string());
-        let mut objects = ClusterObjects {
-            services: vec![service("a"), service("b"), service("c")],
-            endpoint_slices: vec![slice("a", "10.0.0.1", "a-1"), slice("b", "10.0.0.2", "b-1"), slice("c", "10.0.0.3", "c-1")],
-            pods: vec![pod("a-1", "a", "sa-a"), pod("b-1", "b", "sa-b"), pod("c-1", "c", "sa-c")],
-            namespaces: Vec::new(),
-        };
-        let mut memo = ClusterMemo::default();
-        let (first, _) = cluster_state_reusing("c1", &objects, &mut memo);
-        // a's slice is rewritten (a new address); c's pod changes its service account.
-        objects.endpoint_slices[0] = slice("a", "10.0.0.9", "a-1");
-        objects.pods[2] = pod("c-1", "c", "sa-c2");
-        let (second, errors) = cluster_state_reusing("c1", &objects, &mut memo);
-        assert!(errors.is_empty(), "{errors:?}");
-        assert_eq!(second.endpoints[&key("a")][0].address, "10.0.0.9");
-        assert_eq!(second.endpoints[&key("c")][0].service_account, "sa-c2");
-        assert!(!Arc::ptr_eq(&first.endpoints[&key("a")], &second.endpoints[&key("a")]));
-        assert!(!Arc::ptr_eq(&first.endpoints[&key("c")], &second.endpoints[&key("c")]));
-        assert!(Arc::ptr_eq(&first.endpoints[&key("b")], &second.endpoints[&key("b")]), "b's inputs are the same objects: its list is kept");
-        // Reused or not, the state is what a build from scratch makes.
-        assert_eq!(second, cluster_state("c1", &objects).0);
-        // The network is an input of every endpoint: a new one rebuilds all.
-        objects.namespaces = vec![parse("metadata: {name: istio-system, labels: {topology.istio.io/network: net2}}")];
-        let (third, _) = cluster_state_reusing("c1", &objects, &mut memo);
-        assert_eq!(third.endpoints[&key("b")][0].network, "net2");
-        // A slice removed: its service has no endpoints, and the memo forgets it.
-        objects.endpoint_slices.remove(1);
-        let (fourth, _) = cluster_state_reusing("c1", &objects, &mut memo);
-        assert!(!fourth.endpoints.contains_key(&key("b")));
-        assert_eq!(memo.built.len(), 2);
-    }
-
-    #[test]
-    fn a_rebuild_keeps_the_conversion_of_every_service_that_is_the_same_object() {
-        let key = |n: &str| ("default".to_string(), n.to_string());
-        let with_ip = |name: &str, ip: &str| -> Arc<Service> {
-            Arc::new(parse(&format!(
-                "metadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 9080}}]}}"
-            )))
-        };
-        let mut objects =
-            ClusterObjects { services: vec![with_ip("a", "10.96.0.1"), with_ip("b", "10.96.0.2"), with_ip("c", "10.96.0.3")], ..Default::default() };
-        let mut memo = ClusterMemo::default();
-        let (first, _) = cluster_state_reusing("c1", &objects, &mut memo);
-        // b is rewritten: a new object, converted again; a and c are kept.
-        objects.services[1] = with_ip("b", "10.96.0.3");
-        let (second, errors) = cluster_state_reusing("c1", &objects, &mut memo);
-        assert!(Arc::ptr_eq(&first.services[&key("a")], &second.services[&key("a")]), "the same object: its conversion is kept");
-        assert!(!Arc::ptr_eq(&first.services[&key("b")], &second.services[&key("b")]));
-        // b now claims c's ClusterIP and port: both leave the port out, each a copy of its own...
-        assert_eq!(errors.len(), 2, "{errors:?}");
-        assert!(second.services[&key("c")].ports.is_empty() && !second.services[&key("c")].excluded_ports.is_empty());
-        assert_eq!(second, cluster_state("c1", &objects).0, "reused or not, what a build from scratch makes");
-        // ...and the kept conversion is untouched: once b moves away, c serves its port again.
-        objects.services[1] = with_ip("b", "10.96.0.2");
-        let (third, errors) = cluster_state_reusing("c1", &objects, &mut memo);
-        assert!(errors.is_empty(), "{errors:?}");
-        assert_eq!(third.services[&key("c")].ports.len(), 1);
-        assert!(third.services[&key("c")].excluded_ports.is_empty());
-        assert!(Arc::ptr_eq(&first.services[&key("c")], &third.services[&key("c")]));
-        // A Service removed leaves the memo.
-        objects.services.remove(0);
-        let (fourth, _) = cluster_state_reusing("c1", &objects, &mut memo);
-        assert!(!fourth.services.contains_key(&key("a")));
-        assert_eq!(memo.services.kept.len(), 2);
-    }
-
-    #[test]
-    fn slices_and_pods_become_endpoints_with_pod_labels() {
-        let objects = ClusterObjects {
-            services: vec![parse(
-                "metadata: {name: reviews, namespace: default}\nspec: {selector: {app: reviews}, ports: [{name: http, port: 9080}]}",
-            )],
-            endpoint_slices: vec![parse(
-                r#"
-metadata: {name: reviews-abc, namespace: default, labels: {kubernetes.io/service-name: reviews}}
-addressType: IPv4
-ports: [{name: http, port: 9080}]
-endpoints:
-- addresses: [10.0.0.1]
-  conditions: {ready: true}
-  targetRef: {kind: Pod, name: reviews-v1-1, namespace: default}
-- addresses: [10.0.0.2]
-  conditions: {ready: false}
-  zone: z1
-  targetRef: {kind: Pod, name: reviews-v2-1}
-"#,
-            )],
-            pods: vec![
-                parse::<Pod>("metadata: {name: reviews-v1-1, namespace: default, labels: {app: reviews, version: v1}}\nspec: {serviceAccountName: bookinfo-reviews, containers: [{name: c}]}"),
-                parse::<Pod>("metadata: {name: reviews-v2-1, namespace: default, labels: {app: reviews, version: v2}}\nspec: {containers: [{name: c}]}"),
-            ]
-            .into_iter()
-            .map(|p| Arc::new(PodSummary::from(p)))
-            .collect(),
-            namespaces: vec![parse("metadata: {name: istio-system, labels: {topology.istio.io/network: net1}}")],
-        };
-        let (state, errors) = cluster_state("c1", &objects);
-        assert!(errors.is_empty(), "{errors:?}");
-        assert_eq!(state.network, "net1");
-        let eps = &state.endpoints[&("default".to_string(), "reviews".to_string())];
-        assert_eq!(eps.len(), 2);
-        assert_eq!(eps[0].labels["version"], "v1");
-        assert_eq!(eps[0].service_account, "bookinfo-reviews");
-        assert_eq!(eps[0].ports["http"], 9080);
-        assert!(eps[0].ready && !eps[1].ready);
-        assert_eq!(eps[1].locality.zone, "z1");
-        assert_eq!(eps[1].network, "net1");
-    }
-
-    #[test]
-    fn pods_stand_in_for_missing_slices() {
-        let objects = ClusterObjects {
-            services: vec![parse(
-                "metadata: {name: ratings}\nspec: {selector: {app: ratings}, ports: [{name: http, port: 9080, targetPort: web}]}",
-            )],
-            pods: vec![
-                parse::<Pod>("metadata: {name: ratings-1, labels: {app: ratings, version: v1}}\nspec: {containers: [{name: c, ports: [{name: web, containerPort: 8080}]}]}\nstatus: {podIP: 127.0.0.5}"),
-                parse::<Pod>("metadata: {name: other, labels: {app: other}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 127.0.0.6}"),
-                parse::<Pod>("metadata: {name: ratings-2, labels: {app: ratings}, deletionTimestamp: '2026-12-05T16:00:00Z'}\nspec: {containers: [{name: c, ports: [{name: web, containerPort: 8080}]}]}\nstatus: {podIP: 127.0.0.7, conditions: [{type: Ready, status: 'True'}]}"),
-            ]
-            .into_iter()
-            .map(|p| Arc::new(PodSummary::from(p)))
-            .collect(),
-            ..Default::default()
-        };
-        let (state, errors) = cluster_state("c1", &objects);
-        assert!(errors.is_empty(), "{errors:?}");
-        let eps = &state.endpoints[&("default".to_string(), "ratings".to_string())];
-        assert_eq!(eps.len(), 2);
-        assert_eq!((eps[0].address.as_str(), eps[0].ports["http"], eps[0].ready), ("127.0.0.5", 8080, true));
-        // Being deleted: listed, not ready, though its Ready condition is still True.
-        assert_eq!((eps[1].address.as_str(), eps[1].ready), ("127.0.0.7", false));
-    }
-
-    #[test]
-    fn orphans_are_reported_by_name() {
-        let objects = ClusterObjects {
-            endpoint_slices: vec![parse(
-                "metadata: {name: s1, namespace: default, labels: {kubernetes.io/service-name: ghost}}\naddressType: IPv4\nendpoints: []",
-            )],
-            ..Default::default()
-        };
-        let (_, errors) = cluster_state("c1", &objects);
-        assert_eq!(errors.len(), 1);
-        assert!(errors[0].contains("EndpointSlice default/s1") && errors[0].contains("default/ghost"), "{errors:?}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod api;
+pub mod cluster_build;
 pub mod crd;
 pub mod describe;
 pub mod diff;

@@ -20,10 +20,11 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::cluster_folder::ClusterFolder;
 use crate::model::api::{
     AccessControlPolicySpec, ISTIO_NETWORKING_VERSIONS, NETWORKING_GROUP_VERSION, SidecarSpec, TrafficPolicySpec, VirtualMeshSpec,
 };
-use crate::model::k8s::{ClusterMemo, ClusterObjects, PodSummary, cluster_state_reusing};
+use crate::model::k8s::{ClusterObjects, PodSummary};
 use crate::model::{MeshInputs, PolicyObject};
 
 /// The folder of mesh objects inside a config dir.
@@ -198,8 +199,9 @@ pub struct SourceMemory {
     /// Each cluster folder's state, its read errors and the stamps it was
     /// built from: a folder whose files did not change is not rebuilt.
     clusters: HashMap<String, BuiltCluster>,
-    /// Per cluster folder, what its last build made per service.
-    cluster_memos: HashMap<String, ClusterMemo>,
+    /// Per cluster folder, its objects as its files define them, in the
+    /// cluster's builder (a rewritten file applies only what it changed).
+    cluster_folders: HashMap<String, ClusterFolder>,
     first_seen_ms: HashMap<(String, String, String), i64>,
     generations: HashMap<(String, String, String), (String, i64)>,
     /// The mesh folder as last read: a reload no event of it named reuses its
@@ -469,7 +471,7 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
     // been 3,000 copies and hashes for the one file an event named.)
     let mut seen_files = 0usize;
     // Cluster folders read now: their objects, files with stamps, and what reading them gave.
-    let mut read_clusters: BTreeMap<String, (FileObjects, FileStamps, FolderRead)> = BTreeMap::new();
+    let mut read_clusters: BTreeMap<String, (FileStamps, FolderRead)> = BTreeMap::new();
     // The mesh folder: kept as last read, or read now (its objects, files and what reading them gave).
     let mut mesh_kept = None;
     let mut mesh_read: Option<(FileObjects, BuiltMesh)> = None;
@@ -533,7 +535,14 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
             }
             Some(stamps)
         };
+        // The mesh folder's objects are gathered; a cluster folder's go into its builder file by file.
         let mut objects = FileObjects::default();
+        let kept_folder = if in_mesh { None } else { memory.cluster_folders.remove(&name) };
+        // A folder kept from the last load has every file it read applied: only files parsed now change it.
+        let fresh_folder = kept_folder.is_none();
+        let mut folder = (!in_mesh).then(|| kept_folder.unwrap_or_else(|| ClusterFolder::new(&name)));
+        // How many of the listed files the folder has applied: fewer than it has means some are gone.
+        let mut applied_listed = 0;
         let mut parsed = 0;
         for (i, file) in files.iter().enumerate() {
             // Each file's stamp is taken once per reload (a stat per file:
@@ -546,6 +555,7 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
             // A changed file is parsed into the memory; every file's objects
             // are then read from there, not copied out first (that had been
             // a copy of every file's object lists of a changed folder).
+            let mut changed = fresh_folder;
             if !(unchanged && memory.files.contains_key(file)) {
                 match parse_file(file, in_mesh) {
                     Ok(parsed) => {
@@ -553,6 +563,7 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
                         if let Some(stamp) = stamp {
                             memory.stamps.insert(file.clone(), stamp);
                         }
+                        changed = true;
                     }
                     Err(e) => {
                         let kept = memory.files.contains_key(file);
@@ -561,29 +572,46 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
                 }
             }
             if let Some(file_objects) = memory.files.get(file) {
-                objects.extend_from(file_objects);
+                match folder.as_mut() {
+                    Some(folder) => {
+                        if changed {
+                            folder.set_file(file, Some(&file_objects.cluster));
+                        }
+                        applied_listed += 1;
+                    }
+                    None => objects.extend_from(file_objects),
+                }
                 parsed += 1;
+            }
+        }
+        if let Some(folder) = folder.as_mut()
+            && folder.file_count() > applied_listed
+        {
+            // Files the folder no longer lists: their objects go.
+            let listed: std::collections::HashSet<&PathBuf> = files.iter().collect();
+            for gone in folder.files_not(|f| listed.contains(&f.to_path_buf())) {
+                folder.set_file(&gone, None);
             }
         }
         seen_files += parsed;
         let read = FolderRead { parsed, errors: inputs.errors[errors_before..].to_vec() };
         match cluster_stamps {
             Some(built_from) => {
-                read_clusters.insert(name, (objects, built_from, read));
+                memory.cluster_folders.insert(name.clone(), folder.expect("a cluster folder"));
+                read_clusters.insert(name, (built_from, read));
             }
             None => mesh_read = Some((objects, BuiltMesh { files, read, ..Default::default() })),
         }
     }
 
-    for (name, (objects, built_from, read)) in read_clusters {
-        let (state, state_errors) = cluster_state_reusing(&name, &objects.cluster, memory.cluster_memos.entry(name.clone()).or_default());
-        let state = Arc::new(state);
+    for (name, (built_from, read)) in read_clusters {
+        let (state, state_errors) = memory.cluster_folders.get_mut(&name).expect("read above").build();
         inputs.errors.extend(state_errors.iter().cloned());
         inputs.clusters.insert(name.clone(), state.clone());
         memory.clusters.insert(name, BuiltCluster { built_from, read, state, state_errors });
     }
     memory.clusters.retain(|name, _| inputs.clusters.contains_key(name));
-    memory.cluster_memos.retain(|name, _| inputs.clusters.contains_key(name));
+    memory.cluster_folders.retain(|name, _| inputs.clusters.contains_key(name));
 
     let (mesh_objects, duplicates) = match mesh_kept {
         Some(kept) => {
@@ -912,6 +940,41 @@ mod tests {
         assert!(gone.clusters["c1"].services.is_empty());
         assert!(!memory.files.contains_key(&c1_app) && !memory.stamps.contains_key(&c1_app), "the memory forgets it");
         assert!(memory.files.contains_key(&dir.path().join("c2/app.yaml")) && memory.files.contains_key(&dir.path().join("mesh/p.yaml")));
+    }
+
+    #[test]
+    fn an_object_two_files_define_is_taken_from_the_first_until_it_drops_it() {
+        let dir = setup();
+        let (app, other) = (dir.path().join("c1/app.yaml"), dir.path().join("c1/other.yaml"));
+        let mut memory = SourceMemory::default();
+        let first = load_config_dir(dir.path(), &mut memory).unwrap();
+        let port = |inputs: &MeshInputs| inputs.clusters["c1"].services[&("default".to_string(), "reviews".to_string())].ports[0].port;
+        // A second file defines the same Service: the first definition stays, the second is reported.
+        std::fs::write(&other, SVC.replace("9080", "9081")).unwrap();
+        let changed = |path: &PathBuf| Changed::of_paths(dir.path(), [path.as_path()]);
+        let twice = load_config_dir_changed(dir.path(), &mut memory, &changed(&other)).unwrap();
+        assert_eq!(port(&twice), 9080);
+        assert!(Arc::ptr_eq(&twice.clusters["c1"], &first.clusters["c1"]), "nothing the cluster serves changed");
+        assert_eq!(twice.errors.len(), 1, "{:?}", twice.errors);
+        assert!(
+            twice.errors[0].starts_with("Service default/reviews in cluster c1: defined in ")
+                && twice.errors[0].contains("app.yaml and again in ")
+                && twice.errors[0].contains("other.yaml"),
+            "{:?}",
+            twice.errors
+        );
+        // The first file drops it: the other definition takes over, and nothing is reported.
+        std::fs::write(&app, POD).unwrap();
+        let taken_over = load_config_dir_changed(dir.path(), &mut memory, &changed(&app)).unwrap();
+        assert_eq!(port(&taken_over), 9081);
+        assert!(taken_over.errors.is_empty(), "{:?}", taken_over.errors);
+        // Its file removed, the Service is gone; the Pod stays.
+        std::fs::remove_file(&other).unwrap();
+        let gone = load_config_dir_changed(dir.path(), &mut memory, &changed(&other)).unwrap();
+        assert!(gone.clusters["c1"].services.is_empty());
+        // A reload from scratch agrees with the one built file by file.
+        let fresh = load_config_dir(dir.path(), &mut SourceMemory::default()).unwrap();
+        assert_eq!(*gone.clusters["c1"], *fresh.clusters["c1"]);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -28,7 +28,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::model::api::{AccessControlPolicy, KubernetesCluster, Sidecar, TrafficPolicy, VirtualMesh};
-use crate::model::k8s::{ClusterMemo, ClusterObjects, DerivedByObject, PodSummary, PodView, cluster_state_reusing};
+use crate::model::cluster_build::{ClusterBuilder, ObjectKey, object_key};
+use crate::model::k8s::{DerivedByObject, PodSummary, PodView};
 use crate::model::{ClusterState, MeshInputs, PolicyObject};
 
 /// What is known about one registered cluster's watches.
@@ -103,28 +104,111 @@ const CLUSTER_KINDS: [&str; 4] = ["Service", "EndpointSlice", "Pod", "Namespace"
 struct ClusterWatch {
     /// The KubernetesCluster spec and secret version it was started from.
     fingerprint: String,
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    pods: Store<PodView>,
-    namespaces: Store<Namespace>,
-    /// Each Pod's summary, by the stored Pod (held, so its address stays its
-    /// own): an unchanged Pod keeps its summary, so the build reuses the
-    /// endpoints of every service whose Pods did not change.
-    pod_summaries: std::sync::Mutex<DerivedByObject<PodView, Arc<PodSummary>>>,
-    /// What the last build of this cluster made per service.
-    memo: std::sync::Mutex<ClusterMemo>,
+    /// The cluster's objects, which its watches apply one by one as events
+    /// arrive, and its state, built again only where they reach.
+    builder: Arc<Mutex<ClusterBuilder>>,
     /// Aborted when dropped: dropping the watch stops its reflectors.
     _tasks: JoinSet<()>,
 }
 
-impl ClusterWatch {
-    fn objects(&self) -> ClusterObjects {
-        let pods = self.pod_summaries.lock().expect("pod summaries lock").derive(&self.pods.state(), |pod| Arc::new(PodSummary::from(pod)));
-        ClusterObjects { services: self.services.state(), endpoint_slices: self.slices.state(), pods, namespaces: self.namespaces.state() }
-    }
+/// Where one kind's watch puts what it reads: complete lists, and the
+/// objects added, changed or deleted after them.
+trait WatchSink<K>: Send + 'static {
+    /// A complete list: every object of the kind (the others are gone).
+    fn listed(&mut self, objects: Vec<K>);
+    fn applied(&mut self, object: K);
+    fn deleted(&mut self, object: K);
+}
 
-    fn build(&self, name: &str, objects: &ClusterObjects) -> (crate::model::ClusterState, Vec<String>) {
-        cluster_state_reusing(name, objects, &mut self.memo.lock().expect("cluster memo lock"))
+/// A reflector store (the mesh objects, read as a whole on every rebuild).
+impl<K> WatchSink<K> for reflector::store::Writer<K>
+where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send,
+{
+    fn listed(&mut self, objects: Vec<K>) {
+        self.apply_watcher_event(&watcher::Event::Init);
+        for object in objects {
+            self.apply_watcher_event(&watcher::Event::InitApply(object));
+        }
+        self.apply_watcher_event(&watcher::Event::InitDone);
+    }
+    fn applied(&mut self, object: K) {
+        self.apply_watcher_event(&watcher::Event::Apply(object));
+    }
+    fn deleted(&mut self, object: K) {
+        self.apply_watcher_event(&watcher::Event::Delete(object));
+    }
+}
+
+/// A registered cluster's kinds go straight into its [`ClusterBuilder`],
+/// object by object (Pods as their summaries).
+struct ClusterSink(Arc<Mutex<ClusterBuilder>>);
+
+impl ClusterSink {
+    fn builder(&self) -> std::sync::MutexGuard<'_, ClusterBuilder> {
+        self.0.lock().expect("cluster builder lock")
+    }
+}
+
+fn key_of<K: Resource>(object: &K) -> Option<ObjectKey> {
+    object_key(object.meta())
+}
+
+impl WatchSink<Service> for ClusterSink {
+    fn listed(&mut self, objects: Vec<Service>) {
+        self.builder().replace_services(objects.into_iter().map(Arc::new).collect());
+    }
+    fn applied(&mut self, object: Service) {
+        self.builder().apply_service(Arc::new(object));
+    }
+    fn deleted(&mut self, object: Service) {
+        if let Some(key) = key_of(&object) {
+            self.builder().remove_service(&key);
+        }
+    }
+}
+
+impl WatchSink<EndpointSlice> for ClusterSink {
+    fn listed(&mut self, objects: Vec<EndpointSlice>) {
+        self.builder().replace_slices(objects.into_iter().map(Arc::new).collect());
+    }
+    fn applied(&mut self, object: EndpointSlice) {
+        self.builder().apply_slice(Arc::new(object));
+    }
+    fn deleted(&mut self, object: EndpointSlice) {
+        if let Some(key) = key_of(&object) {
+            self.builder().remove_slice(&key);
+        }
+    }
+}
+
+/// Pods are kept as their summaries (the view is dropped once summarised).
+impl WatchSink<PodView> for ClusterSink {
+    fn listed(&mut self, objects: Vec<PodView>) {
+        self.builder().replace_pods(objects.iter().map(|p| Arc::new(PodSummary::from(p))).collect());
+    }
+    fn applied(&mut self, object: PodView) {
+        self.builder().apply_pod(Arc::new(PodSummary::from(&object)));
+    }
+    fn deleted(&mut self, object: PodView) {
+        if let Some(key) = key_of(&object) {
+            self.builder().remove_pod(&key);
+        }
+    }
+}
+
+impl WatchSink<Namespace> for ClusterSink {
+    fn listed(&mut self, objects: Vec<Namespace>) {
+        self.builder().replace_namespaces(objects.into_iter().map(Arc::new).collect());
+    }
+    fn applied(&mut self, object: Namespace) {
+        self.builder().apply_namespace(Arc::new(object));
+    }
+    fn deleted(&mut self, object: Namespace) {
+        if let Some(name) = &object.metadata.name {
+            self.builder().remove_namespace(name);
+        }
     }
 }
 
@@ -145,7 +229,7 @@ const RETRY_MAX: Duration = Duration::from_secs(3);
 /// API server is away the last known objects keep serving.
 async fn reflect<K>(
     api: Api<K>,
-    mut writer: reflector::store::Writer<K>,
+    mut sink: impl WatchSink<K>,
     cluster: String,
     kind: &'static str,
     health: SourceHealth,
@@ -159,6 +243,8 @@ async fn reflect<K>(
     loop {
         let mut stream = std::pin::pin!(watcher(api.clone(), watcher::Config::default()));
         let mut listing = false;
+        // A list's objects, held until it completes (then they replace the kind's).
+        let mut listed: Vec<K> = Vec::new();
         while let Some(item) = stream.next().await {
             let mut event = match item {
                 Ok(e) => e,
@@ -178,13 +264,16 @@ async fn reflect<K>(
             if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o) = &mut event {
                 trim(o);
             }
-            writer.apply_watcher_event(&event);
             match event {
-                watcher::Event::Init => listing = true,
-                watcher::Event::InitApply(_) => {}
+                watcher::Event::Init => {
+                    listing = true;
+                    listed.clear();
+                }
+                watcher::Event::InitApply(object) => listed.push(object),
                 watcher::Event::InitDone => {
                     listing = false;
                     retry = RETRY_FIRST;
+                    sink.listed(std::mem::take(&mut listed));
                     health.update(&cluster, |h| {
                         h.lists += 1;
                         h.listed.insert(kind.to_string());
@@ -194,7 +283,15 @@ async fn reflect<K>(
                     });
                     let _ = dirty.send(Dirty::Cluster(cluster.clone()));
                 }
-                watcher::Event::Apply(_) | watcher::Event::Delete(_) => {
+                watcher::Event::Apply(object) => {
+                    sink.applied(object);
+                    if !listing {
+                        health.update(&cluster, |h| h.last_event_unix = Some(now_unix()));
+                        let _ = dirty.send(Dirty::Cluster(cluster.clone()));
+                    }
+                }
+                watcher::Event::Delete(object) => {
+                    sink.deleted(object);
                     if !listing {
                         health.update(&cluster, |h| h.last_event_unix = Some(now_unix()));
                         let _ = dirty.send(Dirty::Cluster(cluster.clone()));
@@ -202,6 +299,8 @@ async fn reflect<K>(
                 }
             }
         }
+        // A list cut short is dropped: the last complete one keeps serving.
+        listed.clear();
         tokio::time::sleep(retry).await;
         retry = (retry * 2).min(RETRY_MAX);
     }
@@ -418,15 +517,12 @@ pub async fn run(
             if let Dirty::Cluster(name) = d
                 && let Some(w) = watches.get(name)
             {
-                let objects = w.objects();
-                let counts = BTreeMap::from([
-                    ("Service".to_string(), objects.services.len()),
-                    ("EndpointSlice".to_string(), objects.endpoint_slices.len()),
-                    ("Pod".to_string(), objects.pods.len()),
-                    ("Namespace".to_string(), objects.namespaces.len()),
-                ]);
-                let (state, errs) = w.build(name, &objects);
-                states.insert(name.clone(), Arc::new(state));
+                let (state, errs, counts) = {
+                    let mut builder = w.builder.lock().expect("cluster builder lock");
+                    let (state, errs) = builder.build();
+                    (state, errs, builder.counts())
+                };
+                states.insert(name.clone(), state);
                 errors.insert(name.clone(), errs);
                 health.update(name, |h| {
                     h.objects = counts;
@@ -465,26 +561,24 @@ pub async fn run(
 
 fn start_cluster(client: Client, name: &str, fingerprint: String, health: &SourceHealth, dirty: &mpsc::UnboundedSender<Dirty>) -> ClusterWatch {
     let mut tasks = JoinSet::new();
-    let (services, w1) = reflector::store();
-    let (slices, w2) = reflector::store();
-    let (pods, w3) = reflector::store();
-    let (namespaces, w4) = reflector::store();
+    let builder = Arc::new(Mutex::new(ClusterBuilder::new(name)));
+    let sink = || ClusterSink(builder.clone());
     health.update(name, |h| {
         h.lists = 0;
         h.listed.clear();
         h.failing.clear();
     });
-    tasks.spawn(reflect(Api::<Service>::all(client.clone()), w1, name.into(), "Service", health.clone(), dirty.clone(), without_managed_fields));
+    tasks.spawn(reflect(Api::<Service>::all(client.clone()), sink(), name.into(), "Service", health.clone(), dirty.clone(), without_managed_fields));
     tasks.spawn(reflect(
         Api::<EndpointSlice>::all(client.clone()),
-        w2,
+        sink(),
         name.into(),
         "EndpointSlice",
         health.clone(),
         dirty.clone(),
         without_managed_fields,
     ));
-    tasks.spawn(reflect(Api::<PodView>::all(client.clone()), w3, name.into(), "Pod", health.clone(), dirty.clone(), PodView::trim));
-    tasks.spawn(reflect(Api::<Namespace>::all(client), w4, name.into(), "Namespace", health.clone(), dirty.clone(), without_managed_fields));
-    ClusterWatch { fingerprint, services, slices, pods, namespaces, pod_summaries: Default::default(), memo: Default::default(), _tasks: tasks }
+    tasks.spawn(reflect(Api::<PodView>::all(client.clone()), sink(), name.into(), "Pod", health.clone(), dirty.clone(), PodView::trim));
+    tasks.spawn(reflect(Api::<Namespace>::all(client), sink(), name.into(), "Namespace", health.clone(), dirty.clone(), without_managed_fields));
+    ClusterWatch { fingerprint, builder, _tasks: tasks }
 }
