@@ -28,8 +28,8 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// outbound, 15006 inbound, 15020/15021 health, 15090 stats).
 pub const SIDECAR_PORTS: std::ops::RangeInclusive<u16> = 15000..=15090;
 
-/// One cluster's objects as read from a source, shared (`Arc`) with the
-/// source's cache so that gathering them copies no object.
+/// Objects of one cluster, as a file defines them or a complete list gives
+/// them, shared (`Arc`) with the source's copy.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterObjects {
     pub services: Vec<Arc<Service>>,
@@ -213,7 +213,7 @@ pub(super) fn ns_of(meta: &ObjectMeta) -> String {
 /// A Service port and the `targetPort` it names (for endpoints derived from Pods).
 pub(super) type TargetPort = (ServicePort, Option<IntOrString>);
 
-/// Values derived from stored objects (a Service's conversion, a Pod's summary, a policy's parse),
+/// Values derived from stored objects (the Kubernetes source's policy parses),
 /// kept by the stored object's address (the object is held with its value,
 /// so the address cannot be reused meanwhile): an object that did not change
 /// is not derived again on the next rebuild.
