@@ -11,10 +11,10 @@
 //! `Arc`, and an unchanged service keeps its `Arc`s, so the snapshot diff
 //! skips both by pointer.
 //!
-//! A complete list (a watch's re-list, a folder read from scratch) goes
-//! through the `replace_*` calls, which compare it with what is kept and
-//! apply only the differences: an object equal to the kept one keeps the
-//! kept `Arc` and marks nothing.
+//! An object equal to the kept one keeps the kept `Arc` (returned, so that
+//! a source can hold that one too) and marks nothing. A complete list (a
+//! watch's re-list) goes through the `replace_*` calls: what is kept and not
+//! listed is removed, the rest applied.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -79,9 +79,14 @@ pub struct ClusterBuilder {
     /// (routable or not: any slice means the Pods do not stand in).
     slices_of: HashMap<ObjectKey, BTreeSet<String>>,
     /// A Pod → the services whose endpoints named it when they were last
-    /// built (a Pod not yet created included). Kept loosely: a service that
-    /// no longer names the Pod is only built once more for nothing.
+    /// built. Kept loosely: a service that no longer names the Pod is only
+    /// built once more for nothing, and the Pod's removal drops the entry.
     pod_users: HashMap<ObjectKey, Vec<ObjectKey>>,
+    /// The same for Pods that do not exist (yet): a service → the missing
+    /// Pods its endpoints name, and each such Pod → those services, kept
+    /// exact, so names that never come (or went) are not kept.
+    missing_named: HashMap<ObjectKey, Vec<ObjectKey>>,
+    missing_users: HashMap<ObjectKey, Vec<ObjectKey>>,
     /// A namespace → its Services with a selector (their endpoints come from
     /// the Pods it selects when they have no EndpointSlice).
     selecting: HashMap<String, BTreeSet<String>>,
@@ -111,6 +116,8 @@ impl ClusterBuilder {
             namespaces: BTreeMap::new(),
             slices_of: HashMap::new(),
             pod_users: HashMap::new(),
+            missing_named: HashMap::new(),
+            missing_users: HashMap::new(),
             selecting: HashMap::new(),
             claims: HashMap::new(),
             dirty: HashSet::new(),
@@ -133,19 +140,23 @@ impl ClusterBuilder {
         ])
     }
 
-    /// A Service added or changed.
-    pub fn apply_service(&mut self, object: Arc<Service>) {
+    /// A Service added or changed. Returns the `Arc` kept for it: the one
+    /// kept already when it is equal (a source keeps that one too, so that
+    /// an object rewritten unchanged is not held twice).
+    pub fn apply_service(&mut self, object: Arc<Service>) -> Arc<Service> {
         let Some(key) = object_key(&object.metadata) else {
             *self.unnamed.entry("Service").or_default() += 1;
-            return;
+            return object;
         };
-        if self.services.get(&key).is_some_and(|(kept, _)| Arc::ptr_eq(kept, &object) || **kept == *object) {
-            return;
+        if let Some((kept, _)) = self.services.get(&key)
+            && (Arc::ptr_eq(kept, &object) || **kept == *object)
+        {
+            return kept.clone();
         }
         let converted = convert_service(&self.name, &object);
         let new_claims = claims_of(&converted);
         let selector = converted.selector.is_some();
-        if let Some((_, old)) = self.services.insert(key.clone(), (object, converted)) {
+        if let Some((_, old)) = self.services.insert(key.clone(), (object.clone(), converted)) {
             self.unindex_service(&key, &old);
         }
         for claim in new_claims {
@@ -157,6 +168,7 @@ impl ClusterBuilder {
             self.selecting.entry(key.0.clone()).or_default().insert(key.1.clone());
         }
         self.dirty.insert(key);
+        object
     }
 
     /// A Service removed.
@@ -187,14 +199,16 @@ impl ClusterBuilder {
         }
     }
 
-    /// An EndpointSlice added or changed.
-    pub fn apply_slice(&mut self, object: Arc<EndpointSlice>) {
+    /// An EndpointSlice added or changed; returns the `Arc` kept for it.
+    pub fn apply_slice(&mut self, object: Arc<EndpointSlice>) -> Arc<EndpointSlice> {
         let Some(key) = object_key(&object.metadata) else {
             *self.unnamed.entry("EndpointSlice").or_default() += 1;
-            return;
+            return object;
         };
-        if self.slices.get(&key).is_some_and(|kept| Arc::ptr_eq(kept, &object) || **kept == *object) {
-            return;
+        if let Some(kept) = self.slices.get(&key)
+            && (Arc::ptr_eq(kept, &object) || **kept == *object)
+        {
+            return kept.clone();
         }
         if let Some(old) = self.slices.insert(key.clone(), object.clone()) {
             self.unlink_slice(&key, &old);
@@ -204,6 +218,7 @@ impl ClusterBuilder {
             self.dirty.insert(service);
         }
         self.dirty_slices.insert(key);
+        object
     }
 
     /// An EndpointSlice removed.
@@ -226,21 +241,24 @@ impl ClusterBuilder {
         }
     }
 
-    /// A Pod added or changed.
-    pub fn apply_pod(&mut self, pod: Arc<PodSummary>) {
+    /// A Pod added or changed; returns the `Arc` kept for it.
+    pub fn apply_pod(&mut self, pod: Arc<PodSummary>) -> Arc<PodSummary> {
         let Some(key) = pod_key(&pod) else {
             *self.unnamed.entry("Pod").or_default() += 1;
-            return;
+            return pod;
         };
         let names = self.pods.entry(key.0.clone()).or_default();
-        if names.get(&key.1).is_some_and(|kept| Arc::ptr_eq(kept, &pod) || **kept == *pod) {
-            return;
+        if let Some(kept) = names.get(&key.1)
+            && (Arc::ptr_eq(kept, &pod) || **kept == *pod)
+        {
+            return kept.clone();
         }
         let old = names.insert(key.1.clone(), pod.clone());
         if old.is_none() {
             self.pod_count += 1;
         }
         self.pod_changed(&key, old.as_deref(), Some(&pod));
+        pod
     }
 
     /// A Pod removed.
@@ -261,6 +279,9 @@ impl ClusterBuilder {
         if let Some(users) = self.pod_users.remove(key) {
             self.dirty.extend(users);
         }
+        if let Some(users) = self.missing_users.get(key) {
+            self.dirty.extend(users.iter().cloned());
+        }
         let Some(names) = self.selecting.get(&key.0) else { return };
         for name in names {
             let service = (key.0.clone(), name.clone());
@@ -274,17 +295,21 @@ impl ClusterBuilder {
         }
     }
 
-    /// A Namespace added or changed (its network label is the cluster's network).
-    pub fn apply_namespace(&mut self, object: Arc<Namespace>) {
+    /// A Namespace added or changed (its network label is the cluster's
+    /// network); returns the `Arc` kept for it.
+    pub fn apply_namespace(&mut self, object: Arc<Namespace>) -> Arc<Namespace> {
         let Some(name) = object.metadata.name.clone() else {
             *self.unnamed.entry("Namespace").or_default() += 1;
-            return;
+            return object;
         };
-        if self.namespaces.get(&name).is_some_and(|kept| Arc::ptr_eq(kept, &object) || **kept == *object) {
-            return;
+        if let Some(kept) = self.namespaces.get(&name)
+            && (Arc::ptr_eq(kept, &object) || **kept == *object)
+        {
+            return kept.clone();
         }
-        self.namespaces.insert(name, object);
+        self.namespaces.insert(name, object.clone());
         self.namespaces_changed = true;
+        object
     }
 
     /// A Namespace removed.
@@ -294,57 +319,49 @@ impl ClusterBuilder {
         }
     }
 
-    /// Every Service, as a complete list gives them: the ones not in it are removed.
-    pub fn replace_services(&mut self, objects: Vec<Arc<Service>>) {
-        let listed: HashSet<ObjectKey> = objects.iter().filter_map(|o| object_key(&o.metadata)).collect();
-        let gone: Vec<ObjectKey> = self.services.keys().filter(|k| !listed.contains(*k)).cloned().collect();
-        for key in &gone {
-            self.remove_service(key);
+    /// Every object of one kind, as a complete list gives them: the kept
+    /// ones (`kept`, their keys) not in it are removed, the others applied.
+    fn replace<T, K: Eq + std::hash::Hash>(
+        &mut self,
+        kind: &'static str,
+        objects: Vec<Arc<T>>,
+        key: impl Fn(&T) -> Option<K>,
+        kept: Vec<K>,
+        remove: fn(&mut Self, &K),
+        apply: fn(&mut Self, Arc<T>) -> Arc<T>,
+    ) {
+        let listed: HashSet<K> = objects.iter().filter_map(|o| key(o)).collect();
+        for gone in kept.iter().filter(|k| !listed.contains(*k)) {
+            remove(self, gone);
         }
-        self.unnamed.remove("Service");
+        self.unnamed.remove(kind);
         for object in objects {
-            self.apply_service(object);
+            apply(self, object);
         }
+    }
+
+    /// Every Service, as a complete list gives them.
+    pub fn replace_services(&mut self, objects: Vec<Arc<Service>>) {
+        let kept = self.services.keys().cloned().collect();
+        self.replace("Service", objects, |o| object_key(&o.metadata), kept, |b, k| b.remove_service(k), Self::apply_service);
     }
 
     /// Every EndpointSlice, as a complete list gives them.
     pub fn replace_slices(&mut self, objects: Vec<Arc<EndpointSlice>>) {
-        let listed: HashSet<ObjectKey> = objects.iter().filter_map(|o| object_key(&o.metadata)).collect();
-        let gone: Vec<ObjectKey> = self.slices.keys().filter(|k| !listed.contains(*k)).cloned().collect();
-        for key in &gone {
-            self.remove_slice(key);
-        }
-        self.unnamed.remove("EndpointSlice");
-        for object in objects {
-            self.apply_slice(object);
-        }
+        let kept = self.slices.keys().cloned().collect();
+        self.replace("EndpointSlice", objects, |o| object_key(&o.metadata), kept, |b, k| b.remove_slice(k), Self::apply_slice);
     }
 
     /// Every Pod, as a complete list gives them.
     pub fn replace_pods(&mut self, pods: Vec<Arc<PodSummary>>) {
-        let listed: HashSet<ObjectKey> = pods.iter().filter_map(|p| pod_key(p)).collect();
-        let gone: Vec<ObjectKey> =
-            self.pods.iter().flat_map(|(ns, names)| names.keys().map(move |n| (ns.clone(), n.clone()))).filter(|k| !listed.contains(k)).collect();
-        for key in &gone {
-            self.remove_pod(key);
-        }
-        self.unnamed.remove("Pod");
-        for pod in pods {
-            self.apply_pod(pod);
-        }
+        let kept = self.pods.iter().flat_map(|(ns, names)| names.keys().map(move |n| (ns.clone(), n.clone()))).collect();
+        self.replace("Pod", pods, pod_key, kept, |b, k| b.remove_pod(k), Self::apply_pod);
     }
 
     /// Every Namespace, as a complete list gives them.
     pub fn replace_namespaces(&mut self, objects: Vec<Arc<Namespace>>) {
-        let listed: HashSet<String> = objects.iter().filter_map(|o| o.metadata.name.clone()).collect();
-        let gone: Vec<String> = self.namespaces.keys().filter(|k| !listed.contains(*k)).cloned().collect();
-        for name in &gone {
-            self.remove_namespace(name);
-        }
-        self.unnamed.remove("Namespace");
-        for object in objects {
-            self.apply_namespace(object);
-        }
+        let kept = self.namespaces.keys().cloned().collect();
+        self.replace("Namespace", objects, |o| o.metadata.name.clone(), kept, |b, k| b.remove_namespace(k), Self::apply_namespace);
     }
 
     /// Every object of the cluster (what is kept and not in `objects` is removed).
@@ -421,6 +438,7 @@ impl ClusterBuilder {
             state.services.remove(key);
             state.endpoints.remove(key);
             self.service_errors.remove(key);
+            self.set_missing(key, Vec::new());
             return;
         };
         let Some(service) = &converted.service else { return };
@@ -452,6 +470,7 @@ impl ClusterBuilder {
         let endpoints = if self.slices_of.contains_key(key) {
             self.endpoints_from_slices(key, &state.network)
         } else {
+            self.set_missing(key, Vec::new());
             self.endpoints_from_pods(key, &state.network)
         };
         match state.endpoints.get(key) {
@@ -523,14 +542,36 @@ impl ClusterBuilder {
                 eps.push(endpoint(address, ports.clone(), pod.map(|p| &**p), ready, locality, network));
             }
         }
+        let mut missing = Vec::new();
         for pod in named {
-            let users = self.pod_users.entry(pod).or_default();
-            if !users.contains(key) {
-                users.push(key.clone());
+            if self.pods.get(&pod.0).is_some_and(|names| names.contains_key(&pod.1)) {
+                let users = self.pod_users.entry(pod).or_default();
+                if !users.contains(key) {
+                    users.push(key.clone());
+                }
+            } else if !missing.contains(&pod) {
+                missing.push(pod);
             }
         }
+        self.set_missing(key, missing);
         sort_endpoints(&mut eps);
         eps
+    }
+
+    /// The Pods that do not exist which `service`'s endpoints now name.
+    fn set_missing(&mut self, service: &ObjectKey, missing: Vec<ObjectKey>) {
+        let old = if missing.is_empty() { self.missing_named.remove(service) } else { self.missing_named.insert(service.clone(), missing.clone()) };
+        for pod in old.into_iter().flatten() {
+            if let Some(users) = self.missing_users.get_mut(&pod) {
+                users.retain(|u| u != service);
+                if users.is_empty() {
+                    self.missing_users.remove(&pod);
+                }
+            }
+        }
+        for pod in missing {
+            self.missing_users.entry(pod).or_default().push(service.clone());
+        }
     }
 
     /// A service without slices: endpoints from the Pods its selector
@@ -843,13 +884,19 @@ endpoints:
 
     #[test]
     fn built_change_by_change_is_what_a_build_from_scratch_makes() {
-        // Services with and without slices, shared ClusterIPs, Pods moving
-        // between services and networks, slices naming Pods that come later.
+        // Two namespaces; Services with and without slices, shared ClusterIPs,
+        // the sidecar's ports, a gateway; slices naming Pods of the other
+        // namespace or Pods that come later, unlabelled and FQDN slices; Pods
+        // moving between services and networks; the network's namespace
+        // coming, going and terminating.
+        let ns = |i: u64| if i.is_multiple_of(2) { "default" } else { "other" };
         let svc = |i: u64, variant: u64| -> Arc<Service> {
             let ip = if variant.is_multiple_of(3) { format!("clusterIP: 10.96.0.{}, ", i % 3) } else { String::new() };
             let port = if variant.is_multiple_of(5) { 15001 } else { 9080 };
+            let gateway = if variant.is_multiple_of(11) { ", labels: {topology.istio.io/network: far}" } else { "" };
             Arc::new(parse(&format!(
-                "metadata: {{name: s{i}, namespace: default}}\nspec: {{{ip}selector: {{app: a{}}}, ports: [{{name: http, port: {port}, targetPort: {}}}]}}",
+                "metadata: {{name: s{i}, namespace: {}{gateway}}}\nspec: {{{ip}selector: {{app: a{}}}, ports: [{{name: http, port: {port}, targetPort: {}}}, {{name: dns, port: 53, protocol: UDP}}]}}",
+                ns(i),
                 (i + variant) % 4,
                 8000 + variant
             )))
@@ -857,53 +904,104 @@ endpoints:
         let slice = |i: u64, variant: u64| -> Arc<EndpointSlice> {
             let label =
                 if variant.is_multiple_of(7) { String::new() } else { format!("labels: {{kubernetes.io/service-name: s{}}}, ", (i + variant) % 6) };
+            let address_type = if variant.is_multiple_of(9) { "FQDN" } else { "IPv4" };
             Arc::new(parse(&format!(
-                "metadata: {{name: e{i}, namespace: default, {label}}}\naddressType: IPv4\nports: [{{name: http, port: 9080}}]\nendpoints:\n- addresses: [10.0.{i}.{variant}]\n  targetRef: {{kind: Pod, name: p{}}}\n- addresses: [10.0.{i}.200]\n  conditions: {{ready: false}}",
-                (i * variant) % 8
+                "metadata: {{name: e{i}, namespace: {}, {label}}}\naddressType: {address_type}\nports: [{{name: http, port: 9080}}]\nendpoints:\n- addresses: [10.0.{i}.{variant}]\n  targetRef: {{kind: Pod, name: p{}, namespace: {}}}\n- addresses: [10.0.{i}.200]\n  conditions: {{ready: false}}",
+                ns(i),
+                (i * variant) % 8,
+                ns(variant)
             )))
         };
         let pod = |i: u64, variant: u64| -> Arc<PodSummary> {
             let network = if variant.is_multiple_of(4) { ", topology.istio.io/network: far" } else { "" };
             Arc::new(PodSummary::from(parse::<Pod>(&format!(
-                "metadata: {{name: p{i}, namespace: default, labels: {{app: a{}{network}}}}}\nspec: {{serviceAccountName: sa{variant}, containers: [{{name: c, ports: [{{containerPort: 8080}}]}}]}}\nstatus: {{podIP: 10.1.0.{i}}}",
+                "metadata: {{name: p{i}, namespace: {}, labels: {{app: a{}{network}}}}}\nspec: {{serviceAccountName: sa{variant}, containers: [{{name: c, ports: [{{containerPort: 8080}}]}}]}}\nstatus: {{podIP: 10.1.0.{i}}}",
+                ns(i),
                 variant % 4
             ))))
+        };
+        let namespace = |i: u64, variant: u64| -> Arc<Namespace> {
+            let name = if i == 0 { "istio-system" } else { "other" };
+            let phase = if variant.is_multiple_of(3) { "Terminating" } else { "Active" };
+            Arc::new(parse(&format!(
+                "metadata: {{name: {name}, labels: {{topology.istio.io/network: net{}}}}}\nstatus: {{phase: {phase}}}",
+                variant % 2
+            )))
         };
         let mut steps = Steps(0x9e37_79b9_7f4a_7c15);
         let mut builder = ClusterBuilder::new("c1");
         let mut objects: BTreeMap<(u64, u64), Option<u64>> = BTreeMap::new(); // (kind, index) → variant
-        for round in 0..400 {
+        for round in 0..600 {
             let (kind, i, variant) = (steps.next(4), steps.next(8), steps.next(30));
-            let i = if kind == 3 { 0 } else { i }; // one Namespace: istio-system
+            let i = if kind == 3 { i % 2 } else { i }; // two Namespaces
             let present = steps.next(5) != 0;
             objects.insert((kind, i), present.then_some(variant));
-            let name = (String::from("default"), format!("{}{i}", ["s", "e", "p", "n"][kind as usize]));
+            let key = (ns(i).to_string(), format!("{}{i}", ["s", "e", "p", "n"][kind as usize]));
             match (kind, present) {
-                (0, true) => builder.apply_service(svc(i, variant)),
-                (0, false) => builder.remove_service(&name),
-                (1, true) => builder.apply_slice(slice(i, variant)),
-                (1, false) => builder.remove_slice(&name),
-                (2, true) => builder.apply_pod(pod(i, variant)),
-                (2, false) => builder.remove_pod(&name),
-                (_, true) => builder.apply_namespace(network(&format!("net{}", variant % 2))),
-                (_, false) => builder.remove_namespace("istio-system"),
+                (0, true) => drop(builder.apply_service(svc(i, variant))),
+                (0, false) => builder.remove_service(&key),
+                (1, true) => drop(builder.apply_slice(slice(i, variant))),
+                (1, false) => builder.remove_slice(&key),
+                (2, true) => drop(builder.apply_pod(pod(i, variant))),
+                (2, false) => builder.remove_pod(&key),
+                (_, true) => drop(builder.apply_namespace(namespace(i, variant))),
+                (_, false) => builder.remove_namespace(if i == 0 { "istio-system" } else { "other" }),
             }
             // Build every few changes, as a debounced source does.
-            if steps.next(3) == 0 || round == 399 {
+            if steps.next(3) == 0 || round == 599 {
                 let (state, mut errors) = builder.build();
                 let all = |k: u64| objects.iter().filter(move |((kind, _), v)| *kind == k && v.is_some()).map(|((_, i), v)| (*i, v.unwrap()));
                 let from_scratch = ClusterObjects {
                     services: all(0).map(|(i, v)| svc(i, v)).collect(),
                     endpoint_slices: all(1).map(|(i, v)| slice(i, v)).collect(),
                     pods: all(2).map(|(i, v)| pod(i, v)).collect(),
-                    namespaces: all(3).map(|(_, v)| network(&format!("net{}", v % 2))).collect(),
+                    namespaces: all(3).map(|(i, v)| namespace(i, v)).collect(),
                 };
                 let (expected, mut expected_errors) = cluster_state("c1", &from_scratch);
                 assert_eq!(*state, expected, "round {round}");
                 errors.sort();
                 expected_errors.sort();
                 assert_eq!(errors, expected_errors, "round {round}");
+                // Only Pods that some service's endpoints name and that do not exist are kept as missing.
+                for (pod, users) in &builder.missing_users {
+                    assert!(!builder.pods.get(&pod.0).is_some_and(|names| names.contains_key(&pod.1)), "round {round}: {pod:?} exists");
+                    assert!(users.iter().all(|u| builder.missing_named[u].contains(pod)), "round {round}");
+                }
             }
         }
+    }
+
+    #[test]
+    fn a_pod_that_went_is_forgotten_once_no_slice_names_it() {
+        let mut builder = ClusterBuilder::new("c1");
+        builder.replace_all(&ClusterObjects {
+            services: vec![service("a")],
+            endpoint_slices: vec![slice("a", "10.0.0.1", "a-1")],
+            pods: vec![pod("a-1", "a", "sa-a")],
+            namespaces: Vec::new(),
+        });
+        builder.build();
+        assert_eq!(builder.pod_users.len(), 1);
+        // The Pod goes before the slice stops naming it (a rollout), then a new one takes its place.
+        builder.remove_pod(&key("a-1"));
+        builder.build();
+        assert!(builder.pod_users.is_empty() && builder.missing_users.contains_key(&key("a-1")));
+        builder.apply_pod(pod("a-2", "a", "sa-a"));
+        builder.apply_slice(slice("a", "10.0.0.2", "a-2"));
+        let (state, _) = builder.build();
+        assert_eq!(state.endpoints[&key("a")][0].pod.as_deref(), Some("a-2"));
+        assert!(builder.missing_users.is_empty() && builder.missing_named.is_empty(), "a name no slice uses is not kept");
+        assert_eq!(builder.pod_users.keys().collect::<Vec<_>>(), [&key("a-2")]);
+    }
+
+    #[test]
+    fn a_port_number_a_service_lists_twice_is_not_a_collision() {
+        // kube-dns: 53/UDP (not proxied) and 53/TCP on one ClusterIP.
+        let dns: Arc<Service> = Arc::new(parse(
+            "metadata: {name: kube-dns, namespace: kube-system}\nspec: {clusterIP: 10.96.0.10, ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]}",
+        ));
+        let (state, errors) = cluster_state("c1", &ClusterObjects { services: vec![dns], ..Default::default() });
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(state.services[&("kube-system".to_string(), "kube-dns".to_string())].ports.len(), 2);
     }
 }

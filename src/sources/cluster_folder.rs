@@ -4,10 +4,11 @@
 //! change builds one service again, not the cluster.
 //!
 //! An object two files define (the same kind, namespace and name) is taken
-//! from the file that defined it first; the other definitions are reported
-//! and ignored until that file drops it.
+//! from the first of them by path, as a fresh read would; the other
+//! definitions are reported and ignored until that file drops it. An object
+//! one file defines twice: its first definition, reported.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -46,12 +47,22 @@ impl Object {
         }
     }
 
-    fn apply(self, builder: &mut ClusterBuilder) {
+    /// Applies it; returns it as the builder keeps it (the kept `Arc` when equal).
+    fn apply(self, builder: &mut ClusterBuilder) -> Object {
         match self {
-            Object::Service(o) => builder.apply_service(o),
-            Object::EndpointSlice(o) => builder.apply_slice(o),
-            Object::Pod(o) => builder.apply_pod(o),
-            Object::Namespace(o) => builder.apply_namespace(o),
+            Object::Service(o) => Object::Service(builder.apply_service(o)),
+            Object::EndpointSlice(o) => Object::EndpointSlice(builder.apply_slice(o)),
+            Object::Pod(o) => Object::Pod(builder.apply_pod(o)),
+            Object::Namespace(o) => Object::Namespace(builder.apply_namespace(o)),
+        }
+    }
+
+    fn push_to(self, objects: &mut ClusterObjects) {
+        match self {
+            Object::Service(o) => objects.services.push(o),
+            Object::EndpointSlice(o) => objects.endpoint_slices.push(o),
+            Object::Pod(o) => objects.pods.push(o),
+            Object::Namespace(o) => objects.namespaces.push(o),
         }
     }
 }
@@ -65,8 +76,16 @@ fn remove(builder: &mut ClusterBuilder, (kind, key): &(Kind, ObjectKey)) {
     }
 }
 
-/// A file's objects by kind and key (a key the file repeats: its last definition).
-fn keyed(objects: &ClusterObjects) -> HashMap<(Kind, ObjectKey), Object> {
+fn shown((kind, (ns, name)): &(Kind, ObjectKey)) -> String {
+    match kind {
+        Kind::Namespace => format!("Namespace {name}"),
+        _ => format!("{kind:?} {ns}/{name}"),
+    }
+}
+
+/// A file's objects by kind and key, in the file's order; a key the file
+/// repeats keeps its first definition (the others are in `repeated`).
+fn keyed(objects: &ClusterObjects, mut repeated: Option<&mut Vec<(Kind, ObjectKey)>>) -> Vec<((Kind, ObjectKey), Object)> {
     let all = objects
         .services
         .iter()
@@ -74,7 +93,17 @@ fn keyed(objects: &ClusterObjects) -> HashMap<(Kind, ObjectKey), Object> {
         .chain(objects.endpoint_slices.iter().map(|o| Object::EndpointSlice(o.clone())))
         .chain(objects.pods.iter().map(|o| Object::Pod(o.clone())))
         .chain(objects.namespaces.iter().map(|o| Object::Namespace(o.clone())));
-    all.filter_map(|o| Some((o.id()?, o))).collect()
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for object in all {
+        let Some(id) = object.id() else { continue };
+        if seen.insert(id.clone()) {
+            out.push((id, object));
+        } else if let Some(repeated) = repeated.as_deref_mut() {
+            repeated.push(id);
+        }
+    }
+    out
 }
 
 /// See the module doc.
@@ -82,12 +111,14 @@ fn keyed(objects: &ClusterObjects) -> HashMap<(Kind, ObjectKey), Object> {
 pub(super) struct ClusterFolder {
     name: String,
     builder: ClusterBuilder,
-    /// Each file's objects as applied.
-    files: HashMap<PathBuf, ClusterObjects>,
-    /// Each object's defining files, in the order they defined it (the first one's is used).
-    definers: HashMap<(Kind, ObjectKey), Vec<PathBuf>>,
+    /// Each file's objects as applied (the builder's `Arc`s for the ones it uses).
+    files: HashMap<Arc<Path>, ClusterObjects>,
+    /// Each object's defining files, sorted: the first one's definition is used.
+    definers: HashMap<(Kind, ObjectKey), Vec<Arc<Path>>>,
     /// The objects more than one file defines.
     duplicated: BTreeSet<(Kind, ObjectKey)>,
+    /// Per file, the messages for objects it defines twice.
+    repeated: BTreeMap<Arc<Path>, Vec<String>>,
 }
 
 impl ClusterFolder {
@@ -98,6 +129,7 @@ impl ClusterFolder {
             files: HashMap::new(),
             definers: HashMap::new(),
             duplicated: BTreeSet::new(),
+            repeated: BTreeMap::new(),
         }
     }
 
@@ -108,40 +140,58 @@ impl ClusterFolder {
 
     /// The applied files `keep` refuses.
     pub(super) fn files_not(&self, keep: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
-        self.files.keys().filter(|f| !keep(f)).cloned().collect()
+        self.files.keys().filter(|f| !keep(f)).map(|f| f.to_path_buf()).collect()
     }
 
     /// `file` now defines `objects` (None: the file is gone): applies what it
-    /// added, changed and dropped.
-    pub(super) fn set_file(&mut self, file: &Path, objects: Option<&ClusterObjects>) {
-        let old = match objects {
-            Some(objects) => self.files.insert(file.to_path_buf(), objects.clone()),
-            None => self.files.remove(file),
-        };
-        let old = old.as_ref().map(keyed).unwrap_or_default();
-        let new = objects.map(keyed).unwrap_or_default();
-        for id in old.keys().filter(|id| !new.contains_key(*id)) {
-            self.undefine(id, file);
+    /// added, changed and dropped. Returns the file's objects as the folder
+    /// keeps them, for the source to keep instead of its parse (so an
+    /// object rewritten unchanged is held once).
+    pub(super) fn set_file(&mut self, file: &Path, objects: Option<&ClusterObjects>) -> Option<ClusterObjects> {
+        let path: Arc<Path> = self.files.get_key_value(file).map(|(k, _)| k.clone()).unwrap_or_else(|| Arc::from(file));
+        let old = self.files.remove(file);
+        let mut repeated = Vec::new();
+        let new = objects.map(|o| keyed(o, Some(&mut repeated))).unwrap_or_default();
+        if let Some(old) = &old {
+            let still: HashSet<&(Kind, ObjectKey)> = new.iter().map(|(id, _)| id).collect();
+            for (id, _) in keyed(old, None) {
+                if !still.contains(&id) {
+                    self.undefine(&id, &path);
+                }
+            }
         }
+        let messages: Vec<String> = repeated
+            .iter()
+            .map(|id| format!("{} in cluster {}: defined twice in {}; only the first definition is used", shown(id), self.name, file.display()))
+            .collect();
+        if messages.is_empty() {
+            self.repeated.remove(file);
+        } else {
+            self.repeated.insert(path.clone(), messages);
+        }
+        objects?;
+        let mut kept = ClusterObjects::default();
         for (id, object) in new {
             let definers = self.definers.entry(id.clone()).or_default();
-            if !definers.iter().any(|f| f == file) {
-                definers.push(file.to_path_buf());
+            if let Err(at) = definers.binary_search(&path) {
+                definers.insert(at, path.clone());
             }
             if definers.len() > 1 {
-                self.duplicated.insert(id.clone());
+                self.duplicated.insert(id);
             }
-            if definers[0] == file {
-                object.apply(&mut self.builder);
-            }
+            // The first file (by path) defines it: this one, or another one that keeps it.
+            let object = if Arc::ptr_eq(&definers[0], &path) || *definers[0] == *path { object.apply(&mut self.builder) } else { object };
+            object.push_to(&mut kept);
         }
+        self.files.insert(path, kept.clone());
+        Some(kept)
     }
 
     /// `file` no longer defines `id`: the next file that does takes over, else it is removed.
     fn undefine(&mut self, id: &(Kind, ObjectKey), file: &Path) {
         let Some(definers) = self.definers.get_mut(id) else { return };
-        let was_used = definers.first().is_some_and(|f| f == file);
-        definers.retain(|f| f != file);
+        let was_used = definers.first().is_some_and(|f| **f == *file);
+        definers.retain(|f| **f != *file);
         if definers.len() < 2 {
             self.duplicated.remove(id);
         }
@@ -152,27 +202,30 @@ impl ClusterFolder {
         if !was_used {
             return;
         }
-        match next.and_then(|next| self.files.get(&next).and_then(|objects| keyed(objects).remove(id))) {
-            Some(object) => object.apply(&mut self.builder),
+        let taken_over = next.and_then(|next| self.files.get(&next)).and_then(|objects| keyed(objects, None).into_iter().find(|(i, _)| i == id));
+        match taken_over {
+            Some((_, object)) => {
+                object.apply(&mut self.builder);
+            }
             None => remove(&mut self.builder, id),
         }
     }
 
-    /// The cluster's state, and its messages: the builder's, then each object defined twice.
+    /// The cluster's state, and its messages: the builder's, then each
+    /// object defined in more than one file or twice in one.
     pub(super) fn build(&mut self) -> (Arc<ClusterState>, Vec<String>) {
         let (state, mut errors) = self.builder.build();
         for id in &self.duplicated {
-            let (kind, (ns, name)) = id;
             let files = &self.definers[id];
-            let shown = |f: &PathBuf| f.display().to_string();
-            let object = if *kind == Kind::Namespace { name.clone() } else { format!("{ns}/{name}") };
             errors.push(format!(
-                "{kind:?} {object} in cluster {}: defined in {} and again in {}; only the first definition is used",
+                "{} in cluster {}: defined in {} and again in {}; only the first definition is used",
+                shown(id),
                 self.name,
-                shown(&files[0]),
-                files[1..].iter().map(shown).collect::<Vec<_>>().join(", ")
+                files[0].display(),
+                files[1..].iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
             ));
         }
+        errors.extend(self.repeated.values().flatten().cloned());
         (state, errors)
     }
 }

@@ -454,6 +454,11 @@ pub fn load_config_dir(root: &Path, memory: &mut SourceMemory) -> Result<MeshInp
 pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: &Changed) -> Result<MeshInputs, ConfigDirError> {
     let everything = Changed::Everything;
     let changed = if memory.incomplete { &everything } else { changed };
+    if memory.incomplete {
+        // The failed load may have applied files to folders whose records it
+        // did not bring up to date: they are built again from the files.
+        memory.cluster_folders.clear();
+    }
     memory.incomplete = true;
     let loaded = load_config_dir_walk(root, memory, changed);
     memory.incomplete = loaded.is_err();
@@ -571,11 +576,13 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
                     }
                 }
             }
-            if let Some(file_objects) = memory.files.get(file) {
+            if let Some(file_objects) = memory.files.get_mut(file) {
                 match folder.as_mut() {
                     Some(folder) => {
-                        if changed {
-                            folder.set_file(file, Some(&file_objects.cluster));
+                        // The file keeps its objects as the folder does (an object
+                        // rewritten unchanged stays the one the builder holds).
+                        if changed && let Some(kept) = folder.set_file(file, Some(&file_objects.cluster)) {
+                            file_objects.cluster = kept;
                         }
                         applied_listed += 1;
                     }
@@ -588,8 +595,8 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
             && folder.file_count() > applied_listed
         {
             // Files the folder no longer lists: their objects go.
-            let listed: std::collections::HashSet<&PathBuf> = files.iter().collect();
-            for gone in folder.files_not(|f| listed.contains(&f.to_path_buf())) {
+            let listed: std::collections::HashSet<&Path> = files.iter().map(PathBuf::as_path).collect();
+            for gone in folder.files_not(|f| listed.contains(f)) {
                 folder.set_file(&gone, None);
             }
         }
@@ -943,16 +950,16 @@ mod tests {
     }
 
     #[test]
-    fn an_object_two_files_define_is_taken_from_the_first_until_it_drops_it() {
+    fn an_object_two_files_define_is_taken_from_the_first_by_path_until_it_drops_it() {
         let dir = setup();
-        let (app, other) = (dir.path().join("c1/app.yaml"), dir.path().join("c1/other.yaml"));
+        let path = |name: &str| dir.path().join("c1").join(name);
         let mut memory = SourceMemory::default();
         let first = load_config_dir(dir.path(), &mut memory).unwrap();
         let port = |inputs: &MeshInputs| inputs.clusters["c1"].services[&("default".to_string(), "reviews".to_string())].ports[0].port;
-        // A second file defines the same Service: the first definition stays, the second is reported.
-        std::fs::write(&other, SVC.replace("9080", "9081")).unwrap();
         let changed = |path: &PathBuf| Changed::of_paths(dir.path(), [path.as_path()]);
-        let twice = load_config_dir_changed(dir.path(), &mut memory, &changed(&other)).unwrap();
+        // A file after app.yaml defines the same Service: app.yaml's stays, the other is reported.
+        std::fs::write(path("other.yaml"), SVC.replace("9080", "9081")).unwrap();
+        let twice = load_config_dir_changed(dir.path(), &mut memory, &changed(&path("other.yaml"))).unwrap();
         assert_eq!(port(&twice), 9080);
         assert!(Arc::ptr_eq(&twice.clusters["c1"], &first.clusters["c1"]), "nothing the cluster serves changed");
         assert_eq!(twice.errors.len(), 1, "{:?}", twice.errors);
@@ -963,18 +970,50 @@ mod tests {
             "{:?}",
             twice.errors
         );
-        // The first file drops it: the other definition takes over, and nothing is reported.
-        std::fs::write(&app, POD).unwrap();
-        let taken_over = load_config_dir_changed(dir.path(), &mut memory, &changed(&app)).unwrap();
+        // A file before app.yaml takes over at once, as a fresh read would have it.
+        std::fs::write(path("a.yaml"), SVC.replace("9080", "9082")).unwrap();
+        let before = load_config_dir_changed(dir.path(), &mut memory, &changed(&path("a.yaml"))).unwrap();
+        assert_eq!(port(&before), 9082);
+        let fresh = load_config_dir(dir.path(), &mut SourceMemory::default()).unwrap();
+        assert_eq!(*before.clusters["c1"], *fresh.clusters["c1"]);
+        assert_eq!(before.errors, fresh.errors);
+        // The first files drop it: the last definition takes over, and nothing is reported.
+        std::fs::remove_file(path("a.yaml")).unwrap();
+        load_config_dir_changed(dir.path(), &mut memory, &changed(&path("a.yaml"))).unwrap();
+        std::fs::write(path("app.yaml"), POD).unwrap();
+        let taken_over = load_config_dir_changed(dir.path(), &mut memory, &changed(&path("app.yaml"))).unwrap();
         assert_eq!(port(&taken_over), 9081);
         assert!(taken_over.errors.is_empty(), "{:?}", taken_over.errors);
         // Its file removed, the Service is gone; the Pod stays.
-        std::fs::remove_file(&other).unwrap();
-        let gone = load_config_dir_changed(dir.path(), &mut memory, &changed(&other)).unwrap();
+        std::fs::remove_file(path("other.yaml")).unwrap();
+        let gone = load_config_dir_changed(dir.path(), &mut memory, &changed(&path("other.yaml"))).unwrap();
         assert!(gone.clusters["c1"].services.is_empty());
-        // A reload from scratch agrees with the one built file by file.
         let fresh = load_config_dir(dir.path(), &mut SourceMemory::default()).unwrap();
         assert_eq!(*gone.clusters["c1"], *fresh.clusters["c1"]);
+        // One file defining it twice: the first definition, reported.
+        std::fs::write(path("app.yaml"), format!("{SVC}---\n{}", SVC.replace("9080", "9083"))).unwrap();
+        let repeated = load_config_dir_changed(dir.path(), &mut memory, &changed(&path("app.yaml"))).unwrap();
+        assert_eq!(port(&repeated), 9080);
+        assert!(repeated.errors.len() == 1 && repeated.errors[0].contains("defined twice in"), "{:?}", repeated.errors);
+    }
+
+    #[test]
+    fn a_file_rewritten_unchanged_keeps_the_objects_the_cluster_holds() {
+        let dir = setup();
+        let app = dir.path().join("c1/app.yaml");
+        let mut memory = SourceMemory::default();
+        let first = load_config_dir(dir.path(), &mut memory).unwrap();
+        let held = |memory: &SourceMemory| memory.files[&app].cluster.services[0].clone();
+        let service = held(&memory);
+        // Rewritten with the same Service and a changed Pod: the Service parsed again is not kept twice.
+        std::fs::write(&app, format!("{SVC}---\n{}", POD.replace("127.0.0.9", "127.0.0.8"))).unwrap();
+        let again = load_config_dir_changed(dir.path(), &mut memory, &Changed::of_paths(dir.path(), [app.as_path()])).unwrap();
+        assert!(Arc::ptr_eq(&service, &held(&memory)), "the memory holds the builder's Service, not its new parse");
+        assert!(Arc::ptr_eq(
+            &first.clusters["c1"].services[&("default".to_string(), "reviews".to_string())],
+            &again.clusters["c1"].services[&("default".to_string(), "reviews".to_string())]
+        ));
+        assert_eq!(again.clusters["c1"].endpoints.values().next().unwrap()[0].address, "127.0.0.8");
     }
 
     #[test]

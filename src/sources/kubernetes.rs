@@ -1,11 +1,12 @@
 //! The Kubernetes source: the management cluster's mesh objects (TrafficPolicy,
 //! VirtualMesh, AccessControlPolicy, KubernetesCluster) and, for every
-//! registered cluster, a watcher + reflector per kind (Service,
-//! EndpointSlice, Pod, Namespace), assembled into the same [`MeshInputs`] the
-//! file source produces. Nothing below the sources knows where inputs came from.
+//! registered cluster, a watcher per kind (Service, EndpointSlice, Pod,
+//! Namespace) whose events go one by one into the cluster's
+//! [`ClusterBuilder`], assembled into the same [`MeshInputs`] the file source
+//! produces. Nothing below the sources knows where inputs came from.
 //!
 //! Faults: a cluster whose API server stops answering keeps its last known
-//! objects (reflector stores are only replaced by a complete re-list) and is
+//! objects (a kind is only replaced by a complete re-list) and is
 //! marked stale in `/debug/clusterz`; kube-rs' watcher re-lists after a 410
 //! Gone or a reconnect, and a re-list that changes nothing changes no snapshot,
 //! so it pushes nothing.
@@ -186,7 +187,8 @@ impl WatchSink<EndpointSlice> for ClusterSink {
 /// Pods are kept as their summaries (the view is dropped once summarised).
 impl WatchSink<PodView> for ClusterSink {
     fn listed(&mut self, objects: Vec<PodView>) {
-        self.builder().replace_pods(objects.iter().map(|p| Arc::new(PodSummary::from(p))).collect());
+        let pods = objects.iter().map(|p| Arc::new(PodSummary::from(p))).collect();
+        self.builder().replace_pods(pods);
     }
     fn applied(&mut self, object: PodView) {
         self.builder().apply_pod(Arc::new(PodSummary::from(&object)));
@@ -221,12 +223,13 @@ fn without_managed_fields<K: Resource>(object: &mut K) {
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(3);
 
-/// The watch loop of one kind in one cluster: keeps `writer` current, each
-/// object as `trim` leaves it (what meshpilot reads of it), and reports progress and failures. Any watch error ends the
-/// watch; after a short backoff a fresh one starts with a complete list, so
-/// "fresh again" always means "re-listed" (which is also what a 410 Gone
-/// requires). The store is only replaced when a list completes, so while the
-/// API server is away the last known objects keep serving.
+/// The watch loop of one kind in one cluster: gives `sink` each object as
+/// `trim` leaves it (what meshpilot reads of it), and reports progress and
+/// failures. Any watch error ends the watch; after a short backoff a fresh
+/// one starts with a complete list, so "fresh again" always means
+/// "re-listed" (which is also what a 410 Gone requires). A list's objects
+/// reach the sink only when it completes (one cut short is dropped), so
+/// while the API server is away the last known objects keep serving.
 async fn reflect<K>(
     api: Api<K>,
     mut sink: impl WatchSink<K>,
@@ -496,7 +499,10 @@ pub async fn run(
                 if let Some(hook) = &options.on_cluster_client {
                     hook(&name, Some(client.clone()));
                 }
-                let watch = start_cluster(client, &name, fingerprint, &health, &dirty_tx);
+                // A restarted watch keeps the cluster's builder: its objects serve
+                // until each kind has listed again, and what did not change marks nothing.
+                let builder = watches.get(&name).map(|w| w.builder.clone());
+                let watch = start_cluster(client, &name, fingerprint, &health, &dirty_tx, builder);
                 // Replacing a watch aborts the old one (JoinSet aborts on drop);
                 // its objects keep serving until the new one has listed.
                 watches.insert(name.clone(), watch);
@@ -559,9 +565,16 @@ pub async fn run(
     Ok(())
 }
 
-fn start_cluster(client: Client, name: &str, fingerprint: String, health: &SourceHealth, dirty: &mpsc::UnboundedSender<Dirty>) -> ClusterWatch {
+fn start_cluster(
+    client: Client,
+    name: &str,
+    fingerprint: String,
+    health: &SourceHealth,
+    dirty: &mpsc::UnboundedSender<Dirty>,
+    builder: Option<Arc<Mutex<ClusterBuilder>>>,
+) -> ClusterWatch {
     let mut tasks = JoinSet::new();
-    let builder = Arc::new(Mutex::new(ClusterBuilder::new(name)));
+    let builder = builder.unwrap_or_else(|| Arc::new(Mutex::new(ClusterBuilder::new(name))));
     let sink = || ClusterSink(builder.clone());
     health.update(name, |h| {
         h.lists = 0;
