@@ -87,9 +87,9 @@ pub struct ClusterBuilder {
     /// exact, so names that never come (or went) are not kept.
     missing_named: HashMap<ObjectKey, Vec<ObjectKey>>,
     missing_users: HashMap<ObjectKey, Vec<ObjectKey>>,
-    /// A namespace → its Services with a selector (their endpoints come from
-    /// the Pods it selects when they have no EndpointSlice).
-    selecting: HashMap<String, BTreeSet<String>>,
+    /// A namespace → its Services with a selector, and the selector (their
+    /// endpoints come from the Pods it selects when they have no EndpointSlice).
+    selecting: HashMap<String, BTreeMap<String, BTreeMap<String, String>>>,
     /// (ClusterIP, port) → the Services claiming it; two claims collide.
     claims: HashMap<(String, u16), BTreeSet<ObjectKey>>,
     /// The services to build again.
@@ -155,7 +155,7 @@ impl ClusterBuilder {
         }
         let converted = convert_service(&self.name, &object);
         let new_claims = claims_of(&converted);
-        let selector = converted.selector.is_some();
+        let selector = converted.selector.clone();
         if let Some((_, old)) = self.services.insert(key.clone(), (object.clone(), converted)) {
             self.unindex_service(&key, &old);
         }
@@ -164,8 +164,8 @@ impl ClusterBuilder {
             owners.insert(key.clone());
             self.dirty.extend(owners.iter().cloned());
         }
-        if selector {
-            self.selecting.entry(key.0.clone()).or_default().insert(key.1.clone());
+        if let Some(selector) = selector {
+            self.selecting.entry(key.0.clone()).or_default().insert(key.1.clone(), selector);
         }
         self.dirty.insert(key);
         object
@@ -282,15 +282,13 @@ impl ClusterBuilder {
         if let Some(users) = self.missing_users.get(key) {
             self.dirty.extend(users.iter().cloned());
         }
-        let Some(names) = self.selecting.get(&key.0) else { return };
-        for name in names {
-            let service = (key.0.clone(), name.clone());
-            if self.slices_of.contains_key(&service) {
-                continue; // its slices decide its endpoints
-            }
-            let Some(selector) = self.services.get(&service).and_then(|(_, c)| c.selector.as_ref()) else { continue };
+        let Some(selecting) = self.selecting.get(&key.0) else { return };
+        for (name, selector) in selecting {
             if old.is_some_and(|p| selects(selector, p)) || new.is_some_and(|p| selects(selector, p)) {
-                self.dirty.insert(service);
+                let service = (key.0.clone(), name.clone());
+                if !self.slices_of.contains_key(&service) {
+                    self.dirty.insert(service); // (a service with slices: they decide its endpoints)
+                }
             }
         }
     }

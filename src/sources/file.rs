@@ -164,7 +164,14 @@ impl FileObjects {
 #[derive(Debug, Clone, Default)]
 struct FolderRead {
     parsed: usize,
-    errors: Vec<String>,
+    /// Each broken file's message, by file, in file order.
+    errors: Vec<(PathBuf, String)>,
+}
+
+impl FolderRead {
+    fn messages(&self) -> impl Iterator<Item = String> + '_ {
+        self.errors.iter().map(|(_, e)| e.clone())
+    }
 }
 
 /// A cluster folder as last built: its files and their stamps, what reading
@@ -181,7 +188,7 @@ impl BuiltCluster {
     /// Puts this state in `inputs` as it is, with its errors again; returns
     /// how many of its files have objects in the memory.
     fn reuse(&self, name: &str, inputs: &mut MeshInputs) -> usize {
-        inputs.errors.extend(self.read.errors.iter().chain(&self.state_errors).cloned());
+        inputs.errors.extend(self.read.messages().chain(self.state_errors.iter().cloned()));
         inputs.clusters.insert(name.to_string(), self.state.clone());
         self.read.parsed
     }
@@ -497,7 +504,7 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
             && let Some(kept) = memory.mesh.take()
         {
             seen_files += kept.read.parsed;
-            inputs.errors.extend(kept.read.errors.iter().cloned());
+            inputs.errors.extend(kept.read.messages());
             mesh_kept = Some(kept);
             continue;
         }
@@ -509,7 +516,14 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
             seen_files += built.reuse(&name, &mut inputs);
             continue;
         }
-        let errors_before = inputs.errors.len();
+        if !in_mesh
+            && let Some(named) = changed.named_files(&name)
+            && let Some(parsed) = reload_named_files(&name, named, memory, &mut inputs)
+        {
+            seen_files += parsed;
+            continue;
+        }
+        let mut file_errors: Vec<(PathBuf, String)> = Vec::new();
         let files = match (changed.named_files(&name), memory.clusters.get(&name)) {
             (Some(named), Some(built)) => listing_after_events(built.built_from.iter().map(|(f, _)| f.to_path_buf()).collect(), named),
             (_, known) => {
@@ -570,10 +584,7 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
                         }
                         changed = true;
                     }
-                    Err(e) => {
-                        let kept = memory.files.contains_key(file);
-                        inputs.errors.push(if kept { format!("{e} (the file's last good contents keep serving)") } else { e });
-                    }
+                    Err(e) => file_errors.push((file.clone(), broken_file_message(e, memory.files.contains_key(file)))),
                 }
             }
             if let Some(file_objects) = memory.files.get_mut(file) {
@@ -601,7 +612,8 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
             }
         }
         seen_files += parsed;
-        let read = FolderRead { parsed, errors: inputs.errors[errors_before..].to_vec() };
+        let read = FolderRead { parsed, errors: file_errors };
+        inputs.errors.extend(read.messages());
         match cluster_stamps {
             Some(built_from) => {
                 memory.cluster_folders.insert(name.clone(), folder.expect("a cluster folder"));
@@ -651,6 +663,78 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
     inputs.access_policies = mesh_objects.access_policies;
     inputs.sidecars = mesh_objects.sidecars;
     Ok(inputs)
+}
+
+fn broken_file_message(e: String, last_good_kept: bool) -> String {
+    if last_good_kept { format!("{e} (the file's last good contents keep serving)") } else { e }
+}
+
+/// A cluster folder read before in which events named only some files:
+/// only those are looked at (stat-ed, and parsed when their stamp changed),
+/// their objects' changes go into the folder's builder, and its records
+/// (files and stamps, errors) are patched. None when the folder has no
+/// records to patch (the caller then reads it whole). Returns how many of
+/// the folder's files have objects in the memory.
+fn reload_named_files<'a>(name: &str, named: impl Iterator<Item = &'a Path>, memory: &mut SourceMemory, inputs: &mut MeshInputs) -> Option<usize> {
+    if !(memory.clusters.contains_key(name) && memory.cluster_folders.contains_key(name)) {
+        return None;
+    }
+    let mut built = memory.clusters.remove(name).expect("checked");
+    let mut folder = memory.cluster_folders.remove(name).expect("checked");
+    for file in named {
+        let at = built.built_from.binary_search_by(|(known, _)| known.as_path().cmp(file));
+        if !is_manifest_on_disk(file) {
+            // Gone (or no manifest any more): its objects go.
+            if let Ok(at) = at {
+                built.built_from.remove(at);
+                built.read.errors.retain(|(f, _)| f != file);
+                folder.set_file(file, None);
+                if memory.files.remove(file).is_some() {
+                    built.read.parsed -= 1;
+                }
+                memory.stamps.remove(file);
+            }
+            continue;
+        }
+        let stamp = file_stamp(file);
+        let unchanged = stamp.is_some()
+            && at.is_ok_and(|at| built.built_from[at].1 == stamp)
+            && memory.stamps.get(file) == stamp.as_ref()
+            && memory.files.contains_key(file);
+        if unchanged {
+            continue;
+        }
+        built.read.errors.retain(|(f, _)| f != file);
+        match parse_file(file, false) {
+            Ok(parsed) => {
+                if memory.files.insert(file.to_path_buf(), parsed).is_none() {
+                    built.read.parsed += 1;
+                }
+                if let Some(stamp) = stamp {
+                    memory.stamps.insert(file.to_path_buf(), stamp);
+                }
+                let file_objects = memory.files.get_mut(file).expect("inserted above");
+                if let Some(kept) = folder.set_file(file, Some(&file_objects.cluster)) {
+                    file_objects.cluster = kept;
+                }
+            }
+            Err(e) => {
+                let message = broken_file_message(e, memory.files.contains_key(file));
+                let at = built.read.errors.partition_point(|(f, _)| f.as_path() < file);
+                built.read.errors.insert(at, (file.to_path_buf(), message));
+            }
+        }
+        match at {
+            Ok(at) => built.built_from[at].1 = stamp,
+            Err(at) => built.built_from.insert(at, (file.to_path_buf(), stamp)),
+        }
+    }
+    let (state, state_errors) = folder.build();
+    (built.state, built.state_errors) = (state, state_errors);
+    let parsed = built.reuse(name, inputs);
+    memory.clusters.insert(name.to_string(), built);
+    memory.cluster_folders.insert(name.to_string(), folder);
+    Some(parsed)
 }
 
 /// Gives the mesh objects that carry no age or generation (files rarely do)
@@ -1079,6 +1163,43 @@ mod tests {
         let back = load_config_dir_changed(dir.path(), &mut memory, &changed(&[&app])).unwrap();
         assert!(back.clusters["c1"].services.is_empty());
         assert!(back.errors.iter().any(|e| e.contains("app.yaml") && !e.contains("last good")), "{:?}", back.errors);
+    }
+
+    #[test]
+    fn a_reload_of_named_files_agrees_with_a_full_read() {
+        let dir = setup();
+        let path = |name: &str| dir.path().join("c1").join(name);
+        let mut memory = SourceMemory::default();
+        load_config_dir(dir.path(), &mut memory).unwrap();
+        let named = |memory: &mut SourceMemory, names: &[&str]| {
+            let paths: Vec<PathBuf> = names.iter().map(|n| path(n)).collect();
+            load_config_dir_changed(dir.path(), memory, &Changed::of_paths(dir.path(), paths.iter().map(PathBuf::as_path))).unwrap()
+        };
+        let agrees = |inputs: &MeshInputs| {
+            let fresh = load_config_dir(dir.path(), &mut SourceMemory::default()).unwrap();
+            assert_eq!(*inputs.clusters["c1"], *fresh.clusters["c1"]);
+            assert_eq!(
+                inputs.errors,
+                fresh.errors.iter().map(|e| e.replace(" (the file's last good contents keep serving)", "")).collect::<Vec<_>>()
+            );
+        };
+        // A new file, and app.yaml broken: its last good contents serve, and it is reported.
+        std::fs::write(path("b.yaml"), SVC.replace("reviews", "ratings")).unwrap();
+        std::fs::write(path("app.yaml"), "kind: [").unwrap();
+        let broken = named(&mut memory, &["b.yaml", "app.yaml"]);
+        assert_eq!(broken.clusters["c1"].services.len(), 2);
+        assert!(broken.errors.len() == 1 && broken.errors[0].contains("app.yaml") && broken.errors[0].contains("last good"), "{:?}", broken.errors);
+        // Named again, unchanged: still reported, once; then fixed, and reported no more.
+        assert_eq!(named(&mut memory, &["app.yaml"]).errors, broken.errors);
+        std::fs::write(path("app.yaml"), format!("{SVC}---\n{POD}")).unwrap();
+        let fixed = named(&mut memory, &["app.yaml"]);
+        assert!(fixed.errors.is_empty(), "{:?}", fixed.errors);
+        agrees(&fixed);
+        // b.yaml removed: as a full read has it.
+        std::fs::remove_file(path("b.yaml")).unwrap();
+        let removed = named(&mut memory, &["b.yaml"]);
+        assert_eq!(removed.clusters["c1"].services.len(), 1);
+        agrees(&removed);
     }
 
     #[test]
