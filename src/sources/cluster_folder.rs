@@ -85,7 +85,7 @@ fn shown((kind, (ns, name)): &(Kind, ObjectKey)) -> String {
 
 /// A file's objects by kind and key, in the file's order; a key the file
 /// repeats keeps its first definition (the others are in `repeated`).
-fn keyed(objects: &ClusterObjects, mut repeated: Option<&mut Vec<(Kind, ObjectKey)>>) -> Vec<((Kind, ObjectKey), Object)> {
+fn keyed(objects: &ClusterObjects, mut repeated: Option<&mut Vec<((Kind, ObjectKey), Object)>>) -> Vec<((Kind, ObjectKey), Object)> {
     let all = objects
         .services
         .iter()
@@ -100,7 +100,7 @@ fn keyed(objects: &ClusterObjects, mut repeated: Option<&mut Vec<(Kind, ObjectKe
         if seen.insert(id.clone()) {
             out.push((id, object));
         } else if let Some(repeated) = repeated.as_deref_mut() {
-            repeated.push(id);
+            repeated.push((id, object));
         }
     }
     out
@@ -111,7 +111,8 @@ fn keyed(objects: &ClusterObjects, mut repeated: Option<&mut Vec<(Kind, ObjectKe
 pub(super) struct ClusterFolder {
     name: String,
     builder: ClusterBuilder,
-    /// Each file's objects as applied (the builder's `Arc`s for the ones it uses).
+    /// Each file's objects as set (for the ones the builder took when the
+    /// file was set, the builder's `Arc`s).
     files: HashMap<Arc<Path>, ClusterObjects>,
     /// Each object's defining files, sorted: the first one's definition is used.
     definers: HashMap<(Kind, ObjectKey), Vec<Arc<Path>>>,
@@ -162,7 +163,7 @@ impl ClusterFolder {
         }
         let messages: Vec<String> = repeated
             .iter()
-            .map(|id| format!("{} in cluster {}: defined twice in {}; only the first definition is used", shown(id), self.name, file.display()))
+            .map(|(id, _)| format!("{} in cluster {}: defined twice in {}; only the first definition is used", shown(id), self.name, file.display()))
             .collect();
         if messages.is_empty() {
             self.repeated.remove(file);
@@ -181,6 +182,11 @@ impl ClusterFolder {
             }
             // The first file (by path) defines it: this one, or another one that keeps it.
             let object = if Arc::ptr_eq(&definers[0], &path) || *definers[0] == *path { object.apply(&mut self.builder) } else { object };
+            object.push_to(&mut kept);
+        }
+        // A repeated definition is kept as parsed (unused, but the file's: a
+        // folder built again from the kept objects reports it again).
+        for (_, object) in repeated {
             object.push_to(&mut kept);
         }
         self.files.insert(path, kept.clone());

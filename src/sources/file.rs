@@ -463,8 +463,11 @@ pub fn load_config_dir_changed(root: &Path, memory: &mut SourceMemory, changed: 
     let changed = if memory.incomplete { &everything } else { changed };
     if memory.incomplete {
         // The failed load may have applied files to folders whose records it
-        // did not bring up to date: they are built again from the files.
+        // did not bring up to date: every cluster folder is read and built
+        // again (a folder kept without its builder would be read on its
+        // records, which the builder had been ahead of).
         memory.cluster_folders.clear();
+        memory.clusters.clear();
     }
     memory.incomplete = true;
     let loaded = load_config_dir_walk(root, memory, changed);
@@ -1079,6 +1082,10 @@ mod tests {
         let repeated = load_config_dir_changed(dir.path(), &mut memory, &changed(&path("app.yaml"))).unwrap();
         assert_eq!(port(&repeated), 9080);
         assert!(repeated.errors.len() == 1 && repeated.errors[0].contains("defined twice in"), "{:?}", repeated.errors);
+        // Built again from the memory (as after a failed load), nothing parsed: reported still.
+        memory.incomplete = true;
+        let rebuilt = load_config_dir(dir.path(), &mut memory).unwrap();
+        assert_eq!((port(&rebuilt), &rebuilt.errors), (9080, &repeated.errors));
     }
 
     #[test]

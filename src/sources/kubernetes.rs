@@ -105,6 +105,8 @@ const CLUSTER_KINDS: [&str; 4] = ["Service", "EndpointSlice", "Pod", "Namespace"
 struct ClusterWatch {
     /// The KubernetesCluster spec and secret version it was started from.
     fingerprint: String,
+    /// The API server its kubeconfig points at.
+    server: String,
     /// The cluster's objects, which its watches apply one by one as events
     /// arrive, and its state, built again only where they reach.
     builder: Arc<Mutex<ClusterBuilder>>,
@@ -499,10 +501,12 @@ pub async fn run(
                 if let Some(hook) = &options.on_cluster_client {
                     hook(&name, Some(client.clone()));
                 }
-                // A restarted watch keeps the cluster's builder: its objects serve
-                // until each kind has listed again, and what did not change marks nothing.
-                let builder = watches.get(&name).map(|w| w.builder.clone());
-                let watch = start_cluster(client, &name, fingerprint, &health, &dirty_tx, builder);
+                // A watch restarted for the same API server keeps the cluster's
+                // builder: its objects serve until each kind has listed again,
+                // and what did not change marks nothing. Another server's
+                // cluster starts empty (its objects are not mixed with the old ones).
+                let builder = watches.get(&name).filter(|w| w.server == server).map(|w| w.builder.clone());
+                let watch = start_cluster(client, &name, fingerprint, server, &health, &dirty_tx, builder);
                 // Replacing a watch aborts the old one (JoinSet aborts on drop);
                 // its objects keep serving until the new one has listed.
                 watches.insert(name.clone(), watch);
@@ -569,6 +573,7 @@ fn start_cluster(
     client: Client,
     name: &str,
     fingerprint: String,
+    server: String,
     health: &SourceHealth,
     dirty: &mpsc::UnboundedSender<Dirty>,
     builder: Option<Arc<Mutex<ClusterBuilder>>>,
@@ -593,5 +598,5 @@ fn start_cluster(
     ));
     tasks.spawn(reflect(Api::<PodView>::all(client.clone()), sink(), name.into(), "Pod", health.clone(), dirty.clone(), PodView::trim));
     tasks.spawn(reflect(Api::<Namespace>::all(client), sink(), name.into(), "Namespace", health.clone(), dirty.clone(), without_managed_fields));
-    ClusterWatch { fingerprint, builder, _tasks: tasks }
+    ClusterWatch { fingerprint, server, builder, _tasks: tasks }
 }
