@@ -27,7 +27,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::k8s::{
     ClusterObjects, ConvertedService, NETWORK_LABEL, PodSummary, SERVICE_NAME_LABEL, SIDECAR_PORTS, TLS_MODE_LABEL, convert_service, ns_of,
 };
-use super::{ClusterState, Endpoint, Locality, Service as MeshService};
+use super::{BuiltAfter, ClusterChanges, ClusterState, Endpoint, Locality, Service as MeshService};
 
 /// Where an object is in its cluster: (namespace, name). A Namespace's is
 /// ("", name).
@@ -58,6 +58,15 @@ fn claims_of(converted: &ConvertedService) -> Vec<(String, u16)> {
 
 fn selects(selector: &BTreeMap<String, String>, pod: &PodSummary) -> bool {
     selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+}
+
+/// Both absent, or the same `Arc`.
+fn same<T>(a: Option<&Arc<T>>, b: Option<&Arc<T>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
 }
 
 fn sort_endpoints(eps: &mut [Endpoint]) {
@@ -375,6 +384,7 @@ impl ClusterBuilder {
     /// changes reach are built again; with no change, the same `Arc`.
     pub fn build(&mut self) -> (Arc<ClusterState>, Vec<String>) {
         let mut next: Option<ClusterState> = None;
+        let mut changes = ClusterChanges { after: Arc::downgrade(&self.state), services_or_network: false, endpoints: BTreeSet::new() };
         if std::mem::take(&mut self.namespaces_changed) {
             // The cluster's network: the istio-system namespace's label (Istio's rule), else any namespace's.
             let ns_network = |ns: &Arc<Namespace>| ns.metadata.labels.as_ref().and_then(|l| l.get(NETWORK_LABEL)).cloned();
@@ -394,6 +404,7 @@ impl ClusterBuilder {
                 // The network is an input of every endpoint.
                 self.dirty.extend(self.services.keys().cloned());
             }
+            changes.services_or_network |= network != self.state.network;
             if network != self.state.network || names != self.state.namespaces {
                 let state = next.get_or_insert_with(|| (*self.state).clone());
                 state.network = network;
@@ -407,7 +418,12 @@ impl ClusterBuilder {
             let dirty = std::mem::take(&mut self.dirty);
             let mut slices = std::mem::take(&mut self.dirty_slices);
             for key in &dirty {
+                let (service, endpoints) = (state.services.get(key).cloned(), state.endpoints.get(key).cloned());
                 self.build_service(key, state);
+                changes.services_or_network |= !same(service.as_ref(), state.services.get(key));
+                if !same(endpoints.as_ref(), state.endpoints.get(key)) {
+                    changes.endpoints.insert(key.clone());
+                }
                 // A Service that came or went changes its slices' messages.
                 if let Some(names) = self.slices_of.get(key) {
                     slices.extend(names.iter().map(|n| (key.0.clone(), n.clone())));
@@ -417,7 +433,10 @@ impl ClusterBuilder {
                 self.check_slice(key);
             }
         }
-        if let Some(state) = next {
+        // (Services built again to no effect: the same state.)
+        let unchanged = !changes.services_or_network && changes.endpoints.is_empty();
+        if let Some(mut state) = next.filter(|s| !(unchanged && s.namespaces == self.state.namespaces)) {
+            state.built_after = BuiltAfter::new(changes);
             self.state = Arc::new(state);
         }
         (self.state.clone(), self.errors())
@@ -929,6 +948,7 @@ endpoints:
         let mut steps = Steps(0x9e37_79b9_7f4a_7c15);
         let mut builder = ClusterBuilder::new("c1");
         let mut objects: BTreeMap<(u64, u64), Option<u64>> = BTreeMap::new(); // (kind, index) → variant
+        let mut previous = builder.build().0;
         for round in 0..600 {
             let (kind, i, variant) = (steps.next(4), steps.next(8), steps.next(30));
             let i = if kind == 3 { i % 2 } else { i }; // two Namespaces
@@ -957,6 +977,17 @@ endpoints:
                 };
                 let (expected, mut expected_errors) = cluster_state("c1", &from_scratch);
                 assert_eq!(*state, expected, "round {round}");
+                // What the build says it changed is what comparing the two states finds.
+                if !Arc::ptr_eq(&state, &previous) {
+                    let changes = state.built_after.since(&previous).expect("built right after the previous state");
+                    let services_or_network = previous.services != state.services || previous.network != state.network;
+                    assert_eq!(changes.services_or_network, services_or_network, "round {round}");
+                    let keys: BTreeSet<&ObjectKey> = previous.endpoints.keys().chain(state.endpoints.keys()).collect();
+                    let endpoints: BTreeSet<ObjectKey> =
+                        keys.into_iter().filter(|k| previous.endpoints.get(*k) != state.endpoints.get(*k)).cloned().collect();
+                    assert_eq!(changes.endpoints, endpoints, "round {round}");
+                }
+                previous = state.clone();
                 errors.sort();
                 expected_errors.sort();
                 assert_eq!(errors, expected_errors, "round {round}");

@@ -46,6 +46,19 @@ pub fn classify_change(old: &MeshSnapshot, new: &MeshSnapshot) -> SnapshotChange
             // The source kept this cluster's state: nothing in it changed.
             continue;
         }
+        if let Some(changes) = n.built_after.since(o) {
+            // Built right after `o`: its builder says what changed.
+            if changes.services_or_network {
+                return SnapshotChange::Full;
+            }
+            for k in &changes.endpoints {
+                if n.services.get(k).is_some_and(|s| s.headless) {
+                    return SnapshotChange::Full;
+                }
+                changed.insert(ServiceKey::new(name, &k.0, &k.1));
+            }
+            continue;
+        }
         if o.services != n.services || o.network != n.network {
             return SnapshotChange::Full;
         }

@@ -189,6 +189,46 @@ pub struct ClusterState {
     pub endpoints: BTreeMap<(String, String), Arc<Vec<Endpoint>>>,
     /// The cluster's namespaces (Kubernetes mode), where the mesh root is published.
     pub namespaces: BTreeSet<String>,
+    /// What the build that made this state changed since the one before it
+    /// (not part of its value: two equal states compare equal).
+    #[serde(skip)]
+    pub built_after: BuiltAfter,
+}
+
+/// What one build of a cluster's state changed since the state it was built
+/// after ([`cluster_build::ClusterBuilder`] records it): the snapshot diff
+/// reads it instead of comparing every service, when it compares the state
+/// with that one.
+#[derive(Debug, Clone, Default)]
+pub struct BuiltAfter(Option<Arc<ClusterChanges>>);
+
+/// See [`BuiltAfter`].
+#[derive(Debug)]
+pub struct ClusterChanges {
+    /// The state this build started from (held weakly: its allocation, so
+    /// its address, stays while this is kept; its value may be gone).
+    pub after: std::sync::Weak<ClusterState>,
+    /// The network or a service's entry changed (the diff then says Full).
+    pub services_or_network: bool,
+    /// The services whose endpoints changed.
+    pub endpoints: BTreeSet<(String, String)>,
+}
+
+impl BuiltAfter {
+    pub fn new(changes: ClusterChanges) -> Self {
+        BuiltAfter(Some(Arc::new(changes)))
+    }
+
+    /// The changes since `previous`, when this state was built right after it.
+    pub fn since(&self, previous: &Arc<ClusterState>) -> Option<&ClusterChanges> {
+        self.0.as_deref().filter(|c| std::ptr::eq(c.after.as_ptr(), Arc::as_ptr(previous)))
+    }
+}
+
+impl PartialEq for BuiltAfter {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// A policy object as sources give it.
