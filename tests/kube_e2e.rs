@@ -382,6 +382,26 @@ async fn seed_scenario_against_two_real_clusters() {
     eprintln!("pushes caused by the remote cluster's death, return and re-list: {}", pushes_after - pushes_before);
     assert_eq!(pushes_after, pushes_before, "re-listing unchanged objects pushed");
 
+    // The registration's Secret rotated (its resourceVersion changes; the
+    // label is the KubernetesCluster event that has it read again): the
+    // watches restart against the same API server. The cluster's objects
+    // serve until every kind has listed again, and unchanged objects change nothing.
+    let lists_before = meshpilot.cluster_health("remote-cluster").await["lists"].as_u64().unwrap_or(0);
+    let registration = ["-n", "service-mesh-hub"];
+    let secret =
+        mgmt.kubectl(&["get", "kubernetescluster", "remote-cluster", registration[0], registration[1], "-o", "jsonpath={.spec.secretRef.name}"]);
+    mgmt.kubectl(&["annotate", "secret", secret.trim(), registration[0], registration[1], "meshpilot.test/rotated=1"]);
+    mgmt.kubectl(&["label", "kubernetescluster", "remote-cluster", registration[0], registration[1], "meshpilot.test/rotated=1"]);
+    // (A restart counts the cluster's lists from zero again.)
+    wait_for("remote-cluster's watches restarted and re-listed", Duration::from_secs(60), || async {
+        let h = meshpilot.cluster_health("remote-cluster").await;
+        let lists = h["lists"].as_u64().unwrap_or(0);
+        (h["synced"] == true && (4..lists_before).contains(&lists)).then_some(())
+    })
+    .await;
+    assert!(envoy_endpoints(&envoy, &v3_cluster).await.contains(&v3_addr));
+    assert_eq!(meshpilot.counter("meshpilot_xds_pushes_total").await, pushes_before, "restarting the watches pushed");
+
     // A second replica serves xDS without the Lease; when the holder dies it takes over status writing.
     let replica_b = KubeMeshpilot::start(root, &mgmt, "replica-b").await;
     assert_eq!(replica_b.cluster_health("remote-cluster").await["synced"], true);
