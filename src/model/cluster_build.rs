@@ -9,7 +9,9 @@
 //! entries of the Services it collides with. Nothing else is looked at: the
 //! cluster is not joined again. A build that changed nothing returns the same
 //! `Arc`, and an unchanged service keeps its `Arc`s, so the snapshot diff
-//! skips both by pointer.
+//! skips both by pointer; a new state records what its build changed since
+//! the state before it (`ClusterState::built_after`), which the diff reads
+//! instead of comparing every service.
 //!
 //! An object equal to the kept one keeps the kept `Arc` (returned, so that
 //! a source can hold that one too) and marks nothing. A complete list (a
@@ -381,7 +383,8 @@ impl ClusterBuilder {
 
     /// The cluster's state with every change applied so far, and what is
     /// wrong in it (each message names its object). Only the services the
-    /// changes reach are built again; with no change, the same `Arc`.
+    /// changes reach are built again; with no change (or none that shows),
+    /// the same `Arc`; otherwise a new one that records what changed.
     pub fn build(&mut self) -> (Arc<ClusterState>, Vec<String>) {
         let mut next: Option<ClusterState> = None;
         let mut changes = ClusterChanges { after: Arc::downgrade(&self.state), services_or_network: false, endpoints: BTreeSet::new() };
