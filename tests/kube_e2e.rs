@@ -386,7 +386,9 @@ async fn seed_scenario_against_two_real_clusters() {
     // label is the KubernetesCluster event that has it read again): the
     // watches restart against the same API server. The cluster's objects
     // serve until every kind has listed again, and unchanged objects change nothing.
-    let lists_before = meshpilot.cluster_health("remote-cluster").await["lists"].as_u64().unwrap_or(0);
+    let health = meshpilot.cluster_health("remote-cluster").await;
+    let (lists_before, state_changes) = (health["lists"].as_u64().unwrap_or(0), health["stateChanges"].clone());
+    assert!(state_changes.as_u64().is_some_and(|n| n > 0), "{health}");
     let registration = ["-n", "service-mesh-hub"];
     let secret =
         mgmt.kubectl(&["get", "kubernetescluster", "remote-cluster", registration[0], registration[1], "-o", "jsonpath={.spec.secretRef.name}"]);
@@ -399,6 +401,9 @@ async fn seed_scenario_against_two_real_clusters() {
         (h["synced"] == true && (4..lists_before).contains(&lists)).then_some(())
     })
     .await;
+    // (Counted with `synced`: every build of the restarted watches' lists is in it.)
+    let health = meshpilot.cluster_health("remote-cluster").await;
+    assert_eq!(health["stateChanges"], state_changes, "restarting the watches changed the served state: {health}");
     assert!(envoy_endpoints(&envoy, &v3_cluster).await.contains(&v3_addr));
     assert_eq!(meshpilot.counter("meshpilot_xds_pushes_total").await, pushes_before, "restarting the watches pushed");
 

@@ -989,6 +989,7 @@ endpoints:
                     let endpoints: BTreeSet<ObjectKey> =
                         keys.into_iter().filter(|k| previous.endpoints.get(*k) != state.endpoints.get(*k)).cloned().collect();
                     assert_eq!(changes.endpoints, endpoints, "round {round}");
+                    assert!(ClusterState::clone(&state).built_after.since(&previous).is_none(), "a copy records nothing");
                 }
                 previous = state.clone();
                 errors.sort();

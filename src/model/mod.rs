@@ -199,8 +199,17 @@ pub struct ClusterState {
 /// after ([`cluster_build::ClusterBuilder`] records it): the snapshot diff
 /// reads it instead of comparing every service, when it compares the state
 /// with that one.
-#[derive(Debug, Clone, Default)]
+///
+/// A copy of a state records nothing (`Clone` gives the default): a copy
+/// changed afterwards (`Arc::make_mut`) was not built from that state alone.
+#[derive(Debug, Default)]
 pub struct BuiltAfter(Option<Arc<ClusterChanges>>);
+
+impl Clone for BuiltAfter {
+    fn clone(&self) -> Self {
+        BuiltAfter(None)
+    }
+}
 
 /// See [`BuiltAfter`].
 #[derive(Debug)]

@@ -56,6 +56,10 @@ pub struct ClusterHealth {
     /// Kinds whose watch is currently failing.
     pub failing: Vec<String>,
     pub objects: BTreeMap<String, usize>,
+    /// How many builds gave the cluster a new state (a re-list of unchanged
+    /// objects gives none). Counted with `synced`: once that is true, every
+    /// build of the lists that made it so is counted.
+    pub state_changes: u64,
 }
 
 /// Shared view of the source's health for the admin API.
@@ -532,10 +536,12 @@ pub async fn run(
                     let (state, errs) = builder.build();
                     (state, errs, builder.counts())
                 };
+                let changed = states.get(name).is_none_or(|served| !Arc::ptr_eq(served, &state));
                 states.insert(name.clone(), state);
                 errors.insert(name.clone(), errs);
                 health.update(name, |h| {
                     h.objects = counts;
+                    h.state_changes += u64::from(changed);
                     h.synced = CLUSTER_KINDS.iter().all(|k| h.listed.contains(*k)) || h.synced;
                 });
             }
