@@ -35,13 +35,79 @@ use super::{BuiltAfter, ClusterChanges, ClusterState, Endpoint, Locality, Servic
 /// ("", name).
 pub type ObjectKey = (String, String);
 
+/// The kinds a cluster's state is built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Pod,
+    Namespace,
+}
+
+/// Which object: its kind and key.
+pub type ObjectId = (Kind, ObjectKey);
+
+/// An object of one of those kinds, as sources hand it over (a Pod as its summary).
+#[derive(Debug, Clone)]
+pub enum ClusterObject {
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    Pod(Arc<PodSummary>),
+    Namespace(Arc<Namespace>),
+}
+
+impl ClusterObject {
+    /// Its kind and key; None without a name.
+    pub fn id(&self) -> Option<ObjectId> {
+        match self {
+            ClusterObject::Service(o) => Some((Kind::Service, object_key(&o.metadata)?)),
+            ClusterObject::EndpointSlice(o) => Some((Kind::EndpointSlice, object_key(&o.metadata)?)),
+            ClusterObject::Pod(o) => Some((Kind::Pod, pod_key(o)?)),
+            ClusterObject::Namespace(o) => Some((Kind::Namespace, (String::new(), o.metadata.name.clone()?))),
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        match self {
+            ClusterObject::Service(_) => Kind::Service,
+            ClusterObject::EndpointSlice(_) => Kind::EndpointSlice,
+            ClusterObject::Pod(_) => Kind::Pod,
+            ClusterObject::Namespace(_) => Kind::Namespace,
+        }
+    }
+}
+
+impl ClusterObjects {
+    /// Every object, kind by kind, in order.
+    pub fn objects(&self) -> impl Iterator<Item = ClusterObject> + '_ {
+        let services = self.services.iter().map(|o| ClusterObject::Service(o.clone()));
+        let slices = self.endpoint_slices.iter().map(|o| ClusterObject::EndpointSlice(o.clone()));
+        let pods = self.pods.iter().map(|o| ClusterObject::Pod(o.clone()));
+        services.chain(slices).chain(pods).chain(self.namespaces.iter().map(|o| ClusterObject::Namespace(o.clone())))
+    }
+
+    pub fn push(&mut self, object: ClusterObject) {
+        match object {
+            ClusterObject::Service(o) => self.services.push(o),
+            ClusterObject::EndpointSlice(o) => self.endpoint_slices.push(o),
+            ClusterObject::Pod(o) => self.pods.push(o),
+            ClusterObject::Namespace(o) => self.namespaces.push(o),
+        }
+    }
+}
+
+/// Both the same `Arc`, or equal values.
+fn unchanged<T: PartialEq>(kept: &Arc<T>, new: &Arc<T>) -> bool {
+    Arc::ptr_eq(kept, new) || **kept == **new
+}
+
 /// A namespaced object's key; None without a name.
-pub fn object_key(meta: &ObjectMeta) -> Option<ObjectKey> {
+fn object_key(meta: &ObjectMeta) -> Option<ObjectKey> {
     Some((ns_of(meta), meta.name.clone()?))
 }
 
 /// A Pod summary's key; None without a name.
-pub fn pod_key(pod: &PodSummary) -> Option<ObjectKey> {
+fn pod_key(pod: &PodSummary) -> Option<ObjectKey> {
     Some((pod.namespace.clone(), pod.name.clone()?))
 }
 
@@ -112,7 +178,7 @@ pub struct ClusterBuilder {
     service_errors: BTreeMap<ObjectKey, Vec<String>>,
     slice_errors: BTreeMap<ObjectKey, String>,
     /// Objects without a name, by kind (ignored).
-    unnamed: BTreeMap<&'static str, usize>,
+    unnamed: BTreeMap<Kind, usize>,
     state: Arc<ClusterState>,
 }
 
@@ -154,13 +220,13 @@ impl ClusterBuilder {
     /// A Service added or changed. Returns the `Arc` kept for it: the one
     /// kept already when it is equal (a source keeps that one too, so that
     /// an object rewritten unchanged is not held twice).
-    pub fn apply_service(&mut self, object: Arc<Service>) -> Arc<Service> {
+    fn apply_service(&mut self, object: Arc<Service>) -> Arc<Service> {
         let Some(key) = object_key(&object.metadata) else {
-            *self.unnamed.entry("Service").or_default() += 1;
+            *self.unnamed.entry(Kind::Service).or_default() += 1;
             return object;
         };
         if let Some((kept, _)) = self.services.get(&key)
-            && (Arc::ptr_eq(kept, &object) || **kept == *object)
+            && unchanged(kept, &object)
         {
             return kept.clone();
         }
@@ -183,7 +249,7 @@ impl ClusterBuilder {
     }
 
     /// A Service removed.
-    pub fn remove_service(&mut self, key: &ObjectKey) {
+    fn remove_service(&mut self, key: &ObjectKey) {
         if let Some((_, old)) = self.services.remove(key) {
             self.unindex_service(key, &old);
             self.dirty.insert(key.clone());
@@ -211,13 +277,13 @@ impl ClusterBuilder {
     }
 
     /// An EndpointSlice added or changed; returns the `Arc` kept for it.
-    pub fn apply_slice(&mut self, object: Arc<EndpointSlice>) -> Arc<EndpointSlice> {
+    fn apply_slice(&mut self, object: Arc<EndpointSlice>) -> Arc<EndpointSlice> {
         let Some(key) = object_key(&object.metadata) else {
-            *self.unnamed.entry("EndpointSlice").or_default() += 1;
+            *self.unnamed.entry(Kind::EndpointSlice).or_default() += 1;
             return object;
         };
         if let Some(kept) = self.slices.get(&key)
-            && (Arc::ptr_eq(kept, &object) || **kept == *object)
+            && unchanged(kept, &object)
         {
             return kept.clone();
         }
@@ -233,7 +299,7 @@ impl ClusterBuilder {
     }
 
     /// An EndpointSlice removed.
-    pub fn remove_slice(&mut self, key: &ObjectKey) {
+    fn remove_slice(&mut self, key: &ObjectKey) {
         if let Some(old) = self.slices.remove(key) {
             self.unlink_slice(key, &old);
             self.dirty_slices.insert(key.clone());
@@ -253,14 +319,14 @@ impl ClusterBuilder {
     }
 
     /// A Pod added or changed; returns the `Arc` kept for it.
-    pub fn apply_pod(&mut self, pod: Arc<PodSummary>) -> Arc<PodSummary> {
+    fn apply_pod(&mut self, pod: Arc<PodSummary>) -> Arc<PodSummary> {
         let Some(key) = pod_key(&pod) else {
-            *self.unnamed.entry("Pod").or_default() += 1;
+            *self.unnamed.entry(Kind::Pod).or_default() += 1;
             return pod;
         };
         let names = self.pods.entry(key.0.clone()).or_default();
         if let Some(kept) = names.get(&key.1)
-            && (Arc::ptr_eq(kept, &pod) || **kept == *pod)
+            && unchanged(kept, &pod)
         {
             return kept.clone();
         }
@@ -273,7 +339,7 @@ impl ClusterBuilder {
     }
 
     /// A Pod removed.
-    pub fn remove_pod(&mut self, key: &ObjectKey) {
+    fn remove_pod(&mut self, key: &ObjectKey) {
         let Some(names) = self.pods.get_mut(&key.0) else { return };
         let Some(old) = names.remove(&key.1) else { return };
         if names.is_empty() {
@@ -306,13 +372,13 @@ impl ClusterBuilder {
 
     /// A Namespace added or changed (its network label is the cluster's
     /// network); returns the `Arc` kept for it.
-    pub fn apply_namespace(&mut self, object: Arc<Namespace>) -> Arc<Namespace> {
+    fn apply_namespace(&mut self, object: Arc<Namespace>) -> Arc<Namespace> {
         let Some(name) = object.metadata.name.clone() else {
-            *self.unnamed.entry("Namespace").or_default() += 1;
+            *self.unnamed.entry(Kind::Namespace).or_default() += 1;
             return object;
         };
         if let Some(kept) = self.namespaces.get(&name)
-            && (Arc::ptr_eq(kept, &object) || **kept == *object)
+            && unchanged(kept, &object)
         {
             return kept.clone();
         }
@@ -322,63 +388,59 @@ impl ClusterBuilder {
     }
 
     /// A Namespace removed.
-    pub fn remove_namespace(&mut self, name: &str) {
+    fn remove_namespace(&mut self, name: &str) {
         if self.namespaces.remove(name).is_some() {
             self.namespaces_changed = true;
         }
     }
 
+    /// An object added or changed. Returns it as kept: the object kept
+    /// already when it is equal (a source keeps that one too, so that an
+    /// object rewritten unchanged is not held twice).
+    pub fn apply(&mut self, object: ClusterObject) -> ClusterObject {
+        match object {
+            ClusterObject::Service(o) => ClusterObject::Service(self.apply_service(o)),
+            ClusterObject::EndpointSlice(o) => ClusterObject::EndpointSlice(self.apply_slice(o)),
+            ClusterObject::Pod(o) => ClusterObject::Pod(self.apply_pod(o)),
+            ClusterObject::Namespace(o) => ClusterObject::Namespace(self.apply_namespace(o)),
+        }
+    }
+
+    /// An object removed.
+    pub fn remove(&mut self, (kind, key): &ObjectId) {
+        match kind {
+            Kind::Service => self.remove_service(key),
+            Kind::EndpointSlice => self.remove_slice(key),
+            Kind::Pod => self.remove_pod(key),
+            Kind::Namespace => self.remove_namespace(&key.1),
+        }
+    }
+
     /// Every object of one kind, as a complete list gives them: the kept
-    /// ones (`kept`, their keys) not in it are removed, the others applied.
-    fn replace<T, K: Eq + std::hash::Hash>(
-        &mut self,
-        kind: &'static str,
-        objects: Vec<Arc<T>>,
-        key: impl Fn(&T) -> Option<K>,
-        kept: Vec<K>,
-        remove: fn(&mut Self, &K),
-        apply: fn(&mut Self, Arc<T>) -> Arc<T>,
-    ) {
-        let listed: HashSet<K> = objects.iter().filter_map(|o| key(o)).collect();
-        for gone in kept.iter().filter(|k| !listed.contains(*k)) {
-            remove(self, gone);
+    /// ones not in it are removed, the others applied.
+    pub fn replace(&mut self, kind: Kind, objects: Vec<ClusterObject>) {
+        let listed: HashSet<ObjectId> = objects.iter().filter_map(ClusterObject::id).collect();
+        let kept: Vec<ObjectKey> = match kind {
+            Kind::Service => self.services.keys().cloned().collect(),
+            Kind::EndpointSlice => self.slices.keys().cloned().collect(),
+            Kind::Pod => self.pods.iter().flat_map(|(ns, names)| names.keys().map(move |n| (ns.clone(), n.clone()))).collect(),
+            Kind::Namespace => self.namespaces.keys().map(|n| (String::new(), n.clone())).collect(),
+        };
+        for gone in kept.into_iter().map(|key| (kind, key)).filter(|id| !listed.contains(id)) {
+            self.remove(&gone);
         }
-        self.unnamed.remove(kind);
+        self.unnamed.remove(&kind);
         for object in objects {
-            apply(self, object);
+            debug_assert_eq!(object.kind(), kind);
+            self.apply(object);
         }
-    }
-
-    /// Every Service, as a complete list gives them.
-    pub fn replace_services(&mut self, objects: Vec<Arc<Service>>) {
-        let kept = self.services.keys().cloned().collect();
-        self.replace("Service", objects, |o| object_key(&o.metadata), kept, |b, k| b.remove_service(k), Self::apply_service);
-    }
-
-    /// Every EndpointSlice, as a complete list gives them.
-    pub fn replace_slices(&mut self, objects: Vec<Arc<EndpointSlice>>) {
-        let kept = self.slices.keys().cloned().collect();
-        self.replace("EndpointSlice", objects, |o| object_key(&o.metadata), kept, |b, k| b.remove_slice(k), Self::apply_slice);
-    }
-
-    /// Every Pod, as a complete list gives them.
-    pub fn replace_pods(&mut self, pods: Vec<Arc<PodSummary>>) {
-        let kept = self.pods.iter().flat_map(|(ns, names)| names.keys().map(move |n| (ns.clone(), n.clone()))).collect();
-        self.replace("Pod", pods, pod_key, kept, |b, k| b.remove_pod(k), Self::apply_pod);
-    }
-
-    /// Every Namespace, as a complete list gives them.
-    pub fn replace_namespaces(&mut self, objects: Vec<Arc<Namespace>>) {
-        let kept = self.namespaces.keys().cloned().collect();
-        self.replace("Namespace", objects, |o| o.metadata.name.clone(), kept, |b, k| b.remove_namespace(k), Self::apply_namespace);
     }
 
     /// Every object of the cluster (what is kept and not in `objects` is removed).
     pub fn replace_all(&mut self, objects: &ClusterObjects) {
-        self.replace_namespaces(objects.namespaces.clone());
-        self.replace_services(objects.services.clone());
-        self.replace_slices(objects.endpoint_slices.clone());
-        self.replace_pods(objects.pods.clone());
+        for kind in [Kind::Namespace, Kind::Service, Kind::EndpointSlice, Kind::Pod] {
+            self.replace(kind, objects.objects().filter(|o| o.kind() == kind).collect());
+        }
     }
 
     /// The cluster's state with every change applied so far, and what is
@@ -403,12 +465,13 @@ impl ClusterBuilder {
                 .filter(|(_, ns)| ns.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Terminating"))
                 .map(|(name, _)| name.clone())
                 .collect();
-            if network != self.state.network {
+            let network_changed = network != self.state.network;
+            if network_changed {
                 // The network is an input of every endpoint.
                 self.dirty.extend(self.services.keys().cloned());
             }
-            changes.services_or_network |= network != self.state.network;
-            if network != self.state.network || names != self.state.namespaces {
+            changes.services_or_network |= network_changed;
+            if network_changed || names != self.state.namespaces {
                 let state = next.get_or_insert_with(|| (*self.state).clone());
                 state.network = network;
                 state.namespaces = names;
@@ -448,7 +511,7 @@ impl ClusterBuilder {
     /// Every message, in a stable order: objects without a name, then per
     /// Service, then per EndpointSlice.
     fn errors(&self) -> Vec<String> {
-        let unnamed = self.unnamed.iter().map(|(kind, n)| format!("cluster {}: {n} {kind}(s) without metadata.name; ignored", self.name));
+        let unnamed = self.unnamed.iter().map(|(kind, n)| format!("cluster {}: {n} {kind:?}(s) without metadata.name; ignored", self.name));
         unnamed.chain(self.service_errors.values().flatten().cloned()).chain(self.slice_errors.values().cloned()).collect()
     }
 
@@ -476,7 +539,7 @@ impl ClusterBuilder {
             Arc::new(copy)
         };
         match state.services.get(key) {
-            Some(kept) if Arc::ptr_eq(kept, &service) || **kept == *service => {}
+            Some(kept) if unchanged(kept, &service) => {}
             _ => {
                 state.services.insert(key.clone(), service);
             }
@@ -768,7 +831,10 @@ mod tests {
     #[test]
     fn a_colliding_clusterip_port_is_left_out_of_both_services_until_one_moves() {
         let mut builder = ClusterBuilder::new("c1");
-        builder.replace_services(vec![with_ip("a", "10.96.0.1"), with_ip("b", "10.96.0.2"), with_ip("c", "10.96.0.3")]);
+        builder.replace_all(&ClusterObjects {
+            services: vec![with_ip("a", "10.96.0.1"), with_ip("b", "10.96.0.2"), with_ip("c", "10.96.0.3")],
+            ..Default::default()
+        });
         let (first, _) = builder.build();
         // b now claims c's ClusterIP and port: both leave the port out, each a copy of its own...
         builder.apply_service(with_ip("b", "10.96.0.3"));

@@ -12,71 +12,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-
 use crate::model::ClusterState;
-use crate::model::cluster_build::{ClusterBuilder, ObjectKey, object_key, pod_key};
-use crate::model::k8s::{ClusterObjects, PodSummary};
+use crate::model::cluster_build::{ClusterBuilder, ClusterObject, Kind, ObjectId};
+use crate::model::k8s::ClusterObjects;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum Kind {
-    Service,
-    EndpointSlice,
-    Pod,
-    Namespace,
-}
-
-/// One object of a file, of any cluster kind.
-#[derive(Debug, Clone)]
-enum Object {
-    Service(Arc<Service>),
-    EndpointSlice(Arc<EndpointSlice>),
-    Pod(Arc<PodSummary>),
-    Namespace(Arc<Namespace>),
-}
-
-impl Object {
-    /// Its kind and key; None without a name (files always name theirs).
-    fn id(&self) -> Option<(Kind, ObjectKey)> {
-        match self {
-            Object::Service(o) => Some((Kind::Service, object_key(&o.metadata)?)),
-            Object::EndpointSlice(o) => Some((Kind::EndpointSlice, object_key(&o.metadata)?)),
-            Object::Pod(o) => Some((Kind::Pod, pod_key(o)?)),
-            Object::Namespace(o) => Some((Kind::Namespace, (String::new(), o.metadata.name.clone()?))),
-        }
-    }
-
-    /// Applies it; returns it as the builder keeps it (the kept `Arc` when equal).
-    fn apply(self, builder: &mut ClusterBuilder) -> Object {
-        match self {
-            Object::Service(o) => Object::Service(builder.apply_service(o)),
-            Object::EndpointSlice(o) => Object::EndpointSlice(builder.apply_slice(o)),
-            Object::Pod(o) => Object::Pod(builder.apply_pod(o)),
-            Object::Namespace(o) => Object::Namespace(builder.apply_namespace(o)),
-        }
-    }
-
-    fn push_to(self, objects: &mut ClusterObjects) {
-        match self {
-            Object::Service(o) => objects.services.push(o),
-            Object::EndpointSlice(o) => objects.endpoint_slices.push(o),
-            Object::Pod(o) => objects.pods.push(o),
-            Object::Namespace(o) => objects.namespaces.push(o),
-        }
-    }
-}
-
-fn remove(builder: &mut ClusterBuilder, (kind, key): &(Kind, ObjectKey)) {
-    match kind {
-        Kind::Service => builder.remove_service(key),
-        Kind::EndpointSlice => builder.remove_slice(key),
-        Kind::Pod => builder.remove_pod(key),
-        Kind::Namespace => builder.remove_namespace(&key.1),
-    }
-}
-
-fn shown((kind, (ns, name)): &(Kind, ObjectKey)) -> String {
+fn shown((kind, (ns, name)): &ObjectId) -> String {
     match kind {
         Kind::Namespace => format!("Namespace {name}"),
         _ => format!("{kind:?} {ns}/{name}"),
@@ -85,17 +25,10 @@ fn shown((kind, (ns, name)): &(Kind, ObjectKey)) -> String {
 
 /// A file's objects by kind and key, in the file's order; a key the file
 /// repeats keeps its first definition (the others are in `repeated`).
-fn keyed(objects: &ClusterObjects, mut repeated: Option<&mut Vec<((Kind, ObjectKey), Object)>>) -> Vec<((Kind, ObjectKey), Object)> {
-    let all = objects
-        .services
-        .iter()
-        .map(|o| Object::Service(o.clone()))
-        .chain(objects.endpoint_slices.iter().map(|o| Object::EndpointSlice(o.clone())))
-        .chain(objects.pods.iter().map(|o| Object::Pod(o.clone())))
-        .chain(objects.namespaces.iter().map(|o| Object::Namespace(o.clone())));
+fn keyed(objects: &ClusterObjects, mut repeated: Option<&mut Vec<(ObjectId, ClusterObject)>>) -> Vec<(ObjectId, ClusterObject)> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
-    for object in all {
+    for object in objects.objects() {
         let Some(id) = object.id() else { continue };
         if seen.insert(id.clone()) {
             out.push((id, object));
@@ -115,9 +48,9 @@ pub(super) struct ClusterFolder {
     /// file was set, the builder's `Arc`s).
     files: HashMap<Arc<Path>, ClusterObjects>,
     /// Each object's defining files, sorted: the first one's definition is used.
-    definers: HashMap<(Kind, ObjectKey), Vec<Arc<Path>>>,
+    definers: HashMap<ObjectId, Vec<Arc<Path>>>,
     /// The objects more than one file defines.
-    duplicated: BTreeSet<(Kind, ObjectKey)>,
+    duplicated: BTreeSet<ObjectId>,
     /// Per file, the messages for objects it defines twice.
     repeated: BTreeMap<Arc<Path>, Vec<String>>,
 }
@@ -154,7 +87,7 @@ impl ClusterFolder {
         let mut repeated = Vec::new();
         let new = objects.map(|o| keyed(o, Some(&mut repeated))).unwrap_or_default();
         if let Some(old) = &old {
-            let still: HashSet<&(Kind, ObjectKey)> = new.iter().map(|(id, _)| id).collect();
+            let still: HashSet<&ObjectId> = new.iter().map(|(id, _)| id).collect();
             for (id, _) in keyed(old, None) {
                 if !still.contains(&id) {
                     self.undefine(&id, &path);
@@ -181,20 +114,20 @@ impl ClusterFolder {
                 self.duplicated.insert(id);
             }
             // The first file (by path) defines it: this one, or another one that keeps it.
-            let object = if Arc::ptr_eq(&definers[0], &path) || *definers[0] == *path { object.apply(&mut self.builder) } else { object };
-            object.push_to(&mut kept);
+            let object = if Arc::ptr_eq(&definers[0], &path) || *definers[0] == *path { self.builder.apply(object) } else { object };
+            kept.push(object);
         }
         // A repeated definition is kept as parsed (unused, but the file's: a
         // folder built again from the kept objects reports it again).
         for (_, object) in repeated {
-            object.push_to(&mut kept);
+            kept.push(object);
         }
         self.files.insert(path, kept.clone());
         Some(kept)
     }
 
     /// `file` no longer defines `id`: the next file that does takes over, else it is removed.
-    fn undefine(&mut self, id: &(Kind, ObjectKey), file: &Path) {
+    fn undefine(&mut self, id: &ObjectId, file: &Path) {
         let Some(definers) = self.definers.get_mut(id) else { return };
         let was_used = definers.first().is_some_and(|f| **f == *file);
         definers.retain(|f| **f != *file);
@@ -211,9 +144,9 @@ impl ClusterFolder {
         let taken_over = next.and_then(|next| self.files.get(&next)).and_then(|objects| keyed(objects, None).into_iter().find(|(i, _)| i == id));
         match taken_over {
             Some((_, object)) => {
-                object.apply(&mut self.builder);
+                self.builder.apply(object);
             }
-            None => remove(&mut self.builder, id),
+            None => self.builder.remove(id),
         }
     }
 

@@ -579,15 +579,9 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
             // a copy of every file's object lists of a changed folder).
             let mut changed = fresh_folder;
             if !(unchanged && memory.files.contains_key(file)) {
-                match parse_file(file, in_mesh) {
-                    Ok(parsed) => {
-                        memory.files.insert(file.clone(), parsed);
-                        if let Some(stamp) = stamp {
-                            memory.stamps.insert(file.clone(), stamp);
-                        }
-                        changed = true;
-                    }
-                    Err(e) => file_errors.push((file.clone(), broken_file_message(e, memory.files.contains_key(file)))),
+                match parse_into_memory(file, in_mesh, stamp, memory) {
+                    Ok(_) => changed = true,
+                    Err(message) => file_errors.push((file.clone(), message)),
                 }
             }
             if let Some(file_objects) = memory.files.get_mut(file) {
@@ -668,8 +662,20 @@ fn load_config_dir_walk(root: &Path, memory: &mut SourceMemory, changed: &Change
     Ok(inputs)
 }
 
-fn broken_file_message(e: String, last_good_kept: bool) -> String {
-    if last_good_kept { format!("{e} (the file's last good contents keep serving)") } else { e }
+/// Parses `file` into the memory with its stamp: Ok(whether the memory had
+/// no parse of it before), or the message for a file that does not parse
+/// (its last good parse, if any, stays).
+fn parse_into_memory(file: &Path, in_mesh: bool, stamp: Option<FileStamp>, memory: &mut SourceMemory) -> Result<bool, String> {
+    match parse_file(file, in_mesh) {
+        Ok(parsed) => {
+            if let Some(stamp) = stamp {
+                memory.stamps.insert(file.to_path_buf(), stamp);
+            }
+            Ok(memory.files.insert(file.to_path_buf(), parsed).is_none())
+        }
+        Err(e) if memory.files.contains_key(file) => Err(format!("{e} (the file's last good contents keep serving)")),
+        Err(e) => Err(e),
+    }
 }
 
 /// A cluster folder read before in which events named only some files:
@@ -708,21 +714,15 @@ fn reload_named_files<'a>(name: &str, named: impl Iterator<Item = &'a Path>, mem
             continue;
         }
         built.read.errors.retain(|(f, _)| f != file);
-        match parse_file(file, false) {
-            Ok(parsed) => {
-                if memory.files.insert(file.to_path_buf(), parsed).is_none() {
-                    built.read.parsed += 1;
-                }
-                if let Some(stamp) = stamp {
-                    memory.stamps.insert(file.to_path_buf(), stamp);
-                }
-                let file_objects = memory.files.get_mut(file).expect("inserted above");
+        match parse_into_memory(file, false, stamp, memory) {
+            Ok(new) => {
+                built.read.parsed += usize::from(new);
+                let file_objects = memory.files.get_mut(file).expect("parsed into the memory");
                 if let Some(kept) = folder.set_file(file, Some(&file_objects.cluster)) {
                     file_objects.cluster = kept;
                 }
             }
-            Err(e) => {
-                let message = broken_file_message(e, memory.files.contains_key(file));
+            Err(message) => {
                 let at = built.read.errors.partition_point(|(f, _)| f.as_path() < file);
                 built.read.errors.insert(at, (file.to_path_buf(), message));
             }

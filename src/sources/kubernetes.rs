@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::model::api::{AccessControlPolicy, KubernetesCluster, Sidecar, TrafficPolicy, VirtualMesh};
-use crate::model::cluster_build::{ClusterBuilder, ObjectKey, object_key};
+use crate::model::cluster_build::{ClusterBuilder, ClusterObject, Kind};
 use crate::model::k8s::{DerivedByObject, PodSummary, PodView};
 use crate::model::{ClusterState, MeshInputs, PolicyObject};
 
@@ -158,64 +158,53 @@ impl ClusterSink {
     }
 }
 
-fn key_of<K: Resource>(object: &K) -> Option<ObjectKey> {
-    object_key(object.meta())
+/// A kind a registered cluster's watch reads, as the cluster's builder takes it.
+trait ClusterKind: Sized + Send + 'static {
+    const KIND: Kind;
+    fn into_object(self) -> ClusterObject;
 }
 
-impl WatchSink<Service> for ClusterSink {
-    fn listed(&mut self, objects: Vec<Service>) {
-        self.builder().replace_services(objects.into_iter().map(Arc::new).collect());
-    }
-    fn applied(&mut self, object: Service) {
-        self.builder().apply_service(Arc::new(object));
-    }
-    fn deleted(&mut self, object: Service) {
-        if let Some(key) = key_of(&object) {
-            self.builder().remove_service(&key);
-        }
+impl ClusterKind for Service {
+    const KIND: Kind = Kind::Service;
+    fn into_object(self) -> ClusterObject {
+        ClusterObject::Service(Arc::new(self))
     }
 }
 
-impl WatchSink<EndpointSlice> for ClusterSink {
-    fn listed(&mut self, objects: Vec<EndpointSlice>) {
-        self.builder().replace_slices(objects.into_iter().map(Arc::new).collect());
-    }
-    fn applied(&mut self, object: EndpointSlice) {
-        self.builder().apply_slice(Arc::new(object));
-    }
-    fn deleted(&mut self, object: EndpointSlice) {
-        if let Some(key) = key_of(&object) {
-            self.builder().remove_slice(&key);
-        }
+impl ClusterKind for EndpointSlice {
+    const KIND: Kind = Kind::EndpointSlice;
+    fn into_object(self) -> ClusterObject {
+        ClusterObject::EndpointSlice(Arc::new(self))
     }
 }
 
 /// Pods are kept as their summaries (the view is dropped once summarised).
-impl WatchSink<PodView> for ClusterSink {
-    fn listed(&mut self, objects: Vec<PodView>) {
-        let pods = objects.iter().map(|p| Arc::new(PodSummary::from(p))).collect();
-        self.builder().replace_pods(pods);
-    }
-    fn applied(&mut self, object: PodView) {
-        self.builder().apply_pod(Arc::new(PodSummary::from(&object)));
-    }
-    fn deleted(&mut self, object: PodView) {
-        if let Some(key) = key_of(&object) {
-            self.builder().remove_pod(&key);
-        }
+impl ClusterKind for PodView {
+    const KIND: Kind = Kind::Pod;
+    fn into_object(self) -> ClusterObject {
+        ClusterObject::Pod(Arc::new(PodSummary::from(&self)))
     }
 }
 
-impl WatchSink<Namespace> for ClusterSink {
-    fn listed(&mut self, objects: Vec<Namespace>) {
-        self.builder().replace_namespaces(objects.into_iter().map(Arc::new).collect());
+impl ClusterKind for Namespace {
+    const KIND: Kind = Kind::Namespace;
+    fn into_object(self) -> ClusterObject {
+        ClusterObject::Namespace(Arc::new(self))
     }
-    fn applied(&mut self, object: Namespace) {
-        self.builder().apply_namespace(Arc::new(object));
+}
+
+impl<K: ClusterKind> WatchSink<K> for ClusterSink {
+    fn listed(&mut self, objects: Vec<K>) {
+        let objects = objects.into_iter().map(K::into_object).collect();
+        self.builder().replace(K::KIND, objects);
     }
-    fn deleted(&mut self, object: Namespace) {
-        if let Some(name) = &object.metadata.name {
-            self.builder().remove_namespace(name);
+    fn applied(&mut self, object: K) {
+        let object = object.into_object();
+        self.builder().apply(object);
+    }
+    fn deleted(&mut self, object: K) {
+        if let Some(id) = object.into_object().id() {
+            self.builder().remove(&id);
         }
     }
 }
@@ -273,12 +262,16 @@ async fn reflect<K>(
             if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o) = &mut event {
                 trim(o);
             }
-            match event {
+            let changed = match event {
                 watcher::Event::Init => {
                     listing = true;
                     listed.clear();
+                    false
                 }
-                watcher::Event::InitApply(object) => listed.push(object),
+                watcher::Event::InitApply(object) => {
+                    listed.push(object);
+                    false
+                }
                 watcher::Event::InitDone => {
                     listing = false;
                     retry = RETRY_FIRST;
@@ -291,21 +284,20 @@ async fn reflect<K>(
                         h.last_event_unix = Some(now_unix());
                     });
                     let _ = dirty.send(Dirty::Cluster(cluster.clone()));
+                    false
                 }
                 watcher::Event::Apply(object) => {
                     sink.applied(object);
-                    if !listing {
-                        health.update(&cluster, |h| h.last_event_unix = Some(now_unix()));
-                        let _ = dirty.send(Dirty::Cluster(cluster.clone()));
-                    }
+                    true
                 }
                 watcher::Event::Delete(object) => {
                     sink.deleted(object);
-                    if !listing {
-                        health.update(&cluster, |h| h.last_event_unix = Some(now_unix()));
-                        let _ = dirty.send(Dirty::Cluster(cluster.clone()));
-                    }
+                    true
                 }
+            };
+            if changed && !listing {
+                health.update(&cluster, |h| h.last_event_unix = Some(now_unix()));
+                let _ = dirty.send(Dirty::Cluster(cluster.clone()));
             }
         }
         // A list cut short is dropped: the last complete one keeps serving.
