@@ -15,8 +15,8 @@
 //!
 //! An object equal to the kept one keeps the kept `Arc` (returned, so that
 //! a source can hold that one too) and marks nothing. A complete list (a
-//! watch's re-list) goes through the `replace_*` calls: what is kept and not
-//! listed is removed, the rest applied.
+//! watch's re-list) goes through [`ClusterBuilder::replace`]: what is kept
+//! and not listed is removed, the rest applied.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
