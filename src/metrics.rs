@@ -43,6 +43,9 @@ pub struct Metrics {
     pub push_triggers: Counter,
     pub debounce_seconds: Histogram,
     pub config_generation: Gauge,
+    /// Large responses that waited for the send budget, and shares let go overdue.
+    pub send_budget_waits: Counter,
+    pub send_budget_overdue: Counter,
     /// What the mesh provider did per scope on a change.
     pub translation: TranslationCounters,
 }
@@ -91,6 +94,14 @@ impl Metrics {
         registry.register("debounce_seconds", "Time from the first change to the push it joined", debounce_seconds.clone());
         let config_generation = Gauge::default();
         registry.register("config_generation", "The number of debounced pushes so far", config_generation.clone());
+        let send_budget_waits = Counter::default();
+        registry.register("xds_send_budget_waits", "Large xDS responses that waited for the send budget", send_budget_waits.clone());
+        let send_budget_overdue = Counter::default();
+        registry.register(
+            "xds_send_budget_overdue",
+            "Send-budget shares let go because their proxy had not taken the response within the hold limit",
+            send_budget_overdue.clone(),
+        );
         let translation = TranslationCounters::default();
         registry.register(
             "scope_translations",
@@ -121,6 +132,8 @@ impl Metrics {
             push_triggers,
             debounce_seconds,
             config_generation,
+            send_budget_waits,
+            send_budget_overdue,
         }
     }
 

@@ -277,3 +277,66 @@ async fn a_thousand_streams_opening_at_once_all_sync_and_get_pushes() {
     let mut resp = cds.stream_clusters(ReceiverStream::new(rx)).await.unwrap().into_inner();
     assert_eq!(names(&resp.message().await.unwrap().unwrap()), ["a", "b"]);
 }
+
+/// The send budget: large responses take turns, and a proxy that stops
+/// reading holds its turn only for the hold limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_responses_take_turns_and_a_stalled_proxy_holds_its_turn_only_for_the_hold_limit() {
+    let hold_limit = Duration::from_millis(500);
+    // One byte: every large response takes the whole budget, so they go one at a time.
+    let plane = start_plane_with(XdsServerConfig { send_budget_bytes: 1, send_budget_hold_limit: hold_limit, ..Default::default() }).await;
+    // A response of about 1 MiB: over the 64 KiB that takes a share.
+    let pad = "x".repeat(256 * 1024);
+    let cluster_names: Vec<String> = (0..4).map(|i| format!("c{i}-{pad}")).collect();
+    plane.provider.set_clusters("c1", &cluster_names.iter().map(String::as_str).collect::<Vec<_>>());
+    // A proxy whose receive window is HTTP/2's smallest default and which never
+    // reads: HTTP/2 cannot take its response, so its share stays taken.
+    let stalled_channel = Channel::from_shared(plane.addr.clone())
+        .unwrap()
+        .initial_stream_window_size(Some(65_535))
+        .initial_connection_window_size(Some(65_535))
+        .connect()
+        .await
+        .unwrap();
+    let stalled = Ads::open(stalled_channel, cds_request(Some(node("stalled", "c1")), "", "")).await.unwrap();
+    let registry = plane.registry.clone();
+    let sent_to = move |id: &str| {
+        registry
+            .all()
+            .into_iter()
+            .find(|c| c.node.id == id)
+            .and_then(|c| c.view.status(std::time::Instant::now()).iter().find(|t| t.type_short == "CDS").and_then(|t| t.sent_nonce.clone()))
+    };
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while sent_to("stalled").is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the stalled proxy's response was queued");
+    // Ten proxies on connections of their own, all at once: each response
+    // waits for the stalled one's share to be let go, then they take turns.
+    let started = std::time::Instant::now();
+    let syncs = (0..10).map(|i| {
+        let addr = plane.addr.clone();
+        let expected = cluster_names.clone();
+        async move {
+            let channel = Channel::from_shared(addr).unwrap().connect().await.unwrap();
+            let mut ads = Ads::open(channel, cds_request(Some(node(&format!("p{i}"), "c1")), "", "")).await.unwrap();
+            let r = ads.next().await.unwrap();
+            let mut got = names(&r);
+            got.sort();
+            assert_eq!(got, expected, "every proxy gets the whole response");
+            ads.ack(&r).await;
+        }
+    });
+    futures::future::join_all(syncs).await;
+    let waited = started.elapsed();
+    assert!(waited >= hold_limit / 2, "the others waited for the stalled proxy's share ({waited:?})");
+    let metrics = plane.metrics.encode();
+    assert!(metrics.contains("meshpilot_xds_send_budget_overdue_total 1\n"), "one share let go overdue:\n{metrics}");
+    let waits =
+        metrics.lines().find_map(|l| l.strip_prefix("meshpilot_xds_send_budget_waits_total ")).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    assert!(waits >= 10, "each of the ten waited its turn ({waits} waits)");
+    drop(stalled);
+}

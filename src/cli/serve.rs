@@ -114,6 +114,10 @@ pub struct ServeArgs {
     /// Proxies computing a push at once (PILOT_PUSH_THROTTLE).
     #[arg(long, default_value_t = 100)]
     pub push_concurrency: usize,
+    /// Bytes of large responses (64 KiB or more: a sync's clusters, endpoints and virtual hosts)
+    /// on their way to proxies at once, in MiB; the rest wait their turn (0: no limit).
+    #[arg(long, default_value_t = (crate::xds::server::DEFAULT_SEND_BUDGET_BYTES >> 20) as u64)]
+    pub send_budget_mib: u64,
     /// Disconnect a proxy that does not read its responses for this long.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub send_timeout: Duration,
@@ -202,6 +206,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         debounce: DebounceConfig { quiet: args.debounce_after, max: args.debounce_max },
         xds: XdsServerConfig {
             push_concurrency: args.push_concurrency,
+            send_budget_bytes: usize::try_from(args.send_budget_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
             send_timeout: args.send_timeout,
             keepalive_interval: args.keepalive_interval,
             keepalive_timeout: args.keepalive_timeout,

@@ -13,6 +13,7 @@ pub mod provider;
 pub mod registry;
 pub mod resource;
 pub mod resources;
+pub mod send_budget;
 pub mod server;
 pub mod services;
 pub mod sotw;

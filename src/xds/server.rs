@@ -21,12 +21,17 @@ use super::outbox;
 use super::provider::{ResourceProvider, StreamMemo};
 use super::registry::{ConnectionRegistry, ProxyConnection, StreamView};
 use super::resources::{ResourceSet, ResourceType};
+use super::send_budget::{self, SendBudget};
 use super::sotw::{ProtocolError, SotwRequest, SotwStream, Step, StreamEvent};
 use super::status::TypeStatus;
-use super::wire::{DeltaResponse, SotwResponse, WireMessage};
+use super::wire::{DeltaResponse, Outgoing, SotwResponse, WireMessage};
 use crate::metrics::{Metrics, ModeLabel, TypeLabel};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
+
+/// The send budget's default: a few dozen large responses on their way at
+/// once (docs/performance.md, "The sync in turns").
+pub const DEFAULT_SEND_BUDGET_BYTES: usize = 16 << 20;
 
 /// Tuning of the xDS server.
 #[derive(Debug, Clone)]
@@ -37,6 +42,11 @@ pub struct XdsServerConfig {
     pub send_timeout: Duration,
     /// Responses queued per stream before the sender waits.
     pub stream_buffer: usize,
+    /// Bytes of large responses handed to HTTP/2 and not yet taken by it, at
+    /// most, across all streams (0: no limit). See `send_budget.rs`.
+    pub send_budget_bytes: usize,
+    /// A share of the send budget is let go after this even if its proxy has not taken the response.
+    pub send_budget_hold_limit: Duration,
     /// HTTP/2 pings to each proxy this often; one not answered within the
     /// timeout closes its connection.
     pub keepalive_interval: Duration,
@@ -57,6 +67,8 @@ impl Default for XdsServerConfig {
             push_concurrency: 100,
             send_timeout: Duration::from_secs(30),
             stream_buffer: 8,
+            send_budget_bytes: DEFAULT_SEND_BUDGET_BYTES,
+            send_budget_hold_limit: send_budget::HOLD_LIMIT,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             reply_wait_limit: super::status::REPLY_WAIT_LIMIT,
@@ -113,6 +125,8 @@ struct Inner {
     by_type: Vec<TypeMetrics>,
     pushes: watch::Receiver<Option<PushTrigger>>,
     permits: Semaphore,
+    /// Bytes of large responses on their way at once (`None`: no limit).
+    send_budget: Option<SendBudget>,
     config: XdsServerConfig,
     /// Proves identities from a stream's token (Kubernetes mode).
     authenticator: std::sync::OnceLock<Arc<dyn StreamAuthenticator>>,
@@ -130,7 +144,9 @@ impl XdsServer {
         let authenticator = std::sync::OnceLock::new();
         let mut by_type: Vec<TypeMetrics> = ResourceType::PUSH_ORDER.iter().map(|ty| TypeMetrics::of(&metrics, *ty)).collect();
         by_type.sort_by_key(|m| m.ty.index());
-        XdsServer { inner: Arc::new(Inner { provider, registry, metrics, by_type, pushes, permits, config, authenticator }), tls: false }
+        let send_budget = (config.send_budget_bytes > 0)
+            .then(|| SendBudget::new(config.send_budget_bytes, config.send_budget_hold_limit, metrics.send_budget_overdue.clone()));
+        XdsServer { inner: Arc::new(Inner { provider, registry, metrics, by_type, pushes, permits, send_budget, config, authenticator }), tls: false }
     }
 
     /// Who proves streams' tokens; set once, before serving.
@@ -151,7 +167,7 @@ impl XdsServer {
         &self.inner.config
     }
 
-    fn start<M: Machine>(&self, machine: M, credentials: StreamCredentials, requests: RequestStream<M::Req>) -> ResponseStream<M::Resp> {
+    fn start<M: Machine>(&self, machine: M, credentials: StreamCredentials, requests: RequestStream<M::Req>) -> OutgoingStream<M::Resp> {
         let (tx, rx) = outbox::channel(self.inner.config.stream_buffer.max(1));
         let inner = self.inner.clone();
         tokio::spawn(async move { run_stream(inner, machine, credentials, requests, tx).await });
@@ -163,7 +179,7 @@ impl XdsServer {
         only: Option<ResourceType>,
         credentials: StreamCredentials,
         requests: RequestStream<SotwRequest>,
-    ) -> ResponseStream<SotwResponse> {
+    ) -> OutgoingStream<SotwResponse> {
         let machine = match only {
             Some(ty) => SotwStream::new_single(ty),
             None => SotwStream::new_ads(),
@@ -177,7 +193,7 @@ impl XdsServer {
         only: Option<ResourceType>,
         credentials: StreamCredentials,
         requests: RequestStream<DeltaRequest>,
-    ) -> ResponseStream<DeltaResponse> {
+    ) -> OutgoingStream<DeltaResponse> {
         let machine = match only {
             Some(ty) => DeltaStream::new_single(ty),
             None => DeltaStream::new_ads(),
@@ -187,7 +203,7 @@ impl XdsServer {
     }
 }
 
-pub use super::wire::ResponseStream;
+pub use super::wire::{OutgoingStream, ResponseStream};
 /// The requests of one stream, decoded.
 pub type RequestStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -277,7 +293,7 @@ enum SendError {
 /// What a stream's outbox holds: a response boxed, so the queue's slots are
 /// pointers, not responses (with tokio's channel, whose blocks of 32 slots
 /// are allocated whole, unboxed responses had been 4 KB of every stream).
-type Queued<R> = Result<Box<R>, Status>;
+type Queued<R> = Result<Box<Outgoing<R>>, Status>;
 
 async fn send_all<M: Machine>(inner: &Inner, tx: &outbox::Sender<Queued<M::Resp>>, responses: Vec<M::Resp>) -> Result<(), SendError> {
     for resp in responses {
@@ -286,8 +302,19 @@ async fn send_all<M: Machine>(inner: &Inner, tx: &outbox::Sender<Queued<M::Resp>
             counted.pushes.inc();
             counted.push_bytes.inc_by(resp.encoded_len() as u64);
         }
+        // A large response waits for its share of the send budget (not
+        // counted against the proxy's send timeout: the wait is the server's).
+        let share = match &inner.send_budget {
+            Some(budget) if SendBudget::applies_to(resp.encoded_len()) => {
+                if budget.would_wait(resp.encoded_len()) {
+                    inner.metrics.send_budget_waits.inc();
+                }
+                Some(budget.share(resp.encoded_len()).await)
+            }
+            _ => None,
+        };
         // (A timer only when the channel is full: most sends find room.)
-        let resp = match tx.try_send(Ok(Box::new(resp))) {
+        let resp = match tx.try_send(Ok(Box::new(Outgoing { response: resp, share }))) {
             Ok(()) => continue,
             Err(outbox::TrySendError::Closed(_)) => return Err(SendError::Closed),
             Err(outbox::TrySendError::Full(resp)) => resp,

@@ -17,10 +17,21 @@ use prost::encoding::{WireType, encode_key, encode_varint};
 use tonic::Status;
 use tonic::codegen::{Body, StdError, http};
 
+use super::send_budget::SendShare;
 use super::view::put_string_field;
 
 /// A stream of responses to one xDS stream's requests.
 pub type ResponseStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// A response on its way to the wire, with the share of the server's send
+/// budget it took (large responses only; see [`super::send_budget`]).
+pub struct Outgoing<R> {
+    pub response: R,
+    pub share: Option<SendShare>,
+}
+
+/// A stream's responses as its HTTP/2 body takes them.
+pub type OutgoingStream<T> = Pin<Box<dyn futures::Stream<Item = Result<Outgoing<T>, Status>> + Send + 'static>>;
 
 /// A response the server writes itself: the per-stream fields before and
 /// after the shared, already-encoded resource entries.
@@ -400,14 +411,17 @@ impl bytes::Buf for ChunkedBuf {
 /// client's flow-control window allows — nothing is copied or buffered per
 /// stream), then the trailers with the stream's final status.
 pub struct GrpcResponseBody<R> {
-    responses: ResponseStream<R>,
+    responses: OutgoingStream<R>,
     pending: VecDeque<Bytes>,
+    /// The send-budget share of the response whose chunks `pending` holds:
+    /// let go when HTTP/2 asks for more after its last chunk.
+    share: Option<SendShare>,
     done: bool,
 }
 
 impl<R> GrpcResponseBody<R> {
-    pub fn new(responses: ResponseStream<R>) -> Self {
-        GrpcResponseBody { responses, pending: VecDeque::new(), done: false }
+    pub fn new(responses: OutgoingStream<R>) -> Self {
+        GrpcResponseBody { responses, pending: VecDeque::new(), share: None, done: false }
     }
 }
 
@@ -428,11 +442,15 @@ impl<R: WireMessage> http_body::Body for GrpcResponseBody<R> {
         if let Some(chunk) = this.pending.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
+        // HTTP/2 asks for more only once it has room again: the last
+        // response's bytes are written, or all but the last send buffer's.
+        this.share = None;
         if this.done {
             return Poll::Ready(None);
         }
         match this.responses.as_mut().poll_next(cx) {
-            Poll::Ready(Some(Ok(response))) => {
+            Poll::Ready(Some(Ok(Outgoing { response, share }))) => {
+                this.share = share;
                 response.grpc_chunks(&mut this.pending);
                 let chunk = this.pending.pop_front().expect("a message has at least its prefix");
                 Poll::Ready(Some(Ok(Frame::data(chunk))))
