@@ -17,7 +17,8 @@
 # istiod admits 25 new streams a second by default (PILOT_MAX_REQUESTS_PER_SECOND);
 # ISTIOD_RPS="25 lifted" runs it with 10000 as well (ISTIOD_RPS=lifted: only
 # lifted; ISTIOD_RPS=none: meshpilot only, to measure a change to meshpilot
-# against an earlier run's istiod figures). Ends with one markdown table per fleet size (benches/versus_table.py,
+# against an earlier run's istiod figures; MESHPILOT_SERVE_ARGS: more
+# `serve` flags, such as "--send-budget-mib 0"). Ends with one markdown table per fleet size (benches/versus_table.py,
 # for docs/performance.md) with the ratio istiod/meshpilot per figure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -139,7 +140,8 @@ for n in "${points[@]}"; do
   # meshpilot
   xport=$((port + 10))
   MESHPILOT_LOG=warn "$bin" serve --kubernetes --context bench-context --management-cluster-name bench \
-    --xds-addr "127.0.0.1:$xport" --admin-addr "127.0.0.1:$((xport + 1))" --id bench --keepalive-timeout 120s > "$work/serve-$n.log" 2>&1 &
+    --xds-addr "127.0.0.1:$xport" --admin-addr "127.0.0.1:$((xport + 1))" --id bench --keepalive-timeout 120s \
+    ${MESHPILOT_SERVE_ARGS:-} > "$work/serve-$n.log" 2>&1 &
   server=$!; pids+=("$server"); xds="127.0.0.1:$xport"
   for _ in $(seq 1 240); do curl -sf "127.0.0.1:$((xport + 1))/readyz" > /dev/null && break; sleep 0.5; done
   kill -0 "$server" 2> /dev/null || { echo "meshpilot exited:"; tail -n 5 "$work/serve-$n.log"; exit 1; }

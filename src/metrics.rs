@@ -95,7 +95,11 @@ impl Metrics {
         let config_generation = Gauge::default();
         registry.register("config_generation", "The number of debounced pushes so far", config_generation.clone());
         let send_budget_waits = Counter::default();
-        registry.register("xds_send_budget_waits", "Large xDS responses that waited for the send budget", send_budget_waits.clone());
+        registry.register(
+            "xds_send_budget_waits",
+            "Large xDS responses that found the send budget taken when they asked (counted before they wait)",
+            send_budget_waits.clone(),
+        );
         let send_budget_overdue = Counter::default();
         registry.register(
             "xds_send_budget_overdue",

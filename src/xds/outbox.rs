@@ -109,6 +109,22 @@ impl<T> Sender<T> {
     }
 }
 
+impl<T> Sender<T> {
+    /// Resolves once the receiver is gone (the stream's body dropped: the
+    /// proxy went away), for a sender waiting on something else meanwhile.
+    pub async fn closed(&self) {
+        std::future::poll_fn(|cx| {
+            let mut state = lock(&self.shared);
+            if state.receiver_gone {
+                return Poll::Ready(());
+            }
+            register(&mut state.sender, cx);
+            Poll::Pending
+        })
+        .await
+    }
+}
+
 impl<T> Drop for Sender<T> {
     fn drop(&mut self) {
         let mut state = lock(&self.shared);
@@ -215,6 +231,25 @@ mod tests {
         assert!(lock(&shared).sender.is_some());
         drop(tx);
         assert!(lock(&shared).sender.is_none());
+    }
+
+    #[tokio::test]
+    async fn closed_resolves_when_the_receiver_goes_and_not_before() {
+        let (tx, mut rx) = channel::<u32>(2);
+        tx.try_send(1).unwrap();
+        let waiting = tokio::spawn(async move {
+            tx.closed().await;
+            tx
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        // Taking an item wakes the sender (a wake, not a close).
+        assert_eq!(rx.next().await, Some(1));
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(rx);
+        let tx = waiting.await.unwrap();
+        assert_eq!(tx.try_send(2), Err(TrySendError::Closed(2)));
     }
 
     #[tokio::test]

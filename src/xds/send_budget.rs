@@ -7,15 +7,19 @@
 //! subscription names every cluster, ≈140 KB) half received in the
 //! control plane's memory, and the kernel juggles ten thousand busy
 //! sockets. With a budget, a large response ([`LARGE_RESPONSE_BYTES`] or
-//! more) first takes its size in shares of [`SendBudget`] and holds them
-//! until HTTP/2 has taken its last byte; responses wait in the order they
-//! asked. Small responses (acknowledgements' replies, an endpoint change, a
-//! weight change's routes) never wait.
+//! more) first takes its size in shares of [`SendBudget`] (at most a
+//! quarter of the budget) before it is queued, and holds them until HTTP/2
+//! asks for more after its last chunk, which it does once all but its send
+//! buffer (hyper's 400 KiB) of the response is written. Responses take
+//! shares in the order they asked. Small responses (an endpoint change, a
+//! weight change's routes, replies) take none, though a stream's responses
+//! keep their order: one queued behind a large one waits with it.
 //!
 //! A proxy that stops reading would hold its shares for as long as its
-//! connection lives, so a share is let go after [`SendBudget::hold_limit`]
-//! whether or not it was read: a stalled proxy costs the others at most that
-//! long.
+//! connection lives, so a share is let go after the hold limit whether or
+//! not it was read (checked every quarter of the limit, so after 1 to 1.25
+//! hold limits): a stalled proxy costs the others a quarter of the budget
+//! for at most that long.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, Weak};
@@ -87,22 +91,28 @@ impl SendBudget {
         len >= LARGE_RESPONSE_BYTES
     }
 
-    /// Waits until `len` bytes (at most the whole budget) are free, and takes them.
+    /// The share a response of `len` bytes takes: its size, at most a quarter of the budget.
+    fn share_of(&self, len: usize) -> u32 {
+        let most = (self.inner.total / 4).max(1);
+        len.clamp(1, most as usize) as u32
+    }
+
+    /// Waits until a response of `len` bytes's share is free, and takes it.
     pub async fn share(&self, len: usize) -> SendShare {
         let budget = &self.inner;
         budget.reaper.call_once(|| {
             tokio::spawn(release_overdue_shares(Arc::downgrade(&self.inner)));
         });
-        let bytes = len.clamp(1, budget.total as usize) as u32;
+        let bytes = self.share_of(len);
         let permit = budget.semaphore.clone().acquire_many_owned(bytes).await.expect("the budget's semaphore is never closed");
         let slot = Arc::new(Mutex::new(Some(permit)));
         budget.held.lock().expect("held shares lock").push_back((Instant::now(), Arc::downgrade(&slot)));
         SendShare { _permit: slot }
     }
 
-    /// Whether a share of `len` bytes could be taken now without waiting.
+    /// Whether a response of `len` bytes would wait for its share now.
     pub fn would_wait(&self, len: usize) -> bool {
-        self.inner.semaphore.available_permits() < len.clamp(1, self.inner.total as usize)
+        self.inner.semaphore.available_permits() < self.share_of(len) as usize
     }
 }
 
@@ -152,32 +162,47 @@ mod tests {
         SendBudget::new(total, hold, Default::default())
     }
 
+    fn budget_of(total: usize) -> SendBudget {
+        budget(total, Duration::from_secs(60))
+    }
+
     #[tokio::test]
     async fn a_share_waits_until_earlier_ones_are_given_back() {
-        let budget = budget(1000, Duration::from_secs(60));
+        let budget = budget(2400, Duration::from_secs(60));
         let first = budget.share(600).await;
-        assert_eq!(budget.available_bytes(), 400);
+        let second = budget.share(600).await;
+        let third = budget.share(600).await;
+        assert_eq!(budget.available_bytes(), 600);
+        assert!(!budget.would_wait(600));
+        let fourth = budget.share(600).await;
         assert!(budget.would_wait(600));
         let waiting = tokio::spawn({
             let budget = budget.clone();
             async move { budget.share(600).await }
         });
         tokio::task::yield_now().await;
-        assert!(!waiting.is_finished(), "600 bytes are not free while the first share holds 600 of 1,000");
+        assert!(!waiting.is_finished(), "no 600 bytes are free while four shares hold all 2,400");
         drop(first);
-        let second = waiting.await.unwrap();
-        assert_eq!(budget.available_bytes(), 400);
-        drop(second);
-        assert_eq!(budget.available_bytes(), 1000);
+        let fifth = waiting.await.unwrap();
+        assert_eq!(budget.available_bytes(), 0);
+        drop((second, third, fourth, fifth));
+        assert_eq!(budget.available_bytes(), 2400);
     }
 
     #[tokio::test]
-    async fn a_response_larger_than_the_budget_takes_all_of_it() {
+    async fn a_response_takes_at_most_a_quarter_of_the_budget() {
         let budget = budget(1000, Duration::from_secs(60));
-        let share = budget.share(5_000_000).await;
+        let large = budget.share(5_000_000).await;
+        assert_eq!(budget.available_bytes(), 750);
+        let more: Vec<_> = futures::future::join_all((0..3).map(|_| budget.share(5_000_000))).await;
         assert_eq!(budget.available_bytes(), 0);
-        drop(share);
+        drop((large, more));
         assert_eq!(budget.available_bytes(), 1000);
+        // A budget too small to quarter still lets one response through.
+        let tiny = budget_of(1);
+        let share = tiny.share(64 * 1024).await;
+        assert_eq!(tiny.available_bytes(), 0);
+        drop(share);
     }
 
     #[test]
@@ -189,7 +214,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_share_held_past_the_hold_limit_is_let_go() {
         let overdue = prometheus_client::metrics::counter::Counter::default();
-        let budget = SendBudget::new(1000, Duration::from_secs(5), overdue.clone());
+        // (A budget of one byte: one response at a time.)
+        let budget = SendBudget::new(1, Duration::from_secs(5), overdue.clone());
         // A proxy that never reads: its response's share is never dropped.
         let stalled = budget.share(1000).await;
         let waiting = tokio::spawn({
@@ -205,12 +231,12 @@ mod tests {
         drop(stalled);
         assert_eq!(budget.available_bytes(), 0);
         drop(next);
-        assert_eq!(budget.available_bytes(), 1000);
+        assert_eq!(budget.available_bytes(), 1);
     }
 
     #[test]
     fn shares_given_back_are_forgotten_and_not_counted_overdue() {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         let budget = budget(1000, Duration::from_secs(5));
         rt.block_on(async {
             for _ in 0..100 {

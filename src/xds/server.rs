@@ -29,8 +29,9 @@ use crate::metrics::{Metrics, ModeLabel, TypeLabel};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
-/// The send budget's default: a few dozen large responses on their way at
-/// once (docs/performance.md, "The sync in turns").
+/// The send budget's default: about a dozen of a sync's large responses
+/// (a few proxies' syncs) on their way at once (docs/performance.md, "The
+/// sync in turns").
 pub const DEFAULT_SEND_BUDGET_BYTES: usize = 16 << 20;
 
 /// Tuning of the xDS server.
@@ -42,8 +43,8 @@ pub struct XdsServerConfig {
     pub send_timeout: Duration,
     /// Responses queued per stream before the sender waits.
     pub stream_buffer: usize,
-    /// Bytes of large responses handed to HTTP/2 and not yet taken by it, at
-    /// most, across all streams (0: no limit). See `send_budget.rs`.
+    /// Bytes of large responses queued for or held by HTTP/2, at most,
+    /// across all streams (0: no limit). See `send_budget.rs`.
     pub send_budget_bytes: usize,
     /// A share of the send budget is let go after this even if its proxy has not taken the response.
     pub send_budget_hold_limit: Duration,
@@ -303,13 +304,17 @@ async fn send_all<M: Machine>(inner: &Inner, tx: &outbox::Sender<Queued<M::Resp>
             counted.push_bytes.inc_by(resp.encoded_len() as u64);
         }
         // A large response waits for its share of the send budget (not
-        // counted against the proxy's send timeout: the wait is the server's).
+        // counted against the proxy's send timeout: the wait is the
+        // server's), unless its proxy goes away meanwhile.
         let share = match &inner.send_budget {
             Some(budget) if SendBudget::applies_to(resp.encoded_len()) => {
                 if budget.would_wait(resp.encoded_len()) {
                     inner.metrics.send_budget_waits.inc();
                 }
-                Some(budget.share(resp.encoded_len()).await)
+                tokio::select! {
+                    share = budget.share(resp.encoded_len()) => Some(share),
+                    () = tx.closed() => return Err(SendError::Closed),
+                }
             }
             _ => None,
         };
