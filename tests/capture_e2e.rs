@@ -115,11 +115,10 @@ async fn istio_injected_pods_captured_by_iptables() {
 
     // REGISTRY_ONLY: the same call is refused; the mesh keeps working.
     let before = lds_version(&mesh, &productpage.node).await;
-    std::fs::write(
-        mesh.config.join("mesh/sidecar.yaml"),
+    support::write_atomically(
+        &mesh.config.join("mesh/sidecar.yaml"),
         "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: default}\nspec:\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n",
-    )
-    .unwrap();
+    );
     wait_for("productpage to ACK the REGISTRY_ONLY listeners", Duration::from_secs(20), || async {
         lds_version(&mesh, &productpage.node).await.filter(|v| Some(v) != before.as_ref())
     })
@@ -143,7 +142,7 @@ async fn servers_are_checked_for_their_exact_identity(mesh: &CapturedMesh) {
     let pods = mesh.config.join("management-plane/bookinfo.yaml");
     let text = std::fs::read_to_string(&pods).unwrap();
     assert_eq!(text.matches("serviceAccountName: bookinfo-reviews\n").count(), 2, "reviews-v1 and reviews-v2");
-    std::fs::write(&pods, text.replace("serviceAccountName: bookinfo-reviews\n", "serviceAccountName: bookinfo-reviews-next\n")).unwrap();
+    support::write_atomically(&pods, &text.replace("serviceAccountName: bookinfo-reviews\n", "serviceAccountName: bookinfo-reviews-next\n"));
     let productpage = mesh.pod("productpage").unwrap();
     let refused = answers_become(mesh, "productpage", "reviews:9080", ("GET", "/"), &["reviews-v3", "HTTP 503"]).await;
     eprintln!("reviews' sidecars with a certificate for another service account: {:?}", refused.answers);
@@ -177,7 +176,7 @@ async fn answers_become(mesh: &CapturedMesh, from: &str, to: &str, (method, path
 async fn access_control(mesh: &CapturedMesh) {
     let virtual_mesh = mesh.config.join("mesh/virtual-mesh.yaml");
     let original = std::fs::read_to_string(&virtual_mesh).unwrap();
-    let enforce = |value: &str| std::fs::write(&virtual_mesh, format!("{original}  enforceAccessControl: {value}\n")).unwrap();
+    let enforce = |value: &str| support::write_atomically(&virtual_mesh, &format!("{original}  enforceAccessControl: {value}\n"));
     let reviews = ["reviews-v1", "reviews-v2", "reviews-v3"];
     let pod = |name: &str| mesh.pods.iter().find(|p| p.name == name).unwrap().clone();
     let (v1, v3) = (pod("reviews-v1"), pod("reviews-v3"));
@@ -196,7 +195,7 @@ async fn access_control(mesh: &CapturedMesh) {
     // productpage may GET /reviews* on 9080, in both clusters; nothing else is allowed.
     let policy = "apiVersion: networking.zephyr.solo.io/v1alpha1\nkind: AccessControlPolicy\nmetadata: {namespace: service-mesh-hub, name: productpage-reads-reviews}\nspec:\n  sourceSelector:\n    serviceAccountRefs:\n      serviceAccounts: [{name: bookinfo-productpage, namespace: default, cluster: management-plane}]\n  destinationSelector:\n    matcher: {namespaces: [default]}\n  allowedPaths: [\"/reviews*\"]\n  allowedMethods: [GET]\n  allowedPorts: [9080]\n";
     let access = mesh.config.join("mesh/access.yaml");
-    std::fs::write(&access, policy).unwrap();
+    support::write_atomically(&access, policy);
     let allowed = answers_become(mesh, "productpage", "reviews:9080", ("GET", "/reviews/1"), &reviews).await;
     for backend in reviews {
         assert_eq!(allowed.peers[backend], BTreeSet::from([PRODUCTPAGE_ID.to_string()]), "{backend}");

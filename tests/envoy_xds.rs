@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::status::v3::{
@@ -73,13 +72,6 @@ fn listener(name: &str, port: u16, stat_prefix: &str) -> String {
     )
 }
 
-/// Atomically replaces the watched file (as editors and kubectl-style tools do).
-fn write_atomically(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 async fn body_via(addr: &str) -> Option<String> {
     match http::get(addr, "/").await {
         Ok((200, body)) => Some(body.trim().to_string()),
@@ -136,7 +128,7 @@ async fn scenario(test: &str, delta: bool) {
     // 2. A listener Envoy rejects: ERROR with Envoy's message; the good config keeps serving.
     let cds_version_before = synced.types["CDS"].sent_version.clone();
     let bad = listener("listener_bad", free_port(), "");
-    write_atomically(&res_path, &resources(listener_port, &backend_a, Some(&bad)));
+    support::write_atomically(&res_path, &resources(listener_port, &backend_a, Some(&bad)));
     let error = wait_for("LDS ERROR in syncz", Duration::from_secs(20), || async {
         mp.syncz().await.into_iter().find(|s| s.proxy == node_id)?.types.get("LDS")?.last_error.clone()
     })
@@ -147,7 +139,7 @@ async fn scenario(test: &str, delta: bool) {
     assert!(mp.metrics().await.contains("meshpilot_xds_rejects_total{type=\"LDS\"} 1"));
 
     // 3. Fix the listener and move the endpoint: pushed without restarting anything.
-    write_atomically(&res_path, &resources(listener_port, &backend_b, None));
+    support::write_atomically(&res_path, &resources(listener_port, &backend_b, None));
     wait_for("traffic moved to backend-b", Duration::from_secs(20), || async {
         (body_via(&traffic).await.as_deref() == Some("backend-b")).then_some(())
     })

@@ -31,12 +31,6 @@ fn copy_example(dest: &Path) -> (String, String) {
     (mp, rc)
 }
 
-fn write_atomically(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// The ACKed version of `ty` in one proxy's sync status, when SYNCED.
 fn synced_version(status: &meshpilot::admin::SyncStatus, ty: &str) -> Option<String> {
     let t = status.types.get(ty)?;
@@ -203,7 +197,7 @@ async fn seed_split(test: &str, delta: bool) {
     let seed_text = std::fs::read_to_string(&policy_file).unwrap();
     let before = rds_version(&mp, &productpage.node_id).await.unwrap();
     let rds_before = acked_version(&mp, &productpage.node_id, "RDS").await.unwrap();
-    write_atomically(
+    support::write_atomically(
         &policy_file,
         &seed_text.replace("weight: 75", "weight: 0").replace("weight: 15", "weight: 50").replace("weight: 10", "weight: 50"),
     );
@@ -221,7 +215,7 @@ async fn seed_split(test: &str, delta: bool) {
     assert!(patches.is_some_and(|n| n > 0), "the edit patched the served scopes: {metrics:?}");
 
     // 3. A bad edit is INVALID in /debug/policyz, names the field, and the last good split keeps serving.
-    write_atomically(
+    support::write_atomically(
         &policy_file,
         &seed_text.replace("weight: 75", "weight: 0").replace("weight: 15", "weight: 0").replace("weight: 10", "weight: 0"),
     );
@@ -244,7 +238,7 @@ async fn seed_split(test: &str, delta: bool) {
     // its NACK marks that policy INVALID with Envoy's message, the routes
     // without it are sent again and ACKed, and the other policy keeps serving.
     let regex_file = config.join("mesh/big-header-policy.yaml");
-    write_atomically(
+    support::write_atomically(
         &regex_file,
         &format!(
             "apiVersion: networking.zephyr.solo.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{namespace: service-mesh-hub, name: big-header}}\nspec:\n  destinationSelector: {{serviceRefs: {{services: [{{cluster: management-plane, name: reviews, namespace: default}}]}}}}\n  httpRequestMatchers: [{{prefix: /big}}]\n  headerManipulation: {{appendRequestHeaders: {{x-big: {}}}}}\n",

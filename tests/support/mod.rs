@@ -142,6 +142,15 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Replaces a watched file in one step (a write to a temporary file, then a
+/// rename), as editors and kubectl-style tools do: a watcher never reads it
+/// half written.
+pub fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 /// Polls `check` every 50 ms until it returns Some, or panics after `timeout`
 /// with `what` and the result of `context()`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
