@@ -796,6 +796,36 @@ pub fn reload_delay(last_reload_end: Option<std::time::Instant>, now: std::time:
     last_reload_end.map_or(std::time::Duration::ZERO, |end| (end + pace).saturating_duration_since(now))
 }
 
+/// What a watcher event asks of the reload thread.
+#[derive(Debug, PartialEq)]
+enum EventUse {
+    Ignore,
+    /// Look at these paths again.
+    Paths(Vec<PathBuf>),
+    /// Look at everything (an error, a rescan).
+    Everything,
+}
+
+fn event_use(event: notify::Result<notify::Event>) -> EventUse {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    let event = match event {
+        Ok(event) => event,
+        Err(_) => return EventUse::Everything,
+    };
+    match event.kind {
+        // A file written in place is whole once its writer closes it, not at
+        // each write: the first is its truncation, and a reload then had
+        // read a rewritten file half written, its services gone for a moment
+        // (and their policies INVALID) until the next write's reload. (Linux
+        // reports the close; elsewhere each write reloads, as before.)
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) if !event.paths.is_empty() => EventUse::Paths(event.paths),
+        EventKind::Access(_) => EventUse::Ignore,
+        EventKind::Modify(ModifyKind::Data(_)) if cfg!(target_os = "linux") => EventUse::Ignore,
+        _ if !event.need_rescan() && !event.paths.is_empty() => EventUse::Paths(event.paths),
+        _ => EventUse::Everything,
+    }
+}
+
 /// Loads `root` now and on every change below it, handing each load to `apply`;
 /// reloads are at least `pace` apart ([`reload_delay`]). Returns the watcher,
 /// which must be kept alive.
@@ -807,12 +837,12 @@ pub fn watch_config_dir(
 ) -> notify::Result<notify::RecommendedWatcher> {
     // Each event's paths, or None: look at everything (an error, a rescan).
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<Vec<PathBuf>>>();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-        Ok(event) if matches!(event.kind, notify::EventKind::Access(_)) => {}
-        Ok(event) if !event.need_rescan() && !event.paths.is_empty() => {
-            let _ = tx.send(Some(event.paths));
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event_use(event) {
+        EventUse::Ignore => {}
+        EventUse::Paths(paths) => {
+            let _ = tx.send(Some(paths));
         }
-        _ => {
+        EventUse::Everything => {
             let _ = tx.send(None);
         }
     })?;
@@ -935,6 +965,50 @@ mod tests {
         let (thread, loaded) = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("a reload after the change");
         assert_eq!(thread.as_deref(), Some("config-dir-reload"));
         assert!(loaded);
+    }
+
+    #[test]
+    fn a_file_rewritten_in_place_is_read_once_its_writer_closes_it_not_half_written() {
+        use std::io::Write;
+        let dir = setup();
+        // Loaded once, then watched (as `serve` does).
+        let memory = Arc::new(std::sync::Mutex::new(SourceMemory::default()));
+        load_config_dir(dir.path(), &mut memory.lock().unwrap()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        let _watcher = watch_config_dir(dir.path().to_path_buf(), memory, std::time::Duration::ZERO, move |inputs| {
+            let c1 = &inputs.clusters["c1"];
+            let names: Vec<String> = c1.services.values().map(|s| s.key.name.clone()).collect();
+            let _ = tx.lock().unwrap().send((names, c1.endpoints.values().map(|eps| eps.len()).sum::<usize>()));
+        })
+        .unwrap();
+        let next_load = || rx.recv_timeout(std::time::Duration::from_secs(20)).expect("a reload");
+        // app.yaml rewritten in place: truncated, its Service written, the Pod not yet.
+        let mut app = std::fs::File::create(dir.path().join("c1/app.yaml")).unwrap();
+        app.write_all(format!("{SVC}---\n").as_bytes()).unwrap();
+        app.flush().unwrap();
+        // Another file, written whole, makes a reload happen meanwhile.
+        std::fs::write(dir.path().join("c1/ratings.yaml"), SVC.replace("reviews", "ratings")).unwrap();
+        loop {
+            let (names, endpoints) = next_load();
+            assert_eq!(endpoints, 1, "a reload saw app.yaml half written (its Pod gone)");
+            if names.iter().any(|n| n == "ratings") {
+                break;
+            }
+        }
+        // The writer finishes (one more Pod than before) and closes: now
+        // app.yaml is read, whole.
+        let second = POD.replace("name: r1", "name: r2").replace("127.0.0.9", "127.0.0.10");
+        app.write_all(format!("{POD}---\n{second}").as_bytes()).unwrap();
+        drop(app);
+        loop {
+            let (names, endpoints) = next_load();
+            assert_eq!(names.len(), 2);
+            assert!(endpoints >= 1, "a reload saw app.yaml half written");
+            if endpoints == 2 {
+                break;
+            }
+        }
     }
 
     #[test]
