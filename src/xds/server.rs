@@ -21,7 +21,7 @@ use super::outbox;
 use super::provider::{ResourceProvider, StreamMemo};
 use super::registry::{ConnectionRegistry, ProxyConnection, StreamView};
 use super::resources::{ResourceSet, ResourceType};
-use super::send_budget::{self, SendBudget};
+use super::send_budget::{self, SendBudget, Turn};
 use super::sotw::{ProtocolError, SotwRequest, SotwStream, Step, StreamEvent};
 use super::status::TypeStatus;
 use super::wire::{DeltaResponse, Outgoing, SotwResponse, WireMessage};
@@ -296,7 +296,14 @@ enum SendError {
 /// are allocated whole, unboxed responses had been 4 KB of every stream).
 type Queued<R> = Result<Box<Outgoing<R>>, Status>;
 
-async fn send_all<M: Machine>(inner: &Inner, tx: &outbox::Sender<Queued<M::Resp>>, responses: Vec<M::Resp>) -> Result<(), SendError> {
+/// Queues `responses` in order. `turn`: the stream's place in the send
+/// budget's queue, [`Turn::Continuing`] once it has had a large response.
+async fn send_all<M: Machine>(
+    inner: &Inner,
+    tx: &outbox::Sender<Queued<M::Resp>>,
+    responses: Vec<M::Resp>,
+    turn: &mut Turn,
+) -> Result<(), SendError> {
     for resp in responses {
         if let Some(ty) = ResourceType::from_type_url(resp.type_url()) {
             let counted = inner.of_type(ty);
@@ -308,13 +315,15 @@ async fn send_all<M: Machine>(inner: &Inner, tx: &outbox::Sender<Queued<M::Resp>
         // server's), unless its proxy goes away meanwhile.
         let share = match &inner.send_budget {
             Some(budget) if SendBudget::applies_to(resp.encoded_len()) => {
-                if budget.would_wait(resp.encoded_len()) {
+                if budget.would_wait(resp.encoded_len(), *turn) {
                     inner.metrics.send_budget_waits.inc();
                 }
-                tokio::select! {
-                    share = budget.share(resp.encoded_len()) => Some(share),
+                let share = tokio::select! {
+                    share = budget.share(resp.encoded_len(), *turn) => share,
                     () = tx.closed() => return Err(SendError::Closed),
-                }
+                };
+                *turn = Turn::Continuing;
+                Some(share)
             }
             _ => None,
         };
@@ -466,6 +475,7 @@ async fn serve_stream<M: Machine>(
     pushes.borrow_and_update();
     let mut memo: StreamMemo = None;
     let mut unknown_types_logged = 0u32;
+    let mut turn = Turn::First;
     let mut next: Option<Box<M::Req>> = Some(first);
     let end = loop {
         let (responses, events) = if let Some(req) = next.take() {
@@ -521,7 +531,7 @@ async fn serve_stream<M: Machine>(
             }
         };
         record_events(&inner, node, &events);
-        match send_all::<M>(&inner, &tx, responses).await {
+        match send_all::<M>(&inner, &tx, responses, &mut turn).await {
             Ok(()) => {}
             Err(SendError::Closed) => break "proxy went away mid-push",
             Err(SendError::TimedOut) => {
