@@ -11,10 +11,11 @@
 //! quarter of the budget) before it is queued, and holds them until HTTP/2
 //! asks for more after its last chunk, which it does once all but its send
 //! buffer (hyper's 400 KiB) of the response is written. A stream that has
-//! had a large response already (a proxy mid-sync) takes its share before
-//! any stream asking for its first ([`Turn`]), and each in the order they
-//! asked: proxies finish their syncs one after another instead of all near
-//! the end (half of 10,000 synced by 17 s of 29, not 25). Small responses (an endpoint change, a
+//! had a large response already (a proxy mid-sync, or a synced one a push
+//! sends a large response) takes its share before any stream asking for
+//! its first ([`Turn`]), each in the order they asked: proxies finish their
+//! syncs one after another instead of all near the end (half of 10,000
+//! synced by 17 s of 29, not 25). Small responses (an endpoint change, a
 //! weight change's routes, replies) take none, though a stream's responses
 //! keep their order: one queued behind a large one waits with it.
 //!
@@ -206,7 +207,9 @@ impl Budget {
     /// Lets go of every share taken before `now - hold_limit`, and forgets
     /// shares already given back. Returns how many it let go.
     fn release_overdue(&self, now: Instant) -> usize {
-        let mut overdue = Vec::new();
+        // Grants, and slots whose last holder may be this walk (a share
+        // dropped meanwhile): both given back after the lock, not under it.
+        let (mut overdue, mut slots) = (Vec::new(), Vec::new());
         let mut held = self.held.lock().expect("held shares lock");
         while let Some((taken, slot)) = held.front() {
             if let Some(slot) = slot.upgrade() {
@@ -216,13 +219,13 @@ impl Budget {
                 if let Some(grant) = slot.lock().expect("share lock").take() {
                     overdue.push(grant);
                 }
+                slots.push(slot);
             }
             held.pop_front();
         }
         drop(held);
         let released = overdue.len();
-        // (Given back outside the lock.)
-        drop(overdue);
+        drop((overdue, slots));
         self.overdue.inc_by(released as u64);
         released
     }
@@ -320,11 +323,12 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!first_a.is_finished() && !first_b.is_finished());
         drop(share);
-        let share = first_a.await.unwrap();
+        let in_time = Duration::from_secs(5);
+        let share = tokio::time::timeout(in_time, first_a).await.expect("new streams in the order they asked").unwrap();
         tokio::task::yield_now().await;
         assert!(!first_b.is_finished(), "new streams in the order they asked");
         drop(share);
-        drop(first_b.await.unwrap());
+        drop(tokio::time::timeout(in_time, first_b).await.expect("the last one's turn").unwrap());
         assert_eq!(budget.available_bytes(), 1);
     }
 
