@@ -107,9 +107,7 @@ impl<T> Sender<T> {
         })
         .await
     }
-}
 
-impl<T> Sender<T> {
     /// Resolves once the receiver is gone (the stream's body dropped: the
     /// proxy went away), for a sender waiting on something else meanwhile.
     pub async fn closed(&self) {

@@ -116,10 +116,6 @@ impl SendBudget {
         }
     }
 
-    pub fn total_bytes(&self) -> usize {
-        self.inner.total
-    }
-
     /// Bytes no response holds now.
     pub fn available_bytes(&self) -> usize {
         self.inner.queue().available
@@ -145,8 +141,7 @@ impl SendBudget {
         let bytes = self.share_of(len);
         let waiting = {
             let mut queue = budget.queue();
-            let ahead = queue.waiting[..=turn as usize].iter().any(|w| !w.is_empty());
-            if !ahead && queue.available >= bytes {
+            if !queue.must_wait(bytes, turn) {
                 queue.available -= bytes;
                 None
             } else {
@@ -168,8 +163,15 @@ impl SendBudget {
 
     /// Whether a response of `len` bytes would wait for its share now.
     pub fn would_wait(&self, len: usize, turn: Turn) -> bool {
-        let queue = self.inner.queue();
-        queue.waiting[..=turn as usize].iter().any(|w| !w.is_empty()) || queue.available < self.share_of(len)
+        self.inner.queue().must_wait(self.share_of(len), turn)
+    }
+}
+
+impl Queue {
+    /// Whether `bytes` for `turn` must queue: someone of its turn or an
+    /// earlier one waits already, or the bytes are not free.
+    fn must_wait(&self, bytes: usize, turn: Turn) -> bool {
+        self.waiting[..=turn as usize].iter().any(|w| !w.is_empty()) || self.available < bytes
     }
 }
 
